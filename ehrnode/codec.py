@@ -1,0 +1,156 @@
+"""Canonical CBOR: the only byte form of anything ehrnode hashes, signs or sends.
+
+Theory of operation
+-------------------
+Ids and signatures are computed over the exact bytes of :func:`encode`, so there
+must be one encoding per value. We use cbor2's canonical mode (RFC 7049
+canonical: shortest integers, definite lengths, map keys sorted length-first)
+and restrict values to a small data model: unsigned and negative integers,
+byte strings, text strings, arrays, maps with text keys, booleans and null. No floats, no tags.
+
+Bytes from outside go through :func:`decode`, which is strict: a size cap before
+anything is parsed (cbor2 can use ~70x the input size in memory), no indefinite
+lengths, no duplicate keys, a depth cap, no trailing bytes, only the data model
+above, and finally the bytes must be exactly the canonical encoding of what they
+decoded to. Anything else is a :class:`~ehrnode.errors.CodecError`.
+
+The ``as_*`` helpers then check a decoded value's shape field by field and raise
+:class:`~ehrnode.errors.SchemaError` naming the field, so typed message classes
+can be built from untrusted input in a few lines each.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import cbor2
+
+from .errors import CodecError, SchemaError
+
+#: Default cap on one encoded message; callers with bigger legitimate payloads
+#: (block sync responses) pass their own.
+MAX_MESSAGE_BYTES = 1 << 20
+#: Nesting deeper than this is never produced by ehrnode itself.
+MAX_DEPTH = 16
+#: Largest unsigned integer we accept in any field (fits SQLite's INTEGER).
+MAX_UINT = (1 << 63) - 1
+
+_SCALARS = (int, bytes, str, bool, type(None))
+
+
+def encode(value: Any) -> bytes:
+    """The canonical CBOR bytes of ``value`` (raises CodecError for unsupported types)."""
+    try:
+        return cbor2.dumps(value, canonical=True)
+    except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:
+        raise CodecError(f"cannot encode value: {exc}") from exc
+
+
+def decode(data: bytes, *, max_size: int = MAX_MESSAGE_BYTES, max_depth: int = MAX_DEPTH) -> Any:
+    """Decode untrusted ``data`` strictly; see the module docstring for the rules."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CodecError(f"expected bytes, got {type(data).__name__}", reason="not_bytes")
+    data = bytes(data)
+    if len(data) > max_size:
+        raise CodecError(f"message of {len(data)} bytes exceeds the limit of {max_size}", reason="too_large")
+    if not data:
+        raise CodecError("empty message", reason="empty")
+    stream = io.BytesIO(data)
+    try:
+        decoder = cbor2.CBORDecoder(
+            stream,
+            max_depth=max_depth + 1,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            strict_hashable_types=True,
+        )
+        value = decoder.decode()
+    except RecursionError as exc:
+        raise CodecError("nesting too deep", reason="too_deep") from exc
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
+        reason = "too_deep" if "depth" in str(exc) else "malformed"
+        raise CodecError(f"malformed CBOR: {exc}", reason=reason) from exc
+    if stream.tell() != len(data):
+        raise CodecError(f"{len(data) - stream.tell()} trailing bytes after the message", reason="trailing_bytes")
+    _check_model(value, max_depth)
+    if encode(value) != data:
+        raise CodecError("not the canonical encoding of its value", reason="not_canonical")
+    return value
+
+
+def _check_model(value: Any, max_depth: int) -> None:
+    # Iterative, with an explicit depth per item: a cyclic or very deep object
+    # cannot recurse the interpreter.
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > max_depth:
+            raise CodecError(f"nesting deeper than {max_depth}", reason="too_deep")
+        if isinstance(item, _SCALARS):
+            continue
+        if isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                if not isinstance(k, str):
+                    raise CodecError(f"map key of type {type(k).__name__}", reason="bad_key")
+                stack.append((v, depth + 1))
+        else:
+            raise CodecError(f"unsupported CBOR item {type(item).__name__}", reason="unsupported_type")
+
+
+# --- schema helpers -------------------------------------------------------------
+
+
+def as_map(value: Any, what: str, keys: Iterable[str]) -> Mapping[str, Any]:
+    """``value`` as a map with exactly ``keys`` (no missing, no extra)."""
+    if not isinstance(value, dict):
+        raise SchemaError(f"{what}: expected a map, got {type(value).__name__}")
+    expected = set(keys)
+    present = set(value)
+    if present != expected:
+        missing = sorted(map(str, expected - present))
+        extra = sorted(map(str, present - expected))
+        raise SchemaError(f"{what}: missing fields {missing}, unexpected fields {extra}")
+    return value
+
+
+def as_uint(value: Any, what: str, *, maximum: int = MAX_UINT) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SchemaError(f"{what}: expected an unsigned integer, got {type(value).__name__}")
+    if value < 0 or value > maximum:
+        raise SchemaError(f"{what}: {value} outside 0..{maximum}")
+    return value
+
+
+def as_bytes(value: Any, what: str, *, size: int | None = None, max_len: int = MAX_MESSAGE_BYTES) -> bytes:
+    if not isinstance(value, bytes):
+        raise SchemaError(f"{what}: expected bytes, got {type(value).__name__}")
+    if size is not None and len(value) != size:
+        raise SchemaError(f"{what}: expected {size} bytes, got {len(value)}")
+    if len(value) > max_len:
+        raise SchemaError(f"{what}: {len(value)} bytes exceeds {max_len}")
+    return value
+
+
+def as_str(value: Any, what: str, *, max_len: int = 256) -> str:
+    if not isinstance(value, str):
+        raise SchemaError(f"{what}: expected text, got {type(value).__name__}")
+    if len(value) > max_len:
+        raise SchemaError(f"{what}: text longer than {max_len}")
+    return value
+
+
+def as_list(value: Any, what: str, *, max_len: int) -> list[Any]:
+    if not isinstance(value, list):
+        raise SchemaError(f"{what}: expected an array, got {type(value).__name__}")
+    if len(value) > max_len:
+        raise SchemaError(f"{what}: {len(value)} items exceeds {max_len}")
+    return value
+
+
+def as_optional(value: Any, what: str, parse: Any) -> Any:
+    """``None`` stays ``None``; anything else goes through ``parse(value, what)``."""
+    return None if value is None else parse(value, what)

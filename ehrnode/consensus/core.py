@@ -1,0 +1,540 @@
+"""The consensus core: 2-chain HotStuff (Jolteon / DiemBFT v4) as a sans-I/O state machine.
+
+Theory of operation
+-------------------
+Inputs are method calls: :meth:`ConsensusCore.start`, :meth:`on_message`
+(a proposal, vote, timeout, sync request or sync response from a validator),
+:meth:`submit` (new transactions) and :meth:`tick` (the time has come). Time is
+always an argument. Every call returns a list of actions for the driver to
+carry out: :class:`Send`, :class:`Broadcast`, :class:`SetTimer`,
+:class:`PersistBlock`, :class:`CommitBlocks`, :class:`Log`. The core does no
+I/O of its own; the only thing it touches outside itself is the safety store,
+through the safety rules, which must make signed data durable before it is
+returned (and so before any action that carries it exists).
+
+The round advances on a certificate for the previous round: a QC (2f+1 votes
+for a block) or a TC (2f+1 timeouts). The leader of round r proposes a block
+extending its highest QC, with the TC if it entered r by one. Validators vote
+for it (if the safety rules agree) and send the vote to the leader of r+1,
+who forms the QC and proposes in turn. A QC for a block whose parent is exactly
+one round older commits that parent and all its ancestors (the 2-chain rule).
+When a round makes no progress, validators broadcast timeouts (re-sent until
+the round changes) and 2f+1 of them form a TC that moves everyone on.
+
+A validator that sees a certificate or proposal whose ancestors it lacks asks
+a peer for them (:class:`SyncRequest`, newest first) and links them in once
+they connect to its tree.
+
+Invalid input raises :class:`~ehrnode.errors.InvalidMessage` before any state
+changes; the safety rules are only consulted with verified data.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import crypto
+from ..errors import InvalidMessage, SafetyViolation
+from .block_tree import BlockTree
+from .messages import (
+    MAX_SYNC_BLOCKS, Message, Proposal, SyncRequest, SyncResponse, TimeoutMsg, VoteMsg,
+)
+from .pacemaker import Pacemaker, PacemakerConfig
+from .safety import SafetyRules, SafetyStore
+from .types import Block, QuorumCert, Timeout, TimeoutCert, ValidatorSet, Vote, form_qc, form_tc
+
+# --- actions --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    to: int
+    message: Message
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Send to every other validator."""
+
+    message: Message
+
+
+@dataclass(frozen=True)
+class SetTimer:
+    """Call :meth:`ConsensusCore.tick` at (or soon after) ``at``."""
+
+    at: float
+
+
+@dataclass(frozen=True)
+class PersistBlock:
+    """A verified block joined the tree; store it so a restart does not need to fetch it again."""
+
+    block: Block
+
+
+@dataclass(frozen=True)
+class CommitBlocks:
+    """``blocks`` (oldest first, consecutive heights) are final; ``proof`` is the QC that committed them."""
+
+    blocks: tuple[Block, ...]
+    proof: QuorumCert
+
+
+@dataclass(frozen=True)
+class Log:
+    """Something an operator may want to see; the driver decides the level and rate."""
+
+    event: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+Action = Send | Broadcast | SetTimer | PersistBlock | CommitBlocks | Log
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    pacemaker: PacemakerConfig = field(default_factory=PacemakerConfig)
+    max_block_txs: int = 500
+    max_pending_txs: int = 100_000
+    #: A leader waits this long after its parent's timestamp before proposing an empty block.
+    empty_block_delay: float = 0.0
+    #: Blocks fetched by sync but not yet linked to the tree (bounds memory while far behind).
+    max_orphans: int = 20_000
+    sync_retry: float = 1.0
+    #: Proposals kept per round above the root (an equivocating leader cannot flood the tree).
+    max_proposals_per_round: int = 2
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What a restarted validator reloads from its block store."""
+
+    root: Block
+    blocks: Sequence[Block] = ()
+    high_qc: QuorumCert | None = None
+
+
+class ConsensusCore:
+    def __init__(
+        self,
+        vset: ValidatorSet,
+        index: int,
+        identity: crypto.Identity,
+        safety_store: SafetyStore,
+        *,
+        config: CoreConfig | None = None,
+        recovery: Recovery | None = None,
+        committed_lookup: Callable[[bytes], Block | None] | None = None,
+        unsafe_skip_vote_rule: bool = False,
+    ) -> None:
+        self.vset = vset
+        self.index = index
+        self.config = config or CoreConfig()
+        self._identity = identity
+        self.safety = SafetyRules(vset, index, identity, safety_store, unsafe_skip_vote_rule=unsafe_skip_vote_rule)
+        self.pacemaker = Pacemaker(self.config.pacemaker)
+        self._committed_lookup = committed_lookup or (lambda _id: None)
+
+        root = recovery.root if recovery else vset.genesis_block
+        self.tree = BlockTree(root)
+        self.high_qc: QuorumCert = vset.genesis_qc
+        self.high_tc: TimeoutCert | None = None
+        if recovery:
+            pending = sorted(recovery.blocks, key=lambda b: b.height)
+            for block in pending:
+                self.tree.insert(block)
+                if block.qc is not None and block.qc.round > self.high_qc.round:
+                    self.high_qc = block.qc
+            if recovery.high_qc is not None and recovery.high_qc.round > self.high_qc.round:
+                self.high_qc = recovery.high_qc
+        self._pending_commit: QuorumCert | None = None
+
+        self._votes: dict[int, dict[bytes, dict[int, Vote]]] = {}
+        self._vote_digests: dict[tuple[int, int], bytes] = {}
+        self._qc_formed: set[bytes] = set()
+        self._timeouts: dict[int, dict[int, Timeout]] = {}
+        self._proposed_round = 0
+        self._proposal_counts: dict[int, int] = {}
+        self._waiting_proposals: dict[bytes, tuple[int, Proposal]] = {}
+        self._orphans: dict[bytes, Block] = {}
+        self._sync_wanted: dict[bytes, float] = {}
+        self._sync_peer = 0
+        self._pending_txs: OrderedDict[bytes, bytes] = OrderedDict()
+        self._propose_at = float("inf")
+
+    # --- introspection ----------------------------------------------------------------
+
+    @property
+    def round(self) -> int:
+        return self.pacemaker.round
+
+    @property
+    def root(self) -> Block:
+        return self.tree.root
+
+    @property
+    def committed_height(self) -> int:
+        return self.tree.root.height
+
+    @property
+    def pending_tx_count(self) -> int:
+        return len(self._pending_txs)
+
+    def get_block(self, block_id: bytes) -> Block | None:
+        return self.tree.get(block_id) or self._committed_lookup(block_id)
+
+    # --- inputs -----------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        round_ = self.high_qc.round + 1
+        if self.high_tc is not None:
+            round_ = max(round_, self.high_tc.round + 1)
+        # Never re-enter a round we already voted or timed out in, after a restart.
+        round_ = max(round_, self.safety.data.last_voted_round)
+        # Nor propose twice in a round: a second block there would be an equivocation.
+        self._proposed_round = self.safety.data.last_voted_round
+        self._enter_round(round_, now, actions)
+        self._timer(actions)
+        return actions
+
+    def submit(self, txs: Iterable[bytes], now: float) -> list[Action]:
+        """Queue new transactions (already admitted by the mempool) for proposal."""
+        for tx in txs:
+            if len(self._pending_txs) >= self.config.max_pending_txs:
+                break
+            self._pending_txs.setdefault(crypto.sha256(tx), tx)
+        actions: list[Action] = []
+        if self._is_leader(self.round) and self._proposed_round < self.round:
+            self._maybe_propose(now, actions)
+        self._timer(actions)
+        return actions
+
+    def tick(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if self.pacemaker.expired(now):
+            actions.append(Log("round.timeout", {"round": self.round}))
+            self._local_timeout(now, actions)
+        elif self.pacemaker.resend_due(now):
+            self._local_timeout(now, actions)
+        if now >= self._propose_at:
+            self._maybe_propose(now, actions)
+        for block_id, deadline in list(self._sync_wanted.items()):
+            if now >= deadline:
+                self._request_sync(block_id, now, actions, retry=True)
+        self._timer(actions)
+        return actions
+
+    def on_message(self, sender: int, message: Message, now: float) -> list[Action]:
+        """Handle one message from validator ``sender``; raises InvalidMessage if it must be refused."""
+        self.vset.key(sender)
+        actions: list[Action] = []
+        if isinstance(message, Proposal):
+            self._on_proposal(sender, message, now, actions)
+        elif isinstance(message, VoteMsg):
+            self._on_vote(message.vote, now, actions)
+        elif isinstance(message, TimeoutMsg):
+            self._on_timeout(message, now, actions)
+        elif isinstance(message, SyncRequest):
+            actions.append(Send(sender, self._answer_sync(message)))
+        elif isinstance(message, SyncResponse):
+            self._on_sync_response(sender, message, now, actions)
+        else:
+            raise InvalidMessage(f"not a consensus message: {type(message).__name__}", reason="unknown_type")
+        self._timer(actions)
+        return actions
+
+    # --- proposals and votes ----------------------------------------------------------
+
+    def _on_proposal(self, sender: int, proposal: Proposal, now: float, actions: list[Action]) -> None:
+        block = proposal.block
+        block.verify(self.vset)
+        if proposal.tc is not None:
+            if proposal.tc.round + 1 != block.round:
+                raise InvalidMessage("proposal: timeout certificate is not for the previous round", reason="tc_mismatch")
+            proposal.tc.verify(self.vset)
+        if block.round > self.round + self.config.pacemaker.max_round_ahead:
+            raise InvalidMessage(f"proposal: round {block.round} too far ahead of {self.round}", reason="round_too_far")
+        # Certificates first: they may move us into the block's round.
+        if proposal.tc is not None:
+            self._process_tc(proposal.tc, now, actions)
+        self._process_qc(block.qc, now, actions)  # type: ignore[arg-type]
+        if block.id in self.tree:
+            self._vote_for(block, proposal.tc, now, actions)
+            return
+        if block.height <= self.root.height:
+            actions.append(Log("proposal.stale", {"round": block.round, "height": block.height}))
+            return
+        if self._proposal_counts.get(block.round, 0) >= self.config.max_proposals_per_round:
+            actions.append(Log("proposal.dropped", {"round": block.round, "reason": "too_many_in_round"}))
+            return
+        if block.parent not in self.tree:
+            if len(self._waiting_proposals) < 2 * self.config.max_proposals_per_round:
+                self._waiting_proposals[block.id] = (sender, proposal)
+            self._request_sync(block.parent, now, actions, peer=sender)
+            return
+        self._proposal_counts[block.round] = self._proposal_counts.get(block.round, 0) + 1
+        self._insert(block, actions)
+        self._vote_for(block, proposal.tc, now, actions)
+
+    def _insert(self, block: Block, actions: list[Action]) -> None:
+        if self.tree.insert(block):
+            actions.append(PersistBlock(block))
+            self._sync_wanted.pop(block.id, None)
+            self._orphans.pop(block.id, None)
+
+    def _vote_for(self, block: Block, tc: TimeoutCert | None, now: float, actions: list[Action]) -> None:
+        if block.round != self.round:
+            return
+        try:
+            vote = self.safety.vote(block, tc)
+        except SafetyViolation as exc:
+            actions.append(Log("vote.refused", {"round": block.round, "reason": exc.reason}))
+            return
+        next_leader = self.vset.leader(block.round + 1)
+        if next_leader == self.index:
+            self._on_vote(vote, now, actions)
+        else:
+            actions.append(Send(next_leader, VoteMsg(vote)))
+
+    def _on_vote(self, vote: Vote, now: float, actions: list[Action]) -> None:
+        if vote.round + 1 < self.round:
+            return  # stale: that round's certificate is no use any more
+        if vote.round > self.round + self.config.pacemaker.max_round_ahead:
+            raise InvalidMessage(f"vote: round {vote.round} too far ahead of {self.round}", reason="round_too_far")
+        vote.verify(self.vset)
+        digest = vote.data.digest
+        earlier = self._vote_digests.get((vote.round, vote.author))
+        if earlier is not None:
+            if earlier != digest:
+                actions.append(Log("vote.equivocation", {"round": vote.round, "author": vote.author}))
+            return
+        self._vote_digests[(vote.round, vote.author)] = digest
+        by_digest = self._votes.setdefault(vote.round, {})
+        votes = by_digest.setdefault(digest, {})
+        votes[vote.author] = vote
+        if len(votes) >= self.vset.quorum and digest not in self._qc_formed:
+            self._qc_formed.add(digest)
+            self._process_qc(form_qc(list(votes.values())), now, actions)
+
+    # --- certificates and rounds -------------------------------------------------------
+
+    def _process_qc(self, qc: QuorumCert, now: float, actions: list[Action]) -> None:
+        """``qc`` is verified. Raise the high QC, commit by the 2-chain rule, advance the round."""
+        if qc.round > self.high_qc.round:
+            self.high_qc = qc
+        if qc.commits_parent and qc.height - 1 > self.root.height:
+            if self._pending_commit is None or qc.height > self._pending_commit.height:
+                self._pending_commit = qc
+            self._try_commit(now, actions)
+        self._enter_round(qc.round + 1, now, actions)
+
+    def _process_tc(self, tc: TimeoutCert, now: float, actions: list[Action]) -> None:
+        if self.high_tc is None or tc.round > self.high_tc.round:
+            self.high_tc = tc
+        self._process_qc(tc.high_qc, now, actions)
+        self._enter_round(tc.round + 1, now, actions)
+
+    def _try_commit(self, now: float, actions: list[Action]) -> None:
+        proof = self._pending_commit
+        if proof is None:
+            return
+        target = proof.data.parent_id
+        if proof.height - 1 <= self.root.height:
+            self._pending_commit = None
+            return
+        if target not in self.tree:
+            self._request_sync(target, now, actions)
+            return
+        committed = self.tree.commit(target)
+        self._pending_commit = None
+        for block in committed:
+            for tx in block.payload:
+                self._pending_txs.pop(crypto.sha256(tx), None)
+        self._prune_below(self.root.round)
+        actions.append(CommitBlocks(tuple(committed), proof))
+
+    def _prune_below(self, round_: int) -> None:
+        self._proposal_counts = {r: c for r, c in self._proposal_counts.items() if r > round_}
+        self._waiting_proposals = {
+            bid: (s, p) for bid, (s, p) in self._waiting_proposals.items() if p.block.height > self.root.height
+        }
+        self._orphans = {bid: b for bid, b in self._orphans.items() if b.height > self.root.height}
+
+    def _enter_round(self, round_: int, now: float, actions: list[Action]) -> None:
+        if not self.pacemaker.enter(round_, self.high_qc.round, now):
+            return
+        keep_from = round_ - 1
+        self._votes = {r: v for r, v in self._votes.items() if r >= keep_from}
+        self._vote_digests = {k: d for k, d in self._vote_digests.items() if k[0] >= keep_from}
+        self._timeouts = {r: t for r, t in self._timeouts.items() if r >= round_}
+        if len(self._qc_formed) > 64:
+            self._qc_formed.clear()  # only guards against re-forming within live rounds
+        if self._is_leader(round_):
+            self._maybe_propose(now, actions)
+
+    def _is_leader(self, round_: int) -> bool:
+        return self.vset.leader(round_) == self.index
+
+    def _maybe_propose(self, now: float, actions: list[Action]) -> None:
+        round_ = self.round
+        if not self._is_leader(round_) or self._proposed_round >= round_:
+            return
+        tc: TimeoutCert | None = None
+        if self.high_qc.round + 1 != round_:
+            if self.high_tc is None or self.high_tc.round + 1 != round_:
+                return  # not entered by a certificate for the previous round: nothing to extend safely
+            tc = self.high_tc
+        parent = self.tree.get(self.high_qc.block_id)
+        if not self._pending_txs and self.config.empty_block_delay > 0:
+            ready_at = (parent.timestamp / 1000 if parent else 0.0) + self.config.empty_block_delay
+            if now < ready_at:
+                self._propose_at = ready_at
+                return
+        self._propose_at = float("inf")
+        block = Block.propose(
+            epoch=self.vset.epoch, round=round_, qc=self.high_qc, author=self.index, timestamp=int(now * 1000),
+            payload=self._take_payload(parent), identity=self._identity, chain_id=self.vset.chain_id,
+        )
+        self._proposed_round = round_
+        proposal = Proposal(block, tc)
+        actions.append(Broadcast(proposal))
+        actions.append(Log("block.proposed", {"round": round_, "height": block.height, "txs": len(block.payload)}))
+        self._on_proposal(self.index, proposal, now, actions)
+
+    def _take_payload(self, parent: Block | None) -> list[bytes]:
+        if not self._pending_txs:
+            return []
+        in_flight: set[bytes] = set()
+        if parent is not None:
+            for block in self.tree.branch(parent.id):
+                in_flight.update(crypto.sha256(tx) for tx in block.payload)
+        payload = []
+        for tx_id, tx in self._pending_txs.items():
+            if tx_id not in in_flight:
+                payload.append(tx)
+                if len(payload) >= self.config.max_block_txs:
+                    break
+        return payload
+
+    # --- timeouts ------------------------------------------------------------------------
+
+    def _local_timeout(self, now: float, actions: list[Action]) -> None:
+        try:
+            timeout = self.safety.timeout(self.round, self.high_qc, self.high_tc)
+        except SafetyViolation as exc:
+            actions.append(Log("timeout.refused", {"round": self.round, "reason": exc.reason}))
+            return
+        actions.append(Broadcast(TimeoutMsg(timeout, self.high_tc)))
+        self._collect_timeout(timeout, now, actions)
+
+    def _on_timeout(self, message: TimeoutMsg, now: float, actions: list[Action]) -> None:
+        timeout = message.timeout
+        if timeout.round > self.round + self.config.pacemaker.max_round_ahead:
+            raise InvalidMessage(f"timeout: round {timeout.round} too far ahead of {self.round}", reason="round_too_far")
+        timeout.verify(self.vset)
+        if message.high_tc is not None:
+            message.high_tc.verify(self.vset)
+            self._process_tc(message.high_tc, now, actions)
+        self._process_qc(timeout.high_qc, now, actions)
+        if timeout.round < self.round:
+            return
+        self._collect_timeout(timeout, now, actions)
+
+    def _collect_timeout(self, timeout: Timeout, now: float, actions: list[Action]) -> None:
+        collected = self._timeouts.setdefault(timeout.round, {})
+        if timeout.author in collected:
+            return
+        collected[timeout.author] = timeout
+        if timeout.round != self.round:
+            return
+        # f+1 timeouts mean at least one honest validator gave up: join it rather than wait.
+        if len(collected) > self.vset.f and not self.pacemaker.timed_out:
+            self.pacemaker.expired(float("inf"))
+            self._local_timeout(now, actions)
+            return
+        if len(collected) >= self.vset.quorum:
+            tc = form_tc(list(collected.values()))
+            actions.append(Log("tc.formed", {"round": tc.round}))
+            self._process_tc(tc, now, actions)
+
+    # --- block sync ---------------------------------------------------------------------
+
+    def _request_sync(
+        self, block_id: bytes, now: float, actions: list[Action], *, peer: int | None = None, retry: bool = False
+    ) -> None:
+        if block_id in self.tree:
+            self._sync_wanted.pop(block_id, None)
+            return
+        if block_id in self._sync_wanted and not retry:
+            return
+        if peer is None or peer == self.index:
+            self._sync_peer = (self._sync_peer + 1) % self.vset.n
+            if self._sync_peer == self.index:
+                self._sync_peer = (self._sync_peer + 1) % self.vset.n
+            peer = self._sync_peer
+        self._sync_wanted[block_id] = now + self.config.sync_retry
+        actions.append(Send(peer, SyncRequest(block_id, MAX_SYNC_BLOCKS)))
+
+    def _answer_sync(self, request: SyncRequest) -> SyncResponse:
+        blocks: list[Block] = []
+        current = self.get_block(request.block_id)
+        while current is not None and not current.is_genesis and len(blocks) < request.count:
+            blocks.append(current)
+            current = self.get_block(current.parent)
+        return SyncResponse(tuple(blocks))
+
+    def _on_sync_response(self, sender: int, response: SyncResponse, now: float, actions: list[Action]) -> None:
+        blocks = response.blocks
+        if not blocks or blocks[0].id not in self._sync_wanted:
+            return  # unsolicited or empty: nothing to do, nothing stored
+        for newer, older in zip(blocks, blocks[1:]):
+            if newer.parent != older.id:
+                raise InvalidMessage("sync response: blocks are not a parent chain", reason="bad_chain")
+        for block in blocks:
+            block.verify(self.vset)
+        self._sync_wanted.pop(blocks[0].id, None)
+        for block in reversed(blocks):
+            if block.height <= self.root.height or block.id in self.tree:
+                continue
+            if block.parent in self.tree:
+                self._insert(block, actions)
+            elif len(self._orphans) < self.config.max_orphans:
+                self._orphans[block.id] = block
+        self._link_orphans(actions)
+        oldest = blocks[-1]
+        if oldest.parent not in self.tree and oldest.height - 1 > self.root.height:
+            self._request_sync(oldest.parent, now, actions, peer=sender)
+        for block in blocks:
+            if block.qc is not None:
+                self._process_qc(block.qc, now, actions)
+        self._try_commit(now, actions)
+        self._retry_waiting(now, actions)
+
+    def _link_orphans(self, actions: list[Action]) -> None:
+        linked = True
+        while linked and self._orphans:
+            linked = False
+            for block in sorted(self._orphans.values(), key=lambda b: b.height):
+                if block.parent in self.tree:
+                    self._insert(block, actions)
+                    linked = True
+
+    def _retry_waiting(self, now: float, actions: list[Action]) -> None:
+        ready = [(s, p) for s, p in self._waiting_proposals.values() if p.block.parent in self.tree]
+        for sender, proposal in ready:
+            self._waiting_proposals.pop(proposal.block.id, None)
+            try:
+                self._on_proposal(sender, proposal, now, actions)
+            except InvalidMessage:
+                pass  # verified once already; only a round change can make it fail now
+
+    # --- timers ---------------------------------------------------------------------------
+
+    def _timer(self, actions: list[Action]) -> None:
+        at = min(self.pacemaker.next_wakeup(), self._propose_at, *self._sync_wanted.values(), float("inf"))
+        actions.append(SetTimer(at))

@@ -1,0 +1,126 @@
+"""Consensus messages between validators and their one wire format.
+
+A message is ``{"type": NAME, "body": ...}`` in canonical CBOR. Decoding is
+strict (:func:`ehrnode.codec.decode`) and then schema-checked into the typed
+classes below; signatures are checked later, by the core, against the
+validator set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .. import codec
+from ..codec import as_bytes, as_list, as_map, as_str, as_uint
+from ..errors import SchemaError
+from .types import Block, TimeoutCert, Timeout, Vote
+
+#: A sync response carries at most this many blocks.
+MAX_SYNC_BLOCKS = 64
+#: Upper bound of one consensus message on the wire (a full sync response).
+MAX_WIRE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A leader's block for its round, with the timeout certificate it entered the round by, if any."""
+
+    block: Block
+    tc: TimeoutCert | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"block": self.block.to_wire(), "tc": None if self.tc is None else self.tc.to_wire()}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Proposal:
+        m = as_map(value, "proposal", ("block", "tc"))
+        tc = None if m["tc"] is None else TimeoutCert.from_wire(m["tc"], "proposal.tc")
+        return cls(Block.from_wire(m["block"], "proposal.block"), tc)
+
+
+@dataclass(frozen=True)
+class VoteMsg:
+    vote: Vote
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.vote.to_wire()
+
+    @classmethod
+    def from_wire(cls, value: Any) -> VoteMsg:
+        return cls(Vote.from_wire(value))
+
+
+@dataclass(frozen=True)
+class TimeoutMsg:
+    """A timeout, plus the sender's highest timeout certificate so a lagging receiver can catch up."""
+
+    timeout: Timeout
+    high_tc: TimeoutCert | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"timeout": self.timeout.to_wire(), "tc": None if self.high_tc is None else self.high_tc.to_wire()}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> TimeoutMsg:
+        m = as_map(value, "timeout message", ("timeout", "tc"))
+        tc = None if m["tc"] is None else TimeoutCert.from_wire(m["tc"], "timeout message.tc")
+        return cls(Timeout.from_wire(m["timeout"]), tc)
+
+
+@dataclass(frozen=True)
+class SyncRequest:
+    """"Send me ``block_id`` and up to ``count - 1`` of its ancestors, newest first"."""
+
+    block_id: bytes
+    count: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"block": self.block_id, "count": self.count}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> SyncRequest:
+        m = as_map(value, "sync request", ("block", "count"))
+        return cls(as_bytes(m["block"], "sync request.block", size=32), as_uint(m["count"], "sync request.count", maximum=MAX_SYNC_BLOCKS))
+
+
+@dataclass(frozen=True)
+class SyncResponse:
+    """Blocks answering a :class:`SyncRequest`: the requested one first, then each one's parent."""
+
+    blocks: tuple[Block, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"blocks": [b.to_wire() for b in self.blocks]}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> SyncResponse:
+        m = as_map(value, "sync response", ("blocks",))
+        items = as_list(m["blocks"], "sync response.blocks", max_len=MAX_SYNC_BLOCKS)
+        return cls(tuple(Block.from_wire(b, f"sync response.blocks[{i}]") for i, b in enumerate(items)))
+
+
+Message = Proposal | VoteMsg | TimeoutMsg | SyncRequest | SyncResponse
+
+_BY_NAME: dict[str, Any] = {
+    "proposal": Proposal, "vote": VoteMsg, "timeout": TimeoutMsg, "sync_request": SyncRequest, "sync_response": SyncResponse,
+}
+_NAMES = {cls: name for name, cls in _BY_NAME.items()}
+
+
+def message_type(message: Message) -> str:
+    return _NAMES[type(message)]
+
+
+def encode_message(message: Message) -> bytes:
+    return codec.encode({"type": _NAMES[type(message)], "body": message.to_wire()})
+
+
+def decode_message(data: bytes, *, max_size: int = MAX_WIRE_BYTES) -> Message:
+    """Strictly decode one consensus message (raises CodecError or SchemaError)."""
+    envelope = as_map(codec.decode(data, max_size=max_size), "message", ("type", "body"))
+    name = as_str(envelope["type"], "message.type", max_len=32)
+    cls = _BY_NAME.get(name)
+    if cls is None:
+        raise SchemaError(f"message.type: unknown message type {name!r}")
+    return cls.from_wire(envelope["body"])

@@ -1,0 +1,181 @@
+"""Safety rules: the only component that signs votes and timeouts.
+
+Theory of operation
+-------------------
+Safety of the 2-chain protocol (see ``docs/consensus.md``) rests on three
+promises each honest validator keeps, across crashes:
+
+1. it votes at most once per round, and never in a round it has timed out of
+   (``last_voted_round`` only grows);
+2. it votes for a block only if the block extends the certificate of the round
+   just before it, or, after a timeout certificate, a certificate at least as
+   high as every certificate the timeout signers reported;
+3. it signs a timeout only with a certificate at least as high as any it has
+   seen (``locked_round``), so a timeout certificate can never hide a block
+   that may have been committed.
+
+:class:`SafetyData` records what those promises depend on. It is written to the
+:class:`SafetyStore` (durably, for the daemon) *before* the signed vote or
+timeout is returned, so no message can leave that the store does not know of.
+Asked again in the same round, the rules return the stored vote or timeout
+instead of signing anew.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from .. import crypto
+from ..codec import as_map, as_optional, as_uint
+from ..errors import SafetyViolation
+from .types import Block, QuorumCert, Timeout, TimeoutCert, ValidatorSet, Vote
+
+
+@dataclass(frozen=True)
+class SafetyData:
+    epoch: int = 0
+    #: Highest round this validator voted in or timed out of.
+    last_voted_round: int = 0
+    #: Highest certified round observed (the 2-chain lock): timeouts must carry a QC at least this high.
+    locked_round: int = 0
+    #: Highest round this validator signed a timeout for.
+    highest_timeout_round: int = 0
+    last_vote: Vote | None = None
+    last_timeout: Timeout | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "last_voted_round": self.last_voted_round, "locked_round": self.locked_round,
+            "highest_timeout_round": self.highest_timeout_round,
+            "last_vote": None if self.last_vote is None else self.last_vote.to_wire(),
+            "last_timeout": None if self.last_timeout is None else self.last_timeout.to_wire(),
+        }
+
+    @classmethod
+    def from_wire(cls, value: Any) -> SafetyData:
+        m = as_map(value, "safety data", (
+            "epoch", "last_voted_round", "locked_round", "highest_timeout_round", "last_vote", "last_timeout",
+        ))
+        return cls(
+            as_uint(m["epoch"], "epoch"),
+            as_uint(m["last_voted_round"], "last_voted_round"),
+            as_uint(m["locked_round"], "locked_round"),
+            as_uint(m["highest_timeout_round"], "highest_timeout_round"),
+            as_optional(m["last_vote"], "last_vote", Vote.from_wire),
+            as_optional(m["last_timeout"], "last_timeout", Timeout.from_wire),
+        )
+
+
+class SafetyStore(Protocol):
+    """Where SafetyData lives. ``save`` returns only once the data is durable."""
+
+    def load(self) -> SafetyData | None: ...
+
+    def save(self, data: SafetyData) -> None: ...
+
+
+class MemorySafetyStore:
+    """SafetyData in memory: for the simulator, where "durable" means "survives a simulated crash"."""
+
+    def __init__(self) -> None:
+        self.data: SafetyData | None = None
+        self.saves = 0
+
+    def load(self) -> SafetyData | None:
+        return self.data
+
+    def save(self, data: SafetyData) -> None:
+        self.data = data
+        self.saves += 1
+
+
+class SafetyRules:
+    """Decides whether this validator may sign, and signs.
+
+    ``unsafe_skip_vote_rule`` exists only so tests can prove the simulator
+    catches a broken protocol; nothing outside tests may set it.
+    """
+
+    def __init__(
+        self, vset: ValidatorSet, index: int, identity: crypto.Identity, store: SafetyStore,
+        *, unsafe_skip_vote_rule: bool = False,
+    ) -> None:
+        if vset.keys[index] != identity.public_key:
+            raise ValueError(f"identity is not validator {index} of the genesis set")
+        self.vset = vset
+        self.index = index
+        self._identity = identity
+        self._store = store
+        self._unsafe_skip_vote_rule = unsafe_skip_vote_rule
+        data = store.load()
+        if data is None:
+            data = SafetyData(epoch=vset.epoch)
+            store.save(data)
+        self._data = data
+
+    @property
+    def data(self) -> SafetyData:
+        return self._data
+
+    def _persist(self, data: SafetyData) -> None:
+        # Durable first; only then does the caller get something to send.
+        self._store.save(data)
+        self._data = data
+
+    def vote(self, block: Block, tc: TimeoutCert | None) -> Vote:
+        """Sign a vote for ``block`` (already verified by the caller) or raise SafetyViolation."""
+        data = self._data
+        qc = block.qc
+        assert qc is not None
+        if data.last_vote is not None and data.last_vote.round == block.round:
+            return data.last_vote
+        if block.epoch != data.epoch:
+            raise SafetyViolation(f"block of epoch {block.epoch}, safety data is epoch {data.epoch}", reason="wrong_epoch")
+        if block.round <= data.last_voted_round:
+            raise SafetyViolation(
+                f"round {block.round} is not above last voted round {data.last_voted_round}", reason="old_round"
+            )
+        if not self._unsafe_skip_vote_rule and not self._safe_to_vote(block.round, qc, tc):
+            raise SafetyViolation(
+                f"block at round {block.round} extends neither round {block.round - 1}'s certificate nor a "
+                "timeout certificate's highest one", reason="unsafe_vote"
+            )
+        vote = Vote.create(block.vote_data(), self.index, self._identity, self.vset.chain_id)
+        self._persist(replace(
+            data, last_voted_round=block.round, locked_round=max(data.locked_round, qc.round), last_vote=vote,
+        ))
+        return vote
+
+    @staticmethod
+    def _safe_to_vote(round_: int, qc: QuorumCert, tc: TimeoutCert | None) -> bool:
+        if round_ == qc.round + 1:
+            return True
+        return tc is not None and round_ == tc.round + 1 and qc.round >= tc.highest_hqc_round
+
+    def timeout(self, round_: int, high_qc: QuorumCert, high_tc: TimeoutCert | None) -> Timeout:
+        """Sign a timeout for ``round_`` carrying ``high_qc``, or raise SafetyViolation."""
+        data = self._data
+        if data.last_timeout is not None and data.last_timeout.round == round_:
+            return data.last_timeout
+        if round_ < data.last_voted_round:
+            raise SafetyViolation(
+                f"round {round_} is below last voted round {data.last_voted_round}", reason="old_round"
+            )
+        entered_by_qc = round_ == high_qc.round + 1
+        entered_by_tc = high_tc is not None and round_ == high_tc.round + 1
+        if not (entered_by_qc or entered_by_tc):
+            raise SafetyViolation(f"round {round_} was entered by no certificate", reason="unjustified_round")
+        if high_qc.round < data.locked_round:
+            raise SafetyViolation(
+                f"certificate round {high_qc.round} below locked round {data.locked_round}", reason="below_lock"
+            )
+        timeout = Timeout.create(data.epoch, round_, high_qc, self.index, self._identity, self.vset.chain_id)
+        self._persist(replace(
+            data,
+            last_voted_round=max(data.last_voted_round, round_),
+            highest_timeout_round=max(data.highest_timeout_round, round_),
+            locked_round=max(data.locked_round, high_qc.round),
+            last_timeout=timeout,
+        ))
+        return timeout

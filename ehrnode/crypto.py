@@ -1,0 +1,142 @@
+"""Identities, signatures and hashes.
+
+An institution is known by its Ed25519 public key (listed in genesis). Every
+signature is over a domain-separated message (:func:`signing_bytes`) so a
+signature made for one purpose can never be replayed as another. Ids are
+SHA-256 over canonical CBOR.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from functools import lru_cache
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from . import codec
+from .errors import CryptoError
+
+PUBLIC_KEY_SIZE = 32
+SIGNATURE_SIZE = 64
+DIGEST_SIZE = 32
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def signing_bytes(domain: str, value: object) -> bytes:
+    """The exact bytes signed for ``value`` under ``domain`` (e.g. ``"ehrnode/vote/v1"``)."""
+    return codec.encode([domain, value])
+
+
+class Identity:
+    """A member's Ed25519 signing key. Never leaves the node."""
+
+    __slots__ = ("_key", "public_key")
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self.public_key: bytes = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Identity:
+        """A deterministic identity from 32 bytes (simulator and tests)."""
+        if len(seed) != 32:
+            raise CryptoError("an Ed25519 seed is 32 bytes")
+        return cls(Ed25519PrivateKey.from_private_bytes(seed))
+
+    def sign(self, message: bytes) -> bytes:
+        return self._key.sign(message)
+
+    def save(self, path: Path) -> None:
+        """Write the key as PKCS#8 PEM, mode 0600; refuses to overwrite an existing file."""
+        pem = self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        write_secret_file(path, pem)
+
+    @classmethod
+    def load(cls, path: Path) -> Identity:
+        try:
+            key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        except OSError as exc:
+            raise CryptoError(f"cannot read key file {path}: {exc.strerror}") from exc
+        except (ValueError, TypeError) as exc:
+            raise CryptoError(f"{path} is not a PEM private key: {exc}") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise CryptoError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
+        return cls(key)
+
+
+def write_secret_file(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 (never wider, whatever the umask) and fsync it."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as exc:
+        raise CryptoError(f"refusing to overwrite existing key file {path}") from exc
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@lru_cache(maxsize=1024)
+def _public_key(raw: bytes) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+class _VerifiedCache:
+    """Remembers signatures that verified, so a message gossiped back is not checked again.
+
+    Verification is the CPU budget of a validator (about 9k/s per core); only
+    successes are cached, keyed by a digest of key, message and signature, so a
+    bad signature can never be served from here.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+
+    def check(self, key: bytes) -> bool:
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            return True
+        return False
+
+    def add(self, key: bytes) -> None:
+        self._seen[key] = None
+        if len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+
+_verified = _VerifiedCache(65536)
+
+
+def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """True when ``signature`` is ``public_key``'s signature of ``message``."""
+    if len(public_key) != PUBLIC_KEY_SIZE or len(signature) != SIGNATURE_SIZE:
+        return False
+    key = hashlib.sha256(public_key + signature + message).digest()
+    if _verified.check(key):
+        return True
+    try:
+        _public_key(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    _verified.add(key)
+    return True

@@ -1,0 +1,64 @@
+"""The typed errors a caller can act on.
+
+Every error carries a short machine-readable ``reason`` (stable, used in logs and
+metrics) and a human sentence. The CLI turns them into one line and an exit code.
+"""
+
+from __future__ import annotations
+
+
+class EhrnodeError(Exception):
+    """Base of every error ehrnode raises on purpose."""
+
+    reason: str = "error"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class CodecError(EhrnodeError):
+    """Bytes that are not the canonical CBOR we accept (size, depth, form, trailing bytes)."""
+
+    reason = "codec"
+
+
+class SchemaError(CodecError):
+    """Well-formed CBOR whose shape does not match the expected message."""
+
+    reason = "schema"
+
+
+class CryptoError(EhrnodeError):
+    """A key that cannot be loaded, or a signature that does not verify."""
+
+    reason = "crypto"
+
+
+class InvalidMessage(EhrnodeError):
+    """A consensus message that is well-formed but must not be accepted.
+
+    ``reason`` names the rule it broke (``bad_signature``, ``duplicate_signer``,
+    ``unknown_signer``, ``round_too_far``, ...).
+    """
+
+    reason = "invalid"
+
+
+class SafetyViolation(EhrnodeError):
+    """The safety rules refused to sign: signing would break a consensus rule."""
+
+    reason = "unsafe"
+
+
+class StoreError(EhrnodeError):
+    """A persistent store could not be read or written; the node must not go on."""
+
+    reason = "store"
+
+
+class ConfigError(EhrnodeError):
+    """A configuration or genesis file is missing or wrong."""
+
+    reason = "config"

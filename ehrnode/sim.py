@@ -1,0 +1,495 @@
+"""A deterministic in-memory cluster for the consensus core.
+
+Theory of operation
+-------------------
+One scenario is a cluster of N validators, each a real :class:`ConsensusCore`
+with real Ed25519 keys, on a simulated network driven by a virtual clock (a
+priority queue of timestamped events). Every message is encoded to canonical
+CBOR and strictly decoded at the receiver, exactly as on a socket.
+
+Everything random is drawn from one seed, so a scenario replays exactly. A
+scenario has two phases:
+
+* **faults** (``0 .. stable_at``): message delay with spikes, drops,
+  duplicates and reordering; honest validators crash and restart with their
+  stores intact; partitions that heal; Byzantine validators (up to f) behave
+  as drawn: an equivocating leader, a double voter, a silent leader, a leader
+  proposing on stale or forged certificates, or a "twin" that restarts having
+  forgotten its safety data;
+* **stable** (from ``stable_at``): every honest validator is up and the
+  network delivers everything within a bound.
+
+Checks:
+
+* **safety**: no two honest validators commit different blocks at one height,
+  and no validator's committed chain ever changes (also across restarts); and
+  no certificate of a round above a commit's certifies a block that does not
+  extend the committed one (the lemma the commit rule rests on, checked so a
+  broken rule is caught even when a later defence hides its effect);
+* **liveness**: after ``stable_at``, every honest validator commits a block
+  proposed after ``stable_at`` within ``liveness_rounds`` rounds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+from . import crypto
+from .consensus.core import (
+    Action, Broadcast, CommitBlocks, ConsensusCore, CoreConfig, Log, PersistBlock, Send, SetTimer,
+)
+from .consensus.messages import (
+    Message, Proposal, SyncResponse, TimeoutMsg, VoteMsg, decode_message, encode_message,
+)
+from .consensus.pacemaker import PacemakerConfig
+from .consensus.safety import MemorySafetyStore
+from .consensus.types import Block, QuorumCert, Timeout, ValidatorSet, Vote, form_tc
+from .errors import CodecError, InvalidMessage
+from .ledger.block_store import MemoryBlockStore
+
+BEHAVIOURS = ("equivocate", "double_vote", "silent", "stale_qc", "forged_qc", "amnesia")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    validators: int = 4
+    byzantine: int | None = None  # default: f
+    stable_at: float = 12.0
+    #: After ``stable_at``, give up waiting for liveness at this virtual time.
+    horizon: float = 90.0
+    liveness_rounds: int | None = None  # default: 3n + 10
+    tx_interval: float = 0.05
+    behaviours: tuple[str, ...] = BEHAVIOURS
+    #: Test-only: honest validators vote without the 2-chain vote rule.
+    unsafe_skip_vote_rule: bool = False
+    core: CoreConfig = field(default_factory=lambda: CoreConfig(
+        pacemaker=PacemakerConfig(base_timeout=0.5, backoff=1.5, max_timeout=4.0, resend_interval=0.5),
+        max_block_txs=50,
+    ))
+
+
+@dataclass
+class ScenarioResult:
+    seed: int
+    validators: int
+    byzantine: dict[int, str]
+    safety_violations: list[str]
+    liveness_failure: str | None
+    commits: int
+    rounds_to_commit: int | None
+    faults: list[str]
+    rejected: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.safety_violations and self.liveness_failure is None
+
+
+class _Node:
+    """One validator in the simulation: its core, its stores, and whether it is up."""
+
+    def __init__(self, sim: Scenario, index: int) -> None:
+        self.sim = sim
+        self.index = index
+        self.identity = sim.identities[index]
+        self.safety_store = MemorySafetyStore()
+        self.block_store = MemoryBlockStore(sim.vset)
+        self.behaviour: str | None = sim.byzantine.get(index)
+        self.up = True
+        self.timer_at = float("inf")
+        self.epoch = 0  # bumps on restart so old timers are ignored
+        self.timeouts_seen: dict[int, dict[int, Timeout]] = {}
+        self.forked_rounds: set[int] = set()
+        self.core = self._new_core(recover=False)
+
+    def _new_core(self, *, recover: bool) -> ConsensusCore:
+        honest = self.behaviour is None
+        return ConsensusCore(
+            self.sim.vset, self.index, self.identity, self.safety_store,
+            config=self.sim.config.core,
+            recovery=self.block_store.recovery() if recover else None,
+            committed_lookup=self.block_store.get_block,
+            unsafe_skip_vote_rule=self.sim.config.unsafe_skip_vote_rule and honest,
+        )
+
+    def crash(self) -> None:
+        self.up = False
+        self.epoch += 1
+        self.timer_at = float("inf")
+
+    def restart(self, *, forget: bool) -> list[Action]:
+        if forget:
+            # A twin that lost its disk: no safety data, no blocks.
+            self.safety_store = MemorySafetyStore()
+            self.block_store = MemoryBlockStore(self.sim.vset)
+        self.up = True
+        self.core = self._new_core(recover=not forget)
+        return self.core.start(self.sim.now)
+
+
+class Scenario:
+    def __init__(self, seed: int, config: SimConfig) -> None:
+        self.seed = seed
+        self.config = config
+        self.rng = random.Random(seed)
+        n = config.validators
+        self.identities = [crypto.Identity.from_seed(crypto.sha256(f"sim-{n}-{i}".encode())) for i in range(n)]
+        self.vset = ValidatorSet(f"sim-{n}", tuple(ident.public_key for ident in self.identities))
+        f = self.vset.f
+        count = f if config.byzantine is None else config.byzantine
+        if count > f:
+            raise ValueError(f"{count} Byzantine validators exceed f={f} for n={n}")
+        chosen = self.rng.sample(range(n), count)
+        self.byzantine: dict[int, str] = {i: self.rng.choice(config.behaviours) for i in chosen}
+        self.honest = [i for i in range(n) if i not in self.byzantine]
+        self.now = 0.0
+        self._queue: list[tuple[float, int, str, tuple]] = []
+        self._seq = itertools.count()
+        self.nodes = [_Node(self, i) for i in range(n)]
+        # Fault parameters for the unstable phase.
+        self.drop_rate = self.rng.choice((0.0, 0.01, 0.05, 0.15))
+        self.dup_rate = self.rng.choice((0.0, 0.02, 0.1))
+        self.spike_rate = self.rng.choice((0.0, 0.02, 0.1))
+        self.partition: list[set[int]] | None = None
+        self.faults: list[str] = [f"drop={self.drop_rate} dup={self.dup_rate} spikes={self.spike_rate}"]
+        self.faults += [f"byzantine {i}: {b}" for i, b in sorted(self.byzantine.items())]
+        # Safety bookkeeping.
+        self.committed: dict[int, tuple[bytes, int]] = {}
+        self.chains: dict[int, list[bytes]] = {i: [] for i in range(n)}
+        self.violations: list[str] = []
+        self.commit_count = 0
+        self.rejected = 0
+        self.stable_round = 0
+        self.live_at_round: dict[int, int] = {}
+        # Every verified block and certificate any validator accepted, for the certificate check.
+        self.blocks: dict[bytes, Block] = {}
+        self.certified: dict[bytes, QuorumCert] = {}
+        self.commit_proof_round: dict[int, int] = {}
+
+    # --- event queue -------------------------------------------------------------------
+
+    def _at(self, when: float, kind: str, *args: object) -> None:
+        heapq.heappush(self._queue, (when, next(self._seq), kind, args))
+
+    def _plan_faults(self) -> None:
+        rng, stable = self.rng, self.config.stable_at
+        for _ in range(rng.randint(0, 2)):
+            node = rng.choice(self.honest)
+            start = rng.uniform(0.5, stable - 2.0)
+            down = rng.uniform(0.3, min(4.0, stable - start - 0.5))
+            self._at(start, "crash", node)
+            self._at(start + down, "restart", node, False)
+            self.faults.append(f"crash {node} at {start:.2f}s for {down:.2f}s")
+        for _ in range(rng.randint(0, 2)):
+            start = rng.uniform(0.5, stable - 2.0)
+            length = rng.uniform(0.5, min(5.0, stable - start - 0.5))
+            members = list(range(self.vset.n))
+            rng.shuffle(members)
+            cut = rng.randint(1, self.vset.n - 1)
+            groups = [set(members[:cut]), set(members[cut:])]
+            self._at(start, "partition", groups)
+            self._at(start + length, "heal")
+            self.faults.append(f"partition {sorted(groups[0])}|{sorted(groups[1])} at {start:.2f}s for {length:.2f}s")
+        for index, behaviour in self.byzantine.items():
+            if behaviour == "amnesia":
+                for _ in range(rng.randint(1, 3)):
+                    start = rng.uniform(0.5, stable - 1.0)
+                    self._at(start, "crash", index)
+                    self._at(start + rng.uniform(0.05, 0.5), "restart", index, True)
+
+    # --- network -----------------------------------------------------------------------
+
+    def _send(self, src: int, dst: int, message: Message, data: bytes | None = None) -> None:
+        if data is None:
+            data = encode_message(message)
+        stable = self.now >= self.config.stable_at
+        rng = self.rng
+        if not stable:
+            if self.partition and not any(src in g and dst in g for g in self.partition):
+                return
+            if rng.random() < self.drop_rate:
+                return
+        delay = rng.uniform(0.002, 0.040)
+        if not stable and rng.random() < self.spike_rate:
+            delay += rng.uniform(0.2, 2.0)
+        self._at(self.now + delay, "deliver", dst, src, data)
+        if not stable and rng.random() < self.dup_rate:
+            self._at(self.now + delay + rng.uniform(0.0, 0.2), "deliver", dst, src, data)
+
+    def _broadcast(self, src: int, message: Message, to: Iterable[int] | None = None) -> None:
+        data = encode_message(message)
+        for dst in (range(self.vset.n) if to is None else to):
+            if dst != src:
+                self._send(src, dst, message, data)
+
+    # --- applying a node's actions --------------------------------------------------------
+
+    def _apply(self, node: _Node, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                if action.to == node.index:
+                    self._deliver_local(node, action.message)
+                else:
+                    self._send(node.index, action.to, action.message)
+            elif isinstance(action, Broadcast):
+                if node.behaviour is not None and isinstance(action.message, Proposal):
+                    self._byzantine_proposal(node, action.message)
+                else:
+                    self._broadcast(node.index, action.message)
+            elif isinstance(action, SetTimer):
+                if action.at != node.timer_at and action.at != float("inf"):
+                    node.timer_at = action.at
+                    self._at(max(action.at, self.now), "timer", node.index, node.epoch, action.at)
+            elif isinstance(action, PersistBlock):
+                node.block_store.put_block(action.block)
+            elif isinstance(action, CommitBlocks):
+                node.block_store.commit(action.blocks, action.proof)
+                self._check_commits(node, action.blocks)
+                if node.behaviour is None:
+                    for block in action.blocks:
+                        seen = self.commit_proof_round.get(block.height)
+                        if seen is None or action.proof.round < seen:
+                            self.commit_proof_round[block.height] = action.proof.round
+            elif isinstance(action, Log):
+                pass
+
+    def _deliver_local(self, node: _Node, message: Message) -> None:
+        self._apply(node, node.core.on_message(node.index, message, self.now))
+
+    def _check_commits(self, node: _Node, blocks: tuple[Block, ...]) -> None:
+        chain = self.chains[node.index]
+        for block in blocks:
+            if node.behaviour is None:
+                seen = self.committed.get(block.height)
+                if seen is None:
+                    self.committed[block.height] = (block.id, node.index)
+                    self.commit_count += 1
+                elif seen[0] != block.id:
+                    self.violations.append(
+                        f"height {block.height}: validator {node.index} committed {block.id.hex()[:12]}, "
+                        f"validator {seen[1]} committed {seen[0].hex()[:12]}"
+                    )
+                if block.height <= len(chain):
+                    if chain[block.height - 1] != block.id:
+                        self.violations.append(f"validator {node.index} re-committed height {block.height} differently")
+                elif block.height != len(chain) + 1:
+                    self.violations.append(f"validator {node.index} skipped to height {block.height}")
+                else:
+                    chain.append(block.id)
+            if (
+                block.round > self.stable_round and self.now >= self.config.stable_at
+                and node.index not in self.live_at_round and node.behaviour is None
+            ):
+                self.live_at_round[node.index] = max(n.core.round for n in self.nodes)
+
+    def _observe(self, message: Message) -> None:
+        """Remember blocks and certificates a validator accepted (so they verified)."""
+        qcs: list[QuorumCert] = []
+        if isinstance(message, Proposal):
+            self.blocks.setdefault(message.block.id, message.block)
+            qcs.append(message.block.qc)  # type: ignore[arg-type]
+            if message.tc is not None:
+                qcs.append(message.tc.high_qc)
+        elif isinstance(message, TimeoutMsg):
+            qcs.append(message.timeout.high_qc)
+            if message.high_tc is not None:
+                qcs.append(message.high_tc.high_qc)
+        elif isinstance(message, SyncResponse):
+            for block in message.blocks:
+                self.blocks.setdefault(block.id, block)
+                qcs.append(block.qc)  # type: ignore[arg-type]
+        for qc in qcs:
+            if qc.round > 0:
+                self.certified.setdefault(qc.data.digest, qc)
+
+    def _check_certificates(self) -> None:
+        """Once a block is committed by a certificate of round p, every certificate of a higher
+        round must certify one of its descendants (the lemma the 2-chain rule rests on)."""
+        for qc in self.certified.values():
+            block_id, height = qc.block_id, qc.height
+            while height > 0:
+                committed = self.committed.get(height)
+                if committed is not None:
+                    if committed[0] == block_id:
+                        break
+                    proof_round = self.commit_proof_round.get(height)
+                    if proof_round is not None and qc.round > proof_round:
+                        self.violations.append(
+                            f"certificate of round {qc.round} for {qc.block_id.hex()[:12]} conflicts with height "
+                            f"{height}, committed by a certificate of round {proof_round}"
+                        )
+                        break
+                block = self.blocks.get(block_id)
+                if block is None:
+                    break
+                block_id, height = block.parent, height - 1
+
+    # --- Byzantine behaviours --------------------------------------------------------------
+
+    def _byzantine_proposal(self, node: _Node, proposal: Proposal) -> None:
+        behaviour, rng = node.behaviour, self.rng
+        others = [i for i in range(self.vset.n) if i != node.index]
+        rng.shuffle(others)
+        block = proposal.block
+        qc = block.qc
+        assert qc is not None
+        if behaviour == "silent":
+            return
+        if behaviour == "stale_qc":
+            # Show the new certificate to one validator only; the others will time out, and
+            # the timeouts let this leader build a certificate that hides it (_stale_fork).
+            self._broadcast(node.index, proposal, others[:1])
+            return
+        if behaviour in ("equivocate", "forged_qc", "double_vote"):
+            if behaviour == "forged_qc":
+                qc = QuorumCert(qc.data, tuple((i, rng.randbytes(64)) for i in range(self.vset.quorum)))
+            twin = Block.propose(
+                epoch=block.epoch, round=block.round, qc=qc, author=block.author, timestamp=block.timestamp + 1,
+                payload=(rng.randbytes(16),), identity=node.identity, chain_id=self.vset.chain_id,
+            )
+            half = len(others) // 2
+            self._broadcast(node.index, proposal, others[:half])
+            self._broadcast(node.index, Proposal(twin, proposal.tc), others[half:])
+            if behaviour == "double_vote":
+                self._double_vote(node, twin)
+            return
+        self._broadcast(node.index, proposal)
+
+    def _stale_fork(self, node: _Node, sender: int, timeout: Timeout) -> None:
+        """A leader that hid a certificate joins the others' timeouts with an old certificate of its own,
+        forms the timeout certificate, and proposes a block on a certificate older than the one it hid."""
+        round_ = timeout.round
+        if self.vset.leader(round_ + 1) != node.index:
+            return
+        seen = node.timeouts_seen.setdefault(round_, {})
+        seen[sender] = timeout
+        if node.index not in seen:
+            own = Timeout.create(
+                timeout.epoch, round_, timeout.high_qc, node.index, node.identity, self.vset.chain_id
+            )
+            seen[node.index] = own
+            self._broadcast(node.index, TimeoutMsg(own))
+        if len(seen) < self.vset.quorum or round_ in node.forked_rounds:
+            return
+        node.forked_rounds.add(round_)
+        tc = form_tc(list(seen.values()))
+        qc = tc.high_qc
+        for _ in range(self.rng.randint(1, 3)):
+            parent = node.core.get_block(qc.block_id)
+            if parent is None or parent.qc is None or parent.is_genesis:
+                break
+            qc = parent.qc
+        block = Block.propose(
+            epoch=tc.epoch, round=round_ + 1, qc=qc, author=node.index, timestamp=int(self.now * 1000),
+            payload=(self.rng.randbytes(16),), identity=node.identity, chain_id=self.vset.chain_id,
+        )
+        self._broadcast(node.index, Proposal(block, tc), [i for i in seen if i != node.index])
+        self._double_vote(node, block)
+
+    def _double_vote(self, node: _Node, block: Block) -> None:
+        if block.qc is None:
+            return
+        vote = Vote.create(block.vote_data(), node.index, node.identity, self.vset.chain_id)
+        leader = self.vset.leader(block.round + 1)
+        if leader != node.index:
+            self._send(node.index, leader, VoteMsg(vote))
+
+    # --- running -----------------------------------------------------------------------
+
+    def _inject_txs(self) -> None:
+        tx = self.rng.randbytes(32)
+        for node in self.nodes:
+            if node.up:
+                self._apply(node, node.core.submit([tx], self.now))
+
+    def run(self) -> ScenarioResult:
+        config = self.config
+        liveness_rounds = config.liveness_rounds or 3 * self.vset.n + 10
+        self._plan_faults()
+        for node in self.nodes:
+            self._apply(node, node.core.start(0.0))
+        self._at(config.stable_at, "stable")
+        next_tx = 0.0
+        while self._queue:
+            when, _, kind, args = heapq.heappop(self._queue)
+            if when > config.horizon:
+                break
+            while next_tx <= when:
+                self.now = next_tx
+                self._inject_txs()
+                next_tx += config.tx_interval
+            self.now = when
+            self._event(kind, args)
+            if self.now >= config.stable_at and all(i in self.live_at_round for i in self.honest):
+                break
+        self._check_certificates()
+        liveness_failure = None
+        missing = [i for i in self.honest if i not in self.live_at_round]
+        if missing:
+            liveness_failure = f"validators {missing} committed nothing new between {config.stable_at}s and {config.horizon}s"
+        rounds = max((r - self.stable_round for r in self.live_at_round.values()), default=None)
+        if rounds is not None and rounds > liveness_rounds and liveness_failure is None:
+            liveness_failure = f"first commit after stabilization took {rounds} rounds (bound {liveness_rounds})"
+        return ScenarioResult(
+            self.seed, self.vset.n, dict(self.byzantine), list(self.violations), liveness_failure,
+            self.commit_count, rounds, self.faults, self.rejected,
+        )
+
+    def _event(self, kind: str, args: tuple) -> None:
+        if kind == "deliver":
+            dst, src, data = args
+            node = self.nodes[dst]
+            if not node.up:
+                return
+            try:
+                message = decode_message(data)
+                actions = node.core.on_message(src, message, self.now)
+            except (CodecError, InvalidMessage):
+                self.rejected += 1
+                return
+            self._observe(message)
+            self._apply(node, actions)
+            if node.behaviour in ("double_vote", "stale_qc") and isinstance(message, Proposal):
+                self._double_vote(node, message.block)
+            if node.behaviour == "stale_qc" and isinstance(message, TimeoutMsg):
+                self._stale_fork(node, src, message.timeout)
+        elif kind == "timer":
+            index, epoch, at = args
+            node = self.nodes[index]
+            if node.up and node.epoch == epoch and node.timer_at == at:
+                node.timer_at = float("inf")
+                self._apply(node, node.core.tick(self.now))
+        elif kind == "crash":
+            self.nodes[args[0]].crash()
+        elif kind == "restart":
+            index, forget = args
+            node = self.nodes[index]
+            if not node.up:
+                self._apply(node, node.restart(forget=forget))
+        elif kind == "partition":
+            self.partition = args[0]
+        elif kind == "heal":
+            self.partition = None
+        elif kind == "stable":
+            self.partition = None
+            for node in self.nodes:
+                if not node.up and node.behaviour is None:
+                    self._apply(node, node.restart(forget=False))
+            self.stable_round = max(n.core.round for n in self.nodes)
+
+
+def run_scenario(seed: int, config: SimConfig) -> ScenarioResult:
+    return Scenario(seed, config).run()
+
+
+def replay_command(seed: int, config: SimConfig) -> str:
+    byz = "" if config.byzantine is None else f" --byzantine {config.byzantine}"
+    return f"ehrnode sim --scenarios 1 --seed {seed} --validators {config.validators}{byz}"
+
+
+def scenario_configs(validators: int, byzantine: int | None, **overrides: object) -> SimConfig:
+    return replace(SimConfig(), validators=validators, byzantine=byzantine, **overrides)  # type: ignore[arg-type]
