@@ -1,2 +1,130 @@
-def main():
-    pass
+"""The ``ehrnode`` command.
+
+Each subcommand is a function taking parsed arguments and returning an exit
+code. Errors ehrnode raises on purpose become one line on stderr and exit 2;
+``--json`` output is one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
+
+from .errors import EhrnodeError
+
+if TYPE_CHECKING:
+    from .sim import ScenarioResult
+
+
+class UsageError(EhrnodeError):
+    """A command-line argument that cannot be used."""
+
+    reason = "usage"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _run_one(work: tuple[int, int, int | None]) -> ScenarioResult:
+    from .sim import run_scenario, scenario_configs
+
+    seed, validators, byzantine = work
+    return run_scenario(seed, scenario_configs(validators, byzantine))
+
+
+def _print_failure(result: ScenarioResult, replay: str) -> None:
+    print(f"FAIL seed={result.seed} byzantine={result.byzantine}")
+    for line in result.safety_violations:
+        print(f"  safety: {line}")
+    if result.liveness_failure:
+        print(f"  liveness: {result.liveness_failure}")
+    for fault in result.faults:
+        print(f"  fault: {fault}")
+    print(f"  replay: {replay}")
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from .sim import replay_command, scenario_configs
+
+    f = (args.validators - 1) // 3
+    if args.byzantine is not None and args.byzantine > f:
+        raise UsageError(f"--byzantine {args.byzantine} exceeds f={f} for {args.validators} validators")
+    config = scenario_configs(args.validators, args.byzantine)
+    work = [(seed, args.validators, args.byzantine) for seed in range(args.seed, args.seed + args.scenarios)]
+    jobs = min(args.jobs or os.cpu_count() or 1, len(work))
+    violations = liveness = commits = 0
+    failures: list[ScenarioResult] = []
+    with ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else nullcontext() as pool:
+        results = pool.map(_run_one, work, chunksize=4) if pool else map(_run_one, work)
+        for result in results:
+            commits += result.commits
+            violations += len(result.safety_violations)
+            liveness += result.liveness_failure is not None
+            if not result.ok:
+                failures.append(result)
+                if not args.json:
+                    _print_failure(result, replay_command(result.seed, config))
+    summary: dict[str, object] = {
+        "scenarios": args.scenarios, "safety_violations": violations, "liveness_failures": liveness, "commits": commits,
+    }
+    if args.json:
+        summary["failures"] = [
+            {"seed": r.seed, "byzantine": {str(k): v for k, v in r.byzantine.items()}, "safety": r.safety_violations,
+             "liveness": r.liveness_failure, "faults": r.faults, "replay": replay_command(r.seed, config)}
+            for r in failures
+        ]
+        print(json.dumps(summary))
+    else:
+        print(" ".join(f"{k}={v}" for k, v in summary.items()))
+    return 1 if violations or liveness else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ehrnode", description="Consortium-chain node for sharing patient records.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sim = commands.add_parser(
+        "sim", help="run seeded fault scenarios against the consensus core on a virtual clock",
+        description="Drive N in-memory validators through seeded faults (crashes, partitions, delay, drop, "
+        "duplication, Byzantine validators) and check safety and liveness.",
+    )
+    sim.add_argument("--scenarios", type=_positive, default=100, help="how many scenarios (seeds) to run")
+    sim.add_argument("--seed", type=_non_negative, default=0, help="first seed; scenario k uses seed+k")
+    sim.add_argument("--validators", type=_positive, default=4, help="validators per scenario (n = 3f+1)")
+    sim.add_argument("--byzantine", type=_non_negative, default=None, help="Byzantine validators (default: f)")
+    sim.add_argument("--jobs", type=_non_negative, default=0, help="worker processes (default: one per core)")
+    sim.add_argument("--json", action="store_true", help="print one JSON document")
+    sim.set_defaults(func=cmd_sim)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EhrnodeError as exc:
+        print(f"ehrnode: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

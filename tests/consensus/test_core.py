@@ -1,0 +1,200 @@
+"""The core driven directly: messages delivered in order, the clock moved by hand."""
+
+from dataclasses import replace
+
+import pytest
+
+from ehrnode.consensus.core import (
+    Broadcast, CommitBlocks, ConsensusCore, CoreConfig, PersistBlock, Send, SetTimer,
+)
+from ehrnode.consensus.messages import Proposal, SyncRequest, SyncResponse, TimeoutMsg, VoteMsg
+from ehrnode.consensus.pacemaker import PacemakerConfig
+from ehrnode.consensus.safety import MemorySafetyStore
+from ehrnode.errors import InvalidMessage
+from ehrnode.ledger.block_store import MemoryBlockStore
+
+from .factory import Factory
+
+CONFIG = CoreConfig(pacemaker=PacemakerConfig(base_timeout=1.0, resend_interval=0.5), max_block_txs=10)
+
+
+class Cluster:
+    def __init__(self, n=4, down=()):
+        self.f = Factory(n)
+        self.stores = [MemorySafetyStore() for _ in range(n)]
+        self.blocks = [MemoryBlockStore(self.f.vset) for _ in range(n)]
+        self.cores = [self._core(i) for i in range(n)]
+        self.down = set(down)
+        self.queue = []
+        self.now = 0.0
+        self.committed = [[] for _ in range(n)]
+        self.timers = [float("inf")] * n
+
+    def _core(self, i, recover=False):
+        return ConsensusCore(
+            self.f.vset, i, self.f.identities[i], self.stores[i], config=CONFIG,
+            recovery=self.blocks[i].recovery() if recover else None, committed_lookup=self.blocks[i].get_block,
+        )
+
+    def apply(self, i, actions):
+        for a in actions:
+            if isinstance(a, Send):
+                self.queue.append((a.to, i, a.message))
+            elif isinstance(a, Broadcast):
+                self.queue.extend((j, i, a.message) for j in range(len(self.cores)) if j != i)
+            elif isinstance(a, SetTimer):
+                self.timers[i] = a.at
+            elif isinstance(a, PersistBlock):
+                self.blocks[i].put_block(a.block)
+            elif isinstance(a, CommitBlocks):
+                self.blocks[i].commit(a.blocks, a.proof)
+                self.committed[i].extend(b.id for b in a.blocks)
+
+    def start(self):
+        for i, core in enumerate(self.cores):
+            if i not in self.down:
+                self.apply(i, core.start(self.now))
+
+    def run(self, until, max_steps=100_000, done=lambda: False):
+        steps = 0
+        while self.now < until and steps < max_steps and not done():
+            steps += 1
+            if self.queue:
+                dst, src, msg = self.queue.pop(0)
+                if dst not in self.down:
+                    self.apply(dst, self.cores[dst].on_message(src, msg, self.now))
+                continue
+            live = [i for i in range(len(self.cores)) if i not in self.down]
+            nxt = min(self.timers[i] for i in live)
+            if nxt == float("inf") or nxt > until:
+                break
+            self.now = max(self.now, nxt)
+            for i in live:
+                if self.timers[i] <= self.now:
+                    self.apply(i, self.cores[i].tick(self.now))
+
+
+def test_all_validators_commit_the_same_blocks_with_every_transaction_once():
+    c = Cluster()
+    c.start()
+    txs = [f"tx-{k}".encode() for k in range(25)]
+    for i, core in enumerate(c.cores):
+        c.apply(i, core.submit(txs, c.now))
+    c.run(until=0.5, max_steps=3000)
+    heights = [core.committed_height for core in c.cores]
+    assert min(heights) >= 3
+    shortest = min(len(x) for x in c.committed)
+    assert all(x[:shortest] == c.committed[0][:shortest] for x in c.committed)
+    included = [tx for h in range(1, c.blocks[0].committed_height() + 1) for tx in c.blocks[0].block_at(h).payload]
+    assert sorted(set(included)) == sorted(included)  # no transaction twice
+    assert set(txs) <= set(included)
+
+
+def test_a_silent_validator_is_timed_out_and_commits_continue():
+    c = Cluster(down={1})
+    c.start()
+    c.run(until=20.0, max_steps=20_000, done=lambda: min(c.cores[i].committed_height for i in (0, 2, 3)) >= 3)
+    for i in (0, 2, 3):
+        assert c.cores[i].committed_height >= 3
+    assert c.cores[0].high_tc is not None  # leader 1's rounds ended by timeout certificates
+
+
+def test_two_of_four_down_means_no_commits_and_no_crash_then_recovery():
+    c = Cluster(down={2, 3})
+    c.start()
+    c.run(until=10.0, max_steps=5000)
+    assert all(c.cores[i].committed_height == 0 for i in (0, 1))
+    c.down.clear()
+    for i in (2, 3):
+        c.apply(i, c.cores[i].start(c.now))
+    c.run(until=c.now + 30.0, max_steps=50_000, done=lambda: min(x.committed_height for x in c.cores) >= 2)
+    assert min(core.committed_height for core in c.cores) >= 2
+
+
+def test_restart_reloads_blocks_and_safety_data_and_never_votes_twice_in_a_round():
+    c = Cluster()
+    c.start()
+    c.run(until=0.3, max_steps=2000)
+    before = c.cores[2].committed_height
+    last_vote = c.stores[2].data.last_vote
+    c.cores[2] = c._core(2, recover=True)
+    assert c.cores[2].committed_height == before
+    c.apply(2, c.cores[2].start(c.now))
+    assert c.cores[2].round >= last_vote.round
+    # The proposal it already voted on, delivered again, gets the very same vote.
+    block = c.blocks[2].get_block(last_vote.block_id) or c.cores[2].get_block(last_vote.block_id)
+    if block is not None and block.round == c.cores[2].round:
+        actions = c.cores[2].on_message(block.author, Proposal(block), c.now)
+        votes = [a.message.vote for a in actions if isinstance(a, Send) and isinstance(a.message, VoteMsg)]
+        assert votes in ([], [last_vote])
+    c.queue.clear()
+    c.run(until=c.now + 5.0, max_steps=20_000, done=lambda: c.cores[2].committed_height > before)
+    assert c.cores[2].committed_height > before
+
+
+def invalid(core, sender, message, now=0.0):
+    before = core.safety.data
+    with pytest.raises(InvalidMessage) as err:
+        core.on_message(sender, message, now)
+    assert core.safety.data == before
+    return err.value.reason
+
+
+def test_invalid_messages_are_refused_with_a_reason_and_leave_safety_data_unchanged():
+    c = Cluster()
+    c.start()
+    f, core = c.f, c.cores[2]
+    b1 = f.block(1, f.genesis_qc)
+    assert invalid(core, 1, Proposal(replace(b1, signature=bytes(64)))) == "bad_signature"
+    assert invalid(core, 1, Proposal(f.block(1, f.genesis_qc, author=3))) == "not_leader"
+    qc1 = f.qc(b1)
+    dup = replace(qc1, signatures=(qc1.signatures[0],) * 3)
+    assert invalid(core, 2, Proposal(f.block(2, dup))) == "duplicate_signer"
+    assert invalid(core, 1, VoteMsg(replace(f.vote(b1, 3), signature=bytes(64)))) == "bad_signature"
+    far = replace(f.vote(b1, 3), data=replace(b1.vote_data(), round=10**12))
+    assert invalid(core, 3, VoteMsg(far)) == "round_too_far"
+    t = f.timeout(10**12, qc1, 3)
+    assert invalid(core, 3, TimeoutMsg(t)) == "round_too_far"
+    with pytest.raises(InvalidMessage) as err:
+        core.on_message(99, VoteMsg(f.vote(b1, 3)), 0.0)
+    assert err.value.reason == "unknown_signer"
+    tc = f.tc(5, [f.genesis_qc] * 3)
+    assert invalid(core, 1, Proposal(b1, tc)) == "tc_mismatch"
+
+
+def test_a_certificate_for_an_unknown_block_asks_a_peer_and_unsolicited_blocks_are_ignored():
+    c = Cluster()
+    f = c.f
+    core = c.cores[0]
+    c.apply(0, core.start(0.0))
+    b1, b2, b3 = f.chain([1, 2, 3])
+    actions = core.on_message(0, Proposal(f.block(4, f.qc(b3))), 0.0)
+    requests = [a for a in actions if isinstance(a, Send) and isinstance(a.message, SyncRequest)]
+    assert requests and core.round == 4
+    # An answer nobody asked for is dropped.
+    unsolicited = core.on_message(1, SyncResponse((f.block(1, f.genesis_qc, payload=(b"x",)),)), 0.0)
+    assert not [a for a in unsolicited if isinstance(a, (PersistBlock, CommitBlocks))]
+    assert core.committed_height == 0
+    # The real answer links in and the 2-chain rule commits b2 (b3's round is b2's + 1).
+    wanted = requests[0].message.block_id
+    chain = {b.id: b for b in (b1, b2, b3)}
+    response = []
+    cursor = chain.get(wanted)
+    while cursor is not None:
+        response.append(cursor)
+        cursor = chain.get(cursor.parent)
+    actions = core.on_message(1, SyncResponse(tuple(response)), 0.0)
+    commits = [a for a in actions if isinstance(a, CommitBlocks)]
+    assert core.committed_height >= 2
+    assert commits and [b.height for b in commits[0].blocks][0] == 1
+
+
+def test_a_sync_response_whose_blocks_do_not_chain_is_refused():
+    c = Cluster()
+    f, core = c.f, c.cores[0]
+    c.apply(0, core.start(0.0))
+    b1, b2, b3 = f.chain([1, 2, 3])
+    core.on_message(0, Proposal(f.block(4, f.qc(b3))), 0.0)
+    with pytest.raises(InvalidMessage) as err:
+        core.on_message(1, SyncResponse((b3, b1)), 0.0)
+    assert err.value.reason == "bad_chain"

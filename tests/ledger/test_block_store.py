@@ -1,0 +1,89 @@
+import sqlite3
+
+import pytest
+
+from ehrnode.consensus.types import ValidatorSet
+from ehrnode.errors import StoreError
+from ehrnode.ledger.block_store import MemoryBlockStore, SqliteBlockStore
+
+from ..consensus.factory import Factory
+
+F = Factory()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def make_store(request, tmp_path):
+    def make(vset=F.vset):
+        if request.param == "memory":
+            return MemoryBlockStore(vset)
+        return SqliteBlockStore(tmp_path / "blocks.sqlite3", vset)
+    return make
+
+
+def test_commits_are_indexed_by_height_and_survive_reopening(tmp_path):
+    b1, b2, b3 = F.chain([1, 2, 3])
+    store = SqliteBlockStore(tmp_path / "b.db", F.vset)
+    for b in (b1, b2, b3):
+        store.put_block(b)
+    store.commit((b1, b2), F.qc(b3))
+    store.close()
+    reopened = SqliteBlockStore(tmp_path / "b.db", F.vset)
+    assert reopened.committed_height() == 2
+    assert reopened.block_at(1) == b1 and reopened.block_at(2) == b2
+    assert reopened.block_at(0) == F.vset.genesis_block
+    rec = reopened.recovery()
+    assert rec.root == b2
+    assert [b.id for b in rec.blocks] == [b3.id]
+    assert rec.high_qc == F.qc(b3)
+
+
+def test_a_committed_height_is_never_rewritten(make_store):
+    store = make_store()
+    b1, b2 = F.chain([1, 2])
+    store.commit((b1,), F.qc(b2))
+    twin = F.block(1, F.genesis_qc, payload=(b"fork",))
+    with pytest.raises(StoreError) as err:
+        store.commit((twin,), F.qc(b2))
+    assert err.value.reason == "commit_gap"
+    assert store.block_at(1) == b1
+    with pytest.raises(StoreError):
+        store.commit((F.block(5, F.qc(b2)),), F.qc(b2))  # skips height 2
+
+
+def test_recovery_of_an_empty_store_starts_from_genesis(make_store):
+    rec = make_store().recovery()
+    assert rec.root == F.vset.genesis_block and list(rec.blocks) == [] and rec.high_qc is None
+
+
+def test_a_store_of_another_chain_is_refused(tmp_path):
+    SqliteBlockStore(tmp_path / "b.db", F.vset).close()
+    other = ValidatorSet("other", F.vset.keys)
+    with pytest.raises(StoreError) as err:
+        SqliteBlockStore(tmp_path / "b.db", other)
+    assert err.value.reason == "wrong_chain"
+
+
+def test_a_corrupt_block_is_reported_not_returned(tmp_path):
+    (b1,) = F.chain([1])
+    store = SqliteBlockStore(tmp_path / "b.db", F.vset)
+    store.put_block(b1)
+    store.close()
+    db = sqlite3.connect(tmp_path / "b.db")
+    db.execute("UPDATE blocks SET body = ?", (b"\xff\x00",))
+    db.commit()
+    db.close()
+    store = SqliteBlockStore(tmp_path / "b.db", F.vset)
+    with pytest.raises(StoreError) as err:
+        store.get_block(b1.id)
+    assert err.value.reason == "corrupt"
+
+
+def test_forks_below_a_commit_are_dropped(tmp_path):
+    b1, b2 = F.chain([1, 2])
+    twin = F.block(1, F.genesis_qc, payload=(b"fork",))
+    store = SqliteBlockStore(tmp_path / "b.db", F.vset)
+    for b in (b1, twin, b2):
+        store.put_block(b)
+    store.commit((b1,), F.qc(b2))
+    assert store.get_block(twin.id) is None
+    assert store.get_block(b2.id) == b2

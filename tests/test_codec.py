@@ -1,0 +1,93 @@
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ehrnode import codec
+from ehrnode.errors import CodecError, SchemaError
+
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.binary(max_size=40)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    max_leaves=20,
+)
+
+
+@given(values)
+def test_encode_then_decode_is_identity(value):
+    assert codec.decode(codec.encode(value)) == value
+
+
+@given(values)
+def test_encoding_is_canonical_whatever_the_map_order(value):
+    if isinstance(value, dict):
+        reordered = dict(reversed(list(value.items())))
+        assert codec.encode(reordered) == codec.encode(value)
+
+
+@given(st.binary(max_size=200))
+@settings(max_examples=500)
+def test_decoding_random_bytes_raises_only_codec_error(data):
+    try:
+        codec.decode(data)
+    except CodecError:
+        pass
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"\x01\x02", "trailing_bytes"),
+        (b"\xa2\x61\x61\x01\x61\x61\x02", "malformed"),  # duplicate key "a"
+        (b"\x9f\x01\xff", "malformed"),  # indefinite-length array
+        (b"\x18\x01", "not_canonical"),  # 1 in two bytes
+        (b"\xa2\x61\x62\x01\x61\x61\x02", "not_canonical"),  # keys out of order
+        (b"\xd8\x1c\x01", "not_canonical"),  # shared-reference tag
+        (b"\xc1\x01", "unsupported_type"),  # epoch datetime tag
+        (b"\xf9\x3c\x00", "unsupported_type"),  # half float
+        (b"\xf7", "unsupported_type"),  # undefined
+        (b"\xa1\x01\x01", "malformed"),  # integer map key
+        (b"", "empty"),
+        (b"\x5a\xff\xff\xff\xff", "malformed"),  # 4 GiB byte string, 0 bytes present
+    ],
+)
+def test_decode_refuses_non_canonical_or_foreign_cbor(data, reason):
+    with pytest.raises(CodecError) as err:
+        codec.decode(data)
+    assert err.value.reason == reason
+
+
+def test_decode_refuses_oversized_input_before_parsing():
+    data = codec.encode(b"x" * 2000)
+    with pytest.raises(CodecError) as err:
+        codec.decode(data, max_size=1000)
+    assert err.value.reason == "too_large"
+
+
+def test_decode_refuses_deep_nesting():
+    deep = b"\x81" * 40 + b"\x01"
+    with pytest.raises(CodecError) as err:
+        codec.decode(deep)
+    assert err.value.reason == "too_deep"
+    shallow = codec.encode([[[[1]]]])
+    assert codec.decode(shallow, max_depth=4) == [[[[1]]]]
+
+
+def test_encode_refuses_types_outside_the_data_model():
+    with pytest.raises(CodecError):
+        codec.encode(object())
+    # cbor2 would encode a float; our decoder never accepts one back.
+    with pytest.raises(CodecError):
+        codec.decode(cbor2.dumps(1.5, canonical=True))
+
+
+def test_schema_helpers_name_the_field():
+    with pytest.raises(SchemaError, match="vote.round"):
+        codec.as_uint(-1, "vote.round")
+    with pytest.raises(SchemaError, match=r"missing fields \['b'\], unexpected fields \['c'\]"):
+        codec.as_map({"a": 1, "c": 2}, "thing", ("a", "b"))
+    with pytest.raises(SchemaError, match="expected 32 bytes"):
+        codec.as_bytes(b"x", "id", size=32)
+    with pytest.raises(SchemaError):
+        codec.as_uint(True, "flag")
