@@ -162,6 +162,7 @@ class ConsensusCore:
         self._waiting_proposals: dict[bytes, tuple[int, Proposal]] = {}
         self._orphans: dict[bytes, Block] = {}
         self._sync_wanted: dict[bytes, float] = {}
+        self._sync_attempts: dict[bytes, int] = {}
         self._sync_peer = 0
         self._pending_txs: OrderedDict[bytes, bytes] = OrderedDict()
         self._propose_at = float("inf")
@@ -285,6 +286,7 @@ class ConsensusCore:
         if self.tree.insert(block):
             actions.append(PersistBlock(block))
             self._sync_wanted.pop(block.id, None)
+            self._sync_attempts.pop(block.id, None)
             self._orphans.pop(block.id, None)
 
     def _vote_for(self, block: Block, tc: TimeoutCert | None, now: float, actions: list[Action]) -> None:
@@ -454,7 +456,7 @@ class ConsensusCore:
             return
         # f+1 timeouts mean at least one honest validator gave up: join it rather than wait.
         if len(collected) > self.vset.f and not self.pacemaker.timed_out:
-            self.pacemaker.expired(float("inf"))
+            self.pacemaker.give_up(now)
             self._local_timeout(now, actions)
             return
         if len(collected) >= self.vset.quorum:
@@ -472,6 +474,13 @@ class ConsensusCore:
             return
         if block_id in self._sync_wanted and not retry:
             return
+        attempts = self._sync_attempts.get(block_id, 0) + 1
+        if attempts > 2 * self.vset.n:
+            # Every peer was asked twice: stop; a later certificate will ask again if it still matters.
+            self._sync_wanted.pop(block_id, None)
+            self._sync_attempts.pop(block_id, None)
+            return
+        self._sync_attempts[block_id] = attempts
         if peer is None or peer == self.index:
             self._sync_peer = (self._sync_peer + 1) % self.vset.n
             if self._sync_peer == self.index:
@@ -498,6 +507,7 @@ class ConsensusCore:
         for block in blocks:
             block.verify(self.vset)
         self._sync_wanted.pop(blocks[0].id, None)
+        self._sync_attempts.pop(blocks[0].id, None)
         for block in reversed(blocks):
             if block.height <= self.root.height or block.id in self.tree:
                 continue

@@ -59,6 +59,12 @@ class Pacemaker:
             return True
         return False
 
+    def give_up(self, now: float) -> None:
+        """Time out the current round now, before its timer (others already have)."""
+        if not self.timed_out:
+            self.timed_out = True
+            self.next_resend = now + self.config.resend_interval
+
     def resend_due(self, now: float) -> bool:
         """True when our timeout for this round should be sent again."""
         if self.timed_out and now >= self.next_resend:

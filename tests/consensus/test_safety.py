@@ -1,7 +1,9 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ehrnode.consensus.safety import MemorySafetyStore, SafetyData, SafetyRules
-from ehrnode.errors import SafetyViolation, StoreError
+from ehrnode.errors import SafetyViolation, SchemaError, StoreError
 
 from .factory import Factory
 
@@ -120,3 +122,19 @@ def test_safety_data_round_trips_through_its_wire_form():
 def test_rules_refuse_an_identity_that_is_not_the_validator():
     with pytest.raises(ValueError):
         SafetyRules(F.vset, 0, F.identities[1], MemorySafetyStore())
+
+
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-5, max_value=2**64) | st.binary(max_size=70) | st.text(max_size=5),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.sampled_from(
+        ["epoch", "last_voted_round", "locked_round", "highest_timeout_round", "last_vote", "last_timeout",
+         "data", "author", "sig", "round", "high_qc", "block", "height", "parent", "parent_round", "sigs"]), c,
+        max_size=8),
+    max_leaves=25,
+))
+@settings(max_examples=300)
+def test_safety_data_decoding_fails_only_with_schema_errors(value):
+    try:
+        SafetyData.from_wire(value)
+    except SchemaError:
+        pass
