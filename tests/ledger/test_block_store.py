@@ -87,3 +87,49 @@ def test_forks_below_a_commit_are_dropped(tmp_path):
     store.commit((b1,), F.qc(b2))
     assert store.get_block(twin.id) is None
     assert store.get_block(b2.id) == b2
+
+
+WRITER = """
+import sys
+from ehrnode.ledger.block_store import SqliteBlockStore
+from tests.consensus.factory import Factory
+f = Factory()
+store = SqliteBlockStore(sys.argv[1], f.vset)
+qc = f.genesis_qc
+previous = None
+for r in range(1, 100_000):
+    block = f.block(r, qc)
+    store.put_block(block)
+    qc = f.qc(block)
+    if previous is not None:
+        store.commit((previous,), qc)
+        print(previous.height, flush=True)
+    previous = block
+"""
+
+
+def test_the_store_reopens_consistent_after_kill_9_mid_write(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "b.db"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, cwd=root)
+    acknowledged = 0
+    for line in proc.stdout:
+        acknowledged = int(line)
+        if acknowledged >= 30:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = SqliteBlockStore(path, F.vset)
+    height = store.committed_height()
+    assert height >= acknowledged  # every acknowledged commit survived
+    for h in range(1, height + 1):
+        block = store.block_at(h)
+        assert block is not None and block.height == h
+        assert block.parent == store.block_at(h - 1).id
+    rec = store.recovery()
+    assert rec.root.height == height
