@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import EhrnodeError
@@ -96,9 +97,48 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 1 if violations or liveness else 0
 
 
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def cmd_consortium_init(args: argparse.Namespace) -> int:
+    from .consortium import init_consortium
+
+    genesis = init_consortium(
+        args.dir, args.institutions, args.regulator, host=args.host, base_port=args.base_port
+    )
+    if args.json:
+        print(json.dumps({
+            "chain_id": genesis.chain_id, "genesis_hash": genesis.hash.hex(),
+            "members": [{"name": m.name, "role": m.role, "address": str(m.address),
+                         "config": str(args.dir / m.name / "node.toml")} for m in genesis.members],
+        }))
+    else:
+        print(f"consortium {genesis.chain_id} in {args.dir} (genesis {genesis.hash.hex()[:16]})")
+        for m in genesis.members:
+            print(f"  {m.name:<16} {m.role:<12} peer {m.address}  config {args.dir / m.name / 'node.toml'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ehrnode", description="Consortium-chain node for sharing patient records.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    consortium = commands.add_parser("consortium", help="set up a consortium").add_subparsers(
+        dest="consortium_command", required=True)
+    init = consortium.add_parser(
+        "init", help="create keys, genesis.toml and each member's node.toml",
+        description="Create Ed25519 and X25519 keys for every member (0600), the shared genesis.toml and "
+        "each member's node.toml. Refuses to overwrite existing keys.",
+    )
+    init.add_argument("dir", type=Path, help="directory to create the consortium in")
+    init.add_argument("--institutions", type=_names, required=True, help="comma-separated institution names")
+    init.add_argument("--regulator", required=True, help="the regulator's name")
+    init.add_argument("--host", default="127.0.0.1", help="host in every member's peer address")
+    init.add_argument("--base-port", type=_positive, default=7100,
+                      help="first peer port (members take consecutive ports; API ports start 100 higher)")
+    init.add_argument("--json", action="store_true", help="print one JSON document")
+    init.set_defaults(func=cmd_consortium_init)
 
     sim = commands.add_parser(
         "sim", help="run seeded fault scenarios against the consensus core on a virtual clock",

@@ -13,10 +13,12 @@ import os
 from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from . import codec
 from .errors import CryptoError
@@ -69,15 +71,45 @@ class Identity:
 
     @classmethod
     def load(cls, path: Path) -> Identity:
-        try:
-            key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-        except OSError as exc:
-            raise CryptoError(f"cannot read key file {path}: {exc.strerror}") from exc
-        except (ValueError, TypeError) as exc:
-            raise CryptoError(f"{path} is not a PEM private key: {exc}") from exc
-        if not isinstance(key, Ed25519PrivateKey):
-            raise CryptoError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
-        return cls(key)
+        return cls(_load_private_key(path, Ed25519PrivateKey, "Ed25519"))
+
+
+class SealingKey:
+    """A member's X25519 key: what peers seal data to (records served to this member)."""
+
+    __slots__ = ("_key", "public_key")
+
+    def __init__(self, key: X25519PrivateKey) -> None:
+        self._key = key
+        self.public_key: bytes = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    @classmethod
+    def generate(cls) -> SealingKey:
+        return cls(X25519PrivateKey.generate())
+
+    def save(self, path: Path) -> None:
+        pem = self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        write_secret_file(path, pem)
+
+    @classmethod
+    def load(cls, path: Path) -> SealingKey:
+        return cls(_load_private_key(path, X25519PrivateKey, "X25519"))
+
+
+def _load_private_key(path: Path, kind: type, name: str) -> Any:
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except OSError as exc:
+        raise CryptoError(f"cannot read key file {path}: {exc.strerror}") from exc
+    except (ValueError, TypeError) as exc:
+        raise CryptoError(f"{path} is not a PEM private key: {exc}") from exc
+    if not isinstance(key, kind):
+        raise CryptoError(f"{path} holds a {type(key).__name__}, not an {name} key")
+    return key
 
 
 def write_secret_file(path: Path, data: bytes) -> None:

@@ -1,0 +1,218 @@
+"""The consortium's genesis file and each node's own configuration.
+
+``genesis.toml`` is public and the same at every member: the chain id and the
+members (name, role, Ed25519 signing key, X25519 sealing key, peer address).
+Its hash binds peers to one consortium. ``node.toml`` is one member's: where
+its keys, data and genesis are (paths relative to the file itself), which
+addresses it listens on, and its log level.
+
+Loading either checks every field and raises :class:`~ehrnode.errors.ConfigError`
+with one line naming the file and the field, so ``ehrnode run`` can refuse a
+bad configuration before it opens anything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from . import codec, crypto
+from .consensus.types import ValidatorSet
+from .errors import ConfigError
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+ROLES = ("institution", "regulator")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: Any, where: str) -> Address:
+        if not isinstance(text, str) or ":" not in text:
+            raise ConfigError(f"{where}: expected HOST:PORT, got {text!r}")
+        host, _, port = text.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{where}: expected HOST:PORT with a port in 1..65535, got {text!r}")
+        return cls(host.strip("[]"), int(port))
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    role: str
+    signing_key: bytes
+    sealing_key: bytes
+    address: Address
+
+
+@dataclass(frozen=True)
+class Genesis:
+    chain_id: str
+    members: tuple[Member, ...]
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        return {
+            "chain_id": self.chain_id,
+            "members": [
+                {"name": m.name, "role": m.role, "signing_key": m.signing_key.hex(),
+                 "sealing_key": m.sealing_key.hex(), "address": str(m.address)}
+                for m in self.members
+            ],
+        }
+
+    @cached_property
+    def hash(self) -> bytes:
+        """SHA-256 of the canonical encoding: equal for every member holding the same genesis."""
+        return crypto.sha256(codec.encode(self.to_toml_dict()))
+
+    @cached_property
+    def validators(self) -> ValidatorSet:
+        return ValidatorSet(self.chain_id, tuple(m.signing_key for m in self.members))
+
+    def member(self, name: str) -> Member:
+        for m in self.members:
+            if m.name == name:
+                return m
+        raise ConfigError(f"{name!r} is not a member of consortium {self.chain_id}")
+
+    def index(self, name: str) -> int:
+        return self.members.index(self.member(name))
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    path: Path
+    name: str
+    genesis_path: Path
+    data_dir: Path
+    signing_key_path: Path
+    sealing_key_path: Path
+    peer_listen: Address
+    api_listen: Address
+    log_level: str
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        def rel(p: Path) -> str:
+            return os.path.relpath(p, self.path.parent)
+
+        return {
+            "name": self.name,
+            "genesis": rel(self.genesis_path),
+            "data_dir": rel(self.data_dir),
+            "log_level": self.log_level,
+            "keys": {"signing": rel(self.signing_key_path), "sealing": rel(self.sealing_key_path)},
+            "peer": {"listen": str(self.peer_listen)},
+            "api": {"listen": str(self.api_listen)},
+        }
+
+
+def _read_toml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{what} {path} does not exist") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from exc
+
+
+def _field(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    if key not in table:
+        raise ConfigError(f"{where}: missing field {key!r}")
+    value = table[key]
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where}: field {key!r} must be a {kind.__name__}")
+    return value
+
+
+def _hex_key(text: str, where: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not hexadecimal") from exc
+    if len(raw) != 32:
+        raise ConfigError(f"{where}: expected a 32-byte key, got {len(raw)} bytes")
+    return raw
+
+
+def check_name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise ConfigError(f"{where}: member name {name!r} must be 1-32 letters, digits, '-' or '_'")
+    return name
+
+
+def parse_genesis(doc: dict[str, Any], where: str) -> Genesis:
+    chain_id = _field(doc, "chain_id", str, where)
+    if not 1 <= len(chain_id) <= 64:
+        raise ConfigError(f"{where}: chain_id must be 1-64 characters")
+    raw_members = _field(doc, "members", list, where)
+    if not raw_members:
+        raise ConfigError(f"{where}: no members")
+    members = []
+    for i, m in enumerate(raw_members):
+        at = f"{where} members[{i}]"
+        if not isinstance(m, dict):
+            raise ConfigError(f"{at}: expected a table")
+        role = _field(m, "role", str, at)
+        if role not in ROLES:
+            raise ConfigError(f"{at}: role must be one of {', '.join(ROLES)}, got {role!r}")
+        members.append(Member(
+            name=check_name(_field(m, "name", str, at), at),
+            role=role,
+            signing_key=_hex_key(_field(m, "signing_key", str, at), f"{at} signing_key"),
+            sealing_key=_hex_key(_field(m, "sealing_key", str, at), f"{at} sealing_key"),
+            address=Address.parse(_field(m, "address", str, at), f"{at} address"),
+        ))
+    for attr in ("name", "signing_key", "sealing_key"):
+        values = [getattr(m, attr) for m in members]
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{where}: two members share a {attr.replace('_', ' ')}")
+    return Genesis(chain_id, tuple(members))
+
+
+def load_genesis(path: Path) -> Genesis:
+    path = Path(path)
+    return parse_genesis(_read_toml(path, "genesis file"), str(path))
+
+
+def load_node_config(path: Path) -> NodeConfig:
+    path = Path(path)
+    doc = _read_toml(path, "node config")
+    where = str(path)
+    base = path.parent
+
+    def resolve(value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else (base / p)
+
+    keys = _field(doc, "keys", dict, where)
+    peer = _field(doc, "peer", dict, where)
+    api = _field(doc, "api", dict, where)
+    level = doc.get("log_level", "info")
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{where}: log_level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    return NodeConfig(
+        path=path,
+        name=check_name(_field(doc, "name", str, where), where),
+        genesis_path=resolve(_field(doc, "genesis", str, where)),
+        data_dir=resolve(_field(doc, "data_dir", str, where)),
+        signing_key_path=resolve(_field(keys, "signing", str, f"{where} [keys]")),
+        sealing_key_path=resolve(_field(keys, "sealing", str, f"{where} [keys]")),
+        peer_listen=Address.parse(_field(peer, "listen", str, f"{where} [peer]"), f"{where} [peer] listen"),
+        api_listen=Address.parse(_field(api, "listen", str, f"{where} [api]"), f"{where} [api] listen"),
+        log_level=level,
+    )

@@ -1,0 +1,79 @@
+"""Setting up a consortium: keys for every member, the shared genesis, each node's config.
+
+``init_consortium`` writes, under one directory::
+
+    genesis.toml              public: chain id, members, public keys, peer addresses
+    <name>/node.toml          that member's node configuration (paths relative to itself)
+    <name>/keys/signing.pem   Ed25519 private key, mode 0600
+    <name>/keys/sealing.pem   X25519 private key, mode 0600
+
+In a real deployment each institution generates its own keys on its own
+machine and sends only the public half; this command is for a consortium whose
+members are all set up from one place (a test bed, the demo, a pilot).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+
+import tomli_w
+
+from . import crypto
+from .config import Address, Genesis, Member, NodeConfig, check_name
+from .errors import ConfigError
+
+GENESIS_FILE = "genesis.toml"
+NODE_FILE = "node.toml"
+API_PORT_OFFSET = 100
+
+
+def init_consortium(
+    directory: Path, institutions: Sequence[str], regulator: str, *, host: str = "127.0.0.1", base_port: int = 7100,
+) -> Genesis:
+    """Create keys and configuration for every member; refuses to overwrite anything that exists."""
+    directory = Path(directory)
+    names = [check_name(n, "--institutions") for n in institutions] + [check_name(regulator, "--regulator")]
+    if not institutions:
+        raise ConfigError("a consortium needs at least one institution")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"member names must be distinct: {', '.join(names)}")
+    if not 0 < base_port or base_port + API_PORT_OFFSET + len(names) > 65535:
+        raise ConfigError(f"--base-port {base_port} leaves no room for {len(names)} peer and API ports")
+    existing = [p for p in [directory / GENESIS_FILE] + [directory / n for n in names] if p.exists()]
+    if existing:
+        raise ConfigError(f"refusing to overwrite existing {existing[0]} (keys are never replaced)")
+
+    directory.mkdir(parents=True, exist_ok=True)
+    members = []
+    configs = []
+    for i, name in enumerate(names):
+        keys = directory / name / "keys"
+        keys.mkdir(parents=True, mode=0o700)
+        os.chmod(keys, 0o700)
+        identity, sealing = crypto.Identity.generate(), crypto.SealingKey.generate()
+        identity.save(keys / "signing.pem")
+        sealing.save(keys / "sealing.pem")
+        peer = Address(host, base_port + i)
+        members.append(Member(
+            name, "regulator" if name == regulator else "institution", identity.public_key, sealing.public_key, peer,
+        ))
+        node_path = directory / name / NODE_FILE
+        configs.append(NodeConfig(
+            path=node_path, name=name, genesis_path=directory / GENESIS_FILE, data_dir=directory / name / "data",
+            signing_key_path=keys / "signing.pem", sealing_key_path=keys / "sealing.pem",
+            peer_listen=peer, api_listen=Address("127.0.0.1", base_port + API_PORT_OFFSET + i), log_level="info",
+        ))
+    genesis = Genesis(f"ehrnode-{secrets.token_hex(8)}", tuple(members))
+    _write_toml(directory / GENESIS_FILE, genesis.to_toml_dict(),
+                "# Consortium genesis: public keys and addresses only. Identical at every member.\n")
+    for config in configs:
+        # Paths are written relative to node.toml, so the directory can move as a whole.
+        _write_toml(config.path, config.to_toml_dict(), f"# ehrnode node configuration for {config.name}\n")
+    return genesis
+
+
+def _write_toml(path: Path, doc: dict, header: str) -> None:
+    path.write_text(header + tomli_w.dumps(doc), encoding="utf-8")

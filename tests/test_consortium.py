@@ -1,0 +1,96 @@
+import json
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from ehrnode import crypto
+from ehrnode.config import load_genesis, load_node_config
+from ehrnode.consortium import init_consortium
+from ehrnode.errors import ConfigError
+
+
+def test_init_writes_private_keys_public_genesis_and_relative_node_configs(tmp_path):
+    genesis = init_consortium(tmp_path / "c", ["A", "B", "C"], "R", base_port=17100)
+    assert [m.name for m in genesis.members] == ["A", "B", "C", "R"]
+    assert [m.role for m in genesis.members] == ["institution"] * 3 + ["regulator"]
+    assert genesis.validators.n == 4 and genesis.validators.f == 1
+    for i, member in enumerate(genesis.members):
+        node_dir = tmp_path / "c" / member.name
+        for key in ("signing.pem", "sealing.pem"):
+            assert stat.S_IMODE((node_dir / "keys" / key).stat().st_mode) == 0o600
+        assert stat.S_IMODE((node_dir / "keys").stat().st_mode) == 0o700
+        config = load_node_config(node_dir / "node.toml")
+        assert config.name == member.name and config.peer_listen.port == 17100 + i
+        assert config.api_listen.port == 17200 + i
+        assert load_genesis(config.genesis_path).hash == genesis.hash
+        assert crypto.Identity.load(config.signing_key_path).public_key == member.signing_key
+        assert crypto.SealingKey.load(config.sealing_key_path).public_key == member.sealing_key
+    assert "PRIVATE" not in (tmp_path / "c" / "genesis.toml").read_text()
+    # The directory can move: every path in node.toml is relative to it.
+    (tmp_path / "c").rename(tmp_path / "moved")
+    assert load_node_config(tmp_path / "moved" / "A" / "node.toml").signing_key_path.exists()
+
+
+def test_init_never_overwrites_existing_keys(tmp_path):
+    init_consortium(tmp_path, ["A"], "R")
+    before = (tmp_path / "A" / "keys" / "signing.pem").read_bytes()
+    with pytest.raises(ConfigError, match="refusing to overwrite"):
+        init_consortium(tmp_path, ["A"], "R")
+    assert (tmp_path / "A" / "keys" / "signing.pem").read_bytes() == before
+
+
+@pytest.mark.parametrize("institutions, regulator, message", [
+    (["A", "A"], "R", "distinct"),
+    (["A"], "A", "distinct"),
+    (["bad name"], "R", "member name"),
+    ([], "R", "at least one institution"),
+])
+def test_init_refuses_bad_member_lists(tmp_path, institutions, regulator, message):
+    with pytest.raises(ConfigError, match=message):
+        init_consortium(tmp_path / "c", institutions, regulator)
+    assert not (tmp_path / "c").exists()
+
+
+def test_config_errors_name_the_file_and_field(tmp_path):
+    init_consortium(tmp_path, ["A"], "R")
+    node = tmp_path / "A" / "node.toml"
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_node_config(tmp_path / "nope.toml")
+    node.write_text(node.read_text().replace('listen = "127.0.0.1:7100"', 'listen = "127.0.0.1:99999"'))
+    with pytest.raises(ConfigError, match=r"\[peer\] listen"):
+        load_node_config(node)
+    node.write_text("name = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_node_config(node)
+    genesis = tmp_path / "genesis.toml"
+    genesis.write_text(genesis.read_text().replace('role = "regulator"', 'role = "king"'))
+    with pytest.raises(ConfigError, match="role must be one of"):
+        load_genesis(genesis)
+
+
+def test_genesis_refuses_a_key_listed_twice(tmp_path):
+    init_consortium(tmp_path, ["A", "B"], "R")
+    genesis = tmp_path / "genesis.toml"
+    text = genesis.read_text()
+    a_key = load_genesis(genesis).members[0].signing_key.hex()
+    b_key = load_genesis(genesis).members[1].signing_key.hex()
+    genesis.write_text(text.replace(b_key, a_key))
+    with pytest.raises(ConfigError, match="share a signing key"):
+        load_genesis(genesis)
+
+
+def test_cli_consortium_init(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "ehrnode.cli", "consortium", "init", str(tmp_path / "c"), "--institutions", "A,B,C",
+         "--regulator", "R", "--base-port", "18100", "--json"], capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert [m["name"] for m in doc["members"]] == ["A", "B", "C", "R"]
+    again = subprocess.run(
+        [sys.executable, "-m", "ehrnode.cli", "consortium", "init", str(tmp_path / "c"), "--institutions", "A,B,C",
+         "--regulator", "R"], capture_output=True, text=True,
+    )
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr and again.stderr.count("\n") == 1
