@@ -62,3 +62,15 @@ class ConfigError(EhrnodeError):
     """A configuration or genesis file is missing or wrong."""
 
     reason = "config"
+
+
+class ProtocolError(EhrnodeError):
+    """A peer or client broke the wire protocol (handshake, framing, message order)."""
+
+    reason = "protocol"
+
+
+class AdmissionError(EhrnodeError):
+    """A transaction the mempool will not take: ``reason`` says why (``mempool_full``, ``duplicate``, ...)."""
+
+    reason = "rejected"

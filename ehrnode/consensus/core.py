@@ -258,8 +258,14 @@ class ConsensusCore:
             if proposal.tc.round + 1 != block.round:
                 raise InvalidMessage("proposal: timeout certificate is not for the previous round", reason="tc_mismatch")
             proposal.tc.verify(self.vset)
-        if block.round > self.round + self.config.pacemaker.max_round_ahead:
-            raise InvalidMessage(f"proposal: round {block.round} too far ahead of {self.round}", reason="round_too_far")
+        entered_by = proposal.tc.round if proposal.tc is not None else block.qc.round  # type: ignore[union-attr]
+        if block.round != entered_by + 1:
+            # An honest leader proposes in the round right after the certificate it carries; any
+            # other round is unjustified, however far ahead (or behind) it is.
+            raise InvalidMessage(
+                f"proposal: round {block.round} does not follow its certificate's round {entered_by}",
+                reason="unjustified_round",
+            )
         # Certificates first: they may move us into the block's round.
         if proposal.tc is not None:
             self._process_tc(proposal.tc, now, actions)
@@ -307,7 +313,9 @@ class ConsensusCore:
         if vote.round + 1 < self.round:
             return  # stale: that round's certificate is no use any more
         if vote.round > self.round + self.config.pacemaker.max_round_ahead:
-            raise InvalidMessage(f"vote: round {vote.round} too far ahead of {self.round}", reason="round_too_far")
+            # We are far behind (or the voter lies): no use collecting it either way.
+            actions.append(Log("vote.dropped", {"round": vote.round, "reason": "round_too_far"}))
+            return
         vote.verify(self.vset)
         digest = vote.data.digest
         earlier = self._vote_digests.get((vote.round, vote.author))
@@ -436,8 +444,13 @@ class ConsensusCore:
 
     def _on_timeout(self, message: TimeoutMsg, now: float, actions: list[Action]) -> None:
         timeout = message.timeout
-        if timeout.round > self.round + self.config.pacemaker.max_round_ahead:
-            raise InvalidMessage(f"timeout: round {timeout.round} too far ahead of {self.round}", reason="round_too_far")
+        justified = max(timeout.high_qc.round, message.high_tc.round if message.high_tc else 0) + 1
+        if timeout.round > justified:
+            # An honest validator times out only of a round it entered by a certificate it sends along.
+            raise InvalidMessage(
+                f"timeout: round {timeout.round} is not justified by the certificates it carries (round {justified})",
+                reason="unjustified_round",
+            )
         timeout.verify(self.vset)
         if message.high_tc is not None:
             message.high_tc.verify(self.vset)

@@ -151,10 +151,14 @@ def test_invalid_messages_are_refused_with_a_reason_and_leave_safety_data_unchan
     dup = replace(qc1, signatures=(qc1.signatures[0],) * 3)
     assert invalid(core, 2, Proposal(f.block(2, dup))) == "duplicate_signer"
     assert invalid(core, 1, VoteMsg(replace(f.vote(b1, 3), signature=bytes(64)))) == "bad_signature"
-    far = replace(f.vote(b1, 3), data=replace(b1.vote_data(), round=10**12))
-    assert invalid(core, 3, VoteMsg(far)) == "round_too_far"
     t = f.timeout(10**12, qc1, 3)
-    assert invalid(core, 3, TimeoutMsg(t)) == "round_too_far"
+    assert invalid(core, 3, TimeoutMsg(t)) == "unjustified_round"
+    far_block = f.block(10**12, qc1)
+    assert invalid(core, far_block.author, Proposal(far_block)) == "unjustified_round"
+    # A vote far ahead is dropped (we may simply be behind), not stored.
+    far = f.vote(f.block(10**12, qc1), 3)
+    actions = core.on_message(3, VoteMsg(far), 0.0)
+    assert any(getattr(a, "event", "") == "vote.dropped" for a in actions)
     with pytest.raises(InvalidMessage) as err:
         core.on_message(99, VoteMsg(f.vote(b1, 3)), 0.0)
     assert err.value.reason == "unknown_signer"

@@ -1,0 +1,102 @@
+"""Transactions: what members submit to the chain, each signed by the submitting member.
+
+On the wire and in blocks a transaction is the canonical CBOR of
+``{"kind", "chain", "submitter", "time", "nonce", "body", "sig"}``; its id is the
+SHA-256 of exactly those bytes. The signature covers everything else, under a
+domain tag and the chain id, so a transaction cannot be replayed on another
+chain or as another kind of message. ``body`` is kind-specific and checked
+by the kind's own schema.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from .. import codec, crypto
+from ..codec import as_bytes, as_map, as_str, as_uint
+from ..errors import AdmissionError, CodecError, SchemaError
+
+TX_DOMAIN = "ehrnode/tx/v1"
+MAX_TX_BYTES = 64 * 1024
+NONCE_SIZE = 16
+
+
+def _note_body(body: Any) -> dict[str, Any]:
+    m = as_map(body, "note", ("text",))
+    as_str(m["text"], "note.text", max_len=4096)
+    return dict(m)
+
+
+#: Each kind's body schema: a function that raises SchemaError or returns the checked body.
+KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {"note": _note_body}
+
+
+@dataclass(frozen=True)
+class Transaction:
+    kind: str
+    chain_id: str
+    submitter: str
+    time: int
+    nonce: bytes
+    body: dict[str, Any]
+    signature: bytes
+
+    def _unsigned(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "chain": self.chain_id, "submitter": self.submitter, "time": self.time,
+            "nonce": self.nonce, "body": self.body,
+        }
+
+    @cached_property
+    def encoded(self) -> bytes:
+        wire = self._unsigned()
+        wire["sig"] = self.signature
+        return codec.encode(wire)
+
+    @cached_property
+    def id(self) -> bytes:
+        return crypto.sha256(self.encoded)
+
+    @classmethod
+    def create(
+        cls, kind: str, body: dict[str, Any], *, chain_id: str, submitter: str, identity: crypto.Identity,
+        time_ms: int, nonce: bytes | None = None,
+    ) -> Transaction:
+        unsigned = cls(kind, chain_id, submitter, time_ms, nonce or os.urandom(NONCE_SIZE), KINDS[kind](body), b"")
+        signature = identity.sign(crypto.signing_bytes(TX_DOMAIN, unsigned._unsigned()))
+        return cls(unsigned.kind, chain_id, submitter, time_ms, unsigned.nonce, unsigned.body, signature)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Transaction:
+        """Strictly decode ``data`` (raises CodecError/SchemaError)."""
+        if len(data) > MAX_TX_BYTES:
+            raise CodecError(f"transaction of {len(data)} bytes exceeds {MAX_TX_BYTES}", reason="too_large")
+        m = as_map(codec.decode(data, max_size=MAX_TX_BYTES), "transaction",
+                   ("kind", "chain", "submitter", "time", "nonce", "body", "sig"))
+        kind = as_str(m["kind"], "transaction.kind", max_len=32)
+        if kind not in KINDS:
+            raise SchemaError(f"transaction.kind: unknown kind {kind!r}")
+        return cls(
+            kind,
+            as_str(m["chain"], "transaction.chain", max_len=64),
+            as_str(m["submitter"], "transaction.submitter", max_len=32),
+            as_uint(m["time"], "transaction.time"),
+            as_bytes(m["nonce"], "transaction.nonce", size=NONCE_SIZE),
+            KINDS[kind](m["body"]),
+            as_bytes(m["sig"], "transaction.sig", size=crypto.SIGNATURE_SIZE),
+        )
+
+    def check_signature(self, public_key: bytes) -> None:
+        if not crypto.verify(public_key, crypto.signing_bytes(TX_DOMAIN, self._unsigned()), self.signature):
+            raise AdmissionError(f"transaction {self.id.hex()[:16]}: bad signature", reason="bad_signature")
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON view of a transaction (for the API and the CLI)."""
+        return {
+            "id": self.id.hex(), "kind": self.kind, "submitter": self.submitter, "time": self.time,
+            "body": self.body,
+        }

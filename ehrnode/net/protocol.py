@@ -1,0 +1,166 @@
+"""The peer wire protocol: frames and the authenticated handshake.
+
+Every websocket message between peers is one frame, the canonical CBOR of
+``{"type": NAME, "body": ...}``, at most :data:`MAX_FRAME_BYTES`, decoded
+strictly. Frame types:
+
+``hello``      the dialer's protocol version, chain id, genesis hash, name and a fresh nonce
+``welcome``    the listener's own hello, plus its signature over the transcript
+``auth``       the dialer's signature over the transcript
+``consensus``  one consensus message (its own canonical bytes)
+``tx``         one signed transaction (its own canonical bytes)
+
+Handshake: the transcript is (genesis hash, dialer name, listener name,
+dialer nonce, listener nonce). Each side signs it under its own role tag with
+the Ed25519 key genesis lists for its name, so only genesis members get in,
+each side proves it holds its key, and nothing recorded from an earlier
+handshake verifies again (the other side's nonce is fresh).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .. import codec, crypto
+from ..codec import as_bytes, as_map, as_str, as_uint
+from ..config import Genesis
+from ..errors import CodecError, ProtocolError, SchemaError
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 8 * 1024 * 1024
+NONCE_SIZE = 32
+HANDSHAKE_DOMAIN = "ehrnode/handshake/v1"
+
+
+@dataclass(frozen=True)
+class Hello:
+    version: int
+    chain_id: str
+    genesis_hash: bytes
+    name: str
+    nonce: bytes
+
+    @classmethod
+    def fresh(cls, genesis: Genesis, name: str) -> Hello:
+        return cls(PROTOCOL_VERSION, genesis.chain_id, genesis.hash, name, os.urandom(NONCE_SIZE))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"version": self.version, "chain": self.chain_id, "genesis": self.genesis_hash, "name": self.name,
+                "nonce": self.nonce}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Hello:
+        m = as_map(value, "hello", ("version", "chain", "genesis", "name", "nonce"))
+        return cls(
+            as_uint(m["version"], "hello.version"),
+            as_str(m["chain"], "hello.chain", max_len=64),
+            as_bytes(m["genesis"], "hello.genesis", size=32),
+            as_str(m["name"], "hello.name", max_len=32),
+            as_bytes(m["nonce"], "hello.nonce", size=NONCE_SIZE),
+        )
+
+    def check_against(self, genesis: Genesis) -> None:
+        """Same protocol, same chain, same genesis, a member's name; else ProtocolError."""
+        if self.version != PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {self.version}, this node speaks {PROTOCOL_VERSION}",
+                                reason="version")
+        if self.chain_id != genesis.chain_id:
+            raise ProtocolError(f"peer is on chain {self.chain_id!r}, not {genesis.chain_id!r}", reason="wrong_chain")
+        if self.genesis_hash != genesis.hash:
+            raise ProtocolError("peer has a different genesis", reason="wrong_genesis")
+        if all(m.name != self.name for m in genesis.members):
+            raise ProtocolError(f"{self.name!r} is not a consortium member", reason="unknown_member")
+
+
+@dataclass(frozen=True)
+class Welcome:
+    hello: Hello
+    signature: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"hello": self.hello.to_wire(), "sig": self.signature}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Welcome:
+        m = as_map(value, "welcome", ("hello", "sig"))
+        return cls(Hello.from_wire(m["hello"]), as_bytes(m["sig"], "welcome.sig", size=crypto.SIGNATURE_SIZE))
+
+
+@dataclass(frozen=True)
+class Auth:
+    signature: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"sig": self.signature}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Auth:
+        m = as_map(value, "auth", ("sig",))
+        return cls(as_bytes(m["sig"], "auth.sig", size=crypto.SIGNATURE_SIZE))
+
+
+@dataclass(frozen=True)
+class ConsensusFrame:
+    data: bytes
+
+    def to_wire(self) -> bytes:
+        return self.data
+
+    @classmethod
+    def from_wire(cls, value: Any) -> ConsensusFrame:
+        return cls(as_bytes(value, "consensus", max_len=MAX_FRAME_BYTES))
+
+
+@dataclass(frozen=True)
+class TxFrame:
+    data: bytes
+
+    def to_wire(self) -> bytes:
+        return self.data
+
+    @classmethod
+    def from_wire(cls, value: Any) -> TxFrame:
+        return cls(as_bytes(value, "tx", max_len=MAX_FRAME_BYTES))
+
+
+Frame = Hello | Welcome | Auth | ConsensusFrame | TxFrame
+_BY_NAME: dict[str, Any] = {"hello": Hello, "welcome": Welcome, "auth": Auth, "consensus": ConsensusFrame, "tx": TxFrame}
+_NAMES = {cls: name for name, cls in _BY_NAME.items()}
+
+
+def encode_frame(frame: Frame) -> bytes:
+    return codec.encode({"type": _NAMES[type(frame)], "body": frame.to_wire()})
+
+
+def decode_frame(data: bytes | str) -> Frame:
+    """Strictly decode one frame (raises ProtocolError naming what was wrong)."""
+    if isinstance(data, str):
+        raise ProtocolError("text frame on a binary protocol", reason="text_frame")
+    try:
+        envelope = as_map(codec.decode(data, max_size=MAX_FRAME_BYTES), "frame", ("type", "body"))
+        name = as_str(envelope["type"], "frame.type", max_len=16)
+        cls = _BY_NAME.get(name)
+        if cls is None:
+            raise SchemaError(f"unknown frame type {name!r}")
+        return cls.from_wire(envelope["body"])
+    except CodecError as exc:
+        raise ProtocolError(f"bad frame: {exc}", reason=f"bad_frame:{exc.reason}") from exc
+
+
+def transcript(genesis: Genesis, dialer: Hello, listener: Hello, role: str) -> bytes:
+    return crypto.signing_bytes(HANDSHAKE_DOMAIN, [
+        role, genesis.hash, dialer.name, listener.name, dialer.nonce, listener.nonce,
+    ])
+
+
+def sign_transcript(identity: crypto.Identity, genesis: Genesis, dialer: Hello, listener: Hello, role: str) -> bytes:
+    return identity.sign(transcript(genesis, dialer, listener, role))
+
+
+def check_transcript(genesis: Genesis, dialer: Hello, listener: Hello, role: str, signature: bytes) -> None:
+    signer = dialer.name if role == "dialer" else listener.name
+    key = genesis.member(signer).signing_key
+    if not crypto.verify(key, transcript(genesis, dialer, listener, role), signature):
+        raise ProtocolError(f"{signer!r} did not prove it holds its genesis key", reason="bad_signature")
