@@ -120,6 +120,103 @@ def cmd_consortium_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_path(args: argparse.Namespace) -> Path:
+    path = args.config or os.environ.get("EHRNODE_CONFIG")
+    if not path:
+        raise UsageError("no node configuration: pass --config PATH or set EHRNODE_CONFIG")
+    return Path(path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import trio
+
+    from . import logs
+    from .config import load_node_config
+    from .node import Node
+
+    config = load_node_config(_config_path(args))
+    logs.configure(config.log_level)
+    node = Node(config)
+    try:
+        trio.run(_serve_until_signalled, node)
+    except OSError as exc:
+        raise UsageError(f"cannot listen: {exc.strerror or exc}") from exc
+    return 0
+
+
+async def _serve_until_signalled(node: object) -> None:
+    import signal
+
+    import trio
+
+    from .node import Node
+
+    assert isinstance(node, Node)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            async for signum in signals:
+                node.log.info("node.stopping", signal=signal.Signals(signum).name)
+                break
+            await node.shutdown()
+            nursery.cancel_scope.cancel()
+
+
+def _call(args: argparse.Namespace, method: str, **params: object) -> object:
+    import trio
+
+    from .client import ApiClient
+    from .config import load_node_config
+
+    config = load_node_config(_config_path(args))
+
+    async def go() -> object:
+        async with ApiClient.connect(config) as client:
+            return await client.call(method, **params)
+
+    return trio.run(go)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _call(args, "status")
+    assert isinstance(status, dict)
+    if args.json:
+        print(json.dumps(status))
+    else:
+        print(f"node {status['node']}  height {status['height']}  round {status['round']}  "
+              f"mempool {status['mempool']}")
+        print(f"head {status['head']}")
+        print(f"peers {', '.join(status['peers']) or '(none)'}")
+    return 0
+
+
+def cmd_block_get(args: argparse.Namespace) -> int:
+    params = {} if args.height is None else {"height": args.height}
+    block = _call(args, "block.get", **params)
+    assert isinstance(block, dict)
+    if args.json:
+        print(json.dumps(block))
+    else:
+        print(f"height {block['height']}  round {block['round']}  author {block.get('author')}")
+        print(f"id     {block['id']}")
+        print(f"parent {block['parent']}")
+        for tx in block["txs"]:
+            print(f"  {tx['id'][:16]}  {tx['kind']:<8} {tx.get('submitter', '')}  {json.dumps(tx.get('body', {}))}")
+    return 0
+
+
+def cmd_tx_submit(args: argparse.Namespace) -> int:
+    result = _call(args, "tx.submit", note=args.note, wait=args.wait, timeout=args.timeout)
+    assert isinstance(result, dict)
+    if args.json:
+        print(json.dumps(result))
+    elif result["height"] is None:
+        print(f"submitted {result['tx_id']}")
+    else:
+        print(f"committed {result['tx_id']} at height {result['height']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ehrnode", description="Consortium-chain node for sharing patient records.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +236,31 @@ def build_parser() -> argparse.ArgumentParser:
                       help="first peer port (members take consecutive ports; API ports start 100 higher)")
     init.add_argument("--json", action="store_true", help="print one JSON document")
     init.set_defaults(func=cmd_consortium_init)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", help="node.toml (default: $EHRNODE_CONFIG)")
+        return p
+
+    run = with_config(commands.add_parser("run", help="run the node in the foreground until SIGTERM or SIGINT"))
+    run.set_defaults(func=cmd_run)
+
+    status = with_config(commands.add_parser("status", help="height, head, round, peers and mempool of a node"))
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    block = commands.add_parser("block", help="committed blocks").add_subparsers(dest="block_command", required=True)
+    get = with_config(block.add_parser("get", help="a committed block (default: the head)"))
+    get.add_argument("--height", type=_non_negative)
+    get.add_argument("--json", action="store_true")
+    get.set_defaults(func=cmd_block_get)
+
+    tx = commands.add_parser("tx", help="transactions").add_subparsers(dest="tx_command", required=True)
+    submit = with_config(tx.add_parser("submit", help="submit a signed note transaction"))
+    submit.add_argument("--note", required=True, help="the note's text")
+    submit.add_argument("--wait", action="store_true", help="wait until it is committed and print its height")
+    submit.add_argument("--timeout", type=float, default=30.0, help="seconds to wait with --wait")
+    submit.add_argument("--json", action="store_true")
+    submit.set_defaults(func=cmd_tx_submit)
 
     sim = commands.add_parser(
         "sim", help="run seeded fault scenarios against the consensus core on a virtual clock",

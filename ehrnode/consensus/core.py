@@ -100,7 +100,8 @@ class CoreConfig:
     pacemaker: PacemakerConfig = field(default_factory=PacemakerConfig)
     max_block_txs: int = 500
     max_pending_txs: int = 100_000
-    #: A leader waits this long after its parent's timestamp before proposing an empty block.
+    #: A leader with nothing to commit (no pending transactions, none in uncommitted blocks) waits
+    #: this long after its parent's timestamp before proposing an empty block.
     empty_block_delay: float = 0.0
     #: Blocks fetched by sync but not yet linked to the tree (bounds memory while far behind).
     max_orphans: int = 20_000
@@ -400,7 +401,7 @@ class ConsensusCore:
                 return  # not entered by a certificate for the previous round: nothing to extend safely
             tc = self.high_tc
         parent = self.tree.get(self.high_qc.block_id)
-        if not self._pending_txs and self.config.empty_block_delay > 0:
+        if not self._pending_txs and self.config.empty_block_delay > 0 and not self._uncommitted_payload(parent):
             ready_at = (parent.timestamp / 1000 if parent else 0.0) + self.config.empty_block_delay
             if now < ready_at:
                 self._propose_at = ready_at
@@ -415,6 +416,12 @@ class ConsensusCore:
         actions.append(Broadcast(proposal))
         actions.append(Log("block.proposed", {"round": round_, "height": block.height, "txs": len(block.payload)}))
         self._on_proposal(self.index, proposal, now, actions)
+
+    def _uncommitted_payload(self, parent: Block | None) -> bool:
+        """Whether a block between the root and ``parent`` carries transactions still to commit."""
+        if parent is None:
+            return True  # we lack the parent: assume it matters, propose without delay
+        return any(block.payload for block in self.tree.branch(parent.id))
 
     def _take_payload(self, parent: Block | None) -> list[bytes]:
         if not self._pending_txs:

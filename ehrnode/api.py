@@ -1,0 +1,189 @@
+"""The local API: JSON-RPC 2.0 over a websocket on loopback, for the CLI and the hospital's systems.
+
+A client proves it may talk to the node with the bearer token kept in
+``<data_dir>/api.token`` (created 0600 on first start): the websocket opening
+request must carry ``Authorization: Bearer <token>``, or it is refused with
+HTTP 401 before any JSON is read. Methods:
+
+``status``            ``{"node", "height", "head", "round", "peers", "mempool", ...}``
+``tx.submit``         ``{"note": TEXT, "wait": bool, "timeout": seconds}`` -> ``{"tx_id", "height"}``
+``block.get``         ``{"height": H}`` (default: the head) -> ``{"height", "id", "parent", "round", "txs"}``
+``blocks.subscribe``  then one ``block.committed`` notification per committed block
+
+Errors follow JSON-RPC: -32700 parse error, -32600 invalid request, -32601
+unknown method, -32602 bad params, -32000 refused by the node (``data.reason``
+says why, e.g. ``mempool_full``). A bad request gets an error; the connection
+stays open.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed
+
+from .crypto import write_secret_file
+from .errors import AdmissionError, CryptoError
+from .logs import get_logger
+
+if TYPE_CHECKING:
+    from .node import Node
+
+TOKEN_FILE = "api.token"
+MAX_REQUEST_BYTES = 1 << 20
+MAX_WAIT = 120.0
+
+
+class RpcError(Exception):
+    def __init__(self, code: int, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+def ensure_token(data_dir: Path) -> str:
+    """The node's API token, created (0600) if there is none yet."""
+    path = Path(data_dir) / TOKEN_FILE
+    if not path.exists():
+        try:
+            write_secret_file(path, secrets.token_hex(32).encode())
+        except CryptoError:
+            pass  # created concurrently by another start: read theirs
+    return path.read_text().strip()
+
+
+def read_token(data_dir: Path) -> str:
+    path = Path(data_dir) / TOKEN_FILE
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise CryptoError(f"cannot read API token {path}: {exc.strerror} (has the node been started?)") from exc
+
+
+class ApiServer:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.token = ensure_token(node.config.data_dir)
+        self.log = get_logger(node=node.name)
+        self.denied = 0
+
+    async def serve(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, self._connection, port, host=host))
+            self.log.info("api.listening", address=f"{host}:{port}")
+            task_status.started(listeners)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(10):
+                    request = await trio_websocket.wrap_server_stream(
+                        nursery, stream, max_message_size=MAX_REQUEST_BYTES, message_queue_size=4,
+                    )
+                    if not self._authorized(request.headers):
+                        self.denied += 1
+                        self.log.warning("api.denied", reason="bad_token")
+                        await request.reject(401, body=b"missing or wrong API token\n")
+                        nursery.cancel_scope.cancel()
+                        return
+                    ws = await request.accept()
+                await self._session(ws, nursery)
+                nursery.cancel_scope.cancel()
+        except trio.Cancelled:
+            raise
+        except (ConnectionClosed, trio.TooSlowError, trio_websocket.HandshakeError, OSError):
+            pass
+        except Exception as exc:  # noqa: BLE001 - one client's failure must not stop the API
+            self.log.warning("api.error", error=repr(exc))
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        for key, value in headers:
+            if key.lower() == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.token)
+        return False
+
+    async def _session(self, ws: trio_websocket.WebSocketConnection, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                raw = await ws.get_message()
+            except ConnectionClosed:
+                return
+            reply = await self._dispatch(raw, ws, nursery)
+            if reply is not None:
+                await ws.send_message(json.dumps(reply))
+
+    async def _dispatch(self, raw: str | bytes, ws: Any, nursery: trio.Nursery) -> dict[str, Any] | None:
+        request_id: Any = None
+        try:
+            try:
+                request = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise RpcError(-32700, f"parse error: {exc}") from exc
+            if not isinstance(request, dict) or request.get("jsonrpc") != "2.0" or not isinstance(
+                request.get("method"), str
+            ):
+                raise RpcError(-32600, "invalid request: expected a JSON-RPC 2.0 object with a method")
+            request_id = request.get("id")
+            params = request.get("params", {})
+            if not isinstance(params, dict):
+                raise RpcError(-32602, "params must be an object")
+            result = await self._call(request["method"], params, ws, nursery)
+        except RpcError as exc:
+            error: dict[str, Any] = {"code": exc.code, "message": str(exc)}
+            if exc.reason:
+                error["data"] = {"reason": exc.reason}
+            return {"jsonrpc": "2.0", "id": request_id, "error": error}
+        return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+    async def _call(self, method: str, params: dict[str, Any], ws: Any, nursery: trio.Nursery) -> Any:
+        node = self.node
+        if method == "status":
+            return node.status()
+        if method == "block.get":
+            height = params.get("height")
+            if height is not None and (not isinstance(height, int) or isinstance(height, bool) or height < 0):
+                raise RpcError(-32602, "height must be a non-negative integer")
+            block = node.block_view(height)
+            if block is None:
+                raise RpcError(-32000, f"no committed block at height {height}", reason="not_found")
+            return block
+        if method == "tx.submit":
+            note = params.get("note")
+            if not isinstance(note, str):
+                raise RpcError(-32602, "note must be a string")
+            timeout = params.get("timeout", 30.0)
+            if not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_WAIT:
+                raise RpcError(-32602, f"timeout must be in (0, {MAX_WAIT}] seconds")
+            try:
+                tx = node.submit_note(note)
+            except AdmissionError as exc:
+                raise RpcError(-32000, str(exc), reason=exc.reason) from exc
+            height = await node.wait_committed(tx.id, float(timeout)) if params.get("wait") else None
+            if params.get("wait") and height is None:
+                raise RpcError(-32000, f"transaction {tx.id.hex()} not committed within {timeout} s",
+                               reason="timeout")
+            return {"tx_id": tx.id.hex(), "height": height}
+        if method == "blocks.subscribe":
+            channel = node.subscribe()
+            nursery.start_soon(self._forward, channel, ws)
+            return {"subscribed": "block.committed"}
+        raise RpcError(-32601, f"unknown method {method!r}")
+
+    async def _forward(self, channel: trio.MemoryReceiveChannel[dict[str, Any]], ws: Any) -> None:
+        async with channel:
+            try:
+                async for note in channel:
+                    await ws.send_message(json.dumps({"jsonrpc": "2.0", "method": "block.committed", "params": note}))
+            except ConnectionClosed:
+                return

@@ -1,0 +1,311 @@
+"""Authenticated websocket connections to the other consortium members.
+
+Theory of operation
+-------------------
+Each pair of members keeps one connection, dialed by the member whose name
+sorts first; the other side only listens. A member that reconnects (after a
+crash or a network cut) replaces its old connection: the newest authenticated
+connection for a name wins, the old one is closed. That resolves duplicates the
+same way on both sides without any negotiation.
+
+The listener is ``trio.serve_tcp`` with one handler per TCP connection, and
+each handler wraps its stream in a websocket itself and catches everything but
+cancellation: a peer that sends garbage, fails the handshake or crashes its
+handler closes that connection only, never the listener.
+
+Every connection has a bounded send queue drained by its own writer task. When
+a peer is slow or gone the queue fills and further frames to it are dropped
+(and counted): consensus re-sends what matters (timeouts, sync requests), and
+no peer can stall the node. Received frames are decoded strictly; a bad frame
+closes the connection with a logged reason.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+from collections.abc import Callable
+from typing import Any
+
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed, HandshakeError as WsHandshakeError
+
+from .. import crypto
+from ..config import Genesis
+from ..errors import ProtocolError
+from ..logs import get_logger
+from .protocol import (
+    MAX_FRAME_BYTES, Auth, Frame, Hello, Welcome, check_transcript, decode_frame, encode_frame, sign_transcript,
+)
+
+HANDSHAKE_TIMEOUT = 10.0
+SEND_QUEUE = 1024
+RECEIVE_BUFFER = 65536
+#: Websocket close codes: 1000 normal, 1001 going away, 1002 protocol error, 1008 policy violation.
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL = 1002
+CLOSE_POLICY = 1008
+
+FrameHandler = Callable[[str, Frame], None]
+
+
+class Peer:
+    """One authenticated connection to member ``name``."""
+
+    def __init__(self, name: str, ws: trio_websocket.WebSocketConnection, dialed: bool) -> None:
+        self.name = name
+        self.ws = ws
+        self.dialed = dialed
+        self.dropped = 0
+        self.sent = 0
+        self.kicked: str | None = None
+        self.scope: trio.CancelScope | None = None
+        self._send, self._queue = trio.open_memory_channel[bytes](SEND_QUEUE)
+
+    def kick(self, reason: str) -> None:
+        """Drop this connection (from any task): the peer sent something it must not."""
+        self.kicked = reason
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def send(self, data: bytes) -> bool:
+        """Queue ``data``; False (and counted) when the queue is full or closed."""
+        try:
+            self._send.send_nowait(data)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            self.dropped += 1
+            return False
+        return True
+
+    async def writer(self) -> None:
+        async for data in self._queue:
+            await self.ws.send_message(data)
+            self.sent += 1
+
+    async def close(self, code: int, reason: str) -> None:
+        self._send.close()
+        with trio.move_on_after(2):
+            await self.ws.aclose(code, reason[:120])
+
+
+class PeerNetwork:
+    def __init__(
+        self, genesis: Genesis, name: str, identity: crypto.Identity, on_frame: FrameHandler,
+        *, on_connect: Callable[[str], None] = lambda _n: None,
+    ) -> None:
+        self.genesis = genesis
+        self.name = name
+        self.identity = identity
+        self.on_frame = on_frame
+        self.on_connect = on_connect
+        self.peers: dict[str, Peer] = {}
+        self.rejected = 0
+        self.log = get_logger(node=name)
+        self._closing = False
+
+    # --- sending --------------------------------------------------------------------
+
+    def send(self, name: str, data: bytes) -> bool:
+        peer = self.peers.get(name)
+        return peer.send(data) if peer is not None else False
+
+    def broadcast(self, data: bytes) -> None:
+        for peer in list(self.peers.values()):
+            peer.send(data)
+
+    def connected(self) -> list[str]:
+        return sorted(self.peers)
+
+    def kick(self, name: str, reason: str) -> None:
+        peer = self.peers.get(name)
+        if peer is not None:
+            self.log.warning("peer.kicked", peer=name, reason=reason)
+            peer.kick(reason)
+
+    # --- running --------------------------------------------------------------------
+
+    async def serve(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen for peers; reports the bound listeners through ``task_status``."""
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, self._inbound, port, host=host))
+            self.log.info("peer.listening", address=f"{host}:{port}")
+            task_status.started(listeners)
+
+    async def dial_all(self) -> None:
+        """Keep a connection to every member whose name sorts after ours."""
+        async with trio.open_nursery() as nursery:
+            for member in self.genesis.members:
+                if member.name > self.name:
+                    nursery.start_soon(self._dial_forever, member.name, member.address.host, member.address.port)
+
+    async def close_all(self) -> None:
+        self._closing = True
+        for peer in list(self.peers.values()):
+            await peer.close(CLOSE_GOING_AWAY, "node shutting down")
+
+    async def _dial_forever(self, name: str, host: str, port: int) -> None:
+        backoff = 0.1
+        while True:
+            connected = False
+            try:
+                async with trio.open_nursery() as nursery:
+                    with trio.fail_after(HANDSHAKE_TIMEOUT):
+                        ws = await trio_websocket.connect_websocket(
+                            nursery, host, port, "/peer", use_ssl=False, max_message_size=MAX_FRAME_BYTES,
+                            message_queue_size=16, receive_buffer_size=RECEIVE_BUFFER,
+                        )
+                        await self._dialer_handshake(ws, name)
+                    connected = True
+                    backoff = 0.1
+                    await self._run(Peer(name, ws, dialed=True))
+                    nursery.cancel_scope.cancel()
+            except Exception as group:  # noqa: BLE001 - one peer's failure must not stop the others
+                exc = _unwrap(group)
+                if isinstance(exc, _DISCONNECTS):
+                    self.log.debug("peer.dial_failed", peer=name, error=str(exc) or type(exc).__name__)
+                elif isinstance(exc, ProtocolError):
+                    self.rejected += 1
+                    self.log.warning("peer.rejected", peer=name, reason=exc.reason, error=str(exc))
+                else:
+                    self.log.warning("peer.error", peer=name, error=repr(exc))
+            if connected:
+                self.log.info("peer.disconnected", peer=name)
+            # Jittered exponential backoff: peers restarting together do not dial in lockstep.
+            await trio.sleep(backoff * random.uniform(0.5, 1.5))
+            backoff = min(backoff * 2, 10.0)
+
+    async def _inbound(self, stream: trio.SocketStream) -> None:
+        remote = _remote(stream)
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    request = await trio_websocket.wrap_server_stream(
+                        nursery, stream, message_queue_size=16, max_message_size=MAX_FRAME_BYTES,
+                        receive_buffer_size=RECEIVE_BUFFER,
+                    )
+                    ws = await request.accept()
+                    try:
+                        name = await self._listener_handshake(ws)
+                    except ProtocolError as exc:
+                        self.rejected += 1
+                        self.log.warning("peer.rejected", remote=remote, reason=exc.reason, error=str(exc))
+                        await _close(ws, CLOSE_POLICY, exc.reason)
+                        nursery.cancel_scope.cancel()
+                        return
+                await self._run(Peer(name, ws, dialed=False))
+                nursery.cancel_scope.cancel()
+        except Exception as group:  # noqa: BLE001 - never let one connection take the listener down
+            exc = _unwrap(group)
+            if isinstance(exc, _DISCONNECTS):
+                self.log.debug("peer.inbound_closed", remote=remote, error=str(exc) or type(exc).__name__)
+            else:
+                self.log.warning("peer.error", remote=remote, error=repr(exc))
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+    # --- handshake ------------------------------------------------------------------
+
+    async def _dialer_handshake(self, ws: trio_websocket.WebSocketConnection, expected: str) -> None:
+        hello = Hello.fresh(self.genesis, self.name)
+        await ws.send_message(encode_frame(hello))
+        welcome = decode_frame(await ws.get_message())
+        if not isinstance(welcome, Welcome):
+            raise ProtocolError("expected a welcome frame", reason="unexpected_frame")
+        welcome.hello.check_against(self.genesis)
+        if welcome.hello.name != expected:
+            raise ProtocolError(f"dialed {expected!r} but {welcome.hello.name!r} answered", reason="wrong_peer")
+        check_transcript(self.genesis, hello, welcome.hello, "listener", welcome.signature)
+        await ws.send_message(encode_frame(Auth(sign_transcript(self.identity, self.genesis, hello, welcome.hello,
+                                                                "dialer"))))
+
+    async def _listener_handshake(self, ws: trio_websocket.WebSocketConnection) -> str:
+        hello = decode_frame(await ws.get_message())
+        if not isinstance(hello, Hello):
+            raise ProtocolError("expected a hello frame", reason="unexpected_frame")
+        hello.check_against(self.genesis)
+        if hello.name == self.name:
+            raise ProtocolError("a peer claims this node's own name", reason="own_name")
+        mine = Hello.fresh(self.genesis, self.name)
+        signature = sign_transcript(self.identity, self.genesis, hello, mine, "listener")
+        await ws.send_message(encode_frame(Welcome(mine, signature)))
+        auth = decode_frame(await ws.get_message())
+        if not isinstance(auth, Auth):
+            raise ProtocolError("expected an auth frame", reason="unexpected_frame")
+        check_transcript(self.genesis, hello, mine, "dialer", auth.signature)
+        return hello.name
+
+    # --- one connection -----------------------------------------------------------------
+
+    async def _run(self, peer: Peer) -> None:
+        old = self.peers.get(peer.name)
+        self.peers[peer.name] = peer
+        if old is not None:
+            self.log.info("peer.replaced", peer=peer.name)
+            await old.close(CLOSE_POLICY, "replaced by a newer connection")
+        self.log.info("peer.connected", peer=peer.name, dialed=peer.dialed)
+        self.on_connect(peer.name)
+        try:
+            with trio.CancelScope() as peer.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(peer.writer)
+                    await self._read(peer)
+                    nursery.cancel_scope.cancel()
+        finally:
+            if self.peers.get(peer.name) is peer:
+                del self.peers[peer.name]
+            with trio.CancelScope(shield=True):
+                if peer.kicked is not None:
+                    await peer.close(CLOSE_POLICY, peer.kicked)
+                else:
+                    await peer.close(CLOSE_GOING_AWAY if self._closing else 1000, "closed")
+
+    async def _read(self, peer: Peer) -> None:
+        while True:
+            try:
+                data = await peer.ws.get_message()
+            except ConnectionClosed as exc:
+                reason = exc.reason
+                if reason is not None and reason.code == 1009:
+                    self.log.warning("peer.frame_too_large", peer=peer.name)
+                return
+            try:
+                frame = decode_frame(data)
+            except ProtocolError as exc:
+                self.log.warning("peer.bad_frame", peer=peer.name, reason=exc.reason, error=str(exc))
+                await peer.close(CLOSE_PROTOCOL, exc.reason)
+                return
+            if isinstance(frame, (Hello, Welcome, Auth)):
+                self.log.warning("peer.bad_frame", peer=peer.name, reason="handshake_after_auth")
+                await peer.close(CLOSE_PROTOCOL, "handshake frame after authentication")
+                return
+            try:
+                self.on_frame(peer.name, frame)
+            except ProtocolError as exc:
+                self.log.warning("peer.invalid_message", peer=peer.name, reason=exc.reason, error=str(exc))
+                await peer.close(CLOSE_POLICY, exc.reason)
+                return
+
+
+_DISCONNECTS = (OSError, trio.TooSlowError, ConnectionClosed, WsHandshakeError, trio.BrokenResourceError)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member exception groups (or the group itself)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _close(ws: trio_websocket.WebSocketConnection, code: int, reason: str) -> None:
+    with trio.move_on_after(2):
+        await ws.aclose(code, reason[:120])
+
+
+def _remote(stream: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = stream.socket.getpeername()
+        return f"{host}:{port}"
+    except (OSError, AttributeError, ValueError):
+        return "?"

@@ -1,0 +1,303 @@
+"""One ehrnode daemon: stores, consensus, peers and the local API in one trio nursery.
+
+Theory of operation
+-------------------
+:class:`Node` opens everything a member needs from its ``node.toml``: keys,
+genesis, the safety data, the block store and the ledger state (replaying any
+committed block the state had not applied before a crash), the mempool, and
+the consensus core recovered from the block store.
+
+One task, the *driver*, owns the consensus core: every input (a consensus
+message from a peer, new transactions, the timer) arrives on one bounded
+channel and is fed to the core in order; the driver carries out the actions
+it returns (send through the peer network, persist, commit, re-arm the
+timer). Peer connections and API clients never touch the core directly, so
+the core sees one event at a time, as in the simulator.
+
+A committed block is written to the block store, applied to the ledger state,
+removed from the mempool, and announced to API subscribers and to callers
+waiting for one of its transactions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from . import crypto
+from .config import Genesis, NodeConfig, load_genesis
+from .consensus.core import (
+    Action, Broadcast, CommitBlocks, ConsensusCore, CoreConfig, Log, PersistBlock, Send, SetTimer,
+)
+from .consensus.messages import decode_message, encode_message
+from .consensus.pacemaker import PacemakerConfig
+from .consensus.types import Block
+from .errors import CodecError, ConfigError, CryptoError, InvalidMessage
+from .ledger.block_store import SqliteBlockStore
+from .ledger.mempool import Mempool
+from .ledger.safety_store import FileSafetyStore
+from .ledger.state import LedgerState
+from .ledger.transactions import Transaction
+from .logs import get_logger
+from .net.peers import PeerNetwork
+from .net.protocol import ConsensusFrame, Frame, TxFrame, encode_frame
+
+INBOX_SIZE = 20_000
+DEFAULT_CORE = CoreConfig(
+    pacemaker=PacemakerConfig(base_timeout=2.0, backoff=1.5, max_timeout=30.0, resend_interval=1.0),
+    max_block_txs=1000,
+    # An idle chain makes an empty block every half second rather than spinning.
+    empty_block_delay=0.5,
+)
+
+
+@dataclass
+class _Waiter:
+    event: trio.Event
+    height: int | None = None
+
+
+class Node:
+    def __init__(self, config: NodeConfig, *, core_config: CoreConfig = DEFAULT_CORE) -> None:
+        self.config = config
+        self.genesis: Genesis = load_genesis(config.genesis_path)
+        self.name = config.name
+        member = self.genesis.member(self.name)
+        try:
+            self.identity = crypto.Identity.load(config.signing_key_path)
+        except CryptoError as exc:
+            raise ConfigError(str(exc)) from exc
+        if self.identity.public_key != member.signing_key:
+            raise ConfigError(f"{config.signing_key_path} is not the signing key genesis lists for {self.name}")
+        self.index = self.genesis.index(self.name)
+        self.vset = self.genesis.validators
+        self.log = get_logger(node=self.name)
+
+        data = config.data_dir
+        try:
+            data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ConfigError(f"cannot create data dir {data}: {exc.strerror}") from exc
+        members = {m.name: m.signing_key for m in self.genesis.members}
+        self.block_store = SqliteBlockStore(data / "blocks.sqlite3", self.vset)
+        self.state = LedgerState(data / "state.sqlite3", self.genesis.chain_id, members)
+        self._replay_state()
+        self.mempool = Mempool(self.genesis.chain_id, members, is_committed=self.state.is_committed)
+        self.core = ConsensusCore(
+            self.vset, self.index, self.identity, FileSafetyStore(data / "safety.cbor"), config=core_config,
+            recovery=self.block_store.recovery(), committed_lookup=self.block_store.get_block,
+        )
+        self.network = PeerNetwork(self.genesis, self.name, self.identity, self._on_frame)
+        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[Any, ...]](INBOX_SIZE)
+        self._deadline = float("inf")
+        self._waiters: dict[bytes, _Waiter] = {}
+        self._subscribers: list[trio.MemorySendChannel[dict[str, Any]]] = []
+        self.inbox_dropped = 0
+        self.invalid_messages = 0
+        self.head: Block = self.block_store.block_at(self.block_store.committed_height()) or self.vset.genesis_block
+
+    def _replay_state(self) -> None:
+        # The ledger state is applied after the block store commits; after a crash between the
+        # two, the committed blocks the state has not seen are applied now.
+        for height in range(self.state.applied_height + 1, self.block_store.committed_height() + 1):
+            block = self.block_store.block_at(height)
+            assert block is not None
+            self.state.apply(block)
+
+    # --- inputs -----------------------------------------------------------------------
+
+    def _on_frame(self, peer: str, frame: Frame) -> None:
+        """Called by a peer connection's reader; never blocks."""
+        if isinstance(frame, ConsensusFrame):
+            self._enqueue(("consensus", peer, frame.data))
+        elif isinstance(frame, TxFrame):
+            self._enqueue(("tx", peer, frame.data))
+
+    def _enqueue(self, item: tuple[Any, ...]) -> None:
+        try:
+            self._inbox_send.send_nowait(item)
+        except trio.WouldBlock:
+            # Overloaded: consensus re-sends what it needs; a dropped gossip copy is held elsewhere too.
+            self.inbox_dropped += 1
+
+    def submit_note(self, text: str) -> Transaction:
+        """Sign a note transaction as this member, admit it and gossip it (raises AdmissionError)."""
+        tx = Transaction.create(
+            "note", {"text": text}, chain_id=self.genesis.chain_id, submitter=self.name, identity=self.identity,
+            time_ms=int(time.time() * 1000),
+        )
+        return self.submit(tx.encoded)
+
+    def submit(self, data: bytes) -> Transaction:
+        tx = self.mempool.admit(data)
+        self.network.broadcast(encode_frame(TxFrame(data)))
+        self._enqueue(("txs", [data]))
+        return tx
+
+    async def wait_committed(self, tx_id: bytes, timeout: float) -> int | None:
+        """The height ``tx_id`` was committed at, or None if not within ``timeout`` seconds."""
+        height = self.state.tx_height(tx_id)
+        if height is not None:
+            return height
+        waiter = self._waiters.setdefault(tx_id, _Waiter(trio.Event()))
+        with trio.move_on_after(timeout):
+            await waiter.event.wait()
+        self._waiters.pop(tx_id, None)
+        return waiter.height if waiter.height is not None else self.state.tx_height(tx_id)
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[dict[str, Any]]:
+        send, receive = trio.open_memory_channel[dict[str, Any]](256)
+        self._subscribers.append(send)
+        return receive
+
+    # --- running ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        from .api import ApiServer
+
+        api = ApiServer(self)
+        async with trio.open_nursery() as nursery:
+            peer = self.config.peer_listen
+            await nursery.start(self.network.serve, peer.host, peer.port)
+            await nursery.start(api.serve, self.config.api_listen.host, self.config.api_listen.port)
+            nursery.start_soon(self.network.dial_all)
+            nursery.start_soon(self._drive)
+            self.log.info(
+                "node.started", chain=self.genesis.chain_id, height=self.head.height, peer_address=str(peer),
+                api_address=str(self.config.api_listen), validators=self.vset.n,
+            )
+            task_status.started()
+
+    async def shutdown(self) -> None:
+        await self.network.close_all()
+        self.block_store.close()
+        self.state.close()
+        self.log.info("node.stopped", height=self.head.height)
+
+    async def _drive(self) -> None:
+        self._apply(self.core.start(time.time()))
+        while True:
+            item = None
+            with trio.move_on_at(self._deadline):
+                item = await self._inbox.receive()
+            if item is None:
+                self._apply(self.core.tick(time.time()))
+                continue
+            self._handle(item)
+            # Drain what is already queued before yielding, but keep the timer honest.
+            for _ in range(256):
+                try:
+                    item = self._inbox.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                self._handle(item)
+            if trio.current_time() >= self._deadline:
+                self._apply(self.core.tick(time.time()))
+            await trio.sleep(0)
+
+    def _handle(self, item: tuple[Any, ...]) -> None:
+        kind = item[0]
+        now = time.time()
+        if kind == "consensus":
+            _, peer, data = item
+            try:
+                message = decode_message(data)
+                actions = self.core.on_message(self.genesis.index(peer), message, now)
+            except (CodecError, InvalidMessage) as exc:
+                self.invalid_messages += 1
+                self.log.warning("consensus.invalid_message", peer=peer, reason=exc.reason, error=str(exc))
+                self.network.kick(peer, exc.reason)
+                return
+            self._apply(actions)
+        elif kind == "tx":
+            _, peer, data = item
+            try:
+                self.mempool.admit(data)
+            except Exception as exc:  # noqa: BLE001 - an admission failure is the sender's problem
+                reason = getattr(exc, "reason", type(exc).__name__)
+                if reason != "duplicate":
+                    self.log.debug("tx.refused", peer=peer, reason=reason)
+                return
+            self._apply(self.core.submit([data], now))
+        elif kind == "txs":
+            self._apply(self.core.submit(item[1], now))
+
+    def _apply(self, actions: Iterable[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                name = self.genesis.members[action.to].name
+                self.network.send(name, encode_frame(ConsensusFrame(encode_message(action.message))))
+            elif isinstance(action, Broadcast):
+                self.network.broadcast(encode_frame(ConsensusFrame(encode_message(action.message))))
+            elif isinstance(action, SetTimer):
+                delay = action.at - time.time()
+                self._deadline = trio.current_time() + max(delay, 0.0) if action.at != float("inf") else float("inf")
+            elif isinstance(action, PersistBlock):
+                self.block_store.put_block(action.block)
+            elif isinstance(action, CommitBlocks):
+                self._commit(action)
+            elif isinstance(action, Log):
+                self._log_core(action)
+
+    def _commit(self, action: CommitBlocks) -> None:
+        self.block_store.commit(action.blocks, action.proof)
+        for block in action.blocks:
+            txs = self.state.apply(block)
+            ids = [tx.id for tx in txs]
+            self.mempool.remove(crypto.sha256(data) for data in block.payload)
+            self.head = block
+            # Empty blocks of an idle chain are not worth an info line each.
+            (self.log.info if block.payload else self.log.debug)(
+                "block.committed", height=block.height, round=block.round, txs=len(block.payload),
+                id=block.id.hex()[:16],
+            )
+            for tx_id in ids:
+                waiter = self._waiters.get(tx_id)
+                if waiter is not None:
+                    waiter.height = block.height
+                    waiter.event.set()
+            note = {"height": block.height, "id": block.id.hex(), "round": block.round, "txs": len(block.payload)}
+            for channel in list(self._subscribers):
+                try:
+                    channel.send_nowait(note)
+                except trio.WouldBlock:
+                    pass  # a slow subscriber misses notifications; it can fetch blocks by height
+                except trio.BrokenResourceError:
+                    self._subscribers.remove(channel)
+
+    def _log_core(self, action: Log) -> None:
+        if action.event in ("round.timeout", "tc.formed", "vote.equivocation", "vote.refused", "timeout.refused"):
+            self.log.info(action.event, **action.fields)
+        else:
+            self.log.debug(action.event, **action.fields)
+
+    # --- views --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": self.name, "chain": self.genesis.chain_id, "height": self.head.height, "head": self.head.id.hex(),
+            "round": self.core.round, "peers": self.network.connected(), "mempool": len(self.mempool),
+            "validators": self.vset.n, "pid": os.getpid(),
+        }
+
+    def block_view(self, height: int | None) -> dict[str, Any] | None:
+        height = self.head.height if height is None else height
+        block = self.block_store.block_at(height)
+        if block is None:
+            return None
+        txs = []
+        for data in block.payload:
+            try:
+                txs.append(Transaction.decode(data).summary())
+            except CodecError:
+                txs.append({"id": crypto.sha256(data).hex(), "kind": "invalid"})
+        return {
+            "height": block.height, "id": block.id.hex(), "parent": block.parent.hex(), "round": block.round,
+            "time": block.timestamp, "author": self.genesis.members[block.author].name if block.height else None,
+            "txs": txs,
+        }

@@ -1,0 +1,118 @@
+"""Four real node processes on loopback, driven through their local APIs."""
+
+import trio
+
+from ehrnode.client import ApiClient
+
+
+async def submit_many(cluster, names, count, prefix):
+    """Submit ``count`` notes round-robin over ``names``; returns the tx ids."""
+    ids = []
+
+    async def worker(name, share):
+        async with ApiClient.connect(cluster.configs[name]) as client:
+            for k in share:
+                result = await client.call("tx.submit", note=f"{prefix}-{k}")
+                ids.append(result["tx_id"])
+
+    async with trio.open_nursery() as nursery:
+        for i, name in enumerate(names):
+            nursery.start_soon(worker, name, range(i, count, len(names)))
+    return ids
+
+
+async def committed_txs(cluster, name, height):
+    txs = []
+    async with ApiClient.connect(cluster.configs[name]) as client:
+        for h in range(1, height + 1):
+            txs.extend(tx["id"] for tx in (await client.call("block.get", height=h))["txs"])
+    return txs
+
+
+async def wait_all_committed(cluster, names, ids, timeout=120.0):
+    wanted = set(ids)
+    with trio.fail_after(timeout):
+        while True:
+            heights = [await cluster.height(n) for n in names]
+            if set(await committed_txs(cluster, names[0], min(heights))) >= wanted:
+                return min(heights)
+            await trio.sleep(0.5)
+
+
+async def test_four_nodes_commit_500_transactions_in_the_same_order(cluster):
+    cluster.start_all()
+    await cluster.wait_ready()
+    ids = await submit_many(cluster, cluster.names, 500, "load")
+    assert len(set(ids)) == 500
+    height = await wait_all_committed(cluster, cluster.names, ids)
+    chains = {n: await cluster.chain(n, height) for n in cluster.names}
+    assert len({tuple(c) for c in chains.values()}) == 1, "nodes disagree on the chain"
+    orders = {n: await committed_txs(cluster, n, height) for n in cluster.names}
+    assert len({tuple(o) for o in orders.values()}) == 1
+    committed = orders["A"]
+    assert len(committed) == len(set(committed))  # each transaction once
+    assert set(ids) <= set(committed)
+
+
+async def test_kill_9_of_a_validator_under_load_and_restart_converges(cluster):
+    cluster.start_all()
+    await cluster.wait_ready()
+    await submit_many(cluster, ["A", "B"], 40, "before")
+    cluster.kill9("C")
+    start = await cluster.height("A")
+    ids = await submit_many(cluster, ["A", "B", "R"], 60, "during")
+    await cluster.wait_height(["A", "B", "R"], start + 3)
+    cluster.start("C")
+    target = await cluster.height("A")
+    await cluster.wait_height(["C"], target, timeout=60)
+    await wait_all_committed(cluster, ["A", "C"], ids)
+    common = min([await cluster.height(n) for n in cluster.names])
+    chains = {n: await cluster.chain(n, common) for n in cluster.names}
+    assert len({tuple(c) for c in chains.values()}) == 1
+    assert "node.started" in cluster.log("C")
+
+
+async def test_killing_the_leader_repeatedly_does_not_stop_commits(cluster):
+    cluster.start_all()
+    await cluster.wait_ready()
+    names = cluster.names
+    for _ in range(3):
+        status = await cluster.status("A")
+        leader = names[(status["round"]) % len(names)]
+        victim = leader if leader != "A" else "B"
+        before = await cluster.height("A")
+        cluster.kill9(victim)
+        live = [n for n in names if n != victim]
+        await submit_many(cluster, live, 10, f"leader-{victim}")
+        await cluster.wait_height(live, before + 2, timeout=60)
+        cluster.start(victim)
+        await cluster.wait_ready(timeout=30)
+    final = min([await cluster.height(n) for n in names])
+    chains = {n: await cluster.chain(n, final) for n in names}
+    assert len({tuple(c) for c in chains.values()}) == 1
+
+
+async def test_two_of_four_down_stalls_without_crashing_and_resumes(cluster):
+    cluster.start_all()
+    await cluster.wait_ready()
+    cluster.stop("C")
+    cluster.stop("R")
+    await trio.sleep(1.0)
+    stalled = await cluster.height("A")
+    async with ApiClient.connect(cluster.configs["A"]) as client:
+        result = await client.call("tx.submit", note="while-stalled")
+    await trio.sleep(4.0)
+    assert await cluster.height("A") <= stalled + 1  # at most a block certified before the stop
+    assert (await cluster.status("B")) is not None  # still up
+    cluster.start("C")
+    cluster.start("R")
+    await cluster.wait_ready(timeout=30)
+    await wait_all_committed(cluster, cluster.names, [result["tx_id"]], timeout=90)
+
+
+async def test_sigterm_stops_cleanly(cluster):
+    cluster.start_all()
+    await cluster.wait_ready()
+    for name in list(cluster.names):
+        assert cluster.stop(name) == 0
+        assert '"node.stopped"' in cluster.log(name)
