@@ -36,6 +36,9 @@ MAX_MESSAGE_BYTES = 1 << 20
 MAX_DEPTH = 16
 #: Largest unsigned integer we accept in any field (fits SQLite's INTEGER).
 MAX_UINT = (1 << 63) - 1
+#: Data items one message may hold. Decoded Python objects cost up to ~150x the bytes
+#: of their encoding (an array of empty maps), so items, not bytes, bound the memory.
+MAX_ITEMS = 200_000
 
 _SCALARS = (int, bytes, str, bool, type(None))
 
@@ -48,7 +51,9 @@ def encode(value: Any) -> bytes:
         raise CodecError(f"cannot encode value: {exc}") from exc
 
 
-def decode(data: bytes, *, max_size: int = MAX_MESSAGE_BYTES, max_depth: int = MAX_DEPTH) -> Any:
+def decode(
+    data: bytes, *, max_size: int = MAX_MESSAGE_BYTES, max_depth: int = MAX_DEPTH, max_items: int = MAX_ITEMS,
+) -> Any:
     """Decode untrusted ``data`` strictly; see the module docstring for the rules."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CodecError(f"expected bytes, got {type(data).__name__}", reason="not_bytes")
@@ -57,6 +62,7 @@ def decode(data: bytes, *, max_size: int = MAX_MESSAGE_BYTES, max_depth: int = M
         raise CodecError(f"message of {len(data)} bytes exceeds the limit of {max_size}", reason="too_large")
     if not data:
         raise CodecError("empty message", reason="empty")
+    _scan(data, max_depth, max_items)
     stream = io.BytesIO(data)
     try:
         decoder = cbor2.CBORDecoder(
@@ -78,6 +84,63 @@ def decode(data: bytes, *, max_size: int = MAX_MESSAGE_BYTES, max_depth: int = M
     if encode(value) != data:
         raise CodecError("not the canonical encoding of its value", reason="not_canonical")
     return value
+
+
+_ARG_BYTES = {24: 1, 25: 2, 26: 4, 27: 8}
+_SIMPLE_OK = {20, 21, 22}  # false, true, null
+
+
+def _scan(data: bytes, max_depth: int, max_items: int) -> None:
+    """Walk the item headers without building anything: count items, bound depth, refuse
+    indefinite lengths, tags, floats and simple values outside false/true/null, and make sure
+    the message ends exactly where its last item does."""
+    pos, end, items = 0, len(data), 0
+    pending = [1]  # items still expected at each open nesting level
+    while pending:
+        if pending[-1] == 0:
+            pending.pop()
+            continue
+        pending[-1] -= 1
+        if pos >= end:
+            raise CodecError("message ends inside an item", reason="malformed")
+        items += 1
+        if items > max_items:
+            raise CodecError(f"more than {max_items} data items", reason="too_many_items")
+        initial = data[pos]
+        pos += 1
+        major, info = initial >> 5, initial & 0x1F
+        if info < 24:
+            arg = info
+        elif info in _ARG_BYTES:
+            size = _ARG_BYTES[info]
+            if pos + size > end:
+                raise CodecError("message ends inside an item header", reason="malformed")
+            arg = int.from_bytes(data[pos:pos + size], "big")
+            pos += size
+        elif info == 31:
+            raise CodecError("indefinite-length item", reason="malformed")
+        else:
+            raise CodecError(f"reserved additional information {info}", reason="malformed")
+        if major in (0, 1):
+            continue
+        if major in (2, 3):
+            if arg > end - pos:
+                raise CodecError("string longer than the message", reason="malformed")
+            pos += arg
+        elif major in (4, 5):
+            count = arg * (2 if major == 5 else 1)
+            if count > max_items:
+                raise CodecError(f"more than {max_items} data items", reason="too_many_items")
+            if len(pending) > max_depth:
+                raise CodecError(f"nesting deeper than {max_depth}", reason="too_deep")
+            pending.append(count)
+        elif major == 6:
+            raise CodecError(f"tag {arg}: tags are not used", reason="unsupported_type")
+        elif info >= 24 or arg not in _SIMPLE_OK:
+            raise CodecError("floats and simple values other than false/true/null are not used",
+                             reason="unsupported_type")
+    if pos != end:
+        raise CodecError(f"{end - pos} trailing bytes after the message", reason="trailing_bytes")
 
 
 def _check_model(value: Any, max_depth: int) -> None:
@@ -121,7 +184,7 @@ def as_uint(value: Any, what: str, *, maximum: int = MAX_UINT) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise SchemaError(f"{what}: expected an unsigned integer, got {type(value).__name__}")
     if value < 0 or value > maximum:
-        raise SchemaError(f"{what}: {value} outside 0..{maximum}")
+        raise SchemaError(f"{what}: value outside 0..{maximum}")
     return value
 
 

@@ -37,7 +37,7 @@ from .consensus.core import (
 from .consensus.messages import decode_message, encode_message
 from .consensus.pacemaker import PacemakerConfig
 from .consensus.types import Block
-from .errors import CodecError, ConfigError, CryptoError, InvalidMessage
+from .errors import CodecError, ConfigError, CryptoError, InvalidMessage, StoreError
 from .ledger.block_store import SqliteBlockStore
 from .ledger.mempool import Mempool
 from .ledger.safety_store import FileSafetyStore
@@ -212,6 +212,13 @@ class Node:
                 self.invalid_messages += 1
                 self.log.warning("consensus.invalid_message", peer=peer, reason=exc.reason, error=str(exc))
                 self.network.kick(peer, exc.reason)
+                return
+            except StoreError:
+                raise  # the disk failed under us: stop rather than run on half-persisted state
+            except Exception as exc:  # noqa: BLE001 - a message we did not foresee costs its sender the link
+                self.invalid_messages += 1
+                self.log.error("consensus.message_failed", peer=peer, error=repr(exc))
+                self.network.kick(peer, "internal_error")
                 return
             self._apply(actions)
         elif kind == "tx":

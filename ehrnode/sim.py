@@ -26,8 +26,13 @@ Checks:
   no certificate of a round above a commit's certifies a block that does not
   extend the committed one (the lemma the commit rule rests on, checked so a
   broken rule is caught even when a later defence hides its effect);
-* **liveness**: after ``stable_at``, every honest validator commits a block
-  proposed after ``stable_at`` within ``liveness_rounds`` rounds.
+* **liveness**: after ``stable_at``, every honest validator commits three
+  blocks proposed after ``stable_at``, within ``liveness_rounds`` rounds.
+
+Also checked all along: an honest validator never signs two different votes,
+timeouts or proposals in one round (every save of its safety data and every
+proposal it sends is recorded), and every committed block extends the one
+committed before it.
 """
 
 from __future__ import annotations
@@ -35,10 +40,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
-from . import crypto
+from . import codec, crypto
 from .consensus.core import (
     Action, Broadcast, CommitBlocks, ConsensusCore, CoreConfig, Log, PersistBlock, Send, SetTimer,
 )
@@ -46,11 +51,15 @@ from .consensus.messages import (
     Message, Proposal, SyncResponse, TimeoutMsg, VoteMsg, decode_message, encode_message,
 )
 from .consensus.pacemaker import PacemakerConfig
-from .consensus.safety import MemorySafetyStore
+from .consensus.safety import MemorySafetyStore, SafetyData
 from .consensus.types import Block, QuorumCert, Timeout, ValidatorSet, Vote, form_tc
 from .errors import CodecError, InvalidMessage
 from .ledger.block_store import MemoryBlockStore
 
+#: Liveness: each honest validator must commit this many blocks proposed after stabilization.
+LIVE_COMMITS = 3
+#: A scenario handling more events than this is reported as a liveness failure (an event storm).
+MAX_EVENTS = 3_000_000
 BEHAVIOURS = ("equivocate", "double_vote", "silent", "stale_qc", "forged_qc", "amnesia")
 
 
@@ -89,6 +98,18 @@ class ScenarioResult:
         return not self.safety_violations and self.liveness_failure is None
 
 
+class _RecordingStore(MemorySafetyStore):
+    """Safety data in memory that also reports every save, so the checker sees every signature."""
+
+    def __init__(self, on_save: Callable[[SafetyData], None]) -> None:
+        super().__init__()
+        self._on_save = on_save
+
+    def save(self, data: SafetyData) -> None:
+        super().save(data)
+        self._on_save(data)
+
+
 class _Node:
     """One validator in the simulation: its core, its stores, and whether it is up."""
 
@@ -96,9 +117,9 @@ class _Node:
         self.sim = sim
         self.index = index
         self.identity = sim.identities[index]
-        self.safety_store = MemorySafetyStore()
         self.block_store = MemoryBlockStore(sim.vset)
         self.behaviour: str | None = sim.byzantine.get(index)
+        self.safety_store = _RecordingStore(lambda data: sim._signed(index, data))
         self.up = True
         self.timer_at = float("inf")
         self.epoch = 0  # bumps on restart so old timers are ignored
@@ -124,7 +145,7 @@ class _Node:
     def restart(self, *, forget: bool) -> list[Action]:
         if forget:
             # A twin that lost its disk: no safety data, no blocks.
-            self.safety_store = MemorySafetyStore()
+            self.safety_store = _RecordingStore(lambda data: self.sim._signed(self.index, data))
             self.block_store = MemoryBlockStore(self.sim.vset)
         self.up = True
         self.core = self._new_core(recover=not forget)
@@ -165,6 +186,9 @@ class Scenario:
         self.rejected = 0
         self.stable_round = 0
         self.live_at_round: dict[int, int] = {}
+        self.live_commits: dict[int, int] = {}
+        self.signatures: dict[tuple[int, str, int], bytes] = {}
+        self.events = 0
         # Every verified block and certificate any validator accepted, for the certificate check.
         self.blocks: dict[bytes, Block] = {}
         self.certified: dict[bytes, QuorumCert] = {}
@@ -194,6 +218,13 @@ class Scenario:
             self._at(start, "partition", groups)
             self._at(start + length, "heal")
             self.faults.append(f"partition {sorted(groups[0])}|{sorted(groups[1])} at {start:.2f}s for {length:.2f}s")
+        if rng.random() < 0.25:
+            # Everyone honest goes down at once (a power cut) and comes back at slightly different times.
+            start = rng.uniform(1.0, stable - 3.0)
+            for node in self.honest:
+                self._at(start, "crash", node)
+                self._at(start + rng.uniform(0.2, 1.5), "restart", node, False)
+            self.faults.append(f"all honest validators crash at {start:.2f}s")
         for index, behaviour in self.byzantine.items():
             if behaviour == "amnesia":
                 for _ in range(rng.randint(1, 3)):
@@ -236,6 +267,11 @@ class Scenario:
                 else:
                     self._send(node.index, action.to, action.message)
             elif isinstance(action, Broadcast):
+                if isinstance(action.message, Proposal):
+                    self._observe(action.message)
+                    if node.behaviour is None:
+                        block = action.message.block
+                        self._record_signature(node.index, "proposal", block.round, block.id)
                 if node.behaviour is not None and isinstance(action.message, Proposal):
                     self._byzantine_proposal(node, action.message)
                 else:
@@ -260,6 +296,21 @@ class Scenario:
     def _deliver_local(self, node: _Node, message: Message) -> None:
         self._apply(node, node.core.on_message(node.index, message, self.now))
 
+    def _signed(self, index: int, data: SafetyData) -> None:
+        """An honest validator signs at most one vote, one timeout and one proposal per round."""
+        if index in self.byzantine:
+            return
+        signed = [("vote", data.last_vote), ("timeout", data.last_timeout)]
+        for kind, item in signed:
+            if item is None:
+                continue
+            self._record_signature(index, kind, item.round, crypto.sha256(codec.encode(item.to_wire())))
+
+    def _record_signature(self, index: int, kind: str, round_: int, digest: bytes) -> None:
+        seen = self.signatures.setdefault((index, kind, round_), digest)
+        if seen != digest:
+            self.violations.append(f"honest validator {index} signed two different {kind}s in round {round_}")
+
     def _check_commits(self, node: _Node, blocks: tuple[Block, ...]) -> None:
         chain = self.chains[node.index]
         for block in blocks:
@@ -279,12 +330,20 @@ class Scenario:
                 elif block.height != len(chain) + 1:
                     self.violations.append(f"validator {node.index} skipped to height {block.height}")
                 else:
+                    parent = chain[-1] if chain else self.vset.genesis_id
+                    if block.parent != parent:
+                        self.violations.append(
+                            f"validator {node.index} committed height {block.height} not extending its height "
+                            f"{block.height - 1}"
+                        )
                     chain.append(block.id)
             if (
                 block.round > self.stable_round and self.now >= self.config.stable_at
                 and node.index not in self.live_at_round and node.behaviour is None
             ):
-                self.live_at_round[node.index] = max(n.core.round for n in self.nodes)
+                self.live_commits[node.index] = self.live_commits.get(node.index, 0) + 1
+                if self.live_commits[node.index] >= LIVE_COMMITS:
+                    self.live_at_round[node.index] = max(n.core.round for n in self.nodes)
 
     def _observe(self, message: Message) -> None:
         """Remember blocks and certificates a validator accepted (so they verified)."""
@@ -423,14 +482,22 @@ class Scenario:
                 self._inject_txs()
                 next_tx += config.tx_interval
             self.now = when
+            self.events += 1
+            if self.events > MAX_EVENTS:
+                break
             self._event(kind, args)
             if self.now >= config.stable_at and all(i in self.live_at_round for i in self.honest):
                 break
         self._check_certificates()
         liveness_failure = None
         missing = [i for i in self.honest if i not in self.live_at_round]
-        if missing:
-            liveness_failure = f"validators {missing} committed nothing new between {config.stable_at}s and {config.horizon}s"
+        if self.events > MAX_EVENTS:
+            liveness_failure = f"more than {MAX_EVENTS} events by {self.now:.2f}s: an event storm"
+        elif missing:
+            liveness_failure = (
+                f"validators {missing} committed fewer than {LIVE_COMMITS} new blocks between {config.stable_at}s "
+                f"and {config.horizon}s"
+            )
         rounds = max((r - self.stable_round for r in self.live_at_round.values()), default=None)
         if rounds is not None and rounds > liveness_rounds and liveness_failure is None:
             liveness_failure = f"first commit after stabilization took {rounds} rounds (bound {liveness_rounds})"

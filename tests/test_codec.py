@@ -43,7 +43,8 @@ def test_decoding_random_bytes_raises_only_codec_error(data):
         (b"\x9f\x01\xff", "malformed"),  # indefinite-length array
         (b"\x18\x01", "not_canonical"),  # 1 in two bytes
         (b"\xa2\x61\x62\x01\x61\x61\x02", "not_canonical"),  # keys out of order
-        (b"\xd8\x1c\x01", "not_canonical"),  # shared-reference tag
+        (b"\xd8\x1c\x01", "unsupported_type"),  # shared-reference tag
+        (b"\xc2\x59\x08\x00" + b"\x01" * 2048, "unsupported_type"),  # bignum: a 2 KiB integer
         (b"\xc1\x01", "unsupported_type"),  # epoch datetime tag
         (b"\xf9\x3c\x00", "unsupported_type"),  # half float
         (b"\xf7", "unsupported_type"),  # undefined
@@ -63,6 +64,20 @@ def test_decode_refuses_oversized_input_before_parsing():
     with pytest.raises(CodecError) as err:
         codec.decode(data, max_size=1000)
     assert err.value.reason == "too_large"
+
+
+def test_item_count_bounds_memory_before_anything_is_built():
+    many_empty_maps = b"\x9a" + (300_000).to_bytes(4, "big") + b"\xa0" * 300_000
+    with pytest.raises(CodecError) as err:
+        codec.decode(many_empty_maps, max_size=1 << 20)
+    assert err.value.reason == "too_many_items"
+    assert codec.decode(codec.encode([{}] * 1000)) == [{}] * 1000
+
+
+def test_huge_integers_are_refused_without_printing_them():
+    with pytest.raises(SchemaError) as err:
+        codec.as_uint(10**5000, "round")
+    assert len(str(err.value)) < 100
 
 
 def test_decode_refuses_deep_nesting():

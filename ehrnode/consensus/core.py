@@ -135,7 +135,6 @@ class ConsensusCore:
         self.vset = vset
         self.index = index
         self.config = config or CoreConfig()
-        self._identity = identity
         self.safety = SafetyRules(vset, index, identity, safety_store, unsafe_skip_vote_rule=unsafe_skip_vote_rule)
         self.pacemaker = Pacemaker(self.config.pacemaker)
         self._committed_lookup = committed_lookup or (lambda _id: None)
@@ -193,13 +192,17 @@ class ConsensusCore:
 
     def start(self, now: float) -> list[Action]:
         actions: list[Action] = []
+        saved = self.safety.data
+        if saved.high_qc is not None and saved.high_qc.round > self.high_qc.round:
+            self.high_qc = saved.high_qc
+        if saved.high_tc is not None and (self.high_tc is None or saved.high_tc.round > self.high_tc.round):
+            self.high_tc = saved.high_tc
         round_ = self.high_qc.round + 1
         if self.high_tc is not None:
             round_ = max(round_, self.high_tc.round + 1)
         # Never re-enter a round we already voted or timed out in, after a restart.
         round_ = max(round_, self.safety.data.last_voted_round)
-        # Nor propose twice in a round: a second block there would be an equivocation.
-        self._proposed_round = self.safety.data.last_voted_round
+        self._proposed_round = saved.last_proposed_round
         self._enter_round(round_, now, actions)
         self._timer(actions)
         return actions
@@ -288,6 +291,9 @@ class ConsensusCore:
         self._proposal_counts[block.round] = self._proposal_counts.get(block.round, 0) + 1
         self._insert(block, actions)
         self._vote_for(block, proposal.tc, now, actions)
+        # The block may be the parent a parked proposal, or a pending commit, was waiting for.
+        self._try_commit(now, actions)
+        self._retry_waiting(now, actions)
 
     def _insert(self, block: Block, actions: list[Action]) -> None:
         if self.tree.insert(block):
@@ -392,6 +398,7 @@ class ConsensusCore:
         return self.vset.leader(round_) == self.index
 
     def _maybe_propose(self, now: float, actions: list[Action]) -> None:
+        self._propose_at = float("inf")
         round_ = self.round
         if not self._is_leader(round_) or self._proposed_round >= round_:
             return
@@ -407,11 +414,15 @@ class ConsensusCore:
                 self._propose_at = ready_at
                 return
         self._propose_at = float("inf")
-        block = Block.propose(
-            epoch=self.vset.epoch, round=round_, qc=self.high_qc, author=self.index, timestamp=int(now * 1000),
-            payload=self._take_payload(parent), identity=self._identity, chain_id=self.vset.chain_id,
-        )
         self._proposed_round = round_
+        try:
+            block = self.safety.propose(Block.unsigned(
+                epoch=self.vset.epoch, round=round_, qc=self.high_qc, author=self.index, timestamp=int(now * 1000),
+                payload=self._take_payload(parent),
+            ))
+        except SafetyViolation as exc:
+            actions.append(Log("proposal.refused", {"round": round_, "reason": exc.reason}))
+            return
         proposal = Proposal(block, tc)
         actions.append(Broadcast(proposal))
         actions.append(Log("block.proposed", {"round": round_, "height": block.height, "txs": len(block.payload)}))

@@ -43,19 +43,30 @@ class SafetyData:
     highest_timeout_round: int = 0
     last_vote: Vote | None = None
     last_timeout: Timeout | None = None
+    #: Highest round this validator proposed a block in (a leader proposes once per round).
+    last_proposed_round: int = 0
+    #: The certificates behind the last signature: after a restart they justify the round this
+    #: validator is in, so it can time out of it (and peers accept the timeout) even if no stored
+    #: block carries them.
+    high_qc: QuorumCert | None = None
+    high_tc: TimeoutCert | None = None
 
     def to_wire(self) -> dict[str, Any]:
+        def opt(x: Any) -> Any:
+            return None if x is None else x.to_wire()
+
         return {
             "epoch": self.epoch, "last_voted_round": self.last_voted_round, "locked_round": self.locked_round,
-            "highest_timeout_round": self.highest_timeout_round,
-            "last_vote": None if self.last_vote is None else self.last_vote.to_wire(),
-            "last_timeout": None if self.last_timeout is None else self.last_timeout.to_wire(),
+            "highest_timeout_round": self.highest_timeout_round, "last_vote": opt(self.last_vote),
+            "last_timeout": opt(self.last_timeout), "last_proposed_round": self.last_proposed_round,
+            "high_qc": opt(self.high_qc), "high_tc": opt(self.high_tc),
         }
 
     @classmethod
     def from_wire(cls, value: Any) -> SafetyData:
         m = as_map(value, "safety data", (
             "epoch", "last_voted_round", "locked_round", "highest_timeout_round", "last_vote", "last_timeout",
+            "last_proposed_round", "high_qc", "high_tc",
         ))
         return cls(
             as_uint(m["epoch"], "epoch"),
@@ -64,7 +75,17 @@ class SafetyData:
             as_uint(m["highest_timeout_round"], "highest_timeout_round"),
             as_optional(m["last_vote"], "last_vote", Vote.from_wire),
             as_optional(m["last_timeout"], "last_timeout", Timeout.from_wire),
+            as_uint(m["last_proposed_round"], "last_proposed_round"),
+            as_optional(m["high_qc"], "high_qc", QuorumCert.from_wire),
+            as_optional(m["high_tc"], "high_tc", TimeoutCert.from_wire),
         )
+
+    def with_certificates(self, qc: QuorumCert, tc: TimeoutCert | None) -> SafetyData:
+        high_qc = qc if self.high_qc is None or qc.round > self.high_qc.round else self.high_qc
+        high_tc = self.high_tc
+        if tc is not None and (high_tc is None or tc.round > high_tc.round):
+            high_tc = tc
+        return replace(self, high_qc=high_qc, high_tc=high_tc)
 
 
 class SafetyStore(Protocol):
@@ -144,8 +165,20 @@ class SafetyRules:
         vote = Vote.create(block.vote_data(), self.index, self._identity, self.vset.chain_id)
         self._persist(replace(
             data, last_voted_round=block.round, locked_round=max(data.locked_round, qc.round), last_vote=vote,
-        ))
+        ).with_certificates(qc, tc))
         return vote
+
+    def propose(self, block: Block) -> Block:
+        """Sign this validator's proposal ``block``; at most one per round, across restarts."""
+        data = self._data
+        if block.author != self.index:
+            raise SafetyViolation(f"block authored by {block.author}, this is validator {self.index}",
+                                  reason="not_author")
+        if block.round <= data.last_proposed_round:
+            raise SafetyViolation(f"already proposed in round {data.last_proposed_round}", reason="proposed_twice")
+        signed = block.signed(self._identity, self.vset.chain_id)
+        self._persist(replace(data, last_proposed_round=block.round))
+        return signed
 
     @staticmethod
     def _safe_to_vote(round_: int, qc: QuorumCert, tc: TimeoutCert | None) -> bool:
@@ -177,5 +210,5 @@ class SafetyRules:
             highest_timeout_round=max(data.highest_timeout_round, round_),
             locked_round=max(data.locked_round, high_qc.round),
             last_timeout=timeout,
-        ))
+        ).with_certificates(high_qc, high_tc))
         return timeout

@@ -14,7 +14,7 @@ impossible to express without being caught.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -297,9 +297,20 @@ class Block:
         cls, *, epoch: int, round: int, qc: QuorumCert, author: int, timestamp: int,
         payload: Sequence[bytes], identity: crypto.Identity, chain_id: str,
     ) -> Block:
-        unsigned = cls(epoch, round, qc.height + 1, qc.block_id, qc, author, timestamp, tuple(payload), b"")
-        signature = identity.sign(crypto.signing_bytes(PROPOSAL_DOMAIN, [chain_id, unsigned.id]))
-        return cls(epoch, round, qc.height + 1, qc.block_id, qc, author, timestamp, tuple(payload), signature)
+        return cls.unsigned(
+            epoch=epoch, round=round, qc=qc, author=author, timestamp=timestamp, payload=payload,
+        ).signed(identity, chain_id)
+
+    @classmethod
+    def unsigned(
+        cls, *, epoch: int, round: int, qc: QuorumCert, author: int, timestamp: int, payload: Sequence[bytes],
+    ) -> Block:
+        """A block extending ``qc``, not yet signed (the safety rules sign proposals)."""
+        return cls(epoch, round, qc.height + 1, qc.block_id, qc, author, timestamp, tuple(payload), b"")
+
+    def signed(self, identity: crypto.Identity, chain_id: str) -> Block:
+        signature = identity.sign(crypto.signing_bytes(PROPOSAL_DOMAIN, [chain_id, self.id]))
+        return replace(self, signature=signature)
 
     def vote_data(self) -> VoteData:
         assert self.qc is not None

@@ -36,7 +36,8 @@ from ..config import Genesis
 from ..errors import ProtocolError
 from ..logs import get_logger
 from .protocol import (
-    MAX_FRAME_BYTES, Auth, Frame, Hello, Welcome, check_transcript, decode_frame, encode_frame, sign_transcript,
+    MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME, Auth, Frame, Hello, Welcome, check_transcript, decode_frame, encode_frame,
+    sign_transcript,
 )
 
 HANDSHAKE_TIMEOUT = 10.0
@@ -210,7 +211,7 @@ class PeerNetwork:
     async def _dialer_handshake(self, ws: trio_websocket.WebSocketConnection, expected: str) -> None:
         hello = Hello.fresh(self.genesis, self.name)
         await ws.send_message(encode_frame(hello))
-        welcome = decode_frame(await ws.get_message())
+        welcome = decode_frame(await ws.get_message(), max_size=MAX_HANDSHAKE_FRAME)
         if not isinstance(welcome, Welcome):
             raise ProtocolError("expected a welcome frame", reason="unexpected_frame")
         welcome.hello.check_against(self.genesis)
@@ -221,7 +222,7 @@ class PeerNetwork:
                                                                 "dialer"))))
 
     async def _listener_handshake(self, ws: trio_websocket.WebSocketConnection) -> str:
-        hello = decode_frame(await ws.get_message())
+        hello = decode_frame(await ws.get_message(), max_size=MAX_HANDSHAKE_FRAME)
         if not isinstance(hello, Hello):
             raise ProtocolError("expected a hello frame", reason="unexpected_frame")
         hello.check_against(self.genesis)
@@ -230,7 +231,7 @@ class PeerNetwork:
         mine = Hello.fresh(self.genesis, self.name)
         signature = sign_transcript(self.identity, self.genesis, hello, mine, "listener")
         await ws.send_message(encode_frame(Welcome(mine, signature)))
-        auth = decode_frame(await ws.get_message())
+        auth = decode_frame(await ws.get_message(), max_size=MAX_HANDSHAKE_FRAME)
         if not isinstance(auth, Auth):
             raise ProtocolError("expected an auth frame", reason="unexpected_frame")
         check_transcript(self.genesis, hello, mine, "dialer", auth.signature)

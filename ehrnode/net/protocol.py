@@ -30,6 +30,8 @@ from ..errors import CodecError, ProtocolError, SchemaError
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 8 * 1024 * 1024
+#: Handshake frames come from peers not yet authenticated: a small cap, checked before decoding.
+MAX_HANDSHAKE_FRAME = 4096
 NONCE_SIZE = 32
 HANDSHAKE_DOMAIN = "ehrnode/handshake/v1"
 
@@ -134,12 +136,14 @@ def encode_frame(frame: Frame) -> bytes:
     return codec.encode({"type": _NAMES[type(frame)], "body": frame.to_wire()})
 
 
-def decode_frame(data: bytes | str) -> Frame:
+def decode_frame(data: bytes | str, *, max_size: int = MAX_FRAME_BYTES) -> Frame:
     """Strictly decode one frame (raises ProtocolError naming what was wrong)."""
     if isinstance(data, str):
         raise ProtocolError("text frame on a binary protocol", reason="text_frame")
+    if len(data) > max_size:
+        raise ProtocolError(f"frame of {len(data)} bytes exceeds {max_size}", reason="too_large")
     try:
-        envelope = as_map(codec.decode(data, max_size=MAX_FRAME_BYTES), "frame", ("type", "body"))
+        envelope = as_map(codec.decode(data, max_size=max_size), "frame", ("type", "body"))
         name = as_str(envelope["type"], "frame.type", max_len=16)
         cls = _BY_NAME.get(name)
         if cls is None:

@@ -202,3 +202,35 @@ def test_a_sync_response_whose_blocks_do_not_chain_is_refused():
     with pytest.raises(InvalidMessage) as err:
         core.on_message(1, SyncResponse((b3, b1)), 0.0)
     assert err.value.reason == "bad_chain"
+
+
+def test_a_whole_cluster_restart_in_a_round_entered_by_timeout_certificate_recovers():
+    c = Cluster(down={1})
+    c.start()
+    # Run until the live validators sit in a round they entered by a timeout certificate.
+    c.run(until=30.0, max_steps=20_000, done=lambda: c.cores[0].high_tc is not None
+          and c.cores[0].round == c.cores[0].high_tc.round + 1 and c.stores[0].data.last_voted_round == c.cores[0].round)
+    assert c.cores[0].high_tc is not None
+    before = min(c.cores[i].committed_height for i in (0, 2, 3))
+    c.queue.clear()
+    c.down.clear()
+    for i in range(4):
+        c.cores[i] = c._core(i, recover=True)
+        c.apply(i, c.cores[i].start(c.now))
+    assert c.cores[0].high_tc is not None  # reloaded from the safety data, not from any block
+    c.run(until=c.now + 60.0, max_steps=50_000, done=lambda: min(x.committed_height for x in c.cores) > before + 2)
+    assert min(x.committed_height for x in c.cores) > before + 2
+
+
+def test_a_leader_never_proposes_twice_in_a_round_even_after_a_restart():
+    c = Cluster()
+    c.start()
+    c.run(until=0.2, max_steps=500)
+    leader = c.cores[0].vset.leader(c.cores[0].round)
+    proposed = c.stores[leader].data.last_proposed_round
+    assert proposed > 0
+    c.cores[leader] = c._core(leader, recover=True)
+    actions = c.cores[leader].start(c.now)
+    again = [a for a in actions if isinstance(a, Broadcast) and isinstance(a.message, Proposal)
+             and a.message.block.round <= proposed]
+    assert again == []
