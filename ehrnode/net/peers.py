@@ -211,7 +211,7 @@ class PeerNetwork:
     async def _dialer_handshake(self, ws: trio_websocket.WebSocketConnection, expected: str) -> None:
         hello = Hello.fresh(self.genesis, self.name)
         await ws.send_message(encode_frame(hello))
-        welcome = decode_frame(await ws.get_message(), max_size=MAX_HANDSHAKE_FRAME)
+        welcome = decode_frame(await _handshake_message(ws), max_size=MAX_HANDSHAKE_FRAME)
         if not isinstance(welcome, Welcome):
             raise ProtocolError("expected a welcome frame", reason="unexpected_frame")
         welcome.hello.check_against(self.genesis)
@@ -222,7 +222,7 @@ class PeerNetwork:
                                                                 "dialer"))))
 
     async def _listener_handshake(self, ws: trio_websocket.WebSocketConnection) -> str:
-        hello = decode_frame(await ws.get_message(), max_size=MAX_HANDSHAKE_FRAME)
+        hello = decode_frame(await _handshake_message(ws), max_size=MAX_HANDSHAKE_FRAME)
         if not isinstance(hello, Hello):
             raise ProtocolError("expected a hello frame", reason="unexpected_frame")
         hello.check_against(self.genesis)
@@ -231,7 +231,7 @@ class PeerNetwork:
         mine = Hello.fresh(self.genesis, self.name)
         signature = sign_transcript(self.identity, self.genesis, hello, mine, "listener")
         await ws.send_message(encode_frame(Welcome(mine, signature)))
-        auth = decode_frame(await ws.get_message(), max_size=MAX_HANDSHAKE_FRAME)
+        auth = decode_frame(await _handshake_message(ws), max_size=MAX_HANDSHAKE_FRAME)
         if not isinstance(auth, Auth):
             raise ProtocolError("expected an auth frame", reason="unexpected_frame")
         check_transcript(self.genesis, hello, mine, "dialer", auth.signature)
@@ -297,6 +297,15 @@ def _unwrap(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+async def _handshake_message(ws: trio_websocket.WebSocketConnection) -> bytes | str:
+    try:
+        return await ws.get_message()
+    except ConnectionClosed as exc:
+        if exc.reason is not None and exc.reason.code == 1009:
+            raise ProtocolError("handshake frame larger than any frame may be", reason="too_large") from exc
+        raise
 
 
 async def _close(ws: trio_websocket.WebSocketConnection, code: int, reason: str) -> None:

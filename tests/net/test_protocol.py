@@ -1,0 +1,143 @@
+import os
+from dataclasses import replace
+
+import pytest
+import trio
+import trio.testing
+import trio_websocket
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ehrnode import crypto
+from ehrnode.consortium import init_consortium
+from ehrnode.errors import ProtocolError
+from ehrnode.net.peers import PeerNetwork
+from ehrnode.net.protocol import (
+    Auth, ConsensusFrame, Hello, TxFrame, Welcome, check_transcript, decode_frame, encode_frame, sign_transcript,
+)
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory):
+    root = tmp_path_factory.mktemp("consortium")
+    genesis = init_consortium(root, ["A", "B", "C"], "R", base_port=30000)
+    keys = {m.name: crypto.Identity.load(root / m.name / "keys" / "signing.pem") for m in genesis.members}
+    return genesis, keys
+
+
+def sample_frames(genesis):
+    hello = Hello.fresh(genesis, "A")
+    return [hello, Welcome(hello, os.urandom(64)), Auth(os.urandom(64)), ConsensusFrame(b"\x01\x02"),
+            TxFrame(os.urandom(100))]
+
+
+def test_frames_round_trip(consortium):
+    genesis, _ = consortium
+    for frame in sample_frames(genesis):
+        assert decode_frame(encode_frame(frame)) == frame
+
+
+@given(st.binary(max_size=400))
+@settings(max_examples=400)
+def test_random_bytes_fail_only_with_protocol_errors(data):
+    try:
+        decode_frame(data)
+    except ProtocolError:
+        pass
+
+
+@given(st.data())
+@settings(max_examples=300, deadline=None)
+def test_mutated_frames_fail_only_with_protocol_errors(consortium, data):
+    genesis, _ = consortium
+    raw = bytearray(encode_frame(data.draw(st.sampled_from(sample_frames(genesis)))))
+    for _ in range(data.draw(st.integers(1, 4))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    try:
+        frame = decode_frame(bytes(raw))
+    except ProtocolError:
+        return
+    if isinstance(frame, Hello):
+        try:
+            frame.check_against(genesis)
+        except ProtocolError:
+            pass
+
+
+@given(
+    st.sampled_from(["A", "B", "C", "R", "Mallory", ""]),
+    st.booleans(), st.booleans(), st.integers(0, 3),
+)
+@settings(max_examples=200)
+def test_hello_checks_chain_genesis_version_and_membership(consortium, name, same_chain, same_genesis, version):
+    genesis, _ = consortium
+    hello = Hello(version, genesis.chain_id if same_chain else "other", genesis.hash if same_genesis else bytes(32),
+                  name, os.urandom(32))
+    valid = version == 1 and same_chain and same_genesis and name in {"A", "B", "C", "R"}
+    if valid:
+        hello.check_against(genesis)
+    else:
+        with pytest.raises(ProtocolError):
+            hello.check_against(genesis)
+
+
+def test_transcript_signature_binds_both_nonces_names_and_roles(consortium):
+    genesis, keys = consortium
+    dialer, listener = Hello.fresh(genesis, "A"), Hello.fresh(genesis, "B")
+    sig = sign_transcript(keys["A"], genesis, dialer, listener, "dialer")
+    check_transcript(genesis, dialer, listener, "dialer", sig)
+    for tampered in (
+        (replace(dialer, nonce=os.urandom(32)), listener, "dialer"),
+        (dialer, replace(listener, nonce=os.urandom(32)), "dialer"),
+        (dialer, replace(listener, name="C"), "dialer"),
+        (dialer, listener, "listener"),  # a dialer's signature is not a listener's
+    ):
+        with pytest.raises(ProtocolError):
+            check_transcript(genesis, *tampered[:2], tampered[2], sig)
+    with pytest.raises(ProtocolError):  # signed by a key that is not A's
+        check_transcript(genesis, dialer, listener, "dialer",
+                         sign_transcript(keys["B"], genesis, dialer, listener, "dialer"))
+
+
+async def _handshake_pair(consortium, dialer_name, dialer_key, listener_name="B"):
+    """Run a real handshake over an in-memory stream; returns (dialer error, listener result)."""
+    genesis, keys = consortium
+    listener = PeerNetwork(genesis, listener_name, keys[listener_name], lambda *_: None)
+    dialer = PeerNetwork(genesis, dialer_name, dialer_key, lambda *_: None)
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    results = {}
+    async with trio.open_nursery() as nursery:
+        async def server():
+            request = await trio_websocket.wrap_server_stream(nursery, server_stream)
+            ws = await request.accept()
+            try:
+                results["listener"] = await listener._listener_handshake(ws)
+            except ProtocolError as exc:
+                results["listener"] = exc
+
+        async def client():
+            ws = await trio_websocket.wrap_client_stream(nursery, client_stream, "localhost", "/peer")
+            try:
+                await dialer._dialer_handshake(ws, listener_name)
+                results["dialer"] = "ok"
+            except ProtocolError as exc:
+                results["dialer"] = exc
+
+        nursery.start_soon(server)
+        nursery.start_soon(client)
+        with trio.fail_after(5):
+            while len(results) < 2:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    return results
+
+
+async def test_members_complete_the_handshake_over_memory_streams(consortium):
+    _, keys = consortium
+    results = await _handshake_pair(consortium, "A", keys["A"])
+    assert results == {"dialer": "ok", "listener": "A"}
+
+
+async def test_a_dialer_without_its_genesis_key_is_refused(consortium):
+    results = await _handshake_pair(consortium, "A", crypto.Identity.generate())
+    assert isinstance(results["listener"], ProtocolError) and results["listener"].reason == "bad_signature"
