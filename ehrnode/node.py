@@ -278,7 +278,10 @@ class Node:
                     self._subscribers.remove(channel)
 
     def _log_core(self, action: Log) -> None:
-        if action.event in ("round.timeout", "tc.formed", "vote.equivocation", "vote.refused", "timeout.refused"):
+        if action.event in (
+            "round.timeout", "tc.formed", "vote.equivocation", "vote.refused", "timeout.refused", "proposal.refused",
+            "sync.started", "sync.finished",
+        ):
             self.log.info(action.event, **action.fields)
         else:
             self.log.debug(action.event, **action.fields)

@@ -152,6 +152,7 @@ class ConsensusCore:
             if recovery.high_qc is not None and recovery.high_qc.round > self.high_qc.round:
                 self.high_qc = recovery.high_qc
         self._pending_commit: QuorumCert | None = None
+        self._catching_up = False
 
         self._votes: dict[int, dict[bytes, dict[int, Vote]]] = {}
         self._vote_digests: dict[tuple[int, int], bytes] = {}
@@ -365,10 +366,16 @@ class ConsensusCore:
             self._pending_commit = None
             return
         if target not in self.tree:
+            if not self._catching_up:
+                self._catching_up = True
+                actions.append(Log("sync.started", {"height": self.root.height, "target": proof.height - 1}))
             self._request_sync(target, now, actions)
             return
         committed = self.tree.commit(target)
         self._pending_commit = None
+        if self._catching_up:
+            self._catching_up = False
+            actions.append(Log("sync.finished", {"height": committed[-1].height}))
         for block in committed:
             for tx in block.payload:
                 self._pending_txs.pop(crypto.sha256(tx), None)

@@ -1,0 +1,184 @@
+"""A four-member consortium on loopback under load offered from this (separate) process.
+
+Starts four `ehrnode run` processes from a fresh `consortium init`, then offers signed
+256-byte note transactions through the nodes' local APIs, round-robin over the members:
+
+* at fixed rates (default 200 and 500 tx/s), measuring commit latency from submission to
+  the `block.committed` notification of the block that holds the transaction;
+* at saturation (as fast as the submitters go), measuring committed tx/s.
+
+It also measures this machine's Ed25519 verifications per second and prints the bound
+`cores x verify_per_s / validators` (each transaction is verified at least once per
+validator) and the fraction of it reached.
+
+    python benchmarks/cluster.py [--duration 10] [--rates 200,500] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ehrnode import crypto  # noqa: E402
+from ehrnode.client import ApiClient  # noqa: E402
+from tests.daemon.cluster import Cluster  # noqa: E402
+
+NOTE_BYTES = 256 - 160  # the note text; with the envelope and signature a transaction is ~256 bytes
+
+
+def verify_rate(seconds: float = 1.0) -> float:
+    crypto.set_verify_cache(0)
+    ident = crypto.Identity.generate()
+    msgs = [os.urandom(64) for _ in range(256)]
+    sigs = [ident.sign(m) for m in msgs]
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for m, s in zip(msgs, sigs):
+            crypto.verify(ident.public_key, m, s)
+        count += len(msgs)
+    return count / (time.perf_counter() - start)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Load:
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.submitted: dict[str, float] = {}
+        self.committed: dict[str, float] = {}
+        self.refused = 0
+
+    async def watch(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Record when each transaction's block is committed, as seen by member A."""
+        async with ApiClient.connect(self.cluster.configs["A"]) as sub, \
+                ApiClient.connect(self.cluster.configs["A"]) as fetch:
+            await sub.call("blocks.subscribe")
+            task_status.started()
+            async for note in sub.notifications():
+                now = time.perf_counter()
+                if note["params"]["txs"]:
+                    block = await fetch.call("block.get", height=note["params"]["height"])
+                    for tx in block["txs"]:
+                        self.committed.setdefault(tx["id"], now)
+
+    async def offer(self, rate: float | None, seconds: float, workers: int) -> float:
+        """Submit for ``seconds`` at ``rate`` tx/s in all (None: as fast as possible)."""
+        names = self.cluster.names
+        deadline = time.perf_counter() + seconds
+        interval = None if rate is None else workers / rate
+        text = "x" * NOTE_BYTES
+
+        async def worker(k: int) -> None:
+            async with ApiClient.connect(self.cluster.configs[names[k % len(names)]]) as client:
+                next_at = time.perf_counter() + (0 if interval is None else interval * k / workers)
+                while time.perf_counter() < deadline:
+                    if interval is not None:
+                        await trio.sleep_until(trio.current_time() + max(0.0, next_at - time.perf_counter()))
+                        next_at += interval
+                    sent = time.perf_counter()
+                    try:
+                        result = await client.call("tx.submit", note=text)
+                    except Exception:  # noqa: BLE001 - mempool full under saturation: count and go on
+                        self.refused += 1
+                        continue
+                    self.submitted[result["tx_id"]] = sent
+
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for k in range(workers):
+                nursery.start_soon(worker, k)
+        return time.perf_counter() - start
+
+
+async def measure(cluster: Cluster, rates: list[float], seconds: float) -> dict:
+    results: dict = {"fixed": []}
+    load = Load(cluster)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(load.watch)
+        for rate in rates:
+            load.submitted.clear()
+            elapsed = await load.offer(rate, seconds, workers=8)
+            await trio.sleep(3.0)  # let the tail commit
+            ids = list(load.submitted)
+            latencies = sorted(1000 * (load.committed[i] - load.submitted[i]) for i in ids if i in load.committed)
+            results["fixed"].append({
+                "offered_tps": rate, "submitted": len(ids), "committed": len(latencies),
+                "achieved_tps": round(len(ids) / elapsed, 1),
+                "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
+                "p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))], 1) if latencies else None,
+            })
+        load.submitted.clear()
+        cpu_before = {n: cpu_seconds(p.pid) for n, p in cluster.procs.items()}
+        first = time.perf_counter()
+        elapsed = await load.offer(None, seconds, workers=16)
+        await trio.sleep(3.0)
+        ids = [i for i in load.submitted if i in load.committed]
+        window = max(load.committed[i] for i in ids) - first if ids else elapsed
+        latencies = sorted(1000 * (load.committed[i] - load.submitted[i]) for i in ids)
+        cpu_after = {n: cpu_seconds(p.pid) for n, p in cluster.procs.items()}
+        results["saturation"] = {
+            "submitted": len(load.submitted), "committed": len(ids), "refused": load.refused,
+            "committed_tps": round(len(ids) / window, 1),
+            "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
+            "p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))], 1) if latencies else None,
+            "cpu_per_node": {n: round((cpu_after[n] - cpu_before[n]) / window, 2) for n in cpu_after},
+        }
+        nursery.cancel_scope.cancel()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per measurement")
+    parser.add_argument("--rates", default="200,500", help="fixed offered rates, tx/s, comma-separated")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    rates = [float(r) for r in args.rates.split(",") if r]
+
+    verify_per_s = verify_rate()
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster = Cluster(Path(tmp) / "consortium")
+        cluster.start_all()
+        try:
+            trio.run(cluster.wait_ready)
+            results = trio.run(measure, cluster, rates, args.duration)
+        finally:
+            cluster.stop_all()
+    bound = cores * verify_per_s / len(cluster.names)
+    sat = results["saturation"]
+    fixed = {f"{int(r['offered_tps'])}": r for r in results["fixed"]}
+    low = results["fixed"][0] if results["fixed"] else {}
+    summary = {
+        "committed_tps": sat["committed_tps"], "p50_ms": low.get("p50_ms"), "p99_ms": low.get("p99_ms"),
+        "verify_per_s": round(verify_per_s), "cores": cores, "verify_bound_tps": round(bound),
+        "fraction_of_bound": round(sat["committed_tps"] / bound, 3), "fixed_rates": fixed, "saturation": sat,
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return
+    print(f"cluster: 4 members on loopback, {cores} cores, ~256-byte signed note transactions")
+    for r in results["fixed"]:
+        print(f"  offered {r['offered_tps']:>6.0f} tx/s: achieved {r['achieved_tps']} tx/s, committed "
+              f"{r['committed']}/{r['submitted']}, latency p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms")
+    print(f"  saturation: {sat['committed_tps']} committed tx/s (p50 {sat['p50_ms']} ms, p99 {sat['p99_ms']} ms, "
+          f"{sat['refused']} refused), CPU per node {sat['cpu_per_node']}")
+    print(f"  Ed25519 verify: {verify_per_s:,.0f}/s per core; bound {cores} x {verify_per_s:,.0f} / 4 = "
+          f"{bound:,.0f} tx/s; reached {summary['fraction_of_bound']:.1%}")
+
+
+if __name__ == "__main__":
+    main()
