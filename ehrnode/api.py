@@ -7,6 +7,7 @@ HTTP 401 before any JSON is read. Methods:
 
 ``status``            ``{"node", "height", "head", "round", "peers", "mempool", ...}``
 ``tx.submit``         ``{"note": TEXT, "wait": bool, "timeout": seconds}`` -> ``{"tx_id", "height"}``
+``tx.submit_batch``   ``{"notes": [TEXT, ...]}`` -> ``{"tx_ids": [...], "errors": [{"index", "reason"}]}``
 ``block.get``         ``{"height": H}`` (default: the head) -> ``{"height", "id", "parent", "round", "txs"}``
 ``blocks.subscribe``  then one ``block.committed`` notification per committed block
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 TOKEN_FILE = "api.token"
 MAX_REQUEST_BYTES = 1 << 20
 MAX_WAIT = 120.0
+MAX_BATCH = 1000
 
 
 class RpcError(Exception):
@@ -174,6 +176,21 @@ class ApiServer:
                 raise RpcError(-32000, f"transaction {tx.id.hex()} not committed within {timeout} s",
                                reason="timeout")
             return {"tx_id": tx.id.hex(), "height": height}
+        if method == "tx.submit_batch":
+            notes = params.get("notes")
+            if not isinstance(notes, list) or not 0 < len(notes) <= MAX_BATCH or not all(
+                isinstance(n, str) for n in notes
+            ):
+                raise RpcError(-32602, f"notes must be a list of 1..{MAX_BATCH} strings")
+            tx_ids: list[str | None] = []
+            errors = []
+            for index, note in enumerate(notes):
+                try:
+                    tx_ids.append(node.submit_note(note).id.hex())
+                except AdmissionError as exc:
+                    tx_ids.append(None)
+                    errors.append({"index": index, "reason": exc.reason})
+            return {"tx_ids": tx_ids, "errors": errors}
         if method == "blocks.subscribe":
             channel = node.subscribe()
             nursery.start_soon(self._forward, channel, ws)

@@ -7,12 +7,14 @@ genesis, the safety data, the block store and the ledger state (replaying any
 committed block the state had not applied before a crash), the mempool, and
 the consensus core recovered from the block store.
 
-One task, the *driver*, owns the consensus core: every input (a consensus
-message from a peer, new transactions, the timer) arrives on one bounded
-channel and is fed to the core in order; the driver carries out the actions
-it returns (send through the peer network, persist, commit, re-arm the
-timer). Peer connections and API clients never touch the core directly, so
-the core sees one event at a time, as in the simulator.
+One task, the *driver*, owns the consensus core: inputs (consensus messages
+from peers, transactions from peers or local clients, the timer) arrive in two
+bounded inboxes and are fed to the core one at a time, consensus messages
+first, so a burst of transactions never delays a vote. The driver carries out
+the actions the core returns (send through the peer network, persist, commit,
+re-arm the timer). Peer connections and API clients never touch the core
+directly, as in the simulator. Locally submitted transactions are gossiped to
+every peer in batches every few milliseconds.
 
 A committed block is written to the block store, applied to the ledger state,
 removed from the mempool, and announced to API subscribers and to callers
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +40,7 @@ from .consensus.core import (
 from .consensus.messages import decode_message, encode_message
 from .consensus.pacemaker import PacemakerConfig
 from .consensus.types import Block
-from .errors import CodecError, ConfigError, CryptoError, InvalidMessage, StoreError
+from .errors import AdmissionError, CodecError, ConfigError, CryptoError, InvalidMessage, StoreError
 from .ledger.block_store import SqliteBlockStore
 from .ledger.mempool import Mempool
 from .ledger.safety_store import FileSafetyStore
@@ -47,7 +50,10 @@ from .logs import get_logger
 from .net.peers import PeerNetwork
 from .net.protocol import ConsensusFrame, Frame, TxFrame, encode_frame
 
-INBOX_SIZE = 20_000
+CONSENSUS_INBOX = 10_000
+TX_INBOX = 100_000
+MAX_TX_BATCH = 1000
+GOSSIP_INTERVAL = 0.005
 DEFAULT_CORE = CoreConfig(
     pacemaker=PacemakerConfig(base_timeout=2.0, backoff=1.5, max_timeout=30.0, resend_interval=1.0),
     max_block_txs=1000,
@@ -93,7 +99,13 @@ class Node:
             recovery=self.block_store.recovery(), committed_lookup=self.block_store.get_block,
         )
         self.network = PeerNetwork(self.genesis, self.name, self.identity, self._on_frame)
-        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[Any, ...]](INBOX_SIZE)
+        # Two inboxes: consensus messages are always handled before transactions, so a burst of
+        # gossip never delays a vote. Both are bounded.
+        self._consensus_in: deque[tuple[str, bytes]] = deque()
+        self._txs_in: deque[tuple[str | None, bytes]] = deque()
+        self._wake = trio.Event()
+        self._gossip_out: list[bytes] = []
+        self._gossip_wake = trio.Event()
         self._deadline = float("inf")
         self._waiters: dict[bytes, _Waiter] = {}
         self._subscribers: list[trio.MemorySendChannel[dict[str, Any]]] = []
@@ -114,16 +126,16 @@ class Node:
     def _on_frame(self, peer: str, frame: Frame) -> None:
         """Called by a peer connection's reader; never blocks."""
         if isinstance(frame, ConsensusFrame):
-            self._enqueue(("consensus", peer, frame.data))
+            if len(self._consensus_in) >= CONSENSUS_INBOX:
+                self.inbox_dropped += 1  # overloaded: consensus re-sends what it needs
+                return
+            self._consensus_in.append((peer, frame.data))
         elif isinstance(frame, TxFrame):
-            self._enqueue(("tx", peer, frame.data))
-
-    def _enqueue(self, item: tuple[Any, ...]) -> None:
-        try:
-            self._inbox_send.send_nowait(item)
-        except trio.WouldBlock:
-            # Overloaded: consensus re-sends what it needs; a dropped gossip copy is held elsewhere too.
-            self.inbox_dropped += 1
+            room = TX_INBOX - len(self._txs_in)
+            if room < len(frame.txs):
+                self.inbox_dropped += len(frame.txs) - max(room, 0)
+            self._txs_in.extend((peer, tx) for tx in frame.txs[:max(room, 0)])
+        self._wake.set()
 
     def submit_note(self, text: str) -> Transaction:
         """Sign a note transaction as this member, admit it and gossip it (raises AdmissionError)."""
@@ -131,13 +143,32 @@ class Node:
             "note", {"text": text}, chain_id=self.genesis.chain_id, submitter=self.name, identity=self.identity,
             time_ms=int(time.time() * 1000),
         )
-        return self.submit(tx.encoded)
+        self.mempool.admit_own(tx)
+        self._accept_local(tx.encoded)
+        return tx
 
     def submit(self, data: bytes) -> Transaction:
+        """Admit a signed transaction from a local client and gossip it (raises AdmissionError)."""
         tx = self.mempool.admit(data)
-        self.network.broadcast(encode_frame(TxFrame(data)))
-        self._enqueue(("txs", [data]))
+        self._accept_local(data)
         return tx
+
+    def _accept_local(self, data: bytes) -> None:
+        self._gossip_out.append(data)
+        self._gossip_wake.set()
+        # Already admitted: the driver hands it to consensus without checking it again.
+        self._txs_in.append((None, data))
+        self._wake.set()
+
+    async def _gossip(self) -> None:
+        """Send locally submitted transactions to every peer, batched every few milliseconds."""
+        while True:
+            await self._gossip_wake.wait()
+            self._gossip_wake = trio.Event()
+            await trio.sleep(GOSSIP_INTERVAL)
+            while self._gossip_out:
+                batch, self._gossip_out = self._gossip_out[:MAX_TX_BATCH], self._gossip_out[MAX_TX_BATCH:]
+                self.network.broadcast(encode_frame(TxFrame(tuple(batch))), bulk=True)
 
     async def wait_committed(self, tx_id: bytes, timeout: float) -> int | None:
         """The height ``tx_id`` was committed at, or None if not within ``timeout`` seconds."""
@@ -167,6 +198,7 @@ class Node:
             await nursery.start(api.serve, self.config.api_listen.host, self.config.api_listen.port)
             nursery.start_soon(self.network.dial_all)
             nursery.start_soon(self._drive)
+            nursery.start_soon(self._gossip)
             self.log.info(
                 "node.started", chain=self.genesis.chain_id, height=self.head.height, peer_address=str(peer),
                 api_address=str(self.config.api_listen), validators=self.vset.n,
@@ -182,57 +214,54 @@ class Node:
     async def _drive(self) -> None:
         self._apply(self.core.start(time.time()))
         while True:
-            item = None
-            with trio.move_on_at(self._deadline):
-                item = await self._inbox.receive()
-            if item is None:
-                self._apply(self.core.tick(time.time()))
-                continue
-            self._handle(item)
-            # Drain what is already queued before yielding, but keep the timer honest.
-            for _ in range(256):
-                try:
-                    item = self._inbox.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                self._handle(item)
+            if not self._consensus_in and not self._txs_in:
+                with trio.move_on_at(self._deadline):
+                    await self._wake.wait()
+                self._wake = trio.Event()
             if trio.current_time() >= self._deadline:
                 self._apply(self.core.tick(time.time()))
+            # Consensus first, then one batch of transactions, then let other tasks run.
+            for _ in range(min(len(self._consensus_in), 512)):
+                peer, data = self._consensus_in.popleft()
+                self._handle_consensus(peer, data)
+            if self._txs_in:
+                self._handle_txs()
             await trio.sleep(0)
 
-    def _handle(self, item: tuple[Any, ...]) -> None:
-        kind = item[0]
-        now = time.time()
-        if kind == "consensus":
-            _, peer, data = item
-            try:
-                message = decode_message(data)
-                actions = self.core.on_message(self.genesis.index(peer), message, now)
-            except (CodecError, InvalidMessage) as exc:
-                self.invalid_messages += 1
-                self.log.warning("consensus.invalid_message", peer=peer, reason=exc.reason, error=str(exc))
-                self.network.kick(peer, exc.reason)
-                return
-            except StoreError:
-                raise  # the disk failed under us: stop rather than run on half-persisted state
-            except Exception as exc:  # noqa: BLE001 - a message we did not foresee costs its sender the link
-                self.invalid_messages += 1
-                self.log.error("consensus.message_failed", peer=peer, error=repr(exc))
-                self.network.kick(peer, "internal_error")
-                return
-            self._apply(actions)
-        elif kind == "tx":
-            _, peer, data = item
+    def _handle_consensus(self, peer: str, data: bytes) -> None:
+        try:
+            message = decode_message(data)
+            actions = self.core.on_message(self.genesis.index(peer), message, time.time())
+        except (CodecError, InvalidMessage) as exc:
+            self.invalid_messages += 1
+            self.log.warning("consensus.invalid_message", peer=peer, reason=exc.reason, error=str(exc))
+            self.network.kick(peer, exc.reason)
+            return
+        except StoreError:
+            raise  # the disk failed under us: stop rather than run on half-persisted state
+        except Exception as exc:  # noqa: BLE001 - a message we did not foresee costs its sender the link
+            self.invalid_messages += 1
+            self.log.error("consensus.message_failed", peer=peer, error=repr(exc))
+            self.network.kick(peer, "internal_error")
+            return
+        self._apply(actions)
+
+    def _handle_txs(self) -> None:
+        accepted = []
+        for _ in range(min(len(self._txs_in), MAX_TX_BATCH)):
+            peer, data = self._txs_in.popleft()
+            if peer is None:
+                accepted.append(data)  # admitted by submit() already
+                continue
             try:
                 self.mempool.admit(data)
-            except Exception as exc:  # noqa: BLE001 - an admission failure is the sender's problem
-                reason = getattr(exc, "reason", type(exc).__name__)
-                if reason != "duplicate":
-                    self.log.debug("tx.refused", peer=peer, reason=reason)
-                return
-            self._apply(self.core.submit([data], now))
-        elif kind == "txs":
-            self._apply(self.core.submit(item[1], now))
+            except AdmissionError as exc:
+                if exc.reason != "duplicate":
+                    self.log.debug("tx.refused", peer=peer, reason=exc.reason)
+                continue
+            accepted.append(data)
+        if accepted:
+            self._apply(self.core.submit(accepted, time.time()))
 
     def _apply(self, actions: Iterable[Action]) -> None:
         for action in actions:
@@ -254,7 +283,9 @@ class Node:
     def _commit(self, action: CommitBlocks) -> None:
         self.block_store.commit(action.blocks, action.proof)
         for block in action.blocks:
-            txs = self.state.apply(block)
+            # After a power cut the state can be ahead of the block store: the blocks committed
+            # again are the same blocks, already applied.
+            txs = self.state.apply(block) if block.height > self.state.applied_height else []
             ids = [tx.id for tx in txs]
             self.mempool.remove(crypto.sha256(data) for data in block.payload)
             self.head = block

@@ -100,8 +100,9 @@ class CoreConfig:
     pacemaker: PacemakerConfig = field(default_factory=PacemakerConfig)
     max_block_txs: int = 500
     max_pending_txs: int = 100_000
-    #: A leader with nothing to commit (no pending transactions, none in uncommitted blocks) waits
-    #: this long after its parent's timestamp before proposing an empty block.
+    #: A leader with nothing to commit or announce (no pending transactions, none in the block it
+    #: extends or that block's parent) waits this long after its parent's timestamp before
+    #: proposing an empty block.
     empty_block_delay: float = 0.0
     #: Blocks fetched by sync but not yet linked to the tree (bounds memory while far behind).
     max_orphans: int = 20_000
@@ -415,7 +416,7 @@ class ConsensusCore:
                 return  # not entered by a certificate for the previous round: nothing to extend safely
             tc = self.high_tc
         parent = self.tree.get(self.high_qc.block_id)
-        if not self._pending_txs and self.config.empty_block_delay > 0 and not self._uncommitted_payload(parent):
+        if not self._pending_txs and self.config.empty_block_delay > 0 and not self._recent_payload(parent):
             ready_at = (parent.timestamp / 1000 if parent else 0.0) + self.config.empty_block_delay
             if now < ready_at:
                 self._propose_at = ready_at
@@ -435,11 +436,18 @@ class ConsensusCore:
         actions.append(Log("block.proposed", {"round": round_, "height": block.height, "txs": len(block.payload)}))
         self._on_proposal(self.index, proposal, now, actions)
 
-    def _uncommitted_payload(self, parent: Block | None) -> bool:
-        """Whether a block between the root and ``parent`` carries transactions still to commit."""
+    def _recent_payload(self, parent: Block | None) -> bool:
+        """Whether the block we would extend, or its parent, carries transactions.
+
+        If so, proposing now is what commits them (the parent) or tells every other
+        validator they were committed (the grandparent, committed by our high QC).
+        """
         if parent is None:
             return True  # we lack the parent: assume it matters, propose without delay
-        return any(block.payload for block in self.tree.branch(parent.id))
+        if parent.payload:
+            return True
+        grandparent = self.get_block(parent.parent)
+        return grandparent is not None and bool(grandparent.payload)
 
     def _take_payload(self, parent: Block | None) -> list[bytes]:
         if not self._pending_txs:

@@ -55,6 +55,16 @@ class Mempool:
         self._pending[tx.id] = tx
         return tx
 
+    def admit_own(self, tx: Transaction) -> Transaction:
+        """Hold a transaction this node just built and signed itself: no decoding or signature
+        check (it cannot fail them), only the duplicate and capacity checks."""
+        if tx.id in self._pending or self._is_committed(tx.id):
+            raise AdmissionError(f"transaction {tx.id.hex()[:16]} is already known", reason="duplicate")
+        if len(self._pending) >= self.capacity:
+            raise AdmissionError(f"mempool full ({self.capacity} transactions pending)", reason="mempool_full")
+        self._pending[tx.id] = tx
+        return tx
+
     def remove(self, tx_ids: Iterable[bytes]) -> None:
         for tx_id in tx_ids:
             self._pending.pop(tx_id, None)

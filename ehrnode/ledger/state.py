@@ -30,7 +30,11 @@ class LedgerState:
         try:
             self._db = sqlite3.connect(path, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            # WAL with synchronous=NORMAL: a power cut may lose the last commits, never corrupt
+            # the file. Those blocks are committed by the consortium and are fetched again from
+            # peers on restart; what must never be lost (the votes) lives in the safety store,
+            # which fsyncs every write.
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(
                 """
                 CREATE TABLE IF NOT EXISTS txs (

@@ -67,7 +67,9 @@ class Transaction:
         time_ms: int, nonce: bytes | None = None,
     ) -> Transaction:
         unsigned = cls(kind, chain_id, submitter, time_ms, nonce or os.urandom(NONCE_SIZE), KINDS[kind](body), b"")
-        signature = identity.sign(crypto.signing_bytes(TX_DOMAIN, unsigned._unsigned()))
+        message = crypto.signing_bytes(TX_DOMAIN, unsigned._unsigned())
+        signature = identity.sign(message)
+        crypto.remember_valid(identity.public_key, message, signature)
         return cls(unsigned.kind, chain_id, submitter, time_ms, unsigned.nonce, unsigned.body, signature)
 
     @classmethod

@@ -23,6 +23,7 @@ closes the connection with a logged reason.
 from __future__ import annotations
 
 import random
+from collections import deque
 from functools import partial
 from collections.abc import Callable
 from typing import Any
@@ -52,7 +53,11 @@ FrameHandler = Callable[[str, Frame], None]
 
 
 class Peer:
-    """One authenticated connection to member ``name``."""
+    """One authenticated connection to member ``name``.
+
+    Two bounded send queues: consensus frames go first, gossip (transaction batches)
+    after, so a burst of transactions never delays a vote.
+    """
 
     def __init__(self, name: str, ws: trio_websocket.WebSocketConnection, dialed: bool) -> None:
         self.name = name
@@ -62,7 +67,10 @@ class Peer:
         self.sent = 0
         self.kicked: str | None = None
         self.scope: trio.CancelScope | None = None
-        self._send, self._queue = trio.open_memory_channel[bytes](SEND_QUEUE)
+        self._urgent: deque[bytes] = deque()
+        self._bulk: deque[bytes] = deque()
+        self._wake = trio.Event()
+        self._closed = False
 
     def kick(self, reason: str) -> None:
         """Drop this connection (from any task): the peer sent something it must not."""
@@ -70,22 +78,31 @@ class Peer:
         if self.scope is not None:
             self.scope.cancel()
 
-    def send(self, data: bytes) -> bool:
-        """Queue ``data``; False (and counted) when the queue is full or closed."""
-        try:
-            self._send.send_nowait(data)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+    def send(self, data: bytes, *, bulk: bool = False) -> bool:
+        """Queue ``data``; False (and counted) when its queue is full or the connection closed."""
+        queue = self._bulk if bulk else self._urgent
+        if self._closed or len(queue) >= SEND_QUEUE:
             self.dropped += 1
             return False
+        queue.append(data)
+        self._wake.set()
         return True
 
     async def writer(self) -> None:
-        async for data in self._queue:
+        while True:
+            if self._urgent:
+                data = self._urgent.popleft()
+            elif self._bulk:
+                data = self._bulk.popleft()
+            else:
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
             await self.ws.send_message(data)
             self.sent += 1
 
     async def close(self, code: int, reason: str) -> None:
-        self._send.close()
+        self._closed = True
         with trio.move_on_after(2):
             await self.ws.aclose(code, reason[:120])
 
@@ -111,9 +128,9 @@ class PeerNetwork:
         peer = self.peers.get(name)
         return peer.send(data) if peer is not None else False
 
-    def broadcast(self, data: bytes) -> None:
+    def broadcast(self, data: bytes, *, bulk: bool = False) -> None:
         for peer in list(self.peers.values()):
-            peer.send(data)
+            peer.send(data, bulk=bulk)
 
     def connected(self) -> list[str]:
         return sorted(self.peers)
@@ -141,13 +158,15 @@ class PeerNetwork:
                     nursery.start_soon(self._dial_forever, member.name, member.address.host, member.address.port)
 
     async def close_all(self) -> None:
+        """Stop dialing and accepting, and close every connection with 1001 (all at once)."""
         self._closing = True
-        for peer in list(self.peers.values()):
-            await peer.close(CLOSE_GOING_AWAY, "node shutting down")
+        async with trio.open_nursery() as nursery:
+            for peer in list(self.peers.values()):
+                nursery.start_soon(peer.close, CLOSE_GOING_AWAY, "node shutting down")
 
     async def _dial_forever(self, name: str, host: str, port: int) -> None:
         backoff = 0.1
-        while True:
+        while not self._closing:
             connected = False
             try:
                 async with trio.open_nursery() as nursery:
@@ -240,6 +259,9 @@ class PeerNetwork:
     # --- one connection -----------------------------------------------------------------
 
     async def _run(self, peer: Peer) -> None:
+        if self._closing:
+            await peer.close(CLOSE_GOING_AWAY, "node shutting down")
+            return
         old = self.peers.get(peer.name)
         self.peers[peer.name] = peer
         if old is not None:

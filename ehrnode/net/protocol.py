@@ -8,7 +8,7 @@ strictly. Frame types:
 ``welcome``    the listener's own hello, plus its signature over the transcript
 ``auth``       the dialer's signature over the transcript
 ``consensus``  one consensus message (its own canonical bytes)
-``tx``         one signed transaction (its own canonical bytes)
+``txs``        a batch of signed transactions (each its own canonical bytes)
 
 Handshake: the transcript is (genesis hash, dialer name, listener name,
 dialer nonce, listener nonce). Each side signs it under its own role tag with
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import codec, crypto
-from ..codec import as_bytes, as_map, as_str, as_uint
+from ..codec import as_bytes, as_list, as_map, as_str, as_uint
 from ..config import Genesis
 from ..errors import CodecError, ProtocolError, SchemaError
 
@@ -33,6 +33,8 @@ MAX_FRAME_BYTES = 8 * 1024 * 1024
 #: Handshake frames come from peers not yet authenticated: a small cap, checked before decoding.
 MAX_HANDSHAKE_FRAME = 4096
 NONCE_SIZE = 32
+MAX_TX_BATCH = 1000
+MAX_TX_BYTES = 64 * 1024
 HANDSHAKE_DOMAIN = "ehrnode/handshake/v1"
 
 
@@ -117,18 +119,23 @@ class ConsensusFrame:
 
 @dataclass(frozen=True)
 class TxFrame:
-    data: bytes
+    """A batch of signed transactions (gossip is batched: one frame per few milliseconds)."""
 
-    def to_wire(self) -> bytes:
-        return self.data
+    txs: tuple[bytes, ...]
+
+    def to_wire(self) -> list[bytes]:
+        return list(self.txs)
 
     @classmethod
     def from_wire(cls, value: Any) -> TxFrame:
-        return cls(as_bytes(value, "tx", max_len=MAX_FRAME_BYTES))
+        items = as_list(value, "txs", max_len=MAX_TX_BATCH)
+        return cls(tuple(as_bytes(tx, f"txs[{i}]", max_len=MAX_TX_BYTES) for i, tx in enumerate(items)))
 
 
 Frame = Hello | Welcome | Auth | ConsensusFrame | TxFrame
-_BY_NAME: dict[str, Any] = {"hello": Hello, "welcome": Welcome, "auth": Auth, "consensus": ConsensusFrame, "tx": TxFrame}
+_BY_NAME: dict[str, Any] = {
+    "hello": Hello, "welcome": Welcome, "auth": Auth, "consensus": ConsensusFrame, "txs": TxFrame,
+}
 _NAMES = {cls: name for name, cls in _BY_NAME.items()}
 
 

@@ -28,7 +28,7 @@ def consortium(tmp_path_factory):
 def sample_frames(genesis):
     hello = Hello.fresh(genesis, "A")
     return [hello, Welcome(hello, os.urandom(64)), Auth(os.urandom(64)), ConsensusFrame(b"\x01\x02"),
-            TxFrame(os.urandom(100))]
+            TxFrame((os.urandom(100), os.urandom(50)))]
 
 
 def test_frames_round_trip(consortium):
