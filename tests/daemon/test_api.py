@@ -1,0 +1,92 @@
+"""The local API and the CLI against a running consortium."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import trio
+import trio_websocket
+
+from ehrnode.client import ApiClient, ApiError
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "ehrnode.cli", *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+async def test_api_and_cli(cluster):
+    cluster.start_all()
+    await cluster.wait_ready()
+    config = cluster.configs["A"]
+    address = config.api_listen
+
+    # No token, or a wrong one: refused before any JSON-RPC, and logged.
+    for headers in ([], [(b"authorization", b"Bearer wrong")]):
+        with pytest.raises(trio_websocket.ConnectionRejected) as err:
+            async with trio_websocket.open_websocket(address.host, address.port, "/", use_ssl=False,
+                                                     extra_headers=headers):
+                pass
+        assert err.value.status_code == 401
+    assert '"event": "api.denied"' in cluster.log("A")
+
+    async with ApiClient.connect(config) as client:
+        # Bad requests get JSON-RPC errors and the connection stays usable.
+        await client._ws.send_message("{not json")
+        assert json.loads(await client._ws.get_message())["error"]["code"] == -32700
+        with pytest.raises(ApiError, match="unknown method"):
+            await client.call("records.delete")
+        with pytest.raises(ApiError, match="height must be"):
+            await client.call("block.get", height=-1)
+        with pytest.raises(ApiError) as missing:
+            await client.call("block.get", height=10**9)
+        assert missing.value.reason == "not_found"
+        with pytest.raises(ApiError, match="note must be a string"):
+            await client.call("tx.submit", note=5)
+        status = await client.call("status")
+        assert {"node", "height", "head", "round", "peers", "mempool"} <= set(status)
+
+        # A subscription announces committed blocks.
+        await client.call("blocks.subscribe")
+        submitted = await cluster.call("B", "tx.submit", note="watched")
+        with trio.fail_after(30):
+            async for note in client.notifications():
+                if note["params"]["txs"]:
+                    break
+        block = await client.call("block.get", height=note["params"]["height"])
+        assert submitted["tx_id"] in [tx["id"] for tx in block["txs"]]
+
+    # The CLI, per the command-line contract.
+    path = str(config.path)
+    run = cli("tx", "submit", "--config", path, "--note", "from the cli", "--wait", "--json")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert set(result) == {"tx_id", "height"} and result["height"] >= 1
+    run = cli("block", "get", "--config", path, "--height", str(result["height"]), "--json")
+    block = json.loads(run.stdout)
+    assert {"height", "id", "parent", "round", "txs"} <= set(block)
+    assert result["tx_id"] in [tx["id"] for tx in block["txs"]]
+    status = json.loads(cli("status", "--config", path, "--json").stdout)
+    assert status["node"] == "A" and len(status["peers"]) == 3
+    env = {"EHRNODE_CONFIG": path, "PATH": "/usr/bin:/bin"}
+    assert json.loads(cli("status", "--json", env=env).stdout)["node"] == "A"
+
+
+def test_run_with_a_bad_config_is_one_line_and_exit_2(tmp_path):
+    missing = cli("run", "--config", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "does not exist" in missing.stderr
+    bad = tmp_path / "node.toml"
+    bad.write_text('name = "A"\n')
+    run = cli("run", "--config", str(bad))
+    assert run.returncode == 2 and "missing field" in run.stderr and run.stderr.count("\n") == 1
+    no_config = cli("status", env={"PATH": "/usr/bin:/bin"})
+    assert no_config.returncode == 2 and "EHRNODE_CONFIG" in no_config.stderr
+
+
+def test_status_of_a_node_that_is_not_running_is_a_clear_error(tmp_path):
+    from ehrnode.consortium import init_consortium
+
+    init_consortium(tmp_path, ["A"], "R", base_port=39100)
+    run = cli("status", "--config", str(tmp_path / "A" / "node.toml"))
+    assert run.returncode == 2 and "has the node been started" in run.stderr
