@@ -97,6 +97,7 @@ class Node:
         self.core = ConsensusCore(
             self.vset, self.index, self.identity, FileSafetyStore(data / "safety.cbor"), config=core_config,
             recovery=self.block_store.recovery(), committed_lookup=self.block_store.get_block,
+            committed_at=self.block_store.block_at,
         )
         self.network = PeerNetwork(self.genesis, self.name, self.identity, self._on_frame)
         # Two inboxes: consensus messages are always handled before transactions, so a burst of

@@ -133,7 +133,7 @@ class _Node:
             self.sim.vset, self.index, self.identity, self.safety_store,
             config=self.sim.config.core,
             recovery=self.block_store.recovery() if recover else None,
-            committed_lookup=self.block_store.get_block,
+            committed_lookup=self.block_store.get_block, committed_at=self.block_store.block_at,
             unsafe_skip_vote_rule=self.sim.config.unsafe_skip_vote_rule and honest,
         )
 

@@ -40,11 +40,17 @@ from .. import crypto
 from ..errors import InvalidMessage, SafetyViolation
 from .block_tree import BlockTree
 from .messages import (
-    MAX_SYNC_BLOCKS, Message, Proposal, SyncRequest, SyncResponse, TimeoutMsg, VoteMsg,
+    MAX_SYNC_BLOCKS, Message, Proposal, RangeRequest, RangeResponse, SyncRequest, SyncResponse, TimeoutMsg,
+    VoteMsg,
 )
 from .pacemaker import Pacemaker, PacemakerConfig
 from .safety import SafetyRules, SafetyStore
 from .types import Block, QuorumCert, Timeout, TimeoutCert, ValidatorSet, Vote, form_qc, form_tc
+
+#: Further behind than this many blocks, a validator syncs committed ranges forwards.
+RANGE_SYNC_GAP = 16
+#: A range answer stops adding blocks past this much payload (it must fit in one frame).
+MAX_RANGE_PAYLOAD = 4 * 1024 * 1024
 
 # --- actions --------------------------------------------------------------------------
 
@@ -131,6 +137,7 @@ class ConsensusCore:
         config: CoreConfig | None = None,
         recovery: Recovery | None = None,
         committed_lookup: Callable[[bytes], Block | None] | None = None,
+        committed_at: Callable[[int], Block | None] | None = None,
         unsafe_skip_vote_rule: bool = False,
     ) -> None:
         self.vset = vset
@@ -139,6 +146,7 @@ class ConsensusCore:
         self.safety = SafetyRules(vset, index, identity, safety_store, unsafe_skip_vote_rule=unsafe_skip_vote_rule)
         self.pacemaker = Pacemaker(self.config.pacemaker)
         self._committed_lookup = committed_lookup or (lambda _id: None)
+        self._committed_at = committed_at or (lambda _height: None)
 
         root = recovery.root if recovery else vset.genesis_block
         self.tree = BlockTree(root)
@@ -154,6 +162,11 @@ class ConsensusCore:
                 self.high_qc = recovery.high_qc
         self._pending_commit: QuorumCert | None = None
         self._catching_up = False
+        # The certificate that committed the root, if known (sent with range answers that reach it).
+        self._root_proof: QuorumCert | None = None
+        if recovery and recovery.high_qc is not None and recovery.high_qc.data.parent_id == self.tree.root.id:
+            self._root_proof = recovery.high_qc
+        self._range_wanted: tuple[int, float, int] | None = None  # (from height, retry at, attempts)
 
         self._votes: dict[int, dict[bytes, dict[int, Vote]]] = {}
         self._vote_digests: dict[tuple[int, int], bytes] = {}
@@ -233,6 +246,8 @@ class ConsensusCore:
         for block_id, deadline in list(self._sync_wanted.items()):
             if now >= deadline:
                 self._request_sync(block_id, now, actions, retry=True)
+        if self._range_wanted is not None and now >= self._range_wanted[1]:
+            self._request_range(now, actions, retry=True)
         self._timer(actions)
         return actions
 
@@ -250,6 +265,10 @@ class ConsensusCore:
             actions.append(Send(sender, self._answer_sync(message)))
         elif isinstance(message, SyncResponse):
             self._on_sync_response(sender, message, now, actions)
+        elif isinstance(message, RangeRequest):
+            actions.append(Send(sender, self._answer_range(message)))
+        elif isinstance(message, RangeResponse):
+            self._on_range_response(sender, message, now, actions)
         else:
             raise InvalidMessage(f"not a consensus message: {type(message).__name__}", reason="unknown_type")
         self._timer(actions)
@@ -370,12 +389,23 @@ class ConsensusCore:
             if not self._catching_up:
                 self._catching_up = True
                 actions.append(Log("sync.started", {"height": self.root.height, "target": proof.height - 1}))
-            self._request_sync(target, now, actions)
+            if proof.height - 1 - self.root.height > RANGE_SYNC_GAP:
+                # Far behind: fetch committed blocks forwards, a range at a time, in bounded memory.
+                self._request_range(now, actions)
+            else:
+                self._request_sync(target, now, actions)
             return
-        committed = self.tree.commit(target)
         self._pending_commit = None
-        if self._catching_up:
+        self._commit(target, proof, actions)
+
+    def _commit(self, target: bytes, proof: QuorumCert, actions: list[Action]) -> None:
+        committed = self.tree.commit(target)
+        if not committed:
+            return
+        self._root_proof = proof
+        if self._catching_up and (self._pending_commit is None or self._pending_commit.height - 1 <= self.root.height):
             self._catching_up = False
+            self._range_wanted = None
             actions.append(Log("sync.finished", {"height": committed[-1].height}))
         for block in committed:
             for tx in block.payload:
@@ -571,6 +601,72 @@ class ConsensusCore:
         self._try_commit(now, actions)
         self._retry_waiting(now, actions)
 
+    def _request_range(
+        self, now: float, actions: list[Action], *, start: int | None = None, retry: bool = False
+    ) -> None:
+        if start is None:
+            start = self._range_wanted[0] if retry and self._range_wanted is not None else self.root.height + 1
+        if self._range_wanted is not None and self._range_wanted[0] == start and not retry:
+            return
+        attempts = self._range_wanted[2] + 1 if self._range_wanted is not None and retry else 1
+        self._sync_peer = (self._sync_peer + 1) % self.vset.n
+        if self._sync_peer == self.index:
+            self._sync_peer = (self._sync_peer + 1) % self.vset.n
+        self._range_wanted = (start, now + self.config.sync_retry, attempts)
+        actions.append(Send(self._sync_peer, RangeRequest(start, MAX_SYNC_BLOCKS)))
+
+    def _answer_range(self, request: RangeRequest) -> RangeResponse:
+        blocks: list[Block] = []
+        size = 0
+        height = request.from_height
+        while height <= self.root.height and len(blocks) < request.count and size < MAX_RANGE_PAYLOAD:
+            block = self.root if height == self.root.height else self._committed_at(height)
+            if block is None or height == 0:
+                break
+            blocks.append(block)
+            size += sum(len(tx) for tx in block.payload)
+            height += 1
+        proof = self._root_proof if blocks and blocks[-1].id == self.root.id else None
+        return RangeResponse(tuple(blocks), proof)
+
+    def _on_range_response(self, sender: int, response: RangeResponse, now: float, actions: list[Action]) -> None:
+        wanted = self._range_wanted
+        blocks = response.blocks
+        if wanted is None or not blocks or blocks[0].height != wanted[0] or blocks[0].height <= self.root.height:
+            return  # unsolicited, stale or empty: the retry timer asks another peer
+        if blocks[0].parent not in self.tree:
+            raise InvalidMessage("range response: first block extends no block we hold", reason="bad_chain")
+        for older, newer in zip(blocks, blocks[1:]):
+            if newer.parent != older.id or newer.height != older.height + 1:
+                raise InvalidMessage("range response: blocks are not a parent chain", reason="bad_chain")
+        for block in blocks:
+            block.verify(self.vset)
+        if response.proof is not None:
+            response.proof.verify(self.vset)
+        # What the range itself proves committed: by the 2-chain rule, a block whose child is one
+        # round later and certified (the grandchild carries the child's certificate), and all its
+        # ancestors; or the last block, by the proof sent along.
+        last, proof = -1, None
+        for i in range(len(blocks) - 2):
+            if blocks[i + 1].round == blocks[i].round + 1:
+                last, proof = i, blocks[i + 2].qc
+        tail = response.proof
+        if tail is not None and tail.commits_parent and tail.data.parent_id == blocks[-1].id:
+            last, proof = len(blocks) - 1, tail
+        self._range_wanted = None
+        for block in blocks:
+            if block.id not in self.tree:
+                self._insert(block, actions)
+        if proof is not None and last >= 0:
+            self._commit(blocks[last].id, proof, actions)  # type: ignore[arg-type]
+        elif self._catching_up:
+            # Nothing provable in this range yet (rounds skipped by timeouts): keep its blocks and
+            # fetch the next range; a later consecutive pair commits them all.
+            self._request_range(now, actions, start=blocks[-1].height + 1)
+            return
+        self._try_commit(now, actions)
+        self._retry_waiting(now, actions)
+
     def _link_orphans(self, actions: list[Action]) -> None:
         linked = True
         while linked and self._orphans:
@@ -592,5 +688,6 @@ class ConsensusCore:
     # --- timers ---------------------------------------------------------------------------
 
     def _timer(self, actions: list[Action]) -> None:
-        at = min(self.pacemaker.next_wakeup(), self._propose_at, *self._sync_wanted.values(), float("inf"))
+        range_at = self._range_wanted[1] if self._range_wanted is not None else float("inf")
+        at = min(self.pacemaker.next_wakeup(), self._propose_at, range_at, *self._sync_wanted.values(), float("inf"))
         actions.append(SetTimer(at))

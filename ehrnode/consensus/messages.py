@@ -14,7 +14,7 @@ from typing import Any
 from .. import codec
 from ..codec import as_bytes, as_list, as_map, as_str, as_uint
 from ..errors import SchemaError
-from .types import Block, TimeoutCert, Timeout, Vote
+from .types import Block, QuorumCert, Timeout, TimeoutCert, Vote
 
 #: A sync response carries at most this many blocks.
 MAX_SYNC_BLOCKS = 64
@@ -100,10 +100,47 @@ class SyncResponse:
         return cls(tuple(Block.from_wire(b, f"sync response.blocks[{i}]") for i, b in enumerate(items)))
 
 
-Message = Proposal | VoteMsg | TimeoutMsg | SyncRequest | SyncResponse
+@dataclass(frozen=True)
+class RangeRequest:
+    """"Send me your committed blocks from ``from_height``, at most ``count`` of them"."""
+
+    from_height: int
+    count: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"from": self.from_height, "count": self.count}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> RangeRequest:
+        m = as_map(value, "range request", ("from", "count"))
+        return cls(as_uint(m["from"], "range request.from"),
+                   as_uint(m["count"], "range request.count", maximum=MAX_SYNC_BLOCKS))
+
+
+@dataclass(frozen=True)
+class RangeResponse:
+    """Committed blocks at consecutive heights, oldest first, and, when the range reaches the
+    responder's newest committed block, the certificate that committed it."""
+
+    blocks: tuple[Block, ...]
+    proof: QuorumCert | None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"blocks": [b.to_wire() for b in self.blocks], "proof": None if self.proof is None else self.proof.to_wire()}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> RangeResponse:
+        m = as_map(value, "range response", ("blocks", "proof"))
+        items = as_list(m["blocks"], "range response.blocks", max_len=MAX_SYNC_BLOCKS)
+        proof = None if m["proof"] is None else QuorumCert.from_wire(m["proof"], "range response.proof")
+        return cls(tuple(Block.from_wire(b, f"range response.blocks[{i}]") for i, b in enumerate(items)), proof)
+
+
+Message = Proposal | VoteMsg | TimeoutMsg | SyncRequest | SyncResponse | RangeRequest | RangeResponse
 
 _BY_NAME: dict[str, Any] = {
     "proposal": Proposal, "vote": VoteMsg, "timeout": TimeoutMsg, "sync_request": SyncRequest, "sync_response": SyncResponse,
+    "range_request": RangeRequest, "range_response": RangeResponse,
 }
 _NAMES = {cls: name for name, cls in _BY_NAME.items()}
 

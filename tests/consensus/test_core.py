@@ -7,7 +7,9 @@ import pytest
 from ehrnode.consensus.core import (
     Broadcast, CommitBlocks, ConsensusCore, CoreConfig, PersistBlock, Send, SetTimer,
 )
-from ehrnode.consensus.messages import Proposal, SyncRequest, SyncResponse, TimeoutMsg, VoteMsg
+from ehrnode.consensus.messages import (
+    Proposal, RangeRequest, RangeResponse, SyncRequest, SyncResponse, TimeoutMsg, VoteMsg,
+)
 from ehrnode.consensus.pacemaker import PacemakerConfig
 from ehrnode.consensus.safety import MemorySafetyStore
 from ehrnode.errors import InvalidMessage
@@ -34,6 +36,7 @@ class Cluster:
         return ConsensusCore(
             self.f.vset, i, self.f.identities[i], self.stores[i], config=CONFIG,
             recovery=self.blocks[i].recovery() if recover else None, committed_lookup=self.blocks[i].get_block,
+            committed_at=self.blocks[i].block_at,
         )
 
     def apply(self, i, actions):
@@ -234,3 +237,48 @@ def test_a_leader_never_proposes_twice_in_a_round_even_after_a_restart():
     again = [a for a in actions if isinstance(a, Broadcast) and isinstance(a.message, Proposal)
              and a.message.block.round <= proposed]
     assert again == []
+
+
+def test_a_validator_far_behind_catches_up_by_committed_ranges():
+    c = Cluster(down={3})
+    c.start()
+    c.run(until=600.0, max_steps=400_000, done=lambda: c.cores[0].committed_height >= 120)
+    assert c.cores[0].committed_height >= 120 and c.cores[3].committed_height == 0
+    c.down.clear()
+    sent_ranges = []
+    original = c.apply
+
+    def spy(i, actions):
+        if i == 3:
+            sent_ranges.extend(a for a in actions if isinstance(a, Send) and isinstance(a.message, RangeRequest))
+        original(i, actions)
+
+    c.apply = spy
+    c.apply(3, c.cores[3].start(c.now))
+    target = c.cores[0].committed_height
+    c.run(until=c.now + 60.0, max_steps=200_000, done=lambda: c.cores[3].committed_height >= target)
+    assert c.cores[3].committed_height >= target
+    assert len(sent_ranges) >= 2  # fetched forwards in ranges, not block by block backwards
+    assert len(c.cores[3]._orphans) == 0
+    assert c.committed[3][:target] == c.committed[0][:target]
+
+
+def test_a_range_that_does_not_extend_the_root_is_refused():
+    c = Cluster()
+    f, core = c.f, c.cores[0]
+    core.start(0.0)
+    core._range_wanted = (1, 10.0, 1)
+    b1, b2, b3 = f.chain([1, 2, 3])
+    with pytest.raises(InvalidMessage) as err:
+        core.on_message(1, RangeResponse((replace(b1, parent=b"\x01" * 32), b2), None), 0.0)
+    assert err.value.reason == "bad_chain"
+    # A range that does not start where we asked is not ours: ignored, nothing stored.
+    assert not [a for a in core.on_message(1, RangeResponse((b2, b3), None), 0.0)
+                if isinstance(a, (PersistBlock, CommitBlocks))]
+    with pytest.raises(InvalidMessage) as err:
+        core.on_message(1, RangeResponse((b1, b3), None), 0.0)
+    assert err.value.reason == "bad_chain"
+    # b1, b2, b3 at consecutive rounds: b3 carries b2's certificate, so b1 is provably committed.
+    actions = core.on_message(1, RangeResponse((b1, b2, b3), None), 0.0)
+    commits = [a for a in actions if isinstance(a, CommitBlocks)]
+    assert commits and [b.id for b in commits[0].blocks] == [b1.id]
