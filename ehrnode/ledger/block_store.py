@@ -18,6 +18,7 @@ from .. import codec
 from ..consensus.core import Recovery
 from ..consensus.types import Block, QuorumCert, ValidatorSet
 from ..errors import CodecError, StoreError
+from .sqlite import open_db, transaction
 
 _MAX_STORED_BLOCK = 64 * 1024 * 1024
 
@@ -78,31 +79,23 @@ class MemoryBlockStore:
         return Recovery(root, pending, self._proof)
 
 
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS blocks (
+    id BLOB PRIMARY KEY, height INTEGER NOT NULL, round INTEGER NOT NULL, body BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS blocks_height ON blocks(height);
+CREATE TABLE IF NOT EXISTS committed (height INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS commit_proof (only INTEGER PRIMARY KEY CHECK (only = 0), qc BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+"""
+
+
 class SqliteBlockStore:
-    """Blocks in SQLite. Every write is one transaction, durable when the call returns."""
+    """Blocks in SQLite (see :mod:`ehrnode.ledger.sqlite` for durability). Every write is one transaction."""
 
     def __init__(self, path: Path, vset: ValidatorSet) -> None:
         self._genesis = vset.genesis_block
+        self._db = open_db(path, _SCHEMA, "block store")
         try:
-            self._db = sqlite3.connect(path, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # WAL with synchronous=NORMAL: a power cut may lose the last commits, never corrupt
-            # the file. Those blocks are committed by the consortium and are fetched again from
-            # peers on restart; what must never be lost (the votes) lives in the safety store,
-            # which fsyncs every write.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(
-                """
-                CREATE TABLE IF NOT EXISTS blocks (
-                    id BLOB PRIMARY KEY, height INTEGER NOT NULL, round INTEGER NOT NULL, body BLOB NOT NULL);
-                CREATE INDEX IF NOT EXISTS blocks_height ON blocks(height);
-                CREATE TABLE IF NOT EXISTS committed (
-                    height INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE);
-                CREATE TABLE IF NOT EXISTS commit_proof (
-                    only INTEGER PRIMARY KEY CHECK (only = 0), qc BLOB NOT NULL);
-                CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-                """
-            )
             row = self._db.execute("SELECT value FROM meta WHERE key = 'genesis'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('genesis', ?)", (vset.genesis_id,))
@@ -124,30 +117,19 @@ class SqliteBlockStore:
             raise StoreError(f"cannot store block: {exc}") from exc
 
     def commit(self, blocks: tuple[Block, ...], proof: QuorumCert) -> None:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                _check_commit(self.committed_height(), blocks)
-                for block in blocks:
-                    self._db.execute(
-                        "INSERT OR IGNORE INTO blocks VALUES (?, ?, ?, ?)",
-                        (block.id, block.height, block.round, codec.encode(block.to_wire())),
-                    )
-                    self._db.execute("INSERT INTO committed VALUES (?, ?)", (block.height, block.id))
-                self._db.execute(
-                    "INSERT OR REPLACE INTO commit_proof VALUES (0, ?)", (codec.encode(proof.to_wire()),)
+        with transaction(self._db, "commit blocks") as db:
+            _check_commit(self.committed_height(), blocks)
+            for block in blocks:
+                db.execute(
+                    "INSERT OR IGNORE INTO blocks VALUES (?, ?, ?, ?)",
+                    (block.id, block.height, block.round, codec.encode(block.to_wire())),
                 )
-                # Forks that can no longer commit are dead weight.
-                self._db.execute(
-                    "DELETE FROM blocks WHERE height <= ? AND id NOT IN (SELECT id FROM committed)",
-                    (blocks[-1].height,),
-                )
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot commit blocks: {exc}") from exc
+                db.execute("INSERT INTO committed VALUES (?, ?)", (block.height, block.id))
+            db.execute("INSERT OR REPLACE INTO commit_proof VALUES (0, ?)", (codec.encode(proof.to_wire()),))
+            # Forks that can no longer commit are dead weight.
+            db.execute(
+                "DELETE FROM blocks WHERE height <= ? AND id NOT IN (SELECT id FROM committed)", (blocks[-1].height,)
+            )
 
     def _decode_block(self, block_id: bytes, body: bytes) -> Block:
         try:

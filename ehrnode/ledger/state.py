@@ -13,39 +13,30 @@ not applied.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 
 from .. import crypto
 from ..consensus.types import Block
 from ..errors import AdmissionError, CodecError, StoreError
+from .sqlite import open_db, transaction
 from .transactions import Transaction
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS txs (
+    id BLOB PRIMARY KEY, height INTEGER NOT NULL, position INTEGER NOT NULL,
+    kind TEXT NOT NULL, submitter TEXT, time INTEGER, status TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS txs_height ON txs(height);
+CREATE TABLE IF NOT EXISTS applied (only INTEGER PRIMARY KEY CHECK (only = 0), height INTEGER NOT NULL);
+"""
 
 
 class LedgerState:
     def __init__(self, path: Path, chain_id: str, members: Mapping[str, bytes]) -> None:
         self.chain_id = chain_id
         self.members = dict(members)
-        try:
-            self._db = sqlite3.connect(path, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # WAL with synchronous=NORMAL: a power cut may lose the last commits, never corrupt
-            # the file. Those blocks are committed by the consortium and are fetched again from
-            # peers on restart; what must never be lost (the votes) lives in the safety store,
-            # which fsyncs every write.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(
-                """
-                CREATE TABLE IF NOT EXISTS txs (
-                    id BLOB PRIMARY KEY, height INTEGER NOT NULL, position INTEGER NOT NULL,
-                    kind TEXT NOT NULL, submitter TEXT, time INTEGER, status TEXT NOT NULL);
-                CREATE INDEX IF NOT EXISTS txs_height ON txs(height);
-                CREATE TABLE IF NOT EXISTS applied (only INTEGER PRIMARY KEY CHECK (only = 0), height INTEGER NOT NULL);
-                """
-            )
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open ledger state {path}: {exc}") from exc
+        self._db = open_db(path, _SCHEMA, "ledger state")
 
     def close(self) -> None:
         self._db.close()
@@ -72,17 +63,9 @@ class LedgerState:
                 valid.append(tx)
             rows.append((tx_id, block.height, position, tx.kind if tx else "unknown",
                          tx.submitter if tx else None, tx.time if tx else None, status))
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany("INSERT OR IGNORE INTO txs VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                self._db.execute("INSERT OR REPLACE INTO applied VALUES (0, ?)", (block.height,))
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot apply block {block.height}: {exc}") from exc
+        with transaction(self._db, f"apply block {block.height}") as db:
+            db.executemany("INSERT OR IGNORE INTO txs VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            db.execute("INSERT OR REPLACE INTO applied VALUES (0, ?)", (block.height,))
         return valid
 
     def _classify(self, tx_id: bytes, data: bytes) -> tuple[str, Transaction | None]:

@@ -1,0 +1,44 @@
+"""How the ledger's SQLite files are opened and written.
+
+WAL with ``synchronous=NORMAL``: a process crash loses nothing and a power cut may lose
+the last few commits but never corrupts the file. That is enough for blocks and ledger
+state: committed blocks are fetched again from peers on restart and the state is derived
+from them. What must never be lost, the votes, lives in the safety store, which fsyncs
+every write.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import StoreError
+
+
+def open_db(path: Path, schema: str, what: str) -> sqlite3.Connection:
+    """Open (creating if needed) ``path`` with ``schema``; raises StoreError naming ``what``."""
+    try:
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(schema)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {what} {path}: {exc}") from exc
+    return db
+
+
+@contextmanager
+def transaction(db: sqlite3.Connection, what: str) -> Iterator[sqlite3.Connection]:
+    """One write transaction: all of it or none of it; SQLite failures become StoreError."""
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot {what}: {exc}") from exc
