@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import secrets
 from functools import partial
 from pathlib import Path
@@ -30,8 +31,9 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed
 
+from .codec import MAX_UINT
 from .crypto import write_secret_file
-from .errors import AdmissionError, CryptoError
+from .errors import AdmissionError, CodecError, CryptoError
 from .logs import get_logger
 
 if TYPE_CHECKING:
@@ -41,6 +43,7 @@ TOKEN_FILE = "api.token"
 MAX_REQUEST_BYTES = 1 << 20
 MAX_WAIT = 120.0
 MAX_BATCH = 1000
+MIN_TOKEN_CHARS = 32
 
 
 class RpcError(Exception):
@@ -51,22 +54,35 @@ class RpcError(Exception):
 
 
 def ensure_token(data_dir: Path) -> str:
-    """The node's API token, created (0600) if there is none yet."""
+    """The node's API token, created (0600) if there is none yet, or if the file is empty.
+
+    The token is written to a temporary file and renamed into place, so a crash can never
+    leave an empty token file behind (an empty token must never authenticate anyone).
+    """
     path = Path(data_dir) / TOKEN_FILE
-    if not path.exists():
-        try:
-            write_secret_file(path, secrets.token_hex(32).encode())
-        except CryptoError:
-            pass  # created concurrently by another start: read theirs
-    return path.read_text().strip()
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        token = ""
+    if len(token) >= MIN_TOKEN_CHARS:
+        return token
+    token = secrets.token_hex(32)
+    tmp = path.with_name(f"{TOKEN_FILE}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    write_secret_file(tmp, token.encode())
+    os.replace(tmp, path)
+    return token
 
 
 def read_token(data_dir: Path) -> str:
     path = Path(data_dir) / TOKEN_FILE
     try:
-        return path.read_text().strip()
+        token = path.read_text().strip()
     except OSError as exc:
         raise CryptoError(f"cannot read API token {path}: {exc.strerror} (has the node been started?)") from exc
+    if len(token) < MIN_TOKEN_CHARS:
+        raise CryptoError(f"API token {path} is empty or truncated (restart the node to create a new one)")
+    return token
 
 
 class ApiServer:
@@ -109,10 +125,11 @@ class ApiServer:
                 await trio.aclose_forcefully(stream)
 
     def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        expected = self.token.encode()
         for key, value in headers:
             if key.lower() == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.token)
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected)
         return False
 
     async def _session(self, ws: trio_websocket.WebSocketConnection, nursery: trio.Nursery) -> None:
@@ -156,6 +173,8 @@ class ApiServer:
             height = params.get("height")
             if height is not None and (not isinstance(height, int) or isinstance(height, bool) or height < 0):
                 raise RpcError(-32602, "height must be a non-negative integer")
+            if height is not None and height > MAX_UINT:
+                raise RpcError(-32602, "height out of range")
             block = node.block_view(height)
             if block is None:
                 raise RpcError(-32000, f"no committed block at height {height}", reason="not_found")
@@ -171,6 +190,8 @@ class ApiServer:
                 tx = node.submit_note(note)
             except AdmissionError as exc:
                 raise RpcError(-32000, str(exc), reason=exc.reason) from exc
+            except CodecError as exc:
+                raise RpcError(-32602, f"invalid note: {exc}", reason="invalid") from exc
             height = await node.wait_committed(tx.id, float(timeout)) if params.get("wait") else None
             if params.get("wait") and height is None:
                 raise RpcError(-32000, f"transaction {tx.id.hex()} not committed within {timeout} s",
@@ -190,6 +211,9 @@ class ApiServer:
                 except AdmissionError as exc:
                     tx_ids.append(None)
                     errors.append({"index": index, "reason": exc.reason})
+                except CodecError:
+                    tx_ids.append(None)
+                    errors.append({"index": index, "reason": "invalid"})
             return {"tx_ids": tx_ids, "errors": errors}
         if method == "blocks.subscribe":
             channel = node.subscribe()

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import EhrnodeError
+from .errors import EhrnodeError, innermost
 
 if TYPE_CHECKING:
     from .sim import ScenarioResult
@@ -139,8 +139,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     node = Node(config)
     try:
         trio.run(_serve_until_signalled, node)
-    except OSError as exc:
-        raise UsageError(f"cannot listen: {exc.strerror or exc}") from exc
+    except BaseException as group:  # noqa: BLE001 - looking through trio's exception groups
+        exc = innermost(group)
+        if isinstance(exc, OSError):
+            raise UsageError(f"cannot listen: {exc.strerror or exc}") from group
+        if isinstance(exc, EhrnodeError) and exc is not group:
+            raise exc from group
+        raise
+    finally:
+        node.close()
     return 0
 
 
@@ -158,6 +165,8 @@ async def _serve_until_signalled(node: object) -> None:
             async for signum in signals:
                 node.log.info("node.stopping", signal=signal.Signals(signum).name)
                 break
+            # Peers first (closed with 1001, no new ones), then every task; the stores are
+            # closed only once nothing can write to them any more (cmd_run's finally).
             await node.shutdown()
             nursery.cancel_scope.cancel()
 

@@ -74,3 +74,14 @@ class AdmissionError(EhrnodeError):
     """A transaction the mempool will not take: ``reason`` says why (``mempool_full``, ``duplicate``, ...)."""
 
     reason = "rejected"
+
+
+def innermost(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member exception groups (or ``exc`` itself).
+
+    trio wraps what escapes a nursery in an ExceptionGroup; callers that handle one kind
+    of failure look through it with this.
+    """
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

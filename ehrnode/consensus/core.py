@@ -45,7 +45,9 @@ from .messages import (
 )
 from .pacemaker import Pacemaker, PacemakerConfig
 from .safety import SafetyRules, SafetyStore
-from .types import Block, QuorumCert, Timeout, TimeoutCert, ValidatorSet, Vote, form_qc, form_tc
+from .types import (
+    MAX_PAYLOAD_BYTES, Block, QuorumCert, Timeout, TimeoutCert, ValidatorSet, Vote, form_qc, form_tc,
+)
 
 #: Further behind than this many blocks, a validator syncs committed ranges forwards.
 RANGE_SYNC_GAP = 16
@@ -464,7 +466,12 @@ class ConsensusCore:
         proposal = Proposal(block, tc)
         actions.append(Broadcast(proposal))
         actions.append(Log("block.proposed", {"round": round_, "height": block.height, "txs": len(block.payload)}))
-        self._on_proposal(self.index, proposal, now, actions)
+        try:
+            self._on_proposal(self.index, proposal, now, actions)
+        except InvalidMessage as exc:
+            # Our own block failing our own checks is a bug here, not the fault of whichever
+            # peer's message moved us into this round: report it, never blame the peer.
+            actions.append(Log("proposal.invalid", {"round": round_, "reason": exc.reason, "error": str(exc)}))
 
     def _recent_payload(self, parent: Block | None) -> bool:
         """Whether the block we would extend, or its parent, carries transactions.
@@ -487,11 +494,16 @@ class ConsensusCore:
             for block in self.tree.branch(parent.id):
                 in_flight.update(crypto.sha256(tx) for tx in block.payload)
         payload = []
+        size = 0
         for tx_id, tx in self._pending_txs.items():
-            if tx_id not in in_flight:
-                payload.append(tx)
-                if len(payload) >= self.config.max_block_txs:
-                    break
+            if tx_id in in_flight:
+                continue
+            if size + len(tx) > MAX_PAYLOAD_BYTES:
+                break
+            payload.append(tx)
+            size += len(tx)
+            if len(payload) >= self.config.max_block_txs:
+                break
         return payload
 
     # --- timeouts ------------------------------------------------------------------------

@@ -26,7 +26,8 @@ ZERO_ID = bytes(32)
 MAX_VALIDATORS = 256
 MAX_TXS_PER_BLOCK = 10_000
 MAX_TX_BYTES = 64 * 1024
-MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
+#: A block's transactions, in bytes: small enough that a block always fits in one peer frame.
+MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 
 VOTE_DOMAIN = "ehrnode/vote/v1"
 TIMEOUT_DOMAIN = "ehrnode/timeout/v1"

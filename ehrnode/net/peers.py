@@ -34,7 +34,7 @@ from trio_websocket import ConnectionClosed, HandshakeError as WsHandshakeError
 
 from .. import crypto
 from ..config import Genesis
-from ..errors import ProtocolError
+from ..errors import ProtocolError, innermost
 from ..logs import get_logger
 from .protocol import (
     MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME, Auth, Frame, Hello, Welcome, check_transcript, decode_frame, encode_frame,
@@ -49,7 +49,9 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL = 1002
 CLOSE_POLICY = 1008
 
-FrameHandler = Callable[[str, Frame], None]
+FrameHandler = Callable[["Peer", Frame], None]
+#: Handshakes in progress at once: unauthenticated connections cannot pile up.
+MAX_PENDING_HANDSHAKES = 32
 
 
 class Peer:
@@ -73,8 +75,12 @@ class Peer:
         self._closed = False
 
     def kick(self, reason: str) -> None:
-        """Drop this connection (from any task): the peer sent something it must not."""
-        self.kicked = reason
+        """Drop this connection (from any task): the peer sent something it must not.
+
+        Only this connection: a newer one from the same member is not touched.
+        """
+        if self.kicked is None:
+            self.kicked = reason
         if self.scope is not None:
             self.scope.cancel()
 
@@ -121,6 +127,7 @@ class PeerNetwork:
         self.rejected = 0
         self.log = get_logger(node=name)
         self._closing = False
+        self._handshakes = trio.Semaphore(MAX_PENDING_HANDSHAKES)
 
     # --- sending --------------------------------------------------------------------
 
@@ -135,11 +142,9 @@ class PeerNetwork:
     def connected(self) -> list[str]:
         return sorted(self.peers)
 
-    def kick(self, name: str, reason: str) -> None:
-        peer = self.peers.get(name)
-        if peer is not None:
-            self.log.warning("peer.kicked", peer=name, reason=reason)
-            peer.kick(reason)
+    def kick(self, peer: Peer, reason: str) -> None:
+        self.log.warning("peer.kicked", peer=peer.name, reason=reason)
+        peer.kick(reason)
 
     # --- running --------------------------------------------------------------------
 
@@ -172,16 +177,17 @@ class PeerNetwork:
                 async with trio.open_nursery() as nursery:
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
                         ws = await trio_websocket.connect_websocket(
-                            nursery, host, port, "/peer", use_ssl=False, max_message_size=MAX_FRAME_BYTES,
+                            nursery, host, port, "/peer", use_ssl=False, max_message_size=MAX_HANDSHAKE_FRAME,
                             message_queue_size=16, receive_buffer_size=RECEIVE_BUFFER,
                         )
                         await self._dialer_handshake(ws, name)
+                    _authenticated(ws)
                     connected = True
                     backoff = 0.1
                     await self._run(Peer(name, ws, dialed=True))
                     nursery.cancel_scope.cancel()
             except Exception as group:  # noqa: BLE001 - one peer's failure must not stop the others
-                exc = _unwrap(group)
+                exc = innermost(group)
                 if isinstance(exc, _DISCONNECTS):
                     self.log.debug("peer.dial_failed", peer=name, error=str(exc) or type(exc).__name__)
                 elif isinstance(exc, ProtocolError):
@@ -199,24 +205,32 @@ class PeerNetwork:
         remote = _remote(stream)
         try:
             async with trio.open_nursery() as nursery:
-                with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    request = await trio_websocket.wrap_server_stream(
-                        nursery, stream, message_queue_size=16, max_message_size=MAX_FRAME_BYTES,
-                        receive_buffer_size=RECEIVE_BUFFER,
-                    )
-                    ws = await request.accept()
-                    try:
-                        name = await self._listener_handshake(ws)
-                    except ProtocolError as exc:
-                        self.rejected += 1
-                        self.log.warning("peer.rejected", remote=remote, reason=exc.reason, error=str(exc))
-                        await _close(ws, CLOSE_POLICY, exc.reason)
-                        nursery.cancel_scope.cancel()
-                        return
+                if self._handshakes.value == 0:
+                    self.log.warning("peer.rejected", remote=remote, reason="too_many_handshakes")
+                    nursery.cancel_scope.cancel()
+                    return
+                async with self._handshakes:
+                    with trio.fail_after(HANDSHAKE_TIMEOUT):
+                        # Until the peer has proved who it is, it may not make us buffer more than
+                        # a handshake frame.
+                        request = await trio_websocket.wrap_server_stream(
+                            nursery, stream, message_queue_size=2, max_message_size=MAX_HANDSHAKE_FRAME,
+                            receive_buffer_size=RECEIVE_BUFFER,
+                        )
+                        ws = await request.accept()
+                        try:
+                            name = await self._listener_handshake(ws)
+                        except ProtocolError as exc:
+                            self.rejected += 1
+                            self.log.warning("peer.rejected", remote=remote, reason=exc.reason, error=str(exc))
+                            await _close(ws, CLOSE_POLICY, exc.reason)
+                            nursery.cancel_scope.cancel()
+                            return
+                _authenticated(ws)
                 await self._run(Peer(name, ws, dialed=False))
                 nursery.cancel_scope.cancel()
         except Exception as group:  # noqa: BLE001 - never let one connection take the listener down
-            exc = _unwrap(group)
+            exc = innermost(group)
             if isinstance(exc, _DISCONNECTS):
                 self.log.debug("peer.inbound_closed", remote=remote, error=str(exc) or type(exc).__name__)
             else:
@@ -247,6 +261,9 @@ class PeerNetwork:
         hello.check_against(self.genesis)
         if hello.name == self.name:
             raise ProtocolError("a peer claims this node's own name", reason="own_name")
+        if hello.name > self.name:
+            # Each pair has one connection, dialed by the name that sorts first.
+            raise ProtocolError(f"{hello.name!r} must wait for {self.name!r} to dial it", reason="wrong_direction")
         mine = Hello.fresh(self.genesis, self.name)
         signature = sign_transcript(self.identity, self.genesis, hello, mine, "listener")
         await ws.send_message(encode_frame(Welcome(mine, signature)))
@@ -271,6 +288,8 @@ class PeerNetwork:
         self.on_connect(peer.name)
         try:
             with trio.CancelScope() as peer.scope:
+                if peer.kicked is not None:
+                    return  # kicked while the connection it replaced was closing
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(peer.writer)
                     await self._read(peer)
@@ -304,21 +323,23 @@ class PeerNetwork:
                 await peer.close(CLOSE_PROTOCOL, "handshake frame after authentication")
                 return
             try:
-                self.on_frame(peer.name, frame)
+                self.on_frame(peer, frame)
             except ProtocolError as exc:
                 self.log.warning("peer.invalid_message", peer=peer.name, reason=exc.reason, error=str(exc))
                 await peer.close(CLOSE_POLICY, exc.reason)
                 return
 
 
+def _authenticated(ws: trio_websocket.WebSocketConnection) -> None:
+    """Raise the message size limit to full frames once the peer is authenticated.
+
+    trio-websocket (pinned below 0.13) reads this attribute for every message; it has no
+    public setter.
+    """
+    ws._max_message_size = MAX_FRAME_BYTES  # noqa: SLF001
+
+
 _DISCONNECTS = (OSError, trio.TooSlowError, ConnectionClosed, WsHandshakeError, trio.BrokenResourceError)
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """The one exception inside nested single-member exception groups (or the group itself)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 async def _handshake_message(ws: trio_websocket.WebSocketConnection) -> bytes | str:

@@ -282,3 +282,25 @@ def test_a_range_that_does_not_extend_the_root_is_refused():
     actions = core.on_message(1, RangeResponse((b1, b2, b3), None), 0.0)
     commits = [a for a in actions if isinstance(a, CommitBlocks)]
     assert commits and [b.id for b in commits[0].blocks] == [b1.id]
+
+
+def test_a_backlog_of_large_transactions_is_split_across_blocks_that_fit():
+    c = Cluster()
+    c.start()
+    big = [bytes([k % 256]) * 12_000 + k.to_bytes(4, "big") for k in range(700)]  # ~8.4 MB in all
+    logs = []
+    original = c.apply
+
+    def spy(i, actions):
+        logs.extend(a for a in actions if getattr(a, "event", "") == "proposal.invalid")
+        original(i, actions)
+
+    c.apply = spy
+    for i, core in enumerate(c.cores):
+        c.apply(i, core.submit(big, c.now))
+    c.run(until=60.0, max_steps=50_000, done=lambda: max(x.pending_tx_count for x in c.cores) == 0)
+    assert logs == []
+    assert all(core.pending_tx_count == 0 for core in c.cores)
+    store = c.blocks[0]
+    sizes = [sum(map(len, store.block_at(h).payload)) for h in range(1, store.committed_height() + 1)]
+    assert max(sizes) <= 4 * 1024 * 1024 and sum(sizes) == sum(map(len, big))

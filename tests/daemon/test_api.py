@@ -44,6 +44,14 @@ async def test_api_and_cli(cluster):
         assert missing.value.reason == "not_found"
         with pytest.raises(ApiError, match="note must be a string"):
             await client.call("tx.submit", note=5)
+        with pytest.raises(ApiError) as too_long:
+            await client.call("tx.submit", note="病" * 5000)
+        assert too_long.value.reason == "invalid"
+        with pytest.raises(ApiError, match="height out of range"):
+            await client.call("block.get", height=2**64)
+        batch = await client.call("tx.submit_batch", notes=["ok", "x" * 5000, "also ok"])
+        assert batch["tx_ids"][0] and batch["tx_ids"][1] is None and batch["tx_ids"][2]
+        assert batch["errors"] == [{"index": 1, "reason": "invalid"}]
         status = await client.call("status")
         assert {"node", "height", "head", "round", "peers", "mempool"} <= set(status)
 
@@ -90,3 +98,33 @@ def test_status_of_a_node_that_is_not_running_is_a_clear_error(tmp_path):
     init_consortium(tmp_path, ["A"], "R", base_port=39100)
     run = cli("status", "--config", str(tmp_path / "A" / "node.toml"))
     assert run.returncode == 2 and "has the node been started" in run.stderr
+
+
+def test_an_empty_token_file_is_replaced_and_never_authenticates(tmp_path):
+    from ehrnode.api import TOKEN_FILE, ensure_token, read_token
+    from ehrnode.errors import CryptoError
+
+    (tmp_path / TOKEN_FILE).write_text("")
+    with pytest.raises(CryptoError, match="empty"):
+        read_token(tmp_path)
+    token = ensure_token(tmp_path)
+    assert len(token) == 64 and read_token(tmp_path) == token
+    assert oct((tmp_path / TOKEN_FILE).stat().st_mode & 0o777) == "0o600"
+    assert ensure_token(tmp_path) == token
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path):
+    import socket
+
+    from ehrnode.consortium import init_consortium
+
+    from .cluster import free_base_port
+
+    base = free_base_port(2)
+    init_consortium(tmp_path, ["A"], "R", base_port=base)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", base))
+        blocker.listen()
+        run = cli("run", "--config", str(tmp_path / "A" / "node.toml"))
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1].startswith("ehrnode: cannot listen")

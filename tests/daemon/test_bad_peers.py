@@ -52,10 +52,16 @@ async def test_hostile_peers_are_refused_and_logged_while_commits_continue(clust
     b_identity = crypto.Identity.load(cluster.configs["B"].signing_key_path)
 
     # 1. A key not in genesis, claiming a member's name.
-    async with await open_peer(cluster, "A") as ws:
+    async with await open_peer(cluster, "R") as ws:
         await handshake_as(cluster, ws, "B", crypto.Identity.generate())
         await closed(ws)
-    await wait_log(cluster, "A", '"reason": "bad_signature"')
+    await wait_log(cluster, "R", '"reason": "bad_signature"')
+
+    # 1b. A member dialing the wrong way (B must wait for A to dial it).
+    async with await open_peer(cluster, "A") as ws:
+        await ws.send_message(encode_frame(Hello.fresh(cluster.genesis, "B")))
+        await closed(ws)
+    await wait_log(cluster, "A", '"reason": "wrong_direction"')
 
     # 2. A name not in genesis.
     async with await open_peer(cluster, "A") as ws:
