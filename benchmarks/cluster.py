@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ehrnode import crypto  # noqa: E402
 from ehrnode.client import ApiClient  # noqa: E402
-from tests.daemon.cluster import Cluster  # noqa: E402
+from ehrnode.localnet import LocalConsortium as Cluster  # noqa: E402
 
 NOTE_BYTES = 256 - 160  # the note text; with the envelope and signature a transaction is ~256 bytes
 

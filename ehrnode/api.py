@@ -8,6 +8,7 @@ HTTP 401 before any JSON is read. Methods:
 ``status``            ``{"node", "height", "head", "round", "peers", "mempool", ...}``
 ``tx.submit``         ``{"note": TEXT, "wait": bool, "timeout": seconds}`` -> ``{"tx_id", "height"}``
 ``tx.submit_batch``   ``{"notes": [TEXT, ...]}`` -> ``{"tx_ids": [...], "errors": [{"index", "reason"}]}``
+``tx.get``            ``{"tx_id": HEX}`` -> ``{"tx_id", "height" (null until committed), "pending"}``
 ``block.get``         ``{"height": H}`` (default: the head) -> ``{"height", "id", "parent", "round", "txs"}``
 ``blocks.subscribe``  then one ``block.committed`` notification per committed block
 
@@ -215,6 +216,15 @@ class ApiServer:
                     tx_ids.append(None)
                     errors.append({"index": index, "reason": "invalid"})
             return {"tx_ids": tx_ids, "errors": errors}
+        if method == "tx.get":
+            tx_id = params.get("tx_id")
+            try:
+                raw = bytes.fromhex(tx_id) if isinstance(tx_id, str) else b""
+            except ValueError:
+                raw = b""
+            if len(raw) != 32:
+                raise RpcError(-32602, "tx_id must be 64 hexadecimal characters")
+            return {"tx_id": tx_id, "height": node.state.tx_height(raw), "pending": raw in node.mempool}
         if method == "blocks.subscribe":
             channel = node.subscribe()
             nursery.start_soon(self._forward, channel, ws)

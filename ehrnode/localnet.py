@@ -1,0 +1,138 @@
+"""A consortium of local processes: `consortium init`, then one `ehrnode run` per member.
+
+Used by ``ehrnode demo``, the tests and the benchmarks: it picks free loopback ports,
+starts and stops members (SIGTERM, or SIGKILL to simulate a crash), and talks to each
+member through its local API.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from .client import ApiClient
+from .config import NodeConfig, load_node_config
+from .consortium import API_PORT_OFFSET, init_consortium
+from .errors import ConfigError, EhrnodeError
+
+NAMES = ["A", "B", "C", "R"]
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_base_port(count: int) -> int:
+    for _ in range(200):
+        base = random.randrange(20000, 50000)
+        if all(_free(base + i) and _free(base + API_PORT_OFFSET + i) for i in range(count)):
+            return base
+    raise ConfigError("no free ports for a local consortium on 127.0.0.1")
+
+
+class LocalConsortium:
+    """Members of one consortium as `ehrnode run` processes on this machine, driven through their APIs."""
+
+    def __init__(self, root: Path, names: Sequence[str] = NAMES) -> None:
+        self.root = root
+        self.names = list(names)
+        self.genesis = init_consortium(root, self.names[:-1], self.names[-1],
+                                       base_port=free_base_port(len(self.names)))
+        self.configs: dict[str, NodeConfig] = {n: load_node_config(root / n / "node.toml") for n in self.names}
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def log_path(self, name: str) -> Path:
+        return self.root / f"{name}.log"
+
+    def start(self, name: str) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(self.log_path(name), "ab") as log:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "ehrnode.cli", "run", "--config", str(self.configs[name].path)],
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+            )
+
+    def start_all(self) -> None:
+        for name in self.names:
+            self.start(name)
+
+    def kill9(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def stop(self, name: str) -> int:
+        proc = self.procs.pop(name)
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(20)
+
+    def stop_all(self) -> dict[str, int]:
+        """SIGTERM to every running member at once; their exit codes (-9 if one had to be killed)."""
+        procs, self.procs = self.procs, {}
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        codes = {}
+        for name, proc in procs.items():
+            try:
+                codes[name] = proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[name] = proc.wait()
+        return codes
+
+    def log(self, name: str) -> str:
+        return self.log_path(name).read_text(errors="replace")
+
+    async def call(self, name: str, method: str, **params):
+        async with ApiClient.connect(self.configs[name]) as client:
+            return await client.call(method, **params)
+
+    async def status(self, name: str) -> dict | None:
+        try:
+            return await self.call(name, "status")
+        except (EhrnodeError, OSError):
+            return None
+
+    async def wait_ready(self, names: list[str] | None = None, timeout: float = 30.0) -> None:
+        """Every node answers and is connected to every other running node."""
+        names = names or list(self.procs)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            statuses = [await self.status(n) for n in names]
+            if all(s is not None and set(names) - {s["node"]} <= set(s["peers"]) for s in statuses):
+                return
+            await trio.sleep(0.2)
+        raise EhrnodeError(f"members {names} not connected to each other within {timeout:.0f} s", reason="timeout")
+
+    async def wait_height(self, names: list[str], height: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            statuses = [await self.status(n) for n in names]
+            if all(s is not None and s["height"] >= height for s in statuses):
+                return
+            await trio.sleep(0.2)
+        raise EhrnodeError(f"members {names} did not reach height {height} within {timeout:.0f} s", reason="timeout")
+
+    async def height(self, name: str) -> int:
+        status = await self.status(name)
+        if status is None:
+            raise EhrnodeError(f"member {name} is not answering", reason="unreachable")
+        return status["height"]
+
+    async def chain(self, name: str, up_to: int) -> list[str]:
+        async with ApiClient.connect(self.configs[name]) as client:
+            return [(await client.call("block.get", height=h))["id"] for h in range(1, up_to + 1)]
