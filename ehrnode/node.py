@@ -48,6 +48,7 @@ from .ledger.state import LedgerState
 from .ledger.transactions import Transaction
 from .logs import get_logger
 from .net.peers import Peer, PeerNetwork
+from .sdnotify import Notifier
 from .net.protocol import ConsensusFrame, Frame, TxFrame, encode_frame
 
 CONSENSUS_INBOX = 10_000
@@ -118,6 +119,7 @@ class Node:
         self.inbox_dropped = 0
         self.invalid_messages = 0
         self._closed = False
+        self.notifier = Notifier()
         self.head: Block = self.block_store.block_at(self.block_store.committed_height()) or self.vset.genesis_block
 
     def _replay_state(self) -> None:
@@ -214,14 +216,29 @@ class Node:
             nursery.start_soon(self.network.dial_all)
             nursery.start_soon(self._drive)
             nursery.start_soon(self._gossip)
+            if self.notifier.watchdog_interval is not None:
+                nursery.start_soon(self._watchdog)
             self.log.info(
                 "node.started", chain=self.genesis.chain_id, height=self.head.height, peer_address=str(peer),
                 api_address=str(self.config.api_listen), validators=self.vset.n,
             )
+            # Listeners are bound: this is when systemd may consider the service started.
+            self.notifier.notify("READY=1", f"STATUS=height {self.head.height}, listening on {peer}")
             task_status.started()
+
+    async def _watchdog(self) -> None:
+        # Pinged from the event loop itself: if the loop wedges, the pings stop and systemd
+        # restarts the service.
+        interval = self.notifier.watchdog_interval
+        assert interval is not None
+        while True:
+            self.notifier.notify("WATCHDOG=1", f"STATUS=height {self.head.height}, round {self.core.round}, "
+                                               f"{len(self.network.peers)} peers")
+            await trio.sleep(interval)
 
     async def shutdown(self) -> None:
         """Stop dialing and accepting peers and close every connection with 1001."""
+        self.notifier.notify("STOPPING=1")
         await self.network.close_all()
 
     def close(self) -> None:
