@@ -102,6 +102,8 @@ class NodeConfig:
     peer_listen: Address
     api_listen: Address
     log_level: str
+    #: Prometheus endpoint; None turns it off.
+    metrics_listen: Address | None = None
 
     def to_toml_dict(self) -> dict[str, Any]:
         def rel(p: Path) -> str:
@@ -115,6 +117,7 @@ class NodeConfig:
             "keys": {"signing": rel(self.signing_key_path), "sealing": rel(self.sealing_key_path)},
             "peer": {"listen": str(self.peer_listen)},
             "api": {"listen": str(self.api_listen)},
+            **({"metrics": {"listen": str(self.metrics_listen)}} if self.metrics_listen else {}),
         }
 
 
@@ -215,4 +218,14 @@ def load_node_config(path: Path) -> NodeConfig:
         peer_listen=Address.parse(_field(peer, "listen", str, f"{where} [peer]"), f"{where} [peer] listen"),
         api_listen=Address.parse(_field(api, "listen", str, f"{where} [api]"), f"{where} [api] listen"),
         log_level=level,
+        metrics_listen=_metrics_address(doc, where),
     )
+
+
+def _metrics_address(doc: dict[str, Any], where: str) -> Address | None:
+    if "metrics" not in doc:
+        return None
+    metrics = doc["metrics"]
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"{where}: [metrics] must be a table")
+    return Address.parse(_field(metrics, "listen", str, f"{where} [metrics]"), f"{where} [metrics] listen")

@@ -28,6 +28,7 @@ from .errors import ConfigError
 GENESIS_FILE = "genesis.toml"
 NODE_FILE = "node.toml"
 API_PORT_OFFSET = 100
+METRICS_PORT_OFFSET = 200
 
 
 def init_consortium(
@@ -40,7 +41,7 @@ def init_consortium(
         raise ConfigError("a consortium needs at least one institution")
     if len(set(names)) != len(names):
         raise ConfigError(f"member names must be distinct: {', '.join(names)}")
-    if not 0 < base_port or base_port + API_PORT_OFFSET + len(names) > 65535:
+    if not 0 < base_port or base_port + METRICS_PORT_OFFSET + len(names) > 65535:
         raise ConfigError(f"--base-port {base_port} leaves no room for {len(names)} peer and API ports")
     existing = [p for p in [directory / GENESIS_FILE] + [directory / n for n in names] if p.exists()]
     if existing:
@@ -65,6 +66,7 @@ def init_consortium(
             path=node_path, name=name, genesis_path=directory / GENESIS_FILE, data_dir=directory / name / "data",
             signing_key_path=keys / "signing.pem", sealing_key_path=keys / "sealing.pem",
             peer_listen=peer, api_listen=Address("127.0.0.1", base_port + API_PORT_OFFSET + i), log_level="info",
+            metrics_listen=Address("127.0.0.1", base_port + METRICS_PORT_OFFSET + i),
         ))
     genesis = Genesis(f"ehrnode-{secrets.token_hex(8)}", tuple(members))
     _write_toml(directory / GENESIS_FILE, genesis.to_toml_dict(),

@@ -21,7 +21,7 @@ import trio
 
 from .client import ApiClient
 from .config import NodeConfig, load_node_config
-from .consortium import API_PORT_OFFSET, init_consortium
+from .consortium import API_PORT_OFFSET, METRICS_PORT_OFFSET, init_consortium
 from .errors import ConfigError, EhrnodeError
 
 NAMES = ["A", "B", "C", "R"]
@@ -39,7 +39,7 @@ def _free(port: int) -> bool:
 def free_base_port(count: int) -> int:
     for _ in range(200):
         base = random.randrange(20000, 50000)
-        if all(_free(base + i) and _free(base + API_PORT_OFFSET + i) for i in range(count)):
+        if all(_free(base + offset + i) for i in range(count) for offset in (0, API_PORT_OFFSET, METRICS_PORT_OFFSET)):
             return base
     raise ConfigError("no free ports for a local consortium on 127.0.0.1")
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import trio
 
-from . import crypto
+from . import crypto, metrics
 from .config import Genesis, NodeConfig, load_genesis
 from .consensus.core import (
     Action, Broadcast, CommitBlocks, ConsensusCore, CoreConfig, Log, PersistBlock, Send, SetTimer,
@@ -47,9 +47,10 @@ from .ledger.safety_store import FileSafetyStore
 from .ledger.state import LedgerState
 from .ledger.transactions import Transaction
 from .logs import get_logger
+from .metrics import Registry
 from .net.peers import Peer, PeerNetwork
-from .sdnotify import Notifier
 from .net.protocol import ConsensusFrame, Frame, TxFrame, encode_frame
+from .sdnotify import Notifier
 
 CONSENSUS_INBOX = 10_000
 TX_INBOX = 100_000
@@ -120,7 +121,34 @@ class Node:
         self.invalid_messages = 0
         self._closed = False
         self.notifier = Notifier()
+        self.metrics = self._register_metrics()
         self.head: Block = self.block_store.block_at(self.block_store.committed_height()) or self.vset.genesis_block
+
+    def _register_metrics(self) -> Registry:
+        r = Registry()
+        r.gauge("ehrnode_height", "Height of the last committed block.", lambda: self.head.height)
+        r.gauge("ehrnode_round", "Current consensus round.", lambda: self.core.round)
+        r.gauge("ehrnode_peers_connected", "Authenticated peer connections.", lambda: len(self.network.peers))
+        r.gauge("ehrnode_validators", "Validators in the consortium.", lambda: self.vset.n)
+        r.gauge("ehrnode_mempool_transactions", "Transactions admitted and not yet committed.", lambda: len(self.mempool))
+        r.gauge("ehrnode_sync_behind_blocks", "How far the commit this node is catching up to is above its head.",
+                lambda: self.core.sync_gap)
+        self.m_commits = r.counter("ehrnode_blocks_committed_total", "Blocks committed by this node.")
+        self.m_txs = r.counter("ehrnode_transactions_committed_total", "Valid transactions committed.")
+        self.m_invalid_txs = r.counter("ehrnode_transactions_invalid_total",
+                                       "Committed transactions the ledger recorded as invalid.")
+        self.m_timeouts = r.counter("ehrnode_round_timeouts_total", "Rounds this node timed out of.")
+        self.m_invalid = r.counter("ehrnode_invalid_messages_total", "Consensus messages refused (sender disconnected).")
+        r.gauge("ehrnode_inbox_dropped_total", "Inbound messages dropped because the node was overloaded.",
+                lambda: self.inbox_dropped)
+        r.gauge("ehrnode_peer_frames_dropped_total", "Outbound frames dropped on full peer queues.",
+                lambda: sum(p.dropped for p in self.network.peers.values()) + self.network.dropped_closed)
+        r.gauge("ehrnode_peers_rejected_total", "Connections refused at the handshake.", lambda: self.network.rejected)
+        self.m_latency = r.histogram(
+            "ehrnode_commit_latency_seconds", "From a block's proposal time to its commit at this node.",
+            (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+        )
+        return r
 
     def _replay_state(self) -> None:
         # The ledger state is applied after the block store commits; after a crash between the
@@ -213,6 +241,9 @@ class Node:
             peer = self.config.peer_listen
             await nursery.start(self.network.serve, peer.host, peer.port)
             await nursery.start(api.serve, self.config.api_listen.host, self.config.api_listen.port)
+            if self.config.metrics_listen is not None:
+                address = self.config.metrics_listen
+                await nursery.start(metrics.serve, self.metrics, address.host, address.port)
             nursery.start_soon(self.network.dial_all)
             nursery.start_soon(self._drive)
             nursery.start_soon(self._gossip)
@@ -273,6 +304,7 @@ class Node:
             actions = self.core.on_message(self.genesis.index(peer.name), message, time.time())
         except (CodecError, InvalidMessage) as exc:
             self.invalid_messages += 1
+            self.m_invalid.inc()
             self.log.warning("consensus.invalid_message", peer=peer.name, reason=exc.reason, error=str(exc))
             self.network.kick(peer, exc.reason)
             return
@@ -280,6 +312,7 @@ class Node:
             raise  # the disk failed under us: stop rather than run on half-persisted state
         except Exception as exc:  # noqa: BLE001 - a message we did not foresee costs its sender the link
             self.invalid_messages += 1
+            self.m_invalid.inc()
             self.log.error("consensus.message_failed", peer=peer.name, error=repr(exc))
             self.network.kick(peer, "internal_error")
             return
@@ -325,6 +358,10 @@ class Node:
             # After a power cut the state can be ahead of the block store: the blocks committed
             # again are the same blocks, already applied.
             txs = self.state.apply(block) if block.height > self.state.applied_height else []
+            self.m_commits.inc()
+            self.m_txs.inc(len(txs))
+            self.m_invalid_txs.inc(len(block.payload) - len(txs))
+            self.m_latency.observe(max(0.0, time.time() - block.timestamp / 1000))
             ids = [tx.id for tx in txs]
             self.mempool.remove(crypto.sha256(data) for data in block.payload)
             self.head = block
@@ -348,6 +385,8 @@ class Node:
                     self._subscribers.remove(channel)
 
     def _log_core(self, action: Log) -> None:
+        if action.event == "round.timeout":
+            self.m_timeouts.inc()
         if action.event in (
             "round.timeout", "tc.formed", "vote.equivocation", "vote.refused", "timeout.refused", "proposal.refused",
             "sync.started", "sync.finished",

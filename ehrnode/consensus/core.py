@@ -199,6 +199,13 @@ class ConsensusCore:
         return self.tree.root.height
 
     @property
+    def sync_gap(self) -> int:
+        """Blocks between the committed root and a known commit not yet reached (0 when none)."""
+        if self._pending_commit is None:
+            return 0
+        return max(0, self._pending_commit.height - 1 - self.root.height)
+
+    @property
     def pending_tx_count(self) -> int:
         return len(self._pending_txs)
 

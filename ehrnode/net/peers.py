@@ -125,6 +125,7 @@ class PeerNetwork:
         self.on_connect = on_connect
         self.peers: dict[str, Peer] = {}
         self.rejected = 0
+        self.dropped_closed = 0  # frames dropped by connections that are gone now
         self.log = get_logger(node=name)
         self._closing = False
         self._handshakes = trio.Semaphore(MAX_PENDING_HANDSHAKES)
@@ -297,6 +298,7 @@ class PeerNetwork:
         finally:
             if self.peers.get(peer.name) is peer:
                 del self.peers[peer.name]
+            self.dropped_closed += peer.dropped
             with trio.CancelScope(shield=True):
                 if peer.kicked is not None:
                     await peer.close(CLOSE_POLICY, peer.kicked)

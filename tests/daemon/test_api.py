@@ -80,6 +80,20 @@ async def test_api_and_cli(cluster):
     env = {"EHRNODE_CONFIG": path, "PATH": "/usr/bin:/bin"}
     assert json.loads(cli("status", "--json", env=env).stdout)["node"] == "A"
 
+    # Prometheus metrics on loopback.
+    metrics_at = config.metrics_listen
+    stream = await trio.open_tcp_stream(metrics_at.host, metrics_at.port)
+    await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    body = b""
+    while chunk := await stream.receive_some(65536):
+        body += chunk
+    samples = dict(line.rsplit(" ", 1) for line in body.decode().split("\r\n\r\n", 1)[1].splitlines()
+                   if line and not line.startswith("#"))
+    assert float(samples["ehrnode_height"]) >= result["height"]
+    assert float(samples["ehrnode_peers_connected"]) == 3
+    assert float(samples["ehrnode_transactions_committed_total"]) >= 3
+    assert float(samples["ehrnode_commit_latency_seconds_count"]) >= 1
+
 
 def test_run_with_a_bad_config_is_one_line_and_exit_2(tmp_path):
     missing = cli("run", "--config", str(tmp_path / "nope.toml"))
