@@ -105,7 +105,7 @@ def cmd_consortium_init(args: argparse.Namespace) -> int:
     from .consortium import init_consortium
 
     genesis = init_consortium(
-        args.dir, args.institutions, args.regulator, host=args.host, base_port=args.base_port
+        args.dir, args.institutions, args.regulator, host=args.host, base_port=args.base_port, hosts=args.hosts,
     )
     if args.json:
         print(json.dumps({
@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--institutions", type=_names, required=True, help="comma-separated institution names")
     init.add_argument("--regulator", required=True, help="the regulator's name")
     init.add_argument("--host", default="127.0.0.1", help="host in every member's peer address")
+    init.add_argument("--hosts", type=_names, default=None,
+                      help="one host per member (institutions, then the regulator); each listens on --base-port")
     init.add_argument("--base-port", type=_positive, default=7100,
                       help="first peer port (members take consecutive ports; API ports start 100 higher)")
     init.add_argument("--json", action="store_true", help="print one JSON document")

@@ -33,8 +33,14 @@ METRICS_PORT_OFFSET = 200
 
 def init_consortium(
     directory: Path, institutions: Sequence[str], regulator: str, *, host: str = "127.0.0.1", base_port: int = 7100,
+    hosts: Sequence[str] | None = None,
 ) -> Genesis:
-    """Create keys and configuration for every member; refuses to overwrite anything that exists."""
+    """Create keys and configuration for every member; refuses to overwrite anything that exists.
+
+    ``hosts`` gives each member (institutions, then the regulator) its own host; members on
+    different hosts all use ``base_port``. Without it, every member is on ``host`` with
+    consecutive ports.
+    """
     directory = Path(directory)
     names = [check_name(n, "--institutions") for n in institutions] + [check_name(regulator, "--regulator")]
     if not institutions:
@@ -43,6 +49,8 @@ def init_consortium(
         raise ConfigError(f"member names must be distinct: {', '.join(names)}")
     if not 0 < base_port or base_port + METRICS_PORT_OFFSET + len(names) > 65535:
         raise ConfigError(f"--base-port {base_port} leaves no room for {len(names)} peer and API ports")
+    if hosts is not None and len(hosts) != len(names):
+        raise ConfigError(f"--hosts lists {len(hosts)} hosts for {len(names)} members")
     existing = [p for p in [directory / GENESIS_FILE] + [directory / n for n in names] if p.exists()]
     if existing:
         raise ConfigError(f"refusing to overwrite existing {existing[0]} (keys are never replaced)")
@@ -57,7 +65,7 @@ def init_consortium(
         identity, sealing = crypto.Identity.generate(), crypto.SealingKey.generate()
         identity.save(keys / "signing.pem")
         sealing.save(keys / "sealing.pem")
-        peer = Address(host, base_port + i)
+        peer = Address(hosts[i], base_port) if hosts is not None else Address(host, base_port + i)
         members.append(Member(
             name, "regulator" if name == regulator else "institution", identity.public_key, sealing.public_key, peer,
         ))
@@ -65,8 +73,8 @@ def init_consortium(
         configs.append(NodeConfig(
             path=node_path, name=name, genesis_path=directory / GENESIS_FILE, data_dir=directory / name / "data",
             signing_key_path=keys / "signing.pem", sealing_key_path=keys / "sealing.pem",
-            peer_listen=peer, api_listen=Address("127.0.0.1", base_port + API_PORT_OFFSET + i), log_level="info",
-            metrics_listen=Address("127.0.0.1", base_port + METRICS_PORT_OFFSET + i),
+            peer_listen=peer, api_listen=Address("127.0.0.1", peer.port + API_PORT_OFFSET),
+            log_level="info", metrics_listen=Address("127.0.0.1", peer.port + METRICS_PORT_OFFSET),
         ))
     genesis = Genesis(f"ehrnode-{secrets.token_hex(8)}", tuple(members))
     _write_toml(directory / GENESIS_FILE, genesis.to_toml_dict(),
