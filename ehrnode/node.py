@@ -387,6 +387,9 @@ class Node:
     def _log_core(self, action: Log) -> None:
         if action.event == "round.timeout":
             self.m_timeouts.inc()
+        if action.event == "proposal.invalid":
+            self.log.error(action.event, **action.fields)
+            return
         if action.event in (
             "round.timeout", "tc.formed", "vote.equivocation", "vote.refused", "timeout.refused", "proposal.refused",
             "sync.started", "sync.finished",
