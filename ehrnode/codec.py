@@ -22,7 +22,7 @@ can be built from untrusted input in a few lines each.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import cbor2
@@ -162,6 +162,26 @@ def _check_model(value: Any, max_depth: int) -> None:
                 stack.append((v, depth + 1))
         else:
             raise CodecError(f"unsupported CBOR item {type(item).__name__}", reason="unsupported_type")
+
+
+# --- tagged messages ------------------------------------------------------------
+
+
+def encode_tagged(name: str, body: Any) -> bytes:
+    """``{"type": name, "body": body}``: the envelope of every message on a wire."""
+    return encode({"type": name, "body": body})
+
+
+def decode_tagged(
+    data: bytes, what: str, parsers: Mapping[str, Callable[[Any], Any]], *, max_size: int = MAX_MESSAGE_BYTES,
+) -> Any:
+    """Strictly decode an envelope and parse its body with the parser its type names."""
+    envelope = as_map(decode(data, max_size=max_size), what, ("type", "body"))
+    name = as_str(envelope["type"], f"{what}.type", max_len=32)
+    parse = parsers.get(name)
+    if parse is None:
+        raise SchemaError(f"{what}.type: unknown {what} type {name!r}")
+    return parse(envelope["body"])
 
 
 # --- schema helpers -------------------------------------------------------------

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import codec
-from ..codec import as_bytes, as_list, as_map, as_str, as_uint
-from ..errors import SchemaError
+from ..codec import as_bytes, as_list, as_map, as_uint
 from .types import Block, QuorumCert, Timeout, TimeoutCert, Vote
 
 #: A sync response carries at most this many blocks.
@@ -143,6 +142,7 @@ _BY_NAME: dict[str, Any] = {
     "range_request": RangeRequest, "range_response": RangeResponse,
 }
 _NAMES = {cls: name for name, cls in _BY_NAME.items()}
+_PARSERS = {name: cls.from_wire for name, cls in _BY_NAME.items()}
 
 
 def message_type(message: Message) -> str:
@@ -150,14 +150,9 @@ def message_type(message: Message) -> str:
 
 
 def encode_message(message: Message) -> bytes:
-    return codec.encode({"type": _NAMES[type(message)], "body": message.to_wire()})
+    return codec.encode_tagged(_NAMES[type(message)], message.to_wire())
 
 
 def decode_message(data: bytes, *, max_size: int = MAX_WIRE_BYTES) -> Message:
     """Strictly decode one consensus message (raises CodecError or SchemaError)."""
-    envelope = as_map(codec.decode(data, max_size=max_size), "message", ("type", "body"))
-    name = as_str(envelope["type"], "message.type", max_len=32)
-    cls = _BY_NAME.get(name)
-    if cls is None:
-        raise SchemaError(f"message.type: unknown message type {name!r}")
-    return cls.from_wire(envelope["body"])
+    return codec.decode_tagged(data, "message", _PARSERS, max_size=max_size)  # type: ignore[no-any-return]

@@ -26,7 +26,7 @@ from typing import Any
 from .. import codec, crypto
 from ..codec import as_bytes, as_list, as_map, as_str, as_uint
 from ..config import Genesis
-from ..errors import CodecError, ProtocolError, SchemaError
+from ..errors import CodecError, ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 8 * 1024 * 1024
@@ -137,10 +137,11 @@ _BY_NAME: dict[str, Any] = {
     "hello": Hello, "welcome": Welcome, "auth": Auth, "consensus": ConsensusFrame, "txs": TxFrame,
 }
 _NAMES = {cls: name for name, cls in _BY_NAME.items()}
+_PARSERS = {name: cls.from_wire for name, cls in _BY_NAME.items()}
 
 
 def encode_frame(frame: Frame) -> bytes:
-    return codec.encode({"type": _NAMES[type(frame)], "body": frame.to_wire()})
+    return codec.encode_tagged(_NAMES[type(frame)], frame.to_wire())
 
 
 def decode_frame(data: bytes | str, *, max_size: int = MAX_FRAME_BYTES) -> Frame:
@@ -150,12 +151,7 @@ def decode_frame(data: bytes | str, *, max_size: int = MAX_FRAME_BYTES) -> Frame
     if len(data) > max_size:
         raise ProtocolError(f"frame of {len(data)} bytes exceeds {max_size}", reason="too_large")
     try:
-        envelope = as_map(codec.decode(data, max_size=max_size), "frame", ("type", "body"))
-        name = as_str(envelope["type"], "frame.type", max_len=16)
-        cls = _BY_NAME.get(name)
-        if cls is None:
-            raise SchemaError(f"unknown frame type {name!r}")
-        return cls.from_wire(envelope["body"])
+        return codec.decode_tagged(data, "frame", _PARSERS, max_size=max_size)  # type: ignore[no-any-return]
     except CodecError as exc:
         raise ProtocolError(f"bad frame: {exc}", reason=f"bad_frame:{exc.reason}") from exc
 
