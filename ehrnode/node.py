@@ -106,13 +106,15 @@ class Node:
             recovery=self.block_store.recovery(), committed_lookup=self.block_store.get_block,
             committed_at=self.block_store.block_at,
         )
-        self.network = PeerNetwork(self.genesis, self.name, self.identity, self._on_frame)
+        self.network = PeerNetwork(self.genesis, self.name, self.identity, self._on_frame,
+                                   on_connect=self._on_connect)
         # Two inboxes: consensus messages are always handled before transactions, so a burst of
         # gossip never delays a vote. Both are bounded.
         self._consensus_in: deque[tuple[Peer, bytes]] = deque()
         self._txs_in: deque[tuple[Peer | None, bytes]] = deque()
         self._wake = trio.Event()
         self._gossip_out: list[bytes] = []
+        self._connected: list[str] = []  # peers that (re)connected since the driver last looked
         self._gossip_wake = trio.Event()
         self._deadline = float("inf")
         self._waiters: dict[bytes, _Waiter] = {}
@@ -172,6 +174,10 @@ class Node:
             if room < len(frame.txs):
                 self.inbox_dropped += len(frame.txs) - max(room, 0)
             self._txs_in.extend((peer, tx) for tx in frame.txs[:max(room, 0)])
+        self._wake.set()
+
+    def _on_connect(self, name: str) -> None:
+        self._connected.append(name)
         self._wake.set()
 
     def submit_note(self, text: str) -> Transaction:
@@ -284,12 +290,14 @@ class Node:
     async def _drive(self) -> None:
         self._apply(self.core.start(time.time()))
         while True:
-            if not self._consensus_in and not self._txs_in:
+            if not self._consensus_in and not self._txs_in and not self._connected:
                 with trio.move_on_at(self._deadline):
                     await self._wake.wait()
                 self._wake = trio.Event()
             if trio.current_time() >= self._deadline:
                 self._apply(self.core.tick(time.time()))
+            while self._connected:
+                self._apply(self.core.on_peer_connected(self.genesis.index(self._connected.pop()), time.time()))
             # Consensus first, then one batch of transactions, then let other tasks run.
             for _ in range(min(len(self._consensus_in), 512)):
                 peer, data = self._consensus_in.popleft()

@@ -183,6 +183,7 @@ class ConsensusCore:
         self._sync_peer = 0
         self._pending_txs: OrderedDict[bytes, bytes] = OrderedDict()
         self._propose_at = float("inf")
+        self._last_proposal: Proposal | None = None
 
     # --- introspection ----------------------------------------------------------------
 
@@ -257,6 +258,27 @@ class ConsensusCore:
                 self._request_sync(block_id, now, actions, retry=True)
         if self._range_wanted is not None and now >= self._range_wanted[1]:
             self._request_range(now, actions, retry=True)
+        self._timer(actions)
+        return actions
+
+    def on_peer_connected(self, peer: int, now: float) -> list[Action]:
+        """A validator (re)connected: send it what it may have missed of the current round.
+
+        Our proposal, our vote if it leads the next round, and our timeout, all for the current
+        round only: enough to let the round finish now instead of waiting for a timeout after a
+        restart or a network cut.
+        """
+        self.vset.key(peer)
+        actions: list[Action] = []
+        data = self.safety.data
+        if self._last_proposal is not None and self._last_proposal.block.round == self.round:
+            actions.append(Send(peer, self._last_proposal))
+        vote = data.last_vote
+        if vote is not None and vote.round == self.round and self.vset.leader(vote.round + 1) == peer:
+            actions.append(Send(peer, VoteMsg(vote)))
+        timeout = data.last_timeout
+        if timeout is not None and timeout.round == self.round:
+            actions.append(Send(peer, TimeoutMsg(timeout, self.high_tc)))
         self._timer(actions)
         return actions
 
@@ -471,6 +493,7 @@ class ConsensusCore:
             actions.append(Log("proposal.refused", {"round": round_, "reason": exc.reason}))
             return
         proposal = Proposal(block, tc)
+        self._last_proposal = proposal
         actions.append(Broadcast(proposal))
         actions.append(Log("block.proposed", {"round": round_, "height": block.height, "txs": len(block.payload)}))
         try:

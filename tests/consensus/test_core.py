@@ -304,3 +304,24 @@ def test_a_backlog_of_large_transactions_is_split_across_blocks_that_fit():
     store = c.blocks[0]
     sizes = [sum(map(len, store.block_at(h).payload)) for h in range(1, store.committed_height() + 1)]
     assert max(sizes) <= 4 * 1024 * 1024 and sum(sizes) == sum(map(len, big))
+
+
+def test_a_reconnecting_peer_is_sent_the_current_rounds_proposal_vote_and_timeout():
+    c = Cluster()
+    c.start()
+    leader = c.cores[0].vset.leader(c.cores[0].round)
+    core = c.cores[leader]
+    # Round 1: the leader has proposed (and voted for its own block).
+    resent = core.on_peer_connected((leader + 1) % 4, 0.0)
+    proposals = [a for a in resent if isinstance(a, Send) and isinstance(a.message, Proposal)]
+    assert proposals and proposals[0].message.block.round == core.round
+    next_leader = core.vset.leader(core.round + 1)
+    if next_leader != leader:
+        votes = [a for a in core.on_peer_connected(next_leader, 0.0)
+                 if isinstance(a, Send) and isinstance(a.message, VoteMsg)]
+        assert votes and votes[0].message.vote.round == core.round
+    # Once timed out of the round, the timeout is sent along too.
+    c.apply(leader, core.tick(core.pacemaker.deadline))
+    timeouts = [a for a in core.on_peer_connected((leader + 2) % 4, core.pacemaker.deadline)
+                if isinstance(a, Send) and isinstance(a.message, TimeoutMsg)]
+    assert timeouts and timeouts[0].message.timeout.round == core.round
