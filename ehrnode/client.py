@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,6 +26,7 @@ class ApiClient:
     def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
         self._ws = ws
         self._ids = itertools.count(1)
+        self._notifications: deque[dict[str, Any]] = deque()
 
     @classmethod
     @asynccontextmanager
@@ -47,7 +49,9 @@ class ApiClient:
         while True:
             reply = json.loads(await self._ws.get_message())
             if reply.get("id") == request_id:
-                break  # notifications of a subscription may arrive in between
+                break
+            if "method" in reply:
+                self._notifications.append(reply)  # kept for notifications()
         if "error" in reply:
             error = reply["error"]
             reason = (error.get("data") or {}).get("reason") or "api"
@@ -55,7 +59,10 @@ class ApiClient:
         return reply["result"]
 
     async def notifications(self) -> AsyncIterator[dict[str, Any]]:
+        """Notifications of a subscription, in order (including any that arrived during a call)."""
         while True:
+            while self._notifications:
+                yield self._notifications.popleft()
             message = json.loads(await self._ws.get_message())
             if "method" in message:
                 yield message

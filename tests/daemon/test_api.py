@@ -58,12 +58,15 @@ async def test_api_and_cli(cluster):
         # A subscription announces committed blocks.
         await client.call("blocks.subscribe")
         submitted = await cluster.call("B", "tx.submit", note="watched")
+        announced = []
         with trio.fail_after(30):
             async for note in client.notifications():
+                announced.append(note["params"]["height"])
                 if note["params"]["txs"]:
-                    break
-        block = await client.call("block.get", height=note["params"]["height"])
-        assert submitted["tx_id"] in [tx["id"] for tx in block["txs"]]
+                    block = await client.call("block.get", height=note["params"]["height"])
+                    if submitted["tx_id"] in [tx["id"] for tx in block["txs"]]:
+                        break
+        assert announced == list(range(announced[0], announced[-1] + 1))  # every block, in order
 
     # The CLI, per the command-line contract.
     path = str(config.path)
