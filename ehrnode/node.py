@@ -190,12 +190,6 @@ class Node:
         self._accept_local(tx.encoded)
         return tx
 
-    def submit(self, data: bytes) -> Transaction:
-        """Admit a signed transaction from a local client and gossip it (raises AdmissionError)."""
-        tx = self.mempool.admit(data)
-        self._accept_local(data)
-        return tx
-
     def _accept_local(self, data: bytes) -> None:
         self._gossip_out.append(data)
         self._gossip_wake.set()
