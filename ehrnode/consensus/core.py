@@ -609,8 +609,13 @@ class ConsensusCore:
 
     def _answer_sync(self, request: SyncRequest) -> SyncResponse:
         blocks: list[Block] = []
+        size = 0
         current = self.get_block(request.block_id)
+        # The same payload budget as a range answer: the reply must fit in one peer frame.
         while current is not None and not current.is_genesis and len(blocks) < request.count:
+            size += sum(len(tx) for tx in current.payload)
+            if blocks and size > MAX_RANGE_PAYLOAD:
+                break
             blocks.append(current)
             current = self.get_block(current.parent)
         return SyncResponse(tuple(blocks))

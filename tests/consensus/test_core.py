@@ -8,7 +8,7 @@ from ehrnode.consensus.core import (
     Broadcast, CommitBlocks, ConsensusCore, CoreConfig, PersistBlock, Send, SetTimer,
 )
 from ehrnode.consensus.messages import (
-    Proposal, RangeRequest, RangeResponse, SyncRequest, SyncResponse, TimeoutMsg, VoteMsg,
+    Proposal, RangeRequest, RangeResponse, SyncRequest, SyncResponse, TimeoutMsg, VoteMsg, encode_message,
 )
 from ehrnode.consensus.pacemaker import PacemakerConfig
 from ehrnode.consensus.safety import MemorySafetyStore
@@ -325,3 +325,18 @@ def test_a_reconnecting_peer_is_sent_the_current_rounds_proposal_vote_and_timeou
     timeouts = [a for a in core.on_peer_connected((leader + 2) % 4, core.pacemaker.deadline)
                 if isinstance(a, Send) and isinstance(a.message, TimeoutMsg)]
     assert timeouts and timeouts[0].message.timeout.round == core.round
+
+
+def test_a_sync_answer_of_large_blocks_stays_within_one_frame():
+    c = Cluster()
+    f, core = c.f, c.cores[0]
+    qc, blocks = f.genesis_qc, []
+    for r in range(1, 5):
+        block = f.block(r, qc, payload=tuple(bytes([r, k]) * 30_000 for k in range(50)))  # ~3 MB each
+        blocks.append(block)
+        qc = f.qc(block)
+        core.tree.insert(block)
+    answer = [a for a in core.on_message(1, SyncRequest(blocks[-1].id, 64), 0.0) if isinstance(a, Send)]
+    sent = answer[0].message.blocks
+    assert 1 <= len(sent) < 4 and sent[0].id == blocks[-1].id
+    assert len(encode_message(answer[0].message)) < 8 * 1024 * 1024
