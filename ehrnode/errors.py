@@ -76,6 +76,24 @@ class AdmissionError(EhrnodeError):
     reason = "rejected"
 
 
+class FhirError(EhrnodeError):
+    """Input that is not FHIR R4 we accept; the message names the file, line or entry, resource and field."""
+
+    reason = "invalid_fhir"
+
+
+class DeidentificationError(EhrnodeError):
+    """A de-identification profile that cannot be loaded, or a resource it cannot safely release."""
+
+    reason = "deidentification"
+
+
+class IntegrityError(EhrnodeError):
+    """Stored or served data that does not match what was signed or anchored."""
+
+    reason = "integrity"
+
+
 def innermost(exc: BaseException) -> BaseException:
     """The one exception inside nested single-member exception groups (or ``exc`` itself).
 
