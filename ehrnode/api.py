@@ -11,6 +11,22 @@ HTTP 401 before any JSON is read. Methods:
 ``tx.get``            ``{"tx_id": HEX}`` -> ``{"tx_id", "height" (null until committed), "pending"}``
 ``block.get``         ``{"height": H}`` (default: the head) -> ``{"height", "id", "parent", "round", "txs"}``
 ``blocks.subscribe``  then one ``block.committed`` notification per committed block
+``txs.wait``          ``{"tx_ids": [HEX, ...], "timeout": seconds}`` -> ``{"heights": {HEX: H or null}}``
+
+Records (institutions only):
+
+``records.stage``     ``{"items": [{"source", "resource"}, ...]}`` -> ``{"staged": N}``: holds FHIR
+                      resources on this connection, so an input larger than one message is
+                      still recorded all at once by the next ``records.add``
+``records.add``       ``{"items": [...] (optional), "skip_invalid": bool}`` -> ``{"records":
+                      [{"record_id", "empi", "resource_type", "source", "position", "tx_id",
+                      "status"}], "skipped": [{"source", "resource_type", "id", "reason"}]}``;
+                      invalid input without ``skip_invalid`` is refused (``invalid_input``)
+                      and nothing is written
+``records.list``      ``{"empi": E}`` -> committed anchors for that patient, consortium-wide
+``records.show``      ``{"record_id": HEX}`` -> this institution's record, raw and released
+``records.kanon``     -> the k-anonymity reached by the released patients
+``vault.verify``      ``{"decrypt": bool}`` -> ``{"ok", "entries", "problems", ...}``
 
 Errors follow JSON-RPC: -32700 parse error, -32600 invalid request, -32601
 unknown method, -32602 bad params, -32000 refused by the node (``data.reason``
@@ -34,16 +50,19 @@ from trio_websocket import ConnectionClosed
 
 from .codec import MAX_UINT
 from .crypto import write_secret_file
-from .errors import AdmissionError, CodecError, CryptoError
+from .errors import AdmissionError, CodecError, CryptoError, FhirError, IntegrityError
 from .logs import get_logger
+from .records import fhir
 
 if TYPE_CHECKING:
     from .node import Node
 
 TOKEN_FILE = "api.token"
-MAX_REQUEST_BYTES = 1 << 20
+MAX_REQUEST_BYTES = 4 << 20
 MAX_WAIT = 120.0
 MAX_BATCH = 1000
+#: FHIR input held by one connection between ``records.stage`` and ``records.add``, in resources.
+MAX_STAGED = 200_000
 MIN_TOKEN_CHARS = 32
 
 
@@ -52,6 +71,23 @@ class RpcError(Exception):
         super().__init__(message)
         self.code = code
         self.reason = reason
+
+
+def _hex_param(value: Any, name: str, size: int) -> bytes:
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != size:
+        raise RpcError(-32602, f"{name} must be {2 * size} hexadecimal characters")
+    return raw
+
+
+def _timeout_param(params: dict[str, Any], default: float = 30.0) -> float:
+    timeout = params.get("timeout", default)
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= MAX_WAIT:
+        raise RpcError(-32602, f"timeout must be in (0, {MAX_WAIT}] seconds")
+    return float(timeout)
 
 
 def ensure_token(data_dir: Path) -> str:
@@ -134,16 +170,18 @@ class ApiServer:
         return False
 
     async def _session(self, ws: trio_websocket.WebSocketConnection, nursery: trio.Nursery) -> None:
+        staged: list[fhir.Item] = []
         while True:
             try:
                 raw = await ws.get_message()
             except ConnectionClosed:
                 return
-            reply = await self._dispatch(raw, ws, nursery)
+            reply = await self._dispatch(raw, ws, nursery, staged)
             if reply is not None:
                 await ws.send_message(json.dumps(reply))
 
-    async def _dispatch(self, raw: str | bytes, ws: Any, nursery: trio.Nursery) -> dict[str, Any] | None:
+    async def _dispatch(self, raw: str | bytes, ws: Any, nursery: trio.Nursery,
+                        staged: list[fhir.Item]) -> dict[str, Any] | None:
         request_id: Any = None
         try:
             try:
@@ -158,7 +196,11 @@ class ApiServer:
             params = request.get("params", {})
             if not isinstance(params, dict):
                 raise RpcError(-32602, "params must be an object")
-            result = await self._call(request["method"], params, ws, nursery)
+            method = request["method"]
+            if method.startswith(("records.", "vault.")):
+                result = await self._records_call(method, params, staged)
+            else:
+                result = await self._call(method, params, ws, nursery)
         except RpcError as exc:
             error: dict[str, Any] = {"code": exc.code, "message": str(exc)}
             if exc.reason:
@@ -184,9 +226,7 @@ class ApiServer:
             note = params.get("note")
             if not isinstance(note, str):
                 raise RpcError(-32602, "note must be a string")
-            timeout = params.get("timeout", 30.0)
-            if not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_WAIT:
-                raise RpcError(-32602, f"timeout must be in (0, {MAX_WAIT}] seconds")
+            timeout = _timeout_param(params)
             try:
                 tx = node.submit_note(note)
             except AdmissionError as exc:
@@ -218,17 +258,75 @@ class ApiServer:
             return {"tx_ids": tx_ids, "errors": errors}
         if method == "tx.get":
             tx_id = params.get("tx_id")
-            try:
-                raw = bytes.fromhex(tx_id) if isinstance(tx_id, str) else b""
-            except ValueError:
-                raw = b""
-            if len(raw) != 32:
-                raise RpcError(-32602, "tx_id must be 64 hexadecimal characters")
+            raw = _hex_param(tx_id, "tx_id", 32)
             return {"tx_id": tx_id, "height": node.state.tx_height(raw), "pending": raw in node.mempool}
+        if method == "txs.wait":
+            ids = params.get("tx_ids")
+            if not isinstance(ids, list) or not 0 < len(ids) <= 100_000:
+                raise RpcError(-32602, "tx_ids must be a list of 1..100000 transaction ids")
+            raw_ids = [_hex_param(i, "tx_ids[]", 32) for i in ids]
+            timeout = _timeout_param(params)
+            heights: dict[str, int | None] = {}
+            with trio.move_on_after(timeout):
+                for tx_id, raw_id in zip(ids, raw_ids, strict=True):
+                    heights[tx_id] = await node.wait_committed(raw_id, MAX_WAIT)
+            for tx_id, raw_id in zip(ids, raw_ids, strict=True):
+                heights.setdefault(tx_id, node.state.tx_height(raw_id))
+            return {"heights": heights}
         if method == "blocks.subscribe":
             channel = node.subscribe()
             nursery.start_soon(self._forward, channel, ws)
             return {"subscribed": "block.committed"}
+        raise RpcError(-32601, f"unknown method {method!r}")
+
+    async def _records_call(self, method: str, params: dict[str, Any], staged: list[fhir.Item]) -> Any:
+        records = self.node.records
+        if method == "records.list":
+            empi = params.get("empi")
+            if not isinstance(empi, str) or not 0 < len(empi) <= 64:
+                raise RpcError(-32602, "empi must be a non-empty string")
+            return self.node.records_list(empi)
+        if records is None:
+            raise RpcError(-32000, f"{self.node.name} does not record: it is not an institution with records keys",
+                           reason="not_recording")
+        if method in ("records.stage", "records.add"):
+            items = params.get("items", [])
+            if not isinstance(items, list):
+                raise RpcError(-32602, "items must be a list of {source, resource}")
+            for index, entry in enumerate(items):
+                if not (isinstance(entry, dict) and isinstance(entry.get("source"), str)
+                        and isinstance(entry.get("resource"), dict)):
+                    raise RpcError(-32602, f"items[{index}] must be {{source: string, resource: object}}")
+            if len(staged) + len(items) > MAX_STAGED:
+                staged.clear()
+                raise RpcError(-32000, f"more than {MAX_STAGED} resources in one input; staged input dropped",
+                               reason="too_large")
+            staged.extend(fhir.Item(entry["source"], entry["resource"]) for entry in items)
+            if method == "records.stage":
+                return {"staged": len(staged)}
+            batch = list(staged)
+            staged.clear()
+            if not batch:
+                raise RpcError(-32602, "nothing to record: no items given or staged")
+            try:
+                outcome = await records.record(batch, skip_invalid=params.get("skip_invalid") is True)
+            except FhirError as exc:
+                self.log.info("records.refused", reason=exc.reason, resources=len(batch))
+                raise RpcError(-32000, str(exc), reason=exc.reason) from exc
+            return {"records": [r.view() for r in outcome.records], "skipped": outcome.skipped}
+        if method == "records.show":
+            record_id = _hex_param(params.get("record_id"), "record_id", 16)
+            try:
+                return await records.show(record_id)
+            except KeyError as exc:
+                raise RpcError(-32000, f"no record {record_id.hex()} in this institution's vault",
+                               reason="not_found") from exc
+            except IntegrityError as exc:
+                raise RpcError(-32000, str(exc), reason=exc.reason) from exc
+        if method == "records.kanon":
+            return await records.kanon_report()
+        if method == "vault.verify":
+            return await records.verify(decrypt=params.get("decrypt", True) is not False)
         raise RpcError(-32601, f"unknown method {method!r}")
 
     async def _forward(self, channel: trio.MemoryReceiveChannel[dict[str, Any]], ws: Any) -> None:

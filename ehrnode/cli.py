@@ -226,6 +226,122 @@ def cmd_tx_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_client(args: argparse.Namespace, work: object) -> object:
+    """Run ``work(client)`` against the node of ``--config``."""
+    import trio
+
+    from .client import ApiClient
+    from .config import load_node_config
+
+    config = load_node_config(_config_path(args))
+
+    async def go() -> object:
+        async with ApiClient.connect(config) as client:
+            return await work(client)  # type: ignore[operator]
+
+    return trio.run(go)
+
+
+def cmd_records_add(args: argparse.Namespace) -> int:
+    from .records.submit import add_items, read_inputs
+
+    items, problems = read_inputs(args.files, skip_invalid=args.skip_invalid)
+    for problem in problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    if not items:
+        raise UsageError("no resources to record")
+
+    def progress(text: str) -> None:
+        if not args.json:
+            print(f"... {text}", file=sys.stderr)
+
+    result = _run_client(args, lambda client: add_items(
+        client, items, skip_invalid=args.skip_invalid, wait=not args.no_wait, timeout=args.timeout,
+        progress=progress))
+    rows = [{"record_id": r["record_id"], "empi": r["empi"], "tx_id": r["tx_id"],
+             "height": result.heights.get(r["tx_id"]) if r["tx_id"] else None,
+             "resource_type": r["resource_type"], "source": r["source"], "status": r["status"]}
+            for r in result.records]
+    for skip in result.skipped:
+        print(f"skipped: {skip['source']} {skip['resource_type']}/{skip['id']}: {skip['reason']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            where = "pending" if row["height"] is None else f"height {row['height']}"
+            print(f"{row['record_id']}  {row['empi']}  {row['resource_type']:<20} {row['status']:<16} "
+                  f"{where:<14} {row['source']}")
+        new = sum(r["status"] == "recorded" for r in rows)
+        print(f"{new} recorded, {len(rows) - new} already recorded, {len(result.skipped) + len(problems)} skipped",
+              file=sys.stderr)
+    uncommitted = [r for r in rows if r["tx_id"] and r["height"] is None]
+    if uncommitted and not args.no_wait:
+        print(f"ehrnode: {len(uncommitted)} anchors not committed within {args.timeout} s "
+              "(they stay queued and are offered again)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_records_list(args: argparse.Namespace) -> int:
+    rows = _call(args, "records.list", empi=args.empi)
+    assert isinstance(rows, list)
+    if args.json:
+        print(json.dumps([{k: r[k] for k in ("record_id", "empi", "institution", "recorded_at", "resource_type",
+                                               "commitment", "height", "setting", "tx_id")} for r in rows]))
+        return 0
+    if not rows:
+        print(f"no records anchored for {args.empi}")
+    for r in rows:
+        print(f"{r['record_id']}  {r['institution']:<12} {r['resource_type']:<20} {r['setting']:<8} "
+              f"height {r['height']:<8} {_iso(r['recorded_at'])}")
+    return 0
+
+
+def _iso(ms: int) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cmd_records_show(args: argparse.Namespace) -> int:
+    record = _call(args, "records.show", record_id=args.record_id)
+    assert isinstance(record, dict)
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    anchor = record["anchor"]
+    print(f"record {record['record_id']}  {record['resource_type']}  empi {record['empi']}  "
+          f"vault position {record['position']}")
+    print(f"anchor {'height ' + str(anchor['height']) + ' tx ' + anchor['tx_id'] if anchor else 'not yet committed'}")
+    print(json.dumps(record["deidentified" if args.deidentified else "resource"], indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_records_kanon(args: argparse.Namespace) -> int:
+    report = _call(args, "records.kanon")
+    assert isinstance(report, dict)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key:<14} {value}")
+    return 0
+
+
+def cmd_vault_verify(args: argparse.Namespace) -> int:
+    report = _call(args, "vault.verify", decrypt=not args.no_decrypt)
+    assert isinstance(report, dict)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        state = "OK" if report["ok"] else f"{len(report['problems'])} PROBLEM(S)"
+        print(f"vault {state}: {report['entries']} entries, {report['anchored']} anchored on chain, "
+              f"{report['erased']} erased, head {report['head'][:16]}")
+        for p in report["problems"]:
+            print(f"  position {p['position']} record {p['record_id']}: {p['problem']}")
+    return 0 if report["ok"] else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -278,6 +394,39 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", type=float, default=30.0, help="seconds to wait with --wait")
     submit.add_argument("--json", action="store_true")
     submit.set_defaults(func=cmd_tx_submit)
+
+    records = commands.add_parser("records", help="patient records: add, list, show").add_subparsers(
+        dest="records_command", required=True)
+    add = with_config(records.add_parser(
+        "add", help="record FHIR resources (JSON, Bundle or NDJSON) at this institution",
+        description="Validate, de-identify, encrypt into the vault and anchor on chain every resource of the "
+        "files given. Invalid input records nothing unless --skip-invalid."))
+    add.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    add.add_argument("--skip-invalid", action="store_true", help="record the valid resources, report the others")
+    add.add_argument("--no-wait", action="store_true", help="return once the anchors are in the mempool")
+    add.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the anchors to commit")
+    add.add_argument("--json", action="store_true")
+    add.set_defaults(func=cmd_records_add)
+    lst = with_config(records.add_parser("list", help="every anchored record of a patient, consortium-wide"))
+    lst.add_argument("--empi", required=True)
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_records_list)
+    show = with_config(records.add_parser("show", help="one of this institution's records (local only)"))
+    show.add_argument("record_id")
+    show.add_argument("--deidentified", action="store_true", help="show the released (de-identified) form")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_records_show)
+    kanon = with_config(records.add_parser("kanon-report", help="the k-anonymity the released patients reach"))
+    kanon.add_argument("--json", action="store_true")
+    kanon.set_defaults(func=cmd_records_kanon)
+
+    vault = commands.add_parser("vault", help="the institution's private chain").add_subparsers(
+        dest="vault_command", required=True)
+    verify = with_config(vault.add_parser(
+        "verify", help="check every vault entry's hash link, signature, ciphertexts and on-chain anchor"))
+    verify.add_argument("--no-decrypt", action="store_true", help="skip decrypting each entry (faster)")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=cmd_vault_verify)
 
     demo = commands.add_parser(
         "demo", help="a whole local consortium, end to end, in one command",

@@ -16,6 +16,10 @@ from .config import NodeConfig
 from .errors import EhrnodeError
 
 
+#: Replies come from the client's own node (authenticated): a large ingest's receipt can be many MB.
+MAX_REPLY_BYTES = 256 * 1024 * 1024
+
+
 class ApiError(EhrnodeError):
     """The node answered a request with an error; ``reason`` is the node's reason, if it gave one."""
 
@@ -36,6 +40,7 @@ class ApiClient:
         try:
             async with trio_websocket.open_websocket(
                 address.host, address.port, "/", use_ssl=False, connect_timeout=timeout,
+                max_message_size=MAX_REPLY_BYTES,
                 extra_headers=[(b"authorization", f"Bearer {token}".encode())],
             ) as ws:
                 yield cls(ws)

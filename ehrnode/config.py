@@ -104,6 +104,12 @@ class NodeConfig:
     log_level: str
     #: Prometheus endpoint; None turns it off.
     metrics_listen: Address | None = None
+    #: The institution's own secret behind the vault and de-identification (records off without it).
+    master_key_path: Path | None = None
+    #: The consortium-wide EMPI pseudonym key (institutions only).
+    consortium_key_path: Path | None = None
+    #: A de-identification profile replacing the packaged default.
+    deid_profile_path: Path | None = None
 
     def to_toml_dict(self) -> dict[str, Any]:
         def rel(p: Path) -> str:
@@ -114,10 +120,15 @@ class NodeConfig:
             "genesis": rel(self.genesis_path),
             "data_dir": rel(self.data_dir),
             "log_level": self.log_level,
-            "keys": {"signing": rel(self.signing_key_path), "sealing": rel(self.sealing_key_path)},
+            "keys": {
+                "signing": rel(self.signing_key_path), "sealing": rel(self.sealing_key_path),
+                **({"master": rel(self.master_key_path)} if self.master_key_path else {}),
+                **({"consortium": rel(self.consortium_key_path)} if self.consortium_key_path else {}),
+            },
             "peer": {"listen": str(self.peer_listen)},
             "api": {"listen": str(self.api_listen)},
             **({"metrics": {"listen": str(self.metrics_listen)}} if self.metrics_listen else {}),
+            **({"records": {"profile": rel(self.deid_profile_path)}} if self.deid_profile_path else {}),
         }
 
 
@@ -219,7 +230,21 @@ def load_node_config(path: Path) -> NodeConfig:
         api_listen=Address.parse(_field(api, "listen", str, f"{where} [api]"), f"{where} [api] listen"),
         log_level=level,
         metrics_listen=_metrics_address(doc, where),
+        master_key_path=_optional_path(keys, "master", f"{where} [keys]", resolve),
+        consortium_key_path=_optional_path(keys, "consortium", f"{where} [keys]", resolve),
+        deid_profile_path=_optional_path(_table(doc, "records", where), "profile", f"{where} [records]", resolve),
     )
+
+
+def _table(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: [{key}] must be a table")
+    return value
+
+
+def _optional_path(table: dict[str, Any], key: str, where: str, resolve: Any) -> Path | None:
+    return resolve(_field(table, key, str, where)) if key in table else None
 
 
 def _metrics_address(doc: dict[str, Any], where: str) -> Address | None:

@@ -6,6 +6,8 @@
     <name>/node.toml          that member's node configuration (paths relative to itself)
     <name>/keys/signing.pem   Ed25519 private key, mode 0600
     <name>/keys/sealing.pem   X25519 private key, mode 0600
+    <name>/keys/master.key    the member's own records secret (vault, de-identification), 0600
+    <name>/keys/consortium.key  institutions only: the shared EMPI pseudonym key, 0600
 
 In a real deployment each institution generates its own keys on its own
 machine and sends only the public half; this command is for a consortium whose
@@ -24,6 +26,7 @@ import tomli_w
 from . import crypto
 from .config import Address, Genesis, Member, NodeConfig, check_name
 from .errors import ConfigError
+from .records.keys import create_secret
 
 GENESIS_FILE = "genesis.toml"
 NODE_FILE = "node.toml"
@@ -56,6 +59,7 @@ def init_consortium(
         raise ConfigError(f"refusing to overwrite existing {existing[0]} (keys are never replaced)")
 
     directory.mkdir(parents=True, exist_ok=True)
+    consortium_secret = os.urandom(32)
     members = []
     configs = []
     for i, name in enumerate(names):
@@ -65,6 +69,10 @@ def init_consortium(
         identity, sealing = crypto.Identity.generate(), crypto.SealingKey.generate()
         identity.save(keys / "signing.pem")
         sealing.save(keys / "sealing.pem")
+        create_secret(keys / "master.key")
+        is_institution = name != regulator
+        if is_institution:
+            crypto.write_secret_file(keys / "consortium.key", consortium_secret)
         peer = Address(hosts[i], base_port) if hosts is not None else Address(host, base_port + i)
         members.append(Member(
             name, "regulator" if name == regulator else "institution", identity.public_key, sealing.public_key, peer,
@@ -75,6 +83,8 @@ def init_consortium(
             signing_key_path=keys / "signing.pem", sealing_key_path=keys / "sealing.pem",
             peer_listen=peer, api_listen=Address("127.0.0.1", peer.port + API_PORT_OFFSET),
             log_level="info", metrics_listen=Address("127.0.0.1", peer.port + METRICS_PORT_OFFSET),
+            master_key_path=keys / "master.key",
+            consortium_key_path=keys / "consortium.key" if is_institution else None,
         ))
     genesis = Genesis(f"ehrnode-{secrets.token_hex(8)}", tuple(members))
     _write_toml(directory / GENESIS_FILE, genesis.to_toml_dict(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
@@ -143,17 +144,21 @@ class _VerifiedCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._seen: OrderedDict[bytes, None] = OrderedDict()
+        # Records are signed in a worker thread while the event loop verifies.
+        self._lock = threading.Lock()
 
     def check(self, key: bytes) -> bool:
-        if key in self._seen:
-            self._seen.move_to_end(key)
-            return True
-        return False
+        with self._lock:
+            if key in self._seen:
+                self._seen.move_to_end(key)
+                return True
+            return False
 
     def add(self, key: bytes) -> None:
-        self._seen[key] = None
-        if len(self._seen) > self.capacity:
-            self._seen.popitem(last=False)
+        with self._lock:
+            self._seen[key] = None
+            if len(self._seen) > self.capacity:
+                self._seen.popitem(last=False)
 
 
 _verified = _VerifiedCache(65536)

@@ -1,27 +1,33 @@
 """`ehrnode demo`: a whole local consortium, end to end, in one command.
 
 Three hospitals and a regulator, each a real `ehrnode run` process on loopback with
-its own keys, stores and local API. The demo shows what the consortium chain does
-today: members submit signed transactions, all four commit the same chain, a member
-killed with SIGKILL falls behind and catches up by itself after a restart while the
-others keep committing, and every member stops cleanly on SIGTERM. It prints progress
+its own keys, stores and local API. The demo generates synthetic patients (offline,
+seeded), records them at one hospital (validated, de-identified, encrypted into its
+vault, anchored on chain), registers the same people at a second hospital under its
+own record numbers and shows that both get the same EMPI, scans every node's chain
+for the patients' identifying data (none), kills a node and shows it catching up
+after a restart while the others keep recording, and stops every member cleanly. It prints progress
 as it goes and ends with a summary table; a step that fails says why and the demo
 exits non-zero.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from .client import ApiClient
 from .errors import EhrnodeError
+from . import synthetic
 from .localnet import LocalConsortium
+from .records.submit import add_items, read_inputs
 
 MEMBERS = ["HospitalA", "HospitalB", "HospitalC", "Regulator"]
 HOSPITALS = MEMBERS[:3]
@@ -40,10 +46,10 @@ class DemoFailed(EhrnodeError):
 
 
 class Demo:
-    def __init__(self, root: Path, out: Callable[[str], None] = print, transactions: int = 300) -> None:
+    def __init__(self, root: Path, out: Callable[[str], None] = print, patients: int = 12) -> None:
         self.root = root
         self.out = out
-        self.transactions = transactions
+        self.patients = patients
         self.steps: list[Step] = []
         self.net: LocalConsortium | None = None
 
@@ -51,38 +57,22 @@ class Demo:
         self.steps.append(Step(name, result, time.monotonic() - started))
         self.out(f"   ok: {result}")
 
-    async def _submit(self, name: str, notes: list[str]) -> list[str]:
+    async def _record(self, name: str, population: list[synthetic.Person], *, visits: int) -> list[dict[str, Any]]:
+        """Write ``population`` as one NDJSON file and record it at ``name``; the committed rows."""
         assert self.net is not None
+        inputs = self.root / "inputs"
+        inputs.mkdir(exist_ok=True)
+        path = inputs / f"{name}-{len(list(inputs.iterdir()))}.ndjson"
+        resources = [r for p in population for r in synthetic.patient_resources(p, name, visits=visits, seed=7)]
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in resources), encoding="utf-8")
+        items, _ = read_inputs([path], skip_invalid=False)
         async with ApiClient.connect(self.net.configs[name]) as client:
-            ids: list[str] = []
-            for start in range(0, len(notes), 100):
-                result = await client.call("tx.submit_batch", notes=notes[start:start + 100])
-                if result["errors"]:
-                    raise DemoFailed(f"{name} refused transactions: {result['errors'][:3]}")
-                ids.extend(result["tx_ids"])
-            return ids
-
-    async def _wait_committed(self, name: str, tx_ids: list[str], timeout: float = 60.0) -> int:
-        """The highest height among ``tx_ids`` once all are committed at ``name``."""
-        assert self.net is not None
-        deadline = time.monotonic() + timeout
-        remaining = list(tx_ids)
-        highest = 0
-        async with ApiClient.connect(self.net.configs[name]) as client:
-            while remaining:
-                if time.monotonic() > deadline:
-                    raise DemoFailed(f"{len(remaining)} transactions not committed at {name} within {timeout:.0f} s")
-                still = []
-                for tx_id in remaining:
-                    height = (await client.call("tx.get", tx_id=tx_id))["height"]
-                    if height is None:
-                        still.append(tx_id)
-                    else:
-                        highest = max(highest, height)
-                remaining = still
-                if remaining:
-                    await trio.sleep(0.2)
-        return highest
+            result = await add_items(client, items, timeout=60)
+        rows = [dict(r, height=result.heights.get(r["tx_id"])) for r in result.records]
+        missing = [r for r in rows if r["height"] is None]
+        if missing:
+            raise DemoFailed(f"{len(missing)} of {len(rows)} anchors from {name} not committed within 60 s")
+        return rows
 
     async def _same_chain(self, names: list[str], height: int) -> str:
         assert self.net is not None
@@ -109,39 +99,78 @@ class Demo:
         self._step("4 nodes up", started, f"all connected to each other (peer ports: {ports})")
 
         started = time.monotonic()
-        per = self.transactions // len(HOSPITALS)
-        self.out(f"3. Each hospital submits {per} signed transactions through its local API")
-        ids: list[str] = []
-        for name in HOSPITALS:
-            ids += await self._submit(name, [f"{name} note {k}" for k in range(per)])
-        height = await self._wait_committed("Regulator", ids)
+        population = synthetic.people(self.patients, seed=7)
+        first, later = population[: self.patients * 2 // 3], population[self.patients * 2 // 3:]
+        self.out(f"3. HospitalA records {len(first)} synthetic patients (FHIR NDJSON): de-identified, encrypted "
+                 "into its vault, anchored on chain")
+        rows = await self._record("HospitalA", first, visits=2)
+        empis = {row["empi"] for row in rows}
+        height = max(row["height"] for row in rows)
         await net.wait_height(MEMBERS, height)
         head = await self._same_chain(MEMBERS, height)
-        self._step("commit", started, f"{len(ids)} transactions committed by all four by height {height}, "
-                                      f"same block {head[:16]} everywhere")
+        self._step("record", started, f"{len(rows)} records of {len(empis)} patients anchored, committed by all "
+                                      f"four by height {height}, same block {head[:16]} everywhere")
 
         started = time.monotonic()
-        self.out("4. HospitalC crashes (SIGKILL); the others keep committing")
+        self.out("4. HospitalB registers the same people under its own record numbers; the Regulator lists "
+                 "one patient's records by EMPI")
+        rows_b = await self._record("HospitalB", first, visits=1)
+        shared = empis & {row["empi"] for row in rows_b}
+        if shared != empis:
+            raise DemoFailed(f"only {len(shared)} of {len(empis)} patients got the same EMPI at both hospitals")
+        await net.wait_height(["Regulator"], max(row["height"] for row in rows_b))
+        example = sorted(shared)[0]
+        listing = await net.call("Regulator", "records.list", empi=example)
+        for anchor in listing:
+            self.out(f"      {anchor['institution']:<10} {anchor['resource_type']:<12} {anchor['setting']:<6} "
+                     f"record {anchor['record_id'][:12]}  height {anchor['height']}")
+        by = sorted({a["institution"] for a in listing})
+        self._step("empi", started, f"all {len(shared)} patients share one EMPI across both hospitals; "
+                                    f"{example}: {len(listing)} records at {' and '.join(by)}")
+
+        started = time.monotonic()
+        self.out("5. Nothing identifying on chain: every node's block store and ledger are scanned for every "
+                 "patient's name, national id, phone, birth date and street; HospitalA's vault is verified")
+        needles = {v for p in population for v in (p.family + p.given, p.given, p.family, p.national_id, p.phone,
+                                                    p.birth_date, p.line) if len(v) >= 2 and len(v.encode()) >= 4}
+        for name in MEMBERS:
+            for path in sorted(net.configs[name].data_dir.glob("*.sqlite3*")):
+                if path.name.startswith("vault"):
+                    continue
+                blob = path.read_bytes()
+                found = [n for n in needles if n.encode() in blob]
+                if found:
+                    raise DemoFailed(f"{name}/{path.name} holds patient data: {found[:3]}")
+        report = await net.call("HospitalA", "vault.verify")
+        if not report["ok"]:
+            raise DemoFailed(f"HospitalA's vault does not verify: {report['problems'][:3]}")
+        self._step("privacy", started, f"{len(needles)} identifying values, found in no block store; vault of "
+                                       f"{report['entries']} entries verifies against {report['anchored']} anchors")
+
+        started = time.monotonic()
+        self.out("6. HospitalC crashes (SIGKILL); A and B keep recording")
         net.kill9("HospitalC")
         before = await net.height("HospitalA")
-        more: list[str] = []
-        for name in ("HospitalA", "HospitalB"):
-            more += await self._submit(name, [f"{name} while C is down {k}" for k in range(per // 2)])
-        reached = await self._wait_committed("HospitalA", more)
-        self._step("crash", started, f"HospitalC down; A, B and the Regulator committed {len(more)} more "
-                                     f"transactions (height {before} -> {reached})")
+        more = await self._record("HospitalA", later[: len(later) // 2 + 1], visits=1)
+        more += await self._record("HospitalB", later[len(later) // 2 + 1:], visits=1)
+        reached = max(row["height"] for row in more)
+        self._step("crash", started, f"HospitalC down; {len(more)} more records committed by A, B and the "
+                                     f"Regulator (height {before} -> {reached})")
 
         started = time.monotonic()
-        self.out("5. HospitalC restarts and catches up by itself")
+        self.out("7. HospitalC restarts and catches up by itself")
         net.start("HospitalC")
         target = await net.height("HospitalA")
         await net.wait_height(["HospitalC"], target, timeout=60)
-        await self._wait_committed("HospitalC", more)
         head = await self._same_chain(MEMBERS, target)
-        self._step("recovery", started, f"HospitalC back at height >= {target}, same block {head[:16]} as the others")
+        mine = await net.call("HospitalC", "records.list", empi=more[0]["empi"])
+        if not any(a["record_id"] == more[0]["record_id"] for a in mine):
+            raise DemoFailed("HospitalC caught up but does not list a record anchored while it was down")
+        self._step("recovery", started, f"HospitalC back at height >= {target}, same block {head[:16]} as the "
+                                        "others, and lists the records anchored while it was down")
 
         started = time.monotonic()
-        self.out("6. Stopping every node (SIGTERM)")
+        self.out("8. Stopping every node (SIGTERM)")
         codes = net.stop_all()
         if any(codes.values()):
             raise DemoFailed(f"a node did not stop cleanly: exit codes {codes}")

@@ -50,6 +50,7 @@ from .logs import get_logger
 from .metrics import Registry
 from .net.peers import Peer, PeerNetwork
 from .net.protocol import ConsensusFrame, Frame, TxFrame, encode_frame
+from .records.service import Hooks, RecordsService, anchor_view
 from .sdnotify import Notifier
 
 CONSENSUS_INBOX = 10_000
@@ -98,7 +99,8 @@ class Node:
             raise ConfigError(f"cannot create data dir {data}: {exc.strerror}") from exc
         members = {m.name: m.signing_key for m in self.genesis.members}
         self.block_store = SqliteBlockStore(data / "blocks.sqlite3", self.vset)
-        self.state = LedgerState(data / "state.sqlite3", self.genesis.chain_id, members)
+        self.state = LedgerState(data / "state.sqlite3", self.genesis.chain_id, members,
+                                 roles={m.name: m.role for m in self.genesis.members})
         self._replay_state()
         self.mempool = Mempool(self.genesis.chain_id, members, is_committed=self.state.is_committed)
         self.core = ConsensusCore(
@@ -125,6 +127,12 @@ class Node:
         self.notifier = Notifier()
         self.metrics = self._register_metrics()
         self.head: Block = self.block_store.block_at(self.block_store.committed_height()) or self.vset.genesis_block
+        # Institutions record; a regulator (or a node set up without records keys) only reads the chain.
+        self.records: RecordsService | None = None
+        if member.role == "institution" and config.master_key_path and config.consortium_key_path:
+            self.records = RecordsService(config, chain_id=self.genesis.chain_id, identity=self.identity, hooks=Hooks(
+                submit=self.submit_own, pending=lambda tx_id: tx_id in self.mempool, state=self.state,
+            ))
 
     def _register_metrics(self) -> Registry:
         r = Registry()
@@ -190,6 +198,11 @@ class Node:
         self._accept_local(tx.encoded)
         return tx
 
+    def submit_own(self, tx: Transaction) -> None:
+        """Admit and gossip a transaction this node signed (raises AdmissionError)."""
+        self.mempool.admit_own(tx)
+        self._accept_local(tx.encoded)
+
     def _accept_local(self, data: bytes) -> None:
         self._gossip_out.append(data)
         self._gossip_wake.set()
@@ -247,6 +260,8 @@ class Node:
             nursery.start_soon(self.network.dial_all)
             nursery.start_soon(self._drive)
             nursery.start_soon(self._gossip)
+            if self.records is not None:
+                nursery.start_soon(self.records.run_outbox)
             if self.notifier.watchdog_interval is not None:
                 nursery.start_soon(self._watchdog)
             self.log.info(
@@ -279,6 +294,8 @@ class Node:
         self._closed = True
         self.block_store.close()
         self.state.close()
+        if self.records is not None:
+            self.records.close()
         self.log.info("node.stopped", height=self.head.height)
 
     async def _drive(self) -> None:
@@ -408,6 +425,10 @@ class Node:
             "round": self.core.round, "peers": self.network.connected(), "mempool": len(self.mempool),
             "validators": self.vset.n, "pid": os.getpid(),
         }
+
+    def records_list(self, empi: str) -> list[dict[str, Any]]:
+        """Every committed anchor for ``empi`` across the consortium (any member can answer)."""
+        return [anchor_view(a) for a in self.state.anchors(empi=empi)]
 
     def block_view(self, height: int | None) -> dict[str, Any] | None:
         height = self.head.height if height is None else height

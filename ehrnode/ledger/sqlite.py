@@ -17,12 +17,17 @@ from pathlib import Path
 from ..errors import StoreError
 
 
-def open_db(path: Path, schema: str, what: str) -> sqlite3.Connection:
-    """Open (creating if needed) ``path`` with ``schema``; raises StoreError naming ``what``."""
+def open_db(path: Path, schema: str, what: str, *, durable: bool = False, any_thread: bool = False) -> sqlite3.Connection:
+    """Open (creating if needed) ``path`` with ``schema``; raises StoreError naming ``what``.
+
+    ``durable`` syncs every commit (``synchronous=FULL``), for data that exists nowhere
+    else, such as the vault. ``any_thread`` lets worker threads use the connection; the
+    caller then serializes access itself.
+    """
     try:
-        db = sqlite3.connect(path, isolation_level=None)
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=not any_thread)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         db.executescript(schema)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open {what} {path}: {exc}") from exc

@@ -13,8 +13,10 @@ not applied.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from .. import crypto
 from ..consensus.types import Block
@@ -29,13 +31,28 @@ CREATE TABLE IF NOT EXISTS txs (
     kind TEXT NOT NULL, submitter TEXT, time INTEGER, status TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS txs_height ON txs(height);
 CREATE TABLE IF NOT EXISTS applied (only INTEGER PRIMARY KEY CHECK (only = 0), height INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS anchors (
+    record BLOB PRIMARY KEY, empi TEXT NOT NULL, institution TEXT NOT NULL, recorded_at INTEGER NOT NULL,
+    setting TEXT NOT NULL, resource_type TEXT NOT NULL, commitment BLOB NOT NULL, position INTEGER NOT NULL,
+    entry BLOB NOT NULL, epoch INTEGER NOT NULL, height INTEGER NOT NULL, tx_id BLOB NOT NULL,
+    UNIQUE (institution, position));
+CREATE INDEX IF NOT EXISTS anchors_empi ON anchors(empi);
+CREATE INDEX IF NOT EXISTS anchors_commitment ON anchors(commitment);
 """
+
+#: Roles allowed to submit each kind (kinds not listed: any member).
+_KIND_ROLES = {"record.anchor": frozenset({"institution"})}
+
+ANCHOR_COLUMNS = ("record", "empi", "institution", "recorded_at", "setting", "resource_type", "commitment",
+                  "position", "entry", "epoch", "height", "tx_id")
 
 
 class LedgerState:
-    def __init__(self, path: Path, chain_id: str, members: Mapping[str, bytes]) -> None:
+    def __init__(self, path: Path, chain_id: str, members: Mapping[str, bytes],
+                 roles: Mapping[str, str] | None = None) -> None:
         self.chain_id = chain_id
         self.members = dict(members)
+        self.roles = dict(roles or {})
         self._db = open_db(path, _SCHEMA, "ledger state")
 
     def close(self) -> None:
@@ -51,22 +68,43 @@ class LedgerState:
         if block.height != self.applied_height + 1:
             raise StoreError(f"block {block.height} applied after height {self.applied_height}", reason="apply_gap")
         valid: list[Transaction] = []
-        rows = []
         seen: set[bytes] = set()
-        for position, data in enumerate(block.payload):
-            tx_id = crypto.sha256(data)
-            status, tx = self._classify(tx_id, data)
-            if status == "ok" and tx_id in seen:
-                status = "invalid:duplicate"
-            seen.add(tx_id)
-            if tx is not None and status == "ok":
-                valid.append(tx)
-            rows.append((tx_id, block.height, position, tx.kind if tx else "unknown",
-                         tx.submitter if tx else None, tx.time if tx else None, status))
         with transaction(self._db, f"apply block {block.height}") as db:
-            db.executemany("INSERT OR IGNORE INTO txs VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            for position, data in enumerate(block.payload):
+                tx_id = crypto.sha256(data)
+                status, tx = self._classify(tx_id, data)
+                if status == "ok" and tx_id in seen:
+                    status = "invalid:duplicate"
+                seen.add(tx_id)
+                if tx is not None and status == "ok":
+                    status = self._apply_kind(db, tx, block.height)
+                    if status == "ok":
+                        valid.append(tx)
+                db.execute("INSERT OR IGNORE INTO txs VALUES (?, ?, ?, ?, ?, ?, ?)", (
+                    tx_id, block.height, position, tx.kind if tx else "unknown", tx.submitter if tx else None,
+                    tx.time if tx else None, status,
+                ))
             db.execute("INSERT OR REPLACE INTO applied VALUES (0, ?)", (block.height,))
         return valid
+
+    def _apply_kind(self, db: sqlite3.Connection, tx: Transaction, height: int) -> str:
+        """What a valid transaction does to the tables; returns its status (``ok`` or why not)."""
+        allowed = _KIND_ROLES.get(tx.kind)
+        if allowed is not None and self.roles.get(tx.submitter) not in allowed:
+            return "invalid:role"
+        if tx.kind == "record.anchor":
+            body = tx.body
+            if body["institution"] != tx.submitter:
+                return "invalid:not_owner"  # an institution anchors only its own records
+            if db.execute("SELECT 1 FROM anchors WHERE record = ? OR (institution = ? AND position = ?)",
+                          (body["record"], body["institution"], body["position"])).fetchone():
+                return "invalid:duplicate_record"
+            db.execute(f"INSERT INTO anchors VALUES ({', '.join('?' * len(ANCHOR_COLUMNS))})", (
+                body["record"], body["empi"], body["institution"], body["recorded_at"], body["setting"],
+                body["resource_type"], body["commitment"], body["position"], body["entry"], body["epoch"], height,
+                tx.id,
+            ))
+        return "ok"
 
     def _classify(self, tx_id: bytes, data: bytes) -> tuple[str, Transaction | None]:
         try:
@@ -92,6 +130,27 @@ class LedgerState:
 
     def is_committed(self, tx_id: bytes) -> bool:
         return self.tx_height(tx_id) is not None
+
+    def anchors(self, *, empi: str | None = None, record: bytes | None = None, institution: str | None = None,
+                commitment: bytes | None = None) -> list[dict[str, Any]]:
+        """Committed anchors matching every filter given, oldest first."""
+        where, args = [], []
+        for column, value in (("empi", empi), ("record", record), ("institution", institution),
+                              ("commitment", commitment)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = f"SELECT {', '.join(ANCHOR_COLUMNS)} FROM anchors"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._db.execute(sql + " ORDER BY height, rowid", args).fetchall()
+        return [dict(zip(ANCHOR_COLUMNS, row, strict=True)) for row in rows]
+
+    def anchored_positions(self, institution: str) -> dict[int, tuple[bytes, bytes]]:
+        """Vault position -> (record id, commitment) for every anchor ``institution`` committed."""
+        rows = self._db.execute("SELECT position, record, commitment FROM anchors WHERE institution = ?",
+                                (institution,))
+        return {position: (record, commitment) for position, record, commitment in rows}
 
     def tx_count(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM txs WHERE status = 'ok'").fetchone()[0]

@@ -11,6 +11,7 @@ by the kind's own schema.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -31,8 +32,34 @@ def _note_body(body: Any) -> dict[str, Any]:
     return dict(m)
 
 
+_RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
+_SETTING = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+def _anchor_body(body: Any) -> dict[str, Any]:
+    """A record anchor: pseudonymous and salted; nothing in it names or describes the patient."""
+    m = as_map(body, "record.anchor", (
+        "epoch", "record", "empi", "institution", "recorded_at", "setting", "resource_type", "commitment",
+        "position", "entry",
+    ))
+    as_uint(m["epoch"], "record.anchor.epoch")
+    as_bytes(m["record"], "record.anchor.record", size=16)
+    as_str(m["empi"], "record.anchor.empi", max_len=64)
+    as_str(m["institution"], "record.anchor.institution", max_len=32)
+    as_uint(m["recorded_at"], "record.anchor.recorded_at")
+    if not _SETTING.match(as_str(m["setting"], "record.anchor.setting", max_len=32)):
+        raise SchemaError("record.anchor.setting: expected a short code")
+    if not _RESOURCE_TYPE.match(as_str(m["resource_type"], "record.anchor.resource_type", max_len=64)):
+        raise SchemaError("record.anchor.resource_type: expected a FHIR resource type name")
+    as_bytes(m["commitment"], "record.anchor.commitment", size=32)
+    if as_uint(m["position"], "record.anchor.position") == 0:
+        raise SchemaError("record.anchor.position: vault positions start at 1")
+    as_bytes(m["entry"], "record.anchor.entry", size=32)
+    return dict(m)
+
+
 #: Each kind's body schema: a function that raises SchemaError or returns the checked body.
-KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {"note": _note_body}
+KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {"note": _note_body, "record.anchor": _anchor_body}
 
 
 @dataclass(frozen=True)
@@ -100,5 +127,5 @@ class Transaction:
         """The JSON view of a transaction (for the API and the CLI)."""
         return {
             "id": self.id.hex(), "kind": self.kind, "submitter": self.submitter, "time": self.time,
-            "body": self.body,
+            "body": {k: v.hex() if isinstance(v, bytes) else v for k, v in self.body.items()},
         }

@@ -1,0 +1,116 @@
+"""Recording throughput: FHIR in, anchors committed, on a four-member consortium on loopback.
+
+Starts four `ehrnode run` processes from a fresh `consortium init`, then records the Synthea
+patients of `../shared/data/synthea-10` at one institution through its local API, as
+`ehrnode records add` does, and measures records per second from the first byte sent to the
+last anchor committed (parse, validate, de-identify, encrypt, vault, sign, gossip, commit).
+`--copies N` records the data N times under fresh resource ids, for a longer run.
+
+It also measures the pieces alone, in this process: FHIR validation and de-identification.
+
+    python benchmarks/ingest.py [--copies 1] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ehrnode.client import ApiClient  # noqa: E402
+from ehrnode.localnet import LocalConsortium  # noqa: E402
+from ehrnode.records import fhir  # noqa: E402
+from ehrnode.records.deid import Deidentifier, load_profile  # noqa: E402
+from ehrnode.records.submit import add_items  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea-10"
+
+
+def load_items(copies: int) -> list[fhir.Item]:
+    intake = fhir.load(sorted(DATA.glob("*.ndjson")))
+    if intake.problems:
+        raise SystemExit(f"{len(intake.problems)} problems in {DATA}: {intake.problems[0]}")
+    if copies == 1:
+        return intake.items
+    items = []
+    text = json.dumps([i.resource for i in intake.items])
+    ids = {i.resource["id"] for i in intake.items}
+    for copy in range(copies):
+        # Fresh ids for every copy, consistently in references, so each copy is new data.
+        mapped = text
+        for old in ids:
+            mapped = mapped.replace(old, str(uuid.uuid5(uuid.NAMESPACE_URL, f"{copy}/{old}")))
+        items.extend(fhir.Item(f"copy{copy}:{i}", r) for i, r in enumerate(json.loads(mapped)))
+    return items
+
+
+def pieces(items: list[fhir.Item]) -> dict[str, float]:
+    start = time.perf_counter()
+    for item in items:
+        fhir.validate(item)
+    validate_s = time.perf_counter() - start
+    deid = Deidentifier(load_profile(), bytes(32))
+    patient_items = [i for i in items if fhir.is_patient_data(i.resource)]
+    start = time.perf_counter()
+    for item in patient_items:
+        deid.deidentify(item.resource, patient=fhir.patient_id(item.resource) or "")
+    deid_s = time.perf_counter() - start
+    return {"validate_per_s": round(len(items) / validate_s), "deidentify_per_s": round(len(patient_items) / deid_s)}
+
+
+async def end_to_end(root: Path, items: list[fhir.Item]) -> dict[str, float]:
+    cluster = LocalConsortium(root)
+    cluster.start_all()
+    try:
+        await cluster.wait_ready()
+        async with ApiClient.connect(cluster.configs["A"]) as client:
+            start = time.perf_counter()
+            marks: dict[str, float] = {}
+
+            def progress(text: str) -> None:
+                if text.startswith("recorded"):
+                    marks["recorded"] = time.perf_counter() - start
+
+            result = await add_items(client, items, timeout=600, progress=progress)
+            total = time.perf_counter() - start
+        records = [r for r in result.records if r["tx_id"]]
+        committed = sum(1 for r in records if result.heights.get(r["tx_id"]) is not None)
+        return {
+            "resources": len(items), "records": len(records), "committed": committed,
+            "seconds": round(total, 2), "records_per_s": round(committed / total, 1),
+            "vault_write_seconds": round(marks.get("recorded", 0.0), 2),
+        }
+    finally:
+        cluster.stop_all()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--copies", type=int, default=1)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    items = load_items(args.copies)
+    figures = {"pieces": pieces(items)}
+    with tempfile.TemporaryDirectory(prefix="ehrnode-ingest-") as tmp:
+        figures["end_to_end"] = trio.run(end_to_end, Path(tmp) / "consortium", items)
+    if args.json:
+        print(json.dumps(figures))
+        return
+    p, e = figures["pieces"], figures["end_to_end"]
+    print(f"validation alone        {p['validate_per_s']:>8} resources/s")
+    print(f"de-identification alone {p['deidentify_per_s']:>8} resources/s")
+    print(f"end to end              {e['records_per_s']:>8} records/s committed "
+          f"({e['committed']}/{e['records']} records of {e['resources']} resources in {e['seconds']} s; "
+          f"vault written after {e['vault_write_seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""EMPI: one consortium-wide patient id, derived without sharing demographics."""

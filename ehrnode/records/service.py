@@ -1,0 +1,147 @@
+"""The records side of a running node: recording, reading and checking, off the event loop.
+
+The vault and the recorder are blocking (SQLite, encryption, FHIR validation),
+so every call runs in a worker thread, one at a time under a lock, while the
+node's event loop keeps voting. New anchors are handed to the node's mempool
+through ``submit``; one the mempool cannot take now (full) stays in the vault's
+outbox, which :meth:`RecordsService.run_outbox` offers again until the chain
+has it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .. import crypto
+from ..config import NodeConfig
+from ..errors import AdmissionError, ConfigError
+from ..ledger.state import LedgerState
+from ..ledger.transactions import Transaction
+from ..logs import get_logger
+from . import deid as deid_module
+from . import fhir
+from .deid import Deidentifier, load_profile
+from .keys import RecordKeys
+from .recorder import Outcome, Recorder
+from .vault import Vault
+
+OUTBOX_INTERVAL = 2.0
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the service needs from the node."""
+
+    submit: Callable[[Transaction], None]  # admit and gossip; raises AdmissionError
+    pending: Callable[[bytes], bool]  # in the mempool
+    state: LedgerState
+
+
+class RecordsService:
+    def __init__(self, config: NodeConfig, *, chain_id: str, identity: crypto.Identity, hooks: Hooks) -> None:
+        if config.master_key_path is None or config.consortium_key_path is None:
+            raise ConfigError(f"{config.path}: recording needs [keys] master and consortium")
+        self.name = config.name
+        self.identity = identity
+        self.hooks = hooks
+        self.log = get_logger(node=config.name)
+        keys = RecordKeys.load(config.master_key_path, config.consortium_key_path)
+        self.profile = load_profile(config.deid_profile_path)
+        self.vault = Vault(Path(config.data_dir) / "vault.sqlite3", keys, identity)
+        self.recorder = Recorder(
+            vault=self.vault, keys=keys, deidentifier=Deidentifier(self.profile, keys.deid), institution=config.name,
+            chain_id=chain_id, identity=identity,
+        )
+        self._lock = trio.Lock()
+
+    def close(self) -> None:
+        self.vault.close()
+
+    async def _blocking(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        async with self._lock:
+            return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+    # --- recording ----------------------------------------------------------------------
+
+    async def record(self, items: Sequence[fhir.Item], *, skip_invalid: bool) -> Outcome:
+        """Record ``items`` (all or nothing); raises FhirError for invalid input."""
+        started = time.monotonic()
+        outcome: Outcome = await self._blocking(
+            self.recorder.record, items, skip_invalid=skip_invalid, now_ms=int(time.time() * 1000))
+        deferred = self._offer(outcome.anchors)
+        self.log.info("records.recorded", records=sum(r.status == "recorded" for r in outcome.records),
+                      unchanged=sum(r.status == "already_recorded" for r in outcome.records),
+                      skipped=len(outcome.skipped), deferred=deferred,
+                      seconds=round(time.monotonic() - started, 3))
+        return outcome
+
+    def _offer(self, txs: Sequence[Transaction]) -> int:
+        """Hand anchors to the mempool; returns how many must wait in the outbox."""
+        deferred = 0
+        for tx in txs:
+            try:
+                self.hooks.submit(tx)
+            except AdmissionError as exc:
+                if exc.reason != "duplicate":
+                    deferred += 1
+        return deferred
+
+    async def run_outbox(self) -> None:
+        """Offer outbox anchors again until each is committed; runs for the node's lifetime."""
+        while True:
+            await trio.sleep(OUTBOX_INTERVAL)
+            rows = await self._blocking(self.vault.outbox)
+            done, again = [], []
+            for record, tx_id, data in rows:
+                if self.hooks.state.is_committed(tx_id):
+                    done.append(record)
+                elif not self.hooks.pending(tx_id):
+                    again.append(Transaction.decode(data))
+            if again:
+                deferred = self._offer(again)
+                self.log.info("records.anchors_offered", offered=len(again), deferred=deferred)
+            if done:
+                await self._blocking(self.vault.clear_outbox, done)
+
+    # --- reading ------------------------------------------------------------------------
+
+    async def show(self, record_id: bytes) -> dict[str, Any]:
+        """One of this institution's records, raw and released (raises KeyError if not ours)."""
+        header, raw, released, salt = await self._blocking(self.vault.read, record_id)
+        anchors = self.hooks.state.anchors(record=record_id)
+        return {
+            "record_id": record_id.hex(), "empi": header.empi, "resource_type": header.resource_type,
+            "position": header.position, "recorded_at": header.recorded_at, "setting": header.setting,
+            "commitment": header.commitment.hex(), "anchor": anchor_view(anchors[0]) if anchors else None,
+            "resource": raw, "deidentified": released, "salt": salt.hex(),
+        }
+
+    async def verify(self, *, decrypt: bool = True) -> dict[str, Any]:
+        anchored = self.hooks.state.anchored_positions(self.name)
+        report = await self._blocking(self.vault.verify, self.identity.public_key, anchored, decrypt=decrypt)
+        (self.log.info if report["ok"] else self.log.error)(
+            "vault.verified", ok=report["ok"], entries=report["entries"], problems=len(report["problems"]))
+        return report
+
+    async def kanon_report(self) -> dict[str, Any]:
+        def released() -> list[tuple[Any, ...]]:
+            return [row.released for row in self.vault.patients()]
+
+        report = deid_module.kanon_report(await self._blocking(released), self.profile.k)
+        return report
+
+
+def anchor_view(anchor: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "record_id": anchor["record"].hex(), "empi": anchor["empi"], "institution": anchor["institution"],
+        "recorded_at": anchor["recorded_at"], "setting": anchor["setting"], "resource_type": anchor["resource_type"],
+        "commitment": anchor["commitment"].hex(), "position": anchor["position"], "height": anchor["height"],
+        "tx_id": anchor["tx_id"].hex(),
+    }
+

@@ -1,0 +1,359 @@
+"""The vault: the institution's private chain of records.
+
+Theory of operation
+-------------------
+Every record this institution writes is one *entry*, appended at the next
+position (1, 2, 3, ...) of an SQLite table that refuses UPDATE and DELETE.
+An entry holds two ciphertexts, the raw FHIR resource and its de-identified
+release (with the salt of its commitment), each under its own AES-256-GCM
+data key. The data keys live in a separate table, wrapped by the node's
+``wrap`` key: destroying a record's key row (erasure) makes its data
+unreadable while the entry, and so the chain, stays intact.
+
+An entry's *header* is canonical CBOR of its position, the previous entry's
+hash, the record id, type, EMPI, setting, recording time, the commitment that
+goes on chain, and the SHA-256 of both ciphertexts. Its hash is the SHA-256
+of the domain-tagged header, and the institution signs that same tagged
+header with its member key. So:
+
+- a changed byte in a ciphertext no longer matches the header's digest;
+- a changed header no longer matches its hash, its signature or the next
+  entry's ``prev``;
+- a removed entry leaves a gap in positions and a broken ``prev`` link;
+- two swapped entries each sit at a position their header does not name;
+- a removed *last* entry leaves no gap, which is why :meth:`Vault.verify`
+  also takes the positions and commitments anchored on the consortium chain.
+
+Besides the entries, the vault file holds the node's *patient table* (each
+patient's raw Patient resource and released quasi-identifiers, sealed under
+the ``patients`` key, found by a keyed lookup value rather than by local id),
+the setting of each encounter recorded, which resource versions are already
+recorded (so re-running an ingest is harmless), and the *outbox* of anchor
+transactions not yet seen committed.
+
+The vault is written with ``synchronous=FULL``: unlike blocks, which peers can
+send again, a record exists nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import codec, crypto
+from ..codec import as_bytes, as_map, as_str, as_uint
+from ..errors import CodecError, CryptoError, IntegrityError, StoreError
+from ..ledger.sqlite import open_db, transaction
+from .canonical import canonical_json, commitment
+from .keys import RecordKeys, new_data_key, open_sealed, seal
+
+ENTRY_DOMAIN = "ehrnode/vault-entry/v1"
+GENESIS_PREV = bytes(32)
+RECORD_ID_SIZE = 16
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    position INTEGER PRIMARY KEY, record BLOB NOT NULL UNIQUE, header BLOB NOT NULL,
+    hash BLOB NOT NULL, signature BLOB NOT NULL, raw BLOB NOT NULL, deid BLOB NOT NULL);
+CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
+    BEGIN SELECT RAISE(ABORT, 'vault entries are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
+    BEGIN SELECT RAISE(ABORT, 'vault entries are append-only'); END;
+CREATE TABLE IF NOT EXISTS data_keys (record BLOB PRIMARY KEY, raw BLOB NOT NULL, deid BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS patients (lookup BLOB PRIMARY KEY, empi TEXT NOT NULL, sealed BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS patients_empi ON patients(empi);
+CREATE TABLE IF NOT EXISTS encounters (lookup BLOB PRIMARY KEY, setting TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (lookup BLOB PRIMARY KEY, digest BLOB NOT NULL, record BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (record BLOB PRIMARY KEY, tx_id BLOB NOT NULL, tx BLOB NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class EntryHeader:
+    position: int
+    prev: bytes
+    record_id: bytes
+    resource_type: str
+    empi: str
+    setting: str
+    recorded_at: int
+    commitment: bytes
+    raw_digest: bytes
+    deid_digest: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": 1, "position": self.position, "prev": self.prev, "record": self.record_id,
+            "type": self.resource_type, "empi": self.empi, "setting": self.setting, "recorded_at": self.recorded_at,
+            "commitment": self.commitment, "raw": self.raw_digest, "deid": self.deid_digest,
+        }
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> EntryHeader:
+        m = as_map(codec.decode(data), "vault entry", ("v", "position", "prev", "record", "type", "empi", "setting",
+                                                       "recorded_at", "commitment", "raw", "deid"))
+        if m["v"] != 1:
+            raise CodecError(f"vault entry version {m['v']!r} is not supported", reason="version")
+        return cls(
+            as_uint(m["position"], "entry.position"), as_bytes(m["prev"], "entry.prev", size=32),
+            as_bytes(m["record"], "entry.record", size=RECORD_ID_SIZE), as_str(m["type"], "entry.type", max_len=64),
+            as_str(m["empi"], "entry.empi", max_len=64), as_str(m["setting"], "entry.setting", max_len=64),
+            as_uint(m["recorded_at"], "entry.recorded_at"), as_bytes(m["commitment"], "entry.commitment", size=32),
+            as_bytes(m["raw"], "entry.raw", size=32), as_bytes(m["deid"], "entry.deid", size=32),
+        )
+
+    @property
+    def signed_bytes(self) -> bytes:
+        return crypto.signing_bytes(ENTRY_DOMAIN, self.to_wire())
+
+    @property
+    def hash(self) -> bytes:
+        return crypto.sha256(self.signed_bytes)
+
+
+@dataclass(frozen=True)
+class NewEntry:
+    """A record ready to append: everything but its position and chain link."""
+
+    record_id: bytes
+    resource_type: str
+    empi: str
+    setting: str
+    recorded_at: int
+    commitment: bytes
+    raw: bytes  # canonical JSON of the resource as received
+    release: bytes  # canonical CBOR {"salt", "resource"}: the de-identified release
+
+
+@dataclass(frozen=True)
+class PatientRow:
+    lookup: bytes
+    empi: str
+    resource: dict[str, Any]
+    released: tuple[Any, ...]
+
+
+@dataclass
+class Write:
+    """Everything one ingest changes, applied in one transaction."""
+
+    entries: list[NewEntry] = field(default_factory=list)
+    patients: list[PatientRow] = field(default_factory=list)
+    encounters: dict[bytes, str] = field(default_factory=dict)
+    versions: dict[bytes, tuple[bytes, bytes]] = field(default_factory=dict)  # lookup -> (digest, record)
+    #: Built once the entries have positions: (record, tx_id, tx bytes).
+    anchors: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    header: EntryHeader
+    hash: bytes
+
+
+class Vault:
+    """Blocking; one caller at a time (the node runs it in a worker thread under a lock)."""
+
+    def __init__(self, path: Path, keys: RecordKeys, identity: crypto.Identity) -> None:
+        self.path = Path(path)
+        self._keys = keys
+        self._identity = identity
+        self._db = open_db(self.path, _SCHEMA, "vault", durable=True, any_thread=True)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- writing -----------------------------------------------------------------------
+
+    def head(self) -> tuple[int, bytes]:
+        row = self._db.execute("SELECT position, hash FROM entries ORDER BY position DESC LIMIT 1").fetchone()
+        return (row[0], row[1]) if row else (0, GENESIS_PREV)
+
+    def append(self, write: Write, make_anchor: Any) -> list[StoredEntry]:
+        """Append ``write.entries`` in order and store the rest of ``write``, atomically.
+
+        ``make_anchor(header, entry_hash) -> (tx_id, tx_bytes)`` builds each entry's anchor
+        transaction once its position is known; anchors go to the outbox in the same
+        transaction, so a record is never written without the anchor that announces it.
+        """
+        stored = []
+        with transaction(self._db, "append to the vault") as db:
+            position, prev = self.head()
+            for entry in write.entries:
+                position += 1
+                raw_key, deid_key = new_data_key(), new_data_key()
+                raw_ct = seal(raw_key, entry.raw, entry.record_id + b"raw")
+                deid_ct = seal(deid_key, entry.release, entry.record_id + b"deid")
+                header = EntryHeader(
+                    position, prev, entry.record_id, entry.resource_type, entry.empi, entry.setting,
+                    entry.recorded_at, entry.commitment, crypto.sha256(raw_ct), crypto.sha256(deid_ct),
+                )
+                signed = header.signed_bytes
+                entry_hash = crypto.sha256(signed)
+                db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)", (
+                    position, entry.record_id, codec.encode(header.to_wire()), entry_hash,
+                    self._identity.sign(signed), raw_ct, deid_ct,
+                ))
+                db.execute("INSERT INTO data_keys VALUES (?, ?, ?)", (
+                    entry.record_id, seal(self._keys.wrap, raw_key, entry.record_id + b"raw-key"),
+                    seal(self._keys.wrap, deid_key, entry.record_id + b"deid-key"),
+                ))
+                tx_id, tx = make_anchor(header, entry_hash)
+                db.execute("INSERT INTO outbox VALUES (?, ?, ?)", (entry.record_id, tx_id, tx))
+                stored.append(StoredEntry(header, entry_hash))
+                prev = entry_hash
+            for patient in write.patients:
+                db.execute("INSERT OR REPLACE INTO patients VALUES (?, ?, ?)",
+                           (patient.lookup, patient.empi, self._seal_patient(patient)))
+            db.executemany("INSERT OR REPLACE INTO encounters VALUES (?, ?)", write.encounters.items())
+            db.executemany("INSERT OR REPLACE INTO versions VALUES (?, ?, ?)",
+                           [(k, d, r) for k, (d, r) in write.versions.items()])
+        return stored
+
+    def _seal_patient(self, patient: PatientRow) -> bytes:
+        body = codec.encode({"resource": canonical_json(patient.resource), "released": list(patient.released)})
+        return seal(self._keys.patients, body, patient.lookup)
+
+    # --- reading -----------------------------------------------------------------------
+
+    def patient(self, lookup: bytes) -> PatientRow | None:
+        row = self._db.execute("SELECT lookup, empi, sealed FROM patients WHERE lookup = ?", (lookup,)).fetchone()
+        return self._open_patient(row) if row else None
+
+    def patients(self) -> Iterator[PatientRow]:
+        for row in self._db.execute("SELECT lookup, empi, sealed FROM patients").fetchall():
+            yield self._open_patient(row)
+
+    def _open_patient(self, row: tuple[bytes, str, bytes]) -> PatientRow:
+        lookup, empi, sealed = row
+        body = codec.decode(open_sealed(self._keys.patients, sealed, lookup, "patient table row"))
+        return PatientRow(lookup, empi, _from_json_bytes(body["resource"]), tuple(body["released"]))
+
+    def setting(self, lookup: bytes) -> str | None:
+        row = self._db.execute("SELECT setting FROM encounters WHERE lookup = ?", (lookup,)).fetchone()
+        return row[0] if row else None
+
+    def version(self, lookup: bytes) -> tuple[bytes, bytes] | None:
+        """(content digest, record id) of the version of a resource recorded last."""
+        row = self._db.execute("SELECT digest, record FROM versions WHERE lookup = ?", (lookup,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def entry(self, record_id: bytes) -> StoredEntry | None:
+        row = self._db.execute("SELECT header, hash FROM entries WHERE record = ?", (record_id,)).fetchone()
+        return StoredEntry(EntryHeader.from_wire(row[0]), row[1]) if row else None
+
+    def read(self, record_id: bytes) -> tuple[EntryHeader, dict[str, Any], dict[str, Any], bytes]:
+        """(header, raw resource, de-identified resource, salt); raises KeyError or IntegrityError."""
+        row = self._db.execute(
+            "SELECT e.header, e.raw, e.deid, k.raw, k.deid FROM entries e LEFT JOIN data_keys k USING (record) "
+            "WHERE e.record = ?", (record_id,),
+        ).fetchone()
+        if row is None:
+            raise KeyError(record_id.hex())
+        header = EntryHeader.from_wire(row[0])
+        if row[3] is None:
+            raise IntegrityError(f"record {record_id.hex()}: its data keys are gone", reason="erased")
+        raw, release = self._decrypt(record_id, row[1], row[2], row[3], row[4])
+        return header, _from_json_bytes(raw), _from_json_bytes(release["resource"]), release["salt"]
+
+    def _decrypt(self, record_id: bytes, raw_ct: bytes, deid_ct: bytes, raw_w: bytes,
+                 deid_w: bytes) -> tuple[bytes, dict[str, Any]]:
+        what = f"record {record_id.hex()}"
+        raw_key = open_sealed(self._keys.wrap, raw_w, record_id + b"raw-key", f"{what} raw data key")
+        deid_key = open_sealed(self._keys.wrap, deid_w, record_id + b"deid-key", f"{what} release data key")
+        raw = open_sealed(raw_key, raw_ct, record_id + b"raw", f"{what} raw resource")
+        release = codec.decode(open_sealed(deid_key, deid_ct, record_id + b"deid", f"{what} release"))
+        return raw, release
+
+    def count(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+
+    def outbox(self) -> list[tuple[bytes, bytes, bytes]]:
+        return self._db.execute("SELECT record, tx_id, tx FROM outbox ORDER BY rowid").fetchall()
+
+    def clear_outbox(self, records: Iterable[bytes]) -> None:
+        with transaction(self._db, "clear the anchor outbox") as db:
+            db.executemany("DELETE FROM outbox WHERE record = ?", [(r,) for r in records])
+
+    # --- verifying ---------------------------------------------------------------------
+
+    def verify(self, public_key: bytes, anchored: Mapping[int, tuple[bytes, bytes]] | None = None,
+               *, decrypt: bool = True) -> dict[str, Any]:
+        """Walk the whole chain and report every problem found (never raises on bad data).
+
+        ``anchored`` maps vault positions to the (record id, commitment) the consortium chain
+        holds for them; every one must be present and equal. ``decrypt`` also unwraps each
+        entry's keys and authenticates both ciphertexts.
+        """
+        problems: list[dict[str, Any]] = []
+        prev, expected = GENESIS_PREV, 1
+        seen: dict[int, tuple[bytes, bytes]] = {}
+        erased = 0
+        try:
+            rows = self._db.execute(
+                "SELECT e.position, e.record, e.header, e.hash, e.signature, e.raw, e.deid, k.raw, k.deid "
+                "FROM entries e LEFT JOIN data_keys k USING (record) ORDER BY e.position"
+            )
+            for position, record, header_bytes, stored_hash, signature, raw_ct, deid_ct, raw_w, deid_w in rows:
+                def problem(text: str) -> None:
+                    problems.append({"position": position, "record_id": record.hex(), "problem": text})
+
+                if position != expected:
+                    problem(f"entries {expected}..{position - 1} are missing")
+                expected = position + 1
+                try:
+                    header = EntryHeader.from_wire(header_bytes)
+                except CodecError as exc:
+                    problem(f"header does not decode: {exc}")
+                    prev = stored_hash
+                    continue
+                signed = header.signed_bytes
+                computed = crypto.sha256(signed)
+                if header.position != position:
+                    problem(f"entry names position {header.position}: entries were moved or swapped")
+                if header.record_id != record:
+                    problem("header names another record id")
+                if header.prev != prev:
+                    problem("does not link to the entry before it (changed, removed or reordered)")
+                if computed != stored_hash:
+                    problem("header hash does not match (header changed)")
+                try:
+                    if not crypto.verify(public_key, signed, signature):
+                        problem("institution signature does not verify")
+                except CryptoError:
+                    problem("institution signature is malformed")
+                if crypto.sha256(raw_ct) != header.raw_digest:
+                    problem("raw ciphertext changed")
+                if crypto.sha256(deid_ct) != header.deid_digest:
+                    problem("release ciphertext changed")
+                if raw_w is None:
+                    erased += 1
+                elif decrypt:
+                    try:
+                        _, release = self._decrypt(record, raw_ct, deid_ct, raw_w, deid_w)
+                        if commitment(release["salt"], release["resource"]) != header.commitment:
+                            problem("release does not match its commitment")
+                    except (IntegrityError, CodecError, KeyError, TypeError) as exc:
+                        problem(f"does not decrypt: {exc}")
+                seen[position] = (record, header.commitment)
+                prev = computed
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the vault {self.path}: {exc}") from exc
+        for position, (record, anchored_commitment) in sorted((anchored or {}).items()):
+            mine = seen.get(position)
+            if mine is None:
+                problems.append({"position": position, "record_id": record.hex(),
+                                 "problem": "anchored on chain but missing from the vault"})
+            elif mine != (record, anchored_commitment):
+                problems.append({"position": position, "record_id": record.hex(),
+                                 "problem": "differs from its anchor on chain"})
+        return {"ok": not problems, "entries": len(seen), "erased": erased, "head": prev.hex(),
+                "anchored": len(anchored or {}), "problems": problems}
+
+
+def _from_json_bytes(data: bytes) -> dict[str, Any]:
+    return json.loads(data)

@@ -1,0 +1,154 @@
+"""The vault: append-only, hash-linked, signed, encrypted; every kind of tampering is found."""
+
+import sqlite3
+
+import pytest
+
+from ehrnode import codec, crypto
+from ehrnode.errors import IntegrityError, StoreError
+from ehrnode.records.canonical import canonical_json, commitment, new_salt
+from ehrnode.records.keys import RecordKeys
+from ehrnode.records.vault import NewEntry, PatientRow, Vault, Write
+
+KEYS = RecordKeys.derive(bytes(range(32)), bytes(32))
+IDENTITY = crypto.Identity.from_seed(b"v" * 32)
+
+
+def _entry(n: int) -> NewEntry:
+    resource = {"resourceType": "Condition", "id": f"c{n}", "code": {"text": f"condition {n}"}}
+    released = {"resourceType": "Condition", "id": f"p{n}"}
+    salt = new_salt()
+    canonical = canonical_json(released)
+    return NewEntry(
+        record_id=n.to_bytes(16, "big"), resource_type="Condition", empi="E" + "A" * 23, setting="AMB",
+        recorded_at=1_700_000_000_000 + n, commitment=commitment(salt, canonical), raw=canonical_json(resource),
+        release=codec.encode({"salt": salt, "resource": canonical}),
+    )
+
+
+def _no_anchor(header, entry_hash):
+    return entry_hash, b"tx"
+
+
+@pytest.fixture
+def vault(tmp_path):
+    v = Vault(tmp_path / "vault.sqlite3", KEYS, IDENTITY)
+    v.append(Write(entries=[_entry(n) for n in range(1, 7)]), _no_anchor)
+    yield v
+    v.close()
+
+
+def _raw(vault):
+    # Tampering goes around the vault's own connection, as an attacker with the file would.
+    db = sqlite3.connect(vault.path, isolation_level=None)
+    db.execute("DROP TRIGGER entries_no_update")
+    db.execute("DROP TRIGGER entries_no_delete")
+    return db
+
+
+def test_a_fresh_vault_verifies_and_reads_back(vault):
+    report = vault.verify(IDENTITY.public_key)
+    assert report["ok"], report
+    assert report["entries"] == 6
+    header, raw, released, salt = vault.read((3).to_bytes(16, "big"))
+    assert header.position == 3 and raw["id"] == "c3" and released["id"] == "p3"
+    assert commitment(salt, canonical_json(released)) == header.commitment
+
+
+def test_entries_are_append_only_through_sqlite(vault):
+    db = sqlite3.connect(vault.path, isolation_level=None)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("UPDATE entries SET raw = x'00' WHERE position = 1")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("DELETE FROM entries WHERE position = 1")
+
+
+def test_a_flipped_byte_in_a_ciphertext_is_found(vault):
+    db = _raw(vault)
+    raw = bytearray(db.execute("SELECT raw FROM entries WHERE position = 4").fetchone()[0])
+    raw[20] ^= 0x01
+    db.execute("UPDATE entries SET raw = ? WHERE position = 4", (bytes(raw),))
+    report = vault.verify(IDENTITY.public_key)
+    assert not report["ok"]
+    assert [p["position"] for p in report["problems"]] == [4, 4]
+    assert any("raw ciphertext changed" in p["problem"] for p in report["problems"])
+    with pytest.raises(IntegrityError):
+        vault.read((4).to_bytes(16, "big"))
+
+
+def test_a_flipped_byte_in_a_header_is_found(vault):
+    db = _raw(vault)
+    header = bytearray(db.execute("SELECT header FROM entries WHERE position = 2").fetchone()[0])
+    header[-1] ^= 0x01  # inside the last digest
+    db.execute("UPDATE entries SET header = ? WHERE position = 2", (bytes(header),))
+    problems = vault.verify(IDENTITY.public_key)["problems"]
+    assert {p["position"] for p in problems} == {2, 3}  # 3 no longer links to 2
+
+
+def test_a_deleted_entry_is_found(vault):
+    _raw(vault).execute("DELETE FROM entries WHERE position = 3")
+    problems = vault.verify(IDENTITY.public_key)["problems"]
+    assert problems[0]["position"] == 4
+    assert "missing" in problems[0]["problem"]
+    assert any("does not link" in p["problem"] for p in problems)
+
+
+def test_a_swapped_pair_is_found(vault):
+    db = _raw(vault)
+    rows = {p: db.execute("SELECT record, header, hash, signature, raw, deid FROM entries WHERE position = ?",
+                          (p,)).fetchone() for p in (2, 5)}
+    db.execute("DELETE FROM entries WHERE position IN (2, 5)")
+    for position, other in ((2, 5), (5, 2)):
+        db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)", (position, *rows[other]))
+    problems = vault.verify(IDENTITY.public_key)["problems"]
+    assert {2, 5} <= {p["position"] for p in problems}
+    assert any("moved or swapped" in p["problem"] for p in problems)
+
+
+def test_a_deleted_last_entry_is_found_against_the_chain(vault):
+    anchored = {}
+    for position in range(1, 7):
+        entry = vault.entry(position.to_bytes(16, "big"))
+        anchored[position] = (entry.header.record_id, entry.header.commitment)
+    assert vault.verify(IDENTITY.public_key, anchored)["ok"]
+    _raw(vault).execute("DELETE FROM entries WHERE position = 6")
+    # The chain itself still links: only the anchors show the loss.
+    assert vault.verify(IDENTITY.public_key)["ok"]
+    problems = vault.verify(IDENTITY.public_key, anchored)["problems"]
+    assert problems == [{"position": 6, "record_id": (6).to_bytes(16, "big").hex(),
+                         "problem": "anchored on chain but missing from the vault"}]
+
+
+def test_a_forged_signature_or_foreign_key_is_found(vault):
+    other = crypto.Identity.from_seed(b"w" * 32)
+    assert not vault.verify(other.public_key)["ok"]
+
+
+def test_wrong_master_key_cannot_read(tmp_path, vault):
+    thief = Vault(vault.path, RecordKeys.derive(bytes(32), bytes(32)), IDENTITY)
+    with pytest.raises(IntegrityError):
+        thief.read((1).to_bytes(16, "big"))
+    report = thief.verify(IDENTITY.public_key)
+    assert not report["ok"] and all("does not decrypt" in p["problem"] for p in report["problems"])
+
+
+def test_appends_continue_the_chain_and_patients_round_trip(vault):
+    patient = PatientRow(KEYS.lookup("patient", "p1"), "E" + "B" * 23, {"resourceType": "Patient", "id": "p1"},
+                         (1950, "female", "MA"))
+    vault.append(Write(entries=[_entry(7)], patients=[patient]), _no_anchor)
+    assert vault.verify(IDENTITY.public_key)["ok"]
+    assert vault.head()[0] == 7
+    assert vault.patient(patient.lookup) == patient
+    assert len(vault.outbox()) == 7
+
+
+def test_a_failed_append_writes_nothing(vault):
+    def failing(header, entry_hash):
+        if header.position == 8:
+            raise StoreError("disk full")
+        return entry_hash, b"tx"
+
+    with pytest.raises(StoreError):
+        vault.append(Write(entries=[_entry(7), _entry(8)]), failing)
+    assert vault.count() == 6
+    assert vault.verify(IDENTITY.public_key)["ok"]
