@@ -50,7 +50,7 @@ from trio_websocket import ConnectionClosed
 
 from .codec import MAX_UINT
 from .crypto import write_secret_file
-from .errors import AdmissionError, CodecError, CryptoError, FhirError, IntegrityError
+from .errors import AdmissionError, CodecError, CryptoError, EhrnodeError, FhirError, IntegrityError
 from .logs import get_logger
 from .records import fhir
 
@@ -61,8 +61,20 @@ TOKEN_FILE = "api.token"
 MAX_REQUEST_BYTES = 4 << 20
 MAX_WAIT = 120.0
 MAX_BATCH = 1000
-#: FHIR input held by one connection between ``records.stage`` and ``records.add``, in resources.
+#: FHIR input held between ``records.stage`` and ``records.add``: per connection (resources and
+#: bytes of JSON received), and bytes over all connections at once.
 MAX_STAGED = 200_000
+MAX_STAGED_BYTES = 256 * 1024 * 1024
+MAX_STAGED_TOTAL = 1024 * 1024 * 1024
+
+
+class _Staged:
+    """One connection's FHIR input waiting for ``records.add``."""
+
+    def __init__(self) -> None:
+        self.items: list[fhir.Item] = []
+        self.bytes = 0
+        self.message_bytes = 0  # of the request being handled
 MIN_TOKEN_CHARS = 32
 
 
@@ -128,6 +140,7 @@ class ApiServer:
         self.token = ensure_token(node.config.data_dir)
         self.log = get_logger(node=node.name)
         self.denied = 0
+        self.staged_total = 0  # bytes of FHIR input staged over all connections
 
     async def serve(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -170,18 +183,27 @@ class ApiServer:
         return False
 
     async def _session(self, ws: trio_websocket.WebSocketConnection, nursery: trio.Nursery) -> None:
-        staged: list[fhir.Item] = []
-        while True:
-            try:
-                raw = await ws.get_message()
-            except ConnectionClosed:
-                return
-            reply = await self._dispatch(raw, ws, nursery, staged)
-            if reply is not None:
-                await ws.send_message(json.dumps(reply))
+        staged = _Staged()
+        try:
+            while True:
+                try:
+                    raw = await ws.get_message()
+                except ConnectionClosed:
+                    return
+                staged.message_bytes = len(raw)
+                reply = await self._dispatch(raw, ws, nursery, staged)
+                if reply is not None:
+                    await ws.send_message(json.dumps(reply))
+        finally:
+            self._release(staged)
+
+    def _release(self, staged: _Staged) -> None:
+        self.staged_total -= staged.bytes
+        staged.items.clear()
+        staged.bytes = 0
 
     async def _dispatch(self, raw: str | bytes, ws: Any, nursery: trio.Nursery,
-                        staged: list[fhir.Item]) -> dict[str, Any] | None:
+                        staged: _Staged) -> dict[str, Any] | None:
         request_id: Any = None
         try:
             try:
@@ -279,7 +301,7 @@ class ApiServer:
             return {"subscribed": "block.committed"}
         raise RpcError(-32601, f"unknown method {method!r}")
 
-    async def _records_call(self, method: str, params: dict[str, Any], staged: list[fhir.Item]) -> Any:
+    async def _records_call(self, method: str, params: dict[str, Any], staged: _Staged) -> Any:
         records = self.node.records
         if method == "records.list":
             empi = params.get("empi")
@@ -297,21 +319,30 @@ class ApiServer:
                 if not (isinstance(entry, dict) and isinstance(entry.get("source"), str)
                         and isinstance(entry.get("resource"), dict)):
                     raise RpcError(-32602, f"items[{index}] must be {{source: string, resource: object}}")
-            if len(staged) + len(items) > MAX_STAGED:
-                staged.clear()
-                raise RpcError(-32000, f"more than {MAX_STAGED} resources in one input; staged input dropped",
-                               reason="too_large")
-            staged.extend(fhir.Item(entry["source"], entry["resource"]) for entry in items)
+            size = staged.message_bytes if items else 0
+            if (len(staged.items) + len(items) > MAX_STAGED or staged.bytes + size > MAX_STAGED_BYTES
+                    or self.staged_total + size > MAX_STAGED_TOTAL):
+                self._release(staged)
+                raise RpcError(-32000, f"input too large to record at once (at most {MAX_STAGED} resources, "
+                                       f"{MAX_STAGED_BYTES >> 20} MiB per input, {MAX_STAGED_TOTAL >> 20} MiB "
+                                       "staged on this node); staged input dropped", reason="too_large")
+            staged.items.extend(fhir.Item(entry["source"], entry["resource"]) for entry in items)
+            staged.bytes += size
+            self.staged_total += size
             if method == "records.stage":
-                return {"staged": len(staged)}
-            batch = list(staged)
-            staged.clear()
+                return {"staged": len(staged.items)}
+            batch = list(staged.items)
+            self._release(staged)
             if not batch:
                 raise RpcError(-32602, "nothing to record: no items given or staged")
             try:
                 outcome = await records.record(batch, skip_invalid=params.get("skip_invalid") is True)
             except FhirError as exc:
                 self.log.info("records.refused", reason=exc.reason, resources=len(batch))
+                raise RpcError(-32000, str(exc), reason=exc.reason) from exc
+            except EhrnodeError as exc:
+                # Disk full, a vault behind the chain, ...: the caller hears why; nothing was written.
+                self.log.error("records.failed", reason=exc.reason, error=str(exc))
                 raise RpcError(-32000, str(exc), reason=exc.reason) from exc
             return {"records": [r.view() for r in outcome.records], "skipped": outcome.skipped}
         if method == "records.show":
@@ -326,7 +357,10 @@ class ApiServer:
         if method == "records.kanon":
             return await records.kanon_report()
         if method == "vault.verify":
-            return await records.verify(decrypt=params.get("decrypt", True) is not False)
+            try:
+                return await records.verify(decrypt=params.get("decrypt", True) is not False)
+            except EhrnodeError as exc:
+                raise RpcError(-32000, str(exc), reason=exc.reason) from exc
         raise RpcError(-32601, f"unknown method {method!r}")
 
     async def _forward(self, channel: trio.MemoryReceiveChannel[dict[str, Any]], ws: Any) -> None:

@@ -110,6 +110,9 @@ class NodeConfig:
     consortium_key_path: Path | None = None
     #: A de-identification profile replacing the packaged default.
     deid_profile_path: Path | None = None
+    #: Processes that validate and de-identify large inputs (0 or 1: none, in the node itself;
+    #: None: one per core, at most 8).
+    record_workers: int | None = None
 
     def to_toml_dict(self) -> dict[str, Any]:
         def rel(p: Path) -> str:
@@ -128,7 +131,10 @@ class NodeConfig:
             "peer": {"listen": str(self.peer_listen)},
             "api": {"listen": str(self.api_listen)},
             **({"metrics": {"listen": str(self.metrics_listen)}} if self.metrics_listen else {}),
-            **({"records": {"profile": rel(self.deid_profile_path)}} if self.deid_profile_path else {}),
+            **({"records": {
+                **({"profile": rel(self.deid_profile_path)} if self.deid_profile_path else {}),
+                **({"workers": self.record_workers} if self.record_workers is not None else {}),
+            }} if self.deid_profile_path or self.record_workers is not None else {}),
         }
 
 
@@ -233,7 +239,17 @@ def load_node_config(path: Path) -> NodeConfig:
         master_key_path=_optional_path(keys, "master", f"{where} [keys]", resolve),
         consortium_key_path=_optional_path(keys, "consortium", f"{where} [keys]", resolve),
         deid_profile_path=_optional_path(_table(doc, "records", where), "profile", f"{where} [records]", resolve),
+        **_workers(_table(doc, "records", where), f"{where} [records]"),
     )
+
+
+def _workers(table: dict[str, Any], where: str) -> dict[str, int]:
+    if "workers" not in table:
+        return {}
+    value = table["workers"]
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 64:
+        raise ConfigError(f"{where}: workers must be an integer from 0 to 64")
+    return {"record_workers": value}
 
 
 def _table(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:

@@ -146,11 +146,21 @@ class LedgerState:
         rows = self._db.execute(sql + " ORDER BY height, rowid", args).fetchall()
         return [dict(zip(ANCHOR_COLUMNS, row, strict=True)) for row in rows]
 
-    def anchored_positions(self, institution: str) -> dict[int, tuple[bytes, bytes]]:
-        """Vault position -> (record id, commitment) for every anchor ``institution`` committed."""
-        rows = self._db.execute("SELECT position, record, commitment FROM anchors WHERE institution = ?",
+    def anchored_positions(self, institution: str) -> dict[int, tuple[bytes, bytes, bytes]]:
+        """Vault position -> (record id, commitment, entry hash) of every anchor ``institution`` committed."""
+        rows = self._db.execute("SELECT position, record, commitment, entry FROM anchors WHERE institution = ?",
                                 (institution,))
-        return {position: (record, commitment) for position, record, commitment in rows}
+        return {position: (record, commitment, entry) for position, record, commitment, entry in rows}
+
+    def tx_status(self, tx_id: bytes) -> str | None:
+        """``ok`` or ``invalid:<reason>`` once committed in a block; None before."""
+        row = self._db.execute("SELECT status FROM txs WHERE id = ? ORDER BY status = 'ok' DESC LIMIT 1",
+                               (tx_id,)).fetchone()
+        return row[0] if row else None
+
+    def highest_position(self, institution: str) -> int:
+        row = self._db.execute("SELECT MAX(position) FROM anchors WHERE institution = ?", (institution,)).fetchone()
+        return row[0] or 0
 
     def tx_count(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM txs WHERE status = 'ok'").fetchone()[0]

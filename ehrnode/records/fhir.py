@@ -360,7 +360,7 @@ def encounter_id(resource: dict[str, Any]) -> str | None:
 
 def setting_of(resource: dict[str, Any]) -> str:
     """The care setting: Encounter.class code (AMB, EMER, IMP, ...), a DocumentReference's
-    practice setting code (or text), else ``"unknown"``."""
+    practice setting code, else ``"unknown"``. Never free text: this may go on chain."""
     rtype = resource.get("resourceType")
     if rtype == "Encounter":
         found = resource.get("class")
@@ -377,9 +377,6 @@ def setting_of(resource: dict[str, Any]) -> str:
             code = coding.get("code") if coding else None
             if isinstance(code, str) and code:
                 return code
-            text = setting.get("text")
-            if isinstance(text, str) and text:
-                return text
     return "unknown"
 
 

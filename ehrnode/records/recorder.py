@@ -14,7 +14,8 @@ user named) and either records all of it or nothing:
    and everything that depends on a dropped Patient, and report them;
 4. give each new patient its EMPI (one call: :func:`assign_empi`); choose the
    k-anonymity level of each patient's quasi-identifiers when the profile asks;
-5. de-identify each resource, salt it and commit to it;
+5. de-identify each resource, salt it and commit to it (validation and
+   de-identification of a large input run in worker processes: workers.py);
 6. append everything to the vault in one transaction, with one signed
    ``record.anchor`` transaction per entry in the vault's outbox.
 
@@ -29,25 +30,26 @@ Blocking and CPU-bound: the node runs it in a worker thread, one at a time.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import codec, crypto
 from ..empi.assign import assign_empi
-from ..errors import DeidentificationError, FhirError
+from ..errors import FhirError
 from ..ledger.transactions import Transaction
 from . import deid as deid_module
 from . import fhir
 from .canonical import canonical_json, commitment, new_salt
 from .deid import Deidentifier
 from .keys import RecordKeys
+from .workers import Preparer
 from .vault import RECORD_ID_SIZE, EntryHeader, NewEntry, PatientRow, Vault, Write
 
 #: Shown problems per failed ingest; the rest are counted.
 MAX_PROBLEMS_SHOWN = 50
-_SETTING = re.compile(r"[^A-Za-z0-9_.-]")
+#: HL7 v3 ActEncounterCode: the settings an anchor may name.
+ENCOUNTER_CLASSES = frozenset({"AMB", "EMER", "FLD", "HH", "IMP", "ACUTE", "NONAC", "OBSENC", "PRENC", "SS", "VR"})
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,19 @@ class Outcome:
 
 
 @dataclass
+class _Candidate:
+    """An input resource on its way to the vault."""
+
+    item: fhir.Item
+    patient_id: str | None
+    release: dict[str, Any] | None = None
+    problem: fhir.Problem | None = None
+    raw: bytes = b""
+    version_key: bytes = b""
+    digest: bytes = b""
+
+
+@dataclass
 class _Patient:
     lookup: bytes
     empi: str
@@ -82,10 +97,12 @@ class _Patient:
 
 class Recorder:
     def __init__(self, *, vault: Vault, keys: RecordKeys, deidentifier: Deidentifier, institution: str,
-                 chain_id: str, identity: crypto.Identity, epoch: int = 0) -> None:
+                 chain_id: str, identity: crypto.Identity, epoch: int = 0, preparer: Preparer | None = None) -> None:
         self.vault = vault
         self.keys = keys
         self.deid = deidentifier
+        # Validation and de-identification; in this thread unless a pool of processes is given.
+        self.preparer = preparer or Preparer(deidentifier, None, b"", workers=0)
         self.institution = institution
         self.chain_id = chain_id
         self.identity = identity
@@ -97,10 +114,10 @@ class Recorder:
         """Record ``items`` atomically; raises FhirError (nothing written) on invalid input."""
         outcome = Outcome()
         problems: list[fhir.Problem] = []
-        accepted: list[fhir.Item] = []
+        candidates: list[_Candidate] = []
+        invalid_patients: set[str] = set()
         seen: set[tuple[str, str]] = set()
-        for item in items:
-            problem = fhir.validate(item)
+        for item, problem in zip(items, self.preparer.validate(items), strict=True):
             if problem is None:
                 key = (item.resource["resourceType"], item.resource["id"])
                 if key in seen:
@@ -108,62 +125,74 @@ class Recorder:
                 seen.add(key)
             if problem is not None:
                 problems.append(problem)
+                if isinstance(item.resource, dict) and item.resource.get("resourceType") == "Patient":
+                    invalid_patients.add(str(item.resource.get("id")))
             elif not fhir.is_patient_data(item.resource):
                 outcome.skipped.append(_skip(item, "not patient data (not recorded)"))
             else:
-                accepted.append(item)
+                candidates.append(_Candidate(item, fhir.patient_id(item.resource)))
 
-        patients = self._resolve_patients(accepted, problems)
-        bad = {p.source for p in problems}
-        levels = self._levels(patients, {item.resource["id"] for item in accepted
-                                         if item.resource["resourceType"] == "Patient" and item.source not in bad})
-        releases: dict[str, dict[str, Any]] = {}
-        for item in accepted:
-            if item.source in bad:
-                continue
-            patient = patients[_patient_of(item.resource)]
-            try:
-                releases[item.source] = self.deid.deidentify(
-                    item.resource, patient=patient.resource["id"], level=levels.get(patient.resource["id"], 0))
-            except DeidentificationError as exc:
-                problems.append(_problem(item, f"cannot be released safely: {exc}"))
+        patients = self._resolve_patients(candidates, problems, invalid_patients)
+        candidates = [c for c in candidates if c.problem is None]
+        # Content recorded before is not recorded (nor released) again.
+        fresh = []
+        for c in candidates:
+            resource = c.item.resource
+            c.raw = canonical_json(resource)
+            c.version_key = self.keys.lookup("version", resource["resourceType"], resource["id"])
+            c.digest = self.keys.lookup("content", c.raw.decode("utf-8"))
+            known = self.vault.version(c.version_key)
+            if known is not None and known[0] == c.digest:
+                entry = self.vault.entry(known[1])
+                outcome.records.append(Recorded(
+                    known[1].hex(), entry.header.empi if entry else patients[c.patient_id].empi,
+                    resource["resourceType"], c.item.source, entry.header.position if entry else 0, None,
+                    "already_recorded",
+                ))
+            else:
+                fresh.append(c)
+        candidates = fresh
+        levels = self._levels(patients, {c.item.resource["id"] for c in candidates
+                                         if c.item.resource["resourceType"] == "Patient"})
+        releases = self.preparer.deidentify(
+            [(c.item.resource, c.patient_id, levels.get(c.patient_id, 0)) for c in candidates])
+        for c, release in zip(candidates, releases, strict=True):
+            if isinstance(release, str):
+                c.problem = _problem(c.item, f"cannot be released safely: {release}")
+                problems.append(c.problem)
+            else:
+                c.release = release
         if problems and not skip_invalid:
             shown = "\n".join(f"  {p}" for p in problems[:MAX_PROBLEMS_SHOWN])
             more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
             raise FhirError(f"{len(problems)} invalid resource(s); nothing was recorded "
                             f"(--skip-invalid records the rest):\n{shown}{more}", reason="invalid_input")
         outcome.skipped.extend(_skip_problem(p) for p in problems)
-        bad = {p.source for p in problems}
-        accepted = [item for item in accepted if item.source not in bad]
+        # A Patient that could not be released takes its other resources along.
+        unreleased = {c.patient_id for c in candidates if c.problem and c.item.resource["resourceType"] == "Patient"}
+        for c in candidates:
+            if c.problem is None and c.patient_id in unreleased:
+                c.problem = _problem(c.item, f"belongs to Patient/{c.patient_id}, which was not recorded")
+                outcome.skipped.append(_skip_problem(c.problem))
+        candidates = [c for c in candidates if c.problem is None]
 
-        settings = self._settings(accepted)
+        settings = self._settings([c.item for c in candidates])
         write = Write()
         pending: list[tuple[fhir.Item, _Patient, bytes]] = []
-        for item in accepted:
-            resource = item.resource
-            patient = patients[_patient_of(resource)]
-            raw = canonical_json(resource)
-            version_key = self.keys.lookup("version", resource["resourceType"], resource["id"])
-            digest = self.keys.lookup("content", raw.decode("utf-8"))
-            known = self.vault.version(version_key)
-            if known is not None and known[0] == digest:
-                entry = self.vault.entry(known[1])
-                outcome.records.append(Recorded(
-                    known[1].hex(), entry.header.empi if entry else patient.empi, resource["resourceType"],
-                    item.source, entry.header.position if entry else 0, None, "already_recorded",
-                ))
-                continue
-            released = releases[item.source]
+        for c, setting in zip(candidates, settings, strict=True):
+            item, resource, patient = c.item, c.item.resource, patients[c.patient_id]
+            released = c.release
+            assert released is not None
             canonical = canonical_json(released)
             salt = new_salt()
             record_id = os.urandom(RECORD_ID_SIZE)
             write.entries.append(NewEntry(
-                record_id, resource["resourceType"], patient.empi, settings.get(item.source, "unknown"), now_ms,
-                commitment(salt, canonical), raw, codec.encode({"salt": salt, "resource": canonical}),
+                record_id, resource["resourceType"], patient.empi, setting, now_ms,
+                commitment(salt, canonical), c.raw, codec.encode({"salt": salt, "resource": canonical}),
             ))
-            write.versions[version_key] = (digest, record_id)
+            write.versions[c.version_key] = (c.digest, record_id)
             if resource["resourceType"] == "Encounter":
-                write.encounters[self.keys.lookup("encounter", resource["id"])] = settings[item.source]
+                write.encounters[self.keys.lookup("encounter", resource["id"])] = setting
             if resource["resourceType"] == "Patient":
                 write.patients.append(PatientRow(
                     patient.lookup, patient.empi, resource, tuple(deid_module.released_quasi(released)),
@@ -192,39 +221,33 @@ class Recorder:
             outcome.anchors.append(tx)
         return outcome
 
-    def _resolve_patients(self, accepted: list[fhir.Item], problems: list[fhir.Problem]) -> dict[str, _Patient]:
-        """Every patient the accepted items belong to; adds a problem for each that has none."""
+    def _resolve_patients(self, candidates: list[_Candidate], problems: list[fhir.Problem],
+                          invalid_patients: set[str]) -> dict[str, _Patient]:
+        """The patient of every candidate; a candidate without one gets its problem."""
         patients: dict[str, _Patient] = {}
-        for item in accepted:
-            if item.resource["resourceType"] == "Patient":
-                resource = item.resource
+        for c in candidates:
+            resource = c.item.resource
+            if resource["resourceType"] == "Patient":
                 lookup = self.keys.lookup("patient", resource["id"])
                 known = self.vault.patient(lookup)
                 empi = known.empi if known else assign_empi(resource, key=self.keys.consortium,
                                                             institution=self.institution)
                 patients[resource["id"]] = _Patient(lookup, empi, resource, known is None)
-        failed = {p.source for p in problems}
-        for item in accepted:
-            if item.source in failed:
+        for c in candidates:
+            if c.patient_id is None:
+                c.problem = _problem(c.item, "does not reference the Patient it belongs to")
+            elif c.patient_id in patients:
                 continue
-            patient_id = _patient_of(item.resource)
-            if patient_id is None:
-                problems.append(_problem(item, "does not reference the Patient it belongs to"))
-                continue
-            if patient_id in patients:
-                continue
-            known = self.vault.patient(self.keys.lookup("patient", patient_id))
-            if known is None:
-                problems.append(_problem(
-                    item, f"references Patient/{patient_id}, which is neither in this input nor recorded here"))
-                continue
-            patients[patient_id] = _Patient(known.lookup, known.empi, known.resource, False)
-        # A skipped Patient takes the resources that belong to it along.
-        dropped = {_patient_of(p_item.resource) for p_item in accepted
-                   if p_item.source in {p.source for p in problems} and p_item.resource.get("resourceType") == "Patient"}
-        for item in accepted:
-            if item.source not in {p.source for p in problems} and _patient_of(item.resource) in dropped:
-                problems.append(_problem(item, f"belongs to Patient/{_patient_of(item.resource)}, which is invalid"))
+            elif c.patient_id in invalid_patients:
+                c.problem = _problem(c.item, f"belongs to Patient/{c.patient_id}, which is invalid")
+            else:
+                known = self.vault.patient(self.keys.lookup("patient", c.patient_id))
+                if known is not None:
+                    patients[c.patient_id] = _Patient(known.lookup, known.empi, known.resource, False)
+                    continue
+                c.problem = _problem(
+                    c.item, f"references Patient/{c.patient_id}, which is neither in this input nor recorded here")
+            problems.append(c.problem)
         return patients
 
     def _levels(self, patients: dict[str, _Patient], releasing: set[str]) -> dict[str, int]:
@@ -240,31 +263,33 @@ class Recorder:
                     if row.resource["id"] not in releasing}
         return self.deid.choose_levels(population, released=released)
 
-    def _settings(self, items: list[fhir.Item]) -> dict[str, str]:
+    def _settings(self, items: list[fhir.Item]) -> list[str]:
         """Each item's setting: its own encounter class, or that of the encounter it refers to."""
         by_encounter = {item.resource["id"]: _clean_setting(fhir.setting_of(item.resource))
                         for item in items if item.resource["resourceType"] == "Encounter"}
-        settings = {}
+        settings = []
         for item in items:
             resource = item.resource
             if resource["resourceType"] == "Encounter":
-                settings[item.source] = by_encounter[resource["id"]]
+                settings.append(by_encounter[resource["id"]])
                 continue
             encounter = fhir.encounter_id(resource)
             setting = by_encounter.get(encounter) if encounter else None
             if setting is None and encounter:
                 setting = self.vault.setting(self.keys.lookup("encounter", encounter))
-            settings[item.source] = setting or _clean_setting(fhir.setting_of(resource))
+            settings.append(setting or _clean_setting(fhir.setting_of(resource)))
         return settings
 
-
-def _patient_of(resource: dict[str, Any]) -> str | None:
-    return fhir.patient_id(resource)
-
-
 def _clean_setting(value: str | None) -> str:
-    text = _SETTING.sub("", value or "")[:32]
-    return text or "unknown"
+    """The setting as it may go on chain: a known encounter class, ``unknown``, or ``other``.
+
+    Only codes from a fixed list leave the institution: a code field can hold anything a
+    sender put there, a phone number or a name included.
+    """
+    if not value or value == "unknown":
+        return "unknown"
+    code = value.upper()
+    return code if code in ENCOUNTER_CLASSES else "other"
 
 
 def _problem(item: fhir.Item, message: str) -> fhir.Problem:

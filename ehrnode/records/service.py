@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import trio
 
 from .. import crypto
 from ..config import NodeConfig
-from ..errors import AdmissionError, ConfigError
+from ..errors import AdmissionError, ConfigError, IntegrityError
 from ..ledger.state import LedgerState
 from ..ledger.transactions import Transaction
 from ..logs import get_logger
@@ -30,6 +30,7 @@ from .deid import Deidentifier, load_profile
 from .keys import RecordKeys
 from .recorder import Outcome, Recorder
 from .vault import Vault
+from .workers import Preparer, default_workers
 
 OUTBOX_INTERVAL = 2.0
 
@@ -54,13 +55,17 @@ class RecordsService:
         keys = RecordKeys.load(config.master_key_path, config.consortium_key_path)
         self.profile = load_profile(config.deid_profile_path)
         self.vault = Vault(Path(config.data_dir) / "vault.sqlite3", keys, identity)
+        deid = Deidentifier(self.profile, keys.deid)
+        workers = default_workers() if config.record_workers is None else config.record_workers
+        self.preparer = Preparer(deid, config.deid_profile_path, keys.deid, workers=workers)
         self.recorder = Recorder(
-            vault=self.vault, keys=keys, deidentifier=Deidentifier(self.profile, keys.deid), institution=config.name,
-            chain_id=chain_id, identity=identity,
+            vault=self.vault, keys=keys, deidentifier=deid, institution=config.name, chain_id=chain_id,
+            identity=identity, preparer=self.preparer,
         )
         self._lock = trio.Lock()
 
     def close(self) -> None:
+        self.preparer.close()
         self.vault.close()
 
     async def _blocking(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -72,8 +77,23 @@ class RecordsService:
     async def record(self, items: Sequence[fhir.Item], *, skip_invalid: bool) -> Outcome:
         """Record ``items`` (all or nothing); raises FhirError for invalid input."""
         started = time.monotonic()
+        anchored = self.hooks.state.highest_position(self.name)
+        head = (await self._blocking(self.vault.head))[0]
+        if anchored > head:
+            # New entries would reuse positions the chain already holds: their anchors would all
+            # be refused. This vault lost entries (restored from an old copy?).
+            self.log.error("vault.behind_chain", anchored=anchored, vault_head=head)
+            raise IntegrityError(f"the vault ends at position {head} but the chain holds anchors up to {anchored}: "
+                                 "restore the latest vault backup before recording", reason="vault_behind")
         outcome: Outcome = await self._blocking(
             self.recorder.record, items, skip_invalid=skip_invalid, now_ms=int(time.time() * 1000))
+        if any(r.status == "already_recorded" for r in outcome.records):
+            pending = {record.hex(): tx_id.hex() for record, tx_id, _ in await self._blocking(self.vault.outbox)}
+            for i, r in enumerate(outcome.records):
+                if r.status == "already_recorded":
+                    anchors = self.hooks.state.anchors(record=bytes.fromhex(r.record_id))
+                    tx_id = anchors[0]["tx_id"].hex() if anchors else pending.get(r.record_id)
+                    outcome.records[i] = replace(r, tx_id=tx_id)
         deferred = self._offer(outcome.anchors)
         self.log.info("records.recorded", records=sum(r.status == "recorded" for r in outcome.records),
                       unchanged=sum(r.status == "already_recorded" for r in outcome.records),
@@ -99,8 +119,12 @@ class RecordsService:
             rows = await self._blocking(self.vault.outbox)
             done, again = [], []
             for record, tx_id, data in rows:
-                if self.hooks.state.is_committed(tx_id):
+                status = self.hooks.state.tx_status(tx_id)
+                if status is not None:
                     done.append(record)
+                    if status != "ok":
+                        # Refused on chain (by every node alike): offering it again cannot help.
+                        self.log.error("records.anchor_refused", record_id=record.hex(), status=status)
                 elif not self.hooks.pending(tx_id):
                     again.append(Transaction.decode(data))
             if again:

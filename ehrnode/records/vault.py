@@ -216,7 +216,8 @@ class Vault:
 
     def _seal_patient(self, patient: PatientRow) -> bytes:
         body = codec.encode({"resource": canonical_json(patient.resource), "released": list(patient.released)})
-        return seal(self._keys.patients, body, patient.lookup)
+        # The EMPI column is bound in: rows cannot swap EMPIs unnoticed.
+        return seal(self._keys.patients, body, patient.lookup + patient.empi.encode())
 
     # --- reading -----------------------------------------------------------------------
 
@@ -230,7 +231,7 @@ class Vault:
 
     def _open_patient(self, row: tuple[bytes, str, bytes]) -> PatientRow:
         lookup, empi, sealed = row
-        body = codec.decode(open_sealed(self._keys.patients, sealed, lookup, "patient table row"))
+        body = codec.decode(open_sealed(self._keys.patients, sealed, lookup + empi.encode(), "patient table row"))
         return PatientRow(lookup, empi, _from_json_bytes(body["resource"]), tuple(body["released"]))
 
     def setting(self, lookup: bytes) -> str | None:
@@ -281,18 +282,20 @@ class Vault:
 
     # --- verifying ---------------------------------------------------------------------
 
-    def verify(self, public_key: bytes, anchored: Mapping[int, tuple[bytes, bytes]] | None = None,
-               *, decrypt: bool = True) -> dict[str, Any]:
+    def verify(self, public_key: bytes, anchored: Mapping[int, tuple[bytes, bytes, bytes]] | None = None,
+               *, decrypt: bool = True, erased: frozenset[bytes] = frozenset()) -> dict[str, Any]:
         """Walk the whole chain and report every problem found (never raises on bad data).
 
-        ``anchored`` maps vault positions to the (record id, commitment) the consortium chain
-        holds for them; every one must be present and equal. ``decrypt`` also unwraps each
-        entry's keys and authenticates both ciphertexts.
+        ``anchored`` maps vault positions to the (record id, commitment, entry hash) the
+        consortium chain holds for them; every one must be present and equal, so an entry
+        rewritten and re-signed after it was anchored is found too. ``decrypt`` also unwraps
+        each entry's keys and authenticates both ciphertexts. A record without data keys is
+        a problem unless it is in ``erased`` (erased on chain).
         """
         problems: list[dict[str, Any]] = []
         prev, expected = GENESIS_PREV, 1
-        seen: dict[int, tuple[bytes, bytes]] = {}
-        erased = 0
+        seen: dict[int, tuple[bytes, bytes, bytes]] = {}
+        erased_count = 0
         try:
             rows = self._db.execute(
                 "SELECT e.position, e.record, e.header, e.hash, e.signature, e.raw, e.deid, k.raw, k.deid "
@@ -331,7 +334,10 @@ class Vault:
                 if crypto.sha256(deid_ct) != header.deid_digest:
                     problem("release ciphertext changed")
                 if raw_w is None:
-                    erased += 1
+                    if record in erased:
+                        erased_count += 1
+                    else:
+                        problem("data keys are missing, and no erasure is recorded")
                 elif decrypt:
                     try:
                         _, release = self._decrypt(record, raw_ct, deid_ct, raw_w, deid_w)
@@ -339,19 +345,19 @@ class Vault:
                             problem("release does not match its commitment")
                     except (IntegrityError, CodecError, KeyError, TypeError) as exc:
                         problem(f"does not decrypt: {exc}")
-                seen[position] = (record, header.commitment)
+                seen[position] = (record, header.commitment, stored_hash)
                 prev = computed
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read the vault {self.path}: {exc}") from exc
-        for position, (record, anchored_commitment) in sorted((anchored or {}).items()):
+        for position, (record, anchored_commitment, entry_hash) in sorted((anchored or {}).items()):
             mine = seen.get(position)
             if mine is None:
                 problems.append({"position": position, "record_id": record.hex(),
                                  "problem": "anchored on chain but missing from the vault"})
-            elif mine != (record, anchored_commitment):
+            elif mine != (record, anchored_commitment, entry_hash):
                 problems.append({"position": position, "record_id": record.hex(),
-                                 "problem": "differs from its anchor on chain"})
-        return {"ok": not problems, "entries": len(seen), "erased": erased, "head": prev.hex(),
+                                 "problem": "differs from its anchor on chain (rewritten after anchoring)"})
+        return {"ok": not problems, "entries": len(seen), "erased": erased_count, "head": prev.hex(),
                 "anchored": len(anchored or {}), "problems": problems}
 
 

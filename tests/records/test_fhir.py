@@ -628,7 +628,9 @@ def test_encounter_id(resource, expected):
     ({"resourceType": "Encounter"}, "unknown"),
     ({"resourceType": "DocumentReference", "context": {"practiceSetting": {"coding": [{"code": "394802001"}]}}},
      "394802001"),
-    ({"resourceType": "DocumentReference", "context": {"practiceSetting": {"text": "Cardiology"}}}, "Cardiology"),
+    # Free text is never a setting: it could name anyone.
+    ({"resourceType": "DocumentReference", "context": {"practiceSetting": {"text": "Dr. Wei, 13812345678"}}},
+     "unknown"),
     ({"resourceType": "DocumentReference", "context": {}}, "unknown"),
     ({"resourceType": "Condition"}, "unknown"),
 ])

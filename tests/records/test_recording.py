@@ -247,3 +247,56 @@ def test_skip_invalid_records_the_rest_and_reports_what_it_skipped(cluster, tmp_
 def test_a_regulator_does_not_record(cluster):
     result = cli("records", "add", "--config", cluster.configs["R"].path, SYNTHEA / "Patient.ndjson")
     assert result.returncode == 2 and "does not record" in result.stderr
+
+
+def test_the_node_itself_refuses_invalid_input_sent_past_the_cli(cluster):
+    """The API validates too: a client that skips the CLI's checks writes nothing either."""
+    patient = json.loads((SYNTHEA / "Patient.ndjson").read_text().splitlines()[2])
+    encounter = next(json.loads(line) for line in (SYNTHEA / "Encounter.ndjson").read_text().splitlines()
+                     if f"Patient/{patient['id']}" in line)
+    before = _vault_count(cluster)
+
+    async def go():
+        from ehrnode.client import ApiClient, ApiError
+
+        async with ApiClient.connect(cluster.configs["B"]) as client:
+            bad_inputs = {
+                "unknown type": [{"resourceType": "Spaceship", "id": "x"}],
+                "missing required": [patient, {k: v for k, v in encounter.items() if k not in ("status", "class")}],
+                "no id": [patient, {k: v for k, v in encounter.items() if k != "id"}],
+            }
+            for what, resources in bad_inputs.items():
+                items = [{"source": f"{what}:{i}", "resource": r} for i, r in enumerate(resources)]
+                with pytest.raises(ApiError) as err:
+                    await client.call("records.add", items=items)
+                assert err.value.reason == "invalid_input", what
+                assert f"{what}:{len(resources) - 1}" in str(err.value), (what, str(err.value))
+            with pytest.raises(ApiError, match=r"items\[0\] must be"):
+                await client.call("records.add", items=[{"source": "x", "resource": "not an object"}])
+            with pytest.raises(ApiError, match="nothing to record"):
+                await client.call("records.add", items=[])
+            # Staged input belongs to its connection and is all recorded, or none of it.
+            await client.call("records.stage", items=[{"source": "s:1", "resource": patient}])
+            with pytest.raises(ApiError):
+                await client.call("records.add", items=[{"source": "s:2", "resource": {"resourceType": "Nope"}}])
+            # Identical sources are not confused: each record keeps its own content, and a
+            # setting that is not a known encounter class does not reach the chain as it is.
+            odd = dict(encounter, id="odd-class", **{"class": dict(encounter["class"], code="555-12-3456")})
+            done = await client.call("records.add", items=[{"source": "same", "resource": patient},
+                                                           {"source": "same", "resource": encounter},
+                                                           {"source": "same", "resource": odd}])
+            return done
+
+    done = trio.run(go)
+    assert [r["resource_type"] for r in done["records"]] == ["Patient", "Encounter", "Encounter"]
+    assert _vault_count(cluster) == before + 3
+
+    async def shown():
+        out = []
+        for row in done["records"]:
+            out.append(await cluster.call("B", "records.show", record_id=row["record_id"]))
+        return out
+
+    records = trio.run(shown)
+    assert [r["resource"]["id"] for r in records] == [patient["id"], encounter["id"], "odd-class"]
+    assert [r["setting"] for r in records] == ["unknown", encounter["class"]["code"], "other"]

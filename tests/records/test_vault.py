@@ -109,7 +109,7 @@ def test_a_deleted_last_entry_is_found_against_the_chain(vault):
     anchored = {}
     for position in range(1, 7):
         entry = vault.entry(position.to_bytes(16, "big"))
-        anchored[position] = (entry.header.record_id, entry.header.commitment)
+        anchored[position] = (entry.header.record_id, entry.header.commitment, entry.hash)
     assert vault.verify(IDENTITY.public_key, anchored)["ok"]
     _raw(vault).execute("DELETE FROM entries WHERE position = 6")
     # The chain itself still links: only the anchors show the loss.
@@ -152,3 +152,49 @@ def test_a_failed_append_writes_nothing(vault):
         vault.append(Write(entries=[_entry(7), _entry(8)]), failing)
     assert vault.count() == 6
     assert vault.verify(IDENTITY.public_key)["ok"]
+
+
+def test_missing_data_keys_are_a_problem_unless_erased(vault):
+    record = (2).to_bytes(16, "big")
+    sqlite3.connect(vault.path, isolation_level=None).execute("DELETE FROM data_keys WHERE record = ?", (record,))
+    problems = vault.verify(IDENTITY.public_key)["problems"]
+    assert [p["position"] for p in problems] == [2] and "no erasure" in problems[0]["problem"]
+    report = vault.verify(IDENTITY.public_key, erased=frozenset({record}))
+    assert report["ok"] and report["erased"] == 1
+
+
+def test_an_entry_rewritten_and_resigned_after_anchoring_differs_from_the_chain(tmp_path, vault):
+    anchored = {}
+    for position in range(1, 7):
+        entry = vault.entry(position.to_bytes(16, "big"))
+        anchored[position] = (entry.header.record_id, entry.header.commitment, entry.hash)
+    # The institution itself rebuilds its vault with other content: every link and signature is
+    # fine, but the entry hashes no longer match what the chain holds.
+    rebuilt = Vault(tmp_path / "rebuilt.sqlite3", KEYS, IDENTITY)
+    rebuilt.append(Write(entries=[_entry(n) for n in range(1, 7)]), _no_anchor)
+    assert rebuilt.verify(IDENTITY.public_key)["ok"]
+    problems = rebuilt.verify(IDENTITY.public_key, anchored)["problems"]
+    assert {p["position"] for p in problems} == set(range(1, 7))
+    assert all("rewritten after anchoring" in p["problem"] for p in problems)
+
+
+def test_a_flipped_signature_or_hash_column_is_found(vault):
+    db = _raw(vault)
+    signature = bytearray(db.execute("SELECT signature FROM entries WHERE position = 5").fetchone()[0])
+    signature[0] ^= 0x80
+    db.execute("UPDATE entries SET signature = ? WHERE position = 5", (bytes(signature),))
+    db.execute("UPDATE entries SET hash = ? WHERE position = 3", (bytes(32),))
+    problems = vault.verify(IDENTITY.public_key)["problems"]
+    assert {(p["position"], p["problem"]) for p in problems} >= {
+        (5, "institution signature does not verify"), (3, "header hash does not match (header changed)")}
+
+
+def test_swapped_patient_empis_do_not_decrypt(vault):
+    rows = [PatientRow(KEYS.lookup("patient", f"p{i}"), f"E{i}" + "C" * 22, {"resourceType": "Patient", "id": f"p{i}"},
+                       ()) for i in (1, 2)]
+    vault.append(Write(patients=rows), _no_anchor)
+    db = sqlite3.connect(vault.path, isolation_level=None)
+    db.execute("UPDATE patients SET empi = CASE empi WHEN ? THEN ? ELSE ? END", (rows[0].empi, rows[1].empi,
+                                                                                  rows[0].empi))
+    with pytest.raises(IntegrityError):
+        vault.patient(rows[0].lookup)

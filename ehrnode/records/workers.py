@@ -1,0 +1,99 @@
+"""Validation and de-identification spread over worker processes, for large inputs.
+
+Both are pure functions of one resource and cost most of an ingest's CPU time
+(model validation about 0.4 ms a resource, de-identification about 0.2 ms), so
+an input of thousands of resources is split over a pool of processes, one per
+core by default. The pool starts on the first large input (``spawn``, so a
+worker never inherits the node's threads or sockets) and lives as long as the
+node. Small inputs, and nodes configured with no workers, run in the calling
+thread: a process round-trip costs more than it saves there.
+
+Results come back in input order; a worker never writes anything.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ..errors import DeidentificationError
+from . import fhir
+from .deid import Deidentifier, load_profile
+
+#: Inputs smaller than this run in the calling thread.
+POOL_THRESHOLD = 500
+
+_worker_deid: Deidentifier | None = None
+
+
+def _init_worker(profile_path: Path | None, key: bytes) -> None:
+    global _worker_deid
+    _worker_deid = Deidentifier(load_profile(profile_path), key)
+
+
+def _validate_chunk(items: list[fhir.Item]) -> list[fhir.Problem | None]:
+    return [fhir.validate(item) for item in items]
+
+
+def _deidentify_chunk(jobs: list[tuple[dict[str, Any], str, int]]) -> list[dict[str, Any] | str]:
+    assert _worker_deid is not None
+    return [_deidentify_one(_worker_deid, job) for job in jobs]
+
+
+def _deidentify_one(deid: Deidentifier, job: tuple[dict[str, Any], str, int]) -> dict[str, Any] | str:
+    resource, patient, level = job
+    try:
+        return deid.deidentify(resource, patient=patient, level=level)
+    except DeidentificationError as exc:
+        return str(exc)
+
+
+def default_workers() -> int:
+    return min(os.cpu_count() or 1, 8)
+
+
+class Preparer:
+    """Blocking; one caller at a time."""
+
+    def __init__(self, deid: Deidentifier, profile_path: Path | None, key: bytes, *, workers: int) -> None:
+        self.deid = deid
+        self._profile_path = profile_path
+        self._key = key
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _use_pool(self, count: int) -> ProcessPoolExecutor | None:
+        if self.workers < 2 or count < POOL_THRESHOLD:
+            return None
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                initargs=(self._profile_path, self._key),
+            )
+        return self._pool
+
+    def _chunks(self, values: Sequence[Any]) -> list[list[Any]]:
+        size = max(1, -(-len(values) // (self.workers * 4)))
+        return [list(values[i:i + size]) for i in range(0, len(values), size)]
+
+    def validate(self, items: Sequence[fhir.Item]) -> list[fhir.Problem | None]:
+        pool = self._use_pool(len(items))
+        if pool is None:
+            return [fhir.validate(item) for item in items]
+        return [p for chunk in pool.map(_validate_chunk, self._chunks(items)) for p in chunk]
+
+    def deidentify(self, jobs: Sequence[tuple[dict[str, Any], str, int]]) -> list[dict[str, Any] | str]:
+        """Each job's release, or the reason it cannot be released (a string)."""
+        pool = self._use_pool(len(jobs))
+        if pool is None:
+            return [_deidentify_one(self.deid, job) for job in jobs]
+        return [r for chunk in pool.map(_deidentify_chunk, self._chunks(jobs)) for r in chunk]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

@@ -1,0 +1,87 @@
+"""The ledger state machine on record anchors: who may anchor what, and the indexes every node builds."""
+
+import pytest
+
+from ehrnode import crypto
+from ehrnode.consensus.types import Block
+from ehrnode.errors import SchemaError
+from ehrnode.ledger.state import LedgerState
+from ehrnode.ledger.transactions import Transaction
+
+from ..consensus.factory import Factory
+
+F = Factory()
+KEYS = {name: crypto.Identity.generate() for name in ("A", "B", "R")}
+MEMBERS = {name: key.public_key for name, key in KEYS.items()}
+ROLES = {"A": "institution", "B": "institution", "R": "regulator"}
+
+
+def anchor(submitter="A", *, institution=None, record=1, position=1, empi="E" + "Q" * 23, **fields):
+    body = {
+        "epoch": 0, "record": record.to_bytes(16, "big"), "empi": empi, "institution": institution or submitter,
+        "recorded_at": 1_700_000_000_000, "setting": "AMB", "resource_type": "Condition",
+        "commitment": bytes([record]) * 32, "position": position, "entry": bytes(32),
+    } | fields
+    return Transaction.create("record.anchor", body, chain_id="chain", submitter=submitter,
+                              identity=KEYS[submitter], time_ms=1)
+
+
+def block(height_round, *txs, parent_qc=None):
+    return Block.propose(epoch=0, round=height_round, qc=parent_qc or F.genesis_qc, author=1, timestamp=0,
+                         payload=tuple(tx.encoded for tx in txs), identity=F.identities[1], chain_id=F.vset.chain_id)
+
+
+def statuses(state, txs):
+    rows = dict(state._db.execute("SELECT id, status FROM txs").fetchall())
+    return [rows[tx.id] for tx in txs]
+
+
+def test_anchors_are_indexed_and_invalid_ones_refused_alike_everywhere(tmp_path):
+    txs = [
+        anchor("A", record=1, position=1),
+        anchor("B", record=2, position=1),  # another institution's position 1: fine
+        anchor("R", record=3, position=1),  # the regulator does not record
+        anchor("A", institution="B", record=4, position=2),  # A cannot anchor for B
+        anchor("A", record=1, position=3),  # a record id anchored before
+        anchor("A", record=5, position=1),  # A's position 1 is taken
+        anchor("A", record=6, position=2, empi="E" + "Z" * 23),
+    ]
+    expected = ["ok", "ok", "invalid:role", "invalid:not_owner", "invalid:duplicate_record",
+                "invalid:duplicate_record", "ok"]
+    views = []
+    for node in ("n1", "n2"):
+        state = LedgerState(tmp_path / f"{node}.db", F.vset.chain_id, MEMBERS, roles=ROLES)
+        # Same chain id for the transactions: they were made for "chain".
+        state.chain_id = "chain"
+        valid = state.apply(block(1, *txs))
+        assert statuses(state, txs) == expected
+        assert [tx.id for tx in valid] == [txs[i].id for i, s in enumerate(expected) if s == "ok"]
+        views.append((state.anchors(), state.anchors(empi="E" + "Q" * 23), state.anchored_positions("A")))
+        state.close()
+    assert views[0] == views[1]
+    everything, by_empi, positions = views[0]
+    assert [a["record"] for a in everything] == [(1).to_bytes(16, "big"), (2).to_bytes(16, "big"),
+                                                 (6).to_bytes(16, "big")]
+    assert {a["institution"] for a in by_empi} == {"A", "B"}
+    assert positions == {1: ((1).to_bytes(16, "big"), bytes([1]) * 32, bytes(32)),
+                         2: ((6).to_bytes(16, "big"), bytes([6]) * 32, bytes(32))}
+    assert all(a["height"] == 1 for a in everything)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("setting", "Ambulatory care, Boston", "short code"),
+    ("resource_type", "patient", "resource type"),
+    ("position", 0, "start at 1"),
+    ("entry", b"\x01" * 15, "32 bytes"),
+    ("commitment", b"\x01" * 31, "32 bytes"),
+    ("empi", "E" * 65, "longer than 64"),
+])
+def test_anchor_schema_refuses_free_text_and_wrong_sizes(field, value, message):
+    with pytest.raises(SchemaError, match=message):
+        anchor(**{field: value})
+
+
+def test_anchor_schema_refuses_extra_fields():
+    body = dict(anchor().body, name="Jane Doe")
+    with pytest.raises(SchemaError):
+        Transaction.create("record.anchor", body, chain_id="chain", submitter="A", identity=KEYS["A"], time_ms=1)
