@@ -19,14 +19,25 @@ Records (institutions only):
                       resources on this connection, so an input larger than one message is
                       still recorded all at once by the next ``records.add``
 ``records.add``       ``{"items": [...] (optional), "skip_invalid": bool}`` -> ``{"records":
-                      [{"record_id", "empi", "resource_type", "source", "position", "tx_id",
-                      "status"}], "skipped": [{"source", "resource_type", "id", "reason"}]}``;
+                      [{"record_id", "patient", "empi" (null until the enrolment is committed),
+                      "resource_type", "source", "position", "tx_id", "status"}], "skipped":
+                      [{"source", "resource_type", "id", "reason"}]}``;
                       invalid input without ``skip_invalid`` is refused (``invalid_input``)
                       and nothing is written
 ``records.list``      ``{"empi": E}`` -> committed anchors for that patient, consortium-wide
 ``records.show``      ``{"record_id": HEX}`` -> this institution's record, raw and released
 ``records.kanon``     -> the k-anonymity reached by the released patients
 ``vault.verify``      ``{"decrypt": bool}`` -> ``{"ok", "entries", "problems", ...}``
+
+EMPI:
+
+``empi.of``           ``{"patients": [HEX, ...]}`` -> ``{HEX: EMPI or null}`` (enrolment ids)
+``empi.lookup``       ``{"patient": FHIR Patient}`` -> ``{"empi", "grade", "candidates"}`` (institutions)
+``empi.review``       -> the potential-duplicate queue with field-level evidence
+``empi.history``      ``{"empi": E}`` -> every change to that EMPI
+``empi.link``         ``{"enrolment": HEX, "empi": E}``; ``empi.not_duplicate`` ``{"a", "b"}``;
+``empi.merge``        ``{"from": E, "into": E}``; ``empi.unmerge`` ``{"merge": TX_ID}``: signed by this
+                      member, answered once committed: ``{"tx_id", "height", "status"}``
 
 Errors follow JSON-RPC: -32700 parse error, -32600 invalid request, -32601
 unknown method, -32602 bad params, -32000 refused by the node (``data.reason``
@@ -51,6 +62,7 @@ from trio_websocket import ConnectionClosed
 from .codec import MAX_UINT
 from .crypto import write_secret_file
 from .errors import AdmissionError, CodecError, CryptoError, EhrnodeError, FhirError, IntegrityError
+from .ledger.transactions import EMPI_PATTERN, ENROLMENT_SIZE
 from .logs import get_logger
 from .records import fhir
 
@@ -93,6 +105,12 @@ def _hex_param(value: Any, name: str, size: int) -> bytes:
     if len(raw) != size:
         raise RpcError(-32602, f"{name} must be {2 * size} hexadecimal characters")
     return raw
+
+
+def _empi_param(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not EMPI_PATTERN.match(value):
+        raise RpcError(-32602, f"{name} must be an EMPI (E and 24 base32 characters)")
+    return value
 
 
 def _timeout_param(params: dict[str, Any], default: float = 30.0) -> float:
@@ -221,6 +239,8 @@ class ApiServer:
             method = request["method"]
             if method.startswith(("records.", "vault.")):
                 result = await self._records_call(method, params, staged)
+            elif method.startswith("empi."):
+                result = await self._empi_call(method, params)
             else:
                 result = await self._call(method, params, ws, nursery)
         except RpcError as exc:
@@ -301,6 +321,48 @@ class ApiServer:
             return {"subscribed": "block.committed"}
         raise RpcError(-32601, f"unknown method {method!r}")
 
+    async def _empi_call(self, method: str, params: dict[str, Any]) -> Any:
+        node, registry = self.node, self.node.state.empi
+        if method == "empi.of":
+            patients = params.get("patients")
+            if not isinstance(patients, list) or len(patients) > 100_000:
+                raise RpcError(-32602, "patients must be a list of enrolment ids")
+            return {p: registry.empi_of(_hex_param(p, "patients[]", ENROLMENT_SIZE)) for p in patients}
+        if method == "empi.review":
+            return registry.review_queue()
+        if method == "empi.history":
+            return registry.history(_empi_param(params.get("empi"), "empi"))
+        if method == "empi.lookup":
+            patient = params.get("patient")
+            if not isinstance(patient, dict) or patient.get("resourceType") != "Patient":
+                raise RpcError(-32602, "patient must be a FHIR Patient resource")
+            if node.records is None:
+                raise RpcError(-32000, f"{node.name} holds no consortium key: ask an institution",
+                               reason="not_recording")
+            return await node.records.lookup(patient)
+        bodies = {
+            "empi.link": lambda: {"enrolment": _hex_param(params.get("enrolment"), "enrolment", ENROLMENT_SIZE),
+                                  "empi": _empi_param(params.get("empi"), "empi")},
+            "empi.not_duplicate": lambda: {"a": _hex_param(params.get("a"), "a", ENROLMENT_SIZE),
+                                           "b": _hex_param(params.get("b"), "b", ENROLMENT_SIZE)},
+            "empi.merge": lambda: {"from": _empi_param(params.get("from"), "from"),
+                                   "into": _empi_param(params.get("into"), "into")},
+            "empi.unmerge": lambda: {"merge": _hex_param(params.get("merge"), "merge", 32)},
+        }
+        if method not in bodies:
+            raise RpcError(-32601, f"unknown method {method!r}")
+        try:
+            tx = node.submit(method, bodies[method]())
+        except AdmissionError as exc:
+            raise RpcError(-32000, str(exc), reason=exc.reason) from exc
+        height = await node.wait_committed(tx.id, _timeout_param(params))
+        status = node.state.tx_status(tx.id)
+        if status is None:
+            raise RpcError(-32000, f"transaction {tx.id.hex()} not committed in time", reason="timeout")
+        if status != "ok":
+            raise RpcError(-32000, f"{method} refused by the chain: {status}", reason=status.partition(":")[2])
+        return {"tx_id": tx.id.hex(), "height": height, "status": status}
+
     async def _records_call(self, method: str, params: dict[str, Any], staged: _Staged) -> Any:
         records = self.node.records
         if method == "records.list":
@@ -344,7 +406,10 @@ class ApiServer:
                 # Disk full, a vault behind the chain, ...: the caller hears why; nothing was written.
                 self.log.error("records.failed", reason=exc.reason, error=str(exc))
                 raise RpcError(-32000, str(exc), reason=exc.reason) from exc
-            return {"records": [r.view() for r in outcome.records], "skipped": outcome.skipped}
+            rows = [r.view() for r in outcome.records]
+            for row in rows:
+                row["empi"] = self.node.state.empi.empi_of(bytes.fromhex(row["patient"]))
+            return {"records": rows, "skipped": outcome.skipped}
         if method == "records.show":
             record_id = _hex_param(params.get("record_id"), "record_id", 16)
             try:

@@ -260,7 +260,8 @@ def cmd_records_add(args: argparse.Namespace) -> int:
         progress=progress))
     rows = [{"record_id": r["record_id"], "empi": r["empi"], "tx_id": r["tx_id"],
              "height": result.heights.get(r["tx_id"]) if r["tx_id"] else None,
-             "resource_type": r["resource_type"], "source": r["source"], "status": r["status"]}
+             "resource_type": r["resource_type"], "source": r["source"], "status": r["status"],
+             "patient": r["patient"]}
             for r in result.records]
     for skip in result.skipped:
         print(f"skipped: {skip['source']} {skip['resource_type']}/{skip['id']}: {skip['reason']}", file=sys.stderr)
@@ -340,6 +341,65 @@ def cmd_vault_verify(args: argparse.Namespace) -> int:
         for p in report["problems"]:
             print(f"  position {p['position']} record {p['record_id']}: {p['problem']}")
     return 0 if report["ok"] else 1
+
+
+def _print_rows(rows: object, as_json: bool, line: object) -> None:
+    assert isinstance(rows, list)
+    if as_json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            print(line(row))  # type: ignore[operator]
+
+
+def cmd_empi_lookup(args: argparse.Namespace) -> int:
+    try:
+        patient = json.loads(Path(args.patient).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"cannot read a FHIR Patient from {args.patient}: {exc}") from exc
+    result = _call(args, "empi.lookup", patient=patient)
+    assert isinstance(result, dict)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"empi {result['empi'] or '(none: a new patient)'}  grade {result['grade'] or '-'}")
+        for c in result["candidates"]:
+            print(f"  candidate {c['empi']}  {c['grade']:<9} score {c['evidence']['total']}")
+    return 0
+
+
+def cmd_empi_review(args: argparse.Namespace) -> int:
+    items = _call(args, "empi.review")
+
+    def line(item: dict) -> str:
+        fields = ", ".join(f"{f['field']} {f['dice']}" for f in item["evidence"]["fields"] if f["dice"] is not None)
+        return (f"{item['a']['enrolment']} ({item['a']['institution']}, {item['a']['empi']})  ~  "
+                f"{item['b']['enrolment']} ({item['b']['institution']}, {item['b']['empi']})  score {item['score']}"
+                f"  [{fields}]")
+
+    _print_rows(items, args.json, line)
+    if not args.json and not items:
+        print("no potential duplicates")
+    return 0
+
+
+def cmd_empi_history(args: argparse.Namespace) -> int:
+    _print_rows(_call(args, "empi.history", empi=args.empi), args.json,
+                lambda e: f"height {e['height']:<8} {e['event']:<14} {e['detail']}  tx {e['tx_id'][:16]}")
+    return 0
+
+
+def cmd_empi_change(args: argparse.Namespace) -> int:
+    params = {
+        "link": lambda: {"enrolment": args.enrolment, "empi": args.empi},
+        "not-duplicate": lambda: {"a": args.a, "b": args.b},
+        "merge": lambda: {"from": args.source, "into": args.target},
+        "unmerge": lambda: {"merge": args.merge},
+    }[args.empi_command]()
+    result = _call(args, "empi." + args.empi_command.replace("-", "_"), **params)
+    assert isinstance(result, dict)
+    print(json.dumps(result) if args.json else f"committed {result['tx_id']} at height {result['height']}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -427,6 +487,32 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--no-decrypt", action="store_true", help="skip decrypting each entry (faster)")
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(func=cmd_vault_verify)
+
+    empi = commands.add_parser("empi", help="the consortium's master patient index").add_subparsers(
+        dest="empi_command", required=True)
+    lookup = with_config(empi.add_parser("lookup", help="the EMPI a FHIR Patient would get, with its match grade"))
+    lookup.add_argument("patient", metavar="PATIENT.json")
+    lookup.add_argument("--json", action="store_true")
+    lookup.set_defaults(func=cmd_empi_lookup)
+    review = with_config(empi.add_parser("review", help="potential duplicates, with field-level evidence"))
+    review.add_argument("--json", action="store_true")
+    review.set_defaults(func=cmd_empi_review)
+    history = with_config(empi.add_parser("history", help="every change to one EMPI"))
+    history.add_argument("empi")
+    history.add_argument("--json", action="store_true")
+    history.set_defaults(func=cmd_empi_history)
+    for name, helptext, positional in (
+        ("link", "link an enrolment to an EMPI", (("enrolment", "ENROLMENT"), ("empi", "EMPI"))),
+        ("not-duplicate", "close a potential duplicate: the two enrolments are different people",
+         (("a", "ENROLMENT"), ("b", "ENROLMENT"))),
+        ("merge", "merge one EMPI into another", (("source", "FROM"), ("target", "INTO"))),
+        ("unmerge", "undo a merge, given the merge's transaction id", (("merge", "MERGE_TX"),)),
+    ):
+        change = with_config(empi.add_parser(name, help=helptext))
+        for dest, metavar in positional:
+            change.add_argument(dest, metavar=metavar)
+        change.add_argument("--json", action="store_true")
+        change.set_defaults(func=cmd_empi_change)
 
     demo = commands.add_parser(
         "demo", help="a whole local consortium, end to end, in one command",

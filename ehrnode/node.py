@@ -198,6 +198,17 @@ class Node:
         self._accept_local(tx.encoded)
         return tx
 
+    def submit(self, kind: str, body: dict[str, Any]) -> Transaction:
+        """Sign a transaction of ``kind`` as this member, admit it and gossip it.
+
+        Raises SchemaError for a body that does not fit the kind, AdmissionError if the
+        mempool will not take it.
+        """
+        tx = Transaction.create(kind, body, chain_id=self.genesis.chain_id, submitter=self.name,
+                                identity=self.identity, time_ms=int(time.time() * 1000))
+        self.submit_own(tx)
+        return tx
+
     def submit_own(self, tx: Transaction) -> None:
         """Admit and gossip a transaction this node signed (raises AdmissionError)."""
         self.mempool.admit_own(tx)

@@ -71,3 +71,45 @@ def national_identifier(patient: dict[str, Any]) -> tuple[str, str] | None:
             if normalized:
                 return "us-ssn", normalized
     return None
+
+
+def resident_id_birth_and_sex(normalized: str) -> tuple[str, str] | None:
+    """(birth date YYYYMMDD, sex "m" or "f") encoded in a normalized resident id, or None.
+
+    A number can pass its check character and still carry an impossible birth date
+    (digits 7-14); None then, and the number is not trusted as national. The sex is
+    the parity of the 17th digit (odd: male).
+    """
+    if not _CN_ID.match(normalized):
+        return None
+    birth = normalized[6:14]
+    year, month, day = int(birth[:4]), int(birth[4:6]), int(birth[6:])
+    if year < 1800 or not 1 <= month <= 12 or not 1 <= day <= _days_in_month(year, month):
+        return None
+    return birth, ("m" if int(normalized[16]) % 2 else "f")
+
+
+def _days_in_month(year: int, month: int) -> int:
+    if month == 2:
+        return 29 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 28
+    return 30 if month in (4, 6, 9, 11) else 31
+
+
+def rejected_national_identifiers(patient: dict[str, Any]) -> list[str]:
+    """Schemes of identifiers that claim to be national but fail their own checks.
+
+    These are the numbers :func:`national_identifier` silently passes over; callers
+    report them so a typo in an id is visible rather than quietly ignored.
+    """
+    rejected = []
+    for identifier in patient.get("identifier") or ():
+        if not isinstance(identifier, dict) or not isinstance(identifier.get("value"), str):
+            continue
+        system, value, codes = identifier.get("system"), identifier["value"], _type_codes(identifier)
+        if system in CN_ID_SYSTEMS or "NNCHN" in codes or ("NI" in codes and len(value.strip()) == 18):
+            if normalize_resident_id(value) is None:
+                rejected.append("cn-resident-id")
+        elif system == SSN_SYSTEM or "SS" in codes:
+            if normalize_ssn(value) is None:
+                rejected.append("us-ssn")
+    return rejected

@@ -21,6 +21,8 @@ from typing import Any
 from .. import crypto
 from ..consensus.types import Block
 from ..errors import AdmissionError, CodecError, StoreError
+from .empi_registry import SCHEMA as EMPI_SCHEMA
+from .empi_registry import EmpiRegistry
 from .sqlite import open_db, transaction
 from .transactions import Transaction
 
@@ -32,18 +34,20 @@ CREATE TABLE IF NOT EXISTS txs (
 CREATE INDEX IF NOT EXISTS txs_height ON txs(height);
 CREATE TABLE IF NOT EXISTS applied (only INTEGER PRIMARY KEY CHECK (only = 0), height INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS anchors (
-    record BLOB PRIMARY KEY, empi TEXT NOT NULL, institution TEXT NOT NULL, recorded_at INTEGER NOT NULL,
+    record BLOB PRIMARY KEY, patient BLOB NOT NULL, institution TEXT NOT NULL, recorded_at INTEGER NOT NULL,
     setting TEXT NOT NULL, resource_type TEXT NOT NULL, commitment BLOB NOT NULL, position INTEGER NOT NULL,
     entry BLOB NOT NULL, epoch INTEGER NOT NULL, height INTEGER NOT NULL, tx_id BLOB NOT NULL,
     UNIQUE (institution, position));
-CREATE INDEX IF NOT EXISTS anchors_empi ON anchors(empi);
+CREATE INDEX IF NOT EXISTS anchors_patient ON anchors(patient);
 CREATE INDEX IF NOT EXISTS anchors_commitment ON anchors(commitment);
 """
 
 #: Roles allowed to submit each kind (kinds not listed: any member).
-_KIND_ROLES = {"record.anchor": frozenset({"institution"})}
+_INSTITUTIONS = frozenset({"institution"})
+_KIND_ROLES = {kind: _INSTITUTIONS for kind in (
+    "record.anchor", "empi.enrol", "empi.link", "empi.not_duplicate", "empi.merge", "empi.unmerge")}
 
-ANCHOR_COLUMNS = ("record", "empi", "institution", "recorded_at", "setting", "resource_type", "commitment",
+ANCHOR_COLUMNS = ("record", "patient", "institution", "recorded_at", "setting", "resource_type", "commitment",
                   "position", "entry", "epoch", "height", "tx_id")
 
 
@@ -53,7 +57,12 @@ class LedgerState:
         self.chain_id = chain_id
         self.members = dict(members)
         self.roles = dict(roles or {})
-        self._db = open_db(path, _SCHEMA, "ledger state")
+        self._db = open_db(path, _SCHEMA + EMPI_SCHEMA, "ledger state")
+        self.empi = EmpiRegistry(self._db)
+        self._empi_kinds = {
+            "empi.enrol": self.empi.enrol, "empi.link": self.empi.link, "empi.not_duplicate": self.empi.not_duplicate,
+            "empi.merge": self.empi.merge, "empi.unmerge": self.empi.unmerge,
+        }
 
     def close(self) -> None:
         self._db.close()
@@ -100,10 +109,12 @@ class LedgerState:
                           (body["record"], body["institution"], body["position"])).fetchone():
                 return "invalid:duplicate_record"
             db.execute(f"INSERT INTO anchors VALUES ({', '.join('?' * len(ANCHOR_COLUMNS))})", (
-                body["record"], body["empi"], body["institution"], body["recorded_at"], body["setting"],
+                body["record"], body["patient"], body["institution"], body["recorded_at"], body["setting"],
                 body["resource_type"], body["commitment"], body["position"], body["entry"], body["epoch"], height,
                 tx.id,
             ))
+        elif tx.kind in self._empi_kinds:
+            return self._empi_kinds[tx.kind](db, tx.body, tx.submitter, height, tx.id)
         return "ok"
 
     def _classify(self, tx_id: bytes, data: bytes) -> tuple[str, Transaction | None]:
@@ -133,18 +144,28 @@ class LedgerState:
 
     def anchors(self, *, empi: str | None = None, record: bytes | None = None, institution: str | None = None,
                 commitment: bytes | None = None) -> list[dict[str, Any]]:
-        """Committed anchors matching every filter given, oldest first."""
+        """Committed anchors matching every filter given, oldest first, each with its patient's EMPI.
+
+        ``empi`` selects the records of every enrolment that EMPI stands for now, through
+        merges: after a merge either EMPI lists the records of both.
+        """
         where, args = [], []
-        for column, value in (("empi", empi), ("record", record), ("institution", institution),
-                              ("commitment", commitment)):
+        for column, value in (("record", record), ("institution", institution), ("commitment", commitment)):
             if value is not None:
-                where.append(f"{column} = ?")
+                where.append(f"a.{column} = ?")
                 args.append(value)
-        sql = f"SELECT {', '.join(ANCHOR_COLUMNS)} FROM anchors"
+        if empi is not None:
+            enrolments = self.empi.enrolments_of(empi)
+            if not enrolments:
+                return []
+            where.append(f"a.patient IN ({', '.join('?' * len(enrolments))})")
+            args.extend(enrolments)
+        sql = (f"SELECT {', '.join('a.' + c for c in ANCHOR_COLUMNS)}, e.empi FROM anchors a "
+               "LEFT JOIN enrolments e ON e.id = a.patient")
         if where:
             sql += " WHERE " + " AND ".join(where)
-        rows = self._db.execute(sql + " ORDER BY height, rowid", args).fetchall()
-        return [dict(zip(ANCHOR_COLUMNS, row, strict=True)) for row in rows]
+        rows = self._db.execute(sql + " ORDER BY a.height, a.rowid", args).fetchall()
+        return [dict(zip((*ANCHOR_COLUMNS, "empi"), row, strict=True)) for row in rows]
 
     def anchored_positions(self, institution: str) -> dict[int, tuple[bytes, bytes, bytes]]:
         """Vault position -> (record id, commitment, entry hash) of every anchor ``institution`` committed."""

@@ -39,12 +39,12 @@ _SETTING = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 def _anchor_body(body: Any) -> dict[str, Any]:
     """A record anchor: pseudonymous and salted; nothing in it names or describes the patient."""
     m = as_map(body, "record.anchor", (
-        "epoch", "record", "empi", "institution", "recorded_at", "setting", "resource_type", "commitment",
+        "epoch", "record", "patient", "institution", "recorded_at", "setting", "resource_type", "commitment",
         "position", "entry",
     ))
     as_uint(m["epoch"], "record.anchor.epoch")
     as_bytes(m["record"], "record.anchor.record", size=16)
-    as_str(m["empi"], "record.anchor.empi", max_len=64)
+    as_bytes(m["patient"], "record.anchor.patient", size=ENROLMENT_SIZE)
     as_str(m["institution"], "record.anchor.institution", max_len=32)
     as_uint(m["recorded_at"], "record.anchor.recorded_at")
     if not _SETTING.match(as_str(m["setting"], "record.anchor.setting", max_len=32)):
@@ -58,8 +58,60 @@ def _anchor_body(body: Any) -> dict[str, Any]:
     return dict(m)
 
 
+#: An institution's pseudonym for one of its patients (its EMPI enrolment id).
+ENROLMENT_SIZE = 16
+EMPI_PATTERN = re.compile(r"^E[A-Z2-7]{24}$")
+
+
+def _empi(value: Any, what: str) -> str:
+    if not EMPI_PATTERN.match(as_str(value, what, max_len=25)):
+        raise SchemaError(f"{what}: not an EMPI")
+    return value
+
+
+def _enrol_body(body: Any) -> dict[str, Any]:
+    """Keyed encodings only; their own schema is checked when the enrolment is applied."""
+    m = as_map(body, "empi.enrol", ("epoch", "enrolment", "institution", "encodings"))
+    as_uint(m["epoch"], "empi.enrol.epoch")
+    as_bytes(m["enrolment"], "empi.enrol.enrolment", size=ENROLMENT_SIZE)
+    as_str(m["institution"], "empi.enrol.institution", max_len=32)
+    if not isinstance(m["encodings"], dict):
+        raise SchemaError("empi.enrol.encodings: expected a map")
+    return dict(m)
+
+
+def _link_body(body: Any) -> dict[str, Any]:
+    m = as_map(body, "empi.link", ("enrolment", "empi"))
+    as_bytes(m["enrolment"], "empi.link.enrolment", size=ENROLMENT_SIZE)
+    _empi(m["empi"], "empi.link.empi")
+    return dict(m)
+
+
+def _not_duplicate_body(body: Any) -> dict[str, Any]:
+    m = as_map(body, "empi.not_duplicate", ("a", "b"))
+    as_bytes(m["a"], "empi.not_duplicate.a", size=ENROLMENT_SIZE)
+    as_bytes(m["b"], "empi.not_duplicate.b", size=ENROLMENT_SIZE)
+    return dict(m)
+
+
+def _merge_body(body: Any) -> dict[str, Any]:
+    m = as_map(body, "empi.merge", ("from", "into"))
+    _empi(m["from"], "empi.merge.from")
+    _empi(m["into"], "empi.merge.into")
+    return dict(m)
+
+
+def _unmerge_body(body: Any) -> dict[str, Any]:
+    m = as_map(body, "empi.unmerge", ("merge",))
+    as_bytes(m["merge"], "empi.unmerge.merge", size=32)
+    return dict(m)
+
+
 #: Each kind's body schema: a function that raises SchemaError or returns the checked body.
-KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {"note": _note_body, "record.anchor": _anchor_body}
+KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "note": _note_body, "record.anchor": _anchor_body, "empi.enrol": _enrol_body, "empi.link": _link_body,
+    "empi.not_duplicate": _not_duplicate_body, "empi.merge": _merge_body, "empi.unmerge": _unmerge_body,
+}
 
 
 @dataclass(frozen=True)
@@ -127,5 +179,15 @@ class Transaction:
         """The JSON view of a transaction (for the API and the CLI)."""
         return {
             "id": self.id.hex(), "kind": self.kind, "submitter": self.submitter, "time": self.time,
-            "body": {k: v.hex() if isinstance(v, bytes) else v for k, v in self.body.items()},
+            "body": _json_view(self.body),
         }
+
+
+def _json_view(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {k: _json_view(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_view(v) for v in value]
+    return value

@@ -12,12 +12,14 @@ user named) and either records all of it or nothing:
 3. with problems and no ``skip_invalid``, raise FhirError listing them all,
    having written nothing; with ``skip_invalid``, drop the invalid resources
    and everything that depends on a dropped Patient, and report them;
-4. give each new patient its EMPI (one call: :func:`assign_empi`); choose the
-   k-anonymity level of each patient's quasi-identifiers when the profile asks;
+4. give each patient its enrolment id (this institution's pseudonym for it) and,
+   for each Patient recorded, an ``empi.enrol`` transaction with its keyed
+   encodings: the chain decides the EMPI (``ledger/empi_registry.py``); choose
+   the k-anonymity level of each patient's quasi-identifiers when the profile asks;
 5. de-identify each resource, salt it and commit to it (validation and
    de-identification of a large input run in worker processes: workers.py);
-6. append everything to the vault in one transaction, with one signed
-   ``record.anchor`` transaction per entry in the vault's outbox.
+6. append everything to the vault in one transaction, with the enrolments and
+   one signed ``record.anchor`` transaction per entry in the vault's outbox.
 
 A resource recorded before with identical content is not recorded again (so
 re-running an ingest after a failure is harmless); changed content is a new
@@ -35,9 +37,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import codec, crypto
-from ..empi.assign import assign_empi
+from ..empi.encoding import Encoder
+from ..empi.normalize import Demographics
 from ..errors import FhirError
-from ..ledger.transactions import Transaction
+from ..ledger.transactions import ENROLMENT_SIZE, Transaction
 from . import deid as deid_module
 from . import fhir
 from .canonical import canonical_json, commitment, new_salt
@@ -55,7 +58,7 @@ ENCOUNTER_CLASSES = frozenset({"AMB", "EMER", "FLD", "HH", "IMP", "ACUTE", "NONA
 @dataclass(frozen=True)
 class Recorded:
     record_id: str
-    empi: str
+    patient: str  # the patient's enrolment id (hex); its EMPI is decided on chain
     resource_type: str
     source: str
     position: int
@@ -63,7 +66,7 @@ class Recorded:
     status: str  # "recorded" | "already_recorded"
 
     def view(self) -> dict[str, Any]:
-        return {"record_id": self.record_id, "empi": self.empi, "resource_type": self.resource_type,
+        return {"record_id": self.record_id, "patient": self.patient, "resource_type": self.resource_type,
                 "source": self.source, "position": self.position, "tx_id": self.tx_id, "status": self.status}
 
 
@@ -71,6 +74,7 @@ class Recorded:
 class Outcome:
     records: list[Recorded] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    #: New transactions in the order they must be offered: enrolments, then anchors.
     anchors: list[Transaction] = field(default_factory=list)
 
 
@@ -90,9 +94,8 @@ class _Candidate:
 @dataclass
 class _Patient:
     lookup: bytes
-    empi: str
+    enrolment: bytes
     resource: dict[str, Any]
-    new: bool
 
 
 class Recorder:
@@ -103,6 +106,7 @@ class Recorder:
         self.deid = deidentifier
         # Validation and de-identification; in this thread unless a pool of processes is given.
         self.preparer = preparer or Preparer(deidentifier, None, b"", workers=0)
+        self.encoder = Encoder(keys.consortium)
         self.institution = institution
         self.chain_id = chain_id
         self.identity = identity
@@ -145,9 +149,8 @@ class Recorder:
             if known is not None and known[0] == c.digest:
                 entry = self.vault.entry(known[1])
                 outcome.records.append(Recorded(
-                    known[1].hex(), entry.header.empi if entry else patients[c.patient_id].empi,
-                    resource["resourceType"], c.item.source, entry.header.position if entry else 0, None,
-                    "already_recorded",
+                    known[1].hex(), patients[c.patient_id].enrolment.hex(), resource["resourceType"],
+                    c.item.source, entry.header.position if entry else 0, None, "already_recorded",
                 ))
             else:
                 fresh.append(c)
@@ -187,7 +190,7 @@ class Recorder:
             salt = new_salt()
             record_id = os.urandom(RECORD_ID_SIZE)
             write.entries.append(NewEntry(
-                record_id, resource["resourceType"], patient.empi, setting, now_ms,
+                record_id, resource["resourceType"], patient.enrolment, setting, now_ms,
                 commitment(salt, canonical), c.raw, codec.encode({"salt": salt, "resource": canonical}),
             ))
             write.versions[c.version_key] = (c.digest, record_id)
@@ -195,15 +198,18 @@ class Recorder:
                 write.encounters[self.keys.lookup("encounter", resource["id"])] = setting
             if resource["resourceType"] == "Patient":
                 write.patients.append(PatientRow(
-                    patient.lookup, patient.empi, resource, tuple(deid_module.released_quasi(released)),
+                    patient.lookup, patient.enrolment, resource, tuple(deid_module.released_quasi(released)),
                 ))
+                enrol = self._enrolment(patient, now_ms)
+                write.before.append((enrol.id, enrol.id, enrol.encoded))
+                outcome.anchors.append(enrol)
             pending.append((item, patient, record_id))
 
         anchors: dict[bytes, Transaction] = {}
 
         def make_anchor(header: EntryHeader, entry_hash: bytes) -> tuple[bytes, bytes]:
             tx = Transaction.create("record.anchor", {
-                "epoch": self.epoch, "record": header.record_id, "empi": header.empi,
+                "epoch": self.epoch, "record": header.record_id, "patient": header.patient,
                 "institution": self.institution, "recorded_at": header.recorded_at, "setting": header.setting,
                 "resource_type": header.resource_type, "commitment": header.commitment,
                 "position": header.position, "entry": entry_hash,
@@ -215,8 +221,8 @@ class Recorder:
         for (item, patient, record_id), entry in zip(pending, stored, strict=True):
             tx = anchors[record_id]
             outcome.records.append(Recorded(
-                record_id.hex(), patient.empi, item.resource["resourceType"], item.source, entry.header.position,
-                tx.id.hex(), "recorded",
+                record_id.hex(), patient.enrolment.hex(), item.resource["resourceType"], item.source,
+                entry.header.position, tx.id.hex(), "recorded",
             ))
             outcome.anchors.append(tx)
         return outcome
@@ -229,10 +235,7 @@ class Recorder:
             resource = c.item.resource
             if resource["resourceType"] == "Patient":
                 lookup = self.keys.lookup("patient", resource["id"])
-                known = self.vault.patient(lookup)
-                empi = known.empi if known else assign_empi(resource, key=self.keys.consortium,
-                                                            institution=self.institution)
-                patients[resource["id"]] = _Patient(lookup, empi, resource, known is None)
+                patients[resource["id"]] = _Patient(lookup, self.enrolment_id(resource["id"]), resource)
         for c in candidates:
             if c.patient_id is None:
                 c.problem = _problem(c.item, "does not reference the Patient it belongs to")
@@ -243,12 +246,24 @@ class Recorder:
             else:
                 known = self.vault.patient(self.keys.lookup("patient", c.patient_id))
                 if known is not None:
-                    patients[c.patient_id] = _Patient(known.lookup, known.empi, known.resource, False)
+                    patients[c.patient_id] = _Patient(known.lookup, known.enrolment, known.resource)
                     continue
                 c.problem = _problem(
                     c.item, f"references Patient/{c.patient_id}, which is neither in this input nor recorded here")
             problems.append(c.problem)
         return patients
+
+    def enrolment_id(self, patient_id: str) -> bytes:
+        """This institution's pseudonym for one of its patients: stable, and meaningless elsewhere."""
+        return self.keys.lookup("enrolment", patient_id)[:ENROLMENT_SIZE]
+
+    def _enrolment(self, patient: _Patient, now_ms: int) -> Transaction:
+        """The ``empi.enrol`` transaction of a Patient being recorded: keyed encodings only."""
+        encodings = self.encoder.encode(Demographics.from_fhir(patient.resource))
+        return Transaction.create("empi.enrol", {
+            "epoch": self.epoch, "enrolment": patient.enrolment, "institution": self.institution,
+            "encodings": encodings.to_wire(),
+        }, chain_id=self.chain_id, submitter=self.institution, identity=self.identity, time_ms=now_ms)
 
     def _levels(self, patients: dict[str, _Patient], releasing: set[str]) -> dict[str, int]:
         """k-anonymity levels for the Patients released now (``releasing``).

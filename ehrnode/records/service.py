@@ -25,6 +25,7 @@ from ..ledger.state import LedgerState
 from ..ledger.transactions import Transaction
 from ..logs import get_logger
 from . import deid as deid_module
+from ..empi.normalize import Demographics
 from . import fhir
 from .deid import Deidentifier, load_profile
 from .keys import RecordKeys
@@ -140,7 +141,8 @@ class RecordsService:
         header, raw, released, salt = await self._blocking(self.vault.read, record_id)
         anchors = self.hooks.state.anchors(record=record_id)
         return {
-            "record_id": record_id.hex(), "empi": header.empi, "resource_type": header.resource_type,
+            "record_id": record_id.hex(), "patient": header.patient.hex(),
+            "empi": self.hooks.state.empi.empi_of(header.patient), "resource_type": header.resource_type,
             "position": header.position, "recorded_at": header.recorded_at, "setting": header.setting,
             "commitment": header.commitment.hex(), "anchor": anchor_view(anchors[0]) if anchors else None,
             "resource": raw, "deidentified": released, "salt": salt.hex(),
@@ -153,6 +155,11 @@ class RecordsService:
             "vault.verified", ok=report["ok"], entries=report["entries"], problems=len(report["problems"]))
         return report
 
+    async def lookup(self, patient: dict[str, Any]) -> dict[str, Any]:
+        """The EMPI a FHIR Patient would get (certain / probable / possible), without enrolling it."""
+        encodings = self.recorder.encoder.encode(Demographics.from_fhir(patient))
+        return self.hooks.state.empi.lookup(encodings)
+
     async def kanon_report(self) -> dict[str, Any]:
         def released() -> list[tuple[Any, ...]]:
             return [row.released for row in self.vault.patients()]
@@ -163,7 +170,8 @@ class RecordsService:
 
 def anchor_view(anchor: dict[str, Any]) -> dict[str, Any]:
     return {
-        "record_id": anchor["record"].hex(), "empi": anchor["empi"], "institution": anchor["institution"],
+        "record_id": anchor["record"].hex(), "empi": anchor["empi"], "patient": anchor["patient"].hex(),
+        "institution": anchor["institution"],
         "recorded_at": anchor["recorded_at"], "setting": anchor["setting"], "resource_type": anchor["resource_type"],
         "commitment": anchor["commitment"].hex(), "position": anchor["position"], "height": anchor["height"],
         "tx_id": anchor["tx_id"].hex(),

@@ -90,4 +90,22 @@ async def add_items(client: Any, items: list[fhir.Item], *, skip_invalid: bool =
             result.heights.update(heights)
             waiting = [t for t in waiting if heights.get(t) is None]
             progress(f"{len(tx_ids) - len(waiting)}/{len(tx_ids)} anchors committed")
+        await _fill_empis(client, result, deadline)
     return result
+
+
+async def _fill_empis(client: Any, result: AddResult, deadline: float) -> None:
+    """Each record's EMPI, decided on chain once its patient's enrolment is committed."""
+    import trio
+
+    while True:
+        unknown = sorted({r["patient"] for r in result.records if r.get("empi") is None})
+        if not unknown:
+            return
+        empis = await client.call("empi.of", patients=unknown)
+        for row in result.records:
+            if row.get("empi") is None:
+                row["empi"] = empis.get(row["patient"])
+        if trio.current_time() >= deadline or all(empis.values()):
+            return
+        await trio.sleep(0.2)

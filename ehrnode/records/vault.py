@@ -11,7 +11,7 @@ data key. The data keys live in a separate table, wrapped by the node's
 unreadable while the entry, and so the chain, stays intact.
 
 An entry's *header* is canonical CBOR of its position, the previous entry's
-hash, the record id, type, EMPI, setting, recording time, the commitment that
+hash, the record id, type, the patient's enrolment id, setting, recording time, the commitment that
 goes on chain, and the SHA-256 of both ciphertexts. Its hash is the SHA-256
 of the domain-tagged header, and the institution signs that same tagged
 header with its member key. So:
@@ -54,6 +54,7 @@ from .keys import RecordKeys, new_data_key, open_sealed, seal
 ENTRY_DOMAIN = "ehrnode/vault-entry/v1"
 GENESIS_PREV = bytes(32)
 RECORD_ID_SIZE = 16
+ENROLMENT_SIZE = 16
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -64,8 +65,7 @@ CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
 CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
     BEGIN SELECT RAISE(ABORT, 'vault entries are append-only'); END;
 CREATE TABLE IF NOT EXISTS data_keys (record BLOB PRIMARY KEY, raw BLOB NOT NULL, deid BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS patients (lookup BLOB PRIMARY KEY, empi TEXT NOT NULL, sealed BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS patients_empi ON patients(empi);
+CREATE TABLE IF NOT EXISTS patients (lookup BLOB PRIMARY KEY, enrolment BLOB NOT NULL, sealed BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS encounters (lookup BLOB PRIMARY KEY, setting TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS versions (lookup BLOB PRIMARY KEY, digest BLOB NOT NULL, record BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (record BLOB PRIMARY KEY, tx_id BLOB NOT NULL, tx BLOB NOT NULL);
@@ -78,7 +78,7 @@ class EntryHeader:
     prev: bytes
     record_id: bytes
     resource_type: str
-    empi: str
+    patient: bytes  # the patient's enrolment id
     setting: str
     recorded_at: int
     commitment: bytes
@@ -88,20 +88,20 @@ class EntryHeader:
     def to_wire(self) -> dict[str, Any]:
         return {
             "v": 1, "position": self.position, "prev": self.prev, "record": self.record_id,
-            "type": self.resource_type, "empi": self.empi, "setting": self.setting, "recorded_at": self.recorded_at,
+            "type": self.resource_type, "patient": self.patient, "setting": self.setting, "recorded_at": self.recorded_at,
             "commitment": self.commitment, "raw": self.raw_digest, "deid": self.deid_digest,
         }
 
     @classmethod
     def from_wire(cls, data: bytes) -> EntryHeader:
-        m = as_map(codec.decode(data), "vault entry", ("v", "position", "prev", "record", "type", "empi", "setting",
+        m = as_map(codec.decode(data), "vault entry", ("v", "position", "prev", "record", "type", "patient", "setting",
                                                        "recorded_at", "commitment", "raw", "deid"))
         if m["v"] != 1:
             raise CodecError(f"vault entry version {m['v']!r} is not supported", reason="version")
         return cls(
             as_uint(m["position"], "entry.position"), as_bytes(m["prev"], "entry.prev", size=32),
             as_bytes(m["record"], "entry.record", size=RECORD_ID_SIZE), as_str(m["type"], "entry.type", max_len=64),
-            as_str(m["empi"], "entry.empi", max_len=64), as_str(m["setting"], "entry.setting", max_len=64),
+            as_bytes(m["patient"], "entry.patient", size=ENROLMENT_SIZE), as_str(m["setting"], "entry.setting", max_len=64),
             as_uint(m["recorded_at"], "entry.recorded_at"), as_bytes(m["commitment"], "entry.commitment", size=32),
             as_bytes(m["raw"], "entry.raw", size=32), as_bytes(m["deid"], "entry.deid", size=32),
         )
@@ -121,7 +121,7 @@ class NewEntry:
 
     record_id: bytes
     resource_type: str
-    empi: str
+    patient: bytes
     setting: str
     recorded_at: int
     commitment: bytes
@@ -132,7 +132,7 @@ class NewEntry:
 @dataclass(frozen=True)
 class PatientRow:
     lookup: bytes
-    empi: str
+    enrolment: bytes
     resource: dict[str, Any]
     released: tuple[Any, ...]
 
@@ -145,6 +145,8 @@ class Write:
     patients: list[PatientRow] = field(default_factory=list)
     encounters: dict[bytes, str] = field(default_factory=dict)
     versions: dict[bytes, tuple[bytes, bytes]] = field(default_factory=dict)  # lookup -> (digest, record)
+    #: Transactions that must reach the chain before the anchors (EMPI enrolments): (key, tx_id, tx).
+    before: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
     #: Built once the entries have positions: (record, tx_id, tx bytes).
     anchors: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
 
@@ -182,6 +184,7 @@ class Vault:
         """
         stored = []
         with transaction(self._db, "append to the vault") as db:
+            db.executemany("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?)", write.before)
             position, prev = self.head()
             for entry in write.entries:
                 position += 1
@@ -189,7 +192,7 @@ class Vault:
                 raw_ct = seal(raw_key, entry.raw, entry.record_id + b"raw")
                 deid_ct = seal(deid_key, entry.release, entry.record_id + b"deid")
                 header = EntryHeader(
-                    position, prev, entry.record_id, entry.resource_type, entry.empi, entry.setting,
+                    position, prev, entry.record_id, entry.resource_type, entry.patient, entry.setting,
                     entry.recorded_at, entry.commitment, crypto.sha256(raw_ct), crypto.sha256(deid_ct),
                 )
                 signed = header.signed_bytes
@@ -208,7 +211,7 @@ class Vault:
                 prev = entry_hash
             for patient in write.patients:
                 db.execute("INSERT OR REPLACE INTO patients VALUES (?, ?, ?)",
-                           (patient.lookup, patient.empi, self._seal_patient(patient)))
+                           (patient.lookup, patient.enrolment, self._seal_patient(patient)))
             db.executemany("INSERT OR REPLACE INTO encounters VALUES (?, ?)", write.encounters.items())
             db.executemany("INSERT OR REPLACE INTO versions VALUES (?, ?, ?)",
                            [(k, d, r) for k, (d, r) in write.versions.items()])
@@ -216,23 +219,23 @@ class Vault:
 
     def _seal_patient(self, patient: PatientRow) -> bytes:
         body = codec.encode({"resource": canonical_json(patient.resource), "released": list(patient.released)})
-        # The EMPI column is bound in: rows cannot swap EMPIs unnoticed.
-        return seal(self._keys.patients, body, patient.lookup + patient.empi.encode())
+        # The enrolment column is bound in: rows cannot swap patients unnoticed.
+        return seal(self._keys.patients, body, patient.lookup + patient.enrolment)
 
     # --- reading -----------------------------------------------------------------------
 
     def patient(self, lookup: bytes) -> PatientRow | None:
-        row = self._db.execute("SELECT lookup, empi, sealed FROM patients WHERE lookup = ?", (lookup,)).fetchone()
+        row = self._db.execute("SELECT lookup, enrolment, sealed FROM patients WHERE lookup = ?", (lookup,)).fetchone()
         return self._open_patient(row) if row else None
 
     def patients(self) -> Iterator[PatientRow]:
-        for row in self._db.execute("SELECT lookup, empi, sealed FROM patients").fetchall():
+        for row in self._db.execute("SELECT lookup, enrolment, sealed FROM patients").fetchall():
             yield self._open_patient(row)
 
-    def _open_patient(self, row: tuple[bytes, str, bytes]) -> PatientRow:
-        lookup, empi, sealed = row
-        body = codec.decode(open_sealed(self._keys.patients, sealed, lookup + empi.encode(), "patient table row"))
-        return PatientRow(lookup, empi, _from_json_bytes(body["resource"]), tuple(body["released"]))
+    def _open_patient(self, row: tuple[bytes, bytes, bytes]) -> PatientRow:
+        lookup, enrolment, sealed = row
+        body = codec.decode(open_sealed(self._keys.patients, sealed, lookup + enrolment, "patient table row"))
+        return PatientRow(lookup, enrolment, _from_json_bytes(body["resource"]), tuple(body["released"]))
 
     def setting(self, lookup: bytes) -> str | None:
         row = self._db.execute("SELECT setting FROM encounters WHERE lookup = ?", (lookup,)).fetchone()

@@ -16,9 +16,9 @@ MEMBERS = {name: key.public_key for name, key in KEYS.items()}
 ROLES = {"A": "institution", "B": "institution", "R": "regulator"}
 
 
-def anchor(submitter="A", *, institution=None, record=1, position=1, empi="E" + "Q" * 23, **fields):
+def anchor(submitter="A", *, institution=None, record=1, position=1, patient=b"q" * 16, **fields):
     body = {
-        "epoch": 0, "record": record.to_bytes(16, "big"), "empi": empi, "institution": institution or submitter,
+        "epoch": 0, "record": record.to_bytes(16, "big"), "patient": patient, "institution": institution or submitter,
         "recorded_at": 1_700_000_000_000, "setting": "AMB", "resource_type": "Condition",
         "commitment": bytes([record]) * 32, "position": position, "entry": bytes(32),
     } | fields
@@ -44,7 +44,7 @@ def test_anchors_are_indexed_and_invalid_ones_refused_alike_everywhere(tmp_path)
         anchor("A", institution="B", record=4, position=2),  # A cannot anchor for B
         anchor("A", record=1, position=3),  # a record id anchored before
         anchor("A", record=5, position=1),  # A's position 1 is taken
-        anchor("A", record=6, position=2, empi="E" + "Z" * 23),
+        anchor("A", record=6, position=2, patient=b"z" * 16),
     ]
     expected = ["ok", "ok", "invalid:role", "invalid:not_owner", "invalid:duplicate_record",
                 "invalid:duplicate_record", "ok"]
@@ -56,7 +56,8 @@ def test_anchors_are_indexed_and_invalid_ones_refused_alike_everywhere(tmp_path)
         valid = state.apply(block(1, *txs))
         assert statuses(state, txs) == expected
         assert [tx.id for tx in valid] == [txs[i].id for i, s in enumerate(expected) if s == "ok"]
-        views.append((state.anchors(), state.anchors(empi="E" + "Q" * 23), state.anchored_positions("A")))
+        views.append((state.anchors(), [a for a in state.anchors() if a["patient"] == b"q" * 16],
+                      state.anchored_positions("A")))
         state.close()
     assert views[0] == views[1]
     everything, by_empi, positions = views[0]
@@ -74,7 +75,7 @@ def test_anchors_are_indexed_and_invalid_ones_refused_alike_everywhere(tmp_path)
     ("position", 0, "start at 1"),
     ("entry", b"\x01" * 15, "32 bytes"),
     ("commitment", b"\x01" * 31, "32 bytes"),
-    ("empi", "E" * 65, "longer than 64"),
+    ("patient", b"p" * 15, "16 bytes"),
 ])
 def test_anchor_schema_refuses_free_text_and_wrong_sizes(field, value, message):
     with pytest.raises(SchemaError, match=message):

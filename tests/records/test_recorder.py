@@ -5,7 +5,6 @@ import json
 import pytest
 
 from ehrnode import crypto, synthetic
-from ehrnode.empi.assign import assign_empi
 from ehrnode.errors import FhirError
 from ehrnode.records import fhir
 from ehrnode.records.deid import Deidentifier, load_profile
@@ -62,36 +61,24 @@ def test_later_records_inherit_their_encounters_setting_and_the_patient(tmp_path
     first = rec.record(items(resources[:2]), now_ms=1)  # Patient and Encounter
     second = rec.record(items(resources[2:]), now_ms=2)  # Condition and Observation, later
     encounter_class = resources[1]["class"]["code"]
-    assert [a.body["setting"] for a in first.anchors] == ["unknown", encounter_class]
+    # The Patient's enrolment goes first, then one anchor per record.
+    assert [tx.kind for tx in first.anchors] == ["empi.enrol", "record.anchor", "record.anchor"]
+    assert [a.body["setting"] for a in first.anchors[1:]] == ["unknown", encounter_class]
     assert [a.body["setting"] for a in second.anchors] == [encounter_class, encounter_class]
-    assert {r.empi for r in first.records + second.records} == {first.records[0].empi}
-    assert [a.body["position"] for a in first.anchors + second.anchors] == [1, 2, 3, 4]
+    assert {r.patient for r in first.records + second.records} == {first.anchors[0].body["enrolment"].hex()}
+    assert [a.body["position"] for a in first.anchors[1:] + second.anchors] == [1, 2, 3, 4]
+    assert [row[1] for row in rec.vault.outbox()] == [tx.id for tx in first.anchors + second.anchors]
 
 
-def test_the_same_person_gets_the_same_empi_at_two_institutions_and_only_with_a_national_id():
-    for person in PEOPLE[:6]:
-        at_a = synthetic.patient_resources(person, "A")[0]
-        at_b = synthetic.patient_resources(person, "B")[0]
-        assert at_a["id"] != at_b["id"]
-        assert assign_empi(at_a, key=CONSORTIUM, institution="A") == assign_empi(at_b, key=CONSORTIUM,
-                                                                                  institution="B")
-        anonymous_a = dict(at_a, identifier=at_a["identifier"][:1])  # the MRN only
-        anonymous_b = dict(at_b, identifier=at_b["identifier"][:1])
-        assert assign_empi(anonymous_a, key=CONSORTIUM, institution="A") != assign_empi(
-            anonymous_b, key=CONSORTIUM, institution="B")
-    # A different consortium key gives unrelated EMPIs.
-    patient = synthetic.patient_resources(PEOPLE[0], "A")[0]
-    assert assign_empi(patient, key=b"x" * 32, institution="A") != assign_empi(patient, key=CONSORTIUM,
-                                                                                institution="A")
-
-
-def test_a_mistyped_resident_id_is_not_trusted_as_national(tmp_path):
-    person = next(p for p in PEOPLE if p.country == "CN")
-    patient = synthetic.patient_resources(person, "A")[0]
-    wrong = person.national_id[:-1] + ("0" if person.national_id[-1] != "0" else "1")
-    typo = json.loads(json.dumps(patient).replace(person.national_id, wrong))
-    assert assign_empi(typo, key=CONSORTIUM, institution="A") != assign_empi(patient, key=CONSORTIUM,
-                                                                              institution="A")
+def test_enrolments_carry_keyed_encodings_and_nothing_in_clear(tmp_path):
+    rec = recorder(tmp_path)
+    person = PEOPLE[2]
+    outcome = rec.record(items(synthetic.patient_resources(person, "A", visits=1)), now_ms=1)
+    enrol = outcome.anchors[0]
+    assert enrol.kind == "empi.enrol" and enrol.body["institution"] == "A"
+    for value in (person.given, person.family, person.national_id, person.phone, person.birth_date,
+                  person.birth_date.replace("-", ""), person.postal_code):
+        assert value.encode() not in enrol.encoded, value
 
 
 def test_k_anonymity_holds_over_everything_released_across_ingests(tmp_path):

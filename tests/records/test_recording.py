@@ -300,3 +300,57 @@ def test_the_node_itself_refuses_invalid_input_sent_past_the_cli(cluster):
     records = trio.run(shown)
     assert [r["resource"]["id"] for r in records] == [patient["id"], encounter["id"], "odd-class"]
     assert [r["setting"] for r in records] == ["unknown", encounter["class"]["code"], "other"]
+
+
+def test_empi_across_institutions_and_its_curation_commands(cluster, ingest, tmp_path):
+    rows, _ = ingest
+    a_empi = {}
+    for row in rows:
+        if row["resource_type"] == "Patient":
+            a_empi[_line_id(row["source"])] = row["empi"]
+    # B registers the same 13 people with typos, given names in another order, another phone
+    # and no SSN: every one gets A's EMPI, on demographics alone.
+    patients = _patients()
+    typoed = []
+    for p in patients:
+        p = json.loads(json.dumps(p))
+        family = p["name"][0]["family"]
+        p["name"][0]["family"] = family[:2] + family[3] + family[2] + family[4:]
+        p["name"][0]["given"] = list(reversed(p["name"][0].get("given", [])))
+        p["telecom"] = [{"system": "phone", "value": "555-000-1234"}]
+        p["identifier"] = [i for i in p["identifier"] if i.get("system") != "http://hl7.org/fhir/sid/us-ssn"]
+        p["id"] = "b-" + p["id"][2:]
+        typoed.append(p)
+    path = _write(tmp_path / "b-patients.ndjson", "".join(json.dumps(p) + "\n" for p in typoed))
+    result = cli("records", "add", "--config", cluster.configs["B"].path, "--json", path)
+    assert result.returncode == 0, result.stderr
+    b_rows = json.loads(result.stdout)
+    assert [r["empi"] for r in b_rows] == [a_empi[p["id"]] for p in patients]
+
+    config = cluster.configs["A"].path
+
+    def listing(empi, name="C"):
+        out = cli("records", "list", "--config", cluster.configs[name].path, "--json", "--empi", empi)
+        return {r["record_id"] for r in json.loads(out.stdout)}
+
+    looked = cli("empi", "lookup", "--config", config, "--json", _write(tmp_path / "p.json", json.dumps(typoed[0])))
+    assert looked.returncode == 0, looked.stderr
+    found = json.loads(looked.stdout)
+    assert found["empi"] == a_empi[patients[0]["id"]] and found["grade"] in ("certain", "probable")
+
+    first, second = a_empi[patients[0]["id"]], a_empi[patients[1]["id"]]
+    before = {first: listing(first, "A"), second: listing(second, "A")}
+    assert before[first] and before[second] and not before[first] & before[second]
+    merged = cli("empi", "merge", "--config", config, "--json", second, first)
+    assert merged.returncode == 0, merged.stderr
+    merge_tx = json.loads(merged.stdout)["tx_id"]
+
+    assert listing(first, "A") == listing(second, "A") == before[first] | before[second]
+    assert cli("empi", "unmerge", "--config", config, merge_tx).returncode == 0
+    assert listing(first, "A") == before[first] and listing(second, "A") == before[second]
+    history = cli("empi", "history", "--config", config, "--json", first)
+    assert [e["event"] for e in json.loads(history.stdout)][-2:] == ["merged", "unmerged"]
+    refused = cli("empi", "merge", "--config", config, first, first)
+    assert refused.returncode == 2 and "invalid" in refused.stderr
+    review = cli("empi", "review", "--config", config, "--json")
+    assert review.returncode == 0 and isinstance(json.loads(review.stdout), list)

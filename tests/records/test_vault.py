@@ -20,7 +20,7 @@ def _entry(n: int) -> NewEntry:
     salt = new_salt()
     canonical = canonical_json(released)
     return NewEntry(
-        record_id=n.to_bytes(16, "big"), resource_type="Condition", empi="E" + "A" * 23, setting="AMB",
+        record_id=n.to_bytes(16, "big"), resource_type="Condition", patient=b"p" * 16, setting="AMB",
         recorded_at=1_700_000_000_000 + n, commitment=commitment(salt, canonical), raw=canonical_json(resource),
         release=codec.encode({"salt": salt, "resource": canonical}),
     )
@@ -133,7 +133,7 @@ def test_wrong_master_key_cannot_read(tmp_path, vault):
 
 
 def test_appends_continue_the_chain_and_patients_round_trip(vault):
-    patient = PatientRow(KEYS.lookup("patient", "p1"), "E" + "B" * 23, {"resourceType": "Patient", "id": "p1"},
+    patient = PatientRow(KEYS.lookup("patient", "p1"), b"q" * 16, {"resourceType": "Patient", "id": "p1"},
                          (1950, "female", "MA"))
     vault.append(Write(entries=[_entry(7)], patients=[patient]), _no_anchor)
     assert vault.verify(IDENTITY.public_key)["ok"]
@@ -189,12 +189,12 @@ def test_a_flipped_signature_or_hash_column_is_found(vault):
         (5, "institution signature does not verify"), (3, "header hash does not match (header changed)")}
 
 
-def test_swapped_patient_empis_do_not_decrypt(vault):
-    rows = [PatientRow(KEYS.lookup("patient", f"p{i}"), f"E{i}" + "C" * 22, {"resourceType": "Patient", "id": f"p{i}"},
+def test_swapped_patient_enrolments_do_not_decrypt(vault):
+    rows = [PatientRow(KEYS.lookup("patient", f"p{i}"), bytes([i]) * 16, {"resourceType": "Patient", "id": f"p{i}"},
                        ()) for i in (1, 2)]
     vault.append(Write(patients=rows), _no_anchor)
     db = sqlite3.connect(vault.path, isolation_level=None)
-    db.execute("UPDATE patients SET empi = CASE empi WHEN ? THEN ? ELSE ? END", (rows[0].empi, rows[1].empi,
-                                                                                  rows[0].empi))
+    db.execute("UPDATE patients SET enrolment = CASE enrolment WHEN ? THEN ? ELSE ? END",
+               (rows[0].enrolment, rows[1].enrolment, rows[0].enrolment))
     with pytest.raises(IntegrityError):
         vault.patient(rows[0].lookup)

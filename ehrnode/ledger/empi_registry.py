@@ -1,0 +1,291 @@
+"""The EMPI registry: which enrolments are one patient, decided the same way on every node.
+
+Theory of operation
+-------------------
+An institution *enrols* each of its patients once (``empi.enrol``): a 16-byte
+enrolment id (its own pseudonym for the patient) and the patient's keyed
+encodings (``ehrnode.empi.encoding``): no name, date or number in clear. When
+the enrolment is committed, every node assigns it an EMPI by the same rules
+over the same committed data:
+
+1. an enrolment whose national-id pseudonym equals an earlier one's joins that
+   enrolment's EMPI (certain);
+2. otherwise the earlier enrolments sharing a blocking key are scored
+   (``ehrnode.empi.matching``); the best one (highest score, then lowest
+   enrolment id) decides: above the upper threshold the enrolment joins its
+   EMPI; otherwise it gets a new EMPI, and every candidate between the
+   thresholds goes to the review queue as a potential duplicate.
+
+A new EMPI is derived from the enrolment transaction's id, so it is the same on
+every node. Records never carry an EMPI, only their enrolment: a merge or
+unmerge moves enrolments between EMPIs and every record follows.
+
+Curators act with signed transactions: ``empi.link`` (an enrolment joins an
+EMPI), ``empi.not_duplicate`` (closes a review item), ``empi.merge`` (every
+enrolment of one EMPI moves into another, which the old EMPI then resolves to)
+and ``empi.unmerge`` (undoes one merge: the enrolments it moved go back).
+Every change is kept in the history.
+
+Scores are integers (fixed point), candidates are read in a fixed order and
+nothing depends on wall time, so the registry is identical on every node.
+"""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+from collections.abc import Iterable
+from typing import Any
+
+from .. import codec, crypto
+from ..empi import matching
+from ..empi.encoding import Encodings
+from ..errors import CodecError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS enrolments (
+    id BLOB PRIMARY KEY, institution TEXT NOT NULL, encodings BLOB NOT NULL, national BLOB,
+    empi TEXT NOT NULL, height INTEGER NOT NULL, tx_id BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS enrolments_empi ON enrolments(empi);
+CREATE INDEX IF NOT EXISTS enrolments_national ON enrolments(national);
+CREATE TABLE IF NOT EXISTS blocking (key BLOB NOT NULL, enrolment BLOB NOT NULL, PRIMARY KEY (key, enrolment));
+CREATE TABLE IF NOT EXISTS empis (empi TEXT PRIMARY KEY, height INTEGER NOT NULL, merged_into TEXT);
+CREATE TABLE IF NOT EXISTS review (
+    a BLOB NOT NULL, b BLOB NOT NULL, score INTEGER NOT NULL, status TEXT NOT NULL, height INTEGER NOT NULL,
+    PRIMARY KEY (a, b));
+CREATE TABLE IF NOT EXISTS merges (
+    tx_id BLOB PRIMARY KEY, source TEXT NOT NULL, target TEXT NOT NULL, moved BLOB NOT NULL,
+    height INTEGER NOT NULL, undone INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS empi_history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, empi TEXT NOT NULL, height INTEGER NOT NULL, tx_id BLOB NOT NULL,
+    event TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS empi_history_empi ON empi_history(empi);
+"""
+
+#: Enrolments read per blocking key: a key shared by more is too common to help (and a cost).
+MAX_PER_BLOCKING_KEY = 500
+EMPI_PREFIX = "E"
+
+
+def new_empi(tx_id: bytes) -> str:
+    digest = crypto.sha256(b"ehrnode/empi/v1" + tx_id)[:15]
+    return EMPI_PREFIX + base64.b32encode(digest).decode("ascii")
+
+
+class EmpiRegistry:
+    """Applies EMPI transactions inside the ledger state's block transaction."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    # --- applying (inside the block's SQLite transaction) --------------------------------
+
+    def enrol(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int,
+              tx_id: bytes) -> str:
+        """Apply ``empi.enrol``; returns the transaction status."""
+        if body["institution"] != submitter:
+            return "invalid:not_owner"
+        try:
+            encodings = Encodings.from_wire(body["encodings"])
+        except CodecError:
+            return "invalid:encodings"
+        enrolment = body["enrolment"]
+        known = db.execute("SELECT institution, empi FROM enrolments WHERE id = ?", (enrolment,)).fetchone()
+        if known is not None:
+            if known[0] != submitter:
+                return "invalid:not_owner"
+            # New demographics for a known patient: encodings and blocking keys follow; the EMPI stays.
+            db.execute("UPDATE enrolments SET encodings = ?, national = ? WHERE id = ?",
+                       (codec.encode(body["encodings"]), encodings.national_id, enrolment))
+            db.execute("DELETE FROM blocking WHERE enrolment = ?", (enrolment,))
+            self._block(db, enrolment, matching.blocking_keys(encodings))
+            self._history(db, known[1], height, tx_id, "re-enrolled", f"{submitter} {enrolment.hex()}")
+            return "ok"
+        empi, grade, reviews = self._assign(db, encodings, tx_id)
+        if empi is None:
+            empi = new_empi(tx_id)
+            db.execute("INSERT INTO empis VALUES (?, ?, NULL)", (empi, height))
+            self._history(db, empi, height, tx_id, "created", f"{submitter} {enrolment.hex()}")
+        else:
+            self._history(db, empi, height, tx_id, "enrolled", f"{submitter} {enrolment.hex()} {grade}")
+        db.execute("INSERT INTO enrolments VALUES (?, ?, ?, ?, ?, ?, ?)", (
+            enrolment, submitter, codec.encode(body["encodings"]), encodings.national_id, empi, height, tx_id))
+        self._block(db, enrolment, matching.blocking_keys(encodings))
+        for other, score in reviews:
+            a, b = sorted((enrolment, other))
+            db.execute("INSERT OR IGNORE INTO review VALUES (?, ?, ?, 'open', ?)", (a, b, score, height))
+        return "ok"
+
+    def _block(self, db: sqlite3.Connection, enrolment: bytes, keys: Iterable[bytes]) -> None:
+        db.executemany("INSERT OR IGNORE INTO blocking VALUES (?, ?)", [(k, enrolment) for k in keys])
+
+    def _assign(self, db: sqlite3.Connection, encodings: Encodings,
+                tx_id: bytes) -> tuple[str | None, str, list[tuple[bytes, int]]]:
+        """(EMPI to join or None, match grade, candidates for review)."""
+        if encodings.national_id is not None:
+            row = db.execute("SELECT empi FROM enrolments WHERE national = ? ORDER BY height, id LIMIT 1",
+                             (encodings.national_id,)).fetchone()
+            if row is not None:
+                return row[0], "certain", []
+        scored = []
+        for other, blob in self.candidates(db, encodings):
+            theirs = Encodings.from_wire(codec.decode(blob))
+            scored.append((matching.score(encodings, theirs), other))
+        if not scored:
+            return None, "new", []
+        scored.sort(key=lambda s: (-s[0].total, s[1]))
+        best, best_id = scored[0]
+        if matching.classify(best) == "link":
+            empi = db.execute("SELECT empi FROM enrolments WHERE id = ?", (best_id,)).fetchone()[0]
+            return empi, matching.match_grade(best) or "probable", []
+        reviews = [(other, s.total) for s, other in scored if matching.classify(s) == "review"]
+        return None, "new", reviews
+
+    def lookup(self, encodings: Encodings) -> dict[str, Any]:
+        """Which EMPI a patient with ``encodings`` would get, without enrolling it."""
+        if encodings.national_id is not None:
+            row = self._db.execute("SELECT empi FROM enrolments WHERE national = ? ORDER BY height, id LIMIT 1",
+                                   (encodings.national_id,)).fetchone()
+            if row is not None:
+                return {"empi": self.resolve(None, row[0]), "grade": "certain", "candidates": []}
+        scored = []
+        for other, blob in self.candidates(self._db, encodings):
+            s = matching.score(encodings, Encodings.from_wire(codec.decode(blob)))
+            if matching.match_grade(s) is not None:
+                scored.append((s, other))
+        scored.sort(key=lambda s: (-s[0].total, s[1]))
+        candidates = [{"empi": self.empi_of(other), "enrolment": other.hex(), "grade": matching.match_grade(s),
+                       "evidence": evidence_view(s)} for s, other in scored[:10]]
+        if scored and matching.classify(scored[0][0]) == "link":
+            return {"empi": candidates[0]["empi"], "grade": candidates[0]["grade"], "candidates": candidates}
+        return {"empi": None, "grade": candidates[0]["grade"] if candidates else None, "candidates": candidates}
+
+    def candidates(self, db: sqlite3.Connection, encodings: Encodings) -> list[tuple[bytes, bytes]]:
+        """Enrolments sharing a blocking key with ``encodings``: (id, encoded encodings), by id."""
+        ids: set[bytes] = set()
+        for key in matching.blocking_keys(encodings):
+            rows = db.execute("SELECT enrolment FROM blocking WHERE key = ? ORDER BY enrolment LIMIT ?",
+                              (key, MAX_PER_BLOCKING_KEY + 1)).fetchall()
+            if len(rows) <= MAX_PER_BLOCKING_KEY:
+                ids.update(r[0] for r in rows)
+        out = []
+        for enrolment in sorted(ids):
+            out.append(db.execute("SELECT id, encodings FROM enrolments WHERE id = ?", (enrolment,)).fetchone())
+        return out
+
+    def link(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int, tx_id: bytes) -> str:
+        row = db.execute("SELECT empi FROM enrolments WHERE id = ?", (body["enrolment"],)).fetchone()
+        target = self.resolve(db, body["empi"])
+        if row is None or target is None:
+            return "invalid:unknown"
+        db.execute("UPDATE enrolments SET empi = ? WHERE id = ?", (target, body["enrolment"]))
+        db.execute("UPDATE review SET status = 'linked' WHERE (a = ? OR b = ?) AND status = 'open'",
+                   (body["enrolment"], body["enrolment"]))
+        detail = f"{submitter} linked {body['enrolment'].hex()} from {row[0]}"
+        self._history(db, target, height, tx_id, "linked", detail)
+        self._history(db, row[0], height, tx_id, "unlinked", detail)
+        return "ok"
+
+    def not_duplicate(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int,
+                      tx_id: bytes) -> str:
+        a, b = sorted((body["a"], body["b"]))
+        if db.execute("UPDATE review SET status = 'not_duplicate' WHERE a = ? AND b = ?", (a, b)).rowcount != 1:
+            return "invalid:unknown"
+        for enrolment in (a, b):
+            empi = db.execute("SELECT empi FROM enrolments WHERE id = ?", (enrolment,)).fetchone()[0]
+            self._history(db, empi, height, tx_id, "not_duplicate", f"{submitter} {a.hex()} {b.hex()}")
+        return "ok"
+
+    def merge(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int, tx_id: bytes) -> str:
+        source, target = self.resolve(db, body["from"]), self.resolve(db, body["into"])
+        if source is None or target is None or source == target:
+            return "invalid:unknown" if source is None or target is None else "invalid:same"
+        moved = [r[0] for r in db.execute("SELECT id FROM enrolments WHERE empi = ? ORDER BY id", (source,))]
+        db.execute("UPDATE enrolments SET empi = ? WHERE empi = ?", (target, source))
+        db.execute("UPDATE empis SET merged_into = ? WHERE empi = ?", (target, source))
+        db.execute("INSERT INTO merges VALUES (?, ?, ?, ?, ?, 0)", (tx_id, source, target, codec.encode(moved), height))
+        detail = f"{submitter} merged {source} into {target} ({len(moved)} enrolments)"
+        self._history(db, target, height, tx_id, "merged", detail)
+        self._history(db, source, height, tx_id, "merged_away", detail)
+        return "ok"
+
+    def unmerge(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int,
+                tx_id: bytes) -> str:
+        row = db.execute("SELECT source, target, moved, undone FROM merges WHERE tx_id = ?",
+                         (body["merge"],)).fetchone()
+        if row is None:
+            return "invalid:unknown"
+        if row[3]:
+            return "invalid:undone"
+        source, target, moved = row[0], row[1], codec.decode(row[2])
+        db.executemany("UPDATE enrolments SET empi = ? WHERE id = ? AND empi = ?",
+                       [(source, m, target) for m in moved])
+        db.execute("UPDATE empis SET merged_into = NULL WHERE empi = ?", (source,))
+        db.execute("UPDATE merges SET undone = 1 WHERE tx_id = ?", (body["merge"],))
+        detail = f"{submitter} unmerged {source} from {target}"
+        self._history(db, target, height, tx_id, "unmerged", detail)
+        self._history(db, source, height, tx_id, "restored", detail)
+        return "ok"
+
+    def _history(self, db: sqlite3.Connection, empi: str, height: int, tx_id: bytes, event: str,
+                 detail: str) -> None:
+        db.execute("INSERT INTO empi_history (empi, height, tx_id, event, detail) VALUES (?, ?, ?, ?, ?)",
+                   (empi, height, tx_id, event, detail))
+
+    # --- reading ------------------------------------------------------------------------
+
+    def resolve(self, db: sqlite3.Connection | None, empi: str) -> str | None:
+        """The EMPI ``empi`` stands for now (following merges), or None if unknown."""
+        db = db or self._db
+        for _ in range(64):
+            row = db.execute("SELECT merged_into FROM empis WHERE empi = ?", (empi,)).fetchone()
+            if row is None:
+                return None
+            if row[0] is None:
+                return empi
+            empi = row[0]
+        return None
+
+    def enrolments_of(self, empi: str) -> list[bytes]:
+        current = self.resolve(None, empi)
+        if current is None:
+            return []
+        return [r[0] for r in self._db.execute("SELECT id FROM enrolments WHERE empi = ? ORDER BY id", (current,))]
+
+    def empi_of(self, enrolment: bytes) -> str | None:
+        row = self._db.execute("SELECT empi FROM enrolments WHERE id = ?", (enrolment,)).fetchone()
+        return row[0] if row else None
+
+    def review_queue(self) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT a, b, score, height FROM review WHERE status = 'open' ORDER BY height, a, b")
+        out = []
+        for a, b, score, height in rows.fetchall():
+            ea, eb = (self._db.execute("SELECT institution, empi, encodings FROM enrolments WHERE id = ?",
+                                       (x,)).fetchone() for x in (a, b))
+            evidence = matching.score(Encodings.from_wire(codec.decode(ea[2])),
+                                      Encodings.from_wire(codec.decode(eb[2])))
+            out.append({
+                "a": {"enrolment": a.hex(), "institution": ea[0], "empi": ea[1]},
+                "b": {"enrolment": b.hex(), "institution": eb[0], "empi": eb[1]},
+                "score": score, "height": height, "evidence": evidence_view(evidence),
+            })
+        return out
+
+    def history(self, empi: str) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT empi, height, tx_id, event, detail FROM empi_history WHERE empi = ? ORDER BY seq", (empi,))
+        return [{"empi": e, "height": h, "tx_id": t.hex(), "event": ev, "detail": d} for e, h, t, ev, d in rows]
+
+    def merge_of(self, tx_id: bytes) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT source, target, height, undone FROM merges WHERE tx_id = ?",
+                               (tx_id,)).fetchone()
+        return {"from": row[0], "into": row[1], "height": row[2], "undone": bool(row[3])} if row else None
+
+
+def evidence_view(score: matching.Score) -> dict[str, Any]:
+    """A score as a curator reads it: per field, Dice (per mille), agreement level and weight."""
+    return {
+        "total": score.total, "grade": matching.match_grade(score), "decision": matching.classify(score),
+        "national_id": score.national_id, "names_swapped": score.names_swapped, "sex_weight": score.sex_weight,
+        "fields": [{"field": f.field, "dice": f.dice, "level": f.level, "weight": f.weight} for f in score.fields],
+    }

@@ -1,0 +1,135 @@
+"""The EMPI registry in the ledger state: the same assignment on every node, and curation round trips."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ehrnode import crypto, synthetic
+from ehrnode.consensus.types import Block
+from ehrnode.empi.encoding import Encoder
+from ehrnode.empi.normalize import Demographics
+from ehrnode.ledger.state import LedgerState
+from ehrnode.ledger.transactions import Transaction
+
+from ..consensus.factory import Factory
+
+F = Factory()
+KEYS = {name: crypto.Identity.generate() for name in ("A", "B", "R")}
+MEMBERS = {name: key.public_key for name, key in KEYS.items()}
+ROLES = {"A": "institution", "B": "institution", "R": "regulator"}
+ENCODER = Encoder(b"k" * 32)
+SYNTHEA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "synthea-10"
+
+
+def tx(kind, body, submitter="A"):
+    return Transaction.create(kind, body, chain_id=F.vset.chain_id, submitter=submitter,
+                              identity=KEYS[submitter], time_ms=1)
+
+
+def enrol(patient, institution, enrolment):
+    encodings = ENCODER.encode(Demographics.from_fhir(patient))
+    return tx("empi.enrol", {"epoch": 0, "enrolment": enrolment, "institution": institution,
+                             "encodings": encodings.to_wire()}, institution)
+
+
+class Chain:
+    """One node's ledger state, fed blocks of transactions."""
+
+    def __init__(self, path):
+        self.state = LedgerState(path, F.vset.chain_id, MEMBERS, roles=ROLES)
+        self.height = 0
+
+    def apply(self, *txs):
+        self.height += 1
+        block = Block.propose(epoch=0, round=self.height, qc=F.genesis_qc, author=1, timestamp=0,
+                              payload=tuple(t.encoded for t in txs), identity=F.identities[1],
+                              chain_id=F.vset.chain_id)
+        # Every block here extends genesis; the state only needs heights to follow each other.
+        self.state.apply(dataclasses.replace(block, height=self.height))
+        return [self.state.tx_status(t.id) for t in txs]
+
+
+def _typo(patient):
+    """The same person as another registration clerk might type them in."""
+    p = json.loads(json.dumps(patient))
+    name = p["name"][0]
+    family = name["family"]
+    name["family"] = family[:2] + family[3] + family[2] + family[4:]  # two letters transposed
+    name["given"] = list(reversed(name.get("given", [])))
+    p["telecom"] = [{"system": "phone", "value": "555-000-1234"}]
+    p["identifier"] = [i for i in p.get("identifier", []) if i.get("type", {}).get("coding", [{}])[0].get("code")
+                       not in ("SS", "DL", "PPN")]
+    return p
+
+
+def test_the_same_people_at_two_institutions_get_one_empi_identically_on_two_nodes(tmp_path):
+    patients = [json.loads(line) for line in (SYNTHEA / "Patient.ndjson").read_text().splitlines()]
+    at_a = [enrol(p, "A", bytes([1, i]) * 8) for i, p in enumerate(patients)]
+    # B registers the same people with typos, swapped given names, another phone and no SSN.
+    at_b = [enrol(_typo(p), "B", bytes([2, i]) * 8) for i, p in enumerate(patients)]
+    tables = []
+    for node in ("n1", "n2"):
+        chain = Chain(tmp_path / f"{node}.db")
+        assert set(chain.apply(*at_a)) == {"ok"}
+        assert set(chain.apply(*at_b)) == {"ok"}
+        registry = chain.state.empi
+        empis_a = [registry.empi_of(bytes([1, i]) * 8) for i in range(len(patients))]
+        empis_b = [registry.empi_of(bytes([2, i]) * 8) for i in range(len(patients))]
+        assert empis_a == empis_b
+        assert len(set(empis_a)) == len(patients)
+        tables.append(chain.state._db.execute("SELECT id, empi FROM enrolments ORDER BY id").fetchall())
+        chain.state.close()
+    assert tables[0] == tables[1]
+
+
+def test_merge_and_unmerge_round_trip_and_records_follow(tmp_path):
+    chain = Chain(tmp_path / "state.db")
+    people = synthetic.people(4, seed=5)
+    first = synthetic.patient_resources(people[0], "A")[0]
+    second = synthetic.patient_resources(people[1], "B")[0]
+    chain.apply(enrol(first, "A", b"a" * 16), enrol(second, "B", b"b" * 16))
+    registry = chain.state.empi
+    ea, eb = registry.empi_of(b"a" * 16), registry.empi_of(b"b" * 16)
+    assert ea != eb
+    anchors = [tx("record.anchor", {
+        "epoch": 0, "record": bytes([n]) * 16, "patient": patient, "institution": inst, "recorded_at": 1,
+        "setting": "AMB", "resource_type": "Condition", "commitment": bytes([n]) * 32, "position": 1,
+        "entry": bytes(32)}, inst) for n, patient, inst in ((1, b"a" * 16, "A"), (2, b"b" * 16, "B"))]
+    assert chain.apply(*anchors) == ["ok", "ok"]
+    assert len(chain.state.anchors(empi=ea)) == 1
+    merge = tx("empi.merge", {"from": eb, "into": ea}, "B")
+    assert chain.apply(merge) == ["ok"]
+    # Either id now lists the records of both.
+    assert {a["record"] for a in chain.state.anchors(empi=ea)} == {bytes([1]) * 16, bytes([2]) * 16}
+    assert chain.state.anchors(empi=eb) == chain.state.anchors(empi=ea)
+    assert chain.apply(tx("empi.merge", {"from": eb, "into": ea}, "A")) == ["invalid:same"]
+    assert chain.apply(tx("empi.unmerge", {"merge": merge.id}, "A")) == ["ok"]
+    assert [a["record"] for a in chain.state.anchors(empi=ea)] == [bytes([1]) * 16]
+    assert [a["record"] for a in chain.state.anchors(empi=eb)] == [bytes([2]) * 16]
+    assert chain.apply(tx("empi.unmerge", {"merge": merge.id}, "A")) == ["invalid:undone"]
+    events = [e["event"] for e in registry.history(ea)]
+    assert events == ["created", "merged", "unmerged"]
+
+
+def test_link_not_duplicate_and_refusals(tmp_path):
+    chain = Chain(tmp_path / "state.db")
+    people = synthetic.people(3, seed=8)
+    p0 = synthetic.patient_resources(people[0], "A")[0]
+    p1 = synthetic.patient_resources(people[1], "A")[0]
+    chain.apply(enrol(p0, "A", b"x" * 16), enrol(p1, "A", b"y" * 16))
+    registry = chain.state.empi
+    ex, ey = registry.empi_of(b"x" * 16), registry.empi_of(b"y" * 16)
+    assert chain.apply(tx("empi.link", {"enrolment": b"y" * 16, "empi": ex})) == ["ok"]
+    assert registry.empi_of(b"y" * 16) == ex
+    assert chain.apply(
+        enrol(p0, "B", b"x" * 16),  # someone else's enrolment id
+        tx("empi.enrol", {"epoch": 0, "enrolment": b"z" * 16, "institution": "A", "encodings": {"v": 99}}),
+        tx("empi.link", {"enrolment": b"q" * 16, "empi": ey}),
+        tx("empi.not_duplicate", {"a": b"x" * 16, "b": b"y" * 16}),
+    ) == ["invalid:not_owner", "invalid:encodings", "invalid:unknown", "invalid:unknown"]
+
+
+def test_a_regulator_cannot_enrol(tmp_path):
+    chain = Chain(tmp_path / "state.db")
+    patient = synthetic.patient_resources(synthetic.people(1, seed=1)[0], "R")[0]
+    assert chain.apply(enrol(patient, "R", b"r" * 16)) == ["invalid:role"]
