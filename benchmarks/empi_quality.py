@@ -19,10 +19,11 @@ is registered at both (first record left, second right, any others either side),
 otherwise at one of them. `--no-id` ignores `soc_sec_id`.
 
 `--fit` refits the model: it runs deduplication of the files without the national
-id, fits m and u per agreement level by EM over the blocked candidate pairs (the
-ground truth is not used by EM), and prints the `MODEL` weights to paste into
-`ehrnode/empi/matching.py`, with the F1 each threshold would give (that choice does
-use the ground truth).
+id, counts u (how often non-matches show each agreement level) on random pairs,
+fits m by EM over the blocked candidate pairs (EM does not see the ground truth),
+and prints the `MODEL` weights to paste into `ehrnode/empi/matching.py`, with the
+precision, recall and F1 each threshold would give (that choice does use the
+ground truth). Run with the weights it printed, it prints them again.
 """
 
 from __future__ import annotations

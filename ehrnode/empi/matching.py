@@ -75,6 +75,10 @@ NATIONAL_ID_DIFFERENT = -1000
 #: Taken off a comparison that pairs each name with the other's other name.
 SWAP_PENALTY = 100
 
+#: A demographic blocking key shared by more enrolments than this is too common to use (the
+#: ledger's registry applies the same rule); national-id keys are always used.
+MAX_BLOCK = 1000
+
 #: Decision thresholds on the total weight (hundredths of a bit), chosen on FEBRL: F1
 #: peaks between 800 and 900; below 500 lie 3 of its 8,962 true candidate pairs.
 UPPER = 900
@@ -250,7 +254,7 @@ class Index:
     skipped; national-id blocks never are.
     """
 
-    MAX_BLOCK = 1000
+    MAX_BLOCK = MAX_BLOCK  # the module's rule, shared with the ledger's registry
 
     def __init__(self) -> None:
         self._blocks: dict[bytes, list[str]] = {}

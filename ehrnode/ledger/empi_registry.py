@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import base64
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
 from .. import codec, crypto
 from ..empi import matching
-from ..empi.encoding import Encodings
+from ..empi.encoding import NATIONAL_ID_BYTES, Encodings
 from ..errors import CodecError
 
 SCHEMA = """
@@ -62,8 +63,7 @@ CREATE TABLE IF NOT EXISTS empi_history (
 CREATE INDEX IF NOT EXISTS empi_history_empi ON empi_history(empi);
 """
 
-#: Enrolments read per blocking key: a key shared by more is too common to help (and a cost).
-MAX_PER_BLOCKING_KEY = 500
+DECODED_CACHE = 100_000
 EMPI_PREFIX = "E"
 
 
@@ -77,6 +77,26 @@ class EmpiRegistry:
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
+        # Decoded encodings by enrolment id. Candidates are always chosen from the tables, so
+        # the cache only saves decoding. A block whose application fails stops the node (a
+        # StoreError), and the cache goes with it, so it never outlives a rolled-back write.
+        self._decoded: OrderedDict[bytes, Encodings] = OrderedDict()
+
+    def _encodings(self, enrolment: bytes, blob: bytes | None = None) -> Encodings:
+        cached = self._decoded.get(enrolment)
+        if cached is not None:
+            self._decoded.move_to_end(enrolment)
+            return cached
+        if blob is None:
+            blob = self._db.execute("SELECT encodings FROM enrolments WHERE id = ?", (enrolment,)).fetchone()[0]
+        return self._remember(enrolment, Encodings.from_wire(codec.decode(blob)))
+
+    def _remember(self, enrolment: bytes, encodings: Encodings) -> Encodings:
+        self._decoded[enrolment] = encodings
+        self._decoded.move_to_end(enrolment)
+        if len(self._decoded) > DECODED_CACHE:
+            self._decoded.popitem(last=False)
+        return encodings
 
     # --- applying (inside the block's SQLite transaction) --------------------------------
 
@@ -97,6 +117,7 @@ class EmpiRegistry:
             # New demographics for a known patient: encodings and blocking keys follow; the EMPI stays.
             db.execute("UPDATE enrolments SET encodings = ?, national = ? WHERE id = ?",
                        (codec.encode(body["encodings"]), encodings.national_id, enrolment))
+            self._remember(enrolment, encodings)
             db.execute("DELETE FROM blocking WHERE enrolment = ?", (enrolment,))
             self._block(db, enrolment, matching.blocking_keys(encodings))
             self._history(db, known[1], height, tx_id, "re-enrolled", f"{submitter} {enrolment.hex()}")
@@ -110,6 +131,7 @@ class EmpiRegistry:
             self._history(db, empi, height, tx_id, "enrolled", f"{submitter} {enrolment.hex()} {grade}")
         db.execute("INSERT INTO enrolments VALUES (?, ?, ?, ?, ?, ?, ?)", (
             enrolment, submitter, codec.encode(body["encodings"]), encodings.national_id, empi, height, tx_id))
+        self._remember(enrolment, encodings)
         self._block(db, enrolment, matching.blocking_keys(encodings))
         for other, score in reviews:
             a, b = sorted((enrolment, other))
@@ -127,10 +149,7 @@ class EmpiRegistry:
                              (encodings.national_id,)).fetchone()
             if row is not None:
                 return row[0], "certain", []
-        scored = []
-        for other, blob in self.candidates(db, encodings):
-            theirs = Encodings.from_wire(codec.decode(blob))
-            scored.append((matching.score(encodings, theirs), other))
+        scored = [(matching.score(encodings, self._encodings(other)), other) for other in self.candidates(db, encodings)]
         if not scored:
             return None, "new", []
         scored.sort(key=lambda s: (-s[0].total, s[1]))
@@ -149,8 +168,8 @@ class EmpiRegistry:
             if row is not None:
                 return {"empi": self.resolve(None, row[0]), "grade": "certain", "candidates": []}
         scored = []
-        for other, blob in self.candidates(self._db, encodings):
-            s = matching.score(encodings, Encodings.from_wire(codec.decode(blob)))
+        for other in self.candidates(self._db, encodings):
+            s = matching.score(encodings, self._encodings(other))
             if matching.match_grade(s) is not None:
                 scored.append((s, other))
         scored.sort(key=lambda s: (-s[0].total, s[1]))
@@ -160,18 +179,26 @@ class EmpiRegistry:
             return {"empi": candidates[0]["empi"], "grade": candidates[0]["grade"], "candidates": candidates}
         return {"empi": None, "grade": candidates[0]["grade"] if candidates else None, "candidates": candidates}
 
-    def candidates(self, db: sqlite3.Connection, encodings: Encodings) -> list[tuple[bytes, bytes]]:
-        """Enrolments sharing a blocking key with ``encodings``: (id, encoded encodings), by id."""
+    def candidates(self, db: sqlite3.Connection, encodings: Encodings) -> list[bytes]:
+        """Enrolments sharing a blocking key with ``encodings``, by id.
+
+        A demographic key shared by more than ``matching.MAX_BLOCK`` enrolments is skipped:
+        it says too little, and every node skips it alike (the quality tool's index does the
+        same). National-id keys are always used.
+        """
+        keys = matching.blocking_keys(encodings)
+        if not keys:
+            return []
+        rows = db.execute(f"SELECT key, enrolment FROM blocking WHERE key IN ({', '.join('?' * len(keys))})",
+                          keys).fetchall()
+        by_key: dict[bytes, list[bytes]] = {}
+        for key, enrolment in rows:
+            by_key.setdefault(key, []).append(enrolment)
         ids: set[bytes] = set()
-        for key in matching.blocking_keys(encodings):
-            rows = db.execute("SELECT enrolment FROM blocking WHERE key = ? ORDER BY enrolment LIMIT ?",
-                              (key, MAX_PER_BLOCKING_KEY + 1)).fetchall()
-            if len(rows) <= MAX_PER_BLOCKING_KEY:
-                ids.update(r[0] for r in rows)
-        out = []
-        for enrolment in sorted(ids):
-            out.append(db.execute("SELECT id, encodings FROM enrolments WHERE id = ?", (enrolment,)).fetchone())
-        return out
+        for key, members in by_key.items():
+            if len(members) <= matching.MAX_BLOCK or len(key) == NATIONAL_ID_BYTES:
+                ids.update(members)
+        return sorted(ids)
 
     def link(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int, tx_id: bytes) -> str:
         row = db.execute("SELECT empi FROM enrolments WHERE id = ?", (body["enrolment"],)).fetchone()
@@ -262,8 +289,7 @@ class EmpiRegistry:
         for a, b, score, height in rows.fetchall():
             ea, eb = (self._db.execute("SELECT institution, empi, encodings FROM enrolments WHERE id = ?",
                                        (x,)).fetchone() for x in (a, b))
-            evidence = matching.score(Encodings.from_wire(codec.decode(ea[2])),
-                                      Encodings.from_wire(codec.decode(eb[2])))
+            evidence = matching.score(self._encodings(a, ea[2]), self._encodings(b, eb[2]))
             out.append({
                 "a": {"enrolment": a.hex(), "institution": ea[0], "empi": ea[1]},
                 "b": {"enrolment": b.hex(), "institution": eb[0], "empi": eb[1]},
@@ -287,5 +313,6 @@ def evidence_view(score: matching.Score) -> dict[str, Any]:
     return {
         "total": score.total, "grade": matching.match_grade(score), "decision": matching.classify(score),
         "national_id": score.national_id, "names_swapped": score.names_swapped, "sex_weight": score.sex_weight,
-        "fields": [{"field": f.field, "dice": f.dice, "level": f.level, "weight": f.weight} for f in score.fields],
+        "fields": [{"field": f.field, "dice": f.dice, "level": f.level, "weight": f.weight, "counted": f.counted}
+                   for f in score.fields],
     }
