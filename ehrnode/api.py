@@ -35,7 +35,8 @@ EMPI:
 ``empi.lookup``       ``{"patient": FHIR Patient}`` -> ``{"empi", "grade", "candidates"}`` (institutions)
 ``empi.review``       -> the potential-duplicate queue with field-level evidence
 ``empi.history``      ``{"empi": E}`` -> every change to that EMPI
-``empi.link``         ``{"enrolment": HEX, "empi": E}``; ``empi.not_duplicate`` ``{"a", "b"}``;
+``empi.link``         ``{"enrolment": HEX, "empi": E}``; ``empi.split`` ``{"enrolment"}``;
+                      ``empi.not_duplicate`` ``{"a", "b"}``;
 ``empi.merge``        ``{"from": E, "into": E}``; ``empi.unmerge`` ``{"merge": TX_ID}``: signed by this
                       member, answered once committed: ``{"tx_id", "height", "status"}``
 
@@ -343,6 +344,7 @@ class ApiServer:
         bodies = {
             "empi.link": lambda: {"enrolment": _hex_param(params.get("enrolment"), "enrolment", ENROLMENT_SIZE),
                                   "empi": _empi_param(params.get("empi"), "empi")},
+            "empi.split": lambda: {"enrolment": _hex_param(params.get("enrolment"), "enrolment", ENROLMENT_SIZE)},
             "empi.not_duplicate": lambda: {"a": _hex_param(params.get("a"), "a", ENROLMENT_SIZE),
                                            "b": _hex_param(params.get("b"), "b", ENROLMENT_SIZE)},
             "empi.merge": lambda: {"from": _empi_param(params.get("from"), "from"),

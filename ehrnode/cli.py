@@ -392,6 +392,7 @@ def cmd_empi_history(args: argparse.Namespace) -> int:
 def cmd_empi_change(args: argparse.Namespace) -> int:
     params = {
         "link": lambda: {"enrolment": args.enrolment, "empi": args.empi},
+        "split": lambda: {"enrolment": args.enrolment},
         "not-duplicate": lambda: {"a": args.a, "b": args.b},
         "merge": lambda: {"from": args.source, "into": args.target},
         "unmerge": lambda: {"merge": args.merge},
@@ -503,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     history.set_defaults(func=cmd_empi_history)
     for name, helptext, positional in (
         ("link", "link an enrolment to an EMPI", (("enrolment", "ENROLMENT"), ("empi", "EMPI"))),
+        ("split", "move an enrolment wrongly linked (twins, say) to a new EMPI of its own",
+         (("enrolment", "ENROLMENT"),)),
         ("not-duplicate", "close a potential duplicate: the two enrolments are different people",
          (("a", "ENROLMENT"), ("b", "ENROLMENT"))),
         ("merge", "merge one EMPI into another", (("source", "FROM"), ("target", "INTO"))),

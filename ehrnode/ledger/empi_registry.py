@@ -21,7 +21,7 @@ every node. Records never carry an EMPI, only their enrolment: a merge or
 unmerge moves enrolments between EMPIs and every record follows.
 
 Curators act with signed transactions: ``empi.link`` (an enrolment joins an
-EMPI), ``empi.not_duplicate`` (closes a review item), ``empi.merge`` (every
+EMPI), ``empi.split`` (an enrolment leaves its EMPI for a new one), ``empi.not_duplicate`` (closes a review item), ``empi.merge`` (every
 enrolment of one EMPI moves into another, which the old EMPI then resolves to)
 and ``empi.unmerge`` (undoes one merge: the enrolments it moved go back).
 Every change is kept in the history.
@@ -211,6 +211,19 @@ class EmpiRegistry:
         detail = f"{submitter} linked {body['enrolment'].hex()} from {row[0]}"
         self._history(db, target, height, tx_id, "linked", detail)
         self._history(db, row[0], height, tx_id, "unlinked", detail)
+        return "ok"
+
+    def split(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int, tx_id: bytes) -> str:
+        """An enrolment wrongly linked (twins, say) leaves its EMPI for a new one of its own."""
+        row = db.execute("SELECT empi FROM enrolments WHERE id = ?", (body["enrolment"],)).fetchone()
+        if row is None:
+            return "invalid:unknown"
+        empi = new_empi(tx_id)
+        db.execute("INSERT INTO empis VALUES (?, ?, NULL)", (empi, height))
+        db.execute("UPDATE enrolments SET empi = ? WHERE id = ?", (empi, body["enrolment"]))
+        detail = f"{submitter} split {body['enrolment'].hex()} from {row[0]}"
+        self._history(db, empi, height, tx_id, "created", detail)
+        self._history(db, row[0], height, tx_id, "split", detail)
         return "ok"
 
     def not_duplicate(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int,

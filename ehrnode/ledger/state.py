@@ -45,7 +45,7 @@ CREATE INDEX IF NOT EXISTS anchors_commitment ON anchors(commitment);
 #: Roles allowed to submit each kind (kinds not listed: any member).
 _INSTITUTIONS = frozenset({"institution"})
 _KIND_ROLES = {kind: _INSTITUTIONS for kind in (
-    "record.anchor", "empi.enrol", "empi.link", "empi.not_duplicate", "empi.merge", "empi.unmerge")}
+    "record.anchor", "empi.enrol", "empi.link", "empi.not_duplicate", "empi.merge", "empi.unmerge", "empi.split")}
 
 ANCHOR_COLUMNS = ("record", "patient", "institution", "recorded_at", "setting", "resource_type", "commitment",
                   "position", "entry", "epoch", "height", "tx_id")
@@ -61,7 +61,7 @@ class LedgerState:
         self.empi = EmpiRegistry(self._db)
         self._empi_kinds = {
             "empi.enrol": self.empi.enrol, "empi.link": self.empi.link, "empi.not_duplicate": self.empi.not_duplicate,
-            "empi.merge": self.empi.merge, "empi.unmerge": self.empi.unmerge,
+            "empi.merge": self.empi.merge, "empi.unmerge": self.empi.unmerge, "empi.split": self.empi.split,
         }
 
     def close(self) -> None:

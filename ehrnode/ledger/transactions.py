@@ -87,6 +87,12 @@ def _link_body(body: Any) -> dict[str, Any]:
     return dict(m)
 
 
+def _split_body(body: Any) -> dict[str, Any]:
+    m = as_map(body, "empi.split", ("enrolment",))
+    as_bytes(m["enrolment"], "empi.split.enrolment", size=ENROLMENT_SIZE)
+    return dict(m)
+
+
 def _not_duplicate_body(body: Any) -> dict[str, Any]:
     m = as_map(body, "empi.not_duplicate", ("a", "b"))
     as_bytes(m["a"], "empi.not_duplicate.a", size=ENROLMENT_SIZE)
@@ -111,6 +117,7 @@ def _unmerge_body(body: Any) -> dict[str, Any]:
 KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "note": _note_body, "record.anchor": _anchor_body, "empi.enrol": _enrol_body, "empi.link": _link_body,
     "empi.not_duplicate": _not_duplicate_body, "empi.merge": _merge_body, "empi.unmerge": _unmerge_body,
+    "empi.split": _split_body,
 }
 
 

@@ -121,6 +121,11 @@ def test_link_not_duplicate_and_refusals(tmp_path):
     ex, ey = registry.empi_of(b"x" * 16), registry.empi_of(b"y" * 16)
     assert chain.apply(tx("empi.link", {"enrolment": b"y" * 16, "empi": ex})) == ["ok"]
     assert registry.empi_of(b"y" * 16) == ex
+    split = tx("empi.split", {"enrolment": b"y" * 16})
+    assert chain.apply(split) == ["ok"]
+    ez = registry.empi_of(b"y" * 16)
+    assert ez not in (ex, ey) and registry.enrolments_of(ex) == [b"x" * 16]
+    assert [e["event"] for e in registry.history(ex)] == ["created", "linked", "split"]
     assert chain.apply(
         enrol(p0, "B", b"x" * 16),  # someone else's enrolment id
         tx("empi.enrol", {"epoch": 0, "enrolment": b"z" * 16, "institution": "A", "encodings": {"v": 99}}),
