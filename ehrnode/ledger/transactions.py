@@ -168,7 +168,7 @@ class Transaction:
         kind = as_str(m["kind"], "transaction.kind", max_len=32)
         if kind not in KINDS:
             raise SchemaError(f"transaction.kind: unknown kind {kind!r}")
-        return cls(
+        tx = cls(
             kind,
             as_str(m["chain"], "transaction.chain", max_len=64),
             as_str(m["submitter"], "transaction.submitter", max_len=32),
@@ -177,6 +177,9 @@ class Transaction:
             KINDS[kind](m["body"]),
             as_bytes(m["sig"], "transaction.sig", size=crypto.SIGNATURE_SIZE),
         )
+        # The decoder checked that ``data`` is the canonical encoding: no need to encode again.
+        tx.__dict__["encoded"] = data
+        return tx
 
     def check_signature(self, public_key: bytes) -> None:
         if not crypto.verify(public_key, crypto.signing_bytes(TX_DOMAIN, self._unsigned()), self.signature):
