@@ -31,7 +31,8 @@ Records (institutions only):
 
 EMPI:
 
-``empi.of``           ``{"patients": [HEX, ...]}`` -> ``{HEX: EMPI or null}`` (enrolment ids)
+``empi.of``           ``{"patients": [HEX, ...]}`` -> ``{HEX: EMPI or null}`` (this node's enrolment
+                      ids, as ``records.add`` returns them; review and history show registry ids)
 ``empi.lookup``       ``{"patient": FHIR Patient}`` -> ``{"empi", "grade", "candidates"}`` (institutions)
 ``empi.review``       -> the potential-duplicate queue with field-level evidence
 ``empi.history``      ``{"empi": E}`` -> every change to that EMPI
@@ -63,6 +64,7 @@ from trio_websocket import ConnectionClosed
 from .codec import MAX_UINT
 from .crypto import write_secret_file
 from .errors import AdmissionError, CodecError, CryptoError, EhrnodeError, FhirError, IntegrityError
+from .ledger.empi_registry import scoped_enrolment
 from .ledger.transactions import EMPI_PATTERN, ENROLMENT_SIZE
 from .logs import get_logger
 from .records import fhir
@@ -328,7 +330,9 @@ class ApiServer:
             patients = params.get("patients")
             if not isinstance(patients, list) or len(patients) > 100_000:
                 raise RpcError(-32602, "patients must be a list of enrolment ids")
-            return {p: registry.empi_of(_hex_param(p, "patients[]", ENROLMENT_SIZE)) for p in patients}
+            # This node's own enrolment ids, as records.add returns them.
+            return {p: registry.empi_of(scoped_enrolment(node.name, _hex_param(p, "patients[]", ENROLMENT_SIZE)))
+                    for p in patients}
         if method == "empi.review":
             return registry.review_queue()
         if method == "empi.history":
@@ -410,7 +414,8 @@ class ApiServer:
                 raise RpcError(-32000, str(exc), reason=exc.reason) from exc
             rows = [r.view() for r in outcome.records]
             for row in rows:
-                row["empi"] = self.node.state.empi.empi_of(bytes.fromhex(row["patient"]))
+                row["empi"] = self.node.state.empi.empi_of(scoped_enrolment(self.node.name,
+                                                                            bytes.fromhex(row["patient"])))
             return {"records": rows, "skipped": outcome.skipped}
         if method == "records.show":
             record_id = _hex_param(params.get("record_id"), "record_id", 16)

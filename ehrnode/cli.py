@@ -275,6 +275,10 @@ def cmd_records_add(args: argparse.Namespace) -> int:
         new = sum(r["status"] == "recorded" for r in rows)
         print(f"{new} recorded, {len(rows) - new} already recorded, {len(result.skipped) + len(problems)} skipped",
               file=sys.stderr)
+    undecided = {r["patient"] for r in rows if r["empi"] is None and r["height"] is not None}
+    if undecided:
+        print(f"ehrnode: {len(undecided)} patient(s) have no EMPI yet: their enrolment is not committed "
+              "(`ehrnode records list` finds their records once it is)", file=sys.stderr)
     uncommitted = [r for r in rows if r["tx_id"] and r["height"] is None]
     if uncommitted and not args.no_wait:
         print(f"ehrnode: {len(uncommitted)} anchors not committed within {args.timeout} s "

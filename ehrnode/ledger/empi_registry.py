@@ -67,6 +67,15 @@ DECODED_CACHE = 100_000
 EMPI_PREFIX = "E"
 
 
+def scoped_enrolment(institution: str, enrolment: bytes) -> bytes:
+    """The registry's id for ``institution``'s enrolment: an institution can only ever name its own.
+
+    Enrolment ids are each institution's pseudonyms and could be copied by another member
+    from gossip; scoping them by the submitter makes a copied id a different enrolment.
+    """
+    return crypto.sha256(b"ehrnode/enrolment\x1f" + institution.encode() + b"\x1f" + enrolment)[:16]
+
+
 def new_empi(tx_id: bytes) -> str:
     digest = crypto.sha256(b"ehrnode/empi/v1" + tx_id)[:15]
     return EMPI_PREFIX + base64.b32encode(digest).decode("ascii")
@@ -109,16 +118,23 @@ class EmpiRegistry:
             encodings = Encodings.from_wire(body["encodings"])
         except CodecError:
             return "invalid:encodings"
-        enrolment = body["enrolment"]
+        enrolment = scoped_enrolment(submitter, body["enrolment"])
         known = db.execute("SELECT institution, empi FROM enrolments WHERE id = ?", (enrolment,)).fetchone()
         if known is not None:
-            if known[0] != submitter:
-                return "invalid:not_owner"
-            # New demographics for a known patient: encodings and blocking keys follow; the EMPI stays.
+            # New demographics for a known patient: encodings and blocking keys follow; the EMPI
+            # stays (a curator decides moves), but new likely matches go to review.
             db.execute("UPDATE enrolments SET encodings = ?, national = ? WHERE id = ?",
                        (codec.encode(body["encodings"]), encodings.national_id, enrolment))
             self._remember(enrolment, encodings)
             db.execute("DELETE FROM blocking WHERE enrolment = ?", (enrolment,))
+            for other in self.candidates(db, encodings):
+                if other == enrolment:
+                    continue
+                score = matching.score(encodings, self._encodings(other))
+                theirs = db.execute("SELECT empi FROM enrolments WHERE id = ?", (other,)).fetchone()[0]
+                if matching.classify(score) != "new" and theirs != known[1]:
+                    a, b = sorted((enrolment, other))
+                    db.execute("INSERT OR IGNORE INTO review VALUES (?, ?, ?, 'open', ?)", (a, b, score.total, height))
             self._block(db, enrolment, matching.blocking_keys(encodings))
             self._history(db, known[1], height, tx_id, "re-enrolled", f"{submitter} {enrolment.hex()}")
             return "ok"
@@ -200,14 +216,32 @@ class EmpiRegistry:
                 ids.update(members)
         return sorted(ids)
 
+    def _owner(self, db: sqlite3.Connection, enrolment: bytes) -> tuple[str, str] | None:
+        """(institution, current EMPI) of an enrolment."""
+        row = db.execute("SELECT institution, empi FROM enrolments WHERE id = ?", (enrolment,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def _owns_any(self, db: sqlite3.Connection, institution: str, *empis: str) -> bool:
+        return any(db.execute("SELECT 1 FROM enrolments WHERE empi = ? AND institution = ? LIMIT 1",
+                              (e, institution)).fetchone() for e in empis)
+
+    def _close_reviews(self, db: sqlite3.Connection, empi: str) -> None:
+        """Open review items whose two enrolments are now one EMPI are settled."""
+        db.execute("UPDATE review SET status = 'linked' WHERE status = 'open' AND "
+                   "a IN (SELECT id FROM enrolments WHERE empi = ?) AND b IN (SELECT id FROM enrolments WHERE empi = ?)",
+                   (empi, empi))
+
     def link(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int, tx_id: bytes) -> str:
-        row = db.execute("SELECT empi FROM enrolments WHERE id = ?", (body["enrolment"],)).fetchone()
+        """An institution links one of its own enrolments to an EMPI."""
+        owner = self._owner(db, body["enrolment"])
         target = self.resolve(db, body["empi"])
-        if row is None or target is None:
+        if owner is None or target is None:
             return "invalid:unknown"
+        if owner[0] != submitter:
+            return "invalid:not_owner"
+        row = (owner[1],)
         db.execute("UPDATE enrolments SET empi = ? WHERE id = ?", (target, body["enrolment"]))
-        db.execute("UPDATE review SET status = 'linked' WHERE (a = ? OR b = ?) AND status = 'open'",
-                   (body["enrolment"], body["enrolment"]))
+        self._close_reviews(db, target)
         detail = f"{submitter} linked {body['enrolment'].hex()} from {row[0]}"
         self._history(db, target, height, tx_id, "linked", detail)
         self._history(db, row[0], height, tx_id, "unlinked", detail)
@@ -215,9 +249,12 @@ class EmpiRegistry:
 
     def split(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int, tx_id: bytes) -> str:
         """An enrolment wrongly linked (twins, say) leaves its EMPI for a new one of its own."""
-        row = db.execute("SELECT empi FROM enrolments WHERE id = ?", (body["enrolment"],)).fetchone()
-        if row is None:
+        owner = self._owner(db, body["enrolment"])
+        if owner is None:
             return "invalid:unknown"
+        if owner[0] != submitter:
+            return "invalid:not_owner"
+        row = (owner[1],)
         empi = new_empi(tx_id)
         db.execute("INSERT INTO empis VALUES (?, ?, NULL)", (empi, height))
         db.execute("UPDATE enrolments SET empi = ? WHERE id = ?", (empi, body["enrolment"]))
@@ -229,8 +266,14 @@ class EmpiRegistry:
     def not_duplicate(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int,
                       tx_id: bytes) -> str:
         a, b = sorted((body["a"], body["b"]))
-        if db.execute("UPDATE review SET status = 'not_duplicate' WHERE a = ? AND b = ?", (a, b)).rowcount != 1:
+        owners = [self._owner(db, x) for x in (a, b)]
+        if None in owners:
             return "invalid:unknown"
+        if submitter not in {o[0] for o in owners if o}:
+            return "invalid:not_owner"
+        if db.execute("UPDATE review SET status = 'not_duplicate' WHERE a = ? AND b = ? AND status = 'open'",
+                      (a, b)).rowcount != 1:
+            return "invalid:not_open"
         for enrolment in (a, b):
             empi = db.execute("SELECT empi FROM enrolments WHERE id = ?", (enrolment,)).fetchone()[0]
             self._history(db, empi, height, tx_id, "not_duplicate", f"{submitter} {a.hex()} {b.hex()}")
@@ -240,8 +283,11 @@ class EmpiRegistry:
         source, target = self.resolve(db, body["from"]), self.resolve(db, body["into"])
         if source is None or target is None or source == target:
             return "invalid:unknown" if source is None or target is None else "invalid:same"
+        if not self._owns_any(db, submitter, source, target):
+            return "invalid:not_owner"  # only an institution with a patient in either may merge them
         moved = [r[0] for r in db.execute("SELECT id FROM enrolments WHERE empi = ? ORDER BY id", (source,))]
         db.execute("UPDATE enrolments SET empi = ? WHERE empi = ?", (target, source))
+        self._close_reviews(db, target)
         db.execute("UPDATE empis SET merged_into = ? WHERE empi = ?", (target, source))
         db.execute("INSERT INTO merges VALUES (?, ?, ?, ?, ?, 0)", (tx_id, source, target, codec.encode(moved), height))
         detail = f"{submitter} merged {source} into {target} ({len(moved)} enrolments)"
@@ -258,6 +304,11 @@ class EmpiRegistry:
         if row[3]:
             return "invalid:undone"
         source, target, moved = row[0], row[1], codec.decode(row[2])
+        if db.execute("SELECT merged_into FROM empis WHERE empi = ?", (target,)).fetchone()[0] is not None:
+            return "invalid:later_merge"  # the target was merged on since: undo that merge first
+        if not self._owns_any(db, submitter, target) and not any(
+                (self._owner(db, m) or ("",))[0] == submitter for m in moved):
+            return "invalid:not_owner"
         db.executemany("UPDATE enrolments SET empi = ? WHERE id = ? AND empi = ?",
                        [(source, m, target) for m in moved])
         db.execute("UPDATE empis SET merged_into = NULL WHERE empi = ?", (source,))
@@ -277,14 +328,14 @@ class EmpiRegistry:
     def resolve(self, db: sqlite3.Connection | None, empi: str) -> str | None:
         """The EMPI ``empi`` stands for now (following merges), or None if unknown."""
         db = db or self._db
-        for _ in range(64):
+        # Merges only join two EMPIs that are both current, so the chain has no cycle.
+        while True:
             row = db.execute("SELECT merged_into FROM empis WHERE empi = ?", (empi,)).fetchone()
             if row is None:
                 return None
             if row[0] is None:
                 return empi
             empi = row[0]
-        return None
 
     def enrolments_of(self, empi: str) -> list[bytes]:
         current = self.resolve(None, empi)

@@ -22,7 +22,7 @@ from .. import crypto
 from ..consensus.types import Block
 from ..errors import AdmissionError, CodecError, StoreError
 from .empi_registry import SCHEMA as EMPI_SCHEMA
-from .empi_registry import EmpiRegistry
+from .empi_registry import EmpiRegistry, scoped_enrolment
 from .sqlite import open_db, transaction
 from .transactions import Transaction
 
@@ -109,7 +109,8 @@ class LedgerState:
                           (body["record"], body["institution"], body["position"])).fetchone():
                 return "invalid:duplicate_record"
             db.execute(f"INSERT INTO anchors VALUES ({', '.join('?' * len(ANCHOR_COLUMNS))})", (
-                body["record"], body["patient"], body["institution"], body["recorded_at"], body["setting"],
+                # An institution's records can only name its own enrolments.
+                body["record"], scoped_enrolment(body["institution"], body["patient"]), body["institution"], body["recorded_at"], body["setting"],
                 body["resource_type"], body["commitment"], body["position"], body["entry"], body["epoch"], height,
                 tx.id,
             ))

@@ -21,6 +21,7 @@ import trio
 from .. import crypto
 from ..config import NodeConfig
 from ..errors import AdmissionError, ConfigError, IntegrityError
+from ..ledger.empi_registry import scoped_enrolment
 from ..ledger.state import LedgerState
 from ..ledger.transactions import Transaction
 from ..logs import get_logger
@@ -142,7 +143,8 @@ class RecordsService:
         anchors = self.hooks.state.anchors(record=record_id)
         return {
             "record_id": record_id.hex(), "patient": header.patient.hex(),
-            "empi": self.hooks.state.empi.empi_of(header.patient), "resource_type": header.resource_type,
+            "empi": self.hooks.state.empi.empi_of(scoped_enrolment(self.name, header.patient)),
+            "resource_type": header.resource_type,
             "position": header.position, "recorded_at": header.recorded_at, "setting": header.setting,
             "commitment": header.commitment.hex(), "anchor": anchor_view(anchors[0]) if anchors else None,
             "resource": raw, "deidentified": released, "salt": salt.hex(),

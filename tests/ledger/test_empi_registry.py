@@ -8,6 +8,7 @@ from ehrnode import crypto, synthetic
 from ehrnode.consensus.types import Block
 from ehrnode.empi.encoding import Encoder
 from ehrnode.empi.normalize import Demographics
+from ehrnode.ledger.empi_registry import scoped_enrolment as scoped
 from ehrnode.ledger.state import LedgerState
 from ehrnode.ledger.transactions import Transaction
 
@@ -73,8 +74,8 @@ def test_the_same_people_at_two_institutions_get_one_empi_identically_on_two_nod
         assert set(chain.apply(*at_a)) == {"ok"}
         assert set(chain.apply(*at_b)) == {"ok"}
         registry = chain.state.empi
-        empis_a = [registry.empi_of(bytes([1, i]) * 8) for i in range(len(patients))]
-        empis_b = [registry.empi_of(bytes([2, i]) * 8) for i in range(len(patients))]
+        empis_a = [registry.empi_of(scoped("A", bytes([1, i]) * 8)) for i in range(len(patients))]
+        empis_b = [registry.empi_of(scoped("B", bytes([2, i]) * 8)) for i in range(len(patients))]
         assert empis_a == empis_b
         assert len(set(empis_a)) == len(patients)
         tables.append(chain.state._db.execute("SELECT id, empi FROM enrolments ORDER BY id").fetchall())
@@ -89,7 +90,7 @@ def test_merge_and_unmerge_round_trip_and_records_follow(tmp_path):
     second = synthetic.patient_resources(people[1], "B")[0]
     chain.apply(enrol(first, "A", b"a" * 16), enrol(second, "B", b"b" * 16))
     registry = chain.state.empi
-    ea, eb = registry.empi_of(b"a" * 16), registry.empi_of(b"b" * 16)
+    ea, eb = registry.empi_of(scoped("A", b"a" * 16)), registry.empi_of(scoped("B", b"b" * 16))
     assert ea != eb
     anchors = [tx("record.anchor", {
         "epoch": 0, "record": bytes([n]) * 16, "patient": patient, "institution": inst, "recorded_at": 1,
@@ -103,6 +104,8 @@ def test_merge_and_unmerge_round_trip_and_records_follow(tmp_path):
     assert {a["record"] for a in chain.state.anchors(empi=ea)} == {bytes([1]) * 16, bytes([2]) * 16}
     assert chain.state.anchors(empi=eb) == chain.state.anchors(empi=ea)
     assert chain.apply(tx("empi.merge", {"from": eb, "into": ea}, "A")) == ["invalid:same"]
+    # The anchors join A's and B's own enrolments (each institution names only its own).
+    assert {a["patient"] for a in chain.state.anchors(empi=ea)} == {scoped("A", b"a" * 16), scoped("B", b"b" * 16)}
     assert chain.apply(tx("empi.unmerge", {"merge": merge.id}, "A")) == ["ok"]
     assert [a["record"] for a in chain.state.anchors(empi=ea)] == [bytes([1]) * 16]
     assert [a["record"] for a in chain.state.anchors(empi=eb)] == [bytes([2]) * 16]
@@ -118,20 +121,54 @@ def test_link_not_duplicate_and_refusals(tmp_path):
     p1 = synthetic.patient_resources(people[1], "A")[0]
     chain.apply(enrol(p0, "A", b"x" * 16), enrol(p1, "A", b"y" * 16))
     registry = chain.state.empi
-    ex, ey = registry.empi_of(b"x" * 16), registry.empi_of(b"y" * 16)
-    assert chain.apply(tx("empi.link", {"enrolment": b"y" * 16, "empi": ex})) == ["ok"]
-    assert registry.empi_of(b"y" * 16) == ex
-    split = tx("empi.split", {"enrolment": b"y" * 16})
+    x, y = scoped("A", b"x" * 16), scoped("A", b"y" * 16)
+    ex, ey = registry.empi_of(x), registry.empi_of(y)
+    # Only the owner links or splits its enrolment.
+    assert chain.apply(tx("empi.link", {"enrolment": y, "empi": ex}, "B")) == ["invalid:not_owner"]
+    assert chain.apply(tx("empi.link", {"enrolment": y, "empi": ex})) == ["ok"]
+    assert registry.empi_of(y) == ex
+    assert chain.apply(tx("empi.split", {"enrolment": y}, "B")) == ["invalid:not_owner"]
+    split = tx("empi.split", {"enrolment": y})
     assert chain.apply(split) == ["ok"]
-    ez = registry.empi_of(b"y" * 16)
-    assert ez not in (ex, ey) and registry.enrolments_of(ex) == [b"x" * 16]
+    ez = registry.empi_of(y)
+    assert ez not in (ex, ey) and registry.enrolments_of(ex) == [x]
     assert [e["event"] for e in registry.history(ex)] == ["created", "linked", "split"]
+    # B enrolling A's enrolment id (copied from gossip) is B's own enrolment: A's is untouched.
+    assert chain.apply(enrol(p1, "B", b"x" * 16)) == ["ok"]
+    assert registry.empi_of(x) == ex and registry.empi_of(scoped("B", b"x" * 16)) is not None
     assert chain.apply(
-        enrol(p0, "B", b"x" * 16),  # someone else's enrolment id
         tx("empi.enrol", {"epoch": 0, "enrolment": b"z" * 16, "institution": "A", "encodings": {"v": 99}}),
+        tx("empi.enrol", {"epoch": 0, "enrolment": b"z" * 16, "institution": "B",
+                          "encodings": ENCODER.encode(Demographics.from_fhir(p0)).to_wire()}),  # not the submitter
         tx("empi.link", {"enrolment": b"q" * 16, "empi": ey}),
-        tx("empi.not_duplicate", {"a": b"x" * 16, "b": b"y" * 16}),
-    ) == ["invalid:not_owner", "invalid:encodings", "invalid:unknown", "invalid:unknown"]
+        tx("empi.not_duplicate", {"a": x, "b": y}),
+    ) == ["invalid:encodings", "invalid:not_owner", "invalid:unknown", "invalid:not_open"]
+
+
+def test_unmerges_go_last_first_and_long_merge_chains_resolve(tmp_path):
+    chain = Chain(tmp_path / "state.db")
+    people = synthetic.people(70, seed=21)
+    enrolments = [enrol(synthetic.patient_resources(p, "A")[0], "A", i.to_bytes(16, "big"))
+                  for i, p in enumerate(people)]
+    chain.apply(*enrolments)
+    registry = chain.state.empi
+    empis = [registry.empi_of(scoped("A", i.to_bytes(16, "big"))) for i in range(len(people))]
+    assert len(set(empis)) == len(people)
+    a, b, c = empis[:3]
+    m1 = tx("empi.merge", {"from": a, "into": b})
+    m2 = tx("empi.merge", {"from": b, "into": c})
+    assert chain.apply(m1, m2) == ["ok", "ok"]
+    assert chain.apply(tx("empi.unmerge", {"merge": m1.id})) == ["invalid:later_merge"]
+    assert chain.apply(tx("empi.unmerge", {"merge": m2.id}), tx("empi.unmerge", {"merge": m1.id})) == ["ok", "ok"]
+    assert [registry.enrolments_of(e) for e in (a, b, c)] == [
+        [scoped("A", (i).to_bytes(16, "big"))] for i in range(3)]
+    # A chain of 66 merges still resolves from its first EMPI.
+    merges = [tx("empi.merge", {"from": empis[i], "into": empis[i + 1]}) for i in range(3, 69)]
+    assert set(chain.apply(*merges)) == {"ok"}
+    assert registry.resolve(None, empis[3]) == empis[69]
+    assert len(registry.enrolments_of(empis[3])) == 67
+    # B has no patient in either EMPI: it may not merge them.
+    assert chain.apply(tx("empi.merge", {"from": empis[0], "into": empis[1]}, "B")) == ["invalid:not_owner"]
 
 
 def test_a_regulator_cannot_enrol(tmp_path):

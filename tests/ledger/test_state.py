@@ -5,6 +5,7 @@ import pytest
 from ehrnode import crypto
 from ehrnode.consensus.types import Block
 from ehrnode.errors import SchemaError
+from ehrnode.ledger.empi_registry import scoped_enrolment
 from ehrnode.ledger.state import LedgerState
 from ehrnode.ledger.transactions import Transaction
 
@@ -56,7 +57,8 @@ def test_anchors_are_indexed_and_invalid_ones_refused_alike_everywhere(tmp_path)
         valid = state.apply(block(1, *txs))
         assert statuses(state, txs) == expected
         assert [tx.id for tx in valid] == [txs[i].id for i, s in enumerate(expected) if s == "ok"]
-        views.append((state.anchors(), [a for a in state.anchors() if a["patient"] == b"q" * 16],
+        views.append((state.anchors(), [a for a in state.anchors() if a["patient"] in (
+                          scoped_enrolment("A", b"q" * 16), scoped_enrolment("B", b"q" * 16))],
                       state.anchored_positions("A")))
         state.close()
     assert views[0] == views[1]
