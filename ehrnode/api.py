@@ -41,6 +41,12 @@ EMPI:
 ``empi.merge``        ``{"from": E, "into": E}``; ``empi.unmerge`` ``{"merge": TX_ID}``: signed by this
                       member, answered once committed: ``{"tx_id", "height", "status"}``
 
+Consent (recorded by an institution that has the patient):
+
+``consent.grant``     ``{"empi", "to": MEMBER or "*", "purposes": [...] or ["*"], "scope": [TYPES] or
+``consent.revoke``    ["*"], "until": ms (0: no end)}`` -> ``{"tx_id", "height", "status"}``
+``consent.show``      ``{"empi": E}`` -> every grant and revocation, in chain order
+
 Errors follow JSON-RPC: -32700 parse error, -32600 invalid request, -32601
 unknown method, -32602 bad params, -32000 refused by the node (``data.reason``
 says why, e.g. ``mempool_full``). A bad request gets an error; the connection
@@ -63,9 +69,9 @@ from trio_websocket import ConnectionClosed
 
 from .codec import MAX_UINT
 from .crypto import write_secret_file
-from .errors import AdmissionError, CodecError, CryptoError, EhrnodeError, FhirError, IntegrityError
+from .errors import AdmissionError, CodecError, CryptoError, EhrnodeError, FhirError, IntegrityError, SchemaError
 from .ledger.empi_registry import scoped_enrolment
-from .ledger.transactions import EMPI_PATTERN, ENROLMENT_SIZE
+from .ledger.transactions import EMPI_PATTERN, ENROLMENT_SIZE, KINDS
 from .logs import get_logger
 from .records import fhir
 
@@ -244,6 +250,8 @@ class ApiServer:
                 result = await self._records_call(method, params, staged)
             elif method.startswith("empi."):
                 result = await self._empi_call(method, params)
+            elif method.startswith("consent."):
+                result = await self._consent_call(method, params)
             else:
                 result = await self._call(method, params, ws, nursery)
         except RpcError as exc:
@@ -357,8 +365,31 @@ class ApiServer:
         }
         if method not in bodies:
             raise RpcError(-32601, f"unknown method {method!r}")
+        return await self._submit_and_wait(method, bodies[method](), params)
+
+    async def _consent_call(self, method: str, params: dict[str, Any]) -> Any:
+        if method == "consent.show":
+            return self.node.state.consent.entries(_empi_param(params.get("empi"), "empi"))
+        if method not in ("consent.grant", "consent.revoke"):
+            raise RpcError(-32601, f"unknown method {method!r}")
+        purposes = params.get("purposes", ["*"])
+        scope = params.get("scope", ["*"])
+        until = params.get("until", 0)
+        if not isinstance(until, int) or isinstance(until, bool) or not 0 <= until <= MAX_UINT:
+            raise RpcError(-32602, "until must be a time in milliseconds (0: no end)")
+        body = {"epoch": 0, "empi": _empi_param(params.get("empi"), "empi"), "grantee": params.get("to"),
+                "purposes": purposes, "scope": scope, "until": until}
         try:
-            tx = node.submit(method, bodies[method]())
+            KINDS[method](body)
+        except SchemaError as exc:
+            raise RpcError(-32602, str(exc)) from exc
+        return await self._submit_and_wait(method, body, params)
+
+    async def _submit_and_wait(self, method: str, body: dict[str, Any], params: dict[str, Any]) -> Any:
+        """Sign ``body`` as a ``method`` transaction; answer once it is committed, or why not."""
+        node = self.node
+        try:
+            tx = node.submit(method, body)
         except AdmissionError as exc:
             raise RpcError(-32000, str(exc), reason=exc.reason) from exc
         height = await node.wait_committed(tx.id, _timeout_param(params))

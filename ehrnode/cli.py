@@ -407,6 +407,45 @@ def cmd_empi_change(args: argparse.Namespace) -> int:
     return 0
 
 
+def _until_ms(text: str | None) -> int:
+    if not text:
+        return 0
+    import datetime
+
+    try:
+        day = datetime.date.fromisoformat(text)
+    except ValueError as exc:
+        raise UsageError(f"--until {text!r}: expected a date such as 2027-06-30") from exc
+    # In force through the whole of that day (UTC).
+    end = datetime.datetime.combine(day + datetime.timedelta(days=1), datetime.time(), datetime.UTC)
+    return int(end.timestamp() * 1000)
+
+
+def cmd_consent_change(args: argparse.Namespace) -> int:
+    result = _call(args, f"consent.{args.consent_command}", empi=args.empi, to=args.to,
+                   purposes=args.purpose or ["*"], scope=args.scope.split(",") if args.scope else ["*"],
+                   until=_until_ms(args.until))
+    assert isinstance(result, dict)
+    print(json.dumps(result) if args.json else
+          f"{args.consent_command} committed: {result['tx_id']} at height {result['height']}")
+    return 0
+
+
+def cmd_consent_show(args: argparse.Namespace) -> int:
+    entries = _call(args, "consent.show", empi=args.empi)
+    assert isinstance(entries, list)
+    if args.json:
+        print(json.dumps(entries))
+        return 0
+    if not entries:
+        print(f"no consent recorded for {args.empi}: the consortium's default applies")
+    for e in entries:
+        until = _iso(e["until"]) if e["until"] else "no end"
+        print(f"height {e['height']:<8} {e['action']:<7} by {e['grantor']:<12} to {e['grantee']:<12} "
+              f"purposes {','.join(e['purposes'])}  types {','.join(e['scope'])}  until {until}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -414,6 +453,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .ledger.transactions import CONSENT_PURPOSES
+
     parser = argparse.ArgumentParser(prog="ehrnode", description="Consortium-chain node for sharing patient records.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -520,6 +561,24 @@ def build_parser() -> argparse.ArgumentParser:
             change.add_argument(dest, metavar=metavar)
         change.add_argument("--json", action="store_true")
         change.set_defaults(func=cmd_empi_change)
+
+    consent = commands.add_parser("consent", help="patients' consent, on chain").add_subparsers(
+        dest="consent_command", required=True)
+    for name, helptext in (("grant", "record that a patient allows access"),
+                           ("revoke", "record that a patient refuses access")):
+        change = with_config(consent.add_parser(name, help=helptext))
+        change.add_argument("--empi", required=True)
+        change.add_argument("--to", required=True, metavar="INSTITUTION", help="a member, or * for every member")
+        change.add_argument("--purpose", action="append", choices=CONSENT_PURPOSES,
+                            help="purpose of use (repeatable; default: all)")
+        change.add_argument("--scope", metavar="TYPES", help="comma-separated resource types (default: all)")
+        change.add_argument("--until", metavar="DATE", help="last day it is in force (default: no end)")
+        change.add_argument("--json", action="store_true")
+        change.set_defaults(func=cmd_consent_change)
+    show_consent = with_config(consent.add_parser("show", help="every grant and revocation for a patient"))
+    show_consent.add_argument("--empi", required=True)
+    show_consent.add_argument("--json", action="store_true")
+    show_consent.set_defaults(func=cmd_consent_show)
 
     demo = commands.add_parser(
         "demo", help="a whole local consortium, end to end, in one command",

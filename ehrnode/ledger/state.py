@@ -21,6 +21,8 @@ from typing import Any
 from .. import crypto
 from ..consensus.types import Block
 from ..errors import AdmissionError, CodecError, StoreError
+from .consent import SCHEMA as CONSENT_SCHEMA
+from .consent import ConsentRegistry
 from .empi_registry import SCHEMA as EMPI_SCHEMA
 from .empi_registry import EmpiRegistry, scoped_enrolment
 from .sqlite import open_db, transaction
@@ -45,7 +47,8 @@ CREATE INDEX IF NOT EXISTS anchors_commitment ON anchors(commitment);
 #: Roles allowed to submit each kind (kinds not listed: any member).
 _INSTITUTIONS = frozenset({"institution"})
 _KIND_ROLES = {kind: _INSTITUTIONS for kind in (
-    "record.anchor", "empi.enrol", "empi.link", "empi.not_duplicate", "empi.merge", "empi.unmerge", "empi.split")}
+    "record.anchor", "empi.enrol", "empi.link", "empi.not_duplicate", "empi.merge", "empi.unmerge", "empi.split",
+    "consent.grant", "consent.revoke")}
 
 ANCHOR_COLUMNS = ("record", "patient", "institution", "recorded_at", "setting", "resource_type", "commitment",
                   "position", "entry", "epoch", "height", "tx_id")
@@ -57,8 +60,9 @@ class LedgerState:
         self.chain_id = chain_id
         self.members = dict(members)
         self.roles = dict(roles or {})
-        self._db = open_db(path, _SCHEMA + EMPI_SCHEMA, "ledger state")
+        self._db = open_db(path, _SCHEMA + EMPI_SCHEMA + CONSENT_SCHEMA, "ledger state")
         self.empi = EmpiRegistry(self._db)
+        self.consent = ConsentRegistry(self._db, self.empi)
         self._empi_kinds = {
             "empi.enrol": self.empi.enrol, "empi.link": self.empi.link, "empi.not_duplicate": self.empi.not_duplicate,
             "empi.merge": self.empi.merge, "empi.unmerge": self.empi.unmerge, "empi.split": self.empi.split,
@@ -116,6 +120,10 @@ class LedgerState:
             ))
         elif tx.kind in self._empi_kinds:
             return self._empi_kinds[tx.kind](db, tx.body, tx.submitter, height, tx.id)
+        elif tx.kind in ("consent.grant", "consent.revoke"):
+            if tx.body["grantee"] != "*" and tx.body["grantee"] not in self.members:
+                return "invalid:unknown_grantee"
+            return self.consent.apply(db, tx.kind.partition(".")[2], tx.body, tx.submitter, height, tx.time, tx.id)
         return "ok"
 
     def _classify(self, tx_id: bytes, data: bytes) -> tuple[str, Transaction | None]:

@@ -18,7 +18,7 @@ from functools import cached_property
 from typing import Any
 
 from .. import codec, crypto
-from ..codec import as_bytes, as_map, as_str, as_uint
+from ..codec import as_bytes, as_list, as_map, as_str, as_uint
 from ..errors import AdmissionError, CodecError, SchemaError
 
 TX_DOMAIN = "ehrnode/tx/v1"
@@ -113,11 +113,33 @@ def _unmerge_body(body: Any) -> dict[str, Any]:
     return dict(m)
 
 
+CONSENT_PURPOSES = ("treatment", "payment", "operations", "research", "public-health", "emergency")
+
+
+def _consent_body(body: Any) -> dict[str, Any]:
+    m = as_map(body, "consent", ("epoch", "empi", "grantee", "purposes", "scope", "until"))
+    as_uint(m["epoch"], "consent.epoch")
+    _empi(m["empi"], "consent.empi")
+    grantee = as_str(m["grantee"], "consent.grantee", max_len=32)
+    if not grantee:
+        raise SchemaError("consent.grantee: empty")
+    purposes = as_list(m["purposes"], "consent.purposes", max_len=len(CONSENT_PURPOSES))
+    if not purposes or not all(isinstance(p, str) for p in purposes) or len(set(purposes)) != len(purposes) or not (
+            purposes == ["*"] or all(p in CONSENT_PURPOSES for p in purposes)):
+        raise SchemaError(f"consent.purposes: ['*'] or distinct purposes from {', '.join(CONSENT_PURPOSES)}")
+    scope = as_list(m["scope"], "consent.scope", max_len=64)
+    if not scope or not all(isinstance(t, str) for t in scope) or len(set(scope)) != len(scope) or not (
+            scope == ["*"] or all(_RESOURCE_TYPE.match(t) for t in scope)):
+        raise SchemaError("consent.scope: ['*'] or distinct FHIR resource type names")
+    as_uint(m["until"], "consent.until")
+    return dict(m)
+
+
 #: Each kind's body schema: a function that raises SchemaError or returns the checked body.
 KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "note": _note_body, "record.anchor": _anchor_body, "empi.enrol": _enrol_body, "empi.link": _link_body,
     "empi.not_duplicate": _not_duplicate_body, "empi.merge": _merge_body, "empi.unmerge": _unmerge_body,
-    "empi.split": _split_body,
+    "empi.split": _split_body, "consent.grant": _consent_body, "consent.revoke": _consent_body,
 }
 
 

@@ -354,3 +354,25 @@ def test_empi_across_institutions_and_its_curation_commands(cluster, ingest, tmp
     assert refused.returncode == 2 and "invalid" in refused.stderr
     review = cli("empi", "review", "--config", config, "--json")
     assert review.returncode == 0 and isinstance(json.loads(review.stdout), list)
+
+
+def test_consent_is_recorded_by_the_patients_institution_and_shown_everywhere(cluster, ingest):
+    rows, _ = ingest
+    empi = next(r["empi"] for r in rows if r["resource_type"] == "Patient")
+    a, c, r = (cluster.configs[n].path for n in ("A", "C", "R"))
+    granted = cli("consent", "grant", "--config", a, "--json", "--empi", empi, "--to", "B",
+                  "--purpose", "treatment", "--purpose", "emergency", "--scope", "Condition,Observation",
+                  "--until", "2099-12-31")
+    assert granted.returncode == 0, granted.stderr
+    assert cli("consent", "revoke", "--config", a, "--empi", empi, "--to", "*", "--purpose", "research").returncode == 0
+    # C has no patient under this EMPI; the regulator records no consent; a bad date or purpose is refused.
+    refused = cli("consent", "grant", "--config", c, "--empi", empi, "--to", "B")
+    assert refused.returncode == 2 and "not_owner" in refused.stderr
+    assert cli("consent", "grant", "--config", r, "--empi", empi, "--to", "B").returncode == 2
+    assert cli("consent", "grant", "--config", a, "--empi", empi, "--to", "B", "--until", "soon").returncode == 2
+    assert cli("consent", "grant", "--config", a, "--empi", empi, "--to", "B", "--purpose", "fun").returncode == 2
+    shown = cli("consent", "show", "--config", r, "--json", "--empi", empi)
+    entries = json.loads(shown.stdout)
+    assert [(e["action"], e["grantee"], e["purposes"]) for e in entries] == [
+        ("grant", "B", ["emergency", "treatment"]), ("revoke", "*", ["research"])]
+    assert entries[0]["scope"] == ["Condition", "Observation"] and entries[0]["until"] > 4_000_000_000_000
