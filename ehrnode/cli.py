@@ -171,7 +171,8 @@ async def _serve_until_signalled(node: object) -> None:
             nursery.cancel_scope.cancel()
 
 
-def _call(args: argparse.Namespace, method: str, **params: object) -> object:
+def _run_client(args: argparse.Namespace, work: object) -> object:
+    """Run ``work(client)`` against the node of ``--config``."""
     import trio
 
     from .client import ApiClient
@@ -181,9 +182,13 @@ def _call(args: argparse.Namespace, method: str, **params: object) -> object:
 
     async def go() -> object:
         async with ApiClient.connect(config) as client:
-            return await client.call(method, **params)
+            return await work(client)  # type: ignore[operator]
 
     return trio.run(go)
+
+
+def _call(args: argparse.Namespace, method: str, **params: object) -> object:
+    return _run_client(args, lambda client: client.call(method, **params))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -224,22 +229,6 @@ def cmd_tx_submit(args: argparse.Namespace) -> int:
     else:
         print(f"committed {result['tx_id']} at height {result['height']}")
     return 0
-
-
-def _run_client(args: argparse.Namespace, work: object) -> object:
-    """Run ``work(client)`` against the node of ``--config``."""
-    import trio
-
-    from .client import ApiClient
-    from .config import load_node_config
-
-    config = load_node_config(_config_path(args))
-
-    async def go() -> object:
-        async with ApiClient.connect(config) as client:
-            return await work(client)  # type: ignore[operator]
-
-    return trio.run(go)
 
 
 def cmd_records_add(args: argparse.Namespace) -> int:

@@ -190,13 +190,7 @@ class Node:
 
     def submit_note(self, text: str) -> Transaction:
         """Sign a note transaction as this member, admit it and gossip it (raises AdmissionError)."""
-        tx = Transaction.create(
-            "note", {"text": text}, chain_id=self.genesis.chain_id, submitter=self.name, identity=self.identity,
-            time_ms=int(time.time() * 1000),
-        )
-        self.mempool.admit_own(tx)
-        self._accept_local(tx.encoded)
-        return tx
+        return self.submit("note", {"text": text})
 
     def submit(self, kind: str, body: dict[str, Any]) -> Transaction:
         """Sign a transaction of ``kind`` as this member, admit it and gossip it.

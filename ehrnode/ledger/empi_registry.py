@@ -366,11 +366,6 @@ class EmpiRegistry:
             "SELECT empi, height, tx_id, event, detail FROM empi_history WHERE empi = ? ORDER BY seq", (empi,))
         return [{"empi": e, "height": h, "tx_id": t.hex(), "event": ev, "detail": d} for e, h, t, ev, d in rows]
 
-    def merge_of(self, tx_id: bytes) -> dict[str, Any] | None:
-        row = self._db.execute("SELECT source, target, height, undone FROM merges WHERE tx_id = ?",
-                               (tx_id,)).fetchone()
-        return {"from": row[0], "into": row[1], "height": row[2], "undone": bool(row[3])} if row else None
-
 
 def evidence_view(score: matching.Score) -> dict[str, Any]:
     """A score as a curator reads it: per field, Dice (per mille), agreement level and weight."""

@@ -75,7 +75,7 @@ class Outcome:
     records: list[Recorded] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     #: New transactions in the order they must be offered: enrolments, then anchors.
-    anchors: list[Transaction] = field(default_factory=list)
+    transactions: list[Transaction] = field(default_factory=list)
 
 
 @dataclass
@@ -202,7 +202,7 @@ class Recorder:
                 ))
                 enrol = self._enrolment(patient, now_ms)
                 write.before.append((enrol.id, enrol.id, enrol.encoded))
-                outcome.anchors.append(enrol)
+                outcome.transactions.append(enrol)
             pending.append((item, patient, record_id))
 
         anchors: dict[bytes, Transaction] = {}
@@ -224,7 +224,7 @@ class Recorder:
                 record_id.hex(), patient.enrolment.hex(), item.resource["resourceType"], item.source,
                 entry.header.position, tx.id.hex(), "recorded",
             ))
-            outcome.anchors.append(tx)
+            outcome.transactions.append(tx)
         return outcome
 
     def _resolve_patients(self, candidates: list[_Candidate], problems: list[fhir.Problem],

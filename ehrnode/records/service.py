@@ -96,7 +96,7 @@ class RecordsService:
                     anchors = self.hooks.state.anchors(record=bytes.fromhex(r.record_id))
                     tx_id = anchors[0]["tx_id"].hex() if anchors else pending.get(r.record_id)
                     outcome.records[i] = replace(r, tx_id=tx_id)
-        deferred = self._offer(outcome.anchors)
+        deferred = self._offer(outcome.transactions)
         self.log.info("records.recorded", records=sum(r.status == "recorded" for r in outcome.records),
                       unchanged=sum(r.status == "already_recorded" for r in outcome.records),
                       skipped=len(outcome.skipped), deferred=deferred,
@@ -166,8 +166,7 @@ class RecordsService:
         def released() -> list[tuple[Any, ...]]:
             return [row.released for row in self.vault.patients()]
 
-        report = deid_module.kanon_report(await self._blocking(released), self.profile.k)
-        return report
+        return deid_module.kanon_report(await self._blocking(released), self.profile.k)
 
 
 def anchor_view(anchor: dict[str, Any]) -> dict[str, Any]:

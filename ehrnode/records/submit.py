@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from ..errors import FhirError
 from . import fhir
 
@@ -80,8 +82,6 @@ async def add_items(client: Any, items: list[fhir.Item], *, skip_invalid: bool =
     tx_ids = [r["tx_id"] for r in result.records if r["tx_id"]]
     progress(f"recorded {len(tx_ids)} new records; waiting for their anchors" if wait else "recorded")
     if wait and tx_ids:
-        import trio
-
         deadline = trio.current_time() + timeout
         waiting = tx_ids
         while waiting and trio.current_time() < deadline:
@@ -96,8 +96,6 @@ async def add_items(client: Any, items: list[fhir.Item], *, skip_invalid: bool =
 
 async def _fill_empis(client: Any, result: AddResult, deadline: float) -> None:
     """Each record's EMPI, decided on chain once its patient's enrolment is committed."""
-    import trio
-
     while True:
         unknown = sorted({r["patient"] for r in result.records if r.get("empi") is None})
         if not unknown:

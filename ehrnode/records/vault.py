@@ -235,7 +235,7 @@ class Vault:
     def _open_patient(self, row: tuple[bytes, bytes, bytes]) -> PatientRow:
         lookup, enrolment, sealed = row
         body = codec.decode(open_sealed(self._keys.patients, sealed, lookup + enrolment, "patient table row"))
-        return PatientRow(lookup, enrolment, _from_json_bytes(body["resource"]), tuple(body["released"]))
+        return PatientRow(lookup, enrolment, json.loads(body["resource"]), tuple(body["released"]))
 
     def setting(self, lookup: bytes) -> str | None:
         row = self._db.execute("SELECT setting FROM encounters WHERE lookup = ?", (lookup,)).fetchone()
@@ -262,7 +262,7 @@ class Vault:
         if row[3] is None:
             raise IntegrityError(f"record {record_id.hex()}: its data keys are gone", reason="erased")
         raw, release = self._decrypt(record_id, row[1], row[2], row[3], row[4])
-        return header, _from_json_bytes(raw), _from_json_bytes(release["resource"]), release["salt"]
+        return header, json.loads(raw), json.loads(release["resource"]), release["salt"]
 
     def _decrypt(self, record_id: bytes, raw_ct: bytes, deid_ct: bytes, raw_w: bytes,
                  deid_w: bytes) -> tuple[bytes, dict[str, Any]]:
@@ -362,7 +362,3 @@ class Vault:
                                  "problem": "differs from its anchor on chain (rewritten after anchoring)"})
         return {"ok": not problems, "entries": len(seen), "erased": erased_count, "head": prev.hex(),
                 "anchored": len(anchored or {}), "problems": problems}
-
-
-def _from_json_bytes(data: bytes) -> dict[str, Any]:
-    return json.loads(data)

@@ -62,19 +62,19 @@ def test_later_records_inherit_their_encounters_setting_and_the_patient(tmp_path
     second = rec.record(items(resources[2:]), now_ms=2)  # Condition and Observation, later
     encounter_class = resources[1]["class"]["code"]
     # The Patient's enrolment goes first, then one anchor per record.
-    assert [tx.kind for tx in first.anchors] == ["empi.enrol", "record.anchor", "record.anchor"]
-    assert [a.body["setting"] for a in first.anchors[1:]] == ["unknown", encounter_class]
-    assert [a.body["setting"] for a in second.anchors] == [encounter_class, encounter_class]
-    assert {r.patient for r in first.records + second.records} == {first.anchors[0].body["enrolment"].hex()}
-    assert [a.body["position"] for a in first.anchors[1:] + second.anchors] == [1, 2, 3, 4]
-    assert [row[1] for row in rec.vault.outbox()] == [tx.id for tx in first.anchors + second.anchors]
+    assert [tx.kind for tx in first.transactions] == ["empi.enrol", "record.anchor", "record.anchor"]
+    assert [a.body["setting"] for a in first.transactions[1:]] == ["unknown", encounter_class]
+    assert [a.body["setting"] for a in second.transactions] == [encounter_class, encounter_class]
+    assert {r.patient for r in first.records + second.records} == {first.transactions[0].body["enrolment"].hex()}
+    assert [a.body["position"] for a in first.transactions[1:] + second.transactions] == [1, 2, 3, 4]
+    assert [row[1] for row in rec.vault.outbox()] == [tx.id for tx in first.transactions + second.transactions]
 
 
 def test_enrolments_carry_keyed_encodings_and_nothing_in_clear(tmp_path):
     rec = recorder(tmp_path)
     person = PEOPLE[2]
     outcome = rec.record(items(synthetic.patient_resources(person, "A", visits=1)), now_ms=1)
-    enrol = outcome.anchors[0]
+    enrol = outcome.transactions[0]
     assert enrol.kind == "empi.enrol" and enrol.body["institution"] == "A"
     for value in (person.given, person.family, person.national_id, person.phone, person.birth_date,
                   person.birth_date.replace("-", ""), person.postal_code):
