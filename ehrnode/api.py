@@ -47,6 +47,18 @@ Consent (recorded by an institution that has the patient):
 ``consent.revoke``    ["*"], "until": ms (0: no end)}`` -> ``{"tx_id", "height", "status"}``
 ``consent.show``      ``{"empi": E}`` -> every grant and revocation, in chain order
 
+Sharing:
+
+``records.pull``      ``{"record_id", "purpose", "timeout"}`` -> the verified release ``{"record_id",
+                      "owner", "purpose", "resource", "salt", "commitment", "access_tx", "height",
+                      "emergency", "verified"}``; a refusal names the owner's reason and access log
+``records.erase``     ``{"record_id", "reason"}`` (owner) -> ``{"tx_id", "height", "status"}``
+``audit.trail``       ``{"empi": E}`` or ``{"record_id"}``, ``"fhir": bool`` -> events in chain order
+                      (or a FHIR Bundle of AuditEvents)
+``audit.disclosures`` ``{"empi": E}`` -> every access granted to the patient's records
+``audit.trace``       ``{"leaked": {"resource", "salt"}}`` -> the record and everyone it was served to
+``events.subscribe``  ``{"empis": [E, ...], "own": bool}`` then one ``event`` notification per event
+
 Errors follow JSON-RPC: -32700 parse error, -32600 invalid request, -32601
 unknown method, -32602 bad params, -32000 refused by the node (``data.reason``
 says why, e.g. ``mempool_full``). A bad request gets an error; the connection
@@ -69,11 +81,15 @@ from trio_websocket import ConnectionClosed
 
 from .codec import MAX_UINT
 from .crypto import write_secret_file
-from .errors import AdmissionError, CodecError, CryptoError, EhrnodeError, FhirError, IntegrityError, SchemaError
+from .errors import (
+    AdmissionError, CodecError, CryptoError, EhrnodeError, FhirError, IntegrityError, PullError, SchemaError,
+)
 from .ledger.empi_registry import scoped_enrolment
-from .ledger.transactions import EMPI_PATTERN, ENROLMENT_SIZE, KINDS
+from .ledger.transactions import CONSENT_PURPOSES, EMPI_PATTERN, ENROLMENT_SIZE, KINDS
 from .logs import get_logger
 from .records import fhir
+from .sharing import audit
+from .sharing.events import Subscription
 
 if TYPE_CHECKING:
     from .node import Node
@@ -246,12 +262,15 @@ class ApiServer:
             if not isinstance(params, dict):
                 raise RpcError(-32602, "params must be an object")
             method = request["method"]
-            if method.startswith(("records.", "vault.")):
+            if method.startswith(("audit.", "events.")) or method in ("records.pull", "records.erase"):
+                result = await self._sharing_call(method, params, ws, nursery)
+            elif method.startswith(("records.", "vault.")):
                 result = await self._records_call(method, params, staged)
             elif method.startswith("empi."):
                 result = await self._empi_call(method, params)
             elif method.startswith("consent."):
                 result = await self._consent_call(method, params)
+
             else:
                 result = await self._call(method, params, ws, nursery)
         except RpcError as exc:
@@ -328,7 +347,7 @@ class ApiServer:
             return {"heights": heights}
         if method == "blocks.subscribe":
             channel = node.subscribe()
-            nursery.start_soon(self._forward, channel, ws)
+            nursery.start_soon(self._forward, channel, ws, "block.committed")
             return {"subscribed": "block.committed"}
         raise RpcError(-32601, f"unknown method {method!r}")
 
@@ -384,6 +403,65 @@ class ApiServer:
         except SchemaError as exc:
             raise RpcError(-32602, str(exc)) from exc
         return await self._submit_and_wait(method, body, params)
+
+    async def _sharing_call(self, method: str, params: dict[str, Any], ws: Any, nursery: trio.Nursery) -> Any:
+        node = self.node
+        if method == "records.pull":
+            record_id = _hex_param(params.get("record_id"), "record_id", 16)
+            purpose = params.get("purpose")
+            if purpose not in CONSENT_PURPOSES:
+                raise RpcError(-32602, f"purpose must be one of {', '.join(CONSENT_PURPOSES)}")
+            try:
+                pulled = await node.puller.pull(record_id, purpose, _timeout_param(params, 60.0))
+            except PullError as exc:
+                message = str(exc) + (f" (access log {exc.access_tx.hex()})" if exc.access_tx else "")
+                raise RpcError(-32000, message, reason=exc.reason) from exc
+            except IntegrityError as exc:
+                raise RpcError(-32000, str(exc), reason=exc.reason) from exc
+            return pulled.view()
+        if method == "records.erase":
+            record_id = _hex_param(params.get("record_id"), "record_id", 16)
+            reason = params.get("reason")
+            if not isinstance(reason, str) or not reason.strip() or len(reason) > 2000:
+                raise RpcError(-32602, "reason must be a non-empty text of at most 2000 characters")
+            if node.records is None:
+                raise RpcError(-32000, f"{node.name} holds no records", reason="not_recording")
+            try:
+                tx = await node.records.erase(record_id, reason.strip())
+            except KeyError as exc:
+                raise RpcError(-32000, f"no record {record_id.hex()} in this institution's vault",
+                               reason="not_found") from exc
+            except EhrnodeError as exc:
+                raise RpcError(-32000, str(exc), reason=exc.reason) from exc
+            height = await node.wait_committed(tx.id, _timeout_param(params))
+            return {"tx_id": tx.id.hex(), "height": height, "status": node.state.tx_status(tx.id) or "pending"}
+        try:
+            if method == "audit.trail":
+                empi = params.get("empi")
+                record = params.get("record_id")
+                events = audit.trail(node.state, empi=_empi_param(empi, "empi") if empi is not None else None,
+                                     record=_hex_param(record, "record_id", 16) if record is not None else None)
+                return audit.audit_bundle(events, node.name) if params.get("fhir") is True else events
+            if method == "audit.disclosures":
+                return audit.disclosures(node.state, _empi_param(params.get("empi"), "empi"))
+            if method == "audit.trace":
+                leaked = params.get("leaked")
+                if not isinstance(leaked, dict):
+                    raise RpcError(-32602, "leaked must be the served record: {resource, salt, ...}")
+                return audit.trace_leak(node.state, leaked)
+        except audit.AuditError as exc:
+            raise RpcError(-32000, str(exc), reason=exc.reason) from exc
+        if method == "events.subscribe":
+            empis = params.get("empis", [])
+            if not isinstance(empis, list) or len(empis) > 1000:
+                raise RpcError(-32602, "empis must be a list of at most 1000 EMPIs")
+            own = params.get("own", not empis)
+            if not isinstance(own, bool):
+                raise RpcError(-32602, "own must be true or false")
+            subscription = Subscription(frozenset(_empi_param(e, "empis[]") for e in empis), own)
+            nursery.start_soon(self._forward, node.subscribe_events(subscription), ws, "event")
+            return {"subscribed": "event", "empis": sorted(subscription.empis), "own": own}
+        raise RpcError(-32601, f"unknown method {method!r}")
 
     async def _submit_and_wait(self, method: str, body: dict[str, Any], params: dict[str, Any]) -> Any:
         """Sign ``body`` as a ``method`` transaction; answer once it is committed, or why not."""
@@ -466,10 +544,10 @@ class ApiServer:
                 raise RpcError(-32000, str(exc), reason=exc.reason) from exc
         raise RpcError(-32601, f"unknown method {method!r}")
 
-    async def _forward(self, channel: trio.MemoryReceiveChannel[dict[str, Any]], ws: Any) -> None:
+    async def _forward(self, channel: trio.MemoryReceiveChannel[dict[str, Any]], ws: Any, method: str) -> None:
         async with channel:
             try:
                 async for note in channel:
-                    await ws.send_message(json.dumps({"jsonrpc": "2.0", "method": "block.committed", "params": note}))
+                    await ws.send_message(json.dumps({"jsonrpc": "2.0", "method": method, "params": note}))
             except ConnectionClosed:
                 return

@@ -490,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--json", action="store_true")
     submit.set_defaults(func=cmd_tx_submit)
 
-    records = commands.add_parser("records", help="patient records: add, list, show").add_subparsers(
+    records = commands.add_parser("records", help="patient records: add, list, show, pull, erase").add_subparsers(
         dest="records_command", required=True)
     add = with_config(records.add_parser(
         "add", help="record FHIR resources (JSON, Bundle or NDJSON) at this institution",
@@ -568,6 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
     show_consent.add_argument("--empi", required=True)
     show_consent.add_argument("--json", action="store_true")
     show_consent.set_defaults(func=cmd_consent_show)
+
+    from .cli_sharing import add_commands as add_sharing_commands
+
+    add_sharing_commands(commands, records, with_config)
 
     demo = commands.add_parser(
         "demo", help="a whole local consortium, end to end, in one command",

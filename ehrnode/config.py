@@ -113,6 +113,8 @@ class NodeConfig:
     #: Processes that validate and de-identify large inputs (0 or 1: none, in the node itself;
     #: None: one per core, at most 8).
     record_workers: int | None = None
+    #: The access policy for pulls of this institution's records, replacing the packaged default.
+    access_policy_path: Path | None = None
 
     def to_toml_dict(self) -> dict[str, Any]:
         def rel(p: Path) -> str:
@@ -135,6 +137,7 @@ class NodeConfig:
                 **({"profile": rel(self.deid_profile_path)} if self.deid_profile_path else {}),
                 **({"workers": self.record_workers} if self.record_workers is not None else {}),
             }} if self.deid_profile_path or self.record_workers is not None else {}),
+            **({"sharing": {"policy": rel(self.access_policy_path)}} if self.access_policy_path else {}),
         }
 
 
@@ -240,6 +243,7 @@ def load_node_config(path: Path) -> NodeConfig:
         consortium_key_path=_optional_path(keys, "consortium", f"{where} [keys]", resolve),
         deid_profile_path=_optional_path(_table(doc, "records", where), "profile", f"{where} [records]", resolve),
         **_workers(_table(doc, "records", where), f"{where} [records]"),
+        access_policy_path=_optional_path(_table(doc, "sharing", where), "policy", f"{where} [sharing]", resolve),
     )
 
 

@@ -19,7 +19,11 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import codec
 from .errors import CryptoError
@@ -99,6 +103,49 @@ class SealingKey:
     @classmethod
     def load(cls, path: Path) -> SealingKey:
         return cls(_load_private_key(path, X25519PrivateKey, "X25519"))
+
+    def open(self, sealed: bytes, context: bytes) -> bytes:
+        """Reverse :func:`seal_to` (raises CryptoError: not for this key, another context, or changed)."""
+        if len(sealed) < SEAL_OVERHEAD:
+            raise CryptoError("sealed data too short")
+        ephemeral = sealed[:PUBLIC_KEY_SIZE]
+        try:
+            shared = self._key.exchange(X25519PublicKey.from_public_bytes(ephemeral))
+        except ValueError as exc:
+            raise CryptoError(f"sealed data has a bad ephemeral key: {exc}") from exc
+        key = _seal_key(shared, ephemeral, self.public_key, context)
+        nonce = sealed[PUBLIC_KEY_SIZE:PUBLIC_KEY_SIZE + 12]
+        try:
+            return AESGCM(key).decrypt(nonce, sealed[PUBLIC_KEY_SIZE + 12:], context)
+        except InvalidTag as exc:
+            raise CryptoError("sealed data does not open: changed, or sealed to another key") from exc
+
+
+SEAL_DOMAIN = b"ehrnode/seal/v1"
+#: Ephemeral public key, nonce and tag.
+SEAL_OVERHEAD = PUBLIC_KEY_SIZE + 12 + 16
+
+
+def _seal_key(shared: bytes, ephemeral: bytes, recipient: bytes, context: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=ephemeral + recipient,
+                info=SEAL_DOMAIN + context).derive(shared)
+
+
+def seal_to(public_key: bytes, plaintext: bytes, context: bytes) -> bytes:
+    """Encrypt ``plaintext`` so only the holder of the X25519 key ``public_key`` can read it.
+
+    An ephemeral X25519 exchange, HKDF-SHA256 and AES-256-GCM; ``context`` (a request id,
+    say) is bound in, so a sealed answer cannot be passed off as the answer to another request.
+    """
+    ephemeral = X25519PrivateKey.generate()
+    ephemeral_public = ephemeral.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    try:
+        shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(public_key))
+    except ValueError as exc:
+        raise CryptoError(f"cannot seal to that key: {exc}") from exc
+    key = _seal_key(shared, ephemeral_public, public_key, context)
+    nonce = os.urandom(12)
+    return ephemeral_public + nonce + AESGCM(key).encrypt(nonce, plaintext, context)
 
 
 def _load_private_key(path: Path, kind: type, name: str) -> Any:

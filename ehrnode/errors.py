@@ -94,6 +94,18 @@ class IntegrityError(EhrnodeError):
     reason = "integrity"
 
 
+class PullError(EhrnodeError):
+    """A pull that did not deliver a verified record: refused by the owner (``reason`` from its
+    access log: consent, policy, erased, not_found...), rejected as not authentic (bad_signature,
+    stale, replayed), or not answered (unreachable, timeout)."""
+
+    reason = "pull"
+
+    def __init__(self, message: str, *, reason: str | None = None, access_tx: bytes | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.access_tx = access_tx
+
+
 def innermost(exc: BaseException) -> BaseException:
     """The one exception inside nested single-member exception groups (or ``exc`` itself).
 

@@ -49,8 +49,13 @@ from .ledger.transactions import Transaction
 from .logs import get_logger
 from .metrics import Registry
 from .net.peers import Peer, PeerNetwork
-from .net.protocol import ConsensusFrame, Frame, TxFrame, encode_frame
+from .net.protocol import AnswerFrame, ConsensusFrame, Frame, PullFrame, TxFrame, encode_frame
 from .records.service import Hooks, RecordsService, anchor_view
+from .sharing.events import Subscription, event_of
+from .sharing.messages import PullAnswer, request_id
+from .sharing.owner import OwnerHooks, PullServer
+from .sharing.policy import load_policy
+from .sharing.requester import Puller, RequesterHooks
 from .sdnotify import Notifier
 
 CONSENSUS_INBOX = 10_000
@@ -88,6 +93,12 @@ class Node:
             raise ConfigError(str(exc)) from exc
         if self.identity.public_key != member.signing_key:
             raise ConfigError(f"{config.signing_key_path} is not the signing key genesis lists for {self.name}")
+        try:
+            self.sealing_key = crypto.SealingKey.load(config.sealing_key_path)
+        except CryptoError as exc:
+            raise ConfigError(str(exc)) from exc
+        if self.sealing_key.public_key != member.sealing_key:
+            raise ConfigError(f"{config.sealing_key_path} is not the sealing key genesis lists for {self.name}")
         self.index = self.genesis.index(self.name)
         self.vset = self.genesis.validators
         self.log = get_logger(node=self.name)
@@ -121,6 +132,8 @@ class Node:
         self._deadline = float("inf")
         self._waiters: dict[bytes, _Waiter] = {}
         self._subscribers: list[trio.MemorySendChannel[dict[str, Any]]] = []
+        self._event_subscribers: list[tuple[Subscription, trio.MemorySendChannel[dict[str, Any]]]] = []
+        self.events_dropped = 0
         self.inbox_dropped = 0
         self.invalid_messages = 0
         self._closed = False
@@ -129,10 +142,22 @@ class Node:
         self.head: Block = self.block_store.block_at(self.block_store.committed_height()) or self.vset.genesis_block
         # Institutions record; a regulator (or a node set up without records keys) only reads the chain.
         self.records: RecordsService | None = None
+        self.pull_server: PullServer | None = None
+        self._nursery: trio.Nursery | None = None
         if member.role == "institution" and config.master_key_path and config.consortium_key_path:
+            policy = load_policy(config.access_policy_path)
             self.records = RecordsService(config, chain_id=self.genesis.chain_id, identity=self.identity, hooks=Hooks(
                 submit=self.submit_own, pending=lambda tx_id: tx_id in self.mempool, state=self.state,
             ))
+            self.pull_server = PullServer(
+                name=self.name, genesis=self.genesis, state=self.state, records=self.records, policy=policy,
+                hooks=OwnerHooks(submit=self.submit, wait_committed=self.wait_committed,
+                                 send=self._send_answer, counters=self._count_pull))
+        self.puller = Puller(
+            name=self.name, genesis=self.genesis, identity=self.identity, sealing_key=self.sealing_key,
+            state=self.state, hooks=RequesterHooks(
+                send=lambda owner, data: self.network.send(owner, encode_frame(PullFrame(data))),
+                submit=self.submit, wait_committed=self.wait_committed, counters=self._count_pull))
 
     def _register_metrics(self) -> Registry:
         r = Registry()
@@ -154,6 +179,15 @@ class Node:
         r.gauge("ehrnode_peer_frames_dropped_total", "Outbound frames dropped on full peer queues.",
                 lambda: sum(p.dropped for p in self.network.peers.values()) + self.network.dropped_closed)
         r.gauge("ehrnode_peers_rejected_total", "Connections refused at the handshake.", lambda: self.network.rejected)
+        self.m_pulls = {outcome: r.counter(f"ehrnode_pulls_{outcome}_total", text) for outcome, text in (
+            ("served", "Pulls of this institution's records served (access logged first)."),
+            ("refused", "Pulls refused by policy or consent (as owner), or answered with a refusal (as requester)."),
+            ("rejected", "Pull requests rejected as not authentic: bad signature, stale, replayed, malformed, busy."),
+            ("unavailable", "Pulls this owner could not decide or serve (access log not committed, vault failure)."),
+            ("verified", "Records this node pulled and verified against their anchors."),
+            ("failed", "Pulls by this node that failed: unreachable, timeout, unlogged or unreadable answers."),
+            ("integrity", "Records served to this node that did not match their anchors (alarms raised)."),
+        )}
         self.m_latency = r.histogram(
             "ehrnode_commit_latency_seconds", "From a block's proposal time to its commit at this node.",
             (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
@@ -182,7 +216,30 @@ class Node:
             if room < len(frame.txs):
                 self.inbox_dropped += len(frame.txs) - max(room, 0)
             self._txs_in.extend((peer, tx) for tx in frame.txs[:max(room, 0)])
+        elif isinstance(frame, PullFrame):
+            self._on_pull(peer, frame.data)
+            return
+        elif isinstance(frame, AnswerFrame):
+            self.puller.on_answer(peer.name, frame.data)
+            return
         self._wake.set()
+
+    def _count_pull(self, outcome: str) -> None:
+        self.m_pulls[outcome].inc()
+
+    def _send_answer(self, peer: str, data: bytes) -> bool:
+        return self.network.send(peer, encode_frame(AnswerFrame(data)), bulk=True)
+
+    def _on_pull(self, peer: Peer, data: bytes) -> None:
+        server = self.pull_server
+        if server is None or self._nursery is None:
+            self._count_pull("rejected")
+            self._send_answer(peer.name, PullAnswer(request_id(data), "rejected", "not_owner",
+                                                    f"{self.name} holds no records").encode())
+        elif server.busy():
+            server.reject_busy(peer.name, data)
+        else:
+            self._nursery.start_soon(server.handle, peer.name, data)
 
     def _on_connect(self, name: str) -> None:
         self._connected.append(name)
@@ -249,6 +306,27 @@ class Node:
         self._subscribers.append(send)
         return receive
 
+    def subscribe_events(self, subscription: Subscription) -> trio.MemoryReceiveChannel[dict[str, Any]]:
+        send, receive = trio.open_memory_channel[dict[str, Any]](1024)
+        self._event_subscribers.append((subscription, send))
+        return receive
+
+    def _publish_events(self, txs: list[Transaction], height: int) -> None:
+        for tx in txs:
+            event = event_of(self.state, tx, height)
+            if event is None:
+                continue
+            for subscription, channel in list(self._event_subscribers):
+                if not subscription.wants(self.state, self.name, event):
+                    continue
+                try:
+                    channel.send_nowait(event.body)
+                except trio.WouldBlock:
+                    self.events_dropped += 1  # a subscriber that does not read loses events, counted
+                    self.log.warning("events.dropped", event=event.body["event"], height=height)
+                except trio.BrokenResourceError:
+                    self._event_subscribers.remove((subscription, channel))
+
     # --- running ----------------------------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -256,6 +334,7 @@ class Node:
 
         api = ApiServer(self)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             peer = self.config.peer_listen
             await nursery.start(self.network.serve, peer.host, peer.port)
             await nursery.start(api.serve, self.config.api_listen.host, self.config.api_listen.port)
@@ -387,6 +466,8 @@ class Node:
             self.m_invalid_txs.inc(len(block.payload) - len(txs))
             self.m_latency.observe(max(0.0, time.time() - block.timestamp / 1000))
             ids = [tx.id for tx in txs]
+            if self._event_subscribers:
+                self._publish_events(txs, block.height)
             self.mempool.remove(crypto.sha256(data) for data in block.payload)
             self.head = block
             # Empty blocks of an idle chain are not worth an info line each.

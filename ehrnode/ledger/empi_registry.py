@@ -343,6 +343,14 @@ class EmpiRegistry:
             return []
         return [r[0] for r in self._db.execute("SELECT id FROM enrolments WHERE empi = ? ORDER BY id", (current,))]
 
+    def institutions_of(self, empi: str) -> set[str]:
+        """The institutions that have this patient enrolled (under the EMPI as it stands now)."""
+        current = self.resolve(None, empi)
+        if current is None:
+            return set()
+        return {r[0] for r in self._db.execute("SELECT DISTINCT institution FROM enrolments WHERE empi = ?",
+                                               (current,))}
+
     def empi_of(self, enrolment: bytes) -> str | None:
         row = self._db.execute("SELECT empi FROM enrolments WHERE id = ?", (enrolment,)).fetchone()
         return row[0] if row else None

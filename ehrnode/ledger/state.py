@@ -21,6 +21,8 @@ from typing import Any
 from .. import crypto
 from ..consensus.types import Block
 from ..errors import AdmissionError, CodecError, StoreError
+from .access import SCHEMA as ACCESS_SCHEMA
+from .access import AccessLog
 from .consent import SCHEMA as CONSENT_SCHEMA
 from .consent import ConsentRegistry
 from .empi_registry import SCHEMA as EMPI_SCHEMA
@@ -48,7 +50,7 @@ CREATE INDEX IF NOT EXISTS anchors_commitment ON anchors(commitment);
 _INSTITUTIONS = frozenset({"institution"})
 _KIND_ROLES = {kind: _INSTITUTIONS for kind in (
     "record.anchor", "empi.enrol", "empi.link", "empi.not_duplicate", "empi.merge", "empi.unmerge", "empi.split",
-    "consent.grant", "consent.revoke")}
+    "consent.grant", "consent.revoke", "access.log", "record.erase")}
 
 ANCHOR_COLUMNS = ("record", "patient", "institution", "recorded_at", "setting", "resource_type", "commitment",
                   "position", "entry", "epoch", "height", "tx_id")
@@ -60,9 +62,11 @@ class LedgerState:
         self.chain_id = chain_id
         self.members = dict(members)
         self.roles = dict(roles or {})
-        self._db = open_db(path, _SCHEMA + EMPI_SCHEMA + CONSENT_SCHEMA, "ledger state")
+        self._db = open_db(path, _SCHEMA + EMPI_SCHEMA + CONSENT_SCHEMA + ACCESS_SCHEMA,
+                           "ledger state")
         self.empi = EmpiRegistry(self._db)
         self.consent = ConsentRegistry(self._db, self.empi)
+        self.access = AccessLog(self._db, set(self.members))
         self._empi_kinds = {
             "empi.enrol": self.empi.enrol, "empi.link": self.empi.link, "empi.not_duplicate": self.empi.not_duplicate,
             "empi.merge": self.empi.merge, "empi.unmerge": self.empi.unmerge, "empi.split": self.empi.split,
@@ -124,6 +128,12 @@ class LedgerState:
             if tx.body["grantee"] != "*" and tx.body["grantee"] not in self.members:
                 return "invalid:unknown_grantee"
             return self.consent.apply(db, tx.kind.partition(".")[2], tx.body, tx.submitter, height, tx.time, tx.id)
+        elif tx.kind == "access.log":
+            return self.access.apply_access(db, tx.body, tx.submitter, height, tx.time, tx.id)
+        elif tx.kind == "record.erase":
+            return self.access.apply_erase(db, tx.body, tx.submitter, height, tx.time, tx.id)
+        elif tx.kind == "integrity.alert":
+            return self.access.apply_alert(db, tx.body, tx.submitter, height, tx.time, tx.id)
         return "ok"
 
     def _classify(self, tx_id: bytes, data: bytes) -> tuple[str, Transaction | None]:

@@ -135,11 +135,59 @@ def _consent_body(body: Any) -> dict[str, Any]:
     return dict(m)
 
 
+#: Why an owner refused a pull (the codes an access log may carry).
+ACCESS_REASONS = ("granted", "consent", "emergency_override", "policy", "not_found", "erased", "not_owner",
+                  "internal")
+
+
+def _access_body(body: Any) -> dict[str, Any]:
+    """One decision on one pull request, by the record's owner, committed before anything is served."""
+    m = as_map(body, "access.log", ("epoch", "request", "record", "requester", "purpose", "decision", "reason",
+                                    "consent", "requested_at"))
+    as_uint(m["epoch"], "access.log.epoch")
+    as_bytes(m["request"], "access.log.request", size=32)
+    as_bytes(m["record"], "access.log.record", size=16)
+    as_str(m["requester"], "access.log.requester", max_len=32)
+    if as_str(m["purpose"], "access.log.purpose", max_len=16) not in CONSENT_PURPOSES:
+        raise SchemaError(f"access.log.purpose: one of {', '.join(CONSENT_PURPOSES)}")
+    if as_str(m["decision"], "access.log.decision", max_len=8) not in ("granted", "refused"):
+        raise SchemaError("access.log.decision: granted or refused")
+    if as_str(m["reason"], "access.log.reason", max_len=32) not in ACCESS_REASONS:
+        raise SchemaError(f"access.log.reason: one of {', '.join(ACCESS_REASONS)}")
+    if (m["decision"] == "granted") != (m["reason"] in ("granted", "emergency_override")):
+        raise SchemaError("access.log.reason: does not fit the decision")
+    if len(as_bytes(m["consent"], "access.log.consent", max_len=32)) not in (0, 32):
+        raise SchemaError("access.log.consent: a consent transaction id, or empty for the default")
+    as_uint(m["requested_at"], "access.log.requested_at")
+    return dict(m)
+
+
+def _erase_body(body: Any) -> dict[str, Any]:
+    """An owner destroyed a record's data keys. The reason's text stays at the owner; its digest is here."""
+    m = as_map(body, "record.erase", ("epoch", "record", "reason"))
+    as_uint(m["epoch"], "record.erase.epoch")
+    as_bytes(m["record"], "record.erase.record", size=16)
+    as_bytes(m["reason"], "record.erase.reason", size=32)
+    return dict(m)
+
+
+def _alert_body(body: Any) -> dict[str, Any]:
+    """A requester received a record that does not match its anchor."""
+    m = as_map(body, "integrity.alert", ("epoch", "record", "owner", "access", "received"))
+    as_uint(m["epoch"], "integrity.alert.epoch")
+    as_bytes(m["record"], "integrity.alert.record", size=16)
+    as_str(m["owner"], "integrity.alert.owner", max_len=32)
+    as_bytes(m["access"], "integrity.alert.access", size=32)
+    as_bytes(m["received"], "integrity.alert.received", size=32)
+    return dict(m)
+
+
 #: Each kind's body schema: a function that raises SchemaError or returns the checked body.
 KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "note": _note_body, "record.anchor": _anchor_body, "empi.enrol": _enrol_body, "empi.link": _link_body,
     "empi.not_duplicate": _not_duplicate_body, "empi.merge": _merge_body, "empi.unmerge": _unmerge_body,
     "empi.split": _split_body, "consent.grant": _consent_body, "consent.revoke": _consent_body,
+    "access.log": _access_body, "record.erase": _erase_body, "integrity.alert": _alert_body,
 }
 
 

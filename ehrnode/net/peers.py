@@ -132,9 +132,9 @@ class PeerNetwork:
 
     # --- sending --------------------------------------------------------------------
 
-    def send(self, name: str, data: bytes) -> bool:
+    def send(self, name: str, data: bytes, *, bulk: bool = False) -> bool:
         peer = self.peers.get(name)
-        return peer.send(data) if peer is not None else False
+        return peer.send(data, bulk=bulk) if peer is not None else False
 
     def broadcast(self, data: bytes, *, bulk: bool = False) -> None:
         for peer in list(self.peers.values()):

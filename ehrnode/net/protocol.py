@@ -9,6 +9,8 @@ strictly. Frame types:
 ``auth``       the dialer's signature over the transcript
 ``consensus``  one consensus message (its own canonical bytes)
 ``txs``        a batch of signed transactions (each its own canonical bytes)
+``pull``       a signed pull request (:mod:`ehrnode.sharing.messages`)
+``answer``     a part of the owner's answer to a pull request
 
 Handshake: the transcript is (genesis hash, dialer name, listener name,
 dialer nonce, listener nonce). Each side signs it under its own role tag with
@@ -132,9 +134,38 @@ class TxFrame:
         return cls(tuple(as_bytes(tx, f"txs[{i}]", max_len=MAX_TX_BYTES) for i, tx in enumerate(items)))
 
 
-Frame = Hello | Welcome | Auth | ConsensusFrame | TxFrame
+@dataclass(frozen=True)
+class PullFrame:
+    """A signed pull request, decoded by the sharing layer."""
+
+    data: bytes
+
+    def to_wire(self) -> bytes:
+        return self.data
+
+    @classmethod
+    def from_wire(cls, value: Any) -> PullFrame:
+        return cls(as_bytes(value, "pull", max_len=4096))
+
+
+@dataclass(frozen=True)
+class AnswerFrame:
+    """One part of an answer to a pull request, decoded by the sharing layer."""
+
+    data: bytes
+
+    def to_wire(self) -> bytes:
+        return self.data
+
+    @classmethod
+    def from_wire(cls, value: Any) -> AnswerFrame:
+        return cls(as_bytes(value, "answer", max_len=MAX_FRAME_BYTES))
+
+
+Frame = Hello | Welcome | Auth | ConsensusFrame | TxFrame | PullFrame | AnswerFrame
 _BY_NAME: dict[str, Any] = {
     "hello": Hello, "welcome": Welcome, "auth": Auth, "consensus": ConsensusFrame, "txs": TxFrame,
+    "pull": PullFrame, "answer": AnswerFrame,
 }
 _NAMES = {cls: name for name, cls in _BY_NAME.items()}
 _PARSERS = {name: cls.from_wire for name, cls in _BY_NAME.items()}

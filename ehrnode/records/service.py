@@ -126,7 +126,8 @@ class RecordsService:
                     done.append(record)
                     if status != "ok":
                         # Refused on chain (by every node alike): offering it again cannot help.
-                        self.log.error("records.anchor_refused", record_id=record.hex(), status=status)
+                        self.log.error("records.anchor_refused", record_id=record.hex(), status=status,
+                                       kind=Transaction.decode(data).kind)
                 elif not self.hooks.pending(tx_id):
                     again.append(Transaction.decode(data))
             if again:
@@ -150,9 +151,36 @@ class RecordsService:
             "resource": raw, "deidentified": released, "salt": salt.hex(),
         }
 
+    async def release(self, record_id: bytes) -> tuple[Any, bytes, bytes]:
+        """(header, canonical release bytes, salt) of one of our records, for a pull."""
+        return await self._blocking(self.vault.release, record_id)  # type: ignore[no-any-return]
+
+    async def vault_state(self, record_id: bytes) -> str | None:
+        return await self._blocking(self.vault.state_of, record_id)  # type: ignore[no-any-return]
+
+    async def erase(self, record_id: bytes, reason: str) -> Transaction:
+        """Crypto-shred one of our anchored records and queue its ``record.erase`` (raises KeyError,
+        IntegrityError ``already_erased`` / ``not_anchored``)."""
+        anchors = self.hooks.state.anchors(record=record_id, institution=self.name)
+        if not anchors:
+            if await self.vault_state(record_id) is None:
+                raise KeyError(record_id.hex())
+            raise IntegrityError(f"record {record_id.hex()} is not anchored on chain yet: erase it once it is",
+                                 reason="not_anchored")
+        now = int(time.time() * 1000)
+        tx = Transaction.create("record.erase", {
+            "epoch": 0, "record": record_id, "reason": crypto.sha256(reason.encode("utf-8")),
+        }, chain_id=self.hooks.state.chain_id, submitter=self.name, identity=self.identity, time_ms=now)
+        await self._blocking(self.vault.erase, record_id, reason, now, tx.id, tx.encoded)
+        self.log.warning("records.erased", record_id=record_id.hex(), tx_id=tx.id.hex())
+        self._offer([tx])
+        return tx
+
     async def verify(self, *, decrypt: bool = True) -> dict[str, Any]:
         anchored = self.hooks.state.anchored_positions(self.name)
-        report = await self._blocking(self.vault.verify, self.identity.public_key, anchored, decrypt=decrypt)
+        erased = frozenset(e["record"] for e in self.hooks.state.access.erasures(owner=self.name))
+        report = await self._blocking(self.vault.verify, self.identity.public_key, anchored, decrypt=decrypt,
+                                      erased=erased)
         (self.log.info if report["ok"] else self.log.error)(
             "vault.verified", ok=report["ok"], entries=report["entries"], problems=len(report["problems"]))
         return report

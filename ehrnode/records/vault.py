@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS patients (lookup BLOB PRIMARY KEY, enrolment BLOB NOT
 CREATE TABLE IF NOT EXISTS encounters (lookup BLOB PRIMARY KEY, setting TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS versions (lookup BLOB PRIMARY KEY, digest BLOB NOT NULL, record BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (record BLOB PRIMARY KEY, tx_id BLOB NOT NULL, tx BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS erasures (record BLOB PRIMARY KEY, reason TEXT NOT NULL, erased_at INTEGER NOT NULL,
+    tx_id BLOB NOT NULL);
 """
 
 
@@ -165,6 +167,8 @@ class Vault:
         self._keys = keys
         self._identity = identity
         self._db = open_db(self.path, _SCHEMA, "vault", durable=True, any_thread=True)
+        # Erasure deletes data keys: overwrite their bytes rather than leave them in free pages.
+        self._db.execute("PRAGMA secure_delete=ON")
 
     def close(self) -> None:
         self._db.close()
@@ -264,6 +268,55 @@ class Vault:
         raw, release = self._decrypt(record_id, row[1], row[2], row[3], row[4])
         return header, json.loads(raw), json.loads(release["resource"]), release["salt"]
 
+    def release(self, record_id: bytes) -> tuple[EntryHeader, bytes, bytes]:
+        """(header, canonical JSON of the release, salt), decrypting only the release.
+
+        Raises KeyError (no such record) or IntegrityError (erased, or does not decrypt).
+        """
+        row = self._db.execute(
+            "SELECT e.header, e.deid, k.deid FROM entries e LEFT JOIN data_keys k USING (record) "
+            "WHERE e.record = ?", (record_id,),
+        ).fetchone()
+        if row is None:
+            raise KeyError(record_id.hex())
+        if row[2] is None:
+            raise IntegrityError(f"record {record_id.hex()} is erased", reason="erased")
+        what = f"record {record_id.hex()}"
+        key = open_sealed(self._keys.wrap, row[2], record_id + b"deid-key", f"{what} release data key")
+        release = codec.decode(open_sealed(key, row[1], record_id + b"deid", f"{what} release"))
+        return EntryHeader.from_wire(row[0]), release["resource"], release["salt"]
+
+    def state_of(self, record_id: bytes) -> str | None:
+        """``present``, ``erased`` or None (no such record in this vault)."""
+        row = self._db.execute("SELECT k.record FROM entries e LEFT JOIN data_keys k USING (record) "
+                               "WHERE e.record = ?", (record_id,)).fetchone()
+        if row is None:
+            return None
+        return "present" if row[0] is not None else "erased"
+
+    def erase(self, record_id: bytes, reason: str, erased_at: int, tx_id: bytes, tx: bytes) -> None:
+        """Destroy a record's data keys (its entry, and so the hash chain, stay), keep why, and queue
+        the ``record.erase`` transaction in the outbox, all at once. Raises KeyError or IntegrityError."""
+        state = self.state_of(record_id)
+        if state is None:
+            raise KeyError(record_id.hex())
+        if state == "erased":
+            raise IntegrityError(f"record {record_id.hex()} is already erased", reason="already_erased")
+        with transaction(self._db, "erase a record") as db:
+            db.execute("DELETE FROM data_keys WHERE record = ?", (record_id,))
+            db.execute("INSERT INTO erasures VALUES (?, ?, ?, ?)", (record_id, reason, erased_at, tx_id))
+            db.execute("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?)", (record_id, tx_id, tx))
+        try:
+            # Old pages of the key row may linger in the write-ahead log until a checkpoint.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass  # busy: the next checkpoint overwrites them
+
+    def erasure(self, record_id: bytes) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT reason, erased_at, tx_id FROM erasures WHERE record = ?",
+                               (record_id,)).fetchone()
+        return {"reason": row[0], "erased_at": row[1], "tx_id": row[2].hex()} if row else None
+
     def _decrypt(self, record_id: bytes, raw_ct: bytes, deid_ct: bytes, raw_w: bytes,
                  deid_w: bytes) -> tuple[bytes, dict[str, Any]]:
         what = f"record {record_id.hex()}"
@@ -293,9 +346,11 @@ class Vault:
         consortium chain holds for them; every one must be present and equal, so an entry
         rewritten and re-signed after it was anchored is found too. ``decrypt`` also unwraps
         each entry's keys and authenticates both ciphertexts. A record without data keys is
-        a problem unless it is in ``erased`` (erased on chain).
+        a problem unless it is in ``erased`` (erased on chain) or this vault's own erasures.
         """
         problems: list[dict[str, Any]] = []
+        # Erased here and not yet committed on chain: recorded in this vault in the same transaction.
+        erased = erased | {r[0] for r in self._db.execute("SELECT record FROM erasures")}
         prev, expected = GENESIS_PREV, 1
         seen: dict[int, tuple[bytes, bytes, bytes]] = {}
         erased_count = 0

@@ -1,0 +1,171 @@
+"""The sharing commands: ``records pull|erase``, ``audit trail|trace-leak|disclosures`` and ``watch``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .cli import UsageError, _call, _iso, _run_client
+from .crypto import write_secret_file
+from .errors import CryptoError
+from .ledger.transactions import CONSENT_PURPOSES
+
+
+def cmd_records_pull(args: argparse.Namespace) -> int:
+    pulled = _call(args, "records.pull", record_id=args.record_id, purpose=args.purpose, timeout=args.timeout)
+    assert isinstance(pulled, dict)
+    if args.out:
+        # The served copy, exactly what `audit trace-leak` takes: keep it like the PHI it may be.
+        try:
+            write_secret_file(Path(args.out), json.dumps(pulled, ensure_ascii=False, indent=2).encode())
+        except CryptoError as exc:
+            raise UsageError(f"--out: {exc}") from exc
+    if args.json:
+        print(json.dumps(pulled))
+        return 0
+    flag = "  EMERGENCY OVERRIDE" if pulled["emergency"] else ""
+    print(f"record {pulled['record_id']} from {pulled['owner']} for {pulled['purpose']}: verified against its "
+          f"anchor; access logged at height {pulled['height']} (tx {pulled['access_tx']}){flag}", file=sys.stderr)
+    if not args.out:
+        print(json.dumps(pulled["resource"], indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_records_erase(args: argparse.Namespace) -> int:
+    result = _call(args, "records.erase", record_id=args.record_id, reason=args.reason)
+    assert isinstance(result, dict)
+    print(json.dumps(result) if args.json else
+          f"record {args.record_id} erased: data keys destroyed; record.erase {result['tx_id']} "
+          f"{'committed at height ' + str(result['height']) if result['height'] else 'pending'}")
+    return 0
+
+
+def _event_line(e: dict[str, Any]) -> str:
+    when = _iso(e["time"])
+    head = f"height {e['height']:<7} {when}  {e['event']:<15} {e['who']:<12}"
+    if e["event"] == "access":
+        flag = " EMERGENCY" if e["reason"] == "emergency_override" else ""
+        return (f"{head} {e['decision']:<8} {e['record_id']} ({e.get('resource_type') or '?'}) from {e['owner']} "
+                f"for {e['purpose']}: {e['reason']}{flag}  tx {e['tx_id']}")
+    if e["event"] == "consent":
+        return (f"{head} {e['action']:<8} to {e['grantee']} purposes {','.join(e['purposes'])} "
+                f"types {','.join(e['scope'])}  tx {e['tx_id']}")
+    return f"{head} {e['record_id']} ({e.get('resource_type') or '?'})  tx {e['tx_id']}"
+
+
+def cmd_audit_trail(args: argparse.Namespace) -> int:
+    if (args.empi is None) == (args.record is None):
+        raise UsageError("give --empi or --record")
+    params: dict[str, Any] = {"fhir": args.fhir}
+    if args.empi:
+        params["empi"] = args.empi
+    else:
+        params["record_id"] = args.record
+    result = _call(args, "audit.trail", **params)
+    if args.fhir or args.json:
+        print(json.dumps(result, indent=2 if args.fhir else None))
+        return 0
+    assert isinstance(result, list)
+    for event in result:
+        print(_event_line(event))
+    return 0
+
+
+def cmd_audit_disclosures(args: argparse.Namespace) -> int:
+    rows = _call(args, "audit.disclosures", empi=args.empi)
+    assert isinstance(rows, list)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print(f"no disclosures of {args.empi}'s records")
+    for r in rows:
+        flag = "  EMERGENCY" if r["reason"] == "emergency_override" else ""
+        print(f"{_iso(r['time'])}  to {r['who']:<12} by {r['owner']:<12} {r.get('resource_type') or '?':<20} "
+              f"for {r['purpose']:<14} record {r['record_id']}  height {r['height']}{flag}")
+    return 0
+
+
+def cmd_audit_trace(args: argparse.Namespace) -> int:
+    try:
+        leaked = json.loads(Path(args.file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"{args.file}: cannot read a JSON document: {exc}") from exc
+    if not isinstance(leaked, dict):
+        raise UsageError(f"{args.file}: expected a JSON object (a served record)")
+    result = _call(args, "audit.trace", leaked=leaked)
+    assert isinstance(result, dict)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"record {result['record_id']} ({result['resource_type']}) of {result['owner']}, "
+          f"commitment {result['commitment']}: the copy is genuine")
+    if not result["served"]:
+        print("never served to another member: the copy comes from its owner")
+    for a in result["served"]:
+        print(f"  served to {a['who']:<12} for {a['purpose']:<14} {_iso(a['time'])}  height {a['height']}  "
+              f"tx {a['tx_id']}")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    async def follow(client: Any) -> None:
+        await client.call("events.subscribe", empis=args.empi or [], own=args.own or not args.empi)
+        async for note in client.notifications():
+            if note.get("method") == "event":
+                print(json.dumps(note["params"]), flush=True)
+
+    _run_client(args, follow)
+    return 0
+
+
+def add_commands(commands: Any, records: Any, with_config: Any) -> None:
+    pull = with_config(records.add_parser(
+        "pull", help="pull another institution's record, verified against its anchor",
+        description="Ask the record's owner for its de-identified release. The owner checks policy and the "
+        "patient's consent and commits the access to the chain before serving; the release is checked "
+        "against the anchor's commitment before it is shown."))
+    pull.add_argument("record_id")
+    pull.add_argument("--purpose", required=True, choices=CONSENT_PURPOSES)
+    pull.add_argument("--out", metavar="FILE", help="write the served copy (release, salt, access) here, mode 0600")
+    pull.add_argument("--timeout", type=float, default=60.0)
+    pull.add_argument("--json", action="store_true")
+    pull.set_defaults(func=cmd_records_pull)
+    erase = with_config(records.add_parser(
+        "erase", help="erase one of this institution's records (destroys its data keys)",
+        description="Crypto-shred a record: its data keys are destroyed, its vault entry and on-chain "
+        "commitment stay, and record.erase is committed. The reason's text stays here; its digest goes on chain."))
+    erase.add_argument("record_id")
+    erase.add_argument("--reason", required=True)
+    erase.add_argument("--json", action="store_true")
+    erase.set_defaults(func=cmd_records_erase)
+
+    audit = commands.add_parser("audit", help="access trails, disclosures and leak tracing, from the chain")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    trail = with_config(audit_commands.add_parser("trail", help="every record and access event of a patient or record"))
+    trail.add_argument("--empi")
+    trail.add_argument("--record", metavar="RECORD_ID")
+    trail.add_argument("--json", action="store_true")
+    trail.add_argument("--fhir", action="store_true", help="a FHIR Bundle of AuditEvent resources")
+    trail.set_defaults(func=cmd_audit_trail)
+    trace = with_config(audit_commands.add_parser(
+        "trace-leak", help="given a leaked served copy, the record it is and everyone it was served to"))
+    trace.add_argument("file", metavar="FILE")
+    trace.add_argument("--json", action="store_true")
+    trace.set_defaults(func=cmd_audit_trace)
+    disclosures = with_config(audit_commands.add_parser(
+        "disclosures", help="the accounting of disclosures for one patient"))
+    disclosures.add_argument("--empi", required=True)
+    disclosures.add_argument("--json", action="store_true")
+    disclosures.set_defaults(func=cmd_audit_disclosures)
+
+    watch = with_config(commands.add_parser(
+        "watch", help="print events as they are committed, as JSON lines",
+        description="New records, accesses, consent changes, erasures and integrity alarms: for the EMPIs "
+        "given, or (default) for this institution's own patients and records."))
+    watch.add_argument("--empi", action="append", help="an EMPI to follow (repeatable)")
+    watch.add_argument("--own", action="store_true", help="also this institution's own events (default without --empi)")
+    watch.set_defaults(func=cmd_watch)

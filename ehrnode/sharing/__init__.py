@@ -1,0 +1,1 @@
+"""The read path: pulls between institutions, access decisions, audit and event feeds."""

@@ -1,0 +1,90 @@
+"""Events for subscribers: what a committed transaction means to a patient's institutions.
+
+Each committed transaction of a sharing kind becomes one event, with the
+patient's EMPI (as it stands when the block is applied) and the set of
+institutions it concerns. A subscriber asks for events of given EMPIs, or for
+its own (``own``): new records and consent changes of patients it has
+enrolled, and accesses, erasures and integrity alarms of records it owns.
+
+``record.new``       a record of the patient was anchored (by any institution)
+``record.accessed``  an owner decided a pull: requester, purpose, decision, reason,
+                     ``emergency`` when consent was overridden
+``consent.changed``  a grant or revocation was recorded
+``record.erased``    an owner erased a record
+``integrity.alarm``  a requester found a served record not matching its anchor
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..ledger.state import LedgerState
+from ..ledger.transactions import Transaction
+from ..ledger.empi_registry import scoped_enrolment
+
+
+@dataclass(frozen=True)
+class Event:
+    body: dict[str, Any]
+    empi: str | None
+    concerns: frozenset[str]  # institutions for which this is one of "their own" events
+
+
+def _record(state: LedgerState, record: bytes) -> tuple[str | None, str | None, str | None]:
+    """(EMPI, owner, resource type) of an anchored record."""
+    anchors = state.anchors(record=record)
+    if not anchors:
+        return None, None, None
+    return anchors[0]["empi"], anchors[0]["institution"], anchors[0]["resource_type"]
+
+
+def event_of(state: LedgerState, tx: Transaction, height: int) -> Event | None:
+    """The event a committed, valid transaction stands for (None: not a sharing event)."""
+    body = tx.body
+    common = {"height": height, "tx_id": tx.id.hex(), "time": tx.time}
+    if tx.kind == "record.anchor":
+        empi = state.empi.empi_of(scoped_enrolment(body["institution"], body["patient"]))
+        concerns = state.empi.institutions_of(empi) if empi else set()
+        return Event({"event": "record.new", "empi": empi, "record_id": body["record"].hex(),
+                      "institution": body["institution"], "resource_type": body["resource_type"],
+                      "setting": body["setting"], **common}, empi, frozenset(concerns | {body["institution"]}))
+    if tx.kind == "access.log":
+        empi, owner, resource_type = _record(state, body["record"])
+        return Event({"event": "record.accessed", "empi": empi, "record_id": body["record"].hex(),
+                      "owner": tx.submitter, "requester": body["requester"], "purpose": body["purpose"],
+                      "resource_type": resource_type, "decision": body["decision"], "reason": body["reason"],
+                      "emergency": body["reason"] == "emergency_override", **common},
+                     empi, frozenset({tx.submitter}))
+    if tx.kind in ("consent.grant", "consent.revoke"):
+        empi = body["empi"]
+        return Event({"event": "consent.changed", "empi": empi, "action": tx.kind.partition(".")[2],
+                      "grantor": tx.submitter, "grantee": body["grantee"], "purposes": body["purposes"],
+                      "scope": body["scope"], "until": body["until"] or None, **common},
+                     empi, frozenset(state.empi.institutions_of(empi)))
+    if tx.kind == "record.erase":
+        empi, owner, resource_type = _record(state, body["record"])
+        return Event({"event": "record.erased", "empi": empi, "record_id": body["record"].hex(),
+                      "owner": tx.submitter, "resource_type": resource_type, **common}, empi,
+                     frozenset({tx.submitter}))
+    if tx.kind == "integrity.alert":
+        empi, owner, resource_type = _record(state, body["record"])
+        return Event({"event": "integrity.alarm", "empi": empi, "record_id": body["record"].hex(),
+                      "owner": body["owner"], "reporter": tx.submitter, "resource_type": resource_type,
+                      "access_tx": body["access"].hex(), **common}, empi,
+                     frozenset({body["owner"], tx.submitter}))
+    return None
+
+
+@dataclass
+class Subscription:
+    empis: frozenset[str]
+    own: bool
+
+    def wants(self, state: LedgerState, me: str, event: Event) -> bool:
+        if self.own and me in event.concerns:
+            return True
+        if event.empi is None or not self.empis:
+            return False
+        current = state.empi.resolve(None, event.empi)
+        return any(state.empi.resolve(None, e) == current for e in self.empis)

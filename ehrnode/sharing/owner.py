@@ -1,0 +1,215 @@
+"""The owner's side of a pull: check the request, decide, commit the decision, then serve.
+
+Theory of operation
+-------------------
+A pull request arrives on an authenticated peer connection. The owner first
+checks that the request is authentic and new; a request that is not gets a
+``rejected`` answer and a ``pull.rejected`` log line, and nothing goes on
+chain (nobody provably asked):
+
+- it decodes, names this chain and this node as owner, and names as requester
+  the member whose connection carried it;
+- the requester's signature verifies under its genesis key;
+- its time is within ``max_age_seconds`` of the owner's clock, either way;
+- its id was never decided before (in memory for requests in flight, on
+  chain for requests decided), so a replayed request is refused.
+
+An authentic request is then decided (:meth:`AccessPolicy.decide`): the record
+must be anchored by this node and still have its data keys, the policy must
+cover requester, purpose and resource type, and the patient's consent (or
+the default, or an emergency override) must allow it. The decision, granted
+or refused, goes on chain as an ``access.log`` transaction and the owner
+**waits until it is committed** before answering: data never moves without
+its log entry, and a refusal is as visible as a grant. If the log does not
+commit in time the requester gets ``unavailable`` and nothing else.
+
+A granted release is read from the vault, sealed to the requester's X25519
+key from genesis (bound to the request id) and sent in parts on the bulk
+queue, so a large record never delays consensus traffic.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .. import crypto
+from ..config import Genesis
+from ..errors import AdmissionError, CodecError, EhrnodeError, IntegrityError
+from ..ledger.consent import Decision
+from ..ledger.state import LedgerState
+from ..ledger.transactions import Transaction
+from ..logs import get_logger
+from ..records.service import RecordsService
+from .messages import PullAnswer, PullRequest, release_payload, request_id, split_served
+from .policy import AccessPolicy
+
+#: How long the owner waits for its access log to commit before answering ``unavailable``.
+COMMIT_TIMEOUT = 30.0
+#: Pulls being decided or served at once; more are rejected as ``busy``.
+MAX_IN_FLIGHT = 512
+
+
+@dataclass(frozen=True)
+class OwnerHooks:
+    submit: Callable[[str, dict[str, Any]], Transaction]  # sign, admit and gossip; raises AdmissionError
+    wait_committed: Callable[[bytes, float], Awaitable[int | None]]
+    send: Callable[[str, bytes], bool]  # an answer frame to a peer (bulk queue)
+    counters: Callable[[str], None]  # count one pull outcome (served, refused, rejected, unavailable)
+
+
+class PullServer:
+    def __init__(self, *, name: str, genesis: Genesis, state: LedgerState, records: RecordsService,
+                 policy: AccessPolicy, hooks: OwnerHooks) -> None:
+        self.name = name
+        self.genesis = genesis
+        self.state = state
+        self.records = records
+        self.policy = policy
+        self.hooks = hooks
+        self.log = get_logger(node=name)
+        self.in_flight = 0
+        # Requests seen recently, whether decided yet or not: id -> time seen (ms).
+        self._seen: OrderedDict[bytes, int] = OrderedDict()
+
+    def busy(self) -> bool:
+        return self.in_flight >= MAX_IN_FLIGHT
+
+    async def handle(self, peer: str, data: bytes) -> None:
+        """Answer one pull request from ``peer`` (never raises for anything the request does)."""
+        rid = request_id(data)
+        self.in_flight += 1
+        try:
+            for answer in await self._answer(peer, rid, data):
+                self.hooks.send(peer, answer.encode())
+        except EhrnodeError as exc:  # the vault or the disk failed under us: say so, stay up
+            self.log.error("pull.failed", peer=peer, request=rid.hex()[:16], reason=exc.reason, error=str(exc))
+            self.hooks.counters("unavailable")
+            self.hooks.send(peer, PullAnswer(rid, "unavailable", exc.reason, "the owner could not serve this "
+                                             "record now").encode())
+        finally:
+            self.in_flight -= 1
+
+    def reject_busy(self, peer: str, data: bytes) -> None:
+        self.hooks.counters("rejected")
+        self.log.warning("pull.rejected", peer=peer, reason="busy")
+        self.hooks.send(peer, PullAnswer(request_id(data), "rejected", "busy",
+                                         f"{self.name} is serving {MAX_IN_FLIGHT} pulls; try again").encode())
+
+    def _reject(self, peer: str, rid: bytes, reason: str, message: str) -> list[PullAnswer]:
+        self.hooks.counters("rejected")
+        self.log.warning("pull.rejected", peer=peer, request=rid.hex()[:16], reason=reason, error=message)
+        return [PullAnswer(rid, "rejected", reason, message)]
+
+    def _authentic(self, peer: str, rid: bytes, data: bytes, now: int) -> PullRequest | list[PullAnswer]:
+        try:
+            request = PullRequest.decode(data)
+        except CodecError as exc:
+            return self._reject(peer, rid, "malformed", f"malformed pull request: {exc}")
+        if request.chain_id != self.genesis.chain_id:
+            return self._reject(peer, rid, "wrong_chain", f"request for chain {request.chain_id!r}")
+        if request.requester != peer:
+            # Connections are authenticated: a member cannot ask in another's name.
+            return self._reject(peer, rid, "unknown_requester",
+                                f"request signed for {request.requester!r} arrived from {peer!r}")
+        if request.owner != self.name:
+            return self._reject(peer, rid, "wrong_owner", f"request addressed to {request.owner!r}")
+        if not request.signature_ok(self.genesis.member(peer).signing_key):
+            return self._reject(peer, rid, "bad_signature", "the request's signature does not verify")
+        if abs(now - request.time) > self.policy.max_age_ms:
+            return self._reject(peer, rid, "stale", f"request time is {abs(now - request.time) // 1000} s from the "
+                                f"owner's clock (at most {self.policy.max_age_ms // 1000} s)")
+        self._forget(now)
+        if rid in self._seen or self.state.access.accesses(request=rid):
+            return self._reject(peer, rid, "replayed", "this request was already decided")
+        self._seen[rid] = now
+        return request
+
+    def _forget(self, now: int) -> None:
+        # A request older than the age window is refused as stale anyway; decided ones are on chain.
+        horizon = now - 2 * self.policy.max_age_ms
+        while self._seen and next(iter(self._seen.values())) < horizon:
+            self._seen.popitem(last=False)
+
+    async def _answer(self, peer: str, rid: bytes, data: bytes) -> list[PullAnswer]:
+        now = int(time.time() * 1000)
+        request = self._authentic(peer, rid, data, now)
+        if isinstance(request, list):
+            return request
+        started = time.monotonic()
+        reason, consent, resource_type = await self._decide(request, now)
+        granted = reason in ("granted", "emergency_override")
+        try:
+            tx = self.hooks.submit("access.log", {
+                "epoch": 0, "request": rid, "record": request.record, "requester": request.requester,
+                "purpose": request.purpose, "decision": "granted" if granted else "refused", "reason": reason,
+                "consent": consent, "requested_at": request.time,
+            })
+        except AdmissionError as exc:
+            self._seen.pop(rid, None)  # nothing decided: the same request may come again
+            self.hooks.counters("unavailable")
+            self.log.warning("pull.unavailable", peer=peer, request=rid.hex()[:16], reason=exc.reason)
+            return [PullAnswer(rid, "unavailable", exc.reason, f"the access log cannot be submitted: {exc}")]
+        await self.hooks.wait_committed(tx.id, COMMIT_TIMEOUT)
+        status = self.state.tx_status(tx.id)
+        if status != "ok":
+            self.hooks.counters("unavailable")
+            self.log.error("pull.unavailable", peer=peer, request=rid.hex()[:16], tx_id=tx.id.hex(),
+                           reason="access_log_not_committed", status=status)
+            return [PullAnswer(rid, "unavailable", "access_log_not_committed",
+                               f"the access log was not committed ({status or 'timeout'}); nothing served", tx.id)]
+        fields = {"peer": peer, "record_id": request.record.hex(), "purpose": request.purpose,
+                  "resource_type": resource_type, "tx_id": tx.id.hex()}
+        if not granted:
+            self.hooks.counters("refused")
+            self.log.info("pull.refused", reason=reason, **fields)
+            return [PullAnswer(rid, "refused", reason, _REFUSALS[reason], tx.id)]
+        try:
+            _, resource, salt = await self.records.release(request.record)
+        except IntegrityError as exc:
+            if exc.reason != "erased":
+                raise
+            self.hooks.counters("refused")  # erased between the decision and the read
+            return [PullAnswer(rid, "refused", "erased", _REFUSALS["erased"], tx.id)]
+        sealed = crypto.seal_to(self.genesis.member(peer).sealing_key,
+                                release_payload(request.record, resource, salt), rid)
+        self.hooks.counters("served")
+        (self.log.warning if reason == "emergency_override" else self.log.info)(
+            "pull.served", emergency=reason == "emergency_override", bytes=len(resource),
+            seconds=round(time.monotonic() - started, 3), **fields)
+        return split_served(rid, sealed, tx.id)
+
+    async def _decide(self, request: PullRequest, now: int) -> tuple[str, bytes, str]:
+        """(access.log reason, consent entry cited, resource type) for an authentic request."""
+        anchors = self.state.anchors(record=request.record)
+        if not anchors:
+            return "not_found", b"", "unknown"
+        anchor = anchors[0]
+        if anchor["institution"] != self.name:
+            return "not_owner", b"", anchor["resource_type"]
+        if self.state.access.erasure(request.record) is not None or \
+                await self.records.vault_state(request.record) != "present":
+            return "erased", b"", anchor["resource_type"]
+        empi = anchor["empi"]
+        role = self.genesis.member(request.requester).role
+
+        def consent(default: bool) -> Decision:
+            if empi is None:  # enrolment not committed: no consent can name the patient yet
+                return Decision(default, "default", None)
+            return self.state.consent.decide(empi, request.requester, request.purpose, anchor["resource_type"],
+                                             now, default=default)
+
+        verdict = self.policy.decide(request.requester, role, request.purpose, anchor["resource_type"], consent)
+        return verdict.reason, verdict.consent, anchor["resource_type"]
+
+
+_REFUSALS = {
+    "not_found": "no record with this id is anchored on the chain",
+    "not_owner": "this institution does not own that record",
+    "erased": "the record was erased by its owner",
+    "policy": "the owner's access policy does not allow this requester, purpose and resource type",
+    "consent": "the patient's consent does not allow this access",
+}
