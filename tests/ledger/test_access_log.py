@@ -1,0 +1,100 @@
+"""The access log on chain: who may log, grant, erase and raise alarms, identically on every node."""
+
+import os
+
+import pytest
+
+from ehrnode import synthetic
+from ehrnode.errors import SchemaError
+
+from .test_empi_registry import Chain, enrol, tx
+
+
+def anchor(record, position, submitter="A", patient=b"p" * 16):
+    return tx("record.anchor", {
+        "epoch": 0, "record": record, "patient": patient, "institution": submitter, "recorded_at": 1,
+        "setting": "AMB", "resource_type": "Condition", "commitment": os.urandom(32), "position": position,
+        "entry": os.urandom(32)}, submitter)
+
+
+def access(record, decision="granted", reason="granted", requester="B", submitter="A", request=None):
+    return tx("access.log", {
+        "epoch": 0, "request": request or os.urandom(32), "record": record, "requester": requester,
+        "purpose": "treatment", "decision": decision, "reason": reason, "consent": b"", "requested_at": 1},
+        submitter)
+
+
+@pytest.fixture
+def chain(tmp_path):
+    c = Chain(tmp_path / "state.db")
+    person = synthetic.people(1, seed=5)[0]
+    c.apply(enrol(synthetic.patient_resources(person, "A")[0], "A", b"p" * 16))
+    return c
+
+
+def test_only_the_owner_grants_each_request_once_and_never_after_erasure(chain):
+    record = b"r" * 16
+    assert chain.apply(anchor(record, 1)) == ["ok"]
+    request = os.urandom(32)
+    granted = access(record, request=request)
+    assert chain.apply(granted) == ["ok"]
+    assert chain.apply(access(record, request=request)) == ["invalid:duplicate_request"]
+    # Another institution cannot grant access to A's record, the regulator cannot log at all,
+    # and the requester must be a member.
+    assert chain.apply(access(record, submitter="B", requester="A"), access(record, submitter="R"),
+                       access(record, requester="Mallory")) == [
+        "invalid:not_owner", "invalid:role", "invalid:unknown_requester"]
+    # A refusal may name a record nobody anchored (the request was signed for it).
+    assert chain.apply(access(os.urandom(16), "refused", "not_found")) == ["ok"]
+    assert chain.apply(tx("record.erase", {"epoch": 0, "record": record, "reason": b"x" * 32}, "B")) == [
+        "invalid:not_owner"]
+    assert chain.apply(tx("record.erase", {"epoch": 0, "record": b"u" * 16, "reason": b"x" * 32})) == [
+        "invalid:unknown_record"]
+    erase = tx("record.erase", {"epoch": 0, "record": record, "reason": b"x" * 32})
+    assert chain.apply(erase) == ["ok"]
+    assert chain.apply(tx("record.erase", {"epoch": 0, "record": record, "reason": b"y" * 32})) == [
+        "invalid:already_erased"]
+    assert chain.apply(access(record)) == ["invalid:erased"]
+    assert chain.apply(access(record, "refused", "erased")) == ["ok"]
+    log = chain.state.access
+    assert [(a["decision"], a["reason"]) for a in log.accesses(records=[record])] == [
+        ("granted", "granted"), ("refused", "erased")]
+    assert log.erasure(record)["tx_id"] == erase.id
+
+
+def test_only_the_served_requester_raises_one_alarm_per_access(chain):
+    record = b"s" * 16
+    chain.apply(anchor(record, 1))
+    granted = access(record)
+    refused = access(record, "refused", "consent")
+    chain.apply(granted, refused)
+
+    def alert(access_tx, submitter="B", owner="A", rec=record):
+        return tx("integrity.alert", {"epoch": 0, "record": rec, "owner": owner, "access": access_tx.id,
+                                      "received": b"z" * 32}, submitter)
+
+    assert chain.apply(alert(granted, submitter="R"), alert(refused), alert(granted, owner="B"),
+                       alert(granted, rec=b"t" * 16)) == [
+        "invalid:not_requester", "invalid:unknown_access", "invalid:mismatch", "invalid:mismatch"]
+    assert chain.apply(alert(granted)) == ["ok"]
+    assert chain.apply(alert(granted)) == ["invalid:duplicate_alert"]
+    assert [(a["reporter"], a["owner"]) for a in chain.state.access.alerts(records=[record])] == [("B", "A")]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("purpose", "curiosity"), ("decision", "maybe"), ("reason", "because"), ("consent", b"x" * 5),
+    ("request", b"short"), ("record", b"r" * 15),
+])
+def test_access_schema_refuses_malformed_bodies(field, value):
+    body = {"epoch": 0, "request": b"q" * 32, "record": b"r" * 16, "requester": "B", "purpose": "treatment",
+            "decision": "granted", "reason": "granted", "consent": b"", "requested_at": 1}
+    with pytest.raises(SchemaError):
+        tx("access.log", dict(body, **{field: value}))
+
+
+def test_a_decision_and_its_reason_must_agree():
+    body = {"epoch": 0, "request": b"q" * 32, "record": b"r" * 16, "requester": "B", "purpose": "treatment",
+            "consent": b"", "requested_at": 1}
+    for decision, reason in (("granted", "consent"), ("refused", "granted"), ("refused", "emergency_override")):
+        with pytest.raises(SchemaError):
+            tx("access.log", dict(body, decision=decision, reason=reason))
