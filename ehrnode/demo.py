@@ -5,8 +5,11 @@ its own keys, stores and local API. The demo generates synthetic patients (offli
 seeded), records them at one hospital (validated, de-identified, encrypted into its
 vault, anchored on chain), registers the same people at a second hospital under its
 own record numbers and shows that both get the same EMPI, scans every node's chain
-for the patients' identifying data (none), kills a node and shows it catching up
-after a restart while the others keep recording, and stops every member cleanly. It prints progress
+for the patients' identifying data (none), has a third hospital pull a record (access
+logged on chain first, copy verified against its anchor) and shows the audit trail,
+withdraws the patient's consent (refused, logged) and shows an emergency override,
+kills a node and shows it catching up after a restart while the others keep recording,
+and stops every member cleanly. It prints progress
 as it goes and ends with a summary table; a step that fails says why and the demo
 exits non-zero.
 """
@@ -23,7 +26,7 @@ from typing import Any
 
 import trio
 
-from .client import ApiClient
+from .client import ApiClient, ApiError
 from .errors import EhrnodeError
 from . import synthetic
 from .localnet import LocalConsortium
@@ -148,7 +151,41 @@ class Demo:
                                        f"{report['entries']} entries verifies against {report['anchored']} anchors")
 
         started = time.monotonic()
-        self.out("6. HospitalC crashes (SIGKILL); A and B keep recording")
+        record = next(a for a in listing if a["institution"] == "HospitalA" and a["resource_type"] != "Patient")
+        self.out(f"6. HospitalC pulls HospitalA's {record['resource_type']} record of {example} for treatment: "
+                 "HospitalA logs the access on chain before serving, HospitalC checks the copy against its anchor")
+        pulled = await net.call("HospitalC", "records.pull", record_id=record["record_id"], purpose="treatment")
+        trail = await net.call("Regulator", "audit.trail", record_id=record["record_id"])
+        for event in trail:
+            self.out(f"      height {event['height']:<5} {event['event']:<9} by {event['who']:<10} "
+                     + (f"{event['decision']} for {event['purpose']}" if event["event"] == "access" else
+                        event.get("resource_type") or ""))
+        self._step("pull", started, f"{len(json.dumps(pulled['resource']))} bytes of de-identified "
+                                    f"{record['resource_type']} verified; access logged at height "
+                                    f"{pulled['height']}, seen in the Regulator's audit trail")
+
+        started = time.monotonic()
+        self.out("7. The patient withdraws consent for HospitalC (recorded by HospitalB); HospitalC is refused, "
+                 "and the refusal is on chain too; an emergency pull still gets through, flagged")
+        await net.call("HospitalB", "consent.revoke", empi=example, to="HospitalC", purposes=["treatment"],
+                       scope=["*"], until=0)
+        try:
+            await net.call("HospitalC", "records.pull", record_id=record["record_id"], purpose="treatment")
+        except ApiError as exc:
+            if exc.reason != "consent":
+                raise
+        else:
+            raise DemoFailed("HospitalC was served a record after the patient withdrew consent")
+        emergency = await net.call("HospitalC", "records.pull", record_id=record["record_id"], purpose="emergency")
+        decisions = [(e["decision"], e["reason"]) for e in
+                     await net.call("Regulator", "audit.trail", record_id=record["record_id"]) if e["event"] == "access"]
+        if ("refused", "consent") not in decisions or not emergency["emergency"]:
+            raise DemoFailed(f"the audit trail does not show the refusal and the override: {decisions}")
+        self._step("consent", started, "treatment pull refused (consent) and logged; emergency pull served and "
+                                       "flagged emergency_override")
+
+        started = time.monotonic()
+        self.out("8. HospitalC crashes (SIGKILL); A and B keep recording")
         net.kill9("HospitalC")
         before = await net.height("HospitalA")
         more = await self._record("HospitalA", later[: len(later) // 2 + 1], visits=1)
@@ -158,7 +195,7 @@ class Demo:
                                      f"Regulator (height {before} -> {reached})")
 
         started = time.monotonic()
-        self.out("7. HospitalC restarts and catches up by itself")
+        self.out("9. HospitalC restarts and catches up by itself")
         net.start("HospitalC")
         target = await net.height("HospitalA")
         await net.wait_height(["HospitalC"], target, timeout=60)
@@ -170,7 +207,7 @@ class Demo:
                                         "others, and lists the records anchored while it was down")
 
         started = time.monotonic()
-        self.out("8. Stopping every node (SIGTERM)")
+        self.out("10. Stopping every node (SIGTERM)")
         codes = net.stop_all()
         if any(codes.values()):
             raise DemoFailed(f"a node did not stop cleanly: exit codes {codes}")

@@ -7,9 +7,11 @@ def test_demo_runs_end_to_end_and_keeps_its_files_when_asked(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
-    for step in ("consortium init", "4 nodes up", "record", "empi", "privacy", "crash", "recovery", "shutdown"):
+    for step in ("consortium init", "4 nodes up", "record", "empi", "privacy", "pull", "consent", "crash", "recovery",
+                 "shutdown"):
         assert f"\n{step} " in out
     assert "share one EMPI across both hospitals" in out
+    assert "emergency pull served and flagged" in out
     assert (tmp_path / "demo" / "inputs").is_dir()  # the generated FHIR input stays for a look
     assert "FAILED" not in out
     assert (tmp_path / "demo" / "genesis.toml").exists()
