@@ -9,11 +9,12 @@ the regulator R) and records synthetic patients at each institution. Then:
   and is verified at the requester (log committed, commitment matches) before it counts.
   Reported: verified pulls/s, latency p50/p99/max, errors by reason, CPU per node (and of
   this process: "bench");
-* large documents: C records a few Observations with thousands of coded components (what
-  survives de-identification), and A pulls them one after the other; reported in MB/s of
-  released canonical JSON.
+* large documents: C records `--large` Observations of about `--large-mb` MB each, made of
+  coded components (what survives de-identification), and A pulls them one after the other;
+  reported in MB/s of released canonical JSON, with the size actually released.
 
-    python benchmarks/pull.py [--seconds 20 | --pulls N] [--concurrency 48] [--patients 20] [--json]
+    python benchmarks/pull.py [--seconds 20 | --pulls N] [--concurrency 48] [--patients 20]
+                              [--large 5] [--large-mb 2.5] [--json]
 """
 
 from __future__ import annotations
@@ -159,9 +160,9 @@ async def large(cluster: LocalConsortium, patient_id: str, count: int, megabytes
                 errors[exc.reason] += 1
                 continue
             times.append(time.perf_counter() - sent)
-            sizes.append(len(canonical_json(pulled["resource"])))
             if not pulled.get("verified"):
                 raise SystemExit(f"large record {row['record_id']} not verified")
+            sizes.append(len(canonical_json(pulled["resource"])))
     return {
         "documents": len(rows), "verified": len(sizes), "errors": dict(errors),
         "components": len(items[0].resource["component"]),

@@ -179,7 +179,9 @@ class Node:
         r.gauge("ehrnode_peer_frames_dropped_total", "Outbound frames dropped on full peer queues.",
                 lambda: sum(p.dropped for p in self.network.peers.values()) + self.network.dropped_closed)
         r.gauge("ehrnode_peers_rejected_total", "Connections refused at the handshake.", lambda: self.network.rejected)
-        self.m_pulls = {outcome: r.counter(f"ehrnode_pulls_{outcome}_total", text) for outcome, text in (
+        self.m_pulls = {outcome: r.counter(
+            "ehrnode_integrity_alarms_total" if outcome == "integrity" else f"ehrnode_pulls_{outcome}_total", text)
+            for outcome, text in (
             ("served", "Pulls of this institution's records served (access logged first)."),
             ("refused", "Pulls refused by policy or consent (as owner), or answered with a refusal (as requester)."),
             ("rejected", "Pull requests rejected as not authentic: bad signature, stale, replayed, malformed, busy."),
@@ -467,7 +469,10 @@ class Node:
             self.m_latency.observe(max(0.0, time.time() - block.timestamp / 1000))
             ids = [tx.id for tx in txs]
             if self._event_subscribers:
-                self._publish_events(txs, block.height)
+                try:
+                    self._publish_events(txs, block.height)
+                except Exception as exc:  # noqa: BLE001 - a feed must never stop the chain
+                    self.log.error("events.failed", height=block.height, error=repr(exc))
             self.mempool.remove(crypto.sha256(data) for data in block.payload)
             self.head = block
             # Empty blocks of an idle chain are not worth an info line each.

@@ -4,10 +4,12 @@ Theory of operation
 -------------------
 An owner decides every pull request for one of its records and commits the
 decision as an ``access.log`` transaction before it serves anything; refusals
-are committed too, with their reason. The chain checks what any node can
-check: the owner is who it claims to be (a granted access is for a record the
-submitter anchored, and not erased), each request is decided once (its id is
-unique), and the requester is a member.
+are committed too, with their reason. The transaction carries the signed
+request, and the chain checks what any node can check: the requester is a
+member and signed the request (so no owner can log an access nobody asked
+for), the request is addressed to the submitter and is for this chain, a
+granted access is for a record the submitter anchored and has not erased, and
+each request is decided once (its id is unique).
 
 ``record.erase`` is the owner's statement that it destroyed a record's data
 keys; the anchor stays, so the record's history (and any leaked copy) can
@@ -23,11 +25,15 @@ on what grounds, in chain order, the same on every node.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Mapping
 from typing import Any
+
+from .. import crypto
+from .requests import PullRequest
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accesses (
-    request BLOB PRIMARY KEY, record BLOB NOT NULL, owner TEXT NOT NULL, requester TEXT NOT NULL,
+    request BLOB PRIMARY KEY, signed BLOB NOT NULL, record BLOB NOT NULL, owner TEXT NOT NULL, requester TEXT NOT NULL,
     purpose TEXT NOT NULL, decision TEXT NOT NULL, reason TEXT NOT NULL, consent BLOB NOT NULL,
     requested_at INTEGER NOT NULL, time INTEGER NOT NULL, height INTEGER NOT NULL, tx_id BLOB NOT NULL UNIQUE);
 CREATE INDEX IF NOT EXISTS accesses_record ON accesses(record);
@@ -41,32 +47,43 @@ CREATE TABLE IF NOT EXISTS alerts (
 CREATE INDEX IF NOT EXISTS alerts_record ON alerts(record);
 """
 
-ACCESS_COLUMNS = ("request", "record", "owner", "requester", "purpose", "decision", "reason", "consent",
+#: Columns after ``request`` and ``signed`` (the request id and the signed request's bytes).
+ACCESS_COLUMNS = ("record", "owner", "requester", "purpose", "decision", "reason", "consent",
                   "requested_at", "time", "height", "tx_id")
 
 
 class AccessLog:
-    def __init__(self, db: sqlite3.Connection, members: set[str]) -> None:
+    def __init__(self, db: sqlite3.Connection, chain_id: str, members: Mapping[str, bytes]) -> None:
         self._db = db
+        self._chain_id = chain_id
         self._members = members
 
     # --- applying (inside the block's transaction) ---------------------------------------
 
     def apply_access(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int, time_ms: int,
                      tx_id: bytes) -> str:
-        if body["requester"] not in self._members:
+        request = PullRequest.decode(body["request"])
+        request_id = crypto.sha256(body["request"])
+        if request.chain_id != self._chain_id:
+            return "invalid:wrong_chain"
+        if request.owner != submitter:
+            return "invalid:not_addressed"  # an owner decides only requests made to it
+        key = self._members.get(request.requester)
+        if key is None:
             return "invalid:unknown_requester"
-        if db.execute("SELECT 1 FROM accesses WHERE request = ?", (body["request"],)).fetchone():
+        if not request.signature_ok(key):
+            return "invalid:bad_request_signature"  # nobody can be logged as asking without having asked
+        if db.execute("SELECT 1 FROM accesses WHERE request = ?", (request_id,)).fetchone():
             return "invalid:duplicate_request"
         if body["decision"] == "granted":
-            owner = db.execute("SELECT institution FROM anchors WHERE record = ?", (body["record"],)).fetchone()
+            owner = db.execute("SELECT institution FROM anchors WHERE record = ?", (request.record,)).fetchone()
             if owner is None or owner[0] != submitter:
                 return "invalid:not_owner"  # only the owner grants access to a record, and only to its own
-            if db.execute("SELECT 1 FROM erasures WHERE record = ?", (body["record"],)).fetchone():
+            if db.execute("SELECT 1 FROM erasures WHERE record = ?", (request.record,)).fetchone():
                 return "invalid:erased"
-        db.execute(f"INSERT INTO accesses VALUES ({', '.join('?' * len(ACCESS_COLUMNS))})", (
-            body["request"], body["record"], submitter, body["requester"], body["purpose"], body["decision"],
-            body["reason"], body["consent"], body["requested_at"], time_ms, height, tx_id,
+        db.execute(f"INSERT INTO accesses VALUES (?, ?, {', '.join('?' * len(ACCESS_COLUMNS))})", (
+            request_id, body["request"], request.record, submitter, request.requester, request.purpose,
+            body["decision"], body["reason"], body["consent"], request.time, time_ms, height, tx_id,
         ))
         return "ok"
 
@@ -117,11 +134,11 @@ class AccessLog:
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
-        sql = f"SELECT {', '.join(ACCESS_COLUMNS)} FROM accesses"
+        sql = f"SELECT request, {', '.join(ACCESS_COLUMNS)} FROM accesses"
         if where:
             sql += " WHERE " + " AND ".join(where)
         rows = self._db.execute(sql + " ORDER BY height, rowid", args).fetchall()
-        return [dict(zip(ACCESS_COLUMNS, row, strict=True)) for row in rows]
+        return [dict(zip(("request", *ACCESS_COLUMNS), row, strict=True)) for row in rows]
 
     def erasure(self, record: bytes) -> dict[str, Any] | None:
         row = self._db.execute("SELECT owner, reason, time, height, tx_id FROM erasures WHERE record = ?",

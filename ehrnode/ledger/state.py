@@ -66,7 +66,7 @@ class LedgerState:
                            "ledger state")
         self.empi = EmpiRegistry(self._db)
         self.consent = ConsentRegistry(self._db, self.empi)
-        self.access = AccessLog(self._db, set(self.members))
+        self.access = AccessLog(self._db, chain_id, self.members)
         self._empi_kinds = {
             "empi.enrol": self.empi.enrol, "empi.link": self.empi.link, "empi.not_duplicate": self.empi.not_duplicate,
             "empi.merge": self.empi.merge, "empi.unmerge": self.empi.unmerge, "empi.split": self.empi.split,

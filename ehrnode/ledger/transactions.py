@@ -20,6 +20,7 @@ from typing import Any
 from .. import codec, crypto
 from ..codec import as_bytes, as_list, as_map, as_str, as_uint
 from ..errors import AdmissionError, CodecError, SchemaError
+from .requests import PURPOSES, PullRequest
 
 TX_DOMAIN = "ehrnode/tx/v1"
 MAX_TX_BYTES = 64 * 1024
@@ -113,7 +114,7 @@ def _unmerge_body(body: Any) -> dict[str, Any]:
     return dict(m)
 
 
-CONSENT_PURPOSES = ("treatment", "payment", "operations", "research", "public-health", "emergency")
+CONSENT_PURPOSES = PURPOSES
 
 
 def _consent_body(body: Any) -> dict[str, Any]:
@@ -141,15 +142,14 @@ ACCESS_REASONS = ("granted", "consent", "emergency_override", "policy", "not_fou
 
 
 def _access_body(body: Any) -> dict[str, Any]:
-    """One decision on one pull request, by the record's owner, committed before anything is served."""
-    m = as_map(body, "access.log", ("epoch", "request", "record", "requester", "purpose", "decision", "reason",
-                                    "consent", "requested_at"))
+    """One decision on one signed pull request, by the record's owner, committed before anything is served.
+
+    The request itself is carried (and decoded strictly here), so every node can check that the
+    requester asked: the ledger verifies its signature when it applies the decision.
+    """
+    m = as_map(body, "access.log", ("epoch", "request", "decision", "reason", "consent"))
     as_uint(m["epoch"], "access.log.epoch")
-    as_bytes(m["request"], "access.log.request", size=32)
-    as_bytes(m["record"], "access.log.record", size=16)
-    as_str(m["requester"], "access.log.requester", max_len=32)
-    if as_str(m["purpose"], "access.log.purpose", max_len=16) not in CONSENT_PURPOSES:
-        raise SchemaError(f"access.log.purpose: one of {', '.join(CONSENT_PURPOSES)}")
+    PullRequest.decode(as_bytes(m["request"], "access.log.request", max_len=1024))
     if as_str(m["decision"], "access.log.decision", max_len=8) not in ("granted", "refused"):
         raise SchemaError("access.log.decision: granted or refused")
     if as_str(m["reason"], "access.log.reason", max_len=32) not in ACCESS_REASONS:
@@ -158,7 +158,6 @@ def _access_body(body: Any) -> dict[str, Any]:
         raise SchemaError("access.log.reason: does not fit the decision")
     if len(as_bytes(m["consent"], "access.log.consent", max_len=32)) not in (0, 32):
         raise SchemaError("access.log.consent: a consent transaction id, or empty for the default")
-    as_uint(m["requested_at"], "access.log.requested_at")
     return dict(m)
 
 

@@ -54,6 +54,8 @@ from .keys import RecordKeys, new_data_key, open_sealed, seal
 ENTRY_DOMAIN = "ehrnode/vault-entry/v1"
 GENESIS_PREV = bytes(32)
 RECORD_ID_SIZE = 16
+#: The vault's own ciphertexts are authenticated: they decode up to the largest input intake takes.
+MAX_STORED = 64 * 1024 * 1024
 ENROLMENT_SIZE = 16
 
 _SCHEMA = """
@@ -238,7 +240,8 @@ class Vault:
 
     def _open_patient(self, row: tuple[bytes, bytes, bytes]) -> PatientRow:
         lookup, enrolment, sealed = row
-        body = codec.decode(open_sealed(self._keys.patients, sealed, lookup + enrolment, "patient table row"))
+        body = codec.decode(open_sealed(self._keys.patients, sealed, lookup + enrolment, "patient table row"),
+                            max_size=MAX_STORED)
         return PatientRow(lookup, enrolment, json.loads(body["resource"]), tuple(body["released"]))
 
     def setting(self, lookup: bytes) -> str | None:
@@ -283,7 +286,7 @@ class Vault:
             raise IntegrityError(f"record {record_id.hex()} is erased", reason="erased")
         what = f"record {record_id.hex()}"
         key = open_sealed(self._keys.wrap, row[2], record_id + b"deid-key", f"{what} release data key")
-        release = codec.decode(open_sealed(key, row[1], record_id + b"deid", f"{what} release"))
+        release = codec.decode(open_sealed(key, row[1], record_id + b"deid", f"{what} release"), max_size=MAX_STORED)
         return EntryHeader.from_wire(row[0]), release["resource"], release["salt"]
 
     def state_of(self, record_id: bytes) -> str | None:
@@ -323,7 +326,8 @@ class Vault:
         raw_key = open_sealed(self._keys.wrap, raw_w, record_id + b"raw-key", f"{what} raw data key")
         deid_key = open_sealed(self._keys.wrap, deid_w, record_id + b"deid-key", f"{what} release data key")
         raw = open_sealed(raw_key, raw_ct, record_id + b"raw", f"{what} raw resource")
-        release = codec.decode(open_sealed(deid_key, deid_ct, record_id + b"deid", f"{what} release"))
+        release = codec.decode(open_sealed(deid_key, deid_ct, record_id + b"deid", f"{what} release"),
+                               max_size=MAX_STORED)
         return raw, release
 
     def count(self) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 from ..ledger.state import LedgerState
 from ..ledger.transactions import Transaction
 from ..ledger.empi_registry import scoped_enrolment
+from ..ledger.requests import PullRequest
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,10 @@ def event_of(state: LedgerState, tx: Transaction, height: int) -> Event | None:
                       "institution": body["institution"], "resource_type": body["resource_type"],
                       "setting": body["setting"], **common}, empi, frozenset(concerns | {body["institution"]}))
     if tx.kind == "access.log":
-        empi, owner, resource_type = _record(state, body["record"])
-        return Event({"event": "record.accessed", "empi": empi, "record_id": body["record"].hex(),
-                      "owner": tx.submitter, "requester": body["requester"], "purpose": body["purpose"],
+        request = PullRequest.decode(body["request"])
+        empi, owner, resource_type = _record(state, request.record)
+        return Event({"event": "record.accessed", "empi": empi, "record_id": request.record.hex(),
+                      "owner": tx.submitter, "requester": request.requester, "purpose": request.purpose,
                       "resource_type": resource_type, "decision": body["decision"], "reason": body["reason"],
                       "emergency": body["reason"] == "emergency_override", **common},
                      empi, frozenset({tx.submitter}))

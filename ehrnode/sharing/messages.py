@@ -1,10 +1,5 @@
-"""The pull messages: a signed request, and the owner's answer in one or more parts.
-
-A request is the canonical CBOR of ``{chain, requester, owner, record,
-purpose, nonce, time, sig}``; ``sig`` is the requester's Ed25519 signature
-over the rest under its own domain tag, and the request's id is the SHA-256
-of its bytes. The id is what the owner's ``access.log`` names, so the chain
-ties each decision to exactly one signed request.
+"""The pull messages: a signed request (:mod:`ehrnode.ledger.requests`: the access log carries
+it), and the owner's answer in one or more parts.
 
 An answer names the request it answers and has a ``status``:
 
@@ -20,72 +15,20 @@ An answer names the request it answers and has a ``status``:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Any
 
-from .. import codec, crypto
+from .. import codec
 from ..codec import as_bytes, as_map, as_str, as_uint
-from ..errors import CodecError, SchemaError
-from ..ledger.transactions import CONSENT_PURPOSES
+from ..errors import SchemaError
+from ..ledger.requests import PullRequest, request_id
 
-PULL_DOMAIN = "ehrnode/pull/v1"
-MAX_REQUEST_BYTES = 1024
+__all__ = ["PullAnswer", "PullRequest", "open_payload", "release_payload", "request_id", "split_served"]
+
 #: Sealed release bytes per answer part (an answer frame stays well inside the 8 MiB frame).
 PART_BYTES = 4 * 1024 * 1024
-MAX_PARTS = 16
+#: Enough parts for the largest release intake accepts (64 MiB), sealed.
+MAX_PARTS = 20
 STATUSES = ("served", "refused", "rejected", "unavailable")
-NONCE_SIZE = 16
-
-
-@dataclass(frozen=True)
-class PullRequest:
-    chain_id: str
-    requester: str
-    owner: str
-    record: bytes
-    purpose: str
-    nonce: bytes
-    time: int
-    signature: bytes
-
-    def _unsigned(self) -> dict[str, Any]:
-        return {"chain": self.chain_id, "requester": self.requester, "owner": self.owner, "record": self.record,
-                "purpose": self.purpose, "nonce": self.nonce, "time": self.time}
-
-    @classmethod
-    def create(cls, *, chain_id: str, requester: str, owner: str, record: bytes, purpose: str, time_ms: int,
-               identity: crypto.Identity) -> PullRequest:
-        unsigned = cls(chain_id, requester, owner, record, purpose, os.urandom(NONCE_SIZE), time_ms, b"")
-        signature = identity.sign(crypto.signing_bytes(PULL_DOMAIN, unsigned._unsigned()))
-        return cls(chain_id, requester, owner, record, purpose, unsigned.nonce, time_ms, signature)
-
-    def encode(self) -> bytes:
-        return codec.encode({**self._unsigned(), "sig": self.signature})
-
-    @classmethod
-    def decode(cls, data: bytes) -> PullRequest:
-        """Strictly decode (raises CodecError/SchemaError)."""
-        if len(data) > MAX_REQUEST_BYTES:
-            raise CodecError(f"pull request of {len(data)} bytes", reason="too_large")
-        m = as_map(codec.decode(data, max_size=MAX_REQUEST_BYTES), "pull",
-                   ("chain", "requester", "owner", "record", "purpose", "nonce", "time", "sig"))
-        purpose = as_str(m["purpose"], "pull.purpose", max_len=16)
-        if purpose not in CONSENT_PURPOSES:
-            raise SchemaError(f"pull.purpose: one of {', '.join(CONSENT_PURPOSES)}")
-        return cls(
-            as_str(m["chain"], "pull.chain", max_len=64), as_str(m["requester"], "pull.requester", max_len=32),
-            as_str(m["owner"], "pull.owner", max_len=32), as_bytes(m["record"], "pull.record", size=16), purpose,
-            as_bytes(m["nonce"], "pull.nonce", size=NONCE_SIZE), as_uint(m["time"], "pull.time"),
-            as_bytes(m["sig"], "pull.sig", size=crypto.SIGNATURE_SIZE),
-        )
-
-    def signature_ok(self, public_key: bytes) -> bool:
-        return crypto.verify(public_key, crypto.signing_bytes(PULL_DOMAIN, self._unsigned()), self.signature)
-
-
-def request_id(data: bytes) -> bytes:
-    return crypto.sha256(data)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from typing import Any
 
 from .. import crypto
 from ..config import Genesis
-from ..errors import AdmissionError, CodecError, EhrnodeError, IntegrityError
+from ..errors import AdmissionError, CodecError, EhrnodeError
 from ..ledger.consent import Decision
 from ..ledger.state import LedgerState
 from ..ledger.transactions import Transaction
@@ -141,12 +141,25 @@ class PullServer:
             return request
         started = time.monotonic()
         reason, consent, resource_type = await self._decide(request, now)
+        fields = {"peer": peer, "record_id": request.record.hex(), "purpose": request.purpose,
+                  "resource_type": resource_type}
+        sealed, size = b"", 0
+        if reason in ("granted", "emergency_override"):
+            # Read before logging: a grant is committed only for a release that can be served.
+            try:
+                _, resource, salt = await self.records.release(request.record)
+                size = len(resource)
+                sealed = crypto.seal_to(self.genesis.member(peer).sealing_key,
+                                        release_payload(request.record, resource, salt), rid)
+            except EhrnodeError as exc:
+                reason = "erased" if exc.reason == "erased" else "internal"
+                if reason == "internal":
+                    self.log.error("pull.failed", reason=exc.reason, error=str(exc), **fields)
         granted = reason in ("granted", "emergency_override")
         try:
             tx = self.hooks.submit("access.log", {
-                "epoch": 0, "request": rid, "record": request.record, "requester": request.requester,
-                "purpose": request.purpose, "decision": "granted" if granted else "refused", "reason": reason,
-                "consent": consent, "requested_at": request.time,
+                "epoch": 0, "request": data, "decision": "granted" if granted else "refused", "reason": reason,
+                "consent": consent,
             })
         except AdmissionError as exc:
             self._seen.pop(rid, None)  # nothing decided: the same request may come again
@@ -161,24 +174,14 @@ class PullServer:
                            reason="access_log_not_committed", status=status)
             return [PullAnswer(rid, "unavailable", "access_log_not_committed",
                                f"the access log was not committed ({status or 'timeout'}); nothing served", tx.id)]
-        fields = {"peer": peer, "record_id": request.record.hex(), "purpose": request.purpose,
-                  "resource_type": resource_type, "tx_id": tx.id.hex()}
+        fields["tx_id"] = tx.id.hex()
         if not granted:
             self.hooks.counters("refused")
             self.log.info("pull.refused", reason=reason, **fields)
             return [PullAnswer(rid, "refused", reason, _REFUSALS[reason], tx.id)]
-        try:
-            _, resource, salt = await self.records.release(request.record)
-        except IntegrityError as exc:
-            if exc.reason != "erased":
-                raise
-            self.hooks.counters("refused")  # erased between the decision and the read
-            return [PullAnswer(rid, "refused", "erased", _REFUSALS["erased"], tx.id)]
-        sealed = crypto.seal_to(self.genesis.member(peer).sealing_key,
-                                release_payload(request.record, resource, salt), rid)
         self.hooks.counters("served")
         (self.log.warning if reason == "emergency_override" else self.log.info)(
-            "pull.served", emergency=reason == "emergency_override", bytes=len(resource),
+            "pull.served", emergency=reason == "emergency_override", bytes=size,
             seconds=round(time.monotonic() - started, 3), **fields)
         return split_served(rid, sealed, tx.id)
 
@@ -212,4 +215,5 @@ _REFUSALS = {
     "erased": "the record was erased by its owner",
     "policy": "the owner's access policy does not allow this requester, purpose and resource type",
     "consent": "the patient's consent does not allow this access",
+    "internal": "the owner cannot read this record now (its vault failed); ask again later",
 }

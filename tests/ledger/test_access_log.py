@@ -4,10 +4,11 @@ import os
 
 import pytest
 
-from ehrnode import synthetic
-from ehrnode.errors import SchemaError
+from ehrnode import crypto, synthetic
+from ehrnode.errors import CodecError, SchemaError
+from ehrnode.ledger.requests import PullRequest
 
-from .test_empi_registry import Chain, enrol, tx
+from .test_empi_registry import F, KEYS, Chain, enrol, tx
 
 
 def anchor(record, position, submitter="A", patient=b"p" * 16):
@@ -17,11 +18,16 @@ def anchor(record, position, submitter="A", patient=b"p" * 16):
         "entry": os.urandom(32)}, submitter)
 
 
+def signed(record, requester="B", owner="A", chain=None, identity=None):
+    return PullRequest.create(chain_id=chain or F.vset.chain_id, requester=requester, owner=owner, record=record,
+                              purpose="treatment", time_ms=1,
+                              identity=identity or KEYS.get(requester) or crypto.Identity.generate()).encode()
+
+
 def access(record, decision="granted", reason="granted", requester="B", submitter="A", request=None):
     return tx("access.log", {
-        "epoch": 0, "request": request or os.urandom(32), "record": record, "requester": requester,
-        "purpose": "treatment", "decision": decision, "reason": reason, "consent": b"", "requested_at": 1},
-        submitter)
+        "epoch": 0, "request": request or signed(record, requester, owner=submitter), "decision": decision,
+        "reason": reason, "consent": b""}, submitter)
 
 
 @pytest.fixture
@@ -35,7 +41,7 @@ def chain(tmp_path):
 def test_only_the_owner_grants_each_request_once_and_never_after_erasure(chain):
     record = b"r" * 16
     assert chain.apply(anchor(record, 1)) == ["ok"]
-    request = os.urandom(32)
+    request = signed(record)
     granted = access(record, request=request)
     assert chain.apply(granted) == ["ok"]
     assert chain.apply(access(record, request=request)) == ["invalid:duplicate_request"]
@@ -44,6 +50,11 @@ def test_only_the_owner_grants_each_request_once_and_never_after_erasure(chain):
     assert chain.apply(access(record, submitter="B", requester="A"), access(record, submitter="R"),
                        access(record, requester="Mallory")) == [
         "invalid:not_owner", "invalid:role", "invalid:unknown_requester"]
+    # The request must be the requester's, addressed to the submitter, for this chain.
+    assert chain.apply(access(record, request=signed(record, identity=crypto.Identity.generate())),
+                       access(record, request=signed(record, owner="B")),
+                       access(record, request=signed(record, chain="another-chain"))) == [
+        "invalid:bad_request_signature", "invalid:not_addressed", "invalid:wrong_chain"]
     # A refusal may name a record nobody anchored (the request was signed for it).
     assert chain.apply(access(os.urandom(16), "refused", "not_found")) == ["ok"]
     assert chain.apply(tx("record.erase", {"epoch": 0, "record": record, "reason": b"x" * 32}, "B")) == [
@@ -82,19 +93,17 @@ def test_only_the_served_requester_raises_one_alarm_per_access(chain):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("purpose", "curiosity"), ("decision", "maybe"), ("reason", "because"), ("consent", b"x" * 5),
-    ("request", b"short"), ("record", b"r" * 15),
+    ("decision", "maybe"), ("reason", "because"), ("consent", b"x" * 5), ("request", b"short"),
+    ("request", signed(b"r" * 16)[:-1]),
 ])
 def test_access_schema_refuses_malformed_bodies(field, value):
-    body = {"epoch": 0, "request": b"q" * 32, "record": b"r" * 16, "requester": "B", "purpose": "treatment",
-            "decision": "granted", "reason": "granted", "consent": b"", "requested_at": 1}
-    with pytest.raises(SchemaError):
+    body = {"epoch": 0, "request": signed(b"r" * 16), "decision": "granted", "reason": "granted", "consent": b""}
+    with pytest.raises(CodecError):
         tx("access.log", dict(body, **{field: value}))
 
 
 def test_a_decision_and_its_reason_must_agree():
-    body = {"epoch": 0, "request": b"q" * 32, "record": b"r" * 16, "requester": "B", "purpose": "treatment",
-            "consent": b"", "requested_at": 1}
+    body = {"epoch": 0, "request": signed(b"r" * 16), "consent": b""}
     for decision, reason in (("granted", "consent"), ("refused", "granted"), ("refused", "emergency_override")):
         with pytest.raises(SchemaError):
             tx("access.log", dict(body, decision=decision, reason=reason))
