@@ -72,6 +72,10 @@ DEFAULT_CORE = CoreConfig(
     max_block_txs=1000,
     # An idle chain makes an empty block every half second rather than spinning.
     empty_block_delay=0.5,
+    # Under load, blocks at most every 50 ms (unless full): per-block work is shared by more
+    # transactions (saturation with 256-byte notes on 2 cores: 575 tx/s without, 773 with). A
+    # quiet chain proposes at once; a lone transaction can commit up to 50 ms later.
+    min_block_interval=0.05,
 )
 
 
@@ -462,7 +466,7 @@ class Node:
         for block in action.blocks:
             # After a power cut the state can be ahead of the block store: the blocks committed
             # again are the same blocks, already applied.
-            txs = self.state.apply(block) if block.height > self.state.applied_height else []
+            txs = self.state.apply(block, self.mempool.get) if block.height > self.state.applied_height else []
             self.m_commits.inc()
             self.m_txs.inc(len(txs))
             self.m_invalid_txs.inc(len(block.payload) - len(txs))

@@ -34,6 +34,10 @@ class Mempool:
     def __contains__(self, tx_id: bytes) -> bool:
         return tx_id in self._pending
 
+    def get(self, tx_id: bytes) -> Transaction | None:
+        """The admitted transaction with this id: decoded, and its signature checked."""
+        return self._pending.get(tx_id)
+
     def admit(self, data: bytes) -> Transaction:
         """Check and hold ``data``; raises AdmissionError with a reason a submitter can act on."""
         if len(data) > MAX_TX_BYTES:

@@ -14,7 +14,7 @@ not applied.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +80,13 @@ class LedgerState:
         row = self._db.execute("SELECT height FROM applied").fetchone()
         return row[0] if row else 0
 
-    def apply(self, block: Block) -> list[Transaction]:
-        """Apply one committed block (the next height); returns its valid transactions."""
+    def apply(self, block: Block, admitted: Callable[[bytes], Transaction | None] | None = None) -> list[Transaction]:
+        """Apply one committed block (the next height); returns its valid transactions.
+
+        ``admitted(tx_id)`` may return the transaction this node already decoded and whose
+        signature it checked when admitting it (same id, so the very same bytes): it is not
+        decoded or checked again.
+        """
         if block.height != self.applied_height + 1:
             raise StoreError(f"block {block.height} applied after height {self.applied_height}", reason="apply_gap")
         valid: list[Transaction] = []
@@ -89,7 +94,7 @@ class LedgerState:
         with transaction(self._db, f"apply block {block.height}") as db:
             for position, data in enumerate(block.payload):
                 tx_id = crypto.sha256(data)
-                status, tx = self._classify(tx_id, data)
+                status, tx = self._classify(tx_id, data, admitted(tx_id) if admitted else None)
                 if status == "ok" and tx_id in seen:
                     status = "invalid:duplicate"
                 seen.add(tx_id)
@@ -136,11 +141,14 @@ class LedgerState:
             return self.access.apply_alert(db, tx.body, tx.submitter, height, tx.time, tx.id)
         return "ok"
 
-    def _classify(self, tx_id: bytes, data: bytes) -> tuple[str, Transaction | None]:
-        try:
-            tx = Transaction.decode(data)
-        except CodecError:
-            return "invalid:malformed", None
+    def _classify(self, tx_id: bytes, data: bytes, known: Transaction | None) -> tuple[str, Transaction | None]:
+        if known is None:
+            try:
+                tx = Transaction.decode(data)
+            except CodecError:
+                return "invalid:malformed", None
+        else:
+            tx = known
         if tx.chain_id != self.chain_id:
             return "invalid:wrong_chain", tx
         key = self.members.get(tx.submitter)
@@ -148,10 +156,11 @@ class LedgerState:
             return "invalid:unknown_submitter", tx
         if self.tx_height(tx_id) is not None:
             return "invalid:duplicate", tx
-        try:
-            tx.check_signature(key)
-        except AdmissionError:
-            return "invalid:bad_signature", tx
+        if known is None:
+            try:
+                tx.check_signature(key)
+            except AdmissionError:
+                return "invalid:bad_signature", tx
         return "ok", tx
 
     def tx_height(self, tx_id: bytes) -> int | None:

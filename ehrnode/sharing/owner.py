@@ -193,9 +193,8 @@ class PullServer:
         anchor = anchors[0]
         if anchor["institution"] != self.name:
             return "not_owner", b"", anchor["resource_type"]
-        if self.state.access.erasure(request.record) is not None or \
-                await self.records.vault_state(request.record) != "present":
-            return "erased", b"", anchor["resource_type"]
+        if self.state.access.erasure(request.record) is not None:
+            return "erased", b"", anchor["resource_type"]  # (erased here, not yet on chain: found on reading)
         empi = anchor["empi"]
         role = self.genesis.member(request.requester).role
 

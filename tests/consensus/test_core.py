@@ -21,7 +21,8 @@ CONFIG = CoreConfig(pacemaker=PacemakerConfig(base_timeout=1.0, resend_interval=
 
 
 class Cluster:
-    def __init__(self, n=4, down=()):
+    def __init__(self, n=4, down=(), config=CONFIG):
+        self.config = config
         self.f = Factory(n)
         self.stores = [MemorySafetyStore() for _ in range(n)]
         self.blocks = [MemoryBlockStore(self.f.vset) for _ in range(n)]
@@ -34,7 +35,7 @@ class Cluster:
 
     def _core(self, i, recover=False):
         return ConsensusCore(
-            self.f.vset, i, self.f.identities[i], self.stores[i], config=CONFIG,
+            self.f.vset, i, self.f.identities[i], self.stores[i], config=self.config,
             recovery=self.blocks[i].recovery() if recover else None, committed_lookup=self.blocks[i].get_block,
             committed_at=self.blocks[i].block_at,
         )
@@ -340,3 +341,38 @@ def test_a_sync_answer_of_large_blocks_stays_within_one_frame():
     sent = answer[0].message.blocks
     assert 1 <= len(sent) < 4 and sent[0].id == blocks[-1].id
     assert len(encode_message(answer[0].message)) < 8 * 1024 * 1024
+
+
+def test_under_load_blocks_wait_for_the_minimum_interval_unless_full():
+    c = Cluster(config=replace(CONFIG, min_block_interval=0.05))
+    c.start()
+    # A quiet chain proposes the first transaction at once; the block that commits it waits.
+    for i, core in enumerate(c.cores):
+        c.apply(i, core.submit([b"tx-0"], c.now))
+    c.run(until=0.5, done=lambda: any(c.blocks[0].block_at(h).payload
+                                      for h in range(1, c.blocks[0].committed_height() + 1)))
+    first = [c.blocks[0].block_at(h) for h in range(1, c.blocks[0].committed_height() + 1)]
+    assert [(b.payload, b.timestamp) for b in first if b.payload] == [((b"tx-0",), 0)]
+    assert 0.05 <= c.now < 0.1
+    # Then a steady trickle: blocks carrying transactions come at least 50 ms apart.
+    for k in range(1, 40):
+        for i, core in enumerate(c.cores):
+            c.apply(i, core.submit([b"tx-%d" % k], c.now))
+        c.run(until=c.now + 0.01)
+        c.now += 0.01
+    c.run(until=c.now + 2.0, done=lambda: all(core.pending_tx_count == 0 for core in c.cores))
+    store = c.blocks[0]
+    loaded = [store.block_at(h) for h in range(1, store.committed_height() + 1)]
+    loaded = [b for b in loaded if b.payload]
+    gaps = [b.timestamp - a.timestamp for a, b in zip(loaded, loaded[1:]) if a.payload]
+    assert sum(len(b.payload) for b in loaded) == 40
+    assert gaps and min(gaps) >= 49  # milliseconds, truncated
+    # A full block's worth (max_block_txs) goes out without waiting.
+    before = store.committed_height()
+    full = [b"full-%d" % k for k in range(CONFIG.max_block_txs)]
+    for i, core in enumerate(c.cores):
+        c.apply(i, core.submit(full, c.now))
+    start = c.now
+    c.run(until=c.now + 0.001, done=lambda: store.committed_height() > before and any(
+        store.block_at(h).payload[:1] == (full[0],) for h in range(before + 1, store.committed_height() + 1)))
+    assert c.now - start < 0.001
