@@ -459,7 +459,11 @@ class ApiServer:
             if not isinstance(own, bool):
                 raise RpcError(-32602, "own must be true or false")
             subscription = Subscription(frozenset(_empi_param(e, "empis[]") for e in empis), own)
-            nursery.start_soon(self._forward, node.subscribe_events(subscription), ws, "event")
+            try:
+                channel = node.subscribe_events(subscription)
+            except AdmissionError as exc:
+                raise RpcError(-32000, str(exc), reason=exc.reason) from exc
+            nursery.start_soon(self._forward, channel, ws, "event")
             return {"subscribed": "event", "empis": sorted(subscription.empis), "own": own}
         raise RpcError(-32601, f"unknown method {method!r}")
 

@@ -65,6 +65,8 @@ MAX_TX_BATCH = 1000
 #: (~0.2 ms), so a turn stays short and consensus messages never wait long behind them.
 TXS_PER_TURN = 64
 GOSSIP_INTERVAL = 0.005
+#: Event subscriptions open at once (``events.subscribe``, ``ehrnode watch``).
+MAX_EVENT_SUBSCRIBERS = 256
 #: A gossip frame's transactions, in bytes (well inside the 8 MiB frame limit).
 GOSSIP_FRAME_BYTES = 2 * 1024 * 1024
 DEFAULT_CORE = CoreConfig(
@@ -313,11 +315,22 @@ class Node:
         return receive
 
     def subscribe_events(self, subscription: Subscription) -> trio.MemoryReceiveChannel[dict[str, Any]]:
+        """A channel of the events ``subscription`` wants (raises AdmissionError past the limit)."""
+        self._prune_subscribers()
+        if len(self._event_subscribers) >= MAX_EVENT_SUBSCRIBERS:
+            raise AdmissionError(f"{MAX_EVENT_SUBSCRIBERS} event subscriptions are open on this node",
+                                 reason="too_many_subscriptions")
         send, receive = trio.open_memory_channel[dict[str, Any]](1024)
         self._event_subscribers.append((subscription, send))
         return receive
 
+    def _prune_subscribers(self) -> None:
+        # A client that went away closed its end: drop its subscription even if nothing matched.
+        self._event_subscribers = [(s, c) for s, c in self._event_subscribers
+                                   if c.statistics().open_receive_channels]
+
     def _publish_events(self, txs: list[Transaction], height: int) -> None:
+        self._prune_subscribers()
         for tx in txs:
             event = event_of(self.state, tx, height)
             if event is None:

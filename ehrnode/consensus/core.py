@@ -189,6 +189,8 @@ class ConsensusCore:
         self._sync_peer = 0
         self._pending_txs: OrderedDict[bytes, bytes] = OrderedDict()
         self._propose_at = float("inf")
+        # A proposal held back by min_block_interval: (round, when it goes), fixed once per round.
+        self._paced: tuple[int, float] = (0, 0.0)
         self._last_proposal: Proposal | None = None
 
     # --- introspection ----------------------------------------------------------------
@@ -245,7 +247,10 @@ class ConsensusCore:
                 break
             self._pending_txs.setdefault(crypto.sha256(tx), tx)
         actions: list[Action] = []
-        waiting = now < self._propose_at < float("inf") and len(self._pending_txs) < self.config.max_block_txs
+        # Held back by min_block_interval this round: new transactions wait for that moment
+        # (unless they fill a block); an empty-block delay never holds them back.
+        waiting = (self._paced[0] == self.round and now < self._paced[1]
+                   and len(self._pending_txs) < self.config.max_block_txs)
         if self._is_leader(self.round) and self._proposed_round < self.round and not waiting:
             self._maybe_propose(now, actions)
         self._timer(actions)
@@ -493,9 +498,11 @@ class ConsensusCore:
         if (self._pending_txs and self.config.min_block_interval > 0 and parent is not None and parent.payload
                 and len(payload) < self.config.max_block_txs
                 and sum(map(len, payload)) < MAX_PAYLOAD_BYTES // 2):
-            ready_at = min(parent.timestamp / 1000, now) + self.config.min_block_interval
-            if now < ready_at:
-                self._propose_at = ready_at
+            if self._paced[0] != round_:
+                # Fixed once: a parent stamped by a clock ahead of ours delays us by the interval only.
+                self._paced = (round_, min(parent.timestamp / 1000, now) + self.config.min_block_interval)
+            if now < self._paced[1]:
+                self._propose_at = self._paced[1]
                 return
         self._propose_at = float("inf")
         self._proposed_round = round_

@@ -47,6 +47,10 @@ CREATE TABLE IF NOT EXISTS alerts (
 CREATE INDEX IF NOT EXISTS alerts_record ON alerts(record);
 """
 
+#: How far a request's time may be from the block that logs its decision (owners accept requests
+#: at most an hour old, and log them within seconds).
+MAX_DECISION_DELAY_MS = 2 * 3600 * 1000
+
 #: Columns after ``request`` and ``signed`` (the request id and the signed request's bytes).
 ACCESS_COLUMNS = ("record", "owner", "requester", "purpose", "decision", "reason", "consent",
                   "requested_at", "time", "height", "tx_id")
@@ -61,7 +65,7 @@ class AccessLog:
     # --- applying (inside the block's transaction) ---------------------------------------
 
     def apply_access(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int, time_ms: int,
-                     tx_id: bytes) -> str:
+                     tx_id: bytes, block_time: int) -> str:
         request = PullRequest.decode(body["request"])
         request_id = crypto.sha256(body["request"])
         if request.chain_id != self._chain_id:
@@ -73,6 +77,8 @@ class AccessLog:
             return "invalid:unknown_requester"
         if not request.signature_ok(key):
             return "invalid:bad_request_signature"  # nobody can be logged as asking without having asked
+        if abs(block_time - request.time) > MAX_DECISION_DELAY_MS:
+            return "invalid:stale_request"  # an owner cannot log, long after, a request it never decided then
         if db.execute("SELECT 1 FROM accesses WHERE request = ?", (request_id,)).fetchone():
             return "invalid:duplicate_request"
         if body["decision"] == "granted":

@@ -27,6 +27,7 @@ class Mempool:
         self.capacity = capacity
         self._is_committed = is_committed
         self._pending: OrderedDict[bytes, Transaction] = OrderedDict()
+        self._checked: set[bytes] = set()  # ids admitted from the wire (decoded and verified here)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -35,8 +36,9 @@ class Mempool:
         return tx_id in self._pending
 
     def get(self, tx_id: bytes) -> Transaction | None:
-        """The admitted transaction with this id: decoded, and its signature checked."""
-        return self._pending.get(tx_id)
+        """The transaction with this id if it came in through :meth:`admit`: decoded strictly
+        from exactly these bytes, and its signature checked (own transactions: None)."""
+        return self._pending.get(tx_id) if tx_id in self._checked else None
 
     def admit(self, data: bytes) -> Transaction:
         """Check and hold ``data``; raises AdmissionError with a reason a submitter can act on."""
@@ -57,6 +59,7 @@ class Mempool:
             raise AdmissionError(f"mempool full ({self.capacity} transactions pending)", reason="mempool_full")
         tx.check_signature(key)
         self._pending[tx.id] = tx
+        self._checked.add(tx.id)
         return tx
 
     def admit_own(self, tx: Transaction) -> Transaction:
@@ -72,3 +75,4 @@ class Mempool:
     def remove(self, tx_ids: Iterable[bytes]) -> None:
         for tx_id in tx_ids:
             self._pending.pop(tx_id, None)
+            self._checked.discard(tx_id)

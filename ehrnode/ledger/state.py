@@ -99,7 +99,7 @@ class LedgerState:
                     status = "invalid:duplicate"
                 seen.add(tx_id)
                 if tx is not None and status == "ok":
-                    status = self._apply_kind(db, tx, block.height)
+                    status = self._apply_kind(db, tx, block.height, block.timestamp)
                     if status == "ok":
                         valid.append(tx)
                 db.execute("INSERT OR IGNORE INTO txs VALUES (?, ?, ?, ?, ?, ?, ?)", (
@@ -109,7 +109,7 @@ class LedgerState:
             db.execute("INSERT OR REPLACE INTO applied VALUES (0, ?)", (block.height,))
         return valid
 
-    def _apply_kind(self, db: sqlite3.Connection, tx: Transaction, height: int) -> str:
+    def _apply_kind(self, db: sqlite3.Connection, tx: Transaction, height: int, block_time: int) -> str:
         """What a valid transaction does to the tables; returns its status (``ok`` or why not)."""
         allowed = _KIND_ROLES.get(tx.kind)
         if allowed is not None and self.roles.get(tx.submitter) not in allowed:
@@ -134,7 +134,7 @@ class LedgerState:
                 return "invalid:unknown_grantee"
             return self.consent.apply(db, tx.kind.partition(".")[2], tx.body, tx.submitter, height, tx.time, tx.id)
         elif tx.kind == "access.log":
-            return self.access.apply_access(db, tx.body, tx.submitter, height, tx.time, tx.id)
+            return self.access.apply_access(db, tx.body, tx.submitter, height, tx.time, tx.id, block_time)
         elif tx.kind == "record.erase":
             return self.access.apply_erase(db, tx.body, tx.submitter, height, tx.time, tx.id)
         elif tx.kind == "integrity.alert":

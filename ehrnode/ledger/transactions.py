@@ -225,7 +225,11 @@ class Transaction:
         message = crypto.signing_bytes(TX_DOMAIN, unsigned._unsigned())
         signature = identity.sign(message)
         crypto.remember_valid(identity.public_key, message, signature)
-        return cls(unsigned.kind, chain_id, submitter, time_ms, unsigned.nonce, unsigned.body, signature)
+        tx = cls(unsigned.kind, chain_id, submitter, time_ms, unsigned.nonce, unsigned.body, signature)
+        if len(tx.encoded) > MAX_TX_BYTES:
+            # Every other node would refuse it as malformed.
+            raise SchemaError(f"{kind}: transaction of {len(tx.encoded)} bytes exceeds {MAX_TX_BYTES}")
+        return tx
 
     @classmethod
     def decode(cls, data: bytes) -> Transaction:

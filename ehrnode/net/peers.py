@@ -43,6 +43,9 @@ from .protocol import (
 
 HANDSHAKE_TIMEOUT = 10.0
 SEND_QUEUE = 1024
+#: Bytes waiting in one peer's bulk queue (gossip, pull answers): a peer that stops reading
+#: cannot make the node hold more for it.
+BULK_QUEUE_BYTES = 96 * 1024 * 1024
 RECEIVE_BUFFER = 65536
 #: Websocket close codes: 1000 normal, 1001 going away, 1002 protocol error, 1008 policy violation.
 CLOSE_GOING_AWAY = 1001
@@ -71,6 +74,7 @@ class Peer:
         self.scope: trio.CancelScope | None = None
         self._urgent: deque[bytes] = deque()
         self._bulk: deque[bytes] = deque()
+        self._bulk_bytes = 0
         self._wake = trio.Event()
         self._closed = False
 
@@ -87,10 +91,12 @@ class Peer:
     def send(self, data: bytes, *, bulk: bool = False) -> bool:
         """Queue ``data``; False (and counted) when its queue is full or the connection closed."""
         queue = self._bulk if bulk else self._urgent
-        if self._closed or len(queue) >= SEND_QUEUE:
+        if self._closed or len(queue) >= SEND_QUEUE or (bulk and self._bulk_bytes + len(data) > BULK_QUEUE_BYTES):
             self.dropped += 1
             return False
         queue.append(data)
+        if bulk:
+            self._bulk_bytes += len(data)
         self._wake.set()
         return True
 
@@ -100,6 +106,7 @@ class Peer:
                 data = self._urgent.popleft()
             elif self._bulk:
                 data = self._bulk.popleft()
+                self._bulk_bytes -= len(data)
             else:
                 self._wake = trio.Event()
                 await self._wake.wait()

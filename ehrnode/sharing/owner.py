@@ -30,6 +30,7 @@ queue, so a large record never delays consensus traffic.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -51,6 +52,8 @@ from .policy import AccessPolicy
 COMMIT_TIMEOUT = 30.0
 #: Pulls being decided or served at once; more are rejected as ``busy``.
 MAX_IN_FLIGHT = 512
+#: Sealed releases held while their access logs commit; past this, new pulls are rejected as ``busy``.
+MAX_HELD_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class PullServer:
         self.hooks = hooks
         self.log = get_logger(node=name)
         self.in_flight = 0
+        self.held_bytes = 0
         # Requests seen recently, whether decided yet or not: id -> time seen (ms).
         self._seen: OrderedDict[bytes, int] = OrderedDict()
 
@@ -83,19 +87,24 @@ class PullServer:
         rid = request_id(data)
         self.in_flight += 1
         try:
-            for answer in await self._answer(peer, rid, data):
-                self.hooks.send(peer, answer.encode())
-        except EhrnodeError as exc:  # the vault or the disk failed under us: say so, stay up
-            self.log.error("pull.failed", peer=peer, request=rid.hex()[:16], reason=exc.reason, error=str(exc))
+            answers = await self._answer(peer, rid, data)
+            for answer in answers:
+                if not self.hooks.send(peer, answer.encode()):
+                    # The link dropped, or the peer stopped reading: its queue is full.
+                    self.log.warning("pull.undelivered", peer=peer, request=rid.hex()[:16], status=answer.status)
+                    break
+        except Exception as exc:  # noqa: BLE001 - the vault or the disk failed under us: say so, stay up
+            reason = exc.reason if isinstance(exc, EhrnodeError) else type(exc).__name__
+            self.log.error("pull.failed", peer=peer, request=rid.hex()[:16], reason=reason, error=repr(exc))
             self.hooks.counters("unavailable")
-            self.hooks.send(peer, PullAnswer(rid, "unavailable", exc.reason, "the owner could not serve this "
+            self.hooks.send(peer, PullAnswer(rid, "unavailable", "internal", "the owner could not serve this "
                                              "record now").encode())
         finally:
             self.in_flight -= 1
 
     def reject_busy(self, peer: str, data: bytes) -> None:
         self.hooks.counters("rejected")
-        self.log.warning("pull.rejected", peer=peer, reason="busy")
+        self.log.warning("pull.rejected", peer=peer, request=request_id(data).hex()[:16], reason="busy")
         self.hooks.send(peer, PullAnswer(request_id(data), "rejected", "busy",
                                          f"{self.name} is serving {MAX_IN_FLIGHT} pulls; try again").encode())
 
@@ -146,15 +155,30 @@ class PullServer:
         sealed, size = b"", 0
         if reason in ("granted", "emergency_override"):
             # Read before logging: a grant is committed only for a release that can be served.
+            if self.held_bytes > MAX_HELD_BYTES:
+                self._seen.pop(rid, None)  # nothing decided: the same request may come again
+                return self._reject(peer, rid, "busy", f"{self.name} holds {self.held_bytes >> 20} MiB of "
+                                    "releases waiting for their access logs; try again")
             try:
                 _, resource, salt = await self.records.release(request.record)
                 size = len(resource)
                 sealed = crypto.seal_to(self.genesis.member(peer).sealing_key,
                                         release_payload(request.record, resource, salt), rid)
-            except EhrnodeError as exc:
-                reason = "erased" if exc.reason == "erased" else "internal"
+                del resource
+            except (EhrnodeError, KeyError, sqlite3.Error) as exc:
+                # KeyError: anchored on chain but not in this vault (restored from an old copy?).
+                reason = "erased" if isinstance(exc, EhrnodeError) and exc.reason == "erased" else "internal"
                 if reason == "internal":
-                    self.log.error("pull.failed", reason=exc.reason, error=str(exc), **fields)
+                    self.log.error("pull.failed", request=rid.hex()[:16], reason=type(exc).__name__,
+                                   error=repr(exc), **fields)
+        self.held_bytes += len(sealed)
+        try:
+            return await self._log_and_answer(peer, rid, data, reason, consent, sealed, size, started, fields)
+        finally:
+            self.held_bytes -= len(sealed)
+
+    async def _log_and_answer(self, peer: str, rid: bytes, data: bytes, reason: str, consent: bytes,
+                              sealed: bytes, size: int, started: float, fields: dict[str, Any]) -> list[PullAnswer]:
         granted = reason in ("granted", "emergency_override")
         try:
             tx = self.hooks.submit("access.log", {

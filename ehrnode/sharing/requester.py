@@ -58,7 +58,7 @@ class _Pending:
     owner: str
     done: trio.Event = field(default_factory=trio.Event)
     parts: dict[int, PullAnswer] = field(default_factory=dict)
-    total: int | None = None
+    bad: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,12 +104,21 @@ class Puller:
         pending = self._pending.get(answer.request)
         if pending is None or pending.owner != peer:
             return pending is None  # late (timed out) answers are harmless; another member's are not
-        if pending.total is None:
-            pending.total = answer.parts
-        if answer.parts != pending.total or answer.part in pending.parts:
+        if pending.done.is_set():
+            return False
+        first = pending.parts.get(min(pending.parts)) if pending.parts else None
+        # A refusal is one part; a served answer is parts 0..n-1, all alike but for their data.
+        consistent = (answer.status == "served" or answer.parts == 1) and answer.part not in pending.parts and (
+            first is None or (answer.parts, answer.status, answer.access) == (first.parts, first.status,
+                                                                              first.access))
+        if not consistent:
+            self.log.warning("pull.bad_answer", peer=peer, error=f"inconsistent part {answer.part} of {answer.parts}")
+            pending.parts.clear()
+            pending.bad = True
+            pending.done.set()
             return False
         pending.parts[answer.part] = answer
-        if answer.status != "served" or len(pending.parts) == pending.total:
+        if len(pending.parts) == answer.parts:
             pending.done.set()
         return True
 
@@ -132,14 +141,19 @@ class Puller:
         started = time.monotonic()
         try:
             if not self.hooks.send(owner, data):
+                self.hooks.counters("failed")
                 raise PullError(f"{owner} is not connected (or its queue is full): try again", reason="unreachable")
             with trio.move_on_after(timeout):
                 await pending.done.wait()
             if not pending.done.is_set():
+                self.hooks.counters("failed")
                 raise PullError(f"{owner} did not answer within {timeout:g} s", reason="timeout")
         finally:
             self._pending.pop(rid, None)
-        first = pending.parts[min(pending.parts)]
+        if pending.bad:
+            self.hooks.counters("failed")
+            raise PullError(f"{owner} sent an answer whose parts do not fit together", reason="bad_answer")
+        first = pending.parts[0]
         fields = {"owner": owner, "record_id": record.hex(), "purpose": purpose, "request": rid.hex()[:16]}
         if first.status != "served":
             self.hooks.counters("refused" if first.status == "refused" else "failed")

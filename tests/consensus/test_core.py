@@ -344,6 +344,21 @@ def test_a_sync_answer_of_large_blocks_stays_within_one_frame():
 
 
 def test_under_load_blocks_wait_for_the_minimum_interval_unless_full():
+    c = Cluster(config=replace(CONFIG, min_block_interval=0.05, empty_block_delay=0.5))
+    c.start()
+    c.run(until=2.0)  # a quiet chain: empty blocks every half second
+    c.run(until=2.2)  # messages delivered; the next leader waits to propose an empty block at 2.5
+    c.now = 2.2
+    quiet = c.now
+    for i, core in enumerate(c.cores):
+        c.apply(i, core.submit([b"lone"], c.now))
+    c.run(until=c.now + 1.0, done=lambda: any(c.blocks[0].block_at(h).payload
+                                              for h in range(1, c.blocks[0].committed_height() + 1)))
+    lone = [c.blocks[0].block_at(h) for h in range(1, c.blocks[0].committed_height() + 1)]
+    # Proposed at once (not at the next empty-block time), committed after one paced block.
+    assert [b.timestamp for b in lone if b.payload] == [int(quiet * 1000)]
+    assert c.now - quiet < 0.1
+
     c = Cluster(config=replace(CONFIG, min_block_interval=0.05))
     c.start()
     # A quiet chain proposes the first transaction at once; the block that commits it waits.

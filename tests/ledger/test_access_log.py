@@ -1,14 +1,17 @@
 """The access log on chain: who may log, grant, erase and raise alarms, identically on every node."""
 
+import dataclasses
 import os
 
 import pytest
 
 from ehrnode import crypto, synthetic
 from ehrnode.errors import CodecError, SchemaError
+from ehrnode.consensus.types import Block
+from ehrnode.ledger.mempool import Mempool
 from ehrnode.ledger.requests import PullRequest
 
-from .test_empi_registry import F, KEYS, Chain, enrol, tx
+from .test_empi_registry import F, KEYS, MEMBERS, Chain, enrol, tx
 
 
 def anchor(record, position, submitter="A", patient=b"p" * 16):
@@ -18,9 +21,9 @@ def anchor(record, position, submitter="A", patient=b"p" * 16):
         "entry": os.urandom(32)}, submitter)
 
 
-def signed(record, requester="B", owner="A", chain=None, identity=None):
+def signed(record, requester="B", owner="A", chain=None, identity=None, time_ms=1):
     return PullRequest.create(chain_id=chain or F.vset.chain_id, requester=requester, owner=owner, record=record,
-                              purpose="treatment", time_ms=1,
+                              purpose="treatment", time_ms=time_ms,
                               identity=identity or KEYS.get(requester) or crypto.Identity.generate()).encode()
 
 
@@ -55,6 +58,9 @@ def test_only_the_owner_grants_each_request_once_and_never_after_erasure(chain):
                        access(record, request=signed(record, owner="B")),
                        access(record, request=signed(record, chain="another-chain"))) == [
         "invalid:bad_request_signature", "invalid:not_addressed", "invalid:wrong_chain"]
+    # Nor can an owner log, hours later, a request it did not decide when it came.
+    assert chain.apply(access(record, request=signed(record, time_ms=3 * 3600 * 1000))) == [
+        "invalid:stale_request"]
     # A refusal may name a record nobody anchored (the request was signed for it).
     assert chain.apply(access(os.urandom(16), "refused", "not_found")) == ["ok"]
     assert chain.apply(tx("record.erase", {"epoch": 0, "record": record, "reason": b"x" * 32}, "B")) == [
@@ -107,3 +113,23 @@ def test_a_decision_and_its_reason_must_agree():
     for decision, reason in (("granted", "consent"), ("refused", "granted"), ("refused", "emergency_override")):
         with pytest.raises(SchemaError):
             tx("access.log", dict(body, decision=decision, reason=reason))
+
+
+def test_transactions_the_mempool_checked_apply_exactly_as_decoded_ones(tmp_path):
+    record = b"m" * 16
+    person = synthetic.people(1, seed=5)[0]
+    txs = [enrol(synthetic.patient_resources(person, "A")[0], "A", b"p" * 16), anchor(record, 1),
+           access(record), access(record, request=signed(record, identity=crypto.Identity.generate()))]
+    pool = Mempool(F.vset.chain_id, MEMBERS, is_committed=lambda _id: False)
+    for t in txs:
+        pool.admit(t.encoded)
+    plain, fast = Chain(tmp_path / "plain.db"), Chain(tmp_path / "fast.db")
+    assert plain.apply(*txs) == ["ok", "ok", "ok", "invalid:bad_request_signature"]
+    block = Block.propose(epoch=0, round=1, qc=F.genesis_qc, author=1, timestamp=0,
+                          payload=tuple(t.encoded for t in txs), identity=F.identities[1], chain_id=F.vset.chain_id)
+    fast.state.apply(dataclasses.replace(block, height=1), pool.get)
+    assert [fast.state.tx_status(t.id) for t in txs] == [plain.state.tx_status(t.id) for t in txs]
+    # Own transactions (never decoded from the wire) are not taken on trust.
+    own = Mempool(F.vset.chain_id, MEMBERS, is_committed=lambda _id: False)
+    own.admit_own(txs[0])
+    assert own.get(txs[0].id) is None and pool.get(txs[0].id) == txs[0]

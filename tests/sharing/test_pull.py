@@ -6,11 +6,9 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import trio
-import trio_websocket
 
 from ehrnode import codec, crypto, synthetic
 from ehrnode.client import ApiClient, ApiError
@@ -19,7 +17,7 @@ from ehrnode.net.protocol import AnswerFrame, PullFrame, decode_frame, encode_fr
 from ehrnode.records.fhir import Item
 from ehrnode.records.keys import RecordKeys, open_sealed, seal
 from ehrnode.records.submit import add_items
-from ehrnode.sharing.messages import PullAnswer, PullRequest, request_id
+from ehrnode.sharing.messages import PullAnswer, PullRequest
 
 from tests.daemon.test_bad_peers import handshake_as, open_peer
 
@@ -110,7 +108,13 @@ def test_pull_across_institutions_is_verified_logged_and_deidentified(cluster, r
     accesses = [e for e in trail if e["event"] == "access"]
     assert [(a["who"], a["owner"], a["decision"], a["purpose"]) for a in accesses] == [("B", "C", "granted",
                                                                                          "treatment")]
-    assert accesses[0]["height"] <= call(cluster, "B", "status")["height"]
+    # The pull answered with the access log it was served under, committed at that height.
+    first = json.loads(cli("records", "pull", rows[0]["record_id"], "--purpose", "operations", "--config",
+                           cluster.configs["B"].path, "--json").stdout)
+    logged = [e for e in call(cluster, "R", "audit.trail", record_id=rows[0]["record_id"])
+              if e["event"] == "access" and e["tx_id"] == first["access_tx"]]
+    assert [(e["purpose"], e["height"]) for e in logged] == [("operations", first["height"])]
+    trail = call(cluster, "R", "audit.trail", record_id=rows[0]["record_id"])
     for name in ("A", "B", "C"):
         assert call(cluster, name, "audit.trail", record_id=rows[0]["record_id"]) == trail
 
@@ -198,7 +202,10 @@ def test_hostile_requests_are_each_refused_and_logged(cluster, recorded):
                 answers["future"] = await _ask(ws, request(time_ms=now() + 10 * 60_000))
                 answers["forged"] = await _ask(ws, request(identity=crypto.Identity.generate()))
                 answers["other_member"] = await _ask(ws, request(requester="A"))
-                answers["non_member"] = await _ask(ws, request(requester="Mallory"))
+                # A non-member cannot connect at all (the handshake refuses it, see tests/daemon); over
+                # a member's link, a request in its name is refused like any other impostor's.
+                answers["non_member"] = await _ask(ws, request(requester="Mallory",
+                                                                identity=crypto.Identity.generate()))
                 answers["malformed"] = await _ask(ws, b"\xa1\x61x\x01")
                 answers["wrong_owner"] = await _ask(ws, request(owner="A"))
                 answers["no_such_record"] = await _ask(ws, request(record=os.urandom(16)))
@@ -216,9 +223,9 @@ def test_hostile_requests_are_each_refused_and_logged(cluster, recorded):
     for case, reason in expected.items():
         assert (answers[case].status, answers[case].reason) == ("rejected", reason), case
         assert answers[case].access == b"", case  # nobody provably asked: nothing on chain
-    log = cluster.log("C")
-    for reason in set(expected.values()):
-        assert f'"reason": "{reason}"' in log and '"event": "pull.rejected"' in log, reason
+    rejected = [json.loads(line) for line in cluster.log("C").splitlines() if '"pull.rejected"' in line]
+    logged = {entry["reason"] for entry in rejected if entry.get("event") == "pull.rejected"}
+    assert set(expected.values()) <= logged, logged
     # A signed request for a record that does not exist is decided: refused, on chain.
     missing = answers["no_such_record"]
     assert (missing.status, missing.reason) == ("refused", "not_found") and len(missing.access) == 32
