@@ -78,6 +78,8 @@ class SimConfig:
     core: CoreConfig = field(default_factory=lambda: CoreConfig(
         pacemaker=PacemakerConfig(base_timeout=0.5, backoff=1.5, max_timeout=4.0, resend_interval=0.5),
         max_block_txs=50,
+        # Paced as a node paces blocks under load, so the fault scenarios cover it too.
+        min_block_interval=0.05,
     ))
 
 
