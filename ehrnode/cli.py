@@ -435,6 +435,47 @@ def cmd_consent_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _passphrase(args: argparse.Namespace) -> str:
+    if args.passphrase_file:
+        try:
+            return Path(args.passphrase_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--passphrase-file: cannot read {args.passphrase_file}: {exc}") from exc
+    value = os.environ.get("EHRNODE_BACKUP_PASSPHRASE")
+    if not value:
+        raise UsageError("a backup passphrase is needed: --passphrase-file FILE or $EHRNODE_BACKUP_PASSPHRASE")
+    return value
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from .backup import create_backup
+    from .config import load_node_config
+
+    manifest = create_backup(load_node_config(_config_path(args)), Path(args.out), _passphrase(args))
+    if args.json:
+        print(json.dumps(manifest))
+    else:
+        heights = ", ".join(f"{k} {v}" for k, v in manifest["heights"].items())
+        print(f"backup of {manifest['node']} written to {args.out} ({manifest['bytes']} bytes, encrypted): "
+              f"{len(manifest['files'])} files; {heights}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .backup import restore_backup
+    from .config import load_node_config
+
+    manifest = restore_backup(load_node_config(_config_path(args)), Path(args.file), _passphrase(args))
+    if args.json:
+        print(json.dumps(manifest))
+    else:
+        print(f"{manifest['node']} restored from the backup of {_iso(manifest['created'])} "
+              f"({', '.join(f'{k} {v}' for k, v in manifest['heights'].items())}). Start the node: it asks the "
+              "other validators how far the chain got before it signs anything, and catches up from them. "
+              "Records written after the backup are not in it.")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -568,6 +609,23 @@ def build_parser() -> argparse.ArgumentParser:
     show_consent.add_argument("--empi", required=True)
     show_consent.add_argument("--json", action="store_true")
     show_consent.set_defaults(func=cmd_consent_show)
+
+    backup = with_config(commands.add_parser(
+        "backup", help="an encrypted online backup of this node's stores and keys",
+        description="Snapshot the block store, ledger state and vault while the node runs, with the keys, "
+        "into one file encrypted under a passphrase (scrypt, AES-256-GCM). Safety data is not included."))
+    backup.add_argument("--out", required=True, metavar="FILE", help="the backup file to create (mode 0600)")
+    backup.add_argument("--passphrase-file", help="default: $EHRNODE_BACKUP_PASSPHRASE")
+    backup.add_argument("--json", action="store_true")
+    backup.set_defaults(func=cmd_backup)
+    restore = with_config(commands.add_parser(
+        "restore", help="bring a node back from a backup (into an empty data directory)",
+        description="Restore the stores and keys of a backup. The node then signs nothing until 2f+1 other "
+        "validators report how far the chain got, and catches up from its peers."))
+    restore.add_argument("file", metavar="FILE")
+    restore.add_argument("--passphrase-file", help="default: $EHRNODE_BACKUP_PASSPHRASE")
+    restore.add_argument("--json", action="store_true")
+    restore.set_defaults(func=cmd_restore)
 
     from .cli_sharing import add_commands as add_sharing_commands
 

@@ -49,7 +49,10 @@ from .ledger.transactions import Transaction
 from .logs import get_logger
 from .metrics import Registry
 from .net.peers import Peer, PeerNetwork
-from .net.protocol import AnswerFrame, ConsensusFrame, Frame, PullFrame, TxFrame, encode_frame
+from .consensus.survey import RoundSurvey, encode_answer
+from .net.protocol import (
+    AnswerFrame, ConsensusFrame, Frame, PullFrame, RoundAnswerFrame, RoundQueryFrame, TxFrame, encode_frame,
+)
 from .records.service import Hooks, RecordsService, anchor_view
 from .sharing.events import Subscription, event_of
 from .sharing.messages import PullAnswer, request_id
@@ -127,6 +130,13 @@ class Node:
         )
         self.network = PeerNetwork(self.genesis, self.name, self.identity, self._on_frame,
                                    on_connect=self._on_connect)
+        # Restored from a backup: sign nothing until the other validators say how far the chain got.
+        self.survey: RoundSurvey | None = None
+        if self.core.safety.data.restored:
+            self.survey = RoundSurvey.fresh(self.vset, self.index)
+            self.log.warning("restore.waiting", needed=self.survey.needed,
+                             detail="restored from a backup: signing resumes once 2f+1 other validators have "
+                                    "reported their highest certificates")
         # Two inboxes: consensus messages are always handled before transactions, so a burst of
         # gossip never delays a vote. Both are bounded.
         self._consensus_in: deque[tuple[Peer, bytes]] = deque()
@@ -230,6 +240,13 @@ class Node:
         elif isinstance(frame, AnswerFrame):
             self.puller.on_answer(peer.name, frame.data)
             return
+        elif isinstance(frame, RoundQueryFrame):
+            self.network.send(peer.name, encode_frame(RoundAnswerFrame(
+                encode_answer(frame.nonce, self.core.high_qc, self.core.high_tc))))
+            return
+        elif isinstance(frame, RoundAnswerFrame):
+            self._on_round_answer(peer, frame.data)
+            return
         self._wake.set()
 
     def _count_pull(self, outcome: str) -> None:
@@ -251,7 +268,26 @@ class Node:
 
     def _on_connect(self, name: str) -> None:
         self._connected.append(name)
+        if self.survey is not None:
+            self.network.send(name, encode_frame(RoundQueryFrame(self.survey.nonce)))
         self._wake.set()
+
+    def _on_round_answer(self, peer: Peer, data: bytes) -> None:
+        survey = self.survey
+        if survey is None:
+            return  # not restoring (a late answer)
+        try:
+            survey.add(self.genesis.index(peer.name), data)
+        except InvalidMessage as exc:
+            self.log.warning("restore.bad_answer", peer=peer.name, reason=exc.reason, error=str(exc))
+            return
+        result = survey.result()
+        if result is None:
+            return
+        floor = self.core.safety.lift_restore(*result)
+        self.survey = None
+        self.log.warning("restore.resumed", floor=floor, answered=[self.genesis.members[i].name
+                                                                  for i in sorted(survey.answers)])
 
     def submit_note(self, text: str) -> Transaction:
         """Sign a note transaction as this member, admit it and gossip it (raises AdmissionError)."""

@@ -50,6 +50,9 @@ class SafetyData:
     #: block carries them.
     high_qc: QuorumCert | None = None
     high_tc: TimeoutCert | None = None
+    #: Set when the node was restored from a backup: what it signed before is unknown, so it
+    #: signs nothing until :meth:`SafetyRules.lift_restore` sets a floor above all of it.
+    restored: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         def opt(x: Any) -> Any:
@@ -60,14 +63,17 @@ class SafetyData:
             "highest_timeout_round": self.highest_timeout_round, "last_vote": opt(self.last_vote),
             "last_timeout": opt(self.last_timeout), "last_proposed_round": self.last_proposed_round,
             "high_qc": opt(self.high_qc), "high_tc": opt(self.high_tc),
+            **({"restored": True} if self.restored else {}),
         }
 
     @classmethod
     def from_wire(cls, value: Any) -> SafetyData:
-        m = as_map(value, "safety data", (
-            "epoch", "last_voted_round", "locked_round", "highest_timeout_round", "last_vote", "last_timeout",
-            "last_proposed_round", "high_qc", "high_tc",
-        ))
+        keys = ("epoch", "last_voted_round", "locked_round", "highest_timeout_round", "last_vote", "last_timeout",
+                "last_proposed_round", "high_qc", "high_tc")
+        restored = isinstance(value, dict) and value.get("restored") is True
+        if restored:
+            value = {k: v for k, v in value.items() if k != "restored"}
+        m = as_map(value, "safety data", keys)
         return cls(
             as_uint(m["epoch"], "epoch"),
             as_uint(m["last_voted_round"], "last_voted_round"),
@@ -78,6 +84,7 @@ class SafetyData:
             as_uint(m["last_proposed_round"], "last_proposed_round"),
             as_optional(m["high_qc"], "high_qc", QuorumCert.from_wire),
             as_optional(m["high_tc"], "high_tc", TimeoutCert.from_wire),
+            restored,
         )
 
     def with_certificates(self, qc: QuorumCert, tc: TimeoutCert | None) -> SafetyData:
@@ -139,6 +146,33 @@ class SafetyRules:
     def data(self) -> SafetyData:
         return self._data
 
+    def _check_not_restored(self) -> None:
+        if self._data.restored:
+            raise SafetyViolation("restored from a backup: waiting for peers' certificates before signing",
+                                  reason="restored")
+
+    def lift_restore(self, qc: QuorumCert, tc: TimeoutCert | None) -> int:
+        """Resume signing after a restore, above every round this validator may have signed in.
+
+        ``qc`` and ``tc`` are the highest certificates reported (and verified) by 2f+1 other
+        validators. Any round R this validator signed in before was entered through a
+        certificate for R-1, made of votes or timeouts of 2f+1 validators; at least one honest
+        one among them also answered, holding a certificate for at least R-2. So R <= C + 2
+        for the highest certified round C reported; the floor is C + 3 (a timeout may be signed
+        in the floor round, a vote or proposal only above it). The lock is set to the highest QC
+        reported, which is at least any lock this validator held. Returns the floor.
+        """
+        certified = max(qc.round, tc.round if tc is not None else 0)
+        floor = certified + 3
+        data = self._data
+        self._persist(replace(
+            data, restored=False, last_voted_round=max(data.last_voted_round, floor),
+            last_proposed_round=max(data.last_proposed_round, floor),
+            highest_timeout_round=max(data.highest_timeout_round, floor),
+            locked_round=max(data.locked_round, qc.round),
+        ).with_certificates(qc, tc))
+        return floor
+
     def _persist(self, data: SafetyData) -> None:
         # Durable first; only then does the caller get something to send.
         self._store.save(data)
@@ -147,6 +181,7 @@ class SafetyRules:
     def vote(self, block: Block, tc: TimeoutCert | None) -> Vote:
         """Sign a vote for ``block`` (already verified by the caller) or raise SafetyViolation."""
         data = self._data
+        self._check_not_restored()
         qc = block.qc
         assert qc is not None
         if data.last_vote is not None and data.last_vote.round == block.round:
@@ -171,6 +206,7 @@ class SafetyRules:
     def propose(self, block: Block) -> Block:
         """Sign this validator's proposal ``block``; at most one per round, across restarts."""
         data = self._data
+        self._check_not_restored()
         if block.author != self.index:
             raise SafetyViolation(f"block authored by {block.author}, this is validator {self.index}",
                                   reason="not_author")
@@ -189,6 +225,7 @@ class SafetyRules:
     def timeout(self, round_: int, high_qc: QuorumCert, high_tc: TimeoutCert | None) -> Timeout:
         """Sign a timeout for ``round_`` carrying ``high_qc``, or raise SafetyViolation."""
         data = self._data
+        self._check_not_restored()
         if data.last_timeout is not None and data.last_timeout.round == round_:
             return data.last_timeout
         if round_ < data.last_voted_round:

@@ -11,6 +11,8 @@ strictly. Frame types:
 ``txs``        a batch of signed transactions (each its own canonical bytes)
 ``pull``       a signed pull request (:mod:`ehrnode.sharing.messages`)
 ``answer``     a part of the owner's answer to a pull request
+``round?``     a restored validator's question: your highest certificates? (a nonce)
+``round``      the answer: the nonce and this validator's highest QC and TC
 
 Handshake: the transcript is (genesis hash, dialer name, listener name,
 dialer nonce, listener nonce). Each side signs it under its own role tag with
@@ -162,10 +164,35 @@ class AnswerFrame:
         return cls(as_bytes(value, "answer", max_len=MAX_FRAME_BYTES))
 
 
-Frame = Hello | Welcome | Auth | ConsensusFrame | TxFrame | PullFrame | AnswerFrame
+@dataclass(frozen=True)
+class RoundQueryFrame:
+    nonce: bytes
+
+    def to_wire(self) -> bytes:
+        return self.nonce
+
+    @classmethod
+    def from_wire(cls, value: Any) -> RoundQueryFrame:
+        return cls(as_bytes(value, "round?", size=16))
+
+
+@dataclass(frozen=True)
+class RoundAnswerFrame:
+    data: bytes
+
+    def to_wire(self) -> bytes:
+        return self.data
+
+    @classmethod
+    def from_wire(cls, value: Any) -> RoundAnswerFrame:
+        return cls(as_bytes(value, "round", max_len=256 * 1024))
+
+
+Frame = (Hello | Welcome | Auth | ConsensusFrame | TxFrame | PullFrame | AnswerFrame | RoundQueryFrame
+         | RoundAnswerFrame)
 _BY_NAME: dict[str, Any] = {
     "hello": Hello, "welcome": Welcome, "auth": Auth, "consensus": ConsensusFrame, "txs": TxFrame,
-    "pull": PullFrame, "answer": AnswerFrame,
+    "pull": PullFrame, "answer": AnswerFrame, "round?": RoundQueryFrame, "round": RoundAnswerFrame,
 }
 _NAMES = {cls: name for name, cls in _BY_NAME.items()}
 _PARSERS = {name: cls.from_wire for name, cls in _BY_NAME.items()}
