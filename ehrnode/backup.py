@@ -21,7 +21,7 @@ restored: an old copy would let the node sign a second, different vote in a
 round it already voted in. ``ehrnode restore`` writes fresh safety data marked
 *restored* instead; the node then signs nothing until 2f+1 other validators
 have reported their highest certificates (:mod:`ehrnode.consensus.survey`),
-and resumes above every round it can have signed in. Blocks committed after
+and votes again only above every round it can have voted in. Blocks committed after
 the backup come back from the peers by sync. Records written after the backup
 exist nowhere else and are lost: the node refuses to record while its vault is
 behind the chain's anchors, and says so.
@@ -29,9 +29,11 @@ behind the chain's anchors, and says so.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import shutil
 import sqlite3
 import struct
 import tarfile
@@ -44,7 +46,6 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from . import crypto
 from .config import NodeConfig, load_genesis
 from .consensus.safety import SafetyData
 from .errors import ConfigError, EhrnodeError
@@ -52,7 +53,9 @@ from .ledger.safety_store import FileSafetyStore
 
 MAGIC = b"EHRNODE-BACKUP-1\n"
 CHUNK = 1024 * 1024
-SCRYPT_N = 2 ** 15
+#: scrypt cost (log2 N, r, p), written in the header (and bound into every chunk).
+SCRYPT = (17, 8, 1)
+MAX_SCRYPT_LOG_N = 20
 MIN_PASSPHRASE = 12
 STORES = ("blocks.sqlite3", "state.sqlite3", "vault.sqlite3")
 
@@ -61,10 +64,14 @@ class BackupError(EhrnodeError):
     reason = "backup"
 
 
-def _key(passphrase: str, salt: bytes) -> bytes:
+HEADER = len(MAGIC) + 16 + 3
+
+
+def _key(passphrase: str, salt: bytes, cost: tuple[int, int, int]) -> bytes:
     if len(passphrase) < MIN_PASSPHRASE:
         raise BackupError(f"the backup passphrase must be at least {MIN_PASSPHRASE} characters", reason="weak_passphrase")
-    return Scrypt(salt=salt, length=32, n=SCRYPT_N, r=8, p=1).derive(passphrase.encode("utf-8"))
+    log_n, r, p = cost
+    return Scrypt(salt=salt, length=32, n=2 ** log_n, r=r, p=p).derive(passphrase.encode("utf-8"))
 
 
 class _SealingWriter(io.RawIOBase):
@@ -72,8 +79,8 @@ class _SealingWriter(io.RawIOBase):
 
     def __init__(self, out: BinaryIO, passphrase: str) -> None:
         salt = os.urandom(16)
-        self._header = MAGIC + salt
-        self._aead = AESGCM(_key(passphrase, salt))
+        self._header = MAGIC + salt + bytes(SCRYPT)
+        self._aead = AESGCM(_key(passphrase, salt, SCRYPT))
         self._out = out
         self._buffer = bytearray()
         self._index = 0
@@ -101,10 +108,13 @@ class _SealingWriter(io.RawIOBase):
 
 
 def _open_chunks(source: BinaryIO, passphrase: str) -> Any:
-    header = source.read(len(MAGIC) + 16)
-    if len(header) < len(MAGIC) + 16 or not header.startswith(MAGIC):
+    header = source.read(HEADER)
+    if len(header) < HEADER or not header.startswith(MAGIC):
         raise BackupError("not an ehrnode backup (wrong header)", reason="not_a_backup")
-    aead = AESGCM(_key(passphrase, header[len(MAGIC):]))
+    cost = tuple(header[-3:])
+    if not (10 <= cost[0] <= MAX_SCRYPT_LOG_N and 1 <= cost[1] <= 32 and 1 <= cost[2] <= 16):
+        raise BackupError("the backup's header is corrupt (key derivation settings)", reason="corrupt")
+    aead = AESGCM(_key(passphrase, header[len(MAGIC):len(MAGIC) + 16], cost))  # type: ignore[arg-type]
     index = 0
     while True:
         size_bytes = source.read(4)
@@ -199,13 +209,13 @@ def create_backup(config: NodeConfig, out: Path, passphrase: str) -> dict[str, A
             members["data/api.token"] = token
         members.update(_key_files(config))
         for arc, path in members.items():
-            manifest["files"][arc] = crypto.sha256(path.read_bytes()).hex()
+            manifest["files"][arc] = _file_digest(path)
         manifest["heights"] = _heights(Path(tmp))
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb") as raw:
                 writer = _SealingWriter(raw, passphrase)
-                with tarfile.open(fileobj=writer, mode="w|") as tar:
+                with tarfile.open(fileobj=writer, mode="w|", dereference=True) as tar:
                     body = json.dumps(manifest, indent=2).encode()
                     info = tarfile.TarInfo("manifest.json")
                     info.size = len(body)
@@ -220,6 +230,14 @@ def create_backup(config: NodeConfig, out: Path, passphrase: str) -> dict[str, A
             raise
     manifest["bytes"] = out.stat().st_size
     return manifest
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _heights(snapshots: Path) -> dict[str, int]:
@@ -244,52 +262,95 @@ def _heights(snapshots: Path) -> dict[str, int]:
 def restore_backup(config: NodeConfig, source: Path, passphrase: str) -> dict[str, Any]:
     """Bring the node of ``config`` back from ``source``; its data directory must hold no stores."""
     genesis = load_genesis(config.genesis_path)
-    present = [name for name in (*STORES, "safety.cbor") if (config.data_dir / name).exists()]
-    if present:
-        raise BackupError(f"{config.data_dir} still holds {', '.join(present)}: move the data directory away "
+    data_dir = config.data_dir
+    leftovers = sorted(p.name for p in data_dir.glob("*") if p.name.startswith(("blocks.", "state.", "vault.",
+                                                                                  "safety.")))
+    if leftovers:
+        raise BackupError(f"{data_dir} still holds {', '.join(leftovers)}: move the data directory away "
                           "before restoring into it", reason="not_empty")
-    targets = {f"data/{name}": config.data_dir / name for name in (*STORES, "api.token")}
+    targets = {f"data/{name}": data_dir / name for name in (*STORES, "api.token")}
     targets.update(_key_files(config))
-    staged: dict[str, bytes] = {}
-    manifest: dict[str, Any] | None = None
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # First of all, the safety data marked restored: if anything below fails, the node can
+    # still never start signing with a blank history.
+    safety = data_dir / "safety.cbor"
+    FileSafetyStore(safety).save(SafetyData(epoch=genesis.validators.epoch, restored=True))
+    staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=data_dir))
+    placed = False
     try:
-        with open(source, "rb") as raw, tarfile.open(fileobj=_OpeningReader(raw, passphrase), mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    raise BackupError(f"unexpected entry {member.name!r} in the backup", reason="corrupt")
-                handle = tar.extractfile(member)
-                assert handle is not None
-                data = handle.read()
-                if member.name == "manifest.json":
-                    manifest = json.loads(data)
-                elif member.name in targets:
-                    staged[member.name] = data
-                else:
-                    raise BackupError(f"unexpected entry {member.name!r} in the backup", reason="corrupt")
+        manifest, digests = _unpack(source, passphrase, staging, set(targets))
+        if manifest["node"] != config.name or manifest["genesis"] != genesis.hash.hex():
+            raise ConfigError(f"the backup is of {manifest['node']} on chain {manifest['chain']}, not of "
+                              f"{config.name} on {genesis.chain_id}")
+        for arc, digest in manifest["files"].items():
+            if arc not in targets:
+                raise ConfigError(f"the backup holds {arc}, which {config.path} names no place for "
+                                  "(add it under [keys])")
+            if digests.get(arc) != digest:
+                raise BackupError(f"{arc} does not match the backup's manifest", reason="corrupt")
+        for arc in digests:
+            path = targets[arc]
+            if arc.startswith("keys/") and path.exists() and path.read_bytes() != (staging / arc).read_bytes():
+                raise BackupError(f"{path} exists and differs from the key in the backup", reason="key_mismatch")
+        placed = True
+        for arc in digests:
+            path = targets[arc]
+            if path.exists():
+                continue  # a key file that is already the same key
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.replace(staging / arc, path)
+        _fsync_dir(data_dir)
+    except BaseException:
+        if not placed:
+            safety.unlink(missing_ok=True)  # nothing was restored: leave the directory as it was
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _unpack(source: Path, passphrase: str, staging: Path, allowed: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Decrypt and unpack into ``staging`` (streamed: a large vault never sits in memory)."""
+    manifest: dict[str, Any] | None = None
+    digests: dict[str, str] = {}
+    try:
+        with open(source, "rb") as raw:
+            reader = _OpeningReader(raw, passphrase)
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for member in tar:
+                    if not member.isfile() or (member.name != "manifest.json" and member.name not in allowed):
+                        raise BackupError(f"unexpected entry {member.name!r} in the backup", reason="corrupt")
+                    handle = tar.extractfile(member)
+                    assert handle is not None
+                    if member.name == "manifest.json":
+                        manifest = json.loads(handle.read(1 << 20))
+                        continue
+                    target = staging / member.name
+                    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                    digest = hashlib.sha256()
+                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "wb") as out:
+                        while block := handle.read(CHUNK):
+                            digest.update(block)
+                            out.write(block)
+                        out.flush()
+                        os.fsync(out.fileno())
+                    digests[member.name] = digest.hexdigest()
+            # Read to the end, so a missing final chunk or anything after it is found.
+            while reader.read(CHUNK):
+                pass
     except OSError as exc:
         raise BackupError(f"cannot read {source}: {exc}", reason="unreadable") from exc
-    except tarfile.TarError as exc:
+    except (tarfile.TarError, ValueError) as exc:
         raise BackupError(f"the backup's archive is damaged: {exc}", reason="corrupt") from exc
     if manifest is None:
         raise BackupError("the backup has no manifest", reason="corrupt")
-    if manifest["node"] != config.name or manifest["genesis"] != genesis.hash.hex():
-        raise ConfigError(f"the backup is of {manifest['node']} on chain {manifest['chain']}, not of "
-                          f"{config.name} on {genesis.chain_id}")
-    for arc, digest in manifest["files"].items():
-        if arc not in staged or crypto.sha256(staged[arc]).hex() != digest:
-            raise BackupError(f"{arc} does not match the backup's manifest", reason="corrupt")
-    # Keys: an existing key file must be the very same key (never silently replaced).
-    for arc, data in staged.items():
-        path = targets[arc]
-        if arc.startswith("keys/") and path.exists() and path.read_bytes() != data:
-            raise BackupError(f"{path} exists and differs from the key in the backup", reason="key_mismatch")
-    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for arc, data in staged.items():
-        path = targets[arc]
-        if path.exists():
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        crypto.write_secret_file(path, data)
-    # Fresh safety data, marked restored: nothing is signed until the peers have been asked.
-    FileSafetyStore(config.data_dir / "safety.cbor").save(SafetyData(epoch=genesis.validators.epoch, restored=True))
-    return manifest
+    return manifest, digests
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

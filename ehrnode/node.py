@@ -39,6 +39,7 @@ from .consensus.core import (
 )
 from .consensus.messages import decode_message, encode_message
 from .consensus.pacemaker import PacemakerConfig
+from .consensus.safety import SafetyData
 from .consensus.types import Block
 from .errors import AdmissionError, CodecError, ConfigError, CryptoError, InvalidMessage, StoreError
 from .ledger.block_store import SqliteBlockStore
@@ -68,6 +69,8 @@ MAX_TX_BATCH = 1000
 #: (~0.2 ms), so a turn stays short and consensus messages never wait long behind them.
 TXS_PER_TURN = 64
 GOSSIP_INTERVAL = 0.005
+#: Seconds between asking again, after a restore, the validators that have not answered.
+SURVEY_RETRY = 2.0
 #: Event subscriptions open at once (``events.subscribe``, ``ehrnode watch``).
 MAX_EVENT_SUBSCRIBERS = 256
 #: A gossip frame's transactions, in bytes (well inside the 8 MiB frame limit).
@@ -123,8 +126,14 @@ class Node:
                                  roles={m.name: m.role for m in self.genesis.members})
         self._replay_state()
         self.mempool = Mempool(self.genesis.chain_id, members, is_committed=self.state.is_committed)
+        safety_store = FileSafetyStore(data / "safety.cbor")
+        if safety_store.load() is None and self.block_store.committed_height() > 0:
+            # Blocks but no record of what this validator signed (lost, or an interrupted restore):
+            # fresh safety data could sign a second vote in a round it voted in. Treat it as restored.
+            self.log.warning("safety.missing", height=self.block_store.committed_height())
+            safety_store.save(SafetyData(epoch=self.vset.epoch, restored=True))
         self.core = ConsensusCore(
-            self.vset, self.index, self.identity, FileSafetyStore(data / "safety.cbor"), config=core_config,
+            self.vset, self.index, self.identity, safety_store, config=core_config,
             recovery=self.block_store.recovery(), committed_lookup=self.block_store.get_block,
             committed_at=self.block_store.block_at,
         )
@@ -152,6 +161,7 @@ class Node:
         self.events_dropped = 0
         self.inbox_dropped = 0
         self.invalid_messages = 0
+        self._started = False  # the core has loaded its certificates (the driver started it)
         self._closed = False
         self.notifier = Notifier()
         self.metrics = self._register_metrics()
@@ -241,8 +251,11 @@ class Node:
             self.puller.on_answer(peer.name, frame.data)
             return
         elif isinstance(frame, RoundQueryFrame):
-            self.network.send(peer.name, encode_frame(RoundAnswerFrame(
-                encode_answer(frame.nonce, self.core.high_qc, self.core.high_tc))))
+            # Only certificates this node really holds: not before its core has loaded them, and
+            # not while it is itself restored (its stores may be old).
+            if self._started and self.survey is None:
+                self.network.send(peer.name, encode_frame(RoundAnswerFrame(
+                    encode_answer(frame.nonce, self.core.high_qc, self.core.high_tc))))
             return
         elif isinstance(frame, RoundAnswerFrame):
             self._on_round_answer(peer, frame.data)
@@ -288,6 +301,18 @@ class Node:
         self.survey = None
         self.log.warning("restore.resumed", floor=floor, answered=[self.genesis.members[i].name
                                                                   for i in sorted(survey.answers)])
+        self._apply(self.core.learn_certificates(*result, time.time()))
+
+    async def _ask_rounds(self) -> None:
+        """While restored, ask again every few seconds the validators that have not answered."""
+        while self.survey is not None:
+            await trio.sleep(SURVEY_RETRY)
+            survey = self.survey
+            if survey is None:
+                return
+            for name in self.network.connected():
+                if self.genesis.index(name) not in survey.answers:
+                    self.network.send(name, encode_frame(RoundQueryFrame(survey.nonce)))
 
     def submit_note(self, text: str) -> Transaction:
         """Sign a note transaction as this member, admit it and gossip it (raises AdmissionError)."""
@@ -399,6 +424,8 @@ class Node:
             nursery.start_soon(self.network.dial_all)
             nursery.start_soon(self._drive)
             nursery.start_soon(self._gossip)
+            if self.survey is not None:
+                nursery.start_soon(self._ask_rounds)
             if self.records is not None:
                 nursery.start_soon(self.records.run_outbox)
             if self.notifier.watchdog_interval is not None:
@@ -439,6 +466,7 @@ class Node:
 
     async def _drive(self) -> None:
         self._apply(self.core.start(time.time()))
+        self._started = True
         while True:
             if not self._consensus_in and not self._txs_in and not self._connected:
                 with trio.move_on_at(self._deadline):

@@ -273,6 +273,15 @@ class ConsensusCore:
         self._timer(actions)
         return actions
 
+    def learn_certificates(self, qc: QuorumCert, tc: TimeoutCert | None, now: float) -> list[Action]:
+        """Verified certificates learned outside a message (the survey after a restore)."""
+        actions: list[Action] = []
+        self._process_qc(qc, now, actions)
+        if tc is not None:
+            self._process_tc(tc, now, actions)
+        self._timer(actions)
+        return actions
+
     def on_peer_connected(self, peer: int, now: float) -> list[Action]:
         """A validator (re)connected: send it what it may have missed of the current round.
 

@@ -53,6 +53,8 @@ class SafetyData:
     #: Set when the node was restored from a backup: what it signed before is unknown, so it
     #: signs nothing until :meth:`SafetyRules.lift_restore` sets a floor above all of it.
     restored: bool = False
+    #: After a restore: no vote or proposal in this round or below (timeouts are not bound by it).
+    vote_floor: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         def opt(x: Any) -> Any:
@@ -64,15 +66,18 @@ class SafetyData:
             "last_timeout": opt(self.last_timeout), "last_proposed_round": self.last_proposed_round,
             "high_qc": opt(self.high_qc), "high_tc": opt(self.high_tc),
             **({"restored": True} if self.restored else {}),
+            **({"vote_floor": self.vote_floor} if self.vote_floor else {}),
         }
 
     @classmethod
     def from_wire(cls, value: Any) -> SafetyData:
         keys = ("epoch", "last_voted_round", "locked_round", "highest_timeout_round", "last_vote", "last_timeout",
                 "last_proposed_round", "high_qc", "high_tc")
+        # Optional fields, written only when set (files from before they existed still load).
         restored = isinstance(value, dict) and value.get("restored") is True
-        if restored:
-            value = {k: v for k, v in value.items() if k != "restored"}
+        vote_floor = as_uint(value.get("vote_floor", 0), "vote_floor") if isinstance(value, dict) else 0
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in ("restored", "vote_floor")}
         m = as_map(value, "safety data", keys)
         return cls(
             as_uint(m["epoch"], "epoch"),
@@ -85,6 +90,7 @@ class SafetyData:
             as_optional(m["high_qc"], "high_qc", QuorumCert.from_wire),
             as_optional(m["high_tc"], "high_tc", TimeoutCert.from_wire),
             restored,
+            vote_floor,
         )
 
     def with_certificates(self, qc: QuorumCert, tc: TimeoutCert | None) -> SafetyData:
@@ -152,23 +158,24 @@ class SafetyRules:
                                   reason="restored")
 
     def lift_restore(self, qc: QuorumCert, tc: TimeoutCert | None) -> int:
-        """Resume signing after a restore, above every round this validator may have signed in.
+        """Resume signing after a restore, above every round this validator may have voted in.
 
         ``qc`` and ``tc`` are the highest certificates reported (and verified) by 2f+1 other
         validators. Any round R this validator signed in before was entered through a
         certificate for R-1, made of votes or timeouts of 2f+1 validators; at least one honest
         one among them also answered, holding a certificate for at least R-2. So R <= C + 2
-        for the highest certified round C reported; the floor is C + 3 (a timeout may be signed
-        in the floor round, a vote or proposal only above it). The lock is set to the highest QC
-        reported, which is at least any lock this validator held. Returns the floor.
+        for the highest certified round C reported: votes and proposals resume above C + 2
+        (the returned floor). Timeouts are not held back: a second timeout in a round is
+        harmless as long as it carries a QC at least as high as the lock, and the lock is set
+        to the highest QC reported, which is at least the round of any QC formed with this
+        validator's votes (what safety needs of a lock). Without them, the others could wait
+        for this validator's timeout in a round below the floor forever.
         """
         certified = max(qc.round, tc.round if tc is not None else 0)
-        floor = certified + 3
+        floor = certified + 2
         data = self._data
         self._persist(replace(
-            data, restored=False, last_voted_round=max(data.last_voted_round, floor),
-            last_proposed_round=max(data.last_proposed_round, floor),
-            highest_timeout_round=max(data.highest_timeout_round, floor),
+            data, restored=False, vote_floor=max(data.vote_floor, floor),
             locked_round=max(data.locked_round, qc.round),
         ).with_certificates(qc, tc))
         return floor
@@ -188,9 +195,10 @@ class SafetyRules:
             return data.last_vote
         if block.epoch != data.epoch:
             raise SafetyViolation(f"block of epoch {block.epoch}, safety data is epoch {data.epoch}", reason="wrong_epoch")
-        if block.round <= data.last_voted_round:
+        if block.round <= max(data.last_voted_round, data.vote_floor):
             raise SafetyViolation(
-                f"round {block.round} is not above last voted round {data.last_voted_round}", reason="old_round"
+                f"round {block.round} is not above last voted round {max(data.last_voted_round, data.vote_floor)}",
+                reason="old_round",
             )
         if not self._unsafe_skip_vote_rule and not self._safe_to_vote(block.round, qc, tc):
             raise SafetyViolation(
@@ -210,8 +218,9 @@ class SafetyRules:
         if block.author != self.index:
             raise SafetyViolation(f"block authored by {block.author}, this is validator {self.index}",
                                   reason="not_author")
-        if block.round <= data.last_proposed_round:
-            raise SafetyViolation(f"already proposed in round {data.last_proposed_round}", reason="proposed_twice")
+        if block.round <= max(data.last_proposed_round, data.vote_floor):
+            raise SafetyViolation(f"already proposed in round {max(data.last_proposed_round, data.vote_floor)}",
+                                  reason="proposed_twice")
         signed = block.signed(self._identity, self.vset.chain_id)
         self._persist(replace(data, last_proposed_round=block.round))
         return signed

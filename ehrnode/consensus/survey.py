@@ -11,9 +11,11 @@ resumes signing above that bound.
 
 Answers are bound to a fresh nonce so an old answer cannot be replayed into a
 later survey; a Byzantine validator can only report certificates that really
-exist (they are verified), so it cannot push the floor up, and withholding an
-answer only waits for another validator's. With n = 3f+1 a restored validator
-needs every other validator to answer.
+exist (they are verified), so it cannot push the floor up. A validator answers
+only once its core has loaded its certificates, and not while it is restored
+itself. With n = 3f+1 a restored validator needs every other validator to
+answer: one that is down or withholds its answer holds the restored one back
+(it keeps asking), so restore one validator at a time.
 """
 
 from __future__ import annotations

@@ -106,22 +106,45 @@ def test_a_changed_or_truncated_backup_is_refused(tmp_path):
     config = c.configs["B"]
     config.data_dir.mkdir(parents=True, exist_ok=True)
     for name in ("blocks.sqlite3", "state.sqlite3"):
-        sqlite3.connect(config.data_dir / name).execute("CREATE TABLE t (x)").connection.close()
+        db = sqlite3.connect(config.data_dir / name)
+        db.execute("CREATE TABLE t (x)")
+        db.execute("INSERT INTO t VALUES (randomblob(2500000))")  # a few chunks' worth
+        db.commit()
+        db.close()
     out = tmp_path / "b.backup"
     with pytest.raises(BackupError):
         create_backup(config, out, "short")
+    # A key file that is a symlink (as mounted secrets are) is backed up as the file it points to.
+    real = tmp_path / "sealing.pem"
+    real.write_bytes(config.sealing_key_path.read_bytes())
+    config.sealing_key_path.unlink()
+    config.sealing_key_path.symlink_to(real)
     create_backup(config, out, PASSPHRASE)
     with pytest.raises(BackupError):
         create_backup(config, out, PASSPHRASE)  # never overwrites
     data = out.read_bytes()
     target = LocalConsortium(tmp_path / "other")  # a different consortium: a different genesis
     shutil.rmtree(config.data_dir)
+    header = 17 + 16 + 3  # magic, salt, scrypt cost
+    chunks, at = [], header
+    while at < len(data):
+        size = int.from_bytes(data[at:at + 4], "big")
+        chunks.append(data[at:at + 4 + size])
+        at += 4 + size
+    assert len(chunks) >= 2
     for name, blob in (("flipped", data[:100] + bytes([data[100] ^ 1]) + data[101:]),
-                       ("truncated", data[:-20]), ("cut", data[: len(data) // 2]), ("empty", b"")):
+                       ("truncated", data[:-20]), ("cut", data[: len(data) // 2]), ("empty", b""),
+                       ("no final chunk", data[:header] + b"".join(chunks[:-1])),
+                       ("reordered", data[:header] + b"".join([chunks[1], chunks[0], *chunks[2:]])),
+                       ("trailing", data + b"\0")):
         (tmp_path / name).write_bytes(blob)
         with pytest.raises(BackupError):
             restore_backup(config, tmp_path / name, PASSPHRASE)
-        assert not (config.data_dir / "safety.cbor").exists()
+        assert not (config.data_dir / "safety.cbor").exists(), name  # nothing left behind
+        assert not list(config.data_dir.glob(".restore-*")), name
+    restore_backup(config, out, PASSPHRASE)  # the intact one restores (keys present: the same keys)
+    assert (config.data_dir / "state.sqlite3").exists() and (config.data_dir / "safety.cbor").exists()
+    shutil.rmtree(config.data_dir)
     with pytest.raises(ConfigError):
         restore_backup(target.configs["B"], out, PASSPHRASE)
 
@@ -156,9 +179,20 @@ def test_restored_safety_data_signs_nothing_until_the_survey_sets_a_floor():
     qc, tc = survey.result()
     assert (qc.round, tc.round) == (4, 5)
     floor = rules.lift_restore(qc, tc)
-    # Highest certified round 5: the validator may have signed up to round 7; floor 8.
-    assert floor == 8 and not store.data.restored and store.data.locked_round == 4
-    assert store.data.last_voted_round == 8 and store.data.last_proposed_round == 8
+    # Highest certified round 5: the validator may have voted or proposed up to round 7.
+    assert floor == 7 and not store.data.restored and store.data.locked_round == 4
+    block7 = f.block(7, qc4)
     with pytest.raises(SafetyViolation) as old:
-        rules.vote(f.block(8, f.qc(f.block(7, qc4))), None)
+        rules.vote(f.block(7, f.qc(f.block(6, qc4))), None)
     assert old.value.reason == "old_round"
+    with pytest.raises(SafetyViolation) as twice:
+        rules.propose(dataclasses.replace(block7, author=0))
+    assert twice.value.reason == "proposed_twice"
+    # Timeouts go on (else the others could wait for this one below the floor), never below the lock.
+    with pytest.raises(SafetyViolation) as below:
+        rules.timeout(4, qc3, None)
+    assert below.value.reason == "below_lock"
+    assert rules.timeout(6, qc4, tc).round == 6
+    assert rules.vote(f.block(8, f.qc(block7)), None).round == 8
+    # The floor survives a restart.
+    assert SafetyRules(f.vset, 0, f.identities[0], store).data.vote_floor == 7
