@@ -396,8 +396,10 @@ class Node:
             event = event_of(self.state, tx, height)
             if event is None:
                 continue
+            # Once per event, not per subscriber: every EMPI that stands for this patient now.
+            aliases = frozenset(self.state.empi.aliases(event.empi)) if event.empi else frozenset()
             for subscription, channel in list(self._event_subscribers):
-                if not subscription.wants(self.state, self.name, event):
+                if not subscription.wants(self.name, event, aliases):
                     continue
                 try:
                     channel.send_nowait(event.body)

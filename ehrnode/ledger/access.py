@@ -125,58 +125,38 @@ class AccessLog:
 
     # --- reading -------------------------------------------------------------------------
 
+    def _select(self, table: str, columns: tuple[str, ...], records: list[bytes] | None,
+                **equal: Any) -> list[dict[str, Any]]:
+        """Rows of ``table`` for ``records`` (None: any) whose columns equal every value given, in chain order."""
+        where, args = [], []
+        if records is not None:
+            if not records:
+                return []
+            where.append(f"record IN ({', '.join('?' * len(records))})")
+            args.extend(records)
+        for column, value in equal.items():
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = f"SELECT {', '.join(columns)} FROM {table}" + (" WHERE " + " AND ".join(where) if where else "")
+        rows = self._db.execute(sql + " ORDER BY height, rowid", args).fetchall()
+        return [dict(zip(columns, row, strict=True)) for row in rows]
+
     def accesses(self, *, records: list[bytes] | None = None, request: bytes | None = None,
                  requester: str | None = None, owner: str | None = None,
                  decision: str | None = None) -> list[dict[str, Any]]:
         """Committed access decisions matching every filter given, in chain order."""
-        where, args = [], []
-        if records is not None:
-            if not records:
-                return []
-            where.append(f"record IN ({', '.join('?' * len(records))})")
-            args.extend(records)
-        for column, value in (("request", request), ("requester", requester), ("owner", owner),
-                              ("decision", decision)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        sql = f"SELECT request, {', '.join(ACCESS_COLUMNS)} FROM accesses"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        rows = self._db.execute(sql + " ORDER BY height, rowid", args).fetchall()
-        return [dict(zip(("request", *ACCESS_COLUMNS), row, strict=True)) for row in rows]
+        return self._select("accesses", ("request", *ACCESS_COLUMNS), records, request=request, requester=requester,
+                            owner=owner, decision=decision)
 
     def erasure(self, record: bytes) -> dict[str, Any] | None:
-        row = self._db.execute("SELECT owner, reason, time, height, tx_id FROM erasures WHERE record = ?",
-                               (record,)).fetchone()
-        if row is None:
-            return None
-        return {"record": record, "owner": row[0], "reason": row[1], "time": row[2], "height": row[3],
-                "tx_id": row[4]}
+        found = self.erasures(records=[record])
+        return found[0] if found else None
 
     def erasures(self, *, records: list[bytes] | None = None, owner: str | None = None) -> list[dict[str, Any]]:
-        where, args = [], []
-        if records is not None:
-            if not records:
-                return []
-            where.append(f"record IN ({', '.join('?' * len(records))})")
-            args.extend(records)
-        if owner is not None:
-            where.append("owner = ?")
-            args.append(owner)
-        sql = "SELECT record, owner, reason, time, height, tx_id FROM erasures"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        rows = self._db.execute(sql + " ORDER BY height, rowid", args).fetchall()
-        return [dict(zip(("record", "owner", "reason", "time", "height", "tx_id"), r, strict=True)) for r in rows]
+        return self._select("erasures", ("record", "owner", "reason", "time", "height", "tx_id"), records,
+                            owner=owner)
 
     def alerts(self, *, records: list[bytes] | None = None) -> list[dict[str, Any]]:
-        sql, args = "SELECT access, record, owner, reporter, received, time, height, tx_id FROM alerts", []
-        if records is not None:
-            if not records:
-                return []
-            sql += f" WHERE record IN ({', '.join('?' * len(records))})"
-            args = list(records)
-        rows = self._db.execute(sql + " ORDER BY height, rowid", args).fetchall()
-        return [dict(zip(("access", "record", "owner", "reporter", "received", "time", "height", "tx_id"), r,
-                         strict=True)) for r in rows]
+        return self._select("alerts", ("access", "record", "owner", "reporter", "received", "time", "height",
+                                       "tx_id"), records)

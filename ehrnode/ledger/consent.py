@@ -64,21 +64,8 @@ class ConsentRegistry:
         )
         return "ok"
 
-    def _aliases(self, empi: str) -> list[str]:
-        """``empi`` as it stands now, and every EMPI merged into it (at any depth)."""
-        current = self._empi.resolve(None, empi)
-        if current is None:
-            return []
-        found, frontier = [current], [current]
-        while frontier:
-            rows = self._db.execute(
-                f"SELECT empi FROM empis WHERE merged_into IN ({', '.join('?' * len(frontier))})", frontier).fetchall()
-            frontier = [r[0] for r in rows if r[0] not in found]
-            found.extend(frontier)
-        return found
-
     def entries(self, empi: str) -> list[dict[str, Any]]:
-        aliases = self._aliases(empi)
+        aliases = self._empi.aliases(empi)
         if not aliases:
             return []
         rows = self._db.execute(

@@ -337,6 +337,19 @@ class EmpiRegistry:
                 return empi
             empi = row[0]
 
+    def aliases(self, empi: str) -> list[str]:
+        """``empi`` as it stands now, and every EMPI merged into it (at any depth); [] if unknown."""
+        current = self.resolve(None, empi)
+        if current is None:
+            return []
+        found, frontier = [current], [current]
+        while frontier:
+            rows = self._db.execute(
+                f"SELECT empi FROM empis WHERE merged_into IN ({', '.join('?' * len(frontier))})", frontier).fetchall()
+            frontier = [r[0] for r in rows if r[0] not in found]
+            found.extend(frontier)
+        return found
+
     def enrolments_of(self, empi: str) -> list[bytes]:
         current = self.resolve(None, empi)
         if current is None:

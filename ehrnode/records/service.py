@@ -160,15 +160,12 @@ class RecordsService:
         async with self._lock:
             return self.vault.release(record_id)
 
-    async def vault_state(self, record_id: bytes) -> str | None:
-        return await self._blocking(self.vault.state_of, record_id)  # type: ignore[no-any-return]
-
     async def erase(self, record_id: bytes, reason: str) -> Transaction:
         """Crypto-shred one of our anchored records and queue its ``record.erase`` (raises KeyError,
         IntegrityError ``already_erased`` / ``not_anchored``)."""
         anchors = self.hooks.state.anchors(record=record_id, institution=self.name)
         if not anchors:
-            if await self.vault_state(record_id) is None:
+            if await self._blocking(self.vault.state_of, record_id) is None:
                 raise KeyError(record_id.hex())
             raise IntegrityError(f"record {record_id.hex()} is not anchored on chain yet: erase it once it is",
                                  reason="not_anchored")

@@ -315,11 +315,6 @@ class Vault:
         except sqlite3.Error:
             pass  # busy: the next checkpoint overwrites them
 
-    def erasure(self, record_id: bytes) -> dict[str, Any] | None:
-        row = self._db.execute("SELECT reason, erased_at, tx_id FROM erasures WHERE record = ?",
-                               (record_id,)).fetchone()
-        return {"reason": row[0], "erased_at": row[1], "tx_id": row[2].hex()} if row else None
-
     def _decrypt(self, record_id: bytes, raw_ct: bytes, deid_ct: bytes, raw_w: bytes,
                  deid_w: bytes) -> tuple[bytes, dict[str, Any]]:
         what = f"record {record_id.hex()}"

@@ -83,10 +83,6 @@ class Subscription:
     empis: frozenset[str]
     own: bool
 
-    def wants(self, state: LedgerState, me: str, event: Event) -> bool:
-        if self.own and me in event.concerns:
-            return True
-        if event.empi is None or not self.empis:
-            return False
-        current = state.empi.resolve(None, event.empi)
-        return any(state.empi.resolve(None, e) == current for e in self.empis)
+    def wants(self, me: str, event: Event, aliases: frozenset[str]) -> bool:
+        """``aliases``: the event's EMPI as it stands now and every EMPI merged into it."""
+        return (self.own and me in event.concerns) or bool(self.empis & aliases)

@@ -169,8 +169,7 @@ class Puller:
             self.hooks.counters("failed")
             self.log.error("pull.bad_answer", error=str(exc), **fields)
             raise PullError(f"{owner}'s answer does not open: {exc}", reason="bad_answer") from exc
-        height = await self._check_logged(rid, first.access, "granted", fields)
-        access = self.state.access.accesses(request=rid)[0]
+        access = await self._check_logged(rid, first.access, "granted", fields)
         received = commitment(salt, canonical)
         if got_record != record or received != anchor["commitment"]:
             await self._alarm(anchor, first.access, received, fields)
@@ -181,11 +180,12 @@ class Puller:
         self.hooks.counters("verified")
         self.log.info("pull.verified", bytes=len(canonical), emergency=access["reason"] == "emergency_override",
                       seconds=round(time.monotonic() - started, 3), **fields)
-        return Pulled(record, owner, purpose, resource, canonical, salt, received, first.access, height,
+        return Pulled(record, owner, purpose, resource, canonical, salt, received, first.access, access["height"],
                       access["reason"] == "emergency_override")
 
-    async def _check_logged(self, rid: bytes, access_tx: bytes, decision: str, fields: dict[str, Any]) -> int:
-        """The height of the committed access log for ``rid`` with ``decision``; PullError if none."""
+    async def _check_logged(self, rid: bytes, access_tx: bytes, decision: str,
+                            fields: dict[str, Any]) -> dict[str, Any]:
+        """The committed access log for ``rid`` with ``decision`` (its row); PullError if none."""
         height = await self.hooks.wait_committed(access_tx, LOG_TIMEOUT) if access_tx else None
         logged = self.state.access.accesses(request=rid)
         if height is None or not logged or logged[0]["tx_id"] != access_tx or logged[0]["decision"] != decision:
@@ -193,7 +193,7 @@ class Puller:
             self.log.error("pull.unlogged", decision=decision, access_tx=access_tx.hex(), **fields)
             raise PullError(f"the owner's answer names no committed access log {decision} for this request: "
                             "nothing is accepted", reason="unlogged")
-        return height
+        return logged[0]
 
     async def _alarm(self, anchor: dict[str, Any], access_tx: bytes, received: bytes, fields: dict[str, Any]) -> None:
         self.hooks.counters("integrity")
