@@ -1,9 +1,17 @@
 """The local API: JSON-RPC 2.0 over a websocket on loopback, for the CLI and the hospital's systems.
 
-A client proves it may talk to the node with the bearer token kept in
-``<data_dir>/api.token`` (created 0600 on first start): the websocket opening
-request must carry ``Authorization: Bearer <token>``, or it is refused with
-HTTP 401 before any JSON is read. Methods:
+Every client acts as one of the node's users (:mod:`ehrnode.users`): the
+websocket opening request carries ``Authorization: Bearer <credential>`` and,
+optionally, ``X-Ehrnode-User: <name>``. A wrong or missing credential is
+refused with HTTP 401, a revoked user with 403, a throttled name with 429,
+before any JSON is read, and logged as ``auth.denied``. The node's own admin
+credential is ``<data_dir>/api.token`` (created 0600 on first start).
+
+Each call is then checked against the user's role (``[users] roles``): a call
+the role does not allow is refused with ``data.reason`` ``forbidden`` and
+logged as ``auth.denied``; a user revoked or rotated while connected is
+refused at their next call and disconnected. Transactions a call submits
+carry the user's pseudonym. Methods:
 
 ``status``            ``{"node", "height", "head", "round", "peers", "mempool", ...}``
 ``tx.submit``         ``{"note": TEXT, "wait": bool, "timeout": seconds}`` -> ``{"tx_id", "height"}``
@@ -58,6 +66,19 @@ Sharing:
 ``audit.disclosures`` ``{"empi": E}`` -> every access granted to the patient's records
 ``audit.trace``       ``{"leaked": {"resource", "salt"}}`` -> the record and everyone it was served to
 ``events.subscribe``  ``{"empis": [E, ...], "own": bool}`` then one ``event`` notification per event
+``audit.trail``       also ``{"user": PSEUDONYM}``: everything that user did, and every pull they made
+``audit.whois``       ``{"pseudonym": P}`` -> the user of this institution behind it (name, role, status);
+                      with ``"at": INSTITUTION, "case": TEXT``, asks that institution on chain
+                      (``whois.request``), and opens its sealed ``whois.answer``
+
+Users (admin):
+
+``users.add``         ``{"name", "role", "empi" (patient roles)}`` -> the user and its ``credential``
+                      (shown once)
+``users.list``        -> every user (revoked ones too), without credentials
+``users.revoke``      ``{"name"}``; ``users.rotate`` ``{"name"}`` -> a new ``credential``, the old one
+                      stops working at once
+``users.whoami``      (any user) -> the caller's name, role, pseudonym and permissions
 
 Errors follow JSON-RPC: -32700 parse error, -32600 invalid request, -32601
 unknown method, -32602 bad params, -32000 refused by the node (``data.reason``
@@ -67,10 +88,8 @@ stays open.
 
 from __future__ import annotations
 
-import hmac
 import json
-import os
-import secrets
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,7 +99,6 @@ import trio_websocket
 from trio_websocket import ConnectionClosed
 
 from .codec import MAX_UINT
-from .crypto import write_secret_file
 from .errors import (
     AdmissionError, CodecError, CryptoError, EhrnodeError, FhirError, IntegrityError, PullError, SchemaError,
 )
@@ -90,11 +108,14 @@ from .logs import get_logger
 from .records import fhir
 from .sharing import audit
 from .sharing.events import Subscription
+from .sharing.whois import WhoisError
+from .users.auth import FAILURE_DELAY, Outcome, Throttle, authenticate, bearer
+from .users.roles import METHODS, PATIENT_METHODS
+from .users.store import MIN_TOKEN_CHARS, TOKEN_FILE, User, UserError, pseudonym_bytes
 
 if TYPE_CHECKING:
     from .node import Node
 
-TOKEN_FILE = "api.token"
 MAX_REQUEST_BYTES = 4 << 20
 MAX_WAIT = 120.0
 MAX_BATCH = 1000
@@ -112,7 +133,6 @@ class _Staged:
         self.items: list[fhir.Item] = []
         self.bytes = 0
         self.message_bytes = 0  # of the request being handled
-MIN_TOKEN_CHARS = 32
 
 
 class RpcError(Exception):
@@ -120,6 +140,17 @@ class RpcError(Exception):
         super().__init__(message)
         self.code = code
         self.reason = reason
+
+
+class _Disconnect(RpcError):
+    """Refused because the caller's credential is no longer valid: the connection closes after the reply."""
+
+
+def _pseudonym_param(value: Any) -> bytes:
+    try:
+        return pseudonym_bytes(value if isinstance(value, str) else "")
+    except UserError as exc:
+        raise RpcError(-32602, f"user: {exc}") from exc
 
 
 def _hex_param(value: Any, name: str, size: int) -> bytes:
@@ -145,27 +176,6 @@ def _timeout_param(params: dict[str, Any], default: float = 30.0) -> float:
     return float(timeout)
 
 
-def ensure_token(data_dir: Path) -> str:
-    """The node's API token, created (0600) if there is none yet, or if the file is empty.
-
-    The token is written to a temporary file and renamed into place, so a crash can never
-    leave an empty token file behind (an empty token must never authenticate anyone).
-    """
-    path = Path(data_dir) / TOKEN_FILE
-    try:
-        token = path.read_text().strip()
-    except FileNotFoundError:
-        token = ""
-    if len(token) >= MIN_TOKEN_CHARS:
-        return token
-    token = secrets.token_hex(32)
-    tmp = path.with_name(f"{TOKEN_FILE}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    write_secret_file(tmp, token.encode())
-    os.replace(tmp, path)
-    return token
-
-
 def read_token(data_dir: Path) -> str:
     path = Path(data_dir) / TOKEN_FILE
     try:
@@ -177,13 +187,28 @@ def read_token(data_dir: Path) -> str:
     return token
 
 
+@dataclass(eq=False)
+class _Session:
+    """One authenticated connection: who, and the credential they proved (checked again at every call)."""
+
+    name: str
+    secret: bytes
+    user: User
+    ws: trio_websocket.WebSocketConnection
+    nursery: trio.Nursery
+
+
 class ApiServer:
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.token = ensure_token(node.config.data_dir)
+        self.users = node.users
+        self.roles = node.roles
+        self.throttle = Throttle()
         self.log = get_logger(node=node.name)
         self.denied = 0
+        self._throttle_logged: dict[str, float] = {}
         self.staged_total = 0  # bytes of FHIR input staged over all connections
+        self._sessions: set[_Session] = set()
 
     async def serve(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -198,14 +223,26 @@ class ApiServer:
                     request = await trio_websocket.wrap_server_stream(
                         nursery, stream, max_message_size=MAX_REQUEST_BYTES, message_queue_size=4,
                     )
-                    if not self._authorized(request.headers):
-                        self.denied += 1
-                        self.log.warning("api.denied", reason="bad_token")
-                        await request.reject(401, body=b"missing or wrong API token\n")
+                    token, claimed = bearer(request.headers)
+                    outcome = authenticate(self.users, self.throttle, token, claimed, trio.current_time())
+                    if outcome.user is None:
+                        self._denied(outcome, claimed)
+                        if outcome.status != 429:
+                            await trio.sleep(FAILURE_DELAY)
+                        headers = [(b"retry-after", str(int(outcome.retry_after) + 1).encode())] \
+                            if outcome.status == 429 else []
+                        await request.reject(outcome.status, extra_headers=headers,
+                                             body=f"{outcome.message}\n".encode())
                         nursery.cancel_scope.cancel()
                         return
                     ws = await request.accept()
-                await self._session(ws, nursery)
+                user = outcome.user
+                session = _Session(user.name, user.secret, user, ws, nursery)
+                self._sessions.add(session)
+                try:
+                    await self._session(ws, nursery, session)
+                finally:
+                    self._sessions.discard(session)
                 nursery.cancel_scope.cancel()
         except trio.Cancelled:
             raise
@@ -217,15 +254,65 @@ class ApiServer:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
 
-    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        expected = self.token.encode()
-        for key, value in headers:
-            if key.lower() == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected)
-        return False
+    def _denied(self, outcome: Outcome, claimed: str | None) -> None:
+        self.denied += 1
+        self.node.m_auth_denied.inc()
+        if outcome.status == 429:
+            # A flood of attempts against a locked name is logged once per lockout second, not each.
+            now = trio.current_time()
+            key = claimed or ""
+            if now - self._throttle_logged.get(key, -1e9) < 1.0:
+                return
+            if len(self._throttle_logged) > 10_000:
+                self._throttle_logged.clear()
+            self._throttle_logged[key] = now
+        self.log.warning("auth.denied", reason=outcome.reason, user=claimed, detail=outcome.message)
 
-    async def _session(self, ws: trio_websocket.WebSocketConnection, nursery: trio.Nursery) -> None:
+    def _permit(self, session: _Session, method: str, params: dict[str, Any]) -> User:
+        """The caller, if still active with the same credential and allowed this call; RpcError if not."""
+        user = self.users.get(session.name)
+        if user is None or not user.active or user.secret != session.secret:
+            why = "revoked" if user is None or not user.active else "credential_rotated"
+            self.node.m_auth_denied.inc()
+            self.log.warning("auth.denied", reason=why, user=session.name, method=method)
+            raise _Disconnect(-32000, f"user {session.name}: {why.replace('_', ' ')}; reconnect with a valid "
+                                      "credential", reason=why)
+        role = self.roles.get(user.role)
+        purpose = params.get("purpose") if method == "records.pull" else None
+        problem = None
+        if role is None:
+            problem = f"role {user.role} is not in {self.roles.source}"
+        elif not role.permits(method, purpose if isinstance(purpose, str) else None):
+            problem = f"user {user.name} (role {user.role}) may not call {method}" + (
+                f" for {purpose}" if isinstance(purpose, str) else "")
+        elif role.patient:
+            problem = self._patient_problem(user, method, params)
+        if problem is not None:
+            self.node.m_auth_denied.inc()
+            self.log.warning("auth.denied", reason="forbidden", user=user.name, role=user.role, method=method,
+                             detail=problem)
+            raise RpcError(-32000, problem, reason="forbidden")
+        return user
+
+    def _patient_problem(self, user: User, method: str, params: dict[str, Any]) -> str | None:
+        """Why a patient's call does not stay within their own EMPI (None: it does)."""
+        if method not in PATIENT_METHODS:
+            return f"user {user.name} is a patient: {method} does not name the patient"
+        if method == "audit.trail" and (params.get("record_id") is not None or params.get("user") is not None):
+            return f"user {user.name} is a patient: ask for the trail by their own EMPI"
+        empi = params.get("empi")
+        if not isinstance(empi, str) or user.empi is None:
+            return f"user {user.name} is a patient: name their own EMPI"
+        if empi == user.empi:
+            return None
+        registry = self.node.state.empi
+        current = registry.resolve(None, empi) if EMPI_PATTERN.match(empi) else None
+        if current is not None and current == registry.resolve(None, user.empi):
+            return None
+        return f"user {user.name} is a patient: {empi} is not their EMPI"
+
+    async def _session(self, ws: trio_websocket.WebSocketConnection, nursery: trio.Nursery,
+                       session: _Session) -> None:
         staged = _Staged()
         try:
             while True:
@@ -234,9 +321,11 @@ class ApiServer:
                 except ConnectionClosed:
                     return
                 staged.message_bytes = len(raw)
-                reply = await self._dispatch(raw, ws, nursery, staged)
-                if reply is not None:
-                    await ws.send_message(json.dumps(reply))
+                reply, close = await self._dispatch(raw, ws, nursery, staged, session)
+                await ws.send_message(json.dumps(reply))
+                if close:
+                    await ws.aclose(1008, close)
+                    return
         finally:
             self._release(staged)
 
@@ -245,8 +334,9 @@ class ApiServer:
         staged.items.clear()
         staged.bytes = 0
 
-    async def _dispatch(self, raw: str | bytes, ws: Any, nursery: trio.Nursery,
-                        staged: _Staged) -> dict[str, Any] | None:
+    async def _dispatch(self, raw: str | bytes, ws: Any, nursery: trio.Nursery, staged: _Staged,
+                        session: _Session) -> tuple[dict[str, Any], str]:
+        """The reply to one request, and why to close the connection after it ("": keep it open)."""
         request_id: Any = None
         try:
             try:
@@ -262,25 +352,32 @@ class ApiServer:
             if not isinstance(params, dict):
                 raise RpcError(-32602, "params must be an object")
             method = request["method"]
-            if method.startswith(("audit.", "events.")) or method in ("records.pull", "records.erase"):
-                result = await self._sharing_call(method, params, ws, nursery)
+            if method not in METHODS:
+                raise RpcError(-32601, f"unknown method {method!r}")
+            user = self._permit(session, method, params)
+            if method == "audit.whois" and params.get("at") not in (None, self.node.name):
+                result = await self._whois_elsewhere(params, user)
+            elif method.startswith("users.") or method == "audit.whois":
+                result = self._users_call(method, params, user, session)
+            elif method.startswith(("audit.", "events.")) or method in ("records.pull", "records.erase"):
+                result = await self._sharing_call(method, params, ws, nursery, user)
             elif method.startswith(("records.", "vault.")):
-                result = await self._records_call(method, params, staged)
+                result = await self._records_call(method, params, staged, user)
             elif method.startswith("empi."):
-                result = await self._empi_call(method, params)
+                result = await self._empi_call(method, params, user)
             elif method.startswith("consent."):
-                result = await self._consent_call(method, params)
-
+                result = await self._consent_call(method, params, user)
             else:
-                result = await self._call(method, params, ws, nursery)
+                result = await self._call(method, params, ws, nursery, user)
         except RpcError as exc:
             error: dict[str, Any] = {"code": exc.code, "message": str(exc)}
             if exc.reason:
                 error["data"] = {"reason": exc.reason}
-            return {"jsonrpc": "2.0", "id": request_id, "error": error}
-        return {"jsonrpc": "2.0", "id": request_id, "result": result}
+            return {"jsonrpc": "2.0", "id": request_id, "error": error}, (
+                exc.reason or "" if isinstance(exc, _Disconnect) else "")
+        return {"jsonrpc": "2.0", "id": request_id, "result": result}, ""
 
-    async def _call(self, method: str, params: dict[str, Any], ws: Any, nursery: trio.Nursery) -> Any:
+    async def _call(self, method: str, params: dict[str, Any], ws: Any, nursery: trio.Nursery, user: User) -> Any:
         node = self.node
         if method == "status":
             return node.status()
@@ -300,7 +397,7 @@ class ApiServer:
                 raise RpcError(-32602, "note must be a string")
             timeout = _timeout_param(params)
             try:
-                tx = node.submit_note(note)
+                tx = node.submit_note(note, user.pseudonym)
             except AdmissionError as exc:
                 raise RpcError(-32000, str(exc), reason=exc.reason) from exc
             except CodecError as exc:
@@ -320,7 +417,7 @@ class ApiServer:
             errors = []
             for index, note in enumerate(notes):
                 try:
-                    tx_ids.append(node.submit_note(note).id.hex())
+                    tx_ids.append(node.submit_note(note, user.pseudonym).id.hex())
                 except AdmissionError as exc:
                     tx_ids.append(None)
                     errors.append({"index": index, "reason": exc.reason})
@@ -351,7 +448,7 @@ class ApiServer:
             return {"subscribed": "block.committed"}
         raise RpcError(-32601, f"unknown method {method!r}")
 
-    async def _empi_call(self, method: str, params: dict[str, Any]) -> Any:
+    async def _empi_call(self, method: str, params: dict[str, Any], user: User) -> Any:
         node, registry = self.node, self.node.state.empi
         if method == "empi.of":
             patients = params.get("patients")
@@ -384,9 +481,9 @@ class ApiServer:
         }
         if method not in bodies:
             raise RpcError(-32601, f"unknown method {method!r}")
-        return await self._submit_and_wait(method, bodies[method](), params)
+        return await self._submit_and_wait(method, bodies[method](), params, user)
 
-    async def _consent_call(self, method: str, params: dict[str, Any]) -> Any:
+    async def _consent_call(self, method: str, params: dict[str, Any], user: User) -> Any:
         if method == "consent.show":
             return self.node.state.consent.entries(_empi_param(params.get("empi"), "empi"))
         if method not in ("consent.grant", "consent.revoke"):
@@ -402,9 +499,10 @@ class ApiServer:
             KINDS[method](body)
         except SchemaError as exc:
             raise RpcError(-32602, str(exc)) from exc
-        return await self._submit_and_wait(method, body, params)
+        return await self._submit_and_wait(method, body, params, user)
 
-    async def _sharing_call(self, method: str, params: dict[str, Any], ws: Any, nursery: trio.Nursery) -> Any:
+    async def _sharing_call(self, method: str, params: dict[str, Any], ws: Any, nursery: trio.Nursery,
+                            user: User) -> Any:
         node = self.node
         if method == "records.pull":
             record_id = _hex_param(params.get("record_id"), "record_id", 16)
@@ -412,7 +510,8 @@ class ApiServer:
             if purpose not in CONSENT_PURPOSES:
                 raise RpcError(-32602, f"purpose must be one of {', '.join(CONSENT_PURPOSES)}")
             try:
-                pulled = await node.puller.pull(record_id, purpose, _timeout_param(params, 60.0))
+                pulled = await node.puller.pull(record_id, purpose, _timeout_param(params, 60.0),
+                                                user=user.pseudonym, role=user.role)
             except PullError as exc:
                 message = str(exc) + (f" (access log {exc.access_tx.hex()})" if exc.access_tx else "")
                 raise RpcError(-32000, message, reason=exc.reason) from exc
@@ -427,7 +526,7 @@ class ApiServer:
             if node.records is None:
                 raise RpcError(-32000, f"{node.name} holds no records", reason="not_recording")
             try:
-                tx = await node.records.erase(record_id, reason.strip())
+                tx = await node.records.erase(record_id, reason.strip(), user.pseudonym)
             except KeyError as exc:
                 raise RpcError(-32000, f"no record {record_id.hex()} in this institution's vault",
                                reason="not_found") from exc
@@ -439,8 +538,10 @@ class ApiServer:
             if method == "audit.trail":
                 empi = params.get("empi")
                 record = params.get("record_id")
+                actor = params.get("user")
                 events = audit.trail(node.state, empi=_empi_param(empi, "empi") if empi is not None else None,
-                                     record=_hex_param(record, "record_id", 16) if record is not None else None)
+                                     record=_hex_param(record, "record_id", 16) if record is not None else None,
+                                     user=_pseudonym_param(actor) if actor is not None else None)
                 return audit.audit_bundle(events, node.name) if params.get("fhir") is True else events
             if method == "audit.disclosures":
                 return audit.disclosures(node.state, _empi_param(params.get("empi"), "empi"))
@@ -467,11 +568,11 @@ class ApiServer:
             return {"subscribed": "event", "empis": sorted(subscription.empis), "own": own}
         raise RpcError(-32601, f"unknown method {method!r}")
 
-    async def _submit_and_wait(self, method: str, body: dict[str, Any], params: dict[str, Any]) -> Any:
-        """Sign ``body`` as a ``method`` transaction; answer once it is committed, or why not."""
+    async def _submit_and_wait(self, method: str, body: dict[str, Any], params: dict[str, Any], user: User) -> Any:
+        """Sign ``body`` as a ``method`` transaction by ``user``; answer once it is committed, or why not."""
         node = self.node
         try:
-            tx = node.submit(method, body)
+            tx = node.submit(method, body, user.pseudonym)
         except AdmissionError as exc:
             raise RpcError(-32000, str(exc), reason=exc.reason) from exc
         height = await node.wait_committed(tx.id, _timeout_param(params))
@@ -482,7 +583,7 @@ class ApiServer:
             raise RpcError(-32000, f"{method} refused by the chain: {status}", reason=status.partition(":")[2])
         return {"tx_id": tx.id.hex(), "height": height, "status": status}
 
-    async def _records_call(self, method: str, params: dict[str, Any], staged: _Staged) -> Any:
+    async def _records_call(self, method: str, params: dict[str, Any], staged: _Staged, user: User) -> Any:
         records = self.node.records
         if method == "records.list":
             empi = params.get("empi")
@@ -517,7 +618,8 @@ class ApiServer:
             if not batch:
                 raise RpcError(-32602, "nothing to record: no items given or staged")
             try:
-                outcome = await records.record(batch, skip_invalid=params.get("skip_invalid") is True)
+                outcome = await records.record(batch, skip_invalid=params.get("skip_invalid") is True,
+                                               actor=user.pseudonym)
             except FhirError as exc:
                 self.log.info("records.refused", reason=exc.reason, resources=len(batch))
                 raise RpcError(-32000, str(exc), reason=exc.reason) from exc
@@ -547,6 +649,77 @@ class ApiServer:
             except EhrnodeError as exc:
                 raise RpcError(-32000, str(exc), reason=exc.reason) from exc
         raise RpcError(-32601, f"unknown method {method!r}")
+
+    def _users_call(self, method: str, params: dict[str, Any], user: User, session: _Session) -> Any:
+        users = self.users
+        if method == "users.whoami":
+            role = self.roles.get(user.role)
+            return {**user.view(), "permissions": sorted(role.allow) if role else []}
+        if method == "users.list":
+            return [u.view() for u in users.list()]
+        if method == "audit.whois":
+            pseudonym = _pseudonym_param(params.get("pseudonym"))
+            found = users.whois(pseudonym)
+            self.log.info("audit.whois", user=user.name, pseudonym=params["pseudonym"], found=found is not None)
+            if found is None:
+                raise RpcError(-32000, f"{params['pseudonym']} is not a user of {self.node.name}", reason="not_found")
+            return {k: v for k, v in found.view().items() if k != "empi" or v is not None}
+        name = params.get("name")
+        if not isinstance(name, str):
+            raise RpcError(-32602, "name must be a user name")
+        try:
+            if method == "users.add":
+                role_name = params.get("role")
+                role = self.roles.get(role_name) if isinstance(role_name, str) else None
+                if role is None:
+                    raise RpcError(-32602, f"role must be one of {', '.join(sorted(self.roles.roles))} "
+                                           f"({self.roles.source})")
+                empi = params.get("empi")
+                if empi is not None:
+                    _empi_param(empi, "empi")
+                added, credential = users.add(name, role.name, empi=empi, by=user.name, patient_role=role.patient)
+                self.log.info("users.added", user=name, role=role.name, pseudonym=added.alias, by=user.name)
+                return {**added.view(), "credential": credential}
+            if method == "users.rotate":
+                rotated, credential = users.rotate(name)
+                self.log.info("users.rotated", user=name, by=user.name)
+                self._drop_sessions(name, "credential_rotated", keep=session)
+                return {**rotated.view(), "credential": credential}
+            if method == "users.revoke":
+                revoked = users.revoke(name)
+                self.log.warning("users.revoked", user=name, by=user.name)
+                self._drop_sessions(name, "revoked", keep=session)
+                return revoked.view()
+        except EhrnodeError as exc:
+            raise RpcError(-32000, str(exc), reason=exc.reason) from exc
+        raise RpcError(-32601, f"unknown method {method!r}")
+
+    async def _whois_elsewhere(self, params: dict[str, Any], user: User) -> Any:
+        """Ask another institution, on chain, who one of its pseudonyms is (the answer is sealed to us)."""
+        at, case = params.get("at"), params.get("case")
+        if not isinstance(at, str) or at not in {m.name for m in self.node.genesis.members}:
+            raise RpcError(-32602, "at must be a member of the consortium")
+        if not isinstance(case, str) or not case.strip() or len(case) > 128:
+            raise RpcError(-32602, "case must name what the request is for (at most 128 characters)")
+        pseudonym = _pseudonym_param(params.get("pseudonym"))
+        self.log.info("audit.whois_asked", user=user.name, at=at, pseudonym=params["pseudonym"], case=case)
+        try:
+            return await self.node.whois.ask(at, pseudonym, case.strip(), actor=user.pseudonym,
+                                             timeout=_timeout_param(params))
+        except WhoisError as exc:
+            raise RpcError(-32000, str(exc), reason=exc.reason) from exc
+
+    def _drop_sessions(self, name: str, why: str, keep: _Session) -> None:
+        """Close ``name``'s open connections (subscriptions included) with code 1008 and ``why``, but not
+        the caller's own: the caller hears the answer first and is refused at their next call."""
+        for session in list(self._sessions):
+            if session.name == name and session is not keep:
+                session.nursery.start_soon(self._close, session, why)
+
+    async def _close(self, session: _Session, why: str) -> None:
+        with trio.move_on_after(5):
+            await session.ws.aclose(1008, why)
+        session.nursery.cancel_scope.cancel()
 
     async def _forward(self, channel: trio.MemoryReceiveChannel[dict[str, Any]], ws: Any, method: str) -> None:
         async with channel:

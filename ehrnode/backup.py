@@ -57,7 +57,9 @@ CHUNK = 1024 * 1024
 SCRYPT = (17, 8, 1)
 MAX_SCRYPT_LOG_N = 20
 MIN_PASSPHRASE = 12
-STORES = ("blocks.sqlite3", "state.sqlite3", "vault.sqlite3")
+STORES = ("blocks.sqlite3", "state.sqlite3", "vault.sqlite3", "users.db")
+#: Secrets kept in the data directory: the admin credential and the key behind user pseudonyms.
+DATA_SECRETS = ("api.token", "users.key")
 
 
 class BackupError(EhrnodeError):
@@ -204,9 +206,9 @@ def create_backup(config: NodeConfig, out: Path, passphrase: str) -> dict[str, A
             if (config.data_dir / name).exists():
                 _snapshot(config.data_dir / name, Path(tmp) / name)
                 members[f"data/{name}"] = Path(tmp) / name
-        token = config.data_dir / "api.token"
-        if token.exists():
-            members["data/api.token"] = token
+        for name in DATA_SECRETS:
+            if (config.data_dir / name).exists():
+                members[f"data/{name}"] = config.data_dir / name
         members.update(_key_files(config))
         for arc, path in members.items():
             manifest["files"][arc] = _file_digest(path)
@@ -264,11 +266,11 @@ def restore_backup(config: NodeConfig, source: Path, passphrase: str) -> dict[st
     genesis = load_genesis(config.genesis_path)
     data_dir = config.data_dir
     leftovers = sorted(p.name for p in data_dir.glob("*") if p.name.startswith(("blocks.", "state.", "vault.",
-                                                                                  "safety.")))
+                                                                                  "safety.", "users.")))
     if leftovers:
         raise BackupError(f"{data_dir} still holds {', '.join(leftovers)}: move the data directory away "
                           "before restoring into it", reason="not_empty")
-    targets = {f"data/{name}": data_dir / name for name in (*STORES, "api.token")}
+    targets = {f"data/{name}": data_dir / name for name in (*STORES, *DATA_SECRETS)}
     targets.update(_key_files(config))
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # First of all, the safety data marked restored: if anything below fails, the node can

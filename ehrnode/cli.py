@@ -179,12 +179,28 @@ def _run_client(args: argparse.Namespace, work: object) -> object:
     from .config import load_node_config
 
     config = load_node_config(_config_path(args))
+    user, credential = _credential(args)
 
     async def go() -> object:
-        async with ApiClient.connect(config) as client:
+        async with ApiClient.connect(config, user=user, credential=credential) as client:
             return await work(client)  # type: ignore[operator]
 
     return trio.run(go)
+
+
+def _credential(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The user to act as and their credential (None, None: the node's own admin, from api.token)."""
+    user = getattr(args, "user", None) or os.environ.get("EHRNODE_USER") or None
+    path = getattr(args, "credential", None) or os.environ.get("EHRNODE_CREDENTIAL") or None
+    if path is None:
+        return user, None
+    try:
+        credential = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read the credential file {path}: {exc}") from exc
+    if not credential:
+        raise UsageError(f"the credential file {path} is empty")
+    return user, credential
 
 
 def _call(args: argparse.Namespace, method: str, **params: object) -> object:
@@ -506,11 +522,19 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--json", action="store_true", help="print one JSON document")
     init.set_defaults(func=cmd_consortium_init)
 
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    def with_config(p: argparse.ArgumentParser, *, offline: bool = False,
+                    user_flags: tuple[str, ...] = ("--user", "--as")) -> argparse.ArgumentParser:
         p.add_argument("--config", help="node.toml (default: $EHRNODE_CONFIG)")
+        if not offline:
+            p.add_argument(*user_flags, dest="user", metavar="NAME",
+                           help="act as this user of the node (default: $EHRNODE_USER, else the node's own "
+                                "admin with api.token)")
+            p.add_argument("--credential", metavar="FILE",
+                           help="the user's credential file (default: $EHRNODE_CREDENTIAL)")
         return p
 
-    run = with_config(commands.add_parser("run", help="run the node in the foreground until SIGTERM or SIGINT"))
+    run = with_config(commands.add_parser("run", help="run the node in the foreground until SIGTERM or SIGINT"),
+                      offline=True)
     run.set_defaults(func=cmd_run)
 
     status = with_config(commands.add_parser("status", help="height, head, round, peers and mempool of a node"))
@@ -613,7 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     backup = with_config(commands.add_parser(
         "backup", help="an encrypted online backup of this node's stores and keys",
         description="Snapshot the block store, ledger state and vault while the node runs, with the keys, "
-        "into one file encrypted under a passphrase (scrypt, AES-256-GCM). Safety data is not included."))
+        "into one file encrypted under a passphrase (scrypt, AES-256-GCM). Safety data is not included."),
+        offline=True)
     backup.add_argument("--out", required=True, metavar="FILE", help="the backup file to create (mode 0600)")
     backup.add_argument("--passphrase-file", help="default: $EHRNODE_BACKUP_PASSPHRASE")
     backup.add_argument("--json", action="store_true")
@@ -621,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore = with_config(commands.add_parser(
         "restore", help="bring a node back from a backup (into an empty data directory)",
         description="Restore the stores and keys of a backup. The node then signs nothing until 2f+1 other "
-        "validators report how far the chain got, and catches up from its peers."))
+        "validators report how far the chain got, and catches up from its peers."), offline=True)
     restore.add_argument("file", metavar="FILE")
     restore.add_argument("--passphrase-file", help="default: $EHRNODE_BACKUP_PASSPHRASE")
     restore.add_argument("--json", action="store_true")

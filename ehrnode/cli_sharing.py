@@ -45,7 +45,8 @@ def cmd_records_erase(args: argparse.Namespace) -> int:
 
 def _event_line(e: dict[str, Any]) -> str:
     when = _iso(e["time"])
-    head = f"height {e['height']:<7} {when}  {e['event']:<15} {e['who']:<12}"
+    who = e["who"] + (f"/{e['user']}" if e.get("user") else "")
+    head = f"height {e['height']:<7} {when}  {e['event']:<15} {who:<12}"
     if e["event"] == "access":
         flag = " EMERGENCY" if e["reason"] == "emergency_override" else ""
         return (f"{head} {e['decision']:<8} {e['record_id']} ({e.get('resource_type') or '?'}) from {e['owner']} "
@@ -53,17 +54,24 @@ def _event_line(e: dict[str, Any]) -> str:
     if e["event"] == "consent":
         return (f"{head} {e['action']:<8} to {e['grantee']} purposes {','.join(e['purposes'])} "
                 f"types {','.join(e['scope'])}  tx {e['tx_id']}")
+    if e["event"] == "whois":
+        return (f"{head} asked {e['institution']} who this user is, for case {e['case']!r}: "
+                f"{e['reason'] or 'not answered yet'}  tx {e['tx_id']}")
+    if e["event"] == "action":
+        return f"{head} {e['kind']}  tx {e['tx_id']}"
     return f"{head} {e['record_id']} ({e.get('resource_type') or '?'})  tx {e['tx_id']}"
 
 
 def cmd_audit_trail(args: argparse.Namespace) -> int:
-    if (args.empi is None) == (args.record is None):
-        raise UsageError("give --empi or --record")
+    if sum(x is not None for x in (args.empi, args.record, args.subject)) != 1:
+        raise UsageError("give one of --empi, --record or --user PSEUDONYM")
     params: dict[str, Any] = {"fhir": args.fhir}
     if args.empi:
         params["empi"] = args.empi
-    else:
+    elif args.record:
         params["record_id"] = args.record
+    else:
+        params["user"] = args.subject
     result = _call(args, "audit.trail", **params)
     if args.fhir or args.json:
         print(json.dumps(result, indent=2 if args.fhir else None))
@@ -84,7 +92,7 @@ def cmd_audit_disclosures(args: argparse.Namespace) -> int:
         print(f"no disclosures of {args.empi}'s records")
     for r in rows:
         flag = "  EMERGENCY" if r["reason"] == "emergency_override" else ""
-        print(f"{_iso(r['time'])}  to {r['who']:<12} by {r['owner']:<12} {r.get('resource_type') or '?':<20} "
+        print(f"{_iso(r['time'])}  to {r['who']:<12} ({r['user_role']:<10}) by {r['owner']:<12} {r.get('resource_type') or '?':<20} "
               f"for {r['purpose']:<14} record {r['record_id']}  height {r['height']}{flag}")
     return 0
 
@@ -106,8 +114,8 @@ def cmd_audit_trace(args: argparse.Namespace) -> int:
     if not result["served"]:
         print("never served to another member: the copy comes from its owner")
     for a in result["served"]:
-        print(f"  served to {a['who']:<12} for {a['purpose']:<14} {_iso(a['time'])}  height {a['height']}  "
-              f"tx {a['tx_id']}")
+        print(f"  served to {a['who']:<12} user {a['user']} ({a['user_role']}) for {a['purpose']:<14} "
+              f"{_iso(a['time'])}  height {a['height']}  tx {a['tx_id']}")
     return 0
 
 
@@ -145,9 +153,13 @@ def add_commands(commands: Any, records: Any, with_config: Any) -> None:
 
     audit = commands.add_parser("audit", help="access trails, disclosures and leak tracing, from the chain")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
-    trail = with_config(audit_commands.add_parser("trail", help="every record and access event of a patient or record"))
+    trail = with_config(audit_commands.add_parser(
+        "trail", help="every event of a patient, a record or a user",
+        description="Every event of a patient (--empi), a record (--record) or a user (--user, by pseudonym), "
+        "in chain order. Here --user names whom to audit; act as someone with --as."), user_flags=("--as",))
     trail.add_argument("--empi")
     trail.add_argument("--record", metavar="RECORD_ID")
+    trail.add_argument("--user", dest="subject", metavar="PSEUDONYM", help="a user's pseudonym (U...)")
     trail.add_argument("--json", action="store_true")
     trail.add_argument("--fhir", action="store_true", help="a FHIR Bundle of AuditEvent resources")
     trail.set_defaults(func=cmd_audit_trail)
@@ -161,6 +173,10 @@ def add_commands(commands: Any, records: Any, with_config: Any) -> None:
     disclosures.add_argument("--empi", required=True)
     disclosures.add_argument("--json", action="store_true")
     disclosures.set_defaults(func=cmd_audit_disclosures)
+
+    from .cli_users import add_commands as add_user_commands
+
+    add_user_commands(commands, audit_commands, with_config)
 
     watch = with_config(commands.add_parser(
         "watch", help="print events as they are committed, as JSON lines",

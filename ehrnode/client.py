@@ -14,6 +14,7 @@ import trio_websocket
 from .api import read_token
 from .config import NodeConfig
 from .errors import EhrnodeError
+from .users.store import ADMIN_USER
 
 
 #: Replies come from the client's own node (authenticated): a large ingest's receipt can be many MB.
@@ -26,6 +27,14 @@ class ApiError(EhrnodeError):
     reason = "api"
 
 
+def _closed(exc: trio_websocket.ConnectionClosed) -> ApiError:
+    """The node closed the connection: 1008 carries why (``revoked``, ``credential_rotated``)."""
+    reason = exc.reason
+    why = (reason.reason or "closed") if reason is not None and reason.code == 1008 else "closed"
+    detail = f"{reason.code} {reason.reason or reason.name}" if reason is not None else "no reason"
+    return ApiError(f"the node closed the connection ({detail})", reason=why)
+
+
 class ApiClient:
     def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
         self._ws = ws
@@ -34,23 +43,41 @@ class ApiClient:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, config: NodeConfig, *, timeout: float = 10.0) -> AsyncIterator[ApiClient]:
-        token = read_token(config.data_dir)
+    async def connect(cls, config: NodeConfig, *, user: str | None = None, credential: str | None = None,
+                      timeout: float = 10.0) -> AsyncIterator[ApiClient]:
+        """Connect as ``user`` with ``credential``; with neither, as the node's own admin (``api.token``)."""
+        if credential is None:
+            if user not in (None, ADMIN_USER):
+                raise ApiError(f"no credential for user {user}: pass --credential FILE or set EHRNODE_CREDENTIAL",
+                               reason="no_credential")
+            credential, user = read_token(config.data_dir), ADMIN_USER
+        headers = [(b"authorization", f"Bearer {credential}".encode())]
+        if user is not None:
+            headers.append((b"x-ehrnode-user", user.encode()))
         address = config.api_listen
         try:
             async with trio_websocket.open_websocket(
                 address.host, address.port, "/", use_ssl=False, connect_timeout=timeout,
-                max_message_size=MAX_REPLY_BYTES,
-                extra_headers=[(b"authorization", f"Bearer {token}".encode())],
+                max_message_size=MAX_REPLY_BYTES, extra_headers=headers,
             ) as ws:
                 yield cls(ws)
-        except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionRejected) as exc:
+        except trio_websocket.ConnectionRejected as exc:
+            reason = {401: "unauthorized", 403: "revoked", 429: "throttled"}.get(exc.status_code, "rejected")
+            detail = (exc.body or b"").decode("utf-8", "replace").strip() or f"HTTP {exc.status_code}"
+            raise ApiError(f"the node at {address} refused the connection: {detail}", reason=reason) from exc
+        except (OSError, trio_websocket.HandshakeError) as exc:
             raise ApiError(f"cannot reach the node's API at {address}: {exc}", reason="unreachable") from exc
 
-    async def call(self, method: str, **params: Any) -> Any:
+    async def call(self, method: str, /, **params: Any) -> Any:
         request_id = next(self._ids)
-        await self._ws.send_message(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method,
-                                                "params": params}))
+        try:
+            await self._ws.send_message(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method,
+                                                    "params": params}))
+            return await self._reply(request_id)
+        except trio_websocket.ConnectionClosed as exc:
+            raise _closed(exc) from exc
+
+    async def _reply(self, request_id: int) -> Any:
         while True:
             reply = json.loads(await self._ws.get_message())
             if reply.get("id") == request_id:
@@ -68,6 +95,9 @@ class ApiClient:
         while True:
             while self._notifications:
                 yield self._notifications.popleft()
-            message = json.loads(await self._ws.get_message())
+            try:
+                message = json.loads(await self._ws.get_message())
+            except trio_websocket.ConnectionClosed as exc:
+                raise _closed(exc) from exc
             if "method" in message:
                 yield message

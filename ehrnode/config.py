@@ -115,6 +115,8 @@ class NodeConfig:
     record_workers: int | None = None
     #: The access policy for pulls of this institution's records, replacing the packaged default.
     access_policy_path: Path | None = None
+    #: The roles of the local API's users, replacing the packaged default.
+    roles_path: Path | None = None
 
     def to_toml_dict(self) -> dict[str, Any]:
         def rel(p: Path) -> str:
@@ -138,6 +140,7 @@ class NodeConfig:
                 **({"workers": self.record_workers} if self.record_workers is not None else {}),
             }} if self.deid_profile_path or self.record_workers is not None else {}),
             **({"sharing": {"policy": rel(self.access_policy_path)}} if self.access_policy_path else {}),
+            **({"users": {"roles": rel(self.roles_path)}} if self.roles_path else {}),
         }
 
 
@@ -244,6 +247,7 @@ def load_node_config(path: Path) -> NodeConfig:
         deid_profile_path=_optional_path(_table(doc, "records", where), "profile", f"{where} [records]", resolve),
         **_workers(_table(doc, "records", where), f"{where} [records]"),
         access_policy_path=_optional_path(_table(doc, "sharing", where), "policy", f"{where} [sharing]", resolve),
+        roles_path=_optional_path(_table(doc, "users", where), "roles", f"{where} [users]", resolve),
     )
 
 

@@ -5,8 +5,9 @@ its own keys, stores and local API. The demo generates synthetic patients (offli
 seeded), records them at one hospital (validated, de-identified, encrypted into its
 vault, anchored on chain), registers the same people at a second hospital under its
 own record numbers and shows that both get the same EMPI, scans every node's chain
-for the patients' identifying data (none), has a third hospital pull a record (access
-logged on chain first, copy verified against its anchor) and shows the audit trail,
+for the patients' identifying data (none), has a clinician at a third hospital pull a record (access
+logged on chain first under the clinician's pseudonym, copy verified against its
+anchor), shows the audit trail and resolves the pseudonym at the clinician's hospital,
 withdraws the patient's consent (refused, logged) and shows an emergency override,
 kills a node and shows it catching up after a restart while the others keep recording,
 and stops every member cleanly. It prints progress
@@ -152,17 +153,25 @@ class Demo:
 
         started = time.monotonic()
         record = next(a for a in listing if a["institution"] == "HospitalA" and a["resource_type"] != "Patient")
-        self.out(f"6. HospitalC pulls HospitalA's {record['resource_type']} record of {example} for treatment: "
-                 "HospitalA logs the access on chain before serving, HospitalC checks the copy against its anchor")
-        pulled = await net.call("HospitalC", "records.pull", record_id=record["record_id"], purpose="treatment")
+        self.out(f"6. Dr Chen, a clinician at HospitalC, pulls HospitalA's {record['resource_type']} record of "
+                 f"{example} for treatment: HospitalA logs the access on chain before serving, HospitalC checks "
+                 "the copy against its anchor")
+        chen = await net.call("HospitalC", "users.add", name="dr.chen", role="clinician")
+        async with ApiClient.connect(net.configs["HospitalC"], user="dr.chen", credential=chen["credential"]) as c:
+            pulled = await c.call("records.pull", record_id=record["record_id"], purpose="treatment")
         trail = await net.call("Regulator", "audit.trail", record_id=record["record_id"])
         for event in trail:
-            self.out(f"      height {event['height']:<5} {event['event']:<9} by {event['who']:<10} "
+            who = event["who"] + (f"/{event['user']}" if event.get("user") else "")
+            self.out(f"      height {event['height']:<5} {event['event']:<9} by {who:<36} "
                      + (f"{event['decision']} for {event['purpose']}" if event["event"] == "access" else
                         event.get("resource_type") or ""))
+        whois = await net.call("HospitalC", "audit.whois", pseudonym=chen["pseudonym"])
+        if whois["name"] != "dr.chen" or not any(e.get("user") == chen["pseudonym"] for e in trail):
+            raise DemoFailed(f"the trail does not lead to dr.chen: {trail}")
+        self.out(f"      only HospitalC can say who {chen['pseudonym']} is: {whois['name']} ({whois['role']})")
         self._step("pull", started, f"{len(json.dumps(pulled['resource']))} bytes of de-identified "
                                     f"{record['resource_type']} verified; access logged at height "
-                                    f"{pulled['height']}, seen in the Regulator's audit trail")
+                                    f"{pulled['height']} under dr.chen's pseudonym, resolved only at HospitalC")
 
         started = time.monotonic()
         self.out("7. The patient withdraws consent for HospitalC (recorded by HospitalB); HospitalC is refused, "

@@ -97,8 +97,8 @@ class LocalConsortium:
     def log(self, name: str) -> str:
         return self.log_path(name).read_text(errors="replace")
 
-    async def call(self, name: str, method: str, **params):
-        async with ApiClient.connect(self.configs[name]) as client:
+    async def call(self, member: str, method: str, /, **params):
+        async with ApiClient.connect(self.configs[member]) as client:
             return await client.call(method, **params)
 
     async def status(self, name: str) -> dict | None:

@@ -59,7 +59,10 @@ from .sharing.events import Subscription, event_of
 from .sharing.messages import PullAnswer, request_id
 from .sharing.owner import OwnerHooks, PullServer
 from .sharing.policy import load_policy
+from .users.roles import load_roles
+from .users.store import UserStore
 from .sharing.requester import Puller, RequesterHooks
+from .sharing.whois import WhoisDesk, WhoisHooks
 from .sdnotify import Notifier
 
 CONSENSUS_INBOX = 10_000
@@ -121,6 +124,12 @@ class Node:
         except OSError as exc:
             raise ConfigError(f"cannot create data dir {data}: {exc.strerror}") from exc
         members = {m.name: m.signing_key for m in self.genesis.members}
+        self.roles = load_roles(config.roles_path)
+        self.users = UserStore(data, self.name)
+        admin, adopted = self.users.ensure_admin()
+        if adopted:
+            self.log.warning("users.admin_credential_adopted", user=admin.name,
+                             detail="api.token was replaced by hand; it is now the admin's credential")
         self.block_store = SqliteBlockStore(data / "blocks.sqlite3", self.vset)
         self.state = LedgerState(data / "state.sqlite3", self.genesis.chain_id, members,
                                  roles={m.name: m.role for m in self.genesis.members})
@@ -170,8 +179,8 @@ class Node:
         self.records: RecordsService | None = None
         self.pull_server: PullServer | None = None
         self._nursery: trio.Nursery | None = None
-        if member.role == "institution" and config.master_key_path and config.consortium_key_path:
-            policy = load_policy(config.access_policy_path)
+        policy = load_policy(config.access_policy_path) if member.role == "institution" else None
+        if policy is not None and config.master_key_path and config.consortium_key_path:
             self.records = RecordsService(config, chain_id=self.genesis.chain_id, identity=self.identity, hooks=Hooks(
                 submit=self.submit_own, pending=lambda tx_id: tx_id in self.mempool, state=self.state,
             ))
@@ -184,6 +193,9 @@ class Node:
             state=self.state, hooks=RequesterHooks(
                 send=lambda owner, data: self.network.send(owner, encode_frame(PullFrame(data))),
                 submit=self.submit, wait_committed=self.wait_committed, counters=self._count_pull))
+        self.whois = WhoisDesk(name=self.name, genesis=self.genesis, sealing_key=self.sealing_key, state=self.state,
+                               users=self.users, policy=policy,
+                               hooks=WhoisHooks(submit=self.submit, wait_committed=self.wait_committed))
 
     def _register_metrics(self) -> Registry:
         r = Registry()
@@ -198,6 +210,9 @@ class Node:
         self.m_txs = r.counter("ehrnode_transactions_committed_total", "Valid transactions committed.")
         self.m_invalid_txs = r.counter("ehrnode_transactions_invalid_total",
                                        "Committed transactions the ledger recorded as invalid.")
+        self.m_auth_denied = r.counter("ehrnode_auth_denied_total",
+                                       "Local API connections and calls refused: bad credential, throttled, "
+                                       "revoked or not allowed by the user's role.")
         self.m_timeouts = r.counter("ehrnode_round_timeouts_total", "Rounds this node timed out of.")
         self.m_invalid = r.counter("ehrnode_invalid_messages_total", "Consensus messages refused (sender disconnected).")
         r.gauge("ehrnode_inbox_dropped_total", "Inbound messages dropped because the node was overloaded.",
@@ -314,18 +329,18 @@ class Node:
                 if self.genesis.index(name) not in survey.answers:
                     self.network.send(name, encode_frame(RoundQueryFrame(survey.nonce)))
 
-    def submit_note(self, text: str) -> Transaction:
+    def submit_note(self, text: str, actor: bytes = b"") -> Transaction:
         """Sign a note transaction as this member, admit it and gossip it (raises AdmissionError)."""
-        return self.submit("note", {"text": text})
+        return self.submit("note", {"text": text}, actor)
 
-    def submit(self, kind: str, body: dict[str, Any]) -> Transaction:
-        """Sign a transaction of ``kind`` as this member, admit it and gossip it.
+    def submit(self, kind: str, body: dict[str, Any], actor: bytes = b"") -> Transaction:
+        """Sign a transaction of ``kind`` as this member (``actor``: the user's pseudonym), admit and gossip it.
 
         Raises SchemaError for a body that does not fit the kind, AdmissionError if the
         mempool will not take it.
         """
         tx = Transaction.create(kind, body, chain_id=self.genesis.chain_id, submitter=self.name,
-                                identity=self.identity, time_ms=int(time.time() * 1000))
+                                identity=self.identity, time_ms=int(time.time() * 1000), actor=actor)
         self.submit_own(tx)
         return tx
 
@@ -430,6 +445,8 @@ class Node:
                 nursery.start_soon(self._ask_rounds)
             if self.records is not None:
                 nursery.start_soon(self.records.run_outbox)
+            for request in self.whois.pending():
+                self.whois.answer(request)
             if self.notifier.watchdog_interval is not None:
                 nursery.start_soon(self._watchdog)
             self.log.info(
@@ -462,6 +479,7 @@ class Node:
         self._closed = True
         self.block_store.close()
         self.state.close()
+        self.users.close()
         if self.records is not None:
             self.records.close()
         self.log.info("node.stopped", height=self.head.height)
@@ -551,6 +569,12 @@ class Node:
             self.m_invalid_txs.inc(len(block.payload) - len(txs))
             self.m_latency.observe(max(0.0, time.time() - block.timestamp / 1000))
             ids = [tx.id for tx in txs]
+            for tx in txs:
+                if tx.kind == "whois.request" and tx.body["institution"] == self.name:
+                    try:
+                        self.whois.answer(tx.id)
+                    except Exception as exc:  # noqa: BLE001 - an answer must never stop the chain
+                        self.log.error("whois.answer_failed", request=tx.id.hex()[:16], error=repr(exc))
             if self._event_subscribers:
                 try:
                     self._publish_events(txs, block.height)

@@ -18,8 +18,9 @@ statement that what an owner served under a committed access did not match
 the anchor; it names the access, so only the member that was served can
 raise it, once per access.
 
-These tables are the audit trail: who read which record, when, for what, and
-on what grounds, in chain order, the same on every node.
+These tables are the audit trail: who read which record (the member, and its
+pseudonym for the user who asked, with their role), when, for what, and on
+what grounds, in chain order, the same on every node.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ from .requests import PullRequest
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accesses (
     request BLOB PRIMARY KEY, signed BLOB NOT NULL, record BLOB NOT NULL, owner TEXT NOT NULL, requester TEXT NOT NULL,
-    purpose TEXT NOT NULL, decision TEXT NOT NULL, reason TEXT NOT NULL, consent BLOB NOT NULL,
+    user BLOB NOT NULL, user_role TEXT NOT NULL, purpose TEXT NOT NULL, decision TEXT NOT NULL, reason TEXT NOT NULL, consent BLOB NOT NULL,
     requested_at INTEGER NOT NULL, time INTEGER NOT NULL, height INTEGER NOT NULL, tx_id BLOB NOT NULL UNIQUE);
 CREATE INDEX IF NOT EXISTS accesses_record ON accesses(record);
 CREATE INDEX IF NOT EXISTS accesses_requester ON accesses(requester);
+CREATE INDEX IF NOT EXISTS accesses_user ON accesses(user);
 CREATE TABLE IF NOT EXISTS erasures (
     record BLOB PRIMARY KEY, owner TEXT NOT NULL, reason BLOB NOT NULL, time INTEGER NOT NULL,
     height INTEGER NOT NULL, tx_id BLOB NOT NULL);
@@ -52,7 +54,7 @@ CREATE INDEX IF NOT EXISTS alerts_record ON alerts(record);
 MAX_DECISION_DELAY_MS = 2 * 3600 * 1000
 
 #: Columns after ``request`` and ``signed`` (the request id and the signed request's bytes).
-ACCESS_COLUMNS = ("record", "owner", "requester", "purpose", "decision", "reason", "consent",
+ACCESS_COLUMNS = ("record", "owner", "requester", "user", "user_role", "purpose", "decision", "reason", "consent",
                   "requested_at", "time", "height", "tx_id")
 
 
@@ -88,7 +90,8 @@ class AccessLog:
             if db.execute("SELECT 1 FROM erasures WHERE record = ?", (request.record,)).fetchone():
                 return "invalid:erased"
         db.execute(f"INSERT INTO accesses VALUES (?, ?, {', '.join('?' * len(ACCESS_COLUMNS))})", (
-            request_id, body["request"], request.record, submitter, request.requester, request.purpose,
+            request_id, body["request"], request.record, submitter, request.requester, request.user, request.role,
+            request.purpose,
             body["decision"], body["reason"], body["consent"], request.time, time_ms, height, tx_id,
         ))
         return "ok"
@@ -143,11 +146,11 @@ class AccessLog:
         return [dict(zip(columns, row, strict=True)) for row in rows]
 
     def accesses(self, *, records: list[bytes] | None = None, request: bytes | None = None,
-                 requester: str | None = None, owner: str | None = None,
+                 requester: str | None = None, owner: str | None = None, user: bytes | None = None,
                  decision: str | None = None) -> list[dict[str, Any]]:
         """Committed access decisions matching every filter given, in chain order."""
         return self._select("accesses", ("request", *ACCESS_COLUMNS), records, request=request, requester=requester,
-                            owner=owner, decision=decision)
+                            owner=owner, user=user, decision=decision)
 
     def erasure(self, record: bytes) -> dict[str, Any] | None:
         found = self.erasures(records=[record])

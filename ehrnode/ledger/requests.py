@@ -1,9 +1,12 @@
 """A signed pull request: what a requester asks an owner for, and what the access log carries.
 
-A request is the canonical CBOR of ``{chain, requester, owner, record,
-purpose, nonce, time, sig}``; ``sig`` is the requester's Ed25519 signature
-over the rest under its own domain tag, and the request's id is the SHA-256
-of its bytes. The owner's ``access.log`` carries the request itself, so every
+A request is the canonical CBOR of ``{chain, requester, user, role, owner,
+record, purpose, nonce, time, sig}``; ``sig`` is the requester's Ed25519
+signature over the rest under its own domain tag, and the request's id is the
+SHA-256 of its bytes. ``user`` is the requesting member's pseudonym for the
+user who asked (15 bytes) and ``role`` that user's role there: the owner's
+policy may decide on the role, and the access log names the user without
+naming them. The owner's ``access.log`` carries the request itself, so every
 node checks that the requester really asked (an owner cannot log, or later
 claim, an access nobody requested) and that each request is decided once.
 """
@@ -11,6 +14,7 @@ claim, an access nobody requested) and that each request is decided once.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,12 +27,16 @@ PURPOSES = ("treatment", "payment", "operations", "research", "public-health", "
 PULL_DOMAIN = "ehrnode/pull/v1"
 MAX_REQUEST_BYTES = 1024
 NONCE_SIZE = 16
+USER_SIZE = 15
+ROLE_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
 @dataclass(frozen=True)
 class PullRequest:
     chain_id: str
     requester: str
+    user: bytes
+    role: str
     owner: str
     record: bytes
     purpose: str
@@ -37,15 +45,19 @@ class PullRequest:
     signature: bytes
 
     def _unsigned(self) -> dict[str, Any]:
-        return {"chain": self.chain_id, "requester": self.requester, "owner": self.owner, "record": self.record,
-                "purpose": self.purpose, "nonce": self.nonce, "time": self.time}
+        return {"chain": self.chain_id, "requester": self.requester, "user": self.user, "role": self.role,
+                "owner": self.owner, "record": self.record, "purpose": self.purpose, "nonce": self.nonce,
+                "time": self.time}
 
     @classmethod
-    def create(cls, *, chain_id: str, requester: str, owner: str, record: bytes, purpose: str, time_ms: int,
-               identity: crypto.Identity) -> PullRequest:
-        unsigned = cls(chain_id, requester, owner, record, purpose, os.urandom(NONCE_SIZE), time_ms, b"")
+    def create(cls, *, chain_id: str, requester: str, user: bytes, role: str, owner: str, record: bytes,
+               purpose: str, time_ms: int, identity: crypto.Identity) -> PullRequest:
+        if len(user) != USER_SIZE or not ROLE_PATTERN.match(role):
+            raise SchemaError("pull: a request names the user (pseudonym) and their role")
+        unsigned = cls(chain_id, requester, user, role, owner, record, purpose, os.urandom(NONCE_SIZE), time_ms,
+                       b"")
         signature = identity.sign(crypto.signing_bytes(PULL_DOMAIN, unsigned._unsigned()))
-        return cls(chain_id, requester, owner, record, purpose, unsigned.nonce, time_ms, signature)
+        return cls(chain_id, requester, user, role, owner, record, purpose, unsigned.nonce, time_ms, signature)
 
     def encode(self) -> bytes:
         return codec.encode({**self._unsigned(), "sig": self.signature})
@@ -56,12 +68,15 @@ class PullRequest:
         if len(data) > MAX_REQUEST_BYTES:
             raise CodecError(f"pull request of {len(data)} bytes", reason="too_large")
         m = as_map(codec.decode(data, max_size=MAX_REQUEST_BYTES), "pull",
-                   ("chain", "requester", "owner", "record", "purpose", "nonce", "time", "sig"))
+                   ("chain", "requester", "user", "role", "owner", "record", "purpose", "nonce", "time", "sig"))
         purpose = as_str(m["purpose"], "pull.purpose", max_len=16)
         if purpose not in PURPOSES:
             raise SchemaError(f"pull.purpose: one of {', '.join(PURPOSES)}")
+        if not ROLE_PATTERN.match(as_str(m["role"], "pull.role", max_len=32)):
+            raise SchemaError("pull.role: a role name")
         return cls(
             as_str(m["chain"], "pull.chain", max_len=64), as_str(m["requester"], "pull.requester", max_len=32),
+            as_bytes(m["user"], "pull.user", size=USER_SIZE), m["role"],
             as_str(m["owner"], "pull.owner", max_len=32), as_bytes(m["record"], "pull.record", size=16), purpose,
             as_bytes(m["nonce"], "pull.nonce", size=NONCE_SIZE), as_uint(m["time"], "pull.time"),
             as_bytes(m["sig"], "pull.sig", size=crypto.SIGNATURE_SIZE),

@@ -29,6 +29,8 @@ from .empi_registry import SCHEMA as EMPI_SCHEMA
 from .empi_registry import EmpiRegistry, scoped_enrolment
 from .sqlite import open_db, transaction
 from .transactions import Transaction
+from .whois import SCHEMA as WHOIS_SCHEMA
+from .whois import WhoisLog
 
 
 _SCHEMA = """
@@ -44,13 +46,17 @@ CREATE TABLE IF NOT EXISTS anchors (
     UNIQUE (institution, position));
 CREATE INDEX IF NOT EXISTS anchors_patient ON anchors(patient);
 CREATE INDEX IF NOT EXISTS anchors_commitment ON anchors(commitment);
+CREATE TABLE IF NOT EXISTS actions (
+    tx_id BLOB PRIMARY KEY, actor BLOB NOT NULL, submitter TEXT NOT NULL, kind TEXT NOT NULL, time INTEGER NOT NULL,
+    height INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS actions_actor ON actions(actor);
 """
 
 #: Roles allowed to submit each kind (kinds not listed: any member).
 _INSTITUTIONS = frozenset({"institution"})
 _KIND_ROLES = {kind: _INSTITUTIONS for kind in (
     "record.anchor", "empi.enrol", "empi.link", "empi.not_duplicate", "empi.merge", "empi.unmerge", "empi.split",
-    "consent.grant", "consent.revoke", "access.log", "record.erase")}
+    "consent.grant", "consent.revoke", "access.log", "record.erase", "whois.answer")}
 
 ANCHOR_COLUMNS = ("record", "patient", "institution", "recorded_at", "setting", "resource_type", "commitment",
                   "position", "entry", "epoch", "height", "tx_id")
@@ -62,11 +68,12 @@ class LedgerState:
         self.chain_id = chain_id
         self.members = dict(members)
         self.roles = dict(roles or {})
-        self._db = open_db(path, _SCHEMA + EMPI_SCHEMA + CONSENT_SCHEMA + ACCESS_SCHEMA,
+        self._db = open_db(path, _SCHEMA + EMPI_SCHEMA + CONSENT_SCHEMA + ACCESS_SCHEMA + WHOIS_SCHEMA,
                            "ledger state")
         self.empi = EmpiRegistry(self._db)
         self.consent = ConsentRegistry(self._db, self.empi)
         self.access = AccessLog(self._db, chain_id, self.members)
+        self.whois = WhoisLog(self._db, self.roles)
         self._empi_kinds = {
             "empi.enrol": self.empi.enrol, "empi.link": self.empi.link, "empi.not_duplicate": self.empi.not_duplicate,
             "empi.merge": self.empi.merge, "empi.unmerge": self.empi.unmerge, "empi.split": self.empi.split,
@@ -102,6 +109,9 @@ class LedgerState:
                     status = self._apply_kind(db, tx, block.height, block.timestamp)
                     if status == "ok":
                         valid.append(tx)
+                        if tx.actor:
+                            db.execute("INSERT INTO actions VALUES (?, ?, ?, ?, ?, ?)",
+                                       (tx_id, tx.actor, tx.submitter, tx.kind, tx.time, block.height))
                 db.execute("INSERT OR IGNORE INTO txs VALUES (?, ?, ?, ?, ?, ?, ?)", (
                     tx_id, block.height, position, tx.kind if tx else "unknown", tx.submitter if tx else None,
                     tx.time if tx else None, status,
@@ -139,6 +149,10 @@ class LedgerState:
             return self.access.apply_erase(db, tx.body, tx.submitter, height, tx.time, tx.id)
         elif tx.kind == "integrity.alert":
             return self.access.apply_alert(db, tx.body, tx.submitter, height, tx.time, tx.id)
+        elif tx.kind == "whois.request":
+            return self.whois.apply_request(db, tx.body, tx.submitter, tx.actor, height, tx.time, tx.id)
+        elif tx.kind == "whois.answer":
+            return self.whois.apply_answer(db, tx.body, tx.submitter, height, tx.id)
         return "ok"
 
     def _classify(self, tx_id: bytes, data: bytes, known: Transaction | None) -> tuple[str, Transaction | None]:
@@ -171,14 +185,15 @@ class LedgerState:
         return self.tx_height(tx_id) is not None
 
     def anchors(self, *, empi: str | None = None, record: bytes | None = None, institution: str | None = None,
-                commitment: bytes | None = None) -> list[dict[str, Any]]:
+                commitment: bytes | None = None, tx_id: bytes | None = None) -> list[dict[str, Any]]:
         """Committed anchors matching every filter given, oldest first, each with its patient's EMPI.
 
         ``empi`` selects the records of every enrolment that EMPI stands for now, through
         merges: after a merge either EMPI lists the records of both.
         """
         where, args = [], []
-        for column, value in (("record", record), ("institution", institution), ("commitment", commitment)):
+        for column, value in (("record", record), ("institution", institution), ("commitment", commitment),
+                              ("tx_id", tx_id)):
             if value is not None:
                 where.append(f"a.{column} = ?")
                 args.append(value)
@@ -200,6 +215,18 @@ class LedgerState:
         rows = self._db.execute("SELECT position, record, commitment, entry FROM anchors WHERE institution = ?",
                                 (institution,))
         return {position: (record, commitment, entry) for position, record, commitment, entry in rows}
+
+    def actions(self, actor: bytes) -> list[dict[str, Any]]:
+        """Every committed transaction a user (by pseudonym) acted in, oldest first."""
+        columns = ("tx_id", "actor", "submitter", "kind", "time", "height")
+        rows = self._db.execute(f"SELECT {', '.join(columns)} FROM actions WHERE actor = ? ORDER BY height, rowid",
+                                (actor,)).fetchall()
+        return [dict(zip(columns, row, strict=True)) for row in rows]
+
+    def actor_of(self, tx_id: bytes) -> bytes:
+        """The user pseudonym a committed transaction carries (empty: the node acted on its own)."""
+        row = self._db.execute("SELECT actor FROM actions WHERE tx_id = ?", (tx_id,)).fetchone()
+        return row[0] if row else b""
 
     def tx_status(self, tx_id: bytes) -> str | None:
         """``ok`` or ``invalid:<reason>`` once committed in a block; None before."""

@@ -1,8 +1,10 @@
 """Transactions: what members submit to the chain, each signed by the submitting member.
 
 On the wire and in blocks a transaction is the canonical CBOR of
-``{"kind", "chain", "submitter", "time", "nonce", "body", "sig"}``; its id is the
-SHA-256 of exactly those bytes. The signature covers everything else, under a
+``{"kind", "chain", "submitter", "actor", "time", "nonce", "body", "sig"}``; its id
+is the SHA-256 of exactly those bytes. ``actor`` is the submitting member's
+pseudonym for the user who acted (15 bytes, see :mod:`ehrnode.users.store`), or
+empty when the node acted on its own (an owner deciding a pull by policy). The signature covers everything else, under a
 domain tag and the chain id, so a transaction cannot be replayed on another
 chain or as another kind of message. ``body`` is kind-specific and checked
 by the kind's own schema.
@@ -10,6 +12,7 @@ by the kind's own schema.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from collections.abc import Callable
@@ -25,6 +28,7 @@ from .requests import PURPOSES, PullRequest
 TX_DOMAIN = "ehrnode/tx/v1"
 MAX_TX_BYTES = 64 * 1024
 NONCE_SIZE = 16
+ACTOR_SIZE = 15
 
 
 def _note_body(body: Any) -> dict[str, Any]:
@@ -181,12 +185,40 @@ def _alert_body(body: Any) -> dict[str, Any]:
     return dict(m)
 
 
+#: How an institution answered a request to name one of its users.
+WHOIS_REASONS = ("granted", "policy", "not_found")
+
+
+def _whois_request_body(body: Any) -> dict[str, Any]:
+    """A member asks an institution who one of its user pseudonyms is, for a stated case."""
+    m = as_map(body, "whois.request", ("epoch", "institution", "pseudonym", "case"))
+    as_uint(m["epoch"], "whois.request.epoch")
+    as_str(m["institution"], "whois.request.institution", max_len=32)
+    as_bytes(m["pseudonym"], "whois.request.pseudonym", size=ACTOR_SIZE)
+    if not as_str(m["case"], "whois.request.case", max_len=128).strip():
+        raise SchemaError("whois.request.case: the case the request is made for")
+    return dict(m)
+
+
+def _whois_answer_body(body: Any) -> dict[str, Any]:
+    """The institution's answer: the user sealed to the asker's key, or why not."""
+    m = as_map(body, "whois.answer", ("epoch", "request", "reason", "sealed"))
+    as_uint(m["epoch"], "whois.answer.epoch")
+    as_bytes(m["request"], "whois.answer.request", size=32)
+    if as_str(m["reason"], "whois.answer.reason", max_len=16) not in WHOIS_REASONS:
+        raise SchemaError(f"whois.answer.reason: one of {', '.join(WHOIS_REASONS)}")
+    if (m["reason"] == "granted") != bool(as_bytes(m["sealed"], "whois.answer.sealed", max_len=1024)):
+        raise SchemaError("whois.answer.sealed: the sealed user exactly when granted")
+    return dict(m)
+
+
 #: Each kind's body schema: a function that raises SchemaError or returns the checked body.
 KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "note": _note_body, "record.anchor": _anchor_body, "empi.enrol": _enrol_body, "empi.link": _link_body,
     "empi.not_duplicate": _not_duplicate_body, "empi.merge": _merge_body, "empi.unmerge": _unmerge_body,
     "empi.split": _split_body, "consent.grant": _consent_body, "consent.revoke": _consent_body,
     "access.log": _access_body, "record.erase": _erase_body, "integrity.alert": _alert_body,
+    "whois.request": _whois_request_body, "whois.answer": _whois_answer_body,
 }
 
 
@@ -199,11 +231,12 @@ class Transaction:
     nonce: bytes
     body: dict[str, Any]
     signature: bytes
+    actor: bytes = b""
 
     def _unsigned(self) -> dict[str, Any]:
         return {
-            "kind": self.kind, "chain": self.chain_id, "submitter": self.submitter, "time": self.time,
-            "nonce": self.nonce, "body": self.body,
+            "kind": self.kind, "chain": self.chain_id, "submitter": self.submitter, "actor": self.actor,
+            "time": self.time, "nonce": self.nonce, "body": self.body,
         }
 
     @cached_property
@@ -219,13 +252,16 @@ class Transaction:
     @classmethod
     def create(
         cls, kind: str, body: dict[str, Any], *, chain_id: str, submitter: str, identity: crypto.Identity,
-        time_ms: int, nonce: bytes | None = None,
+        time_ms: int, nonce: bytes | None = None, actor: bytes = b"",
     ) -> Transaction:
-        unsigned = cls(kind, chain_id, submitter, time_ms, nonce or os.urandom(NONCE_SIZE), KINDS[kind](body), b"")
+        if len(actor) not in (0, ACTOR_SIZE):
+            raise SchemaError(f"transaction.actor: {ACTOR_SIZE} bytes or none")
+        unsigned = cls(kind, chain_id, submitter, time_ms, nonce or os.urandom(NONCE_SIZE), KINDS[kind](body), b"",
+                       actor)
         message = crypto.signing_bytes(TX_DOMAIN, unsigned._unsigned())
         signature = identity.sign(message)
         crypto.remember_valid(identity.public_key, message, signature)
-        tx = cls(unsigned.kind, chain_id, submitter, time_ms, unsigned.nonce, unsigned.body, signature)
+        tx = cls(unsigned.kind, chain_id, submitter, time_ms, unsigned.nonce, unsigned.body, signature, actor)
         if len(tx.encoded) > MAX_TX_BYTES:
             # Every other node would refuse it as malformed.
             raise SchemaError(f"{kind}: transaction of {len(tx.encoded)} bytes exceeds {MAX_TX_BYTES}")
@@ -237,7 +273,7 @@ class Transaction:
         if len(data) > MAX_TX_BYTES:
             raise CodecError(f"transaction of {len(data)} bytes exceeds {MAX_TX_BYTES}", reason="too_large")
         m = as_map(codec.decode(data, max_size=MAX_TX_BYTES), "transaction",
-                   ("kind", "chain", "submitter", "time", "nonce", "body", "sig"))
+                   ("kind", "chain", "submitter", "actor", "time", "nonce", "body", "sig"))
         kind = as_str(m["kind"], "transaction.kind", max_len=32)
         if kind not in KINDS:
             raise SchemaError(f"transaction.kind: unknown kind {kind!r}")
@@ -249,7 +285,10 @@ class Transaction:
             as_bytes(m["nonce"], "transaction.nonce", size=NONCE_SIZE),
             KINDS[kind](m["body"]),
             as_bytes(m["sig"], "transaction.sig", size=crypto.SIGNATURE_SIZE),
+            as_bytes(m["actor"], "transaction.actor", max_len=ACTOR_SIZE),
         )
+        if len(tx.actor) not in (0, ACTOR_SIZE):
+            raise SchemaError(f"transaction.actor: {ACTOR_SIZE} bytes or none")
         # The decoder checked that ``data`` is the canonical encoding: no need to encode again.
         tx.__dict__["encoded"] = data
         return tx
@@ -261,9 +300,15 @@ class Transaction:
     def summary(self) -> dict[str, Any]:
         """The JSON view of a transaction (for the API and the CLI)."""
         return {
-            "id": self.id.hex(), "kind": self.kind, "submitter": self.submitter, "time": self.time,
+            "id": self.id.hex(), "kind": self.kind, "submitter": self.submitter,
+            "actor": actor_text(self.actor), "time": self.time,
             "body": _json_view(self.body),
         }
+
+
+def actor_text(raw: bytes) -> str | None:
+    """A user pseudonym as shown (``U`` and 24 base32 characters); None for the node itself."""
+    return "U" + base64.b32encode(raw).decode() if raw else None
 
 
 def _json_view(value: Any) -> Any:

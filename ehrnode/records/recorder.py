@@ -114,7 +114,8 @@ class Recorder:
 
     # --- the pipeline -------------------------------------------------------------------
 
-    def record(self, items: Sequence[fhir.Item], *, skip_invalid: bool = False, now_ms: int) -> Outcome:
+    def record(self, items: Sequence[fhir.Item], *, skip_invalid: bool = False, now_ms: int,
+               actor: bytes = b"") -> Outcome:
         """Record ``items`` atomically; raises FhirError (nothing written) on invalid input."""
         outcome = Outcome()
         problems: list[fhir.Problem] = []
@@ -200,7 +201,7 @@ class Recorder:
                 write.patients.append(PatientRow(
                     patient.lookup, patient.enrolment, resource, tuple(deid_module.released_quasi(released)),
                 ))
-                enrol = self._enrolment(patient, now_ms)
+                enrol = self._enrolment(patient, now_ms, actor)
                 write.before.append((enrol.id, enrol.id, enrol.encoded))
                 outcome.transactions.append(enrol)
             pending.append((item, patient, record_id))
@@ -213,7 +214,8 @@ class Recorder:
                 "institution": self.institution, "recorded_at": header.recorded_at, "setting": header.setting,
                 "resource_type": header.resource_type, "commitment": header.commitment,
                 "position": header.position, "entry": entry_hash,
-            }, chain_id=self.chain_id, submitter=self.institution, identity=self.identity, time_ms=now_ms)
+            }, chain_id=self.chain_id, submitter=self.institution, identity=self.identity, time_ms=now_ms,
+                actor=actor)
             anchors[header.record_id] = tx
             return tx.id, tx.encoded
 
@@ -257,13 +259,13 @@ class Recorder:
         """This institution's pseudonym for one of its patients: stable, and meaningless elsewhere."""
         return self.keys.lookup("enrolment", patient_id)[:ENROLMENT_SIZE]
 
-    def _enrolment(self, patient: _Patient, now_ms: int) -> Transaction:
+    def _enrolment(self, patient: _Patient, now_ms: int, actor: bytes) -> Transaction:
         """The ``empi.enrol`` transaction of a Patient being recorded: keyed encodings only."""
         encodings = self.encoder.encode(Demographics.from_fhir(patient.resource))
         return Transaction.create("empi.enrol", {
             "epoch": self.epoch, "enrolment": patient.enrolment, "institution": self.institution,
             "encodings": encodings.to_wire(),
-        }, chain_id=self.chain_id, submitter=self.institution, identity=self.identity, time_ms=now_ms)
+        }, chain_id=self.chain_id, submitter=self.institution, identity=self.identity, time_ms=now_ms, actor=actor)
 
     def _levels(self, patients: dict[str, _Patient], releasing: set[str]) -> dict[str, int]:
         """k-anonymity levels for the Patients released now (``releasing``).

@@ -76,8 +76,8 @@ class RecordsService:
 
     # --- recording ----------------------------------------------------------------------
 
-    async def record(self, items: Sequence[fhir.Item], *, skip_invalid: bool) -> Outcome:
-        """Record ``items`` (all or nothing); raises FhirError for invalid input."""
+    async def record(self, items: Sequence[fhir.Item], *, skip_invalid: bool, actor: bytes = b"") -> Outcome:
+        """Record ``items`` (all or nothing) as user ``actor``; raises FhirError for invalid input."""
         started = time.monotonic()
         anchored = self.hooks.state.highest_position(self.name)
         head = (await self._blocking(self.vault.head))[0]
@@ -88,7 +88,7 @@ class RecordsService:
             raise IntegrityError(f"the vault ends at position {head} but the chain holds anchors up to {anchored}: "
                                  "restore the latest vault backup before recording", reason="vault_behind")
         outcome: Outcome = await self._blocking(
-            self.recorder.record, items, skip_invalid=skip_invalid, now_ms=int(time.time() * 1000))
+            self.recorder.record, items, skip_invalid=skip_invalid, now_ms=int(time.time() * 1000), actor=actor)
         if any(r.status == "already_recorded" for r in outcome.records):
             pending = {record.hex(): tx_id.hex() for record, tx_id, _ in await self._blocking(self.vault.outbox)}
             for i, r in enumerate(outcome.records):
@@ -160,7 +160,7 @@ class RecordsService:
         async with self._lock:
             return self.vault.release(record_id)
 
-    async def erase(self, record_id: bytes, reason: str) -> Transaction:
+    async def erase(self, record_id: bytes, reason: str, actor: bytes = b"") -> Transaction:
         """Crypto-shred one of our anchored records and queue its ``record.erase`` (raises KeyError,
         IntegrityError ``already_erased`` / ``not_anchored``)."""
         anchors = self.hooks.state.anchors(record=record_id, institution=self.name)
@@ -172,7 +172,7 @@ class RecordsService:
         now = int(time.time() * 1000)
         tx = Transaction.create("record.erase", {
             "epoch": 0, "record": record_id, "reason": crypto.sha256(reason.encode("utf-8")),
-        }, chain_id=self.hooks.state.chain_id, submitter=self.name, identity=self.identity, time_ms=now)
+        }, chain_id=self.hooks.state.chain_id, submitter=self.name, identity=self.identity, time_ms=now, actor=actor)
         await self._blocking(self.vault.erase, record_id, reason, now, tx.id, tx.encoded)
         self.log.warning("records.erased", record_id=record_id.hex(), tx_id=tx.id.hex())
         self._offer([tx])

@@ -4,14 +4,16 @@ Everything here reads the ledger state only, so any member (the regulator
 included) gets the same answer from its own copy of the chain: no record
 content is needed, and none is shown.
 
-- :func:`trail`: every event of a patient (by EMPI, through merges) or of one
-  record, in chain order: recorded, consent changed, access granted or refused,
-  erased, integrity alarm. Each names who, what, when, purpose, decision,
-  block height and transaction id.
+- :func:`trail`: every event of a patient (by EMPI, through merges), of one
+  record, or of one user (by pseudonym), in chain order: recorded, consent
+  changed, access granted or refused, erased, integrity alarm, EMPI changes.
+  Each names who (the member, and its pseudonym for the user who acted),
+  what, when, purpose, decision, block height and transaction id.
 - :func:`disclosures`: the accounting of disclosures of one patient: every
   access granted to another institution, with recipient, purpose and date.
 - :func:`trace_leak`: given a copy of a served record (its release and salt),
-  the record whose commitment it matches and every member it was served to.
+  the record whose commitment it matches and every member, and user there,
+  it was served to.
 - :func:`audit_events`: a trail as a FHIR R4 Bundle of AuditEvent resources.
 """
 
@@ -22,6 +24,7 @@ from typing import Any
 
 from ..errors import EhrnodeError
 from ..ledger.state import LedgerState
+from ..ledger.transactions import actor_text
 from ..records.canonical import canonical_json, commitment
 
 
@@ -31,7 +34,8 @@ class AuditError(EhrnodeError):
 
 def _access_event(a: dict[str, Any]) -> dict[str, Any]:
     return {
-        "event": "access", "who": a["requester"], "owner": a["owner"], "record_id": a["record"].hex(),
+        "event": "access", "who": a["requester"], "user": actor_text(a["user"]), "user_role": a["user_role"],
+        "owner": a["owner"], "record_id": a["record"].hex(),
         "purpose": a["purpose"], "decision": a["decision"], "reason": a["reason"],
         "emergency": a["reason"] == "emergency_override" or a["purpose"] == "emergency",
         "consent_tx": a["consent"].hex() or None, "request": a["request"].hex(), "requested_at": a["requested_at"],
@@ -45,7 +49,8 @@ def _record_events(state: LedgerState, anchors: list[dict[str, Any]]) -> list[di
     events: list[dict[str, Any]] = []
     for a in anchors:
         events.append({
-            "event": "recorded", "who": a["institution"], "owner": a["institution"], "record_id": a["record"].hex(),
+            "event": "recorded", "who": a["institution"], "user": actor_text(state.actor_of(a["tx_id"])),
+            "owner": a["institution"], "record_id": a["record"].hex(),
             "resource_type": a["resource_type"], "setting": a["setting"], "empi": a["empi"],
             "time": a["recorded_at"], "height": a["height"], "tx_id": a["tx_id"].hex(),
         })
@@ -53,13 +58,15 @@ def _record_events(state: LedgerState, anchors: list[dict[str, Any]]) -> list[di
         events.append({**_access_event(access), "resource_type": types.get(access["record"])})
     for e in state.access.erasures(records=records):
         events.append({
-            "event": "erased", "who": e["owner"], "owner": e["owner"], "record_id": e["record"].hex(),
+            "event": "erased", "who": e["owner"], "user": actor_text(state.actor_of(e["tx_id"])), "owner": e["owner"],
+            "record_id": e["record"].hex(),
             "resource_type": types.get(e["record"]), "reason_digest": e["reason"].hex(), "time": e["time"],
             "height": e["height"], "tx_id": e["tx_id"].hex(),
         })
     for alert in state.access.alerts(records=records):
         events.append({
-            "event": "integrity_alarm", "who": alert["reporter"], "owner": alert["owner"],
+            "event": "integrity_alarm", "who": alert["reporter"], "user": actor_text(state.actor_of(alert["tx_id"])),
+            "owner": alert["owner"],
             "record_id": alert["record"].hex(), "resource_type": types.get(alert["record"]),
             "access_tx": alert["access"].hex(), "received": alert["received"].hex(), "time": alert["time"],
             "height": alert["height"], "tx_id": alert["tx_id"].hex(),
@@ -68,14 +75,17 @@ def _record_events(state: LedgerState, anchors: list[dict[str, Any]]) -> list[di
 
 
 def _ordered(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    order = {"recorded": 0, "consent": 1, "access": 2, "erased": 3, "integrity_alarm": 4}
+    order = {"recorded": 0, "consent": 1, "access": 2, "erased": 3, "integrity_alarm": 4, "action": 5, "whois": 6}
     return sorted(events, key=lambda e: (e["height"], order[e["event"]], e["time"]))
 
 
-def trail(state: LedgerState, *, empi: str | None = None, record: bytes | None = None) -> list[dict[str, Any]]:
-    """Every event of one patient (``empi``) or one record, in chain order."""
-    if (empi is None) == (record is None):
-        raise AuditError("give an EMPI or a record id", reason="usage")
+def trail(state: LedgerState, *, empi: str | None = None, record: bytes | None = None,
+          user: bytes | None = None) -> list[dict[str, Any]]:
+    """Every event of one patient (``empi``), one record or one user (pseudonym), in chain order."""
+    if sum(x is not None for x in (empi, record, user)) != 1:
+        raise AuditError("give one of an EMPI, a record id or a user pseudonym", reason="usage")
+    if user is not None:
+        return _user_events(state, user)
     if record is not None:
         anchors = state.anchors(record=record)
         if not anchors:
@@ -87,10 +97,42 @@ def trail(state: LedgerState, *, empi: str | None = None, record: bytes | None =
     events = _record_events(state, state.anchors(empi=empi))
     for entry in state.consent.entries(empi):
         events.append({
-            "event": "consent", "action": entry["action"], "who": entry["grantor"], "grantee": entry["grantee"],
+            "event": "consent", "action": entry["action"], "who": entry["grantor"],
+            "user": actor_text(state.actor_of(bytes.fromhex(entry["tx_id"]))), "grantee": entry["grantee"],
             "purposes": entry["purposes"], "scope": entry["scope"], "until": entry["until"], "empi": entry["empi"],
             "time": entry["time"], "height": entry["height"], "tx_id": entry["tx_id"],
         })
+    return _ordered(events)
+
+
+def _user_events(state: LedgerState, user: bytes) -> list[dict[str, Any]]:
+    """Everything a user did: each transaction carrying their pseudonym, and each pull they made."""
+    events: list[dict[str, Any]] = []
+    for action in state.actions(user):
+        if action["kind"] == "record.anchor":
+            anchor = state.anchors(tx_id=action["tx_id"])
+            if anchor:
+                events.extend(e for e in _record_events(state, anchor) if e["event"] == "recorded")
+                continue
+        events.append({
+            "event": "action", "kind": action["kind"], "who": action["submitter"], "user": actor_text(action["actor"]),
+            "time": action["time"], "height": action["height"], "tx_id": action["tx_id"].hex(),
+        })
+    accesses = state.access.accesses(user=user)
+    types = {}
+    for record in {a["record"] for a in accesses}:
+        found = state.anchors(record=record)
+        types[record] = found[0]["resource_type"] if found else None
+    events.extend({**_access_event(a), "resource_type": types.get(a["record"])} for a in accesses)
+    for w in state.whois.requests(pseudonym=user):
+        # Someone asked who this user is: the request, and the answer if there is one (not its content).
+        events.append({
+            "event": "whois", "who": w["asker"], "user": actor_text(w["actor"]), "institution": w["institution"],
+            "case": w["case_ref"], "reason": w["reason"], "answer_tx": w["answer"].hex() if w["answer"] else None,
+            "time": w["time"], "height": w["height"], "tx_id": w["request"].hex(),
+        })
+    if not events:
+        raise AuditError(f"no transaction or pull on the chain names user {actor_text(user)}", reason="not_found")
     return _ordered(events)
 
 
@@ -131,6 +173,7 @@ def trace_leak(state: LedgerState, leaked: dict[str, Any]) -> dict[str, Any]:
         "record_id": anchor["record"].hex(), "owner": anchor["institution"], "resource_type": anchor["resource_type"],
         "commitment": found.hex(), "empi": anchor["empi"], "recorded_height": anchor["height"],
         "recipients": sorted({a["requester"] for a in served}),
+        "users": sorted({f"{a['requester']}/{actor_text(a['user'])}" for a in served}),
         "served": [_access_event(a) for a in served],
     }
 
@@ -143,16 +186,20 @@ _PURPOSE_OF_USE = {
     "public-health": ("PUBHLTH", "public health"), "emergency": ("ETREAT", "emergency treatment"),
 }
 _ACTIONS = {"recorded": ("C", "create"), "access": ("R", "read"), "erased": ("D", "delete"),
-            "consent": ("U", "update"), "integrity_alarm": ("E", "execute")}
+            "consent": ("U", "update"), "integrity_alarm": ("E", "execute"), "action": ("E", "execute"),
+            "whois": ("R", "read")}
 
 
 def _instant(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _member(name: str, requestor: bool) -> dict[str, Any]:
-    return {"who": {"identifier": {"system": "urn:ehrnode:member", "value": name}, "display": name},
-            "requestor": requestor}
+def _member(name: str, requestor: bool, user: str | None = None) -> dict[str, Any]:
+    agent = {"who": {"identifier": {"system": "urn:ehrnode:member", "value": name}, "display": name},
+             "requestor": requestor}
+    if user:
+        agent["altId"] = user  # the member's pseudonym for the user who acted
+    return agent
 
 
 def audit_event(event: dict[str, Any], observer: str) -> dict[str, Any]:
@@ -171,7 +218,7 @@ def audit_event(event: dict[str, Any], observer: str) -> dict[str, Any]:
         "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": subtype}],
         "action": action, "recorded": _instant(event["time"]),
         "outcome": "4" if refused else "0",
-        "agent": [_member(event["who"], True)],
+        "agent": [_member(event["who"], True, event.get("user"))],
         "source": {"observer": {"display": observer}, "site": "ehrnode consortium chain"},
         "entity": [],
     }

@@ -42,7 +42,7 @@ from ..config import Genesis
 from ..errors import AdmissionError, CodecError, EhrnodeError
 from ..ledger.consent import Decision
 from ..ledger.state import LedgerState
-from ..ledger.transactions import Transaction
+from ..ledger.transactions import Transaction, actor_text
 from ..logs import get_logger
 from ..records.service import RecordsService
 from .messages import PullAnswer, PullRequest, release_payload, request_id, split_served
@@ -150,8 +150,8 @@ class PullServer:
             return request
         started = time.monotonic()
         reason, consent, resource_type = await self._decide(request, now)
-        fields = {"peer": peer, "record_id": request.record.hex(), "purpose": request.purpose,
-                  "resource_type": resource_type}
+        fields = {"peer": peer, "user": actor_text(request.user), "user_role": request.role,
+                  "record_id": request.record.hex(), "purpose": request.purpose, "resource_type": resource_type}
         sealed, size = b"", 0
         if reason in ("granted", "emergency_override"):
             # Read before logging: a grant is committed only for a release that can be served.
@@ -228,7 +228,8 @@ class PullServer:
             return self.state.consent.decide(empi, request.requester, request.purpose, anchor["resource_type"],
                                              now, default=default)
 
-        verdict = self.policy.decide(request.requester, role, request.purpose, anchor["resource_type"], consent)
+        verdict = self.policy.decide(request.requester, role, request.role, request.purpose,
+                                     anchor["resource_type"], consent)
         return verdict.reason, verdict.consent, anchor["resource_type"]
 
 
@@ -236,7 +237,7 @@ _REFUSALS = {
     "not_found": "no record with this id is anchored on the chain",
     "not_owner": "this institution does not own that record",
     "erased": "the record was erased by its owner",
-    "policy": "the owner's access policy does not allow this requester, purpose and resource type",
+    "policy": "the owner's access policy does not allow this requester, user role, purpose and resource type",
     "consent": "the patient's consent does not allow this access",
     "internal": "the owner cannot read this record now (its vault failed); ask again later",
 }

@@ -7,8 +7,10 @@ refusal stops the decision:
 
 1. **Policy** (this file's ``[[allow]]`` rules): some rule must name the
    requester (by member name, ``role:<role>`` or ``*``), the purpose and the
-   record's resource type. Nothing else reads records: a requester, purpose or
-   type no rule covers is refused with reason ``policy``.
+   record's resource type, and, if the rule lists ``users``, the role the
+   requesting user holds at their institution (``clinician``, ``researcher``,
+   ...; signed into the request). Nothing else reads records: a request no
+   rule covers is refused with reason ``policy``.
 2. **Consent** (on chain, :mod:`ehrnode.ledger.consent`): the patient's last
    entry in force that covers the requester, purpose and type decides; with
    none, ``[consent] default_allow`` lists the purposes taken as allowed.
@@ -16,6 +18,10 @@ refusal stops the decision:
    still granted, and logged as ``emergency_override``, when
    ``[consent] emergency_override`` allows it: ``missing`` overrides only the
    absence of a consent entry, ``revoked`` overrides a revocation too.
+
+``[whois] requesters`` names the members (by name, ``role:<role>`` or ``*``)
+this institution tells, when they ask on chain, which of its users is behind
+a pseudonym (:mod:`ehrnode.sharing.whois`); by default the regulator.
 
 The file is checked when the node starts: an unknown setting, purpose or role,
 or a malformed resource type name, stops the node with the file and the place.
@@ -37,6 +43,7 @@ from ..ledger.transactions import CONSENT_PURPOSES
 
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+_USER_ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 OVERRIDES = ("none", "missing", "revoked")
 
 
@@ -45,11 +52,13 @@ class Rule:
     requesters: frozenset[str]
     purposes: frozenset[str]
     resource_types: frozenset[str]
+    users: frozenset[str] = frozenset({"*"})  # roles of the requesting user
 
-    def covers(self, requester: str, role: str, purpose: str, resource_type: str) -> bool:
+    def covers(self, requester: str, role: str, user_role: str, purpose: str, resource_type: str) -> bool:
         return (bool({"*", requester, f"role:{role}"} & self.requesters)
                 and bool({"*", purpose} & self.purposes)
-                and bool({"*", resource_type} & self.resource_types))
+                and bool({"*", resource_type} & self.resource_types)
+                and bool({"*", user_role} & self.users))
 
 
 @dataclass(frozen=True)
@@ -66,17 +75,23 @@ class AccessPolicy:
     default_allow: frozenset[str]
     emergency_override: str
     rules: tuple[Rule, ...]
+    whois: frozenset[str] = frozenset({"role:regulator"})
 
-    def allows(self, requester: str, role: str, purpose: str, resource_type: str) -> bool:
-        return any(rule.covers(requester, role, purpose, resource_type) for rule in self.rules)
+    def tells(self, requester: str, role: str) -> bool:
+        """Whether this institution names its users to ``requester`` (a member with ``role``)."""
+        return bool({"*", requester, f"role:{role}"} & self.whois)
 
-    def decide(self, requester: str, role: str, purpose: str, resource_type: str,
+    def allows(self, requester: str, role: str, user_role: str, purpose: str, resource_type: str) -> bool:
+        return any(rule.covers(requester, role, user_role, purpose, resource_type) for rule in self.rules)
+
+    def decide(self, requester: str, role: str, user_role: str, purpose: str, resource_type: str,
                consent: Any) -> Verdict:
-        """Policy, then consent, then the emergency override.
+        """Policy, then consent, then the emergency override, for a pull by a ``user_role`` user of
+        ``requester`` (a member with ``role``).
 
         ``consent(default: bool) -> Decision`` asks the chain's consent registry.
         """
-        if not self.allows(requester, role, purpose, resource_type):
+        if not self.allows(requester, role, user_role, purpose, resource_type):
             return Verdict(False, "policy", b"")
         decision: Decision = consent(purpose in self.default_allow)
         cited = decision.tx_id or b""
@@ -111,7 +126,7 @@ def _build(doc: dict[str, Any], source: str) -> AccessPolicy:
     def fail(where: str, problem: str) -> ConfigError:
         return ConfigError(f"{source}: {where}: {problem}")
 
-    unknown = set(doc) - {"requests", "consent", "allow"}
+    unknown = set(doc) - {"requests", "consent", "allow", "whois"}
     if unknown:
         raise fail("top level", f"unknown table(s) {', '.join(sorted(unknown))}")
     requests = _table(doc, "requests", fail)
@@ -139,14 +154,12 @@ def _build(doc: dict[str, Any], source: str) -> AccessPolicy:
         where = f"[[allow]] #{index + 1}"
         if not isinstance(raw, dict):
             raise fail(where, "expected a table")
-        if set(raw) != {"requesters", "purposes", "resource_types"}:
-            raise fail(where, "needs exactly requesters, purposes and resource_types")
+        if not {"requesters", "purposes", "resource_types"} <= set(raw) <= {
+                "requesters", "purposes", "resource_types", "users"}:
+            raise fail(where, "needs requesters, purposes and resource_types (and optionally users)")
         requesters = _strings(raw["requesters"], f"{where} requesters", fail)
         for requester in requesters:
-            if requester == "*" or _NAME.match(requester):
-                continue
-            if not (requester.startswith("role:") and requester[5:] in ROLES):
-                raise fail(f"{where} requesters", f"{requester!r}: a member name, role:<{'|'.join(ROLES)}> or *")
+            _check_requester(requester, f"{where} requesters", fail)
         purposes = _strings(raw["purposes"], f"{where} purposes", fail)
         for purpose in purposes:
             if purpose != "*" and purpose not in CONSENT_PURPOSES:
@@ -155,8 +168,26 @@ def _build(doc: dict[str, Any], source: str) -> AccessPolicy:
         for resource_type in types:
             if resource_type != "*" and not _RESOURCE_TYPE.match(resource_type):
                 raise fail(f"{where} resource_types", f"{resource_type!r} is not a FHIR resource type name")
-        rules.append(Rule(frozenset(requesters), frozenset(purposes), frozenset(types)))
-    return AccessPolicy(source, max_age * 1000, frozenset(default_allow), override, tuple(rules))
+        users = _strings(raw.get("users", ["*"]), f"{where} users", fail)
+        for user_role in users:
+            if user_role != "*" and not _USER_ROLE.match(user_role):
+                raise fail(f"{where} users", f"{user_role!r} is not a user role name")
+        rules.append(Rule(frozenset(requesters), frozenset(purposes), frozenset(types), frozenset(users)))
+    whois = _table(doc, "whois", fail)
+    if set(whois) - {"requesters"}:
+        raise fail("[whois]", f"unknown setting(s) {', '.join(sorted(set(whois) - {'requesters'}))}")
+    tellers = _strings(whois.get("requesters", ["role:regulator"]), "[whois] requesters", fail)
+    for requester in tellers:
+        _check_requester(requester, "[whois] requesters", fail)
+    return AccessPolicy(source, max_age * 1000, frozenset(default_allow), override, tuple(rules),
+                        frozenset(tellers))
+
+
+def _check_requester(requester: str, where: str, fail: Any) -> None:
+    if requester == "*" or _NAME.match(requester):
+        return
+    if not (requester.startswith("role:") and requester[5:] in ROLES):
+        raise fail(where, f"{requester!r}: a member name, role:<{'|'.join(ROLES)}> or *")
 
 
 def _table(doc: dict[str, Any], key: str, fail: Any) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from .. import crypto
 from ..config import Genesis
 from ..errors import AdmissionError, CodecError, CryptoError, IntegrityError, PullError
 from ..ledger.state import LedgerState
-from ..ledger.transactions import Transaction
+from ..ledger.transactions import Transaction, actor_text
 from ..logs import get_logger
 from ..records.canonical import commitment
 from .messages import PullAnswer, PullRequest, open_payload
@@ -48,7 +48,7 @@ LOG_TIMEOUT = 15.0
 @dataclass(frozen=True)
 class RequesterHooks:
     send: Callable[[str, bytes], bool]  # a pull frame to a peer
-    submit: Callable[[str, dict[str, Any]], Transaction]
+    submit: Callable[[str, dict[str, Any], bytes], Transaction]  # kind, body, actor
     wait_committed: Callable[[bytes, float], Awaitable[int | None]]
     counters: Callable[[str], None]
 
@@ -122,7 +122,8 @@ class Puller:
             pending.done.set()
         return True
 
-    async def pull(self, record: bytes, purpose: str, timeout: float) -> Pulled:
+    async def pull(self, record: bytes, purpose: str, timeout: float, *, user: bytes, role: str) -> Pulled:
+        """Pull ``record`` for ``purpose`` on behalf of ``user`` (pseudonym) acting as ``role``."""
         anchors = self.state.anchors(record=record)
         if not anchors:
             raise PullError(f"no record {record.hex()} is anchored on the chain (as far as {self.name} has seen)",
@@ -132,9 +133,9 @@ class Puller:
         if owner == self.name:
             raise PullError(f"record {record.hex()} is {self.name}'s own: read it with `records show`",
                             reason="own_record")
-        request = PullRequest.create(chain_id=self.genesis.chain_id, requester=self.name, owner=owner,
-                                     record=record, purpose=purpose, time_ms=int(time.time() * 1000),
-                                     identity=self.identity)
+        request = PullRequest.create(chain_id=self.genesis.chain_id, requester=self.name, user=user, role=role,
+                                     owner=owner, record=record, purpose=purpose,
+                                     time_ms=int(time.time() * 1000), identity=self.identity)
         data = request.encode()
         rid = crypto.sha256(data)
         pending = self._pending[rid] = _Pending(owner)
@@ -154,7 +155,8 @@ class Puller:
             self.hooks.counters("failed")
             raise PullError(f"{owner} sent an answer whose parts do not fit together", reason="bad_answer")
         first = pending.parts[0]
-        fields = {"owner": owner, "record_id": record.hex(), "purpose": purpose, "request": rid.hex()[:16]}
+        fields = {"owner": owner, "record_id": record.hex(), "purpose": purpose, "request": rid.hex()[:16],
+                  "user": actor_text(user)}
         if first.status != "served":
             self.hooks.counters("refused" if first.status == "refused" else "failed")
             if first.status == "refused":
@@ -172,7 +174,7 @@ class Puller:
         access = await self._check_logged(rid, first.access, "granted", fields)
         received = commitment(salt, canonical)
         if got_record != record or received != anchor["commitment"]:
-            await self._alarm(anchor, first.access, received, fields)
+            await self._alarm(anchor, first.access, received, fields, user)
         try:
             resource = json.loads(canonical)
         except ValueError as exc:  # matched the commitment, so the owner anchored it like this
@@ -195,7 +197,8 @@ class Puller:
                             "nothing is accepted", reason="unlogged")
         return logged[0]
 
-    async def _alarm(self, anchor: dict[str, Any], access_tx: bytes, received: bytes, fields: dict[str, Any]) -> None:
+    async def _alarm(self, anchor: dict[str, Any], access_tx: bytes, received: bytes, fields: dict[str, Any],
+                     user: bytes) -> None:
         self.hooks.counters("integrity")
         self.log.error("integrity.mismatch", expected=anchor["commitment"].hex(), received=received.hex(),
                        access_tx=access_tx.hex(), **fields)
@@ -204,7 +207,7 @@ class Puller:
             tx = self.hooks.submit("integrity.alert", {
                 "epoch": 0, "record": anchor["record"], "owner": anchor["institution"], "access": access_tx,
                 "received": received,
-            })
+            }, user)
             alert_id = tx.id
             await self.hooks.wait_committed(tx.id, LOG_TIMEOUT)
         except AdmissionError as exc:

@@ -29,7 +29,7 @@ async def test_api_and_cli(cluster):
                                                      extra_headers=headers):
                 pass
         assert err.value.status_code == 401
-    assert '"event": "api.denied"' in cluster.log("A")
+    assert '"event": "auth.denied"' in cluster.log("A")
 
     async with ApiClient.connect(config) as client:
         # Bad requests get JSON-RPC errors and the connection stays usable.
@@ -118,16 +118,24 @@ def test_status_of_a_node_that_is_not_running_is_a_clear_error(tmp_path):
 
 
 def test_an_empty_token_file_is_replaced_and_never_authenticates(tmp_path):
-    from ehrnode.api import TOKEN_FILE, ensure_token, read_token
+    from ehrnode.api import read_token
     from ehrnode.errors import CryptoError
+    from ehrnode.users.store import TOKEN_FILE, UserStore
 
     (tmp_path / TOKEN_FILE).write_text("")
     with pytest.raises(CryptoError, match="empty"):
         read_token(tmp_path)
-    token = ensure_token(tmp_path)
-    assert len(token) == 64 and read_token(tmp_path) == token
+    store = UserStore(tmp_path, "A")
+    admin, adopted = store.ensure_admin()
+    token = read_token(tmp_path)
+    assert not adopted and len(token) >= 32 and store.by_token(token) == admin and store.by_token("") is None
     assert oct((tmp_path / TOKEN_FILE).stat().st_mode & 0o777) == "0o600"
-    assert ensure_token(tmp_path) == token
+    assert store.ensure_admin() == (admin, False) and read_token(tmp_path) == token
+    # A token put in place by hand (an older node's, say) becomes the admin's credential.
+    (tmp_path / TOKEN_FILE).write_text("f" * 64)
+    admin2, adopted = store.ensure_admin()
+    assert adopted and store.by_token("f" * 64) == admin2 and store.by_token(token) is None
+    assert admin2.pseudonym == admin.pseudonym
 
 
 def test_a_port_in_use_is_one_line_and_exit_2(tmp_path):

@@ -22,8 +22,8 @@ def anchor(record, position, submitter="A", patient=b"p" * 16):
 
 
 def signed(record, requester="B", owner="A", chain=None, identity=None, time_ms=1):
-    return PullRequest.create(chain_id=chain or F.vset.chain_id, requester=requester, owner=owner, record=record,
-                              purpose="treatment", time_ms=time_ms,
+    return PullRequest.create(chain_id=chain or F.vset.chain_id, requester=requester, user=b"u" * 15,
+                              role="clinician", owner=owner, record=record, purpose="treatment", time_ms=time_ms,
                               identity=identity or KEYS.get(requester) or crypto.Identity.generate()).encode()
 
 

@@ -46,6 +46,7 @@ def test_a_node_restored_from_an_online_backup_rejoins_catches_up_and_signs_agai
 
         rows = trio.run(record).records
         config = c.configs["A"]
+        user = trio.run(lambda: c.call("A", "users.add", name="dr.ana", role="clinician"))
         (tmp_path / "pass").write_text(PASSPHRASE + "\n")
         out = tmp_path / "a.backup"
         # Online: A keeps running (and committing) while the backup is taken.
@@ -94,6 +95,13 @@ def test_a_node_restored_from_an_online_backup_rejoins_catches_up_and_signs_agai
         show = trio.run(lambda: c.call("A", "records.show", record_id=rows[0]["record_id"]))
         assert show["resource"]["id"] == items[0].resource["id"]
         assert trio.run(lambda: c.call("A", "vault.verify"))["ok"]
+        # Its users came back: same credential, same pseudonym.
+
+        async def whoami():
+            async with ApiClient.connect(config, user="dr.ana", credential=user["credential"]) as client:
+                return await client.call("users.whoami")
+
+        assert trio.run(whoami)["pseudonym"] == user["pseudonym"]
         # A restore never runs over live data.
         again = cli("restore", out, "--config", config.path, "--passphrase-file", tmp_path / "pass")
         assert again.returncode == 2 and "move the data directory away" in again.stderr

@@ -16,17 +16,17 @@ def consent(allowed, reason="granted"):
 
 def test_the_packaged_policy_decides_policy_then_consent_then_emergency():
     policy = load_policy()
-    assert policy.decide("B", "institution", "treatment", "Condition", consent(True)).reason == "granted"
+    assert policy.decide("B", "institution", "clinician", "treatment", "Condition", consent(True)).reason == "granted"
     # The regulator reads logs, not records.
-    assert policy.decide("R", "regulator", "treatment", "Condition", consent(True)).reason == "policy"
+    assert policy.decide("R", "regulator", "clinician", "treatment", "Condition", consent(True)).reason == "policy"
     # Research: only listed types, and only with consent (not in default_allow).
-    assert policy.decide("B", "institution", "research", "Patient", consent(True)).reason == "policy"
-    assert policy.decide("B", "institution", "research", "Condition", consent(None, "default")).reason == "consent"
-    assert policy.decide("B", "institution", "treatment", "Condition", consent(None, "default")).granted
+    assert policy.decide("B", "institution", "clinician", "research", "Patient", consent(True)).reason == "policy"
+    assert policy.decide("B", "institution", "clinician", "research", "Condition", consent(None, "default")).reason == "consent"
+    assert policy.decide("B", "institution", "clinician", "treatment", "Condition", consent(None, "default")).granted
     # Emergency overrides a missing consent, not an explicit revocation.
-    emergency = policy.decide("B", "institution", "emergency", "Condition", consent(None, "default"))
+    emergency = policy.decide("B", "institution", "clinician", "emergency", "Condition", consent(None, "default"))
     assert (emergency.granted, emergency.reason) == (True, "emergency_override")
-    revoked = policy.decide("B", "institution", "emergency", "Condition", consent(False, "revoked"))
+    revoked = policy.decide("B", "institution", "clinician", "emergency", "Condition", consent(False, "revoked"))
     assert (revoked.granted, revoked.reason, revoked.consent) == (False, "consent", b"t" * 32)
 
 
@@ -35,16 +35,27 @@ def test_break_the_glass_and_named_requesters(tmp_path):
     path.write_text('[consent]\ndefault_allow = []\nemergency_override = "revoked"\n'
                     '[[allow]]\nrequesters = ["B"]\npurposes = ["*"]\nresource_types = ["Condition"]\n')
     policy = load_policy(path)
-    assert policy.decide("B", "institution", "emergency", "Condition", consent(False, "revoked")).granted
-    assert policy.decide("C", "institution", "emergency", "Condition", consent(True)).reason == "policy"
-    assert policy.decide("B", "institution", "treatment", "Condition", consent(None, "default")).reason == "consent"
+    assert policy.decide("B", "institution", "clinician", "emergency", "Condition", consent(False, "revoked")).granted
+    assert policy.decide("C", "institution", "clinician", "emergency", "Condition", consent(True)).reason == "policy"
+    assert policy.decide("B", "institution", "clinician", "treatment", "Condition", consent(None, "default")).reason == "consent"
+
+
+def test_rules_can_name_the_requesting_users_role():
+    policy = load_policy()
+    # The packaged policy: care for clinicians (and admins), research for researchers too; a clerk pulls nothing.
+    assert policy.decide("B", "institution", "clinician", "treatment", "Condition", consent(True)).granted
+    assert policy.decide("B", "institution", "clerk", "treatment", "Condition", consent(True)).reason == "policy"
+    assert policy.decide("B", "institution", "researcher", "treatment", "Condition", consent(True)).reason == "policy"
+    assert policy.decide("B", "institution", "researcher", "research", "Condition", consent(True)).granted
 
 
 @pytest.mark.parametrize("text,needle", [
+    ("[[allow]]\nrequesters = ['*']\npurposes = ['*']\nresource_types = ['*']\nusers = ['Dr Who']\n", "Dr Who"),
+    ("[[allow]]\nrequesters = ['*']\npurposes = ['*']\nresource_types = ['*']\nusers = 'clinician'\n", "users"),
     ("[[allow]]\nrequesters = ['role:doctor']\npurposes = ['*']\nresource_types = ['*']\n", "role:doctor"),
     ("[[allow]]\nrequesters = ['*']\npurposes = ['fun']\nresource_types = ['*']\n", "fun"),
     ("[[allow]]\nrequesters = ['*']\npurposes = ['*']\nresource_types = ['lab results']\n", "lab results"),
-    ("[[allow]]\nrequesters = ['*']\npurposes = ['*']\n", "exactly"),
+    ("[[allow]]\nrequesters = ['*']\npurposes = ['*']\n", "needs requesters"),
     ("[consent]\nemergency_override = 'always'\n", "always"),
     ("[consent]\ndefault_allow = ['everything']\n", "everything"),
     ("[requests]\nmax_age_seconds = 0\n", "max_age_seconds"),
@@ -82,8 +93,8 @@ def test_sealed_answers_open_only_for_their_key_and_request():
 
 def test_requests_verify_only_under_the_signers_key_and_decode_strictly():
     me, someone = crypto.Identity.generate(), crypto.Identity.generate()
-    request = PullRequest.create(chain_id="c", requester="B", owner="A", record=b"r" * 16, purpose="treatment",
-                                 time_ms=5, identity=me)
+    request = PullRequest.create(chain_id="c", requester="B", user=b"u" * 15, role="clinician", owner="A",
+                                 record=b"r" * 16, purpose="treatment", time_ms=5, identity=me)
     decoded = PullRequest.decode(request.encode())
     assert decoded == request and decoded.signature_ok(me.public_key)
     assert not decoded.signature_ok(someone.public_key)

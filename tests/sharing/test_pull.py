@@ -184,8 +184,8 @@ def test_hostile_requests_are_each_refused_and_logged(cluster, recorded):
     now = lambda: int(time.time() * 1000)  # noqa: E731
 
     def request(**changes):
-        fields = dict(chain_id=chain, requester="B", owner="C", record=record, purpose="treatment",
-                      time_ms=now(), identity=b_identity)
+        fields = dict(chain_id=chain, requester="B", user=b"u" * 15, role="clinician", owner="C", record=record,
+                      purpose="treatment", time_ms=now(), identity=b_identity)
         fields.update(changes)
         return PullRequest.create(**fields).encode()
 

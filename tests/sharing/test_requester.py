@@ -44,7 +44,7 @@ async def test_answers_whose_parts_do_not_fit_are_a_clear_error(answers):
 
     async def pull():
         with pytest.raises(PullError) as error:
-            await puller.pull(b"r" * 16, "treatment", 5)
+            await puller.pull(b"r" * 16, "treatment", 5, user=b"u" * 15, role="clinician")
         outcome["reason"] = error.value.reason
 
     async with trio.open_nursery() as nursery:

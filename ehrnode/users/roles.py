@@ -1,0 +1,142 @@
+"""Roles: which local API calls each kind of user may make.
+
+Theory of operation
+-------------------
+Every call on the local API is made by a user, and every user has one role.
+A role is a list of permissions, read from a TOML file an institution can
+change (``[users] roles`` in node.toml; the packaged default otherwise). A
+permission is a method (``records.add``), a group (``consent.*``), ``*``, or a
+pull for one purpose of use (``records.pull:treatment``); ``records.pull``
+alone allows every purpose.
+
+A role marked ``patient = true`` is bound to one EMPI per user. Only methods
+that name a patient may be allowed to it, and each call must name that
+patient (or an EMPI merged with it): a patient lists their own records, reads
+their own disclosures and records their own consent, and nothing else.
+
+``users.whoami`` is always allowed: every user may ask who they are.
+
+The file is checked when the node starts: an unknown method, purpose or
+setting, a patient role allowed a method that names no patient, or a missing
+``admin`` role stops the node with the file and the place.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..ledger.requests import PURPOSES
+
+#: Every method of the local API.
+METHODS = frozenset({
+    "status", "block.get", "blocks.subscribe", "tx.submit", "tx.submit_batch", "tx.get", "txs.wait",
+    "records.stage", "records.add", "records.list", "records.show", "records.kanon", "records.pull",
+    "records.erase", "vault.verify",
+    "empi.of", "empi.lookup", "empi.review", "empi.history", "empi.link", "empi.split", "empi.not_duplicate",
+    "empi.merge", "empi.unmerge",
+    "consent.grant", "consent.revoke", "consent.show",
+    "audit.trail", "audit.disclosures", "audit.trace", "audit.whois",
+    "events.subscribe",
+    "users.add", "users.list", "users.revoke", "users.rotate", "users.whoami",
+})
+#: Methods that name one patient (by EMPI): the only ones a patient role may be allowed.
+PATIENT_METHODS = frozenset({
+    "records.list", "audit.disclosures", "audit.trail", "consent.show", "consent.grant", "consent.revoke",
+})
+ALWAYS = frozenset({"users.whoami"})
+ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    allow: frozenset[str]
+    patient: bool
+
+    def permits(self, method: str, purpose: str | None = None) -> bool:
+        if method in ALWAYS:
+            return True
+        group = method.partition(".")[0] + ".*"
+        if {"*", method, group} & self.allow:
+            return True
+        return purpose is not None and f"{method}:{purpose}" in self.allow
+
+
+@dataclass(frozen=True)
+class Roles:
+    source: str
+    roles: dict[str, Role]
+
+    def get(self, name: str) -> Role | None:
+        return self.roles.get(name)
+
+
+def load_roles(path: Path | None = None) -> Roles:
+    """Load and check a roles file; None loads the packaged default. Raises ConfigError."""
+    if path is None:
+        source = "default roles"
+        text = (importlib.resources.files(__package__) / "default_roles.toml").read_text(encoding="utf-8")
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{source}: cannot read the roles file: {exc}") from exc
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    return _build(doc, source)
+
+
+def _permission_ok(permission: str) -> bool:
+    if permission == "*" or permission in METHODS:
+        return True
+    if permission.endswith(".*"):
+        return any(m.startswith(permission[:-1]) for m in METHODS)
+    method, _, purpose = permission.partition(":")
+    return method == "records.pull" and purpose in PURPOSES
+
+
+def _build(doc: dict[str, Any], source: str) -> Roles:
+    def fail(where: str, problem: str) -> ConfigError:
+        return ConfigError(f"{source}: {where}: {problem}")
+
+    if set(doc) != {"roles"} or not isinstance(doc["roles"], dict):
+        raise fail("top level", "expected only [roles.<name>] tables")
+    roles: dict[str, Role] = {}
+    for name, raw in doc["roles"].items():
+        where = f"[roles.{name}]"
+        if not ROLE_NAME.match(name):
+            raise fail(where, "a role name is lower-case letters, digits, '-' or '_' (at most 32)")
+        if not isinstance(raw, dict) or "allow" not in raw:
+            raise fail(where, "needs allow (and optionally patient = true)")
+        if set(raw) - {"allow", "patient"}:
+            raise fail(where, f"unknown setting(s) {', '.join(sorted(set(raw) - {'allow', 'patient'}))}")
+        allow = raw["allow"]
+        if not isinstance(allow, list) or not all(isinstance(p, str) for p in allow):
+            raise fail(f"{where} allow", "expected a list of strings")
+        for permission in allow:
+            if not _permission_ok(permission):
+                raise fail(f"{where} allow", f"unknown permission {permission!r}")
+        patient = raw.get("patient", False)
+        if not isinstance(patient, bool):
+            raise fail(f"{where} patient", "true or false")
+        if patient:
+            for permission in allow:
+                if permission not in PATIENT_METHODS:
+                    raise fail(f"{where} allow", f"{permission!r}: a patient role may only be allowed methods "
+                                                 f"that name the patient ({', '.join(sorted(PATIENT_METHODS))})")
+        roles[name] = Role(name, frozenset(allow), patient)
+    admin = roles.get(ADMIN)
+    if admin is None or admin.patient or not all(admin.permits(m) for m in ("users.add", "users.rotate")):
+        raise fail(f"[roles.{ADMIN}]", "the admin role must exist and be allowed users.* (the node's own "
+                                       "credential belongs to it)")
+    return Roles(source, roles)

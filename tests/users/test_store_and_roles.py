@@ -1,0 +1,123 @@
+"""Users, roles and the credential throttle, without a network."""
+
+import pytest
+
+from ehrnode.errors import ConfigError, CryptoError
+from ehrnode.users.auth import BASE_LOCKOUT, FREE_FAILURES, MAX_LOCKOUT, Throttle, authenticate
+from ehrnode.users.roles import load_roles
+from ehrnode.users.store import USERS_KEY, UserError, UserStore, pseudonym_bytes, pseudonym_text
+
+EMPI = "E" + "A" * 24
+
+
+def test_the_packaged_roles_give_each_role_its_permissions():
+    roles = load_roles()
+    clinician, clerk, researcher = roles.get("clinician"), roles.get("clerk"), roles.get("researcher")
+    auditor, patient, admin = roles.get("auditor"), roles.get("patient"), roles.get("admin")
+    assert clinician.permits("records.pull", "treatment") and clinician.permits("records.pull", "emergency")
+    assert not clinician.permits("records.pull", "research") and not clinician.permits("users.add")
+    assert clerk.permits("records.add") and not clerk.permits("records.show")
+    assert not clerk.permits("records.pull", "treatment")
+    assert researcher.permits("records.pull", "research") and not researcher.permits("records.pull", "treatment")
+    assert auditor.permits("audit.whois") and auditor.permits("audit.trail")
+    assert not auditor.permits("records.show") and not auditor.permits("records.pull", "treatment")
+    assert patient.patient and patient.permits("audit.disclosures") and not patient.permits("audit.trace")
+    assert admin.permits("users.revoke") and admin.permits("records.pull", "research")
+    assert all(role.permits("users.whoami") for role in roles.roles.values())
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[roles.admin]\nallow = ['*']\n[roles.x]\nallow = ['records.delete']\n", "records.delete"),
+    ("[roles.admin]\nallow = ['*']\n[roles.x]\nallow = ['records.pull:fun']\n", "records.pull:fun"),
+    ("[roles.admin]\nallow = ['*']\n[roles.p]\npatient = true\nallow = ['records.show']\n", "records.show"),
+    ("[roles.admin]\nallow = ['*']\n[roles.p]\npatient = true\nallow = ['consent.*']\n", "consent.*"),
+    ("[roles.clinician]\nallow = ['*']\n", "admin"),
+    ("[roles.admin]\nallow = ['status']\n", "admin"),
+    ("[roles.admin]\nallow = ['*']\n[roles.Bad]\nallow = []\n", "Bad"),
+    ("[roles.admin]\nallow = ['*']\ncolour = 'red'\n", "colour"),
+    ("[roles.admin]\nallow = ['*']\n[other]\n", "top level"),
+    ("not toml [", "TOML"),
+])
+def test_a_bad_roles_file_names_the_problem(tmp_path, text, needle):
+    path = tmp_path / "roles.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_roles(path)
+    assert needle in str(error.value) and str(path) in str(error.value)
+
+
+def test_users_are_added_rotated_revoked_and_never_reused(tmp_path):
+    store = UserStore(tmp_path, "A")
+    ana, token = store.add("dr.ana", "clinician", empi=None, by="admin", patient_role=False)
+    assert store.by_token(token) == ana and store.by_token(token + "x") is None
+    assert token.encode() not in (tmp_path / "users.db").read_bytes()  # only its hash is kept
+    rotated, token2 = store.rotate("dr.ana")
+    assert store.by_token(token) is None and store.by_token(token2) == rotated
+    assert rotated.pseudonym == ana.pseudonym
+    revoked = store.revoke("dr.ana")
+    assert not revoked.active and store.by_token(token2) == revoked  # found, so refused as revoked
+    with pytest.raises(UserError, match="never reused"):
+        store.add("dr.ana", "clinician", empi=None, by="admin", patient_role=False)
+    with pytest.raises(UserError, match="revoked"):
+        store.rotate("dr.ana")
+    with pytest.raises(UserError, match="needs --empi"):
+        store.add("pat", "patient", empi=None, by="admin", patient_role=True)
+    with pytest.raises(UserError, match="user name"):
+        store.add("Dr Ana", "clinician", empi=None, by="admin", patient_role=False)
+    pat, _ = store.add("pat", "patient", empi=EMPI, by="admin", patient_role=True)
+    assert pat.empi == EMPI
+    admin, _ = store.ensure_admin()
+    with pytest.raises(UserError, match="rotate it instead"):
+        store.revoke("admin")
+    # Everything survives a restart.
+    store.close()
+    again = UserStore(tmp_path, "A")
+    assert again.get("dr.ana") == revoked and again.get("pat") == pat and again.ensure_admin() == (admin, False)
+    assert again.whois(pat.pseudonym) == pat
+
+
+def test_pseudonyms_are_keyed_per_institution(tmp_path):
+    a = UserStore(tmp_path / "a", "A") if (tmp_path / "a").mkdir() is None else None
+    b = UserStore(tmp_path / "b", "B") if (tmp_path / "b").mkdir() is None else None
+    assert a.pseudonym_of("dr.ana") != b.pseudonym_of("dr.ana")
+    assert a.pseudonym_of("dr.ana") == a.pseudonym_of("dr.ana") != a.pseudonym_of("dr.bo")
+    text = pseudonym_text(a.pseudonym_of("dr.ana"))
+    assert text.startswith("U") and len(text) == 25 and pseudonym_bytes(text) == a.pseudonym_of("dr.ana")
+    with pytest.raises(UserError):
+        pseudonym_bytes("dr.ana")
+    # Losing the key while users exist would silently give everyone new pseudonyms: refused.
+    a.add("dr.ana", "clinician", empi=None, by="admin", patient_role=False)
+    a.close()
+    (tmp_path / "a" / USERS_KEY).unlink()
+    with pytest.raises(CryptoError, match="restore it"):
+        UserStore(tmp_path / "a", "A")
+
+
+def test_failed_credentials_lock_a_name_out_for_longer_and_longer(tmp_path):
+    store = UserStore(tmp_path, "A")
+    _, token = store.add("dr.ana", "clinician", empi=None, by="admin", patient_role=False)
+    _, other = store.add("dr.bo", "clinician", empi=None, by="admin", patient_role=False)
+    throttle = Throttle()
+    now = 1000.0
+    for _ in range(FREE_FAILURES):
+        assert authenticate(store, throttle, "wrong", "dr.ana", now).status == 401
+    # Locked: even the right credential is not checked until the lockout ends.
+    locked = authenticate(store, throttle, token, "dr.ana", now + BASE_LOCKOUT / 2)
+    assert locked.status == 429 and locked.user is None and locked.retry_after > 0
+    # Another user, naming themselves, is not affected.
+    assert authenticate(store, throttle, other, "dr.bo", now).user.name == "dr.bo"
+    # Each further failure doubles the lockout, up to the cap.
+    now += BASE_LOCKOUT
+    assert authenticate(store, throttle, "wrong", "dr.ana", now).status == 401
+    assert throttle.locked("dr.ana", now) == pytest.approx(2 * BASE_LOCKOUT)
+    for _ in range(20):
+        now += MAX_LOCKOUT
+        authenticate(store, throttle, "wrong", "dr.ana", now)
+    assert throttle.locked("dr.ana", now) == pytest.approx(MAX_LOCKOUT)
+    # After the lockout, the right credential works and clears the count.
+    now += MAX_LOCKOUT
+    assert authenticate(store, throttle, token, "dr.ana", now).user.name == "dr.ana"
+    assert throttle.locked("dr.ana", now) == 0
+    # A credential that belongs to someone else than the name given is refused.
+    assert authenticate(store, throttle, other, "dr.ana", now).reason == "wrong_user"
+    assert authenticate(store, throttle, None, None, now).reason == "missing_credential"
