@@ -66,7 +66,8 @@ Sharing:
 ``audit.disclosures`` ``{"empi": E}`` -> every access granted to the patient's records
 ``audit.trace``       ``{"leaked": {"resource", "salt"}}`` -> the record and everyone it was served to
 ``events.subscribe``  ``{"empis": [E, ...], "own": bool}`` then one ``event`` notification per event
-``audit.trail``       also ``{"user": PSEUDONYM}``: everything that user did, and every pull they made
+``audit.trail``       also ``{"user": "INSTITUTION/PSEUDONYM"}`` (or the bare pseudonym): everything that
+                      user did, every pull they made, every request to name them
 ``audit.whois``       ``{"pseudonym": P}`` -> the user of this institution behind it (name, role, status);
                       with ``"at": INSTITUTION, "case": TEXT``, asks that institution on chain
                       (``whois.request``), and opens its sealed ``whois.answer``
@@ -109,9 +110,9 @@ from .records import fhir
 from .sharing import audit
 from .sharing.events import Subscription
 from .sharing.whois import WhoisError
-from .users.auth import FAILURE_DELAY, Outcome, Throttle, authenticate, bearer
-from .users.roles import METHODS, PATIENT_METHODS
-from .users.store import MIN_TOKEN_CHARS, TOKEN_FILE, User, UserError, pseudonym_bytes
+from .users.auth import FAILURE_SLOTS, FREE_FAILURES, MAX_DELAY, Outcome, Throttle, authenticate, bearer, claimed_key
+from .users.roles import ALWAYS, METHODS, PATIENT_METHODS, Role
+from .users.store import ADMIN_USER, MIN_TOKEN_CHARS, TOKEN_FILE, User, UserError, pseudonym_bytes
 
 if TYPE_CHECKING:
     from .node import Node
@@ -149,7 +150,7 @@ class _Disconnect(RpcError):
 def _pseudonym_param(value: Any) -> bytes:
     try:
         return pseudonym_bytes(value if isinstance(value, str) else "")
-    except UserError as exc:
+    except (UserError, ValueError) as exc:
         raise RpcError(-32602, f"user: {exc}") from exc
 
 
@@ -204,6 +205,7 @@ class ApiServer:
         self.users = node.users
         self.roles = node.roles
         self.throttle = Throttle()
+        self._failing = trio.CapacityLimiter(FAILURE_SLOTS)
         self.log = get_logger(node=node.name)
         self.denied = 0
         self._throttle_logged: dict[str, float] = {}
@@ -225,17 +227,20 @@ class ApiServer:
                     )
                     token, claimed = bearer(request.headers)
                     outcome = authenticate(self.users, self.throttle, token, claimed, trio.current_time())
-                    if outcome.user is None:
-                        self._denied(outcome, claimed)
-                        if outcome.status != 429:
-                            await trio.sleep(FAILURE_DELAY)
-                        headers = [(b"retry-after", str(int(outcome.retry_after) + 1).encode())] \
+                    if outcome.user is not None:
+                        ws = await request.accept()
+                if outcome.user is None:
+                    self._denied(outcome, claimed)
+                    # Answered late, a few at a time over the whole API: guessing is slow even in parallel.
+                    with trio.move_on_after(MAX_DELAY + 10):
+                        async with self._failing:
+                            await trio.sleep(outcome.delay)
+                        headers = [(b"retry-after", str(int(outcome.delay) + 1).encode())] \
                             if outcome.status == 429 else []
                         await request.reject(outcome.status, extra_headers=headers,
                                              body=f"{outcome.message}\n".encode())
-                        nursery.cancel_scope.cancel()
-                        return
-                    ws = await request.accept()
+                    nursery.cancel_scope.cancel()
+                    return
                 user = outcome.user
                 session = _Session(user.name, user.secret, user, ws, nursery)
                 self._sessions.add(session)
@@ -257,16 +262,17 @@ class ApiServer:
     def _denied(self, outcome: Outcome, claimed: str | None) -> None:
         self.denied += 1
         self.node.m_auth_denied.inc()
-        if outcome.status == 429:
-            # A flood of attempts against a locked name is logged once per lockout second, not each.
+        key = claimed_key(claimed)
+        if outcome.failures > FREE_FAILURES:
+            # A flood against one name is logged once a second, with its count, not once per attempt.
             now = trio.current_time()
-            key = claimed or ""
             if now - self._throttle_logged.get(key, -1e9) < 1.0:
                 return
             if len(self._throttle_logged) > 10_000:
                 self._throttle_logged.clear()
             self._throttle_logged[key] = now
-        self.log.warning("auth.denied", reason=outcome.reason, user=claimed, detail=outcome.message)
+        self.log.warning("auth.denied", reason=outcome.reason, user=key if claimed is not None else None,
+                         failures=outcome.failures, throttled=outcome.status == 429, detail=outcome.message)
 
     def _permit(self, session: _Session, method: str, params: dict[str, Any]) -> User:
         """The caller, if still active with the same credential and allowed this call; RpcError if not."""
@@ -277,6 +283,8 @@ class ApiServer:
             self.log.warning("auth.denied", reason=why, user=session.name, method=method)
             raise _Disconnect(-32000, f"user {session.name}: {why.replace('_', ' ')}; reconnect with a valid "
                                       "credential", reason=why)
+        if method in ALWAYS:
+            return user
         role = self.roles.get(user.role)
         purpose = params.get("purpose") if method == "records.pull" else None
         problem = None
@@ -539,9 +547,13 @@ class ApiServer:
                 empi = params.get("empi")
                 record = params.get("record_id")
                 actor = params.get("user")
+                institution = None
+                if isinstance(actor, str) and "/" in actor:
+                    institution, _, actor = actor.partition("/")
                 events = audit.trail(node.state, empi=_empi_param(empi, "empi") if empi is not None else None,
                                      record=_hex_param(record, "record_id", 16) if record is not None else None,
-                                     user=_pseudonym_param(actor) if actor is not None else None)
+                                     user=_pseudonym_param(actor) if actor is not None else None,
+                                     institution=institution)
                 return audit.audit_bundle(events, node.name) if params.get("fhir") is True else events
             if method == "audit.disclosures":
                 return audit.disclosures(node.state, _empi_param(params.get("empi"), "empi"))
@@ -667,6 +679,8 @@ class ApiServer:
         name = params.get("name")
         if not isinstance(name, str):
             raise RpcError(-32602, "name must be a user name")
+        mine = self.roles.get(user.role)
+        assert mine is not None  # _permit checked it
         try:
             if method == "users.add":
                 role_name = params.get("role")
@@ -674,12 +688,19 @@ class ApiServer:
                 if role is None:
                     raise RpcError(-32602, f"role must be one of {', '.join(sorted(self.roles.roles))} "
                                            f"({self.roles.source})")
+                self._may_manage(user, mine, role, name)
                 empi = params.get("empi")
                 if empi is not None:
                     _empi_param(empi, "empi")
                 added, credential = users.add(name, role.name, empi=empi, by=user.name, patient_role=role.patient)
                 self.log.info("users.added", user=name, role=role.name, pseudonym=added.alias, by=user.name)
                 return {**added.view(), "credential": credential}
+            target = users.get(name)
+            target_role = self.roles.get(target.role) if target is not None else None
+            if target is not None and (target_role is None or name == ADMIN_USER):
+                target_role = self.roles.get(ADMIN_USER)  # only who may do everything manages these
+            if target is not None and target_role is not None:
+                self._may_manage(user, mine, target_role, name)
             if method == "users.rotate":
                 rotated, credential = users.rotate(name)
                 self.log.info("users.rotated", user=name, by=user.name)
@@ -692,7 +713,19 @@ class ApiServer:
                 return revoked.view()
         except EhrnodeError as exc:
             raise RpcError(-32000, str(exc), reason=exc.reason) from exc
+        except OSError as exc:  # api.token could not be rewritten (disk full, permissions)
+            self.log.error("users.failed", user=name, method=method, error=str(exc))
+            raise RpcError(-32000, f"cannot write the new credential: {exc}", reason="io") from exc
         raise RpcError(-32601, f"unknown method {method!r}")
+
+    def _may_manage(self, user: User, mine: Role, role: Role, name: str) -> None:
+        """Refuse handing out, rotating or revoking more power than the caller's own role has."""
+        if not mine.includes(role):
+            self.node.m_auth_denied.inc()
+            self.log.warning("auth.denied", reason="forbidden", user=user.name, role=user.role,
+                             detail=f"manage {name} (role {role.name})")
+            raise RpcError(-32000, f"user {user.name} (role {user.role}) may not manage users of role {role.name}, "
+                                   "which may do more than their own", reason="forbidden")
 
     async def _whois_elsewhere(self, params: dict[str, Any], user: User) -> Any:
         """Ask another institution, on chain, who one of its pseudonyms is (the answer is sealed to us)."""

@@ -159,7 +159,9 @@ def add_commands(commands: Any, records: Any, with_config: Any) -> None:
         "in chain order. Here --user names whom to audit; act as someone with --as."), user_flags=("--as",))
     trail.add_argument("--empi")
     trail.add_argument("--record", metavar="RECORD_ID")
-    trail.add_argument("--user", dest="subject", metavar="PSEUDONYM", help="a user's pseudonym (U...)")
+    trail.add_argument("--user", dest="subject", metavar="[INSTITUTION/]PSEUDONYM",
+                       help="a user, as trace-leak names them (B/U...); a bare pseudonym (U...) matches it "
+                            "at any member")
     trail.add_argument("--json", action="store_true")
     trail.add_argument("--fhir", action="store_true", help="a FHIR Bundle of AuditEvent resources")
     trail.set_defaults(func=cmd_audit_trail)

@@ -136,7 +136,8 @@ def add_commands(commands: Any, audit_commands: Any, with_config: Any) -> None:
         "(whois.request, for --case): its answer is committed too, sealed to this member."))
     whois.add_argument("pseudonym")
     whois.add_argument("--at", metavar="INSTITUTION", help="ask this institution (audited on chain)")
-    whois.add_argument("--case", help="what the request is for (a case or inspection reference; on chain)")
+    whois.add_argument("--case", help="what the request is for: a case or inspection reference. It is on chain, "
+                                      "readable by every member: never a name")
     whois.add_argument("--timeout", type=float, default=30.0)
     whois.add_argument("--json", action="store_true")
     whois.set_defaults(func=cmd_audit_whois)

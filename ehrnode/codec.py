@@ -187,12 +187,12 @@ def decode_tagged(
 # --- schema helpers -------------------------------------------------------------
 
 
-def as_map(value: Any, what: str, keys: Iterable[str]) -> Mapping[str, Any]:
-    """``value`` as a map with exactly ``keys`` (no missing, no extra)."""
+def as_map(value: Any, what: str, keys: Iterable[str], optional: Iterable[str] = ()) -> Mapping[str, Any]:
+    """``value`` as a map with exactly ``keys`` and any of ``optional`` (nothing missing, nothing else)."""
     if not isinstance(value, dict):
         raise SchemaError(f"{what}: expected a map, got {type(value).__name__}")
     expected = set(keys)
-    present = set(value)
+    present = set(value) - (set(optional) & set(value))
     if present != expected:
         missing = sorted(map(str, expected - present))
         extra = sorted(map(str, present - expected))

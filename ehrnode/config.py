@@ -25,7 +25,7 @@ from . import codec, crypto
 from .consensus.types import ValidatorSet
 from .errors import ConfigError
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
 ROLES = ("institution", "regulator")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

@@ -76,6 +76,8 @@ GOSSIP_INTERVAL = 0.005
 SURVEY_RETRY = 2.0
 #: Event subscriptions open at once (``events.subscribe``, ``ehrnode watch``).
 MAX_EVENT_SUBSCRIBERS = 256
+#: After a start, how long to let the chain catch up before answering whois requests left open.
+WHOIS_CATCH_UP = 10.0
 #: A gossip frame's transactions, in bytes (well inside the 8 MiB frame limit).
 GOSSIP_FRAME_BYTES = 2 * 1024 * 1024
 DEFAULT_CORE = CoreConfig(
@@ -196,6 +198,16 @@ class Node:
         self.whois = WhoisDesk(name=self.name, genesis=self.genesis, sealing_key=self.sealing_key, state=self.state,
                                users=self.users, policy=policy,
                                hooks=WhoisHooks(submit=self.submit, wait_committed=self.wait_committed))
+
+    async def _answer_pending_whois(self) -> None:
+        """Answer whois requests made while this node was down, once it has had time to catch up
+        (answers committed since are found on the chain, and not given twice)."""
+        await trio.sleep(WHOIS_CATCH_UP)
+        try:
+            for request in self.whois.pending():
+                self.whois.answer(request)
+        except Exception as exc:  # noqa: BLE001 - an answer must never stop the node
+            self.log.error("whois.answer_failed", error=repr(exc))
 
     def _register_metrics(self) -> Registry:
         r = Registry()
@@ -445,8 +457,7 @@ class Node:
                 nursery.start_soon(self._ask_rounds)
             if self.records is not None:
                 nursery.start_soon(self.records.run_outbox)
-            for request in self.whois.pending():
-                self.whois.answer(request)
+            nursery.start_soon(self._answer_pending_whois)
             if self.notifier.watchdog_interval is not None:
                 nursery.start_soon(self._watchdog)
             self.log.info(

@@ -39,7 +39,6 @@ CREATE TABLE IF NOT EXISTS accesses (
     requested_at INTEGER NOT NULL, time INTEGER NOT NULL, height INTEGER NOT NULL, tx_id BLOB NOT NULL UNIQUE);
 CREATE INDEX IF NOT EXISTS accesses_record ON accesses(record);
 CREATE INDEX IF NOT EXISTS accesses_requester ON accesses(requester);
-CREATE INDEX IF NOT EXISTS accesses_user ON accesses(user);
 CREATE TABLE IF NOT EXISTS erasures (
     record BLOB PRIMARY KEY, owner TEXT NOT NULL, reason BLOB NOT NULL, time INTEGER NOT NULL,
     height INTEGER NOT NULL, tx_id BLOB NOT NULL);
@@ -63,6 +62,13 @@ class AccessLog:
         self._db = db
         self._chain_id = chain_id
         self._members = members
+        # State written before users existed has no user columns: add them (its requests named none).
+        columns = {row[1] for row in db.execute("PRAGMA table_info(accesses)")}
+        if "user" not in columns:
+            db.execute("ALTER TABLE accesses ADD COLUMN user BLOB NOT NULL DEFAULT x''")
+        if "user_role" not in columns:
+            db.execute("ALTER TABLE accesses ADD COLUMN user_role TEXT NOT NULL DEFAULT ''")
+        db.execute("CREATE INDEX IF NOT EXISTS accesses_user ON accesses(user)")
 
     # --- applying (inside the block's transaction) ---------------------------------------
 
@@ -89,7 +95,8 @@ class AccessLog:
                 return "invalid:not_owner"  # only the owner grants access to a record, and only to its own
             if db.execute("SELECT 1 FROM erasures WHERE record = ?", (request.record,)).fetchone():
                 return "invalid:erased"
-        db.execute(f"INSERT INTO accesses VALUES (?, ?, {', '.join('?' * len(ACCESS_COLUMNS))})", (
+        db.execute(f"INSERT INTO accesses (request, signed, {', '.join(ACCESS_COLUMNS)}) "
+                   f"VALUES (?, ?, {', '.join('?' * len(ACCESS_COLUMNS))})", (
             request_id, body["request"], request.record, submitter, request.requester, request.user, request.role,
             request.purpose,
             body["decision"], body["reason"], body["consent"], request.time, time_ms, height, tx_id,

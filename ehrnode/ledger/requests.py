@@ -28,7 +28,7 @@ PULL_DOMAIN = "ehrnode/pull/v1"
 MAX_REQUEST_BYTES = 1024
 NONCE_SIZE = 16
 USER_SIZE = 15
-ROLE_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+ROLE_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # whole string (fullmatch)
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,16 @@ class PullRequest:
     signature: bytes
 
     def _unsigned(self) -> dict[str, Any]:
-        return {"chain": self.chain_id, "requester": self.requester, "user": self.user, "role": self.role,
-                "owner": self.owner, "record": self.record, "purpose": self.purpose, "nonce": self.nonce,
-                "time": self.time}
+        unsigned = {"chain": self.chain_id, "requester": self.requester, "owner": self.owner, "record": self.record,
+                    "purpose": self.purpose, "nonce": self.nonce, "time": self.time}
+        if self.user:  # requests from before users existed name none, and read unchanged
+            unsigned.update(user=self.user, role=self.role)
+        return unsigned
 
     @classmethod
     def create(cls, *, chain_id: str, requester: str, user: bytes, role: str, owner: str, record: bytes,
                purpose: str, time_ms: int, identity: crypto.Identity) -> PullRequest:
-        if len(user) != USER_SIZE or not ROLE_PATTERN.match(role):
+        if len(user) != USER_SIZE or not ROLE_PATTERN.fullmatch(role):
             raise SchemaError("pull: a request names the user (pseudonym) and their role")
         unsigned = cls(chain_id, requester, user, role, owner, record, purpose, os.urandom(NONCE_SIZE), time_ms,
                        b"")
@@ -68,15 +70,20 @@ class PullRequest:
         if len(data) > MAX_REQUEST_BYTES:
             raise CodecError(f"pull request of {len(data)} bytes", reason="too_large")
         m = as_map(codec.decode(data, max_size=MAX_REQUEST_BYTES), "pull",
-                   ("chain", "requester", "user", "role", "owner", "record", "purpose", "nonce", "time", "sig"))
+                   ("chain", "requester", "owner", "record", "purpose", "nonce", "time", "sig"),
+                   optional=("user", "role"))
         purpose = as_str(m["purpose"], "pull.purpose", max_len=16)
         if purpose not in PURPOSES:
             raise SchemaError(f"pull.purpose: one of {', '.join(PURPOSES)}")
-        if not ROLE_PATTERN.match(as_str(m["role"], "pull.role", max_len=32)):
+        if ("user" in m) != ("role" in m):
+            raise SchemaError("pull: a request names both the user and their role, or neither")
+        user = as_bytes(m["user"], "pull.user", size=USER_SIZE) if "user" in m else b""
+        role = as_str(m["role"], "pull.role", max_len=32) if "role" in m else ""
+        if user and not ROLE_PATTERN.fullmatch(role):
             raise SchemaError("pull.role: a role name")
         return cls(
             as_str(m["chain"], "pull.chain", max_len=64), as_str(m["requester"], "pull.requester", max_len=32),
-            as_bytes(m["user"], "pull.user", size=USER_SIZE), m["role"],
+            user, role,
             as_str(m["owner"], "pull.owner", max_len=32), as_bytes(m["record"], "pull.record", size=16), purpose,
             as_bytes(m["nonce"], "pull.nonce", size=NONCE_SIZE), as_uint(m["time"], "pull.time"),
             as_bytes(m["sig"], "pull.sig", size=crypto.SIGNATURE_SIZE),

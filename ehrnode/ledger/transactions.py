@@ -3,8 +3,9 @@
 On the wire and in blocks a transaction is the canonical CBOR of
 ``{"kind", "chain", "submitter", "actor", "time", "nonce", "body", "sig"}``; its id
 is the SHA-256 of exactly those bytes. ``actor`` is the submitting member's
-pseudonym for the user who acted (15 bytes, see :mod:`ehrnode.users.store`), or
-empty when the node acted on its own (an owner deciding a pull by policy). The signature covers everything else, under a
+pseudonym for the user who acted (15 bytes, see :mod:`ehrnode.users.store`); it
+is absent when the node acted on its own (an owner deciding a pull by policy),
+which is also how transactions from before users existed read, unchanged. The signature covers everything else, under a
 domain tag and the chain id, so a transaction cannot be replayed on another
 chain or as another kind of message. ``body`` is kind-specific and checked
 by the kind's own schema.
@@ -37,8 +38,8 @@ def _note_body(body: Any) -> dict[str, Any]:
     return dict(m)
 
 
-_RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
-_SETTING = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+_RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}\Z")
+_SETTING = re.compile(r"^[A-Za-z0-9_.-]{1,32}\Z")
 
 
 def _anchor_body(body: Any) -> dict[str, Any]:
@@ -65,7 +66,7 @@ def _anchor_body(body: Any) -> dict[str, Any]:
 
 #: An institution's pseudonym for one of its patients (its EMPI enrolment id).
 ENROLMENT_SIZE = 16
-EMPI_PATTERN = re.compile(r"^E[A-Z2-7]{24}$")
+EMPI_PATTERN = re.compile(r"^E[A-Z2-7]{24}\Z")
 
 
 def _empi(value: Any, what: str) -> str:
@@ -234,10 +235,13 @@ class Transaction:
     actor: bytes = b""
 
     def _unsigned(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind, "chain": self.chain_id, "submitter": self.submitter, "actor": self.actor,
-            "time": self.time, "nonce": self.nonce, "body": self.body,
+        unsigned = {
+            "kind": self.kind, "chain": self.chain_id, "submitter": self.submitter, "time": self.time,
+            "nonce": self.nonce, "body": self.body,
         }
+        if self.actor:
+            unsigned["actor"] = self.actor
+        return unsigned
 
     @cached_property
     def encoded(self) -> bytes:
@@ -273,7 +277,7 @@ class Transaction:
         if len(data) > MAX_TX_BYTES:
             raise CodecError(f"transaction of {len(data)} bytes exceeds {MAX_TX_BYTES}", reason="too_large")
         m = as_map(codec.decode(data, max_size=MAX_TX_BYTES), "transaction",
-                   ("kind", "chain", "submitter", "actor", "time", "nonce", "body", "sig"))
+                   ("kind", "chain", "submitter", "time", "nonce", "body", "sig"), optional=("actor",))
         kind = as_str(m["kind"], "transaction.kind", max_len=32)
         if kind not in KINDS:
             raise SchemaError(f"transaction.kind: unknown kind {kind!r}")
@@ -285,10 +289,8 @@ class Transaction:
             as_bytes(m["nonce"], "transaction.nonce", size=NONCE_SIZE),
             KINDS[kind](m["body"]),
             as_bytes(m["sig"], "transaction.sig", size=crypto.SIGNATURE_SIZE),
-            as_bytes(m["actor"], "transaction.actor", max_len=ACTOR_SIZE),
+            as_bytes(m["actor"], "transaction.actor", size=ACTOR_SIZE) if "actor" in m else b"",
         )
-        if len(tx.actor) not in (0, ACTOR_SIZE):
-            raise SchemaError(f"transaction.actor: {ACTOR_SIZE} bytes or none")
         # The decoder checked that ``data`` is the canonical encoding: no need to encode again.
         tx.__dict__["encoded"] = data
         return tx

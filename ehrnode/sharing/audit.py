@@ -80,12 +80,13 @@ def _ordered(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def trail(state: LedgerState, *, empi: str | None = None, record: bytes | None = None,
-          user: bytes | None = None) -> list[dict[str, Any]]:
-    """Every event of one patient (``empi``), one record or one user (pseudonym), in chain order."""
+          user: bytes | None = None, institution: str | None = None) -> list[dict[str, Any]]:
+    """Every event of one patient (``empi``), one record or one user (pseudonym, of ``institution`` if
+    given), in chain order."""
     if sum(x is not None for x in (empi, record, user)) != 1:
         raise AuditError("give one of an EMPI, a record id or a user pseudonym", reason="usage")
     if user is not None:
-        return _user_events(state, user)
+        return _user_events(state, user, institution)
     if record is not None:
         anchors = state.anchors(record=record)
         if not anchors:
@@ -105,10 +106,17 @@ def trail(state: LedgerState, *, empi: str | None = None, record: bytes | None =
     return _ordered(events)
 
 
-def _user_events(state: LedgerState, user: bytes) -> list[dict[str, Any]]:
-    """Everything a user did: each transaction carrying their pseudonym, and each pull they made."""
+def _user_events(state: LedgerState, user: bytes, institution: str | None) -> list[dict[str, Any]]:
+    """Everything a user did: each transaction carrying their pseudonym, each pull they made, and each
+    time someone asked who they are.
+
+    A pseudonym is only its institution's to give: with ``institution``, transactions of other members
+    that carry the same bytes (which only a member misbehaving would write) are left out.
+    """
     events: list[dict[str, Any]] = []
     for action in state.actions(user):
+        if institution is not None and action["submitter"] != institution:
+            continue
         if action["kind"] == "record.anchor":
             anchor = state.anchors(tx_id=action["tx_id"])
             if anchor:
@@ -118,13 +126,13 @@ def _user_events(state: LedgerState, user: bytes) -> list[dict[str, Any]]:
             "event": "action", "kind": action["kind"], "who": action["submitter"], "user": actor_text(action["actor"]),
             "time": action["time"], "height": action["height"], "tx_id": action["tx_id"].hex(),
         })
-    accesses = state.access.accesses(user=user)
+    accesses = state.access.accesses(user=user, requester=institution)
     types = {}
     for record in {a["record"] for a in accesses}:
         found = state.anchors(record=record)
         types[record] = found[0]["resource_type"] if found else None
     events.extend({**_access_event(a), "resource_type": types.get(a["record"])} for a in accesses)
-    for w in state.whois.requests(pseudonym=user):
+    for w in state.whois.requests(pseudonym=user, institution=institution):
         # Someone asked who this user is: the request, and the answer if there is one (not its content).
         events.append({
             "event": "whois", "who": w["asker"], "user": actor_text(w["actor"]), "institution": w["institution"],

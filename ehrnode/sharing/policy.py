@@ -41,9 +41,9 @@ from ..errors import ConfigError
 from ..ledger.consent import Decision
 from ..ledger.transactions import CONSENT_PURPOSES
 
-_RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
-_USER_ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}\Z")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
+_USER_ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 OVERRIDES = ("none", "missing", "revoked")
 
 

@@ -1,4 +1,4 @@
-"""Who is calling: credentials at the websocket handshake, and brute force slowed down.
+"""Who is calling: credentials at the websocket handshake, and failed guesses slowed down.
 
 Theory of operation
 -------------------
@@ -7,15 +7,20 @@ optionally, ``X-Ehrnode-User: <name>``. The credential's hash picks the user;
 a name given must be that user's, so a credential copied into the wrong
 script fails loudly instead of acting as someone else.
 
+A correct credential is always accepted at once. Credentials are 256-bit
+secrets: no rate of guessing can find one, so the throttle is there to make
+guessing slow, visible and cheap to refuse, and it never locks a legitimate
+user out (a lockout keyed on a name anyone can claim would let any local
+process shut the admin out).
+
 Failures are refused with a clear HTTP status (401 wrong or missing, 403
-revoked, 429 throttled) and logged as ``auth.denied``. Each failure is
-answered only after a short delay, and failures are counted per claimed
-name (attempts without a name share one count): after ``FREE_FAILURES`` in
-a row, that name is locked out for a time that doubles with every further
-failure, up to ``MAX_LOCKOUT``. While locked out, attempts are refused
-without being checked, so guessing cannot go faster than the lockout
-allows; another user, who sends their own name, is not affected. A
-success clears the count.
+revoked, 429 once the name has failed ``FREE_FAILURES`` times), logged as
+``auth.denied`` and answered only after a delay: ``FAILURE_DELAY`` at first,
+then doubling with each further failure for the same claimed name (attempts
+naming no user share one count), up to ``MAX_DELAY``. The delays are served
+``FAILURE_SLOTS`` at a time over the whole API, so guessing in parallel
+waits its turn too. A success clears the name's count; ``FORGET_AFTER``
+seconds without a failure forget it.
 """
 
 from __future__ import annotations
@@ -24,25 +29,24 @@ import hmac
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .store import User, UserStore
+from .store import USER_NAME, User, UserStore
 
 FREE_FAILURES = 5
-BASE_LOCKOUT = 1.0
-MAX_LOCKOUT = 300.0
-#: How long a failure is answered after (slows one connection guessing in a loop).
 FAILURE_DELAY = 0.25
-#: Failures are forgotten after this long without another.
+MAX_DELAY = 5.0
+#: Failed handshakes being answered (delayed) at once, over the whole API.
+FAILURE_SLOTS = 4
 FORGET_AFTER = 900.0
 #: Claimed names tracked at once (the oldest are forgotten first).
 MAX_TRACKED = 10_000
 ANONYMOUS = "(no name)"
+NOT_A_NAME = "(not a user name)"
 
 
 @dataclass
 class _Count:
     failures: int = 0
     last: float = 0.0
-    locked_until: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -51,31 +55,25 @@ class Outcome:
     status: int  # HTTP status to refuse with (0: accepted)
     reason: str  # auth.denied reason
     message: str
-    retry_after: float = 0.0
+    delay: float = 0.0  # how long to wait before refusing
+    failures: int = 0  # recent failures for this name
 
 
 class Throttle:
     def __init__(self) -> None:
         self._counts: OrderedDict[str, _Count] = OrderedDict()
 
-    def locked(self, key: str, now: float) -> float:
-        """Seconds ``key`` stays locked out (0: not locked)."""
+    def failures(self, key: str, now: float) -> int:
         count = self._counts.get(key)
-        if count is None:
-            return 0.0
-        if now - count.last > FORGET_AFTER:
-            del self._counts[key]
-            return 0.0
-        return max(0.0, count.locked_until - now)
+        return 0 if count is None or now - count.last > FORGET_AFTER else count.failures
 
     def fail(self, key: str, now: float) -> int:
+        """Count one failure for ``key``; returns its recent failures."""
         count = self._counts.pop(key, None) or _Count()
         if now - count.last > FORGET_AFTER:
             count = _Count()
         count.failures += 1
         count.last = now
-        if count.failures >= FREE_FAILURES:
-            count.locked_until = now + min(MAX_LOCKOUT, BASE_LOCKOUT * 2 ** (count.failures - FREE_FAILURES))
         self._counts[key] = count
         while len(self._counts) > MAX_TRACKED:
             self._counts.popitem(last=False)
@@ -83,6 +81,19 @@ class Throttle:
 
     def succeed(self, key: str) -> None:
         self._counts.pop(key, None)
+
+
+def delay_for(failures: int) -> float:
+    if failures < FREE_FAILURES:
+        return FAILURE_DELAY
+    return min(MAX_DELAY, FAILURE_DELAY * 2 ** (failures - FREE_FAILURES + 1))
+
+
+def claimed_key(name: str | None) -> str:
+    """What a claimed name is counted (and logged) under: never a credential pasted as a name."""
+    if name is None:
+        return ANONYMOUS
+    return name if USER_NAME.fullmatch(name) else NOT_A_NAME
 
 
 def bearer(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None]:
@@ -101,23 +112,24 @@ def bearer(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None]:
 
 def authenticate(store: UserStore, throttle: Throttle, token: str | None, name: str | None,
                  now: float) -> Outcome:
-    key = name or ANONYMOUS
-    wait = throttle.locked(key, now)
-    if wait > 0:
-        return Outcome(None, 429, "throttled", f"too many failed attempts for {key}: retry in {wait:.0f} s",
-                       wait)
+    key = claimed_key(name)
+    user = store.by_token(token) if token else None
+    if user is not None and user.active and (name is None or hmac.compare_digest(name.encode(),
+                                                                                  user.name.encode())):
+        throttle.succeed(key)
+        return Outcome(user, 0, "", "")
+    failures = throttle.fail(key, now)
     if not token:
-        throttle.fail(key, now)
-        return Outcome(None, 401, "missing_credential", "no credential: send Authorization: Bearer <credential>")
-    user = store.by_token(token)
-    if user is None:
-        throttle.fail(key, now)
-        return Outcome(None, 401, "bad_credential", "wrong credential" + (f" for user {name}" if name else ""))
-    if not user.active:
-        throttle.fail(key, now)
-        return Outcome(None, 403, "revoked", f"user {user.name} is revoked")
-    if name is not None and not hmac.compare_digest(name.encode(), user.name.encode()):
-        throttle.fail(key, now)
-        return Outcome(None, 401, "wrong_user", f"this credential is not user {name}'s")
-    throttle.succeed(key)
-    return Outcome(user, 0, "", "")
+        reason, status, message = "missing_credential", 401, "no credential: send Authorization: Bearer <credential>"
+    elif user is None:
+        reason, status, message = "bad_credential", 401, "wrong credential" + (
+            f" for user {key}" if name is not None else "")
+    elif not user.active:
+        reason, status, message = "revoked", 403, f"user {user.name} is revoked"
+    else:
+        reason, status, message = "wrong_user", 401, f"this credential is not user {key}'s"
+    delay = delay_for(failures)
+    if failures >= FREE_FAILURES and status == 401:
+        status = 429
+        message += f"; {failures} failed attempts for {key}: each is answered after {delay:g} s"
+    return Outcome(None, status, reason, message, delay, failures)

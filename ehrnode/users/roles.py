@@ -50,7 +50,7 @@ PATIENT_METHODS = frozenset({
     "records.list", "audit.disclosures", "audit.trail", "consent.show", "consent.grant", "consent.revoke",
 })
 ALWAYS = frozenset({"users.whoami"})
-ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 ADMIN = "admin"
 
 
@@ -67,6 +67,18 @@ class Role:
         if {"*", method, group} & self.allow:
             return True
         return purpose is not None and f"{method}:{purpose}" in self.allow
+
+    def includes(self, other: Role) -> bool:
+        """Whether this role may do everything ``other`` may (who may hand ``other`` out)."""
+        if "*" in self.allow:
+            return True
+        for permission in other.allow:
+            method, _, purpose = permission.partition(":")
+            if permission == "*" or (permission.endswith(".*") and permission not in self.allow):
+                return False
+            if not permission.endswith(".*") and not self.permits(method, purpose or None):
+                return False
+        return True
 
 
 @dataclass(frozen=True)

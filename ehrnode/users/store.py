@@ -48,8 +48,8 @@ USERS_KEY = "users.key"
 TOKEN_FILE = "api.token"
 ADMIN_USER = "admin"
 PSEUDONYM_SIZE = ACTOR_SIZE
-PSEUDONYM_PATTERN = re.compile(r"^U[A-Z2-7]{24}$")
-USER_NAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}$")
+PSEUDONYM_PATTERN = re.compile(r"^U[A-Z2-7]{24}\Z")
+USER_NAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}\Z")
 MIN_TOKEN_CHARS = 32
 _PSEUDONYM_DOMAIN = b"ehrnode/user-pseudonym/v1\x00"
 

@@ -68,3 +68,45 @@ def test_whois_requests_go_to_another_institution_and_are_answered_once_by_it(tm
         answer(asked, reason="policy")  # a refusal carries nothing sealed
     with pytest.raises(SchemaError, match="case"):
         acted("whois.request", {"epoch": 0, "institution": "B", "pseudonym": ANA, "case": " "}, "R")
+
+
+def test_transactions_and_requests_from_before_users_read_unchanged(tmp_path):
+    from ehrnode.ledger.requests import PullRequest
+
+    plain = tx("note", {"text": "written before users"})
+    wire = codec.decode(plain.encoded)
+    assert "actor" not in wire  # the node acting by itself writes no actor: old bytes, old id
+    assert Transaction.decode(plain.encoded).id == plain.id
+    wire["actor"] = b""
+    with pytest.raises(SchemaError, match="actor"):  # one encoding per value: an empty actor is absent
+        Transaction.decode(codec.encode(wire))
+    old = {"chain": "c", "requester": "B", "owner": "A", "record": b"r" * 16, "purpose": "treatment",
+           "nonce": b"n" * 16, "time": 5, "sig": b"s" * 64}
+    request = PullRequest.decode(codec.encode(old))
+    assert (request.user, request.role) == (b"", "") and request.encode() == codec.encode(old)
+    with pytest.raises(SchemaError, match="both"):
+        PullRequest.decode(codec.encode({**old, "user": b"u" * 15}))
+    with pytest.raises(SchemaError, match="role"):
+        PullRequest.decode(codec.encode({**old, "user": b"u" * 15, "role": "clinician\n"}))
+
+
+def test_a_ledger_state_written_before_users_gains_their_columns(tmp_path):
+    import sqlite3
+
+    from ehrnode.ledger.state import LedgerState
+
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path)
+    db.executescript("""CREATE TABLE accesses (
+        request BLOB PRIMARY KEY, signed BLOB NOT NULL, record BLOB NOT NULL, owner TEXT NOT NULL,
+        requester TEXT NOT NULL, purpose TEXT NOT NULL, decision TEXT NOT NULL, reason TEXT NOT NULL,
+        consent BLOB NOT NULL, requested_at INTEGER NOT NULL, time INTEGER NOT NULL, height INTEGER NOT NULL,
+        tx_id BLOB NOT NULL UNIQUE);
+        INSERT INTO accesses VALUES (x'01', x'02', x'03', 'A', 'B', 'treatment', 'granted', 'granted', x'', 1, 2,
+                                     3, x'04');""")
+    db.commit()
+    db.close()
+    state = LedgerState(path, "c", {})
+    (row,) = state.access.accesses()
+    assert (row["requester"], row["user"], row["user_role"], row["purpose"]) == ("B", b"", "", "treatment")
+    assert state.access.accesses(user=b"") == [row]
