@@ -7,11 +7,11 @@ Starts four `ehrnode run` processes from a fresh `consortium init`, adds users a
 * calls: `--calls` sequential `users.whoami` calls on one open connection (each re-checks the
   user and their role), per second;
 * guessing: for `--seconds`, one client guesses one user's credential as fast as the node
-  answers, and another guesses without naming a user; reported: attempts, how many were
-  actually checked (HTTP 401) and how many were refused unchecked (429), i.e. the guessing
-  rate the throttle allows; meanwhile a third user connects once a second, unaffected.
+  answers, another guesses naming no user, and `--parallel` more guess at once, each under a
+  name of its own; reported: attempts per minute (the rate the throttle allows) and how they
+  were refused; meanwhile another user connects once a second with the right credential.
 
-    python benchmarks/auth.py [--connections 300] [--calls 2000] [--seconds 30] [--json]
+    python benchmarks/auth.py [--connections 300] [--calls 2000] [--seconds 30] [--parallel 32] [--json]
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ async def calls(cluster: LocalConsortium, credential: str, count: int) -> dict:
     return {"calls": count, "per_s": round(count / elapsed, 1), "mean_ms": round(1000 * elapsed / count, 3)}
 
 
-async def guessing(cluster: LocalConsortium, bystander: str, seconds: float) -> dict:
+async def guessing(cluster: LocalConsortium, bystander: str, seconds: float, parallel: int) -> dict:
     config = cluster.configs["A"]
-    outcomes: dict[str, Counter[str]] = {"named": Counter(), "unnamed": Counter()}
+    outcomes: dict[str, Counter[str]] = {"named": Counter(), "unnamed": Counter(), "parallel": Counter()}
     bystander_ok: list[float] = []
     deadline = time.perf_counter() + seconds
 
@@ -88,13 +88,17 @@ async def guessing(cluster: LocalConsortium, bystander: str, seconds: float) -> 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(guess, "named", "dr.ana")
         nursery.start_soon(guess, "unnamed", None)
+        for k in range(parallel):
+            nursery.start_soon(guess, "parallel", f"sprayed{k}")
         nursery.start_soon(bystand)
     elapsed = time.perf_counter() - start
-    report = {"seconds": round(elapsed, 1)}
+    report = {"seconds": round(elapsed, 1), "parallel_guessers": parallel}
     for kind, counts in outcomes.items():
-        report[kind] = {"attempts": sum(counts.values()), "checked": counts["unauthorized"],
-                        "refused_unchecked": counts["throttled"], "accepted": counts["accepted"],
-                        "checked_per_minute": round(60 * counts["unauthorized"] / elapsed, 1)}
+        attempts = sum(counts.values())
+        report[kind] = {"attempts": attempts, "per_minute": round(60 * attempts / elapsed, 1),
+                        "refused_401": counts["unauthorized"], "refused_429": counts["throttled"],
+                        "gave_up": attempts - counts["unauthorized"] - counts["throttled"] - counts["accepted"],
+                        "accepted": counts["accepted"]}
     bystander_ok.sort()
     report["bystander"] = {"connections": len(bystander_ok), "p50_ms": percentile(bystander_ok, 0.5),
                            "max_ms": round(bystander_ok[-1], 1) if bystander_ok else None}
@@ -106,6 +110,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=300)
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--parallel", type=int, default=32, help="guessers spraying distinct names at once")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ehrnode-bench-auth-") as tmp:
@@ -118,7 +123,7 @@ def main() -> int:
             report = {
                 "connections": trio.run(connections, cluster, ana, args.connections),
                 "calls": trio.run(calls, cluster, ana, args.calls),
-                "guessing": trio.run(guessing, cluster, bo, args.seconds),
+                "guessing": trio.run(guessing, cluster, bo, args.seconds, args.parallel),
             }
         finally:
             cluster.stop_all()
@@ -128,10 +133,12 @@ def main() -> int:
     c, k, g = report["connections"], report["calls"], report["guessing"]
     print(f"connect + whoami + close: {c['per_s']} /s (p50 {c['p50_ms']} ms, p99 {c['p99_ms']} ms)")
     print(f"calls on one connection:  {k['per_s']} /s ({k['mean_ms']} ms each, role re-checked per call)")
-    for kind in ("named", "unnamed"):
+    for kind, what in (("named", "one guesser naming dr.ana"), ("unnamed", "one guesser naming nobody"),
+                       ("parallel", f"{g['parallel_guessers']} guessers, each its own name")):
         r = g[kind]
-        print(f"guessing ({kind} user), {g['seconds']} s: {r['attempts']} attempts, {r['checked']} checked "
-              f"({r['checked_per_minute']}/min), {r['refused_unchecked']} refused unchecked, {r['accepted']} accepted")
+        print(f"guessing, {what}, {g['seconds']} s: {r['attempts']} attempts ({r['per_minute']}/min): "
+              f"{r['refused_401']} refused 401, {r['refused_429']} refused 429, {r['gave_up']} gave up waiting, "
+              f"{r['accepted']} accepted")
     b = g["bystander"]
     print(f"another user meanwhile: {b['connections']} connections, p50 {b['p50_ms']} ms, max {b['max_ms']} ms")
     return 0
