@@ -110,7 +110,10 @@ from .records import fhir
 from .sharing import audit
 from .sharing.events import Subscription
 from .sharing.whois import WhoisError
-from .users.auth import FAILURE_SLOTS, FREE_FAILURES, MAX_DELAY, Outcome, Throttle, authenticate, bearer, claimed_key
+from .users.auth import (
+    FAILURE_SLOTS, FREE_FAILURES, MAX_DELAY, MAX_WAITING_FAILURES, Outcome, Throttle, authenticate, bearer,
+    claimed_key,
+)
 from .users.roles import ALWAYS, METHODS, PATIENT_METHODS, Role
 from .users.store import ADMIN_USER, MIN_TOKEN_CHARS, TOKEN_FILE, User, UserError, pseudonym_bytes
 
@@ -231,7 +234,11 @@ class ApiServer:
                         ws = await request.accept()
                 if outcome.user is None:
                     self._denied(outcome, claimed)
-                    # Answered late, a few at a time over the whole API: guessing is slow even in parallel.
+                    # Answered late, a few at a time over the whole API: wrong answers come slowly however
+                    # many guess at once. Past a queue of them, a failure is just closed: no socket is held.
+                    if self._failing.statistics().tasks_waiting >= MAX_WAITING_FAILURES:
+                        nursery.cancel_scope.cancel()
+                        return
                     with trio.move_on_after(MAX_DELAY + 10):
                         async with self._failing:
                             await trio.sleep(outcome.delay)

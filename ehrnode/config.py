@@ -13,6 +13,7 @@ bad configuration before it opens anything.
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import re
 import tomllib
@@ -154,6 +155,24 @@ def _read_toml(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from exc
+
+
+def load_settings(path: Path | None, package: str, default: str, what: str) -> tuple[dict[str, Any], str]:
+    """A settings file an institution may replace: ``path``'s TOML, or the packaged ``default`` of
+    ``package`` when None; with the name its errors are reported under. Raises ConfigError."""
+    if path is None:
+        source = f"default {what}"
+        text = (importlib.resources.files(package) / default).read_text(encoding="utf-8")
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{source}: cannot read the {what}: {exc}") from exc
+    try:
+        return tomllib.loads(text), source
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
 
 
 def _field(table: dict[str, Any], key: str, kind: type, where: str) -> Any:

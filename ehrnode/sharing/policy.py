@@ -29,14 +29,12 @@ or a malformed resource type name, stops the node with the file and the place.
 
 from __future__ import annotations
 
-import importlib.resources
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ROLES
+from ..config import ROLES, load_settings
 from ..errors import ConfigError
 from ..ledger.consent import Decision
 from ..ledger.transactions import CONSENT_PURPOSES
@@ -106,20 +104,7 @@ class AccessPolicy:
 
 def load_policy(path: Path | None = None) -> AccessPolicy:
     """Load and check a policy file; None loads the packaged default. Raises ConfigError."""
-    if path is None:
-        source = "default access policy"
-        text = (importlib.resources.files(__package__) / "default_policy.toml").read_text(encoding="utf-8")
-    else:
-        source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{source}: cannot read the access policy: {exc}") from exc
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-    return _build(doc, source)
+    return _build(*load_settings(path, __package__, "default_policy.toml", "access policy"))
 
 
 def _build(doc: dict[str, Any], source: str) -> AccessPolicy:

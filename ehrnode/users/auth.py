@@ -34,8 +34,10 @@ from .store import USER_NAME, User, UserStore
 FREE_FAILURES = 5
 FAILURE_DELAY = 0.25
 MAX_DELAY = 5.0
-#: Failed handshakes being answered (delayed) at once, over the whole API.
+#: Failed handshakes being answered (delayed) at once, over the whole API, and waiting their turn;
+#: failures beyond those are closed without an answer.
 FAILURE_SLOTS = 4
+MAX_WAITING_FAILURES = 64
 FORGET_AFTER = 900.0
 #: Claimed names tracked at once (the oldest are forgotten first).
 MAX_TRACKED = 10_000

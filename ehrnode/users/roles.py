@@ -23,13 +23,12 @@ setting, a patient role allowed a method that names no patient, or a missing
 
 from __future__ import annotations
 
-import importlib.resources
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import load_settings
 from ..errors import ConfigError
 from ..ledger.requests import PURPOSES
 
@@ -92,20 +91,7 @@ class Roles:
 
 def load_roles(path: Path | None = None) -> Roles:
     """Load and check a roles file; None loads the packaged default. Raises ConfigError."""
-    if path is None:
-        source = "default roles"
-        text = (importlib.resources.files(__package__) / "default_roles.toml").read_text(encoding="utf-8")
-    else:
-        source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{source}: cannot read the roles file: {exc}") from exc
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-    return _build(doc, source)
+    return _build(*load_settings(path, __package__, "default_roles.toml", "roles file"))
 
 
 def _permission_ok(permission: str) -> bool:
