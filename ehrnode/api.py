@@ -102,6 +102,7 @@ from trio_websocket import ConnectionClosed
 from .codec import MAX_UINT
 from .errors import (
     AdmissionError, CodecError, CryptoError, EhrnodeError, FhirError, IntegrityError, PullError, SchemaError,
+    innermost,
 )
 from .ledger.empi_registry import scoped_enrolment
 from .ledger.transactions import CONSENT_PURPOSES, EMPI_PATTERN, ENROLMENT_SIZE, KINDS
@@ -225,8 +226,13 @@ class ApiServer:
         try:
             async with trio.open_nursery() as nursery:
                 with trio.fail_after(10):
+                    conn: trio.abc.Stream = stream
+                    tls = self.node.tls.api_server if self.node.tls is not None else None
+                    if tls is not None:
+                        conn = trio.SSLStream(stream, tls, server_side=True)
+                        await conn.do_handshake()
                     request = await trio_websocket.wrap_server_stream(
-                        nursery, stream, max_message_size=MAX_REQUEST_BYTES, message_queue_size=4,
+                        nursery, conn, max_message_size=MAX_REQUEST_BYTES, message_queue_size=4,
                     )
                     token, claimed = bearer(request.headers)
                     outcome = authenticate(self.users, self.throttle, token, claimed, trio.current_time())
@@ -258,10 +264,12 @@ class ApiServer:
                 nursery.cancel_scope.cancel()
         except trio.Cancelled:
             raise
-        except (ConnectionClosed, trio.TooSlowError, trio_websocket.HandshakeError, OSError):
-            pass
-        except Exception as exc:  # noqa: BLE001 - one client's failure must not stop the API
-            self.log.warning("api.error", error=repr(exc))
+        except Exception as group:  # noqa: BLE001 - one client's failure must not stop the API
+            exc = innermost(group)
+            if isinstance(exc, trio.BrokenResourceError):  # a client that does not speak TLS, or gave up
+                self.log.info("api.tls_failed", error=str(exc.__cause__ or exc))
+            elif not isinstance(exc, (ConnectionClosed, trio.TooSlowError, trio_websocket.HandshakeError, OSError)):
+                self.log.warning("api.error", error=repr(exc))
         finally:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)

@@ -106,6 +106,7 @@ def cmd_consortium_init(args: argparse.Namespace) -> int:
 
     genesis = init_consortium(
         args.dir, args.institutions, args.regulator, host=args.host, base_port=args.base_port, hosts=args.hosts,
+        tls=args.tls,
     )
     if args.json:
         print(json.dumps({
@@ -519,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="one host per member (institutions, then the regulator); each listens on --base-port")
     init.add_argument("--base-port", type=_positive, default=7100,
                       help="first peer port (members take consecutive ports; API ports start 100 higher)")
+    init.add_argument("--tls", action="store_true",
+                      help="also create the consortium's CA (ca/) and a TLS certificate for every member: peer "
+                           "links and local APIs then use mutually authenticated TLS 1.3")
     init.add_argument("--json", action="store_true", help="print one JSON document")
     init.set_defaults(func=cmd_consortium_init)
 

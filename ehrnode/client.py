@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import trio
 import trio_websocket
 
 from .api import read_token
 from .config import NodeConfig
-from .errors import EhrnodeError
+from .errors import EhrnodeError, ProtocolError, innermost
+from .net.tls import client_context, require_name
 from .users.store import ADMIN_USER
 
 
@@ -25,6 +27,39 @@ class ApiError(EhrnodeError):
     """The node answered a request with an error; ``reason`` is the node's reason, if it gave one."""
 
     reason = "api"
+
+
+@asynccontextmanager
+async def _open_tls(config: NodeConfig, headers: list[tuple[bytes, bytes]],
+                    timeout: float) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """A websocket to the node over TLS: its certificate from the consortium CA, naming this node,
+    checked before the credential is sent."""
+    assert config.tls is not None
+    address = config.api_listen
+    with trio.fail_after(timeout):
+        stream = trio.SSLStream(await trio.open_tcp_stream(address.host, address.port),
+                                client_context(config.tls.ca), server_hostname=None)
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            raise ProtocolError(f"TLS handshake refused: {exc.__cause__ or exc}", reason="tls") from exc
+        require_name(stream, config.name)
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(timeout):
+                ws = await trio_websocket.wrap_client_stream(nursery, stream, address.host, "/",
+                                                             extra_headers=headers, max_message_size=MAX_REPLY_BYTES)
+            try:
+                yield ws
+            finally:
+                with trio.move_on_after(2):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        inner = innermost(group)
+        if inner is group:
+            raise
+        raise inner  # as open_websocket does: the caller sees its own exception, not a group
 
 
 def _closed(exc: trio_websocket.ConnectionClosed) -> ApiError:
@@ -56,11 +91,17 @@ class ApiClient:
             headers.append((b"x-ehrnode-user", user.encode()))
         address = config.api_listen
         try:
+            if config.tls is not None and config.tls.api:
+                async with _open_tls(config, headers, timeout) as ws:
+                    yield cls(ws)
+                return
             async with trio_websocket.open_websocket(
                 address.host, address.port, "/", use_ssl=False, connect_timeout=timeout,
                 max_message_size=MAX_REPLY_BYTES, extra_headers=headers,
             ) as ws:
                 yield cls(ws)
+        except ProtocolError as exc:
+            raise ApiError(f"the node at {address} is not {config.name}: {exc}", reason="tls") from exc
         except trio_websocket.ConnectionRejected as exc:
             reason = {401: "unauthorized", 403: "revoked", 429: "throttled"}.get(exc.status_code, "rejected")
             detail = (exc.body or b"").decode("utf-8", "replace").strip() or f"HTTP {exc.status_code}"

@@ -93,6 +93,14 @@ class Genesis:
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+    api: bool = True
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     path: Path
     name: str
@@ -118,6 +126,9 @@ class NodeConfig:
     access_policy_path: Path | None = None
     #: The roles of the local API's users, replacing the packaged default.
     roles_path: Path | None = None
+    #: TLS with the consortium's CA ([tls]): the CA certificate, this member's certificate and key;
+    #: None: no TLS. ``tls_api``: the local API uses it too.
+    tls: TlsFiles | None = None
 
     def to_toml_dict(self) -> dict[str, Any]:
         def rel(p: Path) -> str:
@@ -142,6 +153,8 @@ class NodeConfig:
             }} if self.deid_profile_path or self.record_workers is not None else {}),
             **({"sharing": {"policy": rel(self.access_policy_path)}} if self.access_policy_path else {}),
             **({"users": {"roles": rel(self.roles_path)}} if self.roles_path else {}),
+            **({"tls": {"ca": rel(self.tls.ca), "cert": rel(self.tls.cert), "key": rel(self.tls.key),
+                        "api": self.tls.api}} if self.tls else {}),
         }
 
 
@@ -267,7 +280,19 @@ def load_node_config(path: Path) -> NodeConfig:
         **_workers(_table(doc, "records", where), f"{where} [records]"),
         access_policy_path=_optional_path(_table(doc, "sharing", where), "policy", f"{where} [sharing]", resolve),
         roles_path=_optional_path(_table(doc, "users", where), "roles", f"{where} [users]", resolve),
+        tls=_tls(_table(doc, "tls", where), f"{where} [tls]", resolve) if "tls" in doc else None,
     )
+
+
+def _tls(table: dict[str, Any], where: str, resolve: Any) -> TlsFiles:
+    unknown = set(table) - {"ca", "cert", "key", "api"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+    api = table.get("api", True)
+    if not isinstance(api, bool):
+        raise ConfigError(f"{where}: api must be true or false")
+    return TlsFiles(resolve(_field(table, "ca", str, where)), resolve(_field(table, "cert", str, where)),
+                    resolve(_field(table, "key", str, where)), api)
 
 
 def _workers(table: dict[str, Any], where: str) -> dict[str, int]:

@@ -8,6 +8,8 @@
     <name>/keys/sealing.pem   X25519 private key, mode 0600
     <name>/keys/master.key    the member's own records secret (vault, de-identification), 0600
     <name>/keys/consortium.key  institutions only: the shared EMPI pseudonym key, 0600
+    ca/ca.pem, ca/ca.key      with ``tls``: the consortium CA (keep ca.key offline)
+    <name>/keys/tls.pem, tls.key  with ``tls``: the member's certificate from that CA, and its key
 
 In a real deployment each institution generates its own keys on its own
 machine and sends only the public half; this command is for a consortium whose
@@ -24,8 +26,9 @@ from pathlib import Path
 import tomli_w
 
 from . import crypto
-from .config import Address, Genesis, Member, NodeConfig, check_name
+from .config import Address, Genesis, Member, NodeConfig, TlsFiles, check_name
 from .errors import ConfigError
+from .net.tls import create_ca, issue
 from .records.keys import create_secret
 
 GENESIS_FILE = "genesis.toml"
@@ -36,7 +39,7 @@ METRICS_PORT_OFFSET = 200
 
 def init_consortium(
     directory: Path, institutions: Sequence[str], regulator: str, *, host: str = "127.0.0.1", base_port: int = 7100,
-    hosts: Sequence[str] | None = None,
+    hosts: Sequence[str] | None = None, tls: bool = False,
 ) -> Genesis:
     """Create keys and configuration for every member; refuses to overwrite anything that exists.
 
@@ -58,8 +61,12 @@ def init_consortium(
     if existing:
         raise ConfigError(f"refusing to overwrite existing {existing[0]} (keys are never replaced)")
 
+    if tls and (directory / "ca").exists():
+        raise ConfigError(f"refusing to overwrite existing {directory / 'ca'} (keys are never replaced)")
     directory.mkdir(parents=True, exist_ok=True)
     consortium_secret = os.urandom(32)
+    chain_id = f"ehrnode-{secrets.token_hex(8)}"
+    ca = create_ca(directory / "ca", chain_id) if tls else None
     members = []
     configs = []
     for i, name in enumerate(names):
@@ -77,6 +84,10 @@ def init_consortium(
         members.append(Member(
             name, "regulator" if name == regulator else "institution", identity.public_key, sealing.public_key, peer,
         ))
+        tls_files = None
+        if ca is not None:
+            issue(*ca, name, keys / "tls.pem", keys / "tls.key")
+            tls_files = TlsFiles(ca[0], keys / "tls.pem", keys / "tls.key")
         node_path = directory / name / NODE_FILE
         configs.append(NodeConfig(
             path=node_path, name=name, genesis_path=directory / GENESIS_FILE, data_dir=directory / name / "data",
@@ -84,9 +95,9 @@ def init_consortium(
             peer_listen=peer, api_listen=Address("127.0.0.1", peer.port + API_PORT_OFFSET),
             log_level="info", metrics_listen=Address("127.0.0.1", peer.port + METRICS_PORT_OFFSET),
             master_key_path=keys / "master.key",
-            consortium_key_path=keys / "consortium.key" if is_institution else None,
+            consortium_key_path=keys / "consortium.key" if is_institution else None, tls=tls_files,
         ))
-    genesis = Genesis(f"ehrnode-{secrets.token_hex(8)}", tuple(members))
+    genesis = Genesis(chain_id, tuple(members))
     _write_toml(directory / GENESIS_FILE, genesis.to_toml_dict(),
                 "# Consortium genesis: public keys and addresses only. Identical at every member.\n")
     for config in configs:

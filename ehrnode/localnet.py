@@ -47,11 +47,11 @@ def free_base_port(count: int) -> int:
 class LocalConsortium:
     """Members of one consortium as `ehrnode run` processes on this machine, driven through their APIs."""
 
-    def __init__(self, root: Path, names: Sequence[str] = NAMES) -> None:
+    def __init__(self, root: Path, names: Sequence[str] = NAMES, *, tls: bool = False) -> None:
         self.root = root
         self.names = list(names)
         self.genesis = init_consortium(root, self.names[:-1], self.names[-1],
-                                       base_port=free_base_port(len(self.names)))
+                                       base_port=free_base_port(len(self.names)), tls=tls)
         self.configs: dict[str, NodeConfig] = {n: load_node_config(root / n / "node.toml") for n in self.names}
         self.procs: dict[str, subprocess.Popen] = {}
 

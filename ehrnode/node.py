@@ -63,6 +63,7 @@ from .users.roles import load_roles
 from .users.store import UserStore
 from .sharing.requester import Puller, RequesterHooks
 from .sharing.whois import WhoisDesk, WhoisHooks
+from .net.tls import TlsContexts, check_certificate
 from .sdnotify import Notifier
 
 CONSENSUS_INBOX = 10_000
@@ -148,8 +149,12 @@ class Node:
             recovery=self.block_store.recovery(), committed_lookup=self.block_store.get_block,
             committed_at=self.block_store.block_at,
         )
+        tls = config.tls
+        self.tls = TlsContexts.load(tls.ca, tls.cert, tls.key, api=tls.api) if tls else None
+        if tls:
+            check_certificate(tls.cert, tls.ca, self.name)
         self.network = PeerNetwork(self.genesis, self.name, self.identity, self._on_frame,
-                                   on_connect=self._on_connect)
+                                   on_connect=self._on_connect, tls=self.tls)
         # Restored from a backup: sign nothing until the other validators say how far the chain got.
         self.survey: RoundSurvey | None = None
         if self.core.safety.data.restored:

@@ -23,6 +23,7 @@ closes the connection with a logged reason.
 from __future__ import annotations
 
 import random
+import ssl
 from collections import deque
 from functools import partial
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from .. import crypto
 from ..config import Genesis
 from ..errors import ProtocolError, innermost
 from ..logs import get_logger
+from .tls import TlsContexts, require_name
 from .protocol import (
     MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME, Auth, Frame, Hello, Welcome, check_transcript, decode_frame, encode_frame,
     sign_transcript,
@@ -123,9 +125,10 @@ class Peer:
 class PeerNetwork:
     def __init__(
         self, genesis: Genesis, name: str, identity: crypto.Identity, on_frame: FrameHandler,
-        *, on_connect: Callable[[str], None] = lambda _n: None,
+        *, on_connect: Callable[[str], None] = lambda _n: None, tls: TlsContexts | None = None,
     ) -> None:
         self.genesis = genesis
+        self.tls = tls
         self.name = name
         self.identity = identity
         self.on_frame = on_frame
@@ -184,10 +187,19 @@ class PeerNetwork:
             try:
                 async with trio.open_nursery() as nursery:
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
-                        ws = await trio_websocket.connect_websocket(
-                            nursery, host, port, "/peer", use_ssl=False, max_message_size=MAX_HANDSHAKE_FRAME,
-                            message_queue_size=16, receive_buffer_size=RECEIVE_BUFFER,
-                        )
+                        if self.tls is None:
+                            ws = await trio_websocket.connect_websocket(
+                                nursery, host, port, "/peer", use_ssl=False, max_message_size=MAX_HANDSHAKE_FRAME,
+                                message_queue_size=16, receive_buffer_size=RECEIVE_BUFFER,
+                            )
+                        else:
+                            stream = await _tls_handshake(trio.SSLStream(
+                                await trio.open_tcp_stream(host, port), self.tls.peer_client, server_hostname=None))
+                            require_name(stream, name)  # before anything is sent: the right member's cert
+                            ws = await trio_websocket.wrap_client_stream(
+                                nursery, stream, host, "/peer", max_message_size=MAX_HANDSHAKE_FRAME,
+                                message_queue_size=16, receive_buffer_size=RECEIVE_BUFFER,
+                            )
                         await self._dialer_handshake(ws, name)
                     _authenticated(ws)
                     connected = True
@@ -219,15 +231,27 @@ class PeerNetwork:
                     return
                 async with self._handshakes:
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
+                        conn: trio.abc.Stream = stream
+                        if self.tls is not None:
+                            try:
+                                conn = await _tls_handshake(trio.SSLStream(stream, self.tls.peer_server,
+                                                                           server_side=True))
+                            except ProtocolError as exc:
+                                self.rejected += 1
+                                self.log.warning("peer.rejected", remote=remote, reason=exc.reason, error=str(exc))
+                                nursery.cancel_scope.cancel()
+                                return
                         # Until the peer has proved who it is, it may not make us buffer more than
                         # a handshake frame.
                         request = await trio_websocket.wrap_server_stream(
-                            nursery, stream, message_queue_size=2, max_message_size=MAX_HANDSHAKE_FRAME,
+                            nursery, conn, message_queue_size=2, max_message_size=MAX_HANDSHAKE_FRAME,
                             receive_buffer_size=RECEIVE_BUFFER,
                         )
                         ws = await request.accept()
                         try:
                             name = await self._listener_handshake(ws)
+                            if isinstance(conn, trio.SSLStream):
+                                require_name(conn, name)  # the member proved is the one certified
                         except ProtocolError as exc:
                             self.rejected += 1
                             self.log.warning("peer.rejected", remote=remote, reason=exc.reason, error=str(exc))
@@ -349,6 +373,18 @@ def _authenticated(ws: trio_websocket.WebSocketConnection) -> None:
 
 
 _DISCONNECTS = (OSError, trio.TooSlowError, ConnectionClosed, WsHandshakeError, trio.BrokenResourceError)
+
+
+async def _tls_handshake(stream: trio.SSLStream) -> trio.SSLStream:
+    """Complete a TLS handshake; a certificate refused either way is a ProtocolError (``tls``)."""
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ssl.SSLError):
+            raise ProtocolError(f"TLS handshake refused: {cause.reason or cause}", reason="tls") from exc
+        raise
+    return stream
 
 
 async def _handshake_message(ws: trio_websocket.WebSocketConnection) -> bytes | str:

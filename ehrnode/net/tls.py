@@ -1,0 +1,166 @@
+"""TLS for peer links and the local API, with certificates from the consortium's own CA.
+
+Theory of operation
+-------------------
+``consortium init --tls`` creates a certificate authority for the consortium
+(ECDSA P-256; its key is for the consortium's administrators to keep offline)
+and, for each member, a key and a certificate whose subject common name is the
+member's name. With ``[tls]`` in node.toml:
+
+* peer links are TLS 1.3 with both sides presenting their certificate, each
+  verified against the consortium CA. That only proves "some member"; the
+  connection is bound to one member by requiring the certificate's name to be
+  the name the application handshake then proves with the member's
+  genesis-listed Ed25519 key (dialers check it before the handshake, listeners
+  after it). A certificate from another CA, none, or another member's, closes
+  the connection with a logged reason;
+* the local API (``api = true``) is TLS 1.3 with the node's certificate;
+  clients verify it against the CA and check that it names the node they meant
+  to reach. Users still authenticate with their credentials inside.
+
+TLS adds confidentiality against whoever can read the network between members,
+and a second, independent check of who is at the other end; the handshake's
+signatures remain what proves membership.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ..crypto import write_secret_file
+from ..errors import ConfigError, ProtocolError
+
+CA_YEARS = 10
+CERT_YEARS = 3
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def create_ca(directory: Path, consortium: str) -> tuple[Path, Path]:
+    """A new consortium CA in ``directory``: ``ca.pem`` (public) and ``ca.key`` (0600)."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(_name(f"{consortium} consortium CA")).issuer_name(_name(f"{consortium} consortium CA"))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=365 * CA_YEARS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_path, cert_path = directory / "ca.key", directory / "ca.pem"
+    write_secret_file(key_path, _private_pem(key))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+def issue(ca_cert_path: Path, ca_key_path: Path, member: str, cert_path: Path, key_path: Path) -> None:
+    """A key (0600) and a certificate naming ``member``, signed by the consortium CA."""
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(_name(member)).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=365 * CERT_YEARS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(member.lower())]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    write_secret_file(key_path, _private_pem(key))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+@dataclass(frozen=True)
+class TlsContexts:
+    """The SSL contexts of one node: peer links both ways, and the local API."""
+
+    peer_server: ssl.SSLContext
+    peer_client: ssl.SSLContext
+    api_server: ssl.SSLContext | None
+
+    @classmethod
+    def load(cls, ca: Path, cert: Path, key: Path, *, api: bool) -> TlsContexts:
+        def context(purpose: ssl.Purpose, *, require_client: bool) -> ssl.SSLContext:
+            ctx = ssl.create_default_context(purpose, cafile=str(ca))
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            ctx.check_hostname = False  # the certificate's name is checked against the member, below
+            ctx.verify_mode = ssl.CERT_REQUIRED if purpose is ssl.Purpose.SERVER_AUTH or require_client \
+                else ssl.CERT_NONE
+            ctx.load_cert_chain(str(cert), str(key))
+            return ctx
+
+        try:
+            return cls(context(ssl.Purpose.CLIENT_AUTH, require_client=True),
+                       context(ssl.Purpose.SERVER_AUTH, require_client=True),
+                       context(ssl.Purpose.CLIENT_AUTH, require_client=False) if api else None)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ConfigError(f"[tls]: cannot load the CA {ca}, certificate {cert} or key {key}: {exc}") from exc
+
+
+def client_context(ca: Path) -> ssl.SSLContext:
+    """For a client of the local API: the node's certificate must come from the consortium CA."""
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"[tls] ca: cannot load {ca}: {exc}") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    return ctx
+
+
+def check_certificate(cert: Path, ca: Path, member: str) -> None:
+    """ConfigError unless ``cert`` names ``member`` and was issued by ``ca`` (caught at start, not at
+    the first connection)."""
+    try:
+        certificate = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+        authority = x509.load_pem_x509_certificate(Path(ca).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"[tls]: cannot read {cert} or {ca}: {exc}") from exc
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names or names[0].value != member:
+        raise ConfigError(f"[tls] cert {cert} names {names[0].value if names else 'nobody'!r}, not {member!r}")
+    try:
+        certificate.verify_directly_issued_by(authority)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise ConfigError(f"[tls] cert {cert} was not issued by the CA {ca}") from exc
+
+
+def certified_name(stream: trio.SSLStream) -> str | None:
+    """The member name the other end's verified certificate carries (None: it presented none)."""
+    der = stream.getpeercert(binary_form=True)
+    if not der:
+        return None
+    names = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
+
+
+def require_name(stream: trio.SSLStream, expected: str) -> None:
+    """ProtocolError unless the other end's certificate names ``expected``."""
+    found = certified_name(stream)
+    if found != expected:
+        raise ProtocolError(f"the TLS certificate names {found!r}, not {expected!r}", reason="tls_identity")
