@@ -36,19 +36,34 @@ async def _open_tls(config: NodeConfig, headers: list[tuple[bytes, bytes]],
     checked before the credential is sent."""
     assert config.tls is not None
     address = config.api_listen
-    with trio.fail_after(timeout):
-        stream = trio.SSLStream(await trio.open_tcp_stream(address.host, address.port),
-                                client_context(config.tls.ca), server_hostname=None)
-        try:
-            await stream.do_handshake()
-        except trio.BrokenResourceError as exc:
-            raise ProtocolError(f"TLS handshake refused: {exc.__cause__ or exc}", reason="tls") from exc
-        require_name(stream, config.name)
+    stream = None
+    try:
+        with trio.fail_after(timeout):
+            stream = trio.SSLStream(await trio.open_tcp_stream(address.host, address.port),
+                                    client_context(config.tls.ca), server_hostname=None)
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                raise ApiError(f"TLS with the node at {address} failed: {exc.__cause__ or exc}",
+                               reason="tls") from exc
+            require_name(stream, config.name)
+    except ProtocolError as exc:
+        await trio.aclose_forcefully(stream)
+        raise ApiError(f"the node at {address} is not {config.name}: {exc}", reason="tls") from exc
+    except (trio.TooSlowError, ApiError) as exc:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+        if isinstance(exc, ApiError):
+            raise
+        raise ApiError(f"the node at {address} did not answer within {timeout:g} s", reason="unreachable") from exc
     try:
         async with trio.open_nursery() as nursery:
-            with trio.fail_after(timeout):
+            with trio.move_on_after(timeout) as scope:
                 ws = await trio_websocket.wrap_client_stream(nursery, stream, address.host, "/",
                                                              extra_headers=headers, max_message_size=MAX_REPLY_BYTES)
+            if scope.cancelled_caught:
+                await trio.aclose_forcefully(stream)
+                raise ApiError(f"the node at {address} did not answer within {timeout:g} s", reason="unreachable")
             try:
                 yield ws
             finally:
@@ -100,8 +115,6 @@ class ApiClient:
                 max_message_size=MAX_REPLY_BYTES, extra_headers=headers,
             ) as ws:
                 yield cls(ws)
-        except ProtocolError as exc:
-            raise ApiError(f"the node at {address} is not {config.name}: {exc}", reason="tls") from exc
         except trio_websocket.ConnectionRejected as exc:
             reason = {401: "unauthorized", 403: "revoked", 429: "throttled"}.get(exc.status_code, "rejected")
             detail = (exc.body or b"").decode("utf-8", "replace").strip() or f"HTTP {exc.status_code}"

@@ -24,6 +24,7 @@ waiting for one of its transactions.
 from __future__ import annotations
 
 import os
+import datetime
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -152,7 +153,9 @@ class Node:
         tls = config.tls
         self.tls = TlsContexts.load(tls.ca, tls.cert, tls.key, api=tls.api) if tls else None
         if tls:
-            check_certificate(tls.cert, tls.ca, self.name)
+            expires = check_certificate(tls.cert, tls.ca, self.name)
+            if expires - datetime.datetime.now(datetime.UTC) < datetime.timedelta(days=30):
+                self.log.warning("tls.expiring", expires=expires.isoformat())
         self.network = PeerNetwork(self.genesis, self.name, self.identity, self._on_frame,
                                    on_connect=self._on_connect, tls=self.tls)
         # Restored from a backup: sign nothing until the other validators say how far the chain got.

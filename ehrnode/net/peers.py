@@ -37,7 +37,7 @@ from .. import crypto
 from ..config import Genesis
 from ..errors import ProtocolError, innermost
 from ..logs import get_logger
-from .tls import TlsContexts, require_name
+from .tls import TlsContexts, Watched, require_name
 from .protocol import (
     MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME, Auth, Frame, Hello, Welcome, check_transcript, decode_frame, encode_frame,
     sign_transcript,
@@ -193,13 +193,7 @@ class PeerNetwork:
                                 message_queue_size=16, receive_buffer_size=RECEIVE_BUFFER,
                             )
                         else:
-                            stream = await _tls_handshake(trio.SSLStream(
-                                await trio.open_tcp_stream(host, port), self.tls.peer_client, server_hostname=None))
-                            require_name(stream, name)  # before anything is sent: the right member's cert
-                            ws = await trio_websocket.wrap_client_stream(
-                                nursery, stream, host, "/peer", max_message_size=MAX_HANDSHAKE_FRAME,
-                                message_queue_size=16, receive_buffer_size=RECEIVE_BUFFER,
-                            )
+                            ws = await self._dial_tls(nursery, name, host, port)
                         await self._dialer_handshake(ws, name)
                     _authenticated(ws)
                     connected = True
@@ -220,6 +214,25 @@ class PeerNetwork:
             # Jittered exponential backoff: peers restarting together do not dial in lockstep.
             await trio.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, 10.0)
+
+    async def _dial_tls(self, nursery: trio.Nursery, name: str, host: str,
+                        port: int) -> trio_websocket.WebSocketConnection:
+        """TLS to ``name``: its certificate checked before anything is sent; a refusal of ours is told."""
+        assert self.tls is not None
+        stream = trio.SSLStream(await trio.open_tcp_stream(host, port), self.tls.peer_client, server_hostname=None)
+        try:
+            await _tls_handshake(stream)
+            require_name(stream, name)  # before anything is sent: the right member's certificate
+            with trio.CancelScope() as scope:
+                watched = Watched(stream, scope)
+                return await trio_websocket.wrap_client_stream(
+                    nursery, watched, host, "/peer", max_message_size=MAX_HANDSHAKE_FRAME,
+                    message_queue_size=16, receive_buffer_size=RECEIVE_BUFFER,
+                )
+            raise watched.refusal() or trio.BrokenResourceError("the connection broke during the TLS handshake")
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
 
     async def _inbound(self, stream: trio.SocketStream) -> None:
         remote = _remote(stream)
@@ -249,9 +262,8 @@ class PeerNetwork:
                         )
                         ws = await request.accept()
                         try:
-                            name = await self._listener_handshake(ws)
-                            if isinstance(conn, trio.SSLStream):
-                                require_name(conn, name)  # the member proved is the one certified
+                            name = await self._listener_handshake(
+                                ws, conn if isinstance(conn, trio.SSLStream) else None)
                         except ProtocolError as exc:
                             self.rejected += 1
                             self.log.warning("peer.rejected", remote=remote, reason=exc.reason, error=str(exc))
@@ -286,11 +298,14 @@ class PeerNetwork:
         await ws.send_message(encode_frame(Auth(sign_transcript(self.identity, self.genesis, hello, welcome.hello,
                                                                 "dialer"))))
 
-    async def _listener_handshake(self, ws: trio_websocket.WebSocketConnection) -> str:
+    async def _listener_handshake(self, ws: trio_websocket.WebSocketConnection,
+                                  tls: trio.SSLStream | None = None) -> str:
         hello = decode_frame(await _handshake_message(ws), max_size=MAX_HANDSHAKE_FRAME)
         if not isinstance(hello, Hello):
             raise ProtocolError("expected a hello frame", reason="unexpected_frame")
         hello.check_against(self.genesis)
+        if tls is not None:
+            require_name(tls, hello.name)  # the member about to prove itself must be the one certified
         if hello.name == self.name:
             raise ProtocolError("a peer claims this node's own name", reason="own_name")
         if hello.name > self.name:
@@ -381,7 +396,8 @@ async def _tls_handshake(stream: trio.SSLStream) -> trio.SSLStream:
         await stream.do_handshake()
     except trio.BrokenResourceError as exc:
         cause = exc.__cause__
-        if isinstance(cause, ssl.SSLError):
+        # A connection opened and closed (a port scan, a health check) is no refusal.
+        if isinstance(cause, ssl.SSLError) and not isinstance(cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
             raise ProtocolError(f"TLS handshake refused: {cause.reason or cause}", reason="tls") from exc
         raise
     return stream

@@ -64,6 +64,7 @@ def create_ca(directory: Path, consortium: str) -> tuple[Path, Path]:
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=365 * CA_YEARS))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False, key_cert_sign=True,
                                          crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
@@ -87,6 +88,8 @@ def issue(ca_cert_path: Path, ca_key_path: Path, member: str, cert_path: Path, k
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=365 * CERT_YEARS))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(member.lower())]), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)
@@ -133,21 +136,83 @@ def client_context(ca: Path) -> ssl.SSLContext:
     return ctx
 
 
-def check_certificate(cert: Path, ca: Path, member: str) -> None:
-    """ConfigError unless ``cert`` names ``member`` and was issued by ``ca`` (caught at start, not at
-    the first connection)."""
+def check_certificate(cert: Path, ca: Path, member: str) -> datetime.datetime:
+    """ConfigError unless ``cert`` names ``member``, was issued by ``ca`` and both are valid now (caught
+    at start, not at the first connection); returns when the first of them expires."""
     try:
         certificate = x509.load_pem_x509_certificate(Path(cert).read_bytes())
-        authority = x509.load_pem_x509_certificate(Path(ca).read_bytes())
+        authorities = x509.load_pem_x509_certificates(Path(ca).read_bytes())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"[tls]: cannot read {cert} or {ca}: {exc}") from exc
     names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not names or names[0].value != member:
         raise ConfigError(f"[tls] cert {cert} names {names[0].value if names else 'nobody'!r}, not {member!r}")
-    try:
-        certificate.verify_directly_issued_by(authority)
-    except (ValueError, TypeError, InvalidSignature) as exc:
-        raise ConfigError(f"[tls] cert {cert} was not issued by the CA {ca}") from exc
+    for authority in authorities:  # a CA file may hold more than one CA (during a change of CA)
+        try:
+            certificate.verify_directly_issued_by(authority)
+            break
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    else:
+        raise ConfigError(f"[tls] cert {cert} was not issued by the CA {ca}")
+    now = datetime.datetime.now(datetime.UTC)
+    for what, path, c in (("cert", cert, certificate), ("ca", ca, authority)):
+        if not c.not_valid_before_utc <= now <= c.not_valid_after_utc:
+            raise ConfigError(f"[tls] {what} {path} is valid only from {c.not_valid_before_utc:%Y-%m-%d} to "
+                              f"{c.not_valid_after_utc:%Y-%m-%d}: issue a new one from the consortium CA")
+    return min(certificate.not_valid_after_utc, authority.not_valid_after_utc)
+
+
+class Watched(trio.abc.Stream):
+    """A TLS stream that notices when the other end refuses it after the handshake.
+
+    With TLS 1.3 a server checks the client's certificate after the client's handshake has
+    returned, so a refusal shows up as the first read failing, inside the websocket library's
+    reader task, which then just stops. This wrapper keeps that failure and cancels ``scope``,
+    so the dialer learns at once, and why, instead of waiting out its timeout.
+    """
+
+    def __init__(self, stream: trio.SSLStream, scope: trio.CancelScope) -> None:
+        self.stream = stream
+        self.scope = scope
+        self.failure: BaseException | None = None
+
+    def _failed(self, exc: trio.BrokenResourceError) -> None:
+        if self.failure is None:
+            self.failure = exc.__cause__ or exc
+            self.scope.cancel()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self.stream.send_all(data)
+        except trio.BrokenResourceError as exc:
+            self._failed(exc)
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            return await self.stream.receive_some(max_bytes)
+        except trio.BrokenResourceError as exc:
+            self._failed(exc)
+            raise
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    def refusal(self) -> ProtocolError | None:
+        """Why the other end ended the connection before answering, if it did.
+
+        A TLS 1.3 server that refuses the client's certificate often just closes (its alert is
+        not flushed), so an end of stream here, before any answer, is reported as a refusal.
+        """
+        if self.failure is None:
+            return None
+        detail = self.failure.reason if isinstance(self.failure, ssl.SSLError) else None
+        return ProtocolError("the other end closed the TLS connection before answering: it refused this node's "
+                             f"certificate, or trusts another CA ({detail or self.failure})", reason="tls")
 
 
 def certified_name(stream: trio.SSLStream) -> str | None:

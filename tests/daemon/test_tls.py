@@ -6,13 +6,14 @@ import pytest
 import trio
 import trio_websocket
 
-from ehrnode import crypto
 from ehrnode.client import ApiClient, ApiError
 from ehrnode.config import load_node_config
 from ehrnode.localnet import LocalConsortium
 from ehrnode.net.tls import create_ca, issue
 
-from .test_bad_peers import closed, handshake_as, wait_log
+from ehrnode.net.protocol import Hello, encode_frame
+
+from .test_bad_peers import closed, wait_log
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +72,15 @@ def test_plaintext_another_ca_and_another_members_certificate_are_refused(cluste
     root = cluster.root
     other_ca = create_ca(tmp_path / "other-ca", "elsewhere")
     issue(*other_ca, "A", tmp_path / "a.pem", tmp_path / "a.key")
-    b = crypto.Identity.load(cluster.configs["B"].signing_key_path)
 
     async def go():
+        # A port scan (connect, close) is no refusal worth a warning.
+        before = cluster.log("C").count('"event": "peer.rejected"')
+        address = cluster.configs["C"].peer_listen
+        probe = await trio.open_tcp_stream(address.host, address.port)
+        await probe.aclose()
+        await trio.sleep(0.5)
+        assert cluster.log("C").count('"event": "peer.rejected"') == before
         # Plain websocket to a TLS listener: nothing is spoken.
         address = cluster.configs["C"].peer_listen
         with pytest.raises((trio_websocket.HandshakeError, OSError, trio.BrokenResourceError)):
@@ -89,7 +96,8 @@ def test_plaintext_another_ca_and_another_members_certificate_are_refused(cluste
             ws = await tls_peer(cluster, "C", peer_context(root / "A" / "keys" / "tls.pem",
                                                            root / "A" / "keys" / "tls.key", root / "ca" / "ca.pem"),
                                 nursery)
-            await handshake_as(cluster, ws, "B", b)
+            # Refused on the hello, before the listener signs anything for a name its certificate does not bear.
+            await ws.send_message(encode_frame(Hello.fresh(cluster.genesis, "B")))
             assert await closed(ws) == 1008
             nursery.cancel_scope.cancel()
         await wait_log(cluster, "C", '"reason": "tls_identity"')
@@ -126,3 +134,31 @@ def test_the_local_api_is_tls_and_clients_check_whom_they_reach(cluster, tmp_pat
                 pass
 
     trio.run(go)
+
+
+def test_a_node_whose_certificate_its_peers_refuse_is_told_why(cluster, tmp_path):
+    """A trusts both CAs but holds a certificate from the wrong one: B, C and R refuse it after A's
+    own TLS handshake has returned, and A says so at once instead of timing out."""
+    config = cluster.configs["A"]
+    other_ca = create_ca(tmp_path / "other-ca", "elsewhere")
+    keys = config.path.parent / "keys"
+    issue(*other_ca, "A", keys / "other-tls.pem", keys / "other-tls.key")
+    both = tmp_path / "both.pem"
+    both.write_bytes((cluster.root / "ca" / "ca.pem").read_bytes() + other_ca[0].read_bytes())
+    cluster.stop("A")
+    config.path.write_text(config.path.read_text()
+                           .replace('ca = "../ca/ca.pem"', f'ca = "{other_ca[0]}"')
+                           .replace('cert = "keys/tls.pem"', 'cert = "keys/other-tls.pem"')
+                           .replace('key = "keys/tls.key"', 'key = "keys/other-tls.key"'))
+    # Its own certificate checks out against its own CA file, so it starts; peers trust only theirs.
+    text = config.path.read_text().replace(f'ca = "{other_ca[0]}"', f'ca = "{both}"')
+    config.path.write_text(text)
+    cluster.start("A")
+
+    async def go():
+        with trio.fail_after(30):
+            while "refused this node's certificate" not in cluster.log("A"):
+                await trio.sleep(0.2)
+
+    trio.run(go)
+    assert '"reason": "tls"' in cluster.log("B")
