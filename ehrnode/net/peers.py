@@ -187,14 +187,15 @@ class PeerNetwork:
             try:
                 async with trio.open_nursery() as nursery:
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
+                        channel = b""
                         if self.tls is None:
                             ws = await trio_websocket.connect_websocket(
                                 nursery, host, port, "/peer", use_ssl=False, max_message_size=MAX_HANDSHAKE_FRAME,
                                 message_queue_size=16, receive_buffer_size=RECEIVE_BUFFER,
                             )
                         else:
-                            ws = await self._dial_tls(nursery, name, host, port)
-                        await self._dialer_handshake(ws, name)
+                            ws, channel = await self._dial_tls(nursery, name, host, port)
+                        await self._dialer_handshake(ws, name, channel)
                     _authenticated(ws)
                     connected = True
                     backoff = 0.1
@@ -216,19 +217,20 @@ class PeerNetwork:
             backoff = min(backoff * 2, 10.0)
 
     async def _dial_tls(self, nursery: trio.Nursery, name: str, host: str,
-                        port: int) -> trio_websocket.WebSocketConnection:
+                        port: int) -> tuple[trio_websocket.WebSocketConnection, bytes]:
         """TLS to ``name``: its certificate checked before anything is sent; a refusal of ours is told."""
         assert self.tls is not None
         stream = trio.SSLStream(await trio.open_tcp_stream(host, port), self.tls.peer_client, server_hostname=None)
         try:
             await _tls_handshake(stream)
             require_name(stream, name)  # before anything is sent: the right member's certificate
+            channel = self.tls.channel(stream, dialer=True)
             with trio.CancelScope() as scope:
                 watched = Watched(stream, scope)
                 return await trio_websocket.wrap_client_stream(
                     nursery, watched, host, "/peer", max_message_size=MAX_HANDSHAKE_FRAME,
                     message_queue_size=16, receive_buffer_size=RECEIVE_BUFFER,
-                )
+                ), channel
             raise watched.refusal() or trio.BrokenResourceError("the connection broke during the TLS handshake")
         except BaseException:
             await trio.aclose_forcefully(stream)
@@ -285,7 +287,8 @@ class PeerNetwork:
 
     # --- handshake ------------------------------------------------------------------
 
-    async def _dialer_handshake(self, ws: trio_websocket.WebSocketConnection, expected: str) -> None:
+    async def _dialer_handshake(self, ws: trio_websocket.WebSocketConnection, expected: str,
+                                channel: bytes = b"") -> None:
         hello = Hello.fresh(self.genesis, self.name)
         await ws.send_message(encode_frame(hello))
         welcome = decode_frame(await _handshake_message(ws), max_size=MAX_HANDSHAKE_FRAME)
@@ -294,9 +297,9 @@ class PeerNetwork:
         welcome.hello.check_against(self.genesis)
         if welcome.hello.name != expected:
             raise ProtocolError(f"dialed {expected!r} but {welcome.hello.name!r} answered", reason="wrong_peer")
-        check_transcript(self.genesis, hello, welcome.hello, "listener", welcome.signature)
+        check_transcript(self.genesis, hello, welcome.hello, "listener", welcome.signature, channel)
         await ws.send_message(encode_frame(Auth(sign_transcript(self.identity, self.genesis, hello, welcome.hello,
-                                                                "dialer"))))
+                                                                "dialer", channel))))
 
     async def _listener_handshake(self, ws: trio_websocket.WebSocketConnection,
                                   tls: trio.SSLStream | None = None) -> str:
@@ -304,20 +307,23 @@ class PeerNetwork:
         if not isinstance(hello, Hello):
             raise ProtocolError("expected a hello frame", reason="unexpected_frame")
         hello.check_against(self.genesis)
+        channel = b""
         if tls is not None:
             require_name(tls, hello.name)  # the member about to prove itself must be the one certified
+            assert self.tls is not None
+            channel = self.tls.channel(tls, dialer=False)
         if hello.name == self.name:
             raise ProtocolError("a peer claims this node's own name", reason="own_name")
         if hello.name > self.name:
             # Each pair has one connection, dialed by the name that sorts first.
             raise ProtocolError(f"{hello.name!r} must wait for {self.name!r} to dial it", reason="wrong_direction")
         mine = Hello.fresh(self.genesis, self.name)
-        signature = sign_transcript(self.identity, self.genesis, hello, mine, "listener")
+        signature = sign_transcript(self.identity, self.genesis, hello, mine, "listener", channel)
         await ws.send_message(encode_frame(Welcome(mine, signature)))
         auth = decode_frame(await _handshake_message(ws), max_size=MAX_HANDSHAKE_FRAME)
         if not isinstance(auth, Auth):
             raise ProtocolError("expected an auth frame", reason="unexpected_frame")
-        check_transcript(self.genesis, hello, mine, "dialer", auth.signature)
+        check_transcript(self.genesis, hello, mine, "dialer", auth.signature, channel)
         return hello.name
 
     # --- one connection -----------------------------------------------------------------

@@ -214,18 +214,24 @@ def decode_frame(data: bytes | str, *, max_size: int = MAX_FRAME_BYTES) -> Frame
         raise ProtocolError(f"bad frame: {exc}", reason=f"bad_frame:{exc.reason}") from exc
 
 
-def transcript(genesis: Genesis, dialer: Hello, listener: Hello, role: str) -> bytes:
-    return crypto.signing_bytes(HANDSHAKE_DOMAIN, [
-        role, genesis.hash, dialer.name, listener.name, dialer.nonce, listener.nonce,
-    ])
+def transcript(genesis: Genesis, dialer: Hello, listener: Hello, role: str, channel: bytes = b"") -> bytes:
+    """What each side signs. ``channel``, under TLS, is the SHA-256 of the dialer's certificate and of
+    the listener's as each side saw them: someone relaying between two members with certificates of
+    their own (it would need the CA's key) makes the two sides sign different transcripts."""
+    fields: list[object] = [role, genesis.hash, dialer.name, listener.name, dialer.nonce, listener.nonce]
+    if channel:
+        fields.append(channel)
+    return crypto.signing_bytes(HANDSHAKE_DOMAIN, fields)
 
 
-def sign_transcript(identity: crypto.Identity, genesis: Genesis, dialer: Hello, listener: Hello, role: str) -> bytes:
-    return identity.sign(transcript(genesis, dialer, listener, role))
+def sign_transcript(identity: crypto.Identity, genesis: Genesis, dialer: Hello, listener: Hello, role: str,
+                    channel: bytes = b"") -> bytes:
+    return identity.sign(transcript(genesis, dialer, listener, role, channel))
 
 
-def check_transcript(genesis: Genesis, dialer: Hello, listener: Hello, role: str, signature: bytes) -> None:
+def check_transcript(genesis: Genesis, dialer: Hello, listener: Hello, role: str, signature: bytes,
+                     channel: bytes = b"") -> None:
     signer = dialer.name if role == "dialer" else listener.name
     key = genesis.member(signer).signing_key
-    if not crypto.verify(key, transcript(genesis, dialer, listener, role), signature):
+    if not crypto.verify(key, transcript(genesis, dialer, listener, role, channel), signature):
         raise ProtocolError(f"{signer!r} did not prove it holds its genesis key", reason="bad_signature")

@@ -19,13 +19,16 @@ member's name. With ``[tls]`` in node.toml:
   to reach. Users still authenticate with their credentials inside.
 
 TLS adds confidentiality against whoever can read the network between members,
-and a second, independent check of who is at the other end; the handshake's
-signatures remain what proves membership.
+and a second check of who is at the other end; the handshake's signatures
+remain what proves membership, and they cover the SHA-256 of both certificates
+as each side saw them, so a relay with certificates of its own (minted with the
+CA's key) cannot sit between two members.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +108,15 @@ class TlsContexts:
     peer_server: ssl.SSLContext
     peer_client: ssl.SSLContext
     api_server: ssl.SSLContext | None
+    own: bytes  # SHA-256 of this node's certificate (DER), for the handshake's channel binding
+
+    def channel(self, stream: trio.SSLStream, *, dialer: bool) -> bytes:
+        """The channel binding: SHA-256 of the dialer's certificate, then of the listener's."""
+        der = stream.getpeercert(binary_form=True)
+        if not der:
+            raise ProtocolError("the other end presented no TLS certificate", reason="tls")
+        theirs = hashlib.sha256(der).digest()
+        return self.own + theirs if dialer else theirs + self.own
 
     @classmethod
     def load(cls, ca: Path, cert: Path, key: Path, *, api: bool) -> TlsContexts:
@@ -118,9 +130,11 @@ class TlsContexts:
             return ctx
 
         try:
+            own = x509.load_pem_x509_certificate(Path(cert).read_bytes()).public_bytes(serialization.Encoding.DER)
             return cls(context(ssl.Purpose.CLIENT_AUTH, require_client=True),
                        context(ssl.Purpose.SERVER_AUTH, require_client=True),
-                       context(ssl.Purpose.CLIENT_AUTH, require_client=False) if api else None)
+                       context(ssl.Purpose.CLIENT_AUTH, require_client=False) if api else None,
+                       hashlib.sha256(own).digest())
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise ConfigError(f"[tls]: cannot load the CA {ca}, certificate {cert} or key {key}: {exc}") from exc
 

@@ -11,7 +11,8 @@ from ehrnode.config import load_node_config
 from ehrnode.localnet import LocalConsortium
 from ehrnode.net.tls import create_ca, issue
 
-from ehrnode.net.protocol import Hello, encode_frame
+from ehrnode import crypto
+from ehrnode.net.protocol import Auth, Hello, decode_frame, encode_frame, sign_transcript
 
 from .test_bad_peers import closed, wait_log
 
@@ -101,6 +102,21 @@ def test_plaintext_another_ca_and_another_members_certificate_are_refused(cluste
             assert await closed(ws) == 1008
             nursery.cancel_scope.cancel()
         await wait_log(cluster, "C", '"reason": "tls_identity"')
+        # B's own certificate and keys, but a handshake not bound to this TLS channel (as a relay holding
+        # CA-minted certificates would produce): the signature does not verify.
+        b = crypto.Identity.load(cluster.configs["B"].signing_key_path)
+        async with trio.open_nursery() as nursery:
+            ws = await tls_peer(cluster, "C", peer_context(root / "B" / "keys" / "tls.pem",
+                                                           root / "B" / "keys" / "tls.key", root / "ca" / "ca.pem"),
+                                nursery)
+            hello = Hello.fresh(cluster.genesis, "B")
+            await ws.send_message(encode_frame(hello))
+            welcome = decode_frame(await ws.get_message())
+            await ws.send_message(encode_frame(Auth(sign_transcript(b, cluster.genesis, hello, welcome.hello,
+                                                                    "dialer"))))
+            assert await closed(ws) == 1008
+            nursery.cancel_scope.cancel()
+        await wait_log(cluster, "C", '"reason": "bad_signature"')
         # Still connected to everyone.
         assert len((await cluster.call("C", "status"))["peers"]) == 3
 

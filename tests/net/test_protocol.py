@@ -86,6 +86,14 @@ def test_transcript_signature_binds_both_nonces_names_and_roles(consortium):
     dialer, listener = Hello.fresh(genesis, "A"), Hello.fresh(genesis, "B")
     sig = sign_transcript(keys["A"], genesis, dialer, listener, "dialer")
     check_transcript(genesis, dialer, listener, "dialer", sig)
+    # Under TLS the certificates each side saw are bound in: a relay's would differ.
+    bound = sign_transcript(keys["A"], genesis, dialer, listener, "dialer", b"c" * 64)
+    check_transcript(genesis, dialer, listener, "dialer", bound, b"c" * 64)
+    for channel in (b"", b"d" * 64):
+        with pytest.raises(ProtocolError):
+            check_transcript(genesis, dialer, listener, "dialer", bound, channel)
+    with pytest.raises(ProtocolError):
+        check_transcript(genesis, dialer, listener, "dialer", sig, b"c" * 64)
     for tampered in (
         (replace(dialer, nonce=os.urandom(32)), listener, "dialer"),
         (dialer, replace(listener, nonce=os.urandom(32)), "dialer"),
