@@ -211,7 +211,6 @@ class ApiServer:
         self.throttle = Throttle()
         self._failing = trio.CapacityLimiter(FAILURE_SLOTS)
         self.log = get_logger(node=node.name)
-        self.denied = 0
         self._throttle_logged: dict[str, float] = {}
         self.staged_total = 0  # bytes of FHIR input staged over all connections
         self._sessions: set[_Session] = set()
@@ -275,7 +274,6 @@ class ApiServer:
                 await trio.aclose_forcefully(stream)
 
     def _denied(self, outcome: Outcome, claimed: str | None) -> None:
-        self.denied += 1
         self.node.m_auth_denied.inc()
         key = claimed_key(claimed)
         if outcome.failures > FREE_FAILURES:
@@ -711,11 +709,11 @@ class ApiServer:
                 self.log.info("users.added", user=name, role=role.name, pseudonym=added.alias, by=user.name)
                 return {**added.view(), "credential": credential}
             target = users.get(name)
-            target_role = self.roles.get(target.role) if target is not None else None
-            if target is not None and (target_role is None or name == ADMIN_USER):
-                target_role = self.roles.get(ADMIN_USER)  # only who may do everything manages these
-            if target is not None and target_role is not None:
-                self._may_manage(user, mine, target_role, name)
+            if target is not None:
+                # The node's own admin, and users of a role gone from the roles file: only for who may do all.
+                role = self.roles.get(target.role)
+                self._may_manage(user, mine, self.roles.roles[ADMIN_USER] if role is None or name == ADMIN_USER
+                                 else role, name)
             if method == "users.rotate":
                 rotated, credential = users.rotate(name)
                 self.log.info("users.rotated", user=name, by=user.name)

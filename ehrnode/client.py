@@ -41,21 +41,19 @@ async def _open_tls(config: NodeConfig, headers: list[tuple[bytes, bytes]],
         with trio.fail_after(timeout):
             stream = trio.SSLStream(await trio.open_tcp_stream(address.host, address.port),
                                     client_context(config.tls.ca), server_hostname=None)
-            try:
-                await stream.do_handshake()
-            except trio.BrokenResourceError as exc:
-                raise ApiError(f"TLS with the node at {address} failed: {exc.__cause__ or exc}",
-                               reason="tls") from exc
+            await stream.do_handshake()
             require_name(stream, config.name)
-    except ProtocolError as exc:
-        await trio.aclose_forcefully(stream)
-        raise ApiError(f"the node at {address} is not {config.name}: {exc}", reason="tls") from exc
-    except (trio.TooSlowError, ApiError) as exc:
+    except BaseException as exc:
         if stream is not None:
             await trio.aclose_forcefully(stream)
-        if isinstance(exc, ApiError):
-            raise
-        raise ApiError(f"the node at {address} did not answer within {timeout:g} s", reason="unreachable") from exc
+        if isinstance(exc, trio.BrokenResourceError):
+            raise ApiError(f"TLS with the node at {address} failed: {exc.__cause__ or exc}", reason="tls") from exc
+        if isinstance(exc, ProtocolError):
+            raise ApiError(f"the node at {address} is not {config.name}: {exc}", reason="tls") from exc
+        if isinstance(exc, trio.TooSlowError):
+            raise ApiError(f"the node at {address} did not answer within {timeout:g} s",
+                           reason="unreachable") from exc
+        raise
     try:
         async with trio.open_nursery() as nursery:
             with trio.move_on_after(timeout) as scope:

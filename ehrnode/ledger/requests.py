@@ -28,7 +28,8 @@ PULL_DOMAIN = "ehrnode/pull/v1"
 MAX_REQUEST_BYTES = 1024
 NONCE_SIZE = 16
 USER_SIZE = 15
-ROLE_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # whole string (fullmatch)
+#: A user role's name (whole string: use fullmatch), as roles files, policies and requests write it.
+ROLE_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
 @dataclass(frozen=True)

@@ -43,17 +43,18 @@ def _access_event(a: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _recorded_event(a: dict[str, Any], actor: bytes) -> dict[str, Any]:
+    return {
+        "event": "recorded", "who": a["institution"], "user": actor_text(actor), "owner": a["institution"],
+        "record_id": a["record"].hex(), "resource_type": a["resource_type"], "setting": a["setting"],
+        "empi": a["empi"], "time": a["recorded_at"], "height": a["height"], "tx_id": a["tx_id"].hex(),
+    }
+
+
 def _record_events(state: LedgerState, anchors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     records = [a["record"] for a in anchors]
     types = {a["record"]: a["resource_type"] for a in anchors}
-    events: list[dict[str, Any]] = []
-    for a in anchors:
-        events.append({
-            "event": "recorded", "who": a["institution"], "user": actor_text(state.actor_of(a["tx_id"])),
-            "owner": a["institution"], "record_id": a["record"].hex(),
-            "resource_type": a["resource_type"], "setting": a["setting"], "empi": a["empi"],
-            "time": a["recorded_at"], "height": a["height"], "tx_id": a["tx_id"].hex(),
-        })
+    events = [_recorded_event(a, state.actor_of(a["tx_id"])) for a in anchors]
     for access in state.access.accesses(records=records):
         events.append({**_access_event(access), "resource_type": types.get(access["record"])})
     for e in state.access.erasures(records=records):
@@ -120,7 +121,7 @@ def _user_events(state: LedgerState, user: bytes, institution: str | None) -> li
         if action["kind"] == "record.anchor":
             anchor = state.anchors(tx_id=action["tx_id"])
             if anchor:
-                events.extend(e for e in _record_events(state, anchor) if e["event"] == "recorded")
+                events.append(_recorded_event(anchor[0], action["actor"]))
                 continue
         events.append({
             "event": "action", "kind": action["kind"], "who": action["submitter"], "user": actor_text(action["actor"]),

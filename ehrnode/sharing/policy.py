@@ -37,11 +37,11 @@ from typing import Any
 from ..config import ROLES, load_settings
 from ..errors import ConfigError
 from ..ledger.consent import Decision
+from ..ledger.requests import ROLE_PATTERN
 from ..ledger.transactions import CONSENT_PURPOSES
 
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}\Z")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
-_USER_ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 OVERRIDES = ("none", "missing", "revoked")
 
 
@@ -155,7 +155,7 @@ def _build(doc: dict[str, Any], source: str) -> AccessPolicy:
                 raise fail(f"{where} resource_types", f"{resource_type!r} is not a FHIR resource type name")
         users = _strings(raw.get("users", ["*"]), f"{where} users", fail)
         for user_role in users:
-            if user_role != "*" and not _USER_ROLE.match(user_role):
+            if user_role != "*" and not ROLE_PATTERN.fullmatch(user_role):
                 raise fail(f"{where} users", f"{user_role!r} is not a user role name")
         rules.append(Rule(frozenset(requesters), frozenset(purposes), frozenset(types), frozenset(users)))
     whois = _table(doc, "whois", fail)

@@ -23,14 +23,13 @@ setting, a patient role allowed a method that names no patient, or a missing
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import load_settings
 from ..errors import ConfigError
-from ..ledger.requests import PURPOSES
+from ..ledger.requests import PURPOSES, ROLE_PATTERN
 
 #: Every method of the local API.
 METHODS = frozenset({
@@ -49,7 +48,6 @@ PATIENT_METHODS = frozenset({
     "records.list", "audit.disclosures", "audit.trail", "consent.show", "consent.grant", "consent.revoke",
 })
 ALWAYS = frozenset({"users.whoami"})
-ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 ADMIN = "admin"
 
 
@@ -112,7 +110,7 @@ def _build(doc: dict[str, Any], source: str) -> Roles:
     roles: dict[str, Role] = {}
     for name, raw in doc["roles"].items():
         where = f"[roles.{name}]"
-        if not ROLE_NAME.match(name):
+        if not ROLE_PATTERN.fullmatch(name):
             raise fail(where, "a role name is lower-case letters, digits, '-' or '_' (at most 32)")
         if not isinstance(raw, dict) or "allow" not in raw:
             raise fail(where, "needs allow (and optionally patient = true)")

@@ -34,7 +34,7 @@ import re
 import secrets
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -185,8 +185,7 @@ class UserStore:
         token = new_token()
         if name == ADMIN_USER:
             _replace_token_file(self.data_dir / TOKEN_FILE, token)
-        rotated = User(*(getattr(user, c) for c in _COLUMNS[:4]), _digest(token), user.created, _now(), 0,
-                       user.created_by)
+        rotated = replace(user, secret=_digest(token), rotated=_now())
         self._write(rotated)
         return rotated, token
 
@@ -194,7 +193,7 @@ class UserStore:
         user = self._active(name)
         if name == ADMIN_USER:
             raise UserError("admin is the node's own user (api.token): rotate it instead", reason="builtin")
-        revoked = User(*(getattr(user, c) for c in _COLUMNS[:7]), _now(), user.created_by)
+        revoked = replace(user, revoked=_now())
         self._write(revoked)
         return revoked
 
@@ -223,8 +222,7 @@ class UserStore:
             return admin, False
         if hmac.compare_digest(admin.secret, _digest(token)):
             return admin, False
-        admin = User(*(getattr(admin, c) for c in _COLUMNS[:4]), _digest(token), admin.created, now, 0,
-                     admin.created_by)
+        admin = replace(admin, secret=_digest(token), rotated=now)
         self._write(admin)
         return admin, True
 
