@@ -463,6 +463,20 @@ class ApiServer:
             for tx_id, raw_id in zip(ids, raw_ids, strict=True):
                 heights.setdefault(tx_id, node.state.tx_height(raw_id))
             return {"heights": heights}
+        if method == "keys.status":
+            return node.epoch_view()
+        if method == "keys.rotate":
+            try:
+                tx = node.rotate_epoch_key(user.pseudonym)
+            except AdmissionError as exc:
+                raise RpcError(-32000, str(exc), reason=exc.reason) from exc
+            height = await node.wait_committed(tx.id, _timeout_param(params))
+            status = node.state.tx_status(tx.id)
+            if status is None:
+                raise RpcError(-32000, f"transaction {tx.id.hex()} not committed in time", reason="timeout")
+            if status != "ok":
+                raise RpcError(-32000, f"keys.rotate refused by the chain: {status}", reason=status.partition(":")[2])
+            return {"tx_id": tx.id.hex(), "height": height, "epoch": tx.body["epoch"], "starts": height + 1}
         if method == "blocks.subscribe":
             channel = node.subscribe()
             nursery.start_soon(self._forward, channel, ws, "block.committed")

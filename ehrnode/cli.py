@@ -8,6 +8,7 @@ code. Errors ehrnode raises on purpose become one line on stderr and exit 2;
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -218,6 +219,33 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"mempool {status['mempool']}")
         print(f"head {status['head']}")
         print(f"peers {', '.join(status['peers']) or '(none)'}")
+    return 0
+
+
+def cmd_keys_status(args: argparse.Namespace) -> int:
+    view = _call(args, "keys.status")
+    assert isinstance(view, dict)
+    if args.json:
+        print(json.dumps(view))
+        return 0
+    print(f"current epoch {view['current']}  (rotated every {view['rotate_days']:g} days, in turn)")
+    for e in view["epochs"]:
+        opened = datetime.datetime.fromtimestamp(e["time"] / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        held = "held" if e["held"] else "NOT HELD"
+        print(f"  epoch {e['epoch']:<4} from height {e['starts']:<8} {opened}Z  by {e['opened_by']:<12} {held}")
+    for epoch, why in view["unreadable"].items():
+        print(f"  epoch {epoch}: {why}", file=sys.stderr)
+    return 1 if view["unreadable"] else 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    result = _call(args, "keys.rotate", timeout=args.timeout)
+    assert isinstance(result, dict)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"epoch {result['epoch']} opened at height {result['height']}: blocks from height "
+              f"{result['starts']} are sealed under its key")
     return 0
 
 
@@ -544,6 +572,20 @@ def build_parser() -> argparse.ArgumentParser:
     status = with_config(commands.add_parser("status", help="height, head, round, peers and mempool of a node"))
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+
+    keys = commands.add_parser("keys", help="the consortium's epoch keys").add_subparsers(
+        dest="keys_command", required=True)
+    keys_status = with_config(keys.add_parser("status", help="the chain's epochs and which keys this member holds"))
+    keys_status.add_argument("--json", action="store_true")
+    keys_status.set_defaults(func=cmd_keys_status)
+    rotate = with_config(keys.add_parser(
+        "rotate", help="open a new epoch now: a fresh key sealed to every current member",
+        description="Generate the next epoch key, seal it to every current member's X25519 key and commit it. "
+        "Transactions submitted after the block it commits in are sealed under it; earlier epochs' keys stay "
+        "with current members for reading history."))
+    rotate.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the commit")
+    rotate.add_argument("--json", action="store_true")
+    rotate.set_defaults(func=cmd_keys_rotate)
 
     block = commands.add_parser("block", help="committed blocks").add_subparsers(dest="block_command", required=True)
     get = with_config(block.add_parser("get", help="a committed block (default: the head)"))

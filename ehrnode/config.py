@@ -1,7 +1,8 @@
 """The consortium's genesis file and each node's own configuration.
 
-``genesis.toml`` is public and the same at every member: the chain id and the
-members (name, role, Ed25519 signing key, X25519 sealing key, peer address).
+``genesis.toml`` is public and the same at every member: the chain id, the
+members (name, role, Ed25519 signing key, X25519 sealing key, peer address),
+and the key of epoch 0 sealed to each member (:mod:`ehrnode.ledger.epochs`).
 Its hash binds peers to one consortium. ``node.toml`` is one member's: where
 its keys, data and genesis are (paths relative to the file itself), which
 addresses it listens on, and its log level.
@@ -25,10 +26,12 @@ from typing import Any
 from . import codec, crypto
 from .consensus.types import ValidatorSet
 from .errors import ConfigError
+from .ledger.epochs import EpochGrant
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
 ROLES = ("institution", "regulator")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_ROTATE_DAYS = 30.0
 
 
 @dataclass(frozen=True)
@@ -62,9 +65,11 @@ class Member:
 class Genesis:
     chain_id: str
     members: tuple[Member, ...]
+    #: The key of epoch 0, sealed to every member.
+    epoch_key: EpochGrant | None = None
 
     def to_toml_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "chain_id": self.chain_id,
             "members": [
                 {"name": m.name, "role": m.role, "signing_key": m.signing_key.hex(),
@@ -72,6 +77,10 @@ class Genesis:
                 for m in self.members
             ],
         }
+        if self.epoch_key is not None:
+            doc["epoch_key"] = {"check": self.epoch_key.check.hex(),
+                                "sealed": {name: copy.hex() for name, copy in self.epoch_key.sealed.items()}}
+        return doc
 
     @cached_property
     def hash(self) -> bytes:
@@ -129,6 +138,9 @@ class NodeConfig:
     #: TLS with the consortium's CA ([tls]): the CA certificate, this member's certificate and key;
     #: None: no TLS. ``tls_api``: the local API uses it too.
     tls: TlsFiles | None = None
+    #: Days an epoch key is used before this member rotates it, when it is this member's turn
+    #: ([keys] rotate_days; see :mod:`ehrnode.ledger.epochs`).
+    rotate_days: float = DEFAULT_ROTATE_DAYS
 
     def to_toml_dict(self) -> dict[str, Any]:
         def rel(p: Path) -> str:
@@ -143,6 +155,7 @@ class NodeConfig:
                 "signing": rel(self.signing_key_path), "sealing": rel(self.sealing_key_path),
                 **({"master": rel(self.master_key_path)} if self.master_key_path else {}),
                 **({"consortium": rel(self.consortium_key_path)} if self.consortium_key_path else {}),
+                **({"rotate_days": self.rotate_days} if self.rotate_days != DEFAULT_ROTATE_DAYS else {}),
             },
             "peer": {"listen": str(self.peer_listen)},
             "api": {"listen": str(self.api_listen)},
@@ -239,7 +252,27 @@ def parse_genesis(doc: dict[str, Any], where: str) -> Genesis:
         values = [getattr(m, attr) for m in members]
         if len(set(values)) != len(values):
             raise ConfigError(f"{where}: two members share a {attr.replace('_', ' ')}")
-    return Genesis(chain_id, tuple(members))
+    return Genesis(chain_id, tuple(members), _epoch_key(doc, where, [m.name for m in members]))
+
+
+def _epoch_key(doc: dict[str, Any], where: str, names: list[str]) -> EpochGrant:
+    at = f"{where} [epoch_key]"
+    if "epoch_key" not in doc:
+        raise ConfigError(f"{at}: missing; this genesis predates encrypted payloads: set the consortium up again "
+                          "with 'ehrnode consortium init'")
+    table = _table(doc, "epoch_key", where)
+    check = _field(table, "check", str, at)
+    sealed = _table(table, "sealed", at)
+    if sorted(sealed) != sorted(names):
+        raise ConfigError(f"{at}.sealed: one sealed key per member expected, for {', '.join(names)}")
+    try:
+        grant = EpochGrant(0, bytes.fromhex(check), {name: bytes.fromhex(_field(sealed, name, str, f"{at}.sealed"))
+                                                     for name in names})
+    except ValueError as exc:
+        raise ConfigError(f"{at}: not hex: {exc}") from exc
+    if len(grant.check) != 32:
+        raise ConfigError(f"{at}.check: 32 bytes of hex expected")
+    return grant
 
 
 def load_genesis(path: Path) -> Genesis:
@@ -281,7 +314,15 @@ def load_node_config(path: Path) -> NodeConfig:
         access_policy_path=_optional_path(_table(doc, "sharing", where), "policy", f"{where} [sharing]", resolve),
         roles_path=_optional_path(_table(doc, "users", where), "roles", f"{where} [users]", resolve),
         tls=_tls(_table(doc, "tls", where), f"{where} [tls]", resolve) if "tls" in doc else None,
+        rotate_days=_rotate_days(keys, f"{where} [keys]"),
     )
+
+
+def _rotate_days(keys: dict[str, Any], where: str) -> float:
+    value = keys.get("rotate_days", DEFAULT_ROTATE_DAYS)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3650:
+        raise ConfigError(f"{where}: rotate_days must be a number of days, more than 0 and at most 3650")
+    return float(value)
 
 
 def _tls(table: dict[str, Any], where: str, resolve: Any) -> TlsFiles:

@@ -2,7 +2,8 @@
 
 ``init_consortium`` writes, under one directory::
 
-    genesis.toml              public: chain id, members, public keys, peer addresses
+    genesis.toml              public: chain id, members, public keys, peer addresses, the
+                              epoch 0 key sealed to each member
     <name>/node.toml          that member's node configuration (paths relative to itself)
     <name>/keys/signing.pem   Ed25519 private key, mode 0600
     <name>/keys/sealing.pem   X25519 private key, mode 0600
@@ -26,6 +27,7 @@ from pathlib import Path
 import tomli_w
 
 from . import crypto
+from .ledger.epochs import EpochGrant
 from .config import Address, Genesis, Member, NodeConfig, TlsFiles, check_name
 from .errors import ConfigError
 from .net.tls import create_ca, issue
@@ -97,9 +99,11 @@ def init_consortium(
             master_key_path=keys / "master.key",
             consortium_key_path=keys / "consortium.key" if is_institution else None, tls=tls_files,
         ))
-    genesis = Genesis(chain_id, tuple(members))
+    grant = EpochGrant.create(chain_id, 0, {m.name: m.sealing_key for m in members})
+    genesis = Genesis(chain_id, tuple(members), grant)
     _write_toml(directory / GENESIS_FILE, genesis.to_toml_dict(),
-                "# Consortium genesis: public keys and addresses only. Identical at every member.\n")
+                "# Consortium genesis: public keys, addresses, and the first epoch key sealed to each member.\n"
+                "# Identical at every member.\n")
     for config in configs:
         # Paths are written relative to node.toml, so the directory can move as a whole.
         _write_toml(config.path, config.to_toml_dict(), f"# ehrnode node configuration for {config.name}\n")

@@ -52,6 +52,12 @@ class SafetyViolation(EhrnodeError):
     reason = "unsafe"
 
 
+class KeyUnavailable(EhrnodeError):
+    """This member does not hold the epoch key a committed envelope needs: it cannot apply it."""
+
+    reason = "key_unavailable"
+
+
 class StoreError(EhrnodeError):
     """A persistent store could not be read or written; the node must not go on."""
 

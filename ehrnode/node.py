@@ -23,8 +23,9 @@ waiting for one of its transactions.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import datetime
+import os
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -42,8 +43,10 @@ from .consensus.messages import decode_message, encode_message
 from .consensus.pacemaker import PacemakerConfig
 from .consensus.safety import SafetyData
 from .consensus.types import Block
-from .errors import AdmissionError, CodecError, ConfigError, CryptoError, InvalidMessage, StoreError
+from .errors import AdmissionError, CodecError, ConfigError, CryptoError, InvalidMessage, KeyUnavailable, StoreError
 from .ledger.block_store import SqliteBlockStore
+from .ledger.envelope import mix
+from .ledger.epochs import EpochGrant, EpochKeys
 from .ledger.mempool import Mempool
 from .ledger.safety_store import FileSafetyStore
 from .ledger.state import LedgerState
@@ -118,6 +121,9 @@ class Node:
             raise ConfigError(str(exc)) from exc
         if self.sealing_key.public_key != member.sealing_key:
             raise ConfigError(f"{config.sealing_key_path} is not the sealing key genesis lists for {self.name}")
+        self.epoch_keys = EpochKeys(self.genesis.chain_id, self.name, self.sealing_key)
+        if self.genesis.epoch_key is None or not self.epoch_keys.learn(self.genesis.epoch_key):
+            raise ConfigError(f"{config.genesis_path}: {self.epoch_keys.unreadable.get(0, 'no epoch key')}")
         self.index = self.genesis.index(self.name)
         self.vset = self.genesis.validators
         self.log = get_logger(node=self.name)
@@ -136,9 +142,12 @@ class Node:
                              detail="api.token was replaced by hand; it is now the admin's credential")
         self.block_store = SqliteBlockStore(data / "blocks.sqlite3", self.vset)
         self.state = LedgerState(data / "state.sqlite3", self.genesis.chain_id, members,
-                                 roles={m.name: m.role for m in self.genesis.members})
+                                 roles={m.name: m.role for m in self.genesis.members}, keys=self.epoch_keys)
+        #: The height at which this member found it lacks an epoch key: the ledger state stops there.
+        self.state_stalled: int | None = None
         self._replay_state()
-        self.mempool = Mempool(self.genesis.chain_id, members, is_committed=self.state.is_committed)
+        self.mempool = Mempool(self.genesis.chain_id, members, opener=self.state.open_envelope,
+                               is_committed=self.state.is_committed)
         safety_store = FileSafetyStore(data / "safety.cbor")
         if safety_store.load() is None and self.block_store.committed_height() > 0:
             # Blocks but no record of what this validator signed (lost, or an interrupted restore):
@@ -146,7 +155,8 @@ class Node:
             self.log.warning("safety.missing", height=self.block_store.committed_height())
             safety_store.save(SafetyData(epoch=self.vset.epoch, restored=True))
         self.core = ConsensusCore(
-            self.vset, self.index, self.identity, safety_store, config=core_config,
+            self.vset, self.index, self.identity, safety_store,
+            config=dataclasses.replace(core_config, order_payload=mix),
             recovery=self.block_store.recovery(), committed_lookup=self.block_store.get_block,
             committed_at=self.block_store.block_at,
         )
@@ -181,6 +191,7 @@ class Node:
         self.inbox_dropped = 0
         self.invalid_messages = 0
         self._started = False  # the core has loaded its certificates (the driver started it)
+        self._rotating: int | None = None  # the epoch this member last asked to rotate out of
         self._closed = False
         self.notifier = Notifier()
         self.metrics = self._register_metrics()
@@ -263,7 +274,28 @@ class Node:
         for height in range(self.state.applied_height + 1, self.block_store.committed_height() + 1):
             block = self.block_store.block_at(height)
             assert block is not None
-            self.state.apply(block)
+            if self._apply_state(block, None) is None:
+                return
+
+    def _apply_state(self, block: Block, admitted: Any) -> list[Transaction] | None:
+        """Apply a committed block to the ledger state; None once this member lacks an epoch key.
+
+        Judging an envelope it cannot open differently from the other members would make
+        its state diverge from theirs; it stops instead, says so, and keeps storing blocks
+        (a restart tries again from there).
+        """
+        if self.state_stalled is not None:
+            return None
+        if block.height <= self.state.applied_height:
+            return []  # after a power cut the state can be ahead of the block store
+        try:
+            return self.state.apply(block, admitted)
+        except KeyUnavailable as exc:
+            self.state_stalled = block.height
+            self.log.error("ledger.stalled", height=block.height, error=str(exc),
+                           detail="this member cannot read an epoch the chain uses; the ledger stops here "
+                                  "until it holds that key (see docs/security.md)")
+            return None
 
     # --- inputs -----------------------------------------------------------------------
 
@@ -349,6 +381,48 @@ class Node:
                 if self.genesis.index(name) not in survey.answers:
                     self.network.send(name, encode_frame(RoundQueryFrame(survey.nonce)))
 
+    def rotate_epoch_key(self, actor: bytes = b"") -> Transaction:
+        """Open the next epoch: a fresh key sealed to every current member (raises AdmissionError)."""
+        grant = EpochGrant.create(self.genesis.chain_id, self.state.latest_epoch + 1,
+                                  {m.name: m.sealing_key for m in self.genesis.members})
+        tx = self.submit("keys.epoch", grant.body(), actor)
+        self.log.info("keys.rotating", epoch=grant.epoch, tx=tx.id.hex()[:16])
+        return tx
+
+    def epoch_view(self) -> dict[str, Any]:
+        """The epochs of the chain and which of their keys this member holds."""
+        return {
+            "current": self.state.current_epoch, "rotate_days": self.config.rotate_days,
+            "epochs": [{**e, "tx_id": e["tx_id"].hex() if e["tx_id"] else None, "held": e["epoch"] in self.epoch_keys}
+                       for e in self.state.epochs()],
+            "unreadable": {str(epoch): why for epoch, why in self.epoch_keys.unreadable.items()},
+        }
+
+    async def _rotate_on_schedule(self) -> None:
+        """Rotate the epoch key once it is ``rotate_days`` old, if it is this member's turn.
+
+        The turn goes round the members by epoch number; if the member whose turn it is
+        has not rotated half an interval later, any member does (the first grant committed
+        opens the epoch; a second one for the same epoch is refused as stale).
+        """
+        interval = self.config.rotate_days * 86400
+        names = sorted(m.name for m in self.genesis.members)
+        while True:
+            await trio.sleep(min(60.0, interval / 10))
+            epochs = self.state.epochs()
+            if not epochs or self.state_stalled is not None:
+                continue
+            latest = epochs[-1]
+            age = time.time() - latest["time"] / 1000
+            due = names[latest["epoch"] % len(names)] == self.name and age >= interval
+            if (due or age >= interval * 1.5) and self._rotating != latest["epoch"]:
+                self._rotating = latest["epoch"]
+                try:
+                    self.rotate_epoch_key()
+                except AdmissionError as exc:
+                    self.log.warning("keys.rotation_refused", reason=exc.reason, error=str(exc))
+                    self._rotating = None
+
     def submit_note(self, text: str, actor: bytes = b"") -> Transaction:
         """Sign a note transaction as this member, admit it and gossip it (raises AdmissionError)."""
         return self.submit("note", {"text": text}, actor)
@@ -366,8 +440,12 @@ class Node:
 
     def submit_own(self, tx: Transaction) -> None:
         """Admit and gossip a transaction this node signed (raises AdmissionError)."""
-        self.mempool.admit_own(tx)
-        self._accept_local(tx.encoded)
+        try:
+            envelope = self.state.seal(tx)
+        except KeyUnavailable as exc:
+            raise AdmissionError(str(exc), reason="no_key") from exc
+        self.mempool.admit_own(tx, envelope)
+        self._accept_local(envelope.encoded)
 
     def _accept_local(self, data: bytes) -> None:
         self._gossip_out.append(data)
@@ -466,6 +544,7 @@ class Node:
             if self.records is not None:
                 nursery.start_soon(self.records.run_outbox)
             nursery.start_soon(self._answer_pending_whois)
+            nursery.start_soon(self._rotate_on_schedule)
             if self.notifier.watchdog_interval is not None:
                 nursery.start_soon(self._watchdog)
             self.log.info(
@@ -580,12 +659,12 @@ class Node:
     def _commit(self, action: CommitBlocks) -> None:
         self.block_store.commit(action.blocks, action.proof)
         for block in action.blocks:
-            # After a power cut the state can be ahead of the block store: the blocks committed
-            # again are the same blocks, already applied.
-            txs = self.state.apply(block, self.mempool.get) if block.height > self.state.applied_height else []
+            applied = self._apply_state(block, self.mempool.get)
+            txs = applied or []
             self.m_commits.inc()
             self.m_txs.inc(len(txs))
-            self.m_invalid_txs.inc(len(block.payload) - len(txs))
+            if applied is not None:
+                self.m_invalid_txs.inc(len(block.payload) - len(txs))
             self.m_latency.observe(max(0.0, time.time() - block.timestamp / 1000))
             ids = [tx.id for tx in txs]
             for tx in txs:
@@ -600,6 +679,7 @@ class Node:
                 except Exception as exc:  # noqa: BLE001 - a feed must never stop the chain
                     self.log.error("events.failed", height=block.height, error=repr(exc))
             self.mempool.remove(crypto.sha256(data) for data in block.payload)
+            self.mempool.remove_committed(ids)
             self.head = block
             # Empty blocks of an idle chain are not worth an info line each.
             (self.log.info if block.payload else self.log.debug)(
@@ -640,7 +720,8 @@ class Node:
         return {
             "node": self.name, "chain": self.genesis.chain_id, "height": self.head.height, "head": self.head.id.hex(),
             "round": self.core.round, "peers": self.network.connected(), "mempool": len(self.mempool),
-            "validators": self.vset.n, "pid": os.getpid(),
+            "validators": self.vset.n, "pid": os.getpid(), "epoch": self.state.current_epoch,
+            "ledger": {"applied": self.state.applied_height, "stalled_at": self.state_stalled},
         }
 
     def records_list(self, empi: str) -> list[dict[str, Any]]:
@@ -655,9 +736,11 @@ class Node:
         txs = []
         for data in block.payload:
             try:
-                txs.append(Transaction.decode(data).summary())
-            except CodecError:
-                txs.append({"id": crypto.sha256(data).hex(), "kind": "invalid"})
+                envelope, tx = self.state.open_envelope(data, block.height)
+            except (AdmissionError, KeyUnavailable) as exc:
+                txs.append({"id": crypto.sha256(data).hex(), "kind": "unreadable", "reason": exc.reason})
+            else:
+                txs.append({**tx.summary(), "epoch": envelope.epoch, "envelope": envelope.id.hex()})
         return {
             "height": block.height, "id": block.id.hex(), "parent": block.parent.hex(), "round": block.round,
             "time": block.timestamp, "author": self.genesis.members[block.author].name if block.height else None,

@@ -123,6 +123,10 @@ class CoreConfig:
     sync_retry: float = 1.0
     #: Proposals kept per round above the root (an equivocating leader cannot flood the tree).
     max_proposals_per_round: int = 2
+    #: How a leader orders its block's payload, given the id of the certified block it extends
+    #: (randomness no one chose for this block); None keeps arrival order. Payloads stay opaque
+    #: to the core: this is the application's choice, and voters do not check it.
+    order_payload: Callable[[list[bytes], bytes], list[bytes]] | None = None
 
 
 @dataclass(frozen=True)
@@ -515,6 +519,8 @@ class ConsensusCore:
                 return
         self._propose_at = float("inf")
         self._proposed_round = round_
+        if payload and self.config.order_payload is not None:
+            payload = self.config.order_payload(payload, self.high_qc.block_id)
         try:
             block = self.safety.propose(Block.unsigned(
                 epoch=self.vset.epoch, round=round_, qc=self.high_qc, author=self.index, timestamp=int(now * 1000),

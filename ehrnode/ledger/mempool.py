@@ -1,11 +1,16 @@
 """Admission and holding of transactions until they are committed.
 
-A transaction gets in only if it decodes strictly, is for this chain, was
-submitted and signed by a genesis member, is new (neither pending nor
-committed), and there is room. The checks run cheapest first, so a gossiped
-duplicate costs a hash lookup, not a signature verification. The pool is
-bounded: when full, the submitter is told "mempool full" instead of the pool
-growing.
+What arrives is an envelope (:mod:`.envelope`). It gets in only if it decodes
+strictly, names a current member as signer, is sealed under the current epoch
+(or the one before), opens under that epoch's key to a transaction of the same
+signer and class, for this chain, signed by its submitter, that is new (neither
+pending nor committed, under any envelope), and there is room. The checks run
+cheapest first, so a gossiped duplicate costs a hash lookup, not a decryption
+or a signature verification. The pool is bounded: when full, the submitter is
+told "mempool full" instead of the pool growing.
+
+Pending transactions are held by envelope id (what consensus proposes and a
+block carries) and found by transaction id (what submitters wait on).
 """
 
 from __future__ import annotations
@@ -13,66 +18,88 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 
-from ..errors import AdmissionError, CodecError
-from .transactions import MAX_TX_BYTES, Transaction
+from .. import crypto
+from ..errors import AdmissionError, KeyUnavailable
+from .envelope import MAX_ENVELOPE_BYTES, Envelope
+from .transactions import Transaction
+
+#: Decode and open an envelope for the next block (see :meth:`LedgerState.open_envelope`).
+Opener = Callable[[bytes], tuple[Envelope, Transaction]]
 
 
 class Mempool:
     def __init__(
-        self, chain_id: str, members: Mapping[str, bytes], *, capacity: int = 50_000,
+        self, chain_id: str, members: Mapping[str, bytes], *, opener: Opener, capacity: int = 50_000,
         is_committed: Callable[[bytes], bool] = lambda _id: False,
     ) -> None:
         self.chain_id = chain_id
         self.members = dict(members)
         self.capacity = capacity
+        self._open = opener
         self._is_committed = is_committed
-        self._pending: OrderedDict[bytes, Transaction] = OrderedDict()
-        self._checked: set[bytes] = set()  # ids admitted from the wire (decoded and verified here)
+        self._pending: OrderedDict[bytes, Transaction] = OrderedDict()  # envelope id -> transaction
+        self._by_tx: dict[bytes, bytes] = {}  # transaction id -> envelope id
+        self._checked: set[bytes] = set()  # envelope ids admitted from the wire (opened and verified here)
 
     def __len__(self) -> int:
         return len(self._pending)
 
     def __contains__(self, tx_id: bytes) -> bool:
-        return tx_id in self._pending
+        """Whether the transaction ``tx_id`` is pending (under whichever envelope)."""
+        return tx_id in self._by_tx
 
-    def get(self, tx_id: bytes) -> Transaction | None:
-        """The transaction with this id if it came in through :meth:`admit`: decoded strictly
-        from exactly these bytes, and its signature checked (own transactions: None)."""
-        return self._pending.get(tx_id) if tx_id in self._checked else None
+    def get(self, envelope_id: bytes) -> Transaction | None:
+        """The transaction in this envelope if it came in through :meth:`admit`: opened from
+        exactly these bytes and its signature checked (own transactions: None)."""
+        return self._pending.get(envelope_id) if envelope_id in self._checked else None
 
     def admit(self, data: bytes) -> Transaction:
-        """Check and hold ``data``; raises AdmissionError with a reason a submitter can act on."""
-        if len(data) > MAX_TX_BYTES:
-            raise AdmissionError(f"transaction of {len(data)} bytes exceeds {MAX_TX_BYTES}", reason="too_large")
+        """Check and hold the envelope ``data``; raises AdmissionError with a reason a submitter can act on."""
+        if len(data) > MAX_ENVELOPE_BYTES:
+            raise AdmissionError(f"envelope of {len(data)} bytes exceeds {MAX_ENVELOPE_BYTES}", reason="too_large")
+        envelope_id = crypto.sha256(data)
+        if envelope_id in self._pending:
+            raise AdmissionError(f"envelope {envelope_id.hex()[:16]} is already known", reason="duplicate")
         try:
-            tx = Transaction.decode(data)
-        except CodecError as exc:
-            raise AdmissionError(f"malformed transaction: {exc}", reason="malformed") from exc
+            envelope, tx = self._open(data)
+        except KeyUnavailable as exc:
+            raise AdmissionError(str(exc), reason="no_key") from exc
         if tx.chain_id != self.chain_id:
             raise AdmissionError(f"transaction for chain {tx.chain_id!r}, not {self.chain_id!r}", reason="wrong_chain")
         key = self.members.get(tx.submitter)
         if key is None:
             raise AdmissionError(f"submitter {tx.submitter!r} is not a consortium member", reason="unknown_submitter")
-        if tx.id in self._pending or self._is_committed(tx.id):
-            raise AdmissionError(f"transaction {tx.id.hex()[:16]} is already known", reason="duplicate")
-        if len(self._pending) >= self.capacity:
-            raise AdmissionError(f"mempool full ({self.capacity} transactions pending)", reason="mempool_full")
+        self._check_new(tx)
         tx.check_signature(key)
-        self._pending[tx.id] = tx
-        self._checked.add(tx.id)
+        self._hold(envelope.id, tx)
+        self._checked.add(envelope.id)
         return tx
 
-    def admit_own(self, tx: Transaction) -> Transaction:
-        """Hold a transaction this node just built and signed itself: no decoding or signature
-        check (it cannot fail them), only the duplicate and capacity checks."""
-        if tx.id in self._pending or self._is_committed(tx.id):
+    def admit_own(self, tx: Transaction, envelope: Envelope) -> Transaction:
+        """Hold a transaction this node just built, signed and sealed itself: no opening or
+        signature check (it cannot fail them), only the duplicate and capacity checks."""
+        self._check_new(tx)
+        self._hold(envelope.id, tx)
+        return tx
+
+    def _check_new(self, tx: Transaction) -> None:
+        if tx.id in self._by_tx or self._is_committed(tx.id):
             raise AdmissionError(f"transaction {tx.id.hex()[:16]} is already known", reason="duplicate")
         if len(self._pending) >= self.capacity:
             raise AdmissionError(f"mempool full ({self.capacity} transactions pending)", reason="mempool_full")
-        self._pending[tx.id] = tx
-        return tx
 
-    def remove(self, tx_ids: Iterable[bytes]) -> None:
-        for tx_id in tx_ids:
-            self._pending.pop(tx_id, None)
-            self._checked.discard(tx_id)
+    def _hold(self, envelope_id: bytes, tx: Transaction) -> None:
+        self._pending[envelope_id] = tx
+        self._by_tx[tx.id] = envelope_id
+
+    def remove(self, envelope_ids: Iterable[bytes]) -> None:
+        """Forget envelopes a committed block carried."""
+        for envelope_id in envelope_ids:
+            tx = self._pending.pop(envelope_id, None)
+            self._checked.discard(envelope_id)
+            if tx is not None:
+                self._by_tx.pop(tx.id, None)
+
+    def remove_committed(self, tx_ids: Iterable[bytes]) -> None:
+        """Forget transactions committed under another envelope than the one held here."""
+        self.remove([self._by_tx[tx_id] for tx_id in tx_ids if tx_id in self._by_tx])

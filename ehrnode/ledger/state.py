@@ -2,9 +2,14 @@
 
 Every node applies the same committed blocks in the same order and gets the
 same tables. A block's payload is opaque to consensus, so a leader can put
-anything in it: a transaction that does not decode, is for another chain, is
-not signed by its submitter or repeats an earlier one is recorded as
-``invalid`` with its reason and otherwise ignored, the same way everywhere.
+anything in it: an envelope that does not decode, is sealed under an epoch
+that is not current (or the one just before: transactions in flight across a
+rotation), does not open under its epoch's key, or holds a transaction that is
+for another chain, not signed by its submitter or a repeat of an earlier one is
+recorded as ``invalid`` with its reason and otherwise ignored, the same way
+everywhere. Every member holds every epoch key (:mod:`.epochs`), so every
+member judges every envelope alike; one that lacks a key stops applying
+(:class:`~ehrnode.errors.KeyUnavailable`) rather than judge differently.
 
 State is applied in one SQLite transaction per block together with the
 applied height, so after a crash it resumes exactly at the first block it had
@@ -20,13 +25,15 @@ from typing import Any
 
 from .. import crypto
 from ..consensus.types import Block
-from ..errors import AdmissionError, CodecError, StoreError
+from ..errors import AdmissionError, CodecError, CryptoError, KeyUnavailable, StoreError
 from .access import SCHEMA as ACCESS_SCHEMA
 from .access import AccessLog
 from .consent import SCHEMA as CONSENT_SCHEMA
 from .consent import ConsentRegistry
 from .empi_registry import SCHEMA as EMPI_SCHEMA
 from .empi_registry import EmpiRegistry, scoped_enrolment
+from .envelope import Envelope
+from .epochs import EpochGrant, EpochKeys
 from .sqlite import open_db, transaction
 from .transactions import Transaction
 from .whois import SCHEMA as WHOIS_SCHEMA
@@ -50,6 +57,11 @@ CREATE TABLE IF NOT EXISTS actions (
     tx_id BLOB PRIMARY KEY, actor BLOB NOT NULL, submitter TEXT NOT NULL, kind TEXT NOT NULL, time INTEGER NOT NULL,
     height INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS actions_actor ON actions(actor);
+CREATE TABLE IF NOT EXISTS epochs (
+    epoch INTEGER PRIMARY KEY, starts INTEGER NOT NULL, time INTEGER NOT NULL, check_value BLOB NOT NULL,
+    opened_by TEXT NOT NULL, tx_id BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS epoch_grants (
+    epoch INTEGER NOT NULL, member TEXT NOT NULL, sealed BLOB NOT NULL, PRIMARY KEY (epoch, member));
 """
 
 #: Roles allowed to submit each kind (kinds not listed: any member).
@@ -64,12 +76,18 @@ ANCHOR_COLUMNS = ("record", "patient", "institution", "recorded_at", "setting", 
 
 class LedgerState:
     def __init__(self, path: Path, chain_id: str, members: Mapping[str, bytes],
-                 roles: Mapping[str, str] | None = None) -> None:
+                 roles: Mapping[str, str] | None = None, *, keys: EpochKeys | None = None) -> None:
         self.chain_id = chain_id
         self.members = dict(members)
         self.roles = dict(roles or {})
+        self.keys = keys or EpochKeys(chain_id, "", None)
         self._db = open_db(path, _SCHEMA + EMPI_SCHEMA + CONSENT_SCHEMA + ACCESS_SCHEMA + WHOIS_SCHEMA,
                            "ledger state")
+        # (epoch, first height) of every epoch after 0, oldest first.
+        self._epochs: list[tuple[int, int]] = self._db.execute(
+            "SELECT epoch, starts FROM epochs WHERE epoch > 0 ORDER BY epoch").fetchall()
+        for grant in self.epoch_grants():
+            self.keys.learn(grant)
         self.empi = EmpiRegistry(self._db)
         self.consent = ConsentRegistry(self._db, self.empi)
         self.access = AccessLog(self._db, chain_id, self.members)
@@ -99,9 +117,10 @@ class LedgerState:
         valid: list[Transaction] = []
         seen: set[bytes] = set()
         with transaction(self._db, f"apply block {block.height}") as db:
+            if block.height == 1:
+                db.execute("INSERT OR IGNORE INTO epochs VALUES (0, 1, ?, x'', 'genesis', x'')", (block.timestamp,))
             for position, data in enumerate(block.payload):
-                tx_id = crypto.sha256(data)
-                status, tx = self._classify(tx_id, data, admitted(tx_id) if admitted else None)
+                tx_id, status, tx = self._classify(data, block.height, admitted)
                 if status == "ok" and tx_id in seen:
                     status = "invalid:duplicate"
                 seen.add(tx_id)
@@ -117,6 +136,11 @@ class LedgerState:
                     tx.time if tx else None, status,
                 ))
             db.execute("INSERT OR REPLACE INTO applied VALUES (0, ?)", (block.height,))
+        # Epochs this block opened take effect from the next block (and only once it is stored).
+        for tx in valid:
+            if tx.kind == "keys.epoch":
+                self._epochs.append((tx.body["epoch"], block.height + 1))
+                self.keys.learn(EpochGrant(tx.body["epoch"], tx.body["check"], tx.body["sealed"]))
         return valid
 
     def _apply_kind(self, db: sqlite3.Connection, tx: Transaction, height: int, block_time: int) -> str:
@@ -153,29 +177,124 @@ class LedgerState:
             return self.whois.apply_request(db, tx.body, tx.submitter, tx.actor, height, tx.time, tx.id)
         elif tx.kind == "whois.answer":
             return self.whois.apply_answer(db, tx.body, tx.submitter, height, tx.id)
+        elif tx.kind == "keys.epoch":
+            return self._apply_epoch(db, tx, height, block_time)
         return "ok"
 
-    def _classify(self, tx_id: bytes, data: bytes, known: Transaction | None) -> tuple[str, Transaction | None]:
-        if known is None:
-            try:
-                tx = Transaction.decode(data)
-            except CodecError:
-                return "invalid:malformed", None
-        else:
-            tx = known
+    def _classify(self, data: bytes, height: int, admitted: Callable[[bytes], Transaction | None] | None,
+                  ) -> tuple[bytes, str, Transaction | None]:
+        """(transaction id, status, transaction) of one payload entry; the id is the envelope's
+        when what is inside cannot be read."""
+        envelope_id = crypto.sha256(data)
+        known = admitted(envelope_id) if admitted else None
+        try:
+            envelope, tx = self.open_envelope(data, height, opened=known)
+        except AdmissionError as exc:
+            return envelope_id, f"invalid:{exc.reason}", None
         if tx.chain_id != self.chain_id:
-            return "invalid:wrong_chain", tx
+            return tx.id, "invalid:wrong_chain", tx
         key = self.members.get(tx.submitter)
         if key is None:
-            return "invalid:unknown_submitter", tx
-        if self.tx_height(tx_id) is not None:
-            return "invalid:duplicate", tx
+            return tx.id, "invalid:unknown_submitter", tx
+        if self.tx_height(tx.id) is not None:
+            return tx.id, "invalid:duplicate", tx
         if known is None:
             try:
                 tx.check_signature(key)
             except AdmissionError:
-                return "invalid:bad_signature", tx
-        return "ok", tx
+                return tx.id, "invalid:bad_signature", tx
+        return tx.id, "ok", tx
+
+    # --- epochs -------------------------------------------------------------------------
+
+    def epoch_at(self, height: int) -> int:
+        """The epoch block ``height`` is in."""
+        epoch = 0
+        for number, starts in self._epochs:
+            if starts <= height:
+                epoch = number
+        return epoch
+
+    @property
+    def latest_epoch(self) -> int:
+        """The last epoch opened on the chain (it may start with the next block)."""
+        return self._epochs[-1][0] if self._epochs else 0
+
+    @property
+    def current_epoch(self) -> int:
+        """The epoch of the next block: what new transactions are sealed under."""
+        return self.epoch_at(self.applied_height + 1)
+
+    def seal(self, tx: Transaction) -> Envelope:
+        """``tx`` sealed under the current epoch's key (raises KeyUnavailable)."""
+        epoch = self.current_epoch
+        key = self.keys.aead(epoch)
+        if key is None:
+            raise KeyUnavailable(f"this member holds no key for epoch {epoch}: "
+                                 f"{self.keys.unreadable.get(epoch, 'its grant is not applied yet')}")
+        return Envelope.seal(tx, epoch=epoch, key=key, chain_id=self.chain_id)
+
+    def open_envelope(self, data: bytes, height: int | None = None, *, opened: Transaction | None = None,
+                      ) -> tuple[Envelope, Transaction]:
+        """Decode an envelope and open it, if it may be in block ``height`` (default: the next).
+
+        Raises AdmissionError with the reason the ledger records (``malformed``,
+        ``stale_epoch``, ``future_epoch``, ``undecryptable``, ``envelope_mismatch``), and
+        KeyUnavailable if this member lacks the key of an epoch it should hold. ``opened``
+        is the transaction inside, when the caller already opened and checked it.
+        """
+        try:
+            envelope = Envelope.decode(data)
+        except CodecError as exc:
+            raise AdmissionError(f"malformed envelope: {exc}", reason="malformed") from exc
+        current = self.epoch_at(self.applied_height + 1 if height is None else height)
+        if envelope.epoch > current:
+            raise AdmissionError(f"envelope sealed under epoch {envelope.epoch}, ahead of {current}",
+                                 reason="future_epoch")
+        if envelope.epoch < current - 1:
+            raise AdmissionError(f"envelope sealed under epoch {envelope.epoch}; epoch {current} is current",
+                                 reason="stale_epoch")
+        if opened is not None:
+            return envelope, opened
+        key = self.keys.aead(envelope.epoch)
+        if key is None:
+            raise KeyUnavailable(f"this member holds no key for epoch {envelope.epoch}: "
+                                 f"{self.keys.unreadable.get(envelope.epoch, 'never granted')}")
+        try:
+            return envelope, envelope.open(key, self.chain_id)
+        except CryptoError as exc:
+            raise AdmissionError(str(exc), reason="undecryptable") from exc
+        except CodecError as exc:
+            reason = "envelope_mismatch" if exc.reason == "envelope_mismatch" else "malformed"
+            raise AdmissionError(f"envelope holds no valid transaction: {exc}", reason=reason) from exc
+
+    def epoch_grants(self) -> list[EpochGrant]:
+        """Every epoch key granted on the chain after genesis, oldest first."""
+        grants: dict[int, tuple[bytes, dict[str, bytes]]] = {}
+        for epoch, check in self._db.execute("SELECT epoch, check_value FROM epochs WHERE epoch > 0"):
+            grants[epoch] = (check, {})
+        for epoch, member, sealed in self._db.execute("SELECT epoch, member, sealed FROM epoch_grants"):
+            grants[epoch][1][member] = sealed
+        return [EpochGrant(epoch, check, sealed) for epoch, (check, sealed) in sorted(grants.items())]
+
+    def epochs(self) -> list[dict[str, Any]]:
+        """Each epoch: its number, first height, when and by whom (and which transaction) it was opened."""
+        columns = ("epoch", "starts", "time", "opened_by", "tx_id")
+        rows = self._db.execute(f"SELECT {', '.join(columns)} FROM epochs ORDER BY epoch").fetchall()
+        return [dict(zip(columns, row, strict=True)) for row in rows]
+
+    def _apply_epoch(self, db: sqlite3.Connection, tx: Transaction, height: int, block_time: int) -> str:
+        body = tx.body
+        latest = db.execute("SELECT MAX(epoch) FROM epochs").fetchone()[0] or 0
+        if body["epoch"] != latest + 1:
+            return "invalid:stale_epoch"  # another grant opened that epoch first
+        if set(body["sealed"]) != set(self.members):
+            return "invalid:grants"  # sealed to every current member, and to no one else
+        db.execute("INSERT INTO epochs VALUES (?, ?, ?, ?, ?, ?)",
+                   (body["epoch"], height + 1, block_time, body["check"], tx.submitter, tx.id))
+        db.executemany("INSERT INTO epoch_grants VALUES (?, ?, ?)",
+                       [(body["epoch"], member, sealed) for member, sealed in body["sealed"].items()])
+        return "ok"
 
     def tx_height(self, tx_id: bytes) -> int | None:
         row = self._db.execute("SELECT height FROM txs WHERE id = ? AND status = 'ok'", (tx_id,)).fetchone()

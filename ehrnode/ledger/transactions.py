@@ -27,7 +27,9 @@ from ..errors import AdmissionError, CodecError, SchemaError
 from .requests import PURPOSES, PullRequest
 
 TX_DOMAIN = "ehrnode/tx/v1"
-MAX_TX_BYTES = 64 * 1024
+#: A signed transaction; sealed in its envelope (padding, tag, clear fields) it stays within the
+#: 64 KiB a block or gossip frame allows per entry.
+MAX_TX_BYTES = 63 * 1024
 NONCE_SIZE = 16
 ACTOR_SIZE = 15
 
@@ -213,13 +215,32 @@ def _whois_answer_body(body: Any) -> dict[str, Any]:
     return dict(m)
 
 
+#: Members an epoch key may be sealed to (the largest consortium a grant can serve).
+MAX_MEMBERS = 256
+
+
+def _keys_epoch_body(body: Any) -> dict[str, Any]:
+    """The key of the next epoch, sealed to each current member (see :mod:`.epochs`)."""
+    m = as_map(body, "keys.epoch", ("epoch", "check", "sealed"))
+    if as_uint(m["epoch"], "keys.epoch.epoch") == 0:
+        raise SchemaError("keys.epoch.epoch: epoch 0 is opened by genesis")
+    as_bytes(m["check"], "keys.epoch.check", size=32)
+    sealed = m["sealed"]
+    if not isinstance(sealed, dict) or not 0 < len(sealed) <= MAX_MEMBERS:
+        raise SchemaError(f"keys.epoch.sealed: a map of 1-{MAX_MEMBERS} members to sealed keys")
+    for name, copy in sealed.items():
+        as_str(name, "keys.epoch.sealed name", max_len=32)
+        as_bytes(copy, f"keys.epoch.sealed[{name}]", max_len=128)
+    return dict(m)
+
+
 #: Each kind's body schema: a function that raises SchemaError or returns the checked body.
 KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "note": _note_body, "record.anchor": _anchor_body, "empi.enrol": _enrol_body, "empi.link": _link_body,
     "empi.not_duplicate": _not_duplicate_body, "empi.merge": _merge_body, "empi.unmerge": _unmerge_body,
     "empi.split": _split_body, "consent.grant": _consent_body, "consent.revoke": _consent_body,
     "access.log": _access_body, "record.erase": _erase_body, "integrity.alert": _alert_body,
-    "whois.request": _whois_request_body, "whois.answer": _whois_answer_body,
+    "whois.request": _whois_request_body, "whois.answer": _whois_answer_body, "keys.epoch": _keys_epoch_body,
 }
 
 

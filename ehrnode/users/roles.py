@@ -40,7 +40,7 @@ METHODS = frozenset({
     "empi.merge", "empi.unmerge",
     "consent.grant", "consent.revoke", "consent.show",
     "audit.trail", "audit.disclosures", "audit.trace", "audit.whois",
-    "events.subscribe",
+    "events.subscribe", "keys.status", "keys.rotate",
     "users.add", "users.list", "users.revoke", "users.rotate", "users.whoami",
 })
 #: Methods that name one patient (by EMPI): the only ones a patient role may be allowed.

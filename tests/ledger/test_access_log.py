@@ -11,7 +11,8 @@ from ehrnode.consensus.types import Block
 from ehrnode.ledger.mempool import Mempool
 from ehrnode.ledger.requests import PullRequest
 
-from .test_empi_registry import F, KEYS, MEMBERS, Chain, enrol, tx
+from .sealing import sealed
+from .test_empi_registry import EPOCHS, F, KEYS, MEMBERS, Chain, enrol, tx
 
 
 def anchor(record, position, submitter="A", patient=b"p" * 16):
@@ -120,16 +121,19 @@ def test_transactions_the_mempool_checked_apply_exactly_as_decoded_ones(tmp_path
     person = synthetic.people(1, seed=5)[0]
     txs = [enrol(synthetic.patient_resources(person, "A")[0], "A", b"p" * 16), anchor(record, 1),
            access(record), access(record, request=signed(record, identity=crypto.Identity.generate()))]
-    pool = Mempool(F.vset.chain_id, MEMBERS, is_committed=lambda _id: False)
-    for t in txs:
-        pool.admit(t.encoded)
     plain, fast = Chain(tmp_path / "plain.db"), Chain(tmp_path / "fast.db")
+    pool = Mempool(F.vset.chain_id, MEMBERS, opener=fast.state.open_envelope)
+    envelopes = [sealed(t, EPOCHS) for t in txs]
+    for data in envelopes:
+        pool.admit(data)
     assert plain.apply(*txs) == ["ok", "ok", "ok", "invalid:bad_request_signature"]
     block = Block.propose(epoch=0, round=1, qc=F.genesis_qc, author=1, timestamp=0,
-                          payload=tuple(t.encoded for t in txs), identity=F.identities[1], chain_id=F.vset.chain_id)
+                          payload=tuple(envelopes), identity=F.identities[1], chain_id=F.vset.chain_id)
     fast.state.apply(dataclasses.replace(block, height=1), pool.get)
     assert [fast.state.tx_status(t.id) for t in txs] == [plain.state.tx_status(t.id) for t in txs]
     # Own transactions (never decoded from the wire) are not taken on trust.
-    own = Mempool(F.vset.chain_id, MEMBERS, is_committed=lambda _id: False)
-    own.admit_own(txs[0])
-    assert own.get(txs[0].id) is None and pool.get(txs[0].id) == txs[0]
+    own = Mempool(F.vset.chain_id, MEMBERS, opener=fast.state.open_envelope)
+    envelope = fast.state.seal(txs[0])
+    own.admit_own(txs[0], envelope)
+    assert own.get(envelope.id) is None and pool.get(crypto.sha256(envelopes[0])) == txs[0]
+    assert txs[0].id in own and txs[0].id in pool

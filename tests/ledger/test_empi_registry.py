@@ -13,12 +13,14 @@ from ehrnode.ledger.state import LedgerState
 from ehrnode.ledger.transactions import Transaction
 
 from ..consensus.factory import Factory
+from .sealing import keyring, sealed
 
 F = Factory()
 KEYS = {name: crypto.Identity.generate() for name in ("A", "B", "R")}
 MEMBERS = {name: key.public_key for name, key in KEYS.items()}
 ROLES = {"A": "institution", "B": "institution", "R": "regulator"}
 ENCODER = Encoder(b"k" * 32)
+EPOCHS = keyring(F.vset.chain_id)
 SYNTHEA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "synthea-10"
 
 
@@ -37,13 +39,13 @@ class Chain:
     """One node's ledger state, fed blocks of transactions."""
 
     def __init__(self, path):
-        self.state = LedgerState(path, F.vset.chain_id, MEMBERS, roles=ROLES)
+        self.state = LedgerState(path, F.vset.chain_id, MEMBERS, roles=ROLES, keys=EPOCHS)
         self.height = 0
 
     def apply(self, *txs):
         self.height += 1
         block = Block.propose(epoch=0, round=self.height, qc=F.genesis_qc, author=1, timestamp=0,
-                              payload=tuple(t.encoded for t in txs), identity=F.identities[1],
+                              payload=tuple(sealed(t, EPOCHS) for t in txs), identity=F.identities[1],
                               chain_id=F.vset.chain_id)
         # Every block here extends genesis; the state only needs heights to follow each other.
         self.state.apply(dataclasses.replace(block, height=self.height))

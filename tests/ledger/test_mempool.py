@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from ehrnode import codec, crypto
@@ -7,11 +9,15 @@ from ehrnode.ledger.mempool import Mempool
 from ehrnode.ledger.state import LedgerState
 from ehrnode.ledger.transactions import Transaction
 
+from ehrnode.ledger.envelope import SIZE_BUCKETS, Envelope
+
 from ..consensus.factory import Factory
+from .sealing import keyring, sealed
 
 F = Factory()
 KEYS = {"A": crypto.Identity.generate(), "B": crypto.Identity.generate()}
 MEMBERS = {name: key.public_key for name, key in KEYS.items()}
+EPOCHS = keyring("chain")
 
 
 def note(text, submitter="A", chain="chain", key=None):
@@ -25,36 +31,61 @@ def refused(pool, data):
     return err.value.reason
 
 
-def test_admission_checks_and_their_reasons():
-    pool = Mempool("chain", MEMBERS, capacity=2)
+def test_admission_checks_and_their_reasons(tmp_path):
+    state = LedgerState(tmp_path / "state.db", "chain", MEMBERS, keys=EPOCHS)
+    pool = Mempool("chain", MEMBERS, opener=state.open_envelope, capacity=2)
     tx = note("hello")
-    assert pool.admit(tx.encoded).id == tx.id and len(pool) == 1
-    assert refused(pool, tx.encoded) == "duplicate"
-    assert refused(pool, note("x", chain="other").encoded) == "wrong_chain"
-    assert refused(pool, note("x", submitter="A", key=KEYS["B"]).encoded) == "bad_signature"
+    assert pool.admit(sealed(tx, EPOCHS)).id == tx.id and len(pool) == 1 and tx.id in pool
+    assert refused(pool, sealed(tx, EPOCHS)) == "duplicate"  # the same transaction sealed again
+    assert refused(pool, sealed(note("x", chain="other"), EPOCHS)) == "wrong_chain"
+    assert refused(pool, sealed(note("x", submitter="A", key=KEYS["B"]), EPOCHS)) == "bad_signature"
     stranger = crypto.Identity.generate()
-    assert refused(pool, Transaction.create("note", {"text": "x"}, chain_id="chain", submitter="Eve",
-                                            identity=stranger, time_ms=1).encoded) == "unknown_submitter"
+    assert refused(pool, sealed(Transaction.create("note", {"text": "x"}, chain_id="chain", submitter="Eve",
+                                                   identity=stranger, time_ms=1), EPOCHS)) == "unknown_submitter"
     assert refused(pool, b"\xff garbage") == "malformed"
     assert refused(pool, codec.encode({"kind": "note"})) == "malformed"
+    assert refused(pool, note("plain").encoded) == "malformed"  # a transaction not sealed
     assert refused(pool, b"\x00" * (70 * 1024)) == "too_large"
-    pool.admit(note("second").encoded)
-    assert refused(pool, note("third").encoded) == "mempool_full"
-    pool.remove([tx.id])
-    pool.admit(note("third").encoded)
+    assert refused(pool, sealed(note("x"), keyring("chain"))) == "undecryptable"  # another key
+    other = keyring("chain")
+    assert refused(pool, Envelope.seal(note("x"), epoch=1, key=other.aead(0), chain_id="chain").encoded) == (
+        "future_epoch")
+    second = sealed(note("second"), EPOCHS)
+    pool.admit(second)
+    assert refused(pool, sealed(note("third"), EPOCHS)) == "mempool_full"
+    pool.remove([crypto.sha256(second)])
+    pool.admit(sealed(note("third"), EPOCHS))
+
+
+def test_an_envelope_must_match_what_it_holds(tmp_path):
+    state = LedgerState(tmp_path / "state.db", "chain", MEMBERS, keys=EPOCHS)
+    pool = Mempool("chain", MEMBERS, opener=state.open_envelope)
+    envelope = Envelope.decode(sealed(note("hi"), EPOCHS))
+    key = EPOCHS.aead(0)
+    # Another signer or class in clear than inside: the AEAD binds them, so it does not open.
+    for changed in (dataclasses.replace(envelope, signer="B"), dataclasses.replace(envelope, kind_class="record")):
+        assert refused(pool, changed.encoded) == "undecryptable"
+    # Sealed honestly, but naming a signer that is not the transaction's.
+    lying = Envelope("chain", 0, "B", envelope.nonce, b"")
+    lying = dataclasses.replace(lying, ciphertext=key.encrypt(envelope.nonce, key.decrypt(
+        envelope.nonce, envelope.ciphertext, envelope._associated("chain")), lying._associated("chain")))
+    assert refused(pool, lying.encoded) == "envelope_mismatch"
+    assert len(Envelope.decode(lying.encoded).ciphertext) - 16 in SIZE_BUCKETS
 
 
 def test_committed_transactions_are_duplicates_and_bad_ones_are_recorded_as_invalid(tmp_path):
-    state = LedgerState(tmp_path / "state.db", "chain", MEMBERS)
+    state = LedgerState(tmp_path / "state.db", "chain", MEMBERS, keys=EPOCHS)
     good, forged = note("good"), note("forged", key=KEYS["B"])
     block = Block.propose(epoch=0, round=1, qc=F.genesis_qc, author=1, timestamp=0,
-                          payload=(good.encoded, forged.encoded, good.encoded, b"junk"),
+                          payload=(sealed(good, EPOCHS), sealed(forged, EPOCHS), sealed(good, EPOCHS), b"junk"),
                           identity=F.identities[1], chain_id=F.vset.chain_id)
     valid = state.apply(block)
     assert [tx.id for tx in valid] == [good.id]
     assert state.tx_height(good.id) == 1 and not state.is_committed(forged.id)
-    pool = Mempool("chain", MEMBERS, is_committed=state.is_committed)
-    assert refused(pool, good.encoded) == "duplicate"
+    assert state.tx_status(forged.id) == "invalid:bad_signature"
+    assert state.tx_status(crypto.sha256(b"junk")) == "invalid:malformed"
+    pool = Mempool("chain", MEMBERS, opener=state.open_envelope, is_committed=state.is_committed)
+    assert refused(pool, sealed(good, EPOCHS)) == "duplicate"
     state.close()
-    reopened = LedgerState(tmp_path / "state.db", "chain", MEMBERS)
+    reopened = LedgerState(tmp_path / "state.db", "chain", MEMBERS, keys=EPOCHS)
     assert reopened.applied_height == 1 and reopened.tx_count() == 1

@@ -10,11 +10,13 @@ from ehrnode.ledger.state import LedgerState
 from ehrnode.ledger.transactions import Transaction
 
 from ..consensus.factory import Factory
+from .sealing import keyring, sealed
 
 F = Factory()
 KEYS = {name: crypto.Identity.generate() for name in ("A", "B", "R")}
 MEMBERS = {name: key.public_key for name, key in KEYS.items()}
 ROLES = {"A": "institution", "B": "institution", "R": "regulator"}
+EPOCHS = keyring("chain")
 
 
 def anchor(submitter="A", *, institution=None, record=1, position=1, patient=b"q" * 16, **fields):
@@ -29,7 +31,7 @@ def anchor(submitter="A", *, institution=None, record=1, position=1, patient=b"q
 
 def block(height_round, *txs, parent_qc=None):
     return Block.propose(epoch=0, round=height_round, qc=parent_qc or F.genesis_qc, author=1, timestamp=0,
-                         payload=tuple(tx.encoded for tx in txs), identity=F.identities[1], chain_id=F.vset.chain_id)
+                         payload=tuple(sealed(tx, EPOCHS) for tx in txs), identity=F.identities[1], chain_id=F.vset.chain_id)
 
 
 def statuses(state, txs):
@@ -51,7 +53,7 @@ def test_anchors_are_indexed_and_invalid_ones_refused_alike_everywhere(tmp_path)
                 "invalid:duplicate_record", "ok"]
     views = []
     for node in ("n1", "n2"):
-        state = LedgerState(tmp_path / f"{node}.db", F.vset.chain_id, MEMBERS, roles=ROLES)
+        state = LedgerState(tmp_path / f"{node}.db", F.vset.chain_id, MEMBERS, roles=ROLES, keys=EPOCHS)
         # Same chain id for the transactions: they were made for "chain".
         state.chain_id = "chain"
         valid = state.apply(block(1, *txs))

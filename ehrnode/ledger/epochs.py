@@ -1,0 +1,109 @@
+"""Epoch keys: the consortium's shared keys for envelopes, and how each member gets them.
+
+The chain is divided into epochs. Epoch 0 starts at genesis; each ``keys.epoch``
+transaction starts the next one at the block after it commits. An epoch's key
+(32 random bytes, made by the member that opens the epoch) reaches every current
+member sealed to that member's X25519 key (:func:`ehrnode.crypto.seal_to`), in
+genesis for epoch 0 and in the ``keys.epoch`` transaction afterwards. Nothing
+else carries it: a member that is not sealed a copy cannot read the epoch.
+
+Each grant also carries a *check value*, an HMAC of a fixed string under the key.
+It reveals nothing of the key, and lets each member confirm that the copy sealed
+to it is the key everyone else got: a member that could not tell would judge
+every envelope of the epoch differently from the others. A copy that does not
+open or does not match is reported (and the member stops applying the ledger
+at that epoch rather than diverge); the grant's signer is on the chain.
+
+Old epoch keys stay with current members, so history stays readable. This
+module holds them in memory only: they are derived again at every start from
+genesis, the ledger state's grants and the member's own sealing key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .. import codec, crypto
+from ..errors import CryptoError
+from .envelope import aead_key
+
+EPOCH_KEY_SIZE = 32
+_SEAL_DOMAIN = b"ehrnode/epoch-key/v1"
+_CHECK_DOMAIN = b"ehrnode/epoch-key/check/v1"
+
+
+def _context(chain_id: str, epoch: int) -> bytes:
+    return _SEAL_DOMAIN + codec.encode([chain_id, epoch])
+
+
+def check_value(key: bytes, chain_id: str, epoch: int) -> bytes:
+    return hmac.new(key, _CHECK_DOMAIN + codec.encode([chain_id, epoch]), hashlib.sha256).digest()
+
+
+@dataclass(frozen=True)
+class EpochGrant:
+    """One epoch's key, as the chain carries it: a check value and a sealed copy per member."""
+
+    epoch: int
+    check: bytes
+    sealed: Mapping[str, bytes]
+
+    @classmethod
+    def create(cls, chain_id: str, epoch: int, recipients: Mapping[str, bytes]) -> EpochGrant:
+        """A fresh key for ``epoch``, sealed to each recipient's X25519 public key."""
+        key = os.urandom(EPOCH_KEY_SIZE)
+        context = _context(chain_id, epoch)
+        return cls(epoch, check_value(key, chain_id, epoch),
+                   {name: crypto.seal_to(public, key, context) for name, public in sorted(recipients.items())})
+
+    def body(self) -> dict[str, Any]:
+        """The body of the ``keys.epoch`` transaction that opens this epoch."""
+        return {"epoch": self.epoch, "check": self.check, "sealed": dict(self.sealed)}
+
+
+class EpochKeys:
+    """The epoch keys one member holds, opened with its own sealing key."""
+
+    def __init__(self, chain_id: str, member: str, sealing_key: crypto.SealingKey | None) -> None:
+        self.chain_id = chain_id
+        self.member = member
+        self._sealing_key = sealing_key
+        self._keys: dict[int, AESGCM] = {}
+        #: Epochs whose copy for this member was missing, did not open, or failed its check.
+        self.unreadable: dict[int, str] = {}
+
+    def learn(self, grant: EpochGrant) -> bool:
+        """Open this member's copy in ``grant``; False (and the reason kept) if it cannot."""
+        if grant.epoch in self._keys:
+            return True
+        sealed = grant.sealed.get(self.member)
+        try:
+            if sealed is None or self._sealing_key is None:
+                raise CryptoError(f"no copy of the epoch {grant.epoch} key is sealed to {self.member}")
+            key = self._sealing_key.open(sealed, _context(self.chain_id, grant.epoch))
+            if not hmac.compare_digest(check_value(key, self.chain_id, grant.epoch), grant.check):
+                raise CryptoError(f"the epoch {grant.epoch} key sealed to {self.member} is not the key its "
+                                  "check value commits to")
+        except CryptoError as exc:
+            self.unreadable[grant.epoch] = str(exc)
+            return False
+        self.unreadable.pop(grant.epoch, None)
+        self._keys[grant.epoch] = aead_key(key, self.chain_id, grant.epoch)
+        return True
+
+    def aead(self, epoch: int) -> AESGCM | None:
+        return self._keys.get(epoch)
+
+    def __contains__(self, epoch: int) -> bool:
+        return epoch in self._keys
+
+    @property
+    def epochs(self) -> list[int]:
+        return sorted(self._keys)
