@@ -134,7 +134,8 @@ class Demo:
 
         started = time.monotonic()
         self.out("5. Nothing identifying on chain: every node's block store and ledger are scanned for every "
-                 "patient's name, national id, phone, birth date and street; HospitalA's vault is verified")
+                 "patient's name, national id, phone, birth date and street, and the block stores (sealed under "
+                 "epoch keys) for every EMPI and record id too; HospitalA's vault is verified")
         needles = {v for p in population for v in (p.family + p.given, p.given, p.family, p.national_id, p.phone,
                                                     p.birth_date, p.line) if len(v) >= 2 and len(v.encode()) >= 4}
         for name in MEMBERS:
@@ -143,12 +144,18 @@ class Demo:
                     continue
                 blob = path.read_bytes()
                 found = [n for n in needles if n.encode() in blob]
+                if path.name.startswith("blocks"):
+                    # The ledger state indexes EMPIs and record ids; the blocks hold them only sealed.
+                    found += [e for e in empis if e.encode() in blob]
+                    found += [r["record_id"] for r in rows + rows_b if bytes.fromhex(r["record_id"]) in blob]
                 if found:
                     raise DemoFailed(f"{name}/{path.name} holds patient data: {found[:3]}")
         report = await net.call("HospitalA", "vault.verify")
         if not report["ok"]:
             raise DemoFailed(f"HospitalA's vault does not verify: {report['problems'][:3]}")
-        self._step("privacy", started, f"{len(needles)} identifying values, found in no block store; vault of "
+        self._step("privacy", started, f"{len(needles)} identifying values, found in no block store or ledger; "
+                                       f"{len(empis)} EMPIs and {len(rows) + len(rows_b)} record ids, in no block "
+                                       f"store; vault of "
                                        f"{report['entries']} entries verifies against {report['anchored']} anchors")
 
         started = time.monotonic()
