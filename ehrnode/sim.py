@@ -19,6 +19,14 @@ scenario has two phases:
 * **stable** (from ``stable_at``): every honest validator is up and the
   network delivers everything within a bound.
 
+Epochs change too: at a few drawn moments (some with a validator crashing
+right after), every validator up submits a marker naming its epoch; the first
+committed block of epoch e carrying ``epoch:e`` ends it, and each validator
+then replaces its core by the next epoch's, rooted at that block, exactly as a
+node does when the ledger adopts a membership change. Blocks its commit carried
+after that block are not part of its chain. The validator set keeps its
+members across these changes.
+
 Checks:
 
 * **safety**: no two honest validators commit different blocks at one height,
@@ -27,7 +35,8 @@ Checks:
   extend the committed one (the lemma the commit rule rests on, checked so a
   broken rule is caught even when a later defence hides its effect);
 * **liveness**: after ``stable_at``, every honest validator commits three
-  blocks proposed after ``stable_at``, within ``liveness_rounds`` rounds.
+  blocks proposed after ``stable_at``, within ``liveness_rounds`` rounds
+  (counted across epochs).
 
 Also checked all along: an honest validator never signs two different votes,
 timeouts or proposals in one round (every save of its safety data and every
@@ -45,7 +54,7 @@ from dataclasses import dataclass, field, replace
 
 from . import codec, crypto
 from .consensus.core import (
-    Action, Broadcast, CommitBlocks, ConsensusCore, CoreConfig, Log, PersistBlock, Send, SetTimer,
+    Action, Broadcast, CommitBlocks, ConsensusCore, CoreConfig, EpochEnd, Log, PersistBlock, Send, SetTimer,
 )
 from .consensus.messages import (
     Message, Proposal, SyncResponse, TimeoutMsg, VoteMsg, decode_message, encode_message,
@@ -73,6 +82,8 @@ class SimConfig:
     liveness_rounds: int | None = None  # default: 3n + 10
     tx_interval: float = 0.05
     behaviours: tuple[str, ...] = BEHAVIOURS
+    #: Epoch changes asked for per scenario: drawn between these bounds.
+    epoch_changes: tuple[int, int] = (1, 3)
     #: Test-only: honest validators vote without the 2-chain vote rule.
     unsafe_skip_vote_rule: bool = False
     core: CoreConfig = field(default_factory=lambda: CoreConfig(
@@ -94,6 +105,8 @@ class ScenarioResult:
     rounds_to_commit: int | None
     faults: list[str]
     rejected: int
+    #: The highest epoch an honest validator reached.
+    epochs: int = 0
 
     @property
     def ok(self) -> bool:
@@ -120,6 +133,10 @@ class _Node:
         self.index = index
         self.identity = sim.identities[index]
         self.block_store = MemoryBlockStore(sim.vset)
+        # Durable like the block store: the epoch this validator is in, and how earlier ones ended.
+        self.vset = sim.vset
+        self.epoch_ends: dict[int, EpochEnd] = {}
+        self.round_base = 0  # rounds of the epochs before this one (for the liveness bound)
         self.behaviour: str | None = sim.byzantine.get(index)
         self.safety_store = _RecordingStore(lambda data: sim._signed(index, data))
         self.up = True
@@ -132,12 +149,26 @@ class _Node:
     def _new_core(self, *, recover: bool) -> ConsensusCore:
         honest = self.behaviour is None
         return ConsensusCore(
-            self.sim.vset, self.index, self.identity, self.safety_store,
+            self.vset, self.index, self.identity, self.safety_store,
             config=self.sim.config.core,
             recovery=self.block_store.recovery() if recover else None,
             committed_lookup=self.block_store.get_block, committed_at=self.block_store.block_at,
+            epoch_end=self.epoch_ends.get,
             unsafe_skip_vote_rule=self.sim.config.unsafe_skip_vote_rule and honest,
         )
+
+    @property
+    def progress(self) -> int:
+        """Rounds this validator has been through, across epochs."""
+        return self.round_base + self.core.round
+
+    def end_epoch(self, last: Block, tail: tuple[Block, ...], proof: QuorumCert) -> list[Action]:
+        """``last`` ended this epoch: start the next one's core, rooted at it."""
+        self.epoch_ends[self.vset.epoch] = EpochEnd(last, tail, proof)
+        self.round_base += self.core.round
+        self.vset = self.vset.successor(last)
+        self.core = self.core.successor(self.vset, self.index)
+        return self.core.start(self.sim.now)
 
     def crash(self) -> None:
         self.up = False
@@ -149,6 +180,7 @@ class _Node:
             # A twin that lost its disk: no safety data, no blocks.
             self.safety_store = _RecordingStore(lambda data: self.sim._signed(self.index, data))
             self.block_store = MemoryBlockStore(self.sim.vset)
+            self.vset, self.epoch_ends = self.sim.vset, {}
         self.up = True
         self.core = self._new_core(recover=not forget)
         return self.core.start(self.sim.now)
@@ -189,12 +221,13 @@ class Scenario:
         self.stable_round = 0
         self.live_at_round: dict[int, int] = {}
         self.live_commits: dict[int, int] = {}
-        self.signatures: dict[tuple[int, str, int], bytes] = {}
+        self.signatures: dict[tuple[int, str, int, int], bytes] = {}
+        self.epochs_ended = 0
         self.events = 0
         # Every verified block and certificate any validator accepted, for the certificate check.
         self.blocks: dict[bytes, Block] = {}
         self.certified: dict[bytes, QuorumCert] = {}
-        self.commit_proof_round: dict[int, int] = {}
+        self.commit_proof_round: dict[int, tuple[int, int]] = {}  # height -> (epoch, round)
 
     # --- event queue -------------------------------------------------------------------
 
@@ -227,6 +260,19 @@ class Scenario:
                 self._at(start, "crash", node)
                 self._at(start + rng.uniform(0.2, 1.5), "restart", node, False)
             self.faults.append(f"all honest validators crash at {start:.2f}s")
+        low, high = self.config.epoch_changes
+        for _ in range(rng.randint(low, high)):
+            at = rng.uniform(0.5, stable + 5.0)
+            self._at(at, "epoch")
+            note = f"epoch change asked at {at:.2f}s"
+            if at < stable - 1.0 and rng.random() < 0.5:
+                # A validator crashes while the change commits.
+                node = rng.choice(self.honest)
+                start = at + rng.uniform(0.0, 0.3)
+                self._at(start, "crash", node)
+                self._at(start + rng.uniform(0.3, min(3.0, stable - start - 0.2)), "restart", node, False)
+                note += f", validator {node} crashing at {start:.2f}s"
+            self.faults.append(note)
         for index, behaviour in self.byzantine.items():
             if behaviour == "amnesia":
                 for _ in range(rng.randint(1, 3)):
@@ -262,7 +308,10 @@ class Scenario:
     # --- applying a node's actions --------------------------------------------------------
 
     def _apply(self, node: _Node, actions: list[Action]) -> None:
+        core = node.core
         for action in actions:
+            if node.core is not core and isinstance(action, (SetTimer, CommitBlocks)):
+                continue  # from a core whose epoch ended while its actions were being carried out
             if isinstance(action, Send):
                 if action.to == node.index:
                     self._deliver_local(node, action.message)
@@ -273,7 +322,7 @@ class Scenario:
                     self._observe(action.message)
                     if node.behaviour is None:
                         block = action.message.block
-                        self._record_signature(node.index, "proposal", block.round, block.id)
+                        self._record_signature(node.index, "proposal", block.epoch, block.round, block.id)
                 if node.behaviour is not None and isinstance(action.message, Proposal):
                     self._byzantine_proposal(node, action.message)
                 else:
@@ -285,13 +334,20 @@ class Scenario:
             elif isinstance(action, PersistBlock):
                 node.block_store.put_block(action.block)
             elif isinstance(action, CommitBlocks):
-                node.block_store.commit(action.blocks, action.proof)
-                self._check_commits(node, action.blocks)
+                blocks = action.blocks
+                end = next((i for i, b in enumerate(blocks) if _ends_epoch(b)), None)
+                kept = blocks if end is None else blocks[:end + 1]
+                node.block_store.commit(kept, action.proof)
+                self._check_commits(node, kept)
                 if node.behaviour is None:
-                    for block in action.blocks:
+                    for block in kept:
                         seen = self.commit_proof_round.get(block.height)
-                        if seen is None or action.proof.round < seen:
-                            self.commit_proof_round[block.height] = action.proof.round
+                        mark = (action.proof.data.epoch, action.proof.round)
+                        if block.epoch == action.proof.data.epoch and (seen is None or mark < seen):
+                            self.commit_proof_round[block.height] = mark
+                if end is not None:
+                    self.epochs_ended += 1
+                    self._apply(node, node.end_epoch(blocks[end], blocks[end + 1:], action.proof))
             elif isinstance(action, Log):
                 pass
 
@@ -306,12 +362,14 @@ class Scenario:
         for kind, item in signed:
             if item is None:
                 continue
-            self._record_signature(index, kind, item.round, crypto.sha256(codec.encode(item.to_wire())))
+            epoch = item.data.epoch if isinstance(item, Vote) else item.epoch
+            self._record_signature(index, kind, epoch, item.round, crypto.sha256(codec.encode(item.to_wire())))
 
-    def _record_signature(self, index: int, kind: str, round_: int, digest: bytes) -> None:
-        seen = self.signatures.setdefault((index, kind, round_), digest)
+    def _record_signature(self, index: int, kind: str, epoch: int, round_: int, digest: bytes) -> None:
+        seen = self.signatures.setdefault((index, kind, epoch, round_), digest)
         if seen != digest:
-            self.violations.append(f"honest validator {index} signed two different {kind}s in round {round_}")
+            self.violations.append(
+                f"honest validator {index} signed two different {kind}s in epoch {epoch} round {round_}")
 
     def _check_commits(self, node: _Node, blocks: tuple[Block, ...]) -> None:
         chain = self.chains[node.index]
@@ -340,12 +398,12 @@ class Scenario:
                         )
                     chain.append(block.id)
             if (
-                block.round > self.stable_round and self.now >= self.config.stable_at
+                block.timestamp >= self.config.stable_at * 1000 and self.now >= self.config.stable_at
                 and node.index not in self.live_at_round and node.behaviour is None
             ):
                 self.live_commits[node.index] = self.live_commits.get(node.index, 0) + 1
                 if self.live_commits[node.index] >= LIVE_COMMITS:
-                    self.live_at_round[node.index] = max(n.core.round for n in self.nodes)
+                    self.live_at_round[node.index] = max(n.progress for n in self.nodes)
 
     def _observe(self, message: Message) -> None:
         """Remember blocks and certificates a validator accepted (so they verified)."""
@@ -377,8 +435,10 @@ class Scenario:
                 if committed is not None:
                     if committed[0] == block_id:
                         break
-                    proof_round = self.commit_proof_round.get(height)
-                    if proof_round is not None and qc.round > proof_round:
+                    proof = self.commit_proof_round.get(height)
+                    # The lemma holds within an epoch: rounds of different epochs do not compare.
+                    if proof is not None and proof[0] == qc.data.epoch and qc.round > proof[1]:
+                        proof_round = proof[1]
                         self.violations.append(
                             f"certificate of round {qc.round} for {qc.block_id.hex()[:12]} conflicts with height "
                             f"{height}, committed by a certificate of round {proof_round}"
@@ -506,6 +566,7 @@ class Scenario:
         return ScenarioResult(
             self.seed, self.vset.n, dict(self.byzantine), list(self.violations), liveness_failure,
             self.commit_count, rounds, self.faults, self.rejected,
+            max(self.nodes[i].vset.epoch for i in self.honest),
         )
 
     def _event(self, kind: str, args: tuple) -> None:
@@ -548,7 +609,16 @@ class Scenario:
             for node in self.nodes:
                 if not node.up and node.behaviour is None:
                     self._apply(node, node.restart(forget=False))
-            self.stable_round = max(n.core.round for n in self.nodes)
+            self.stable_round = max(n.progress for n in self.nodes)
+        elif kind == "epoch":
+            for node in self.nodes:
+                if node.up:
+                    self._apply(node, node.core.submit([b"epoch:%d" % node.vset.epoch], self.now))
+
+
+def _ends_epoch(block: Block) -> bool:
+    """The simulator's stand-in for a ledger adopting a membership change."""
+    return b"epoch:%d" % block.epoch in block.payload
 
 
 def run_scenario(seed: int, config: SimConfig) -> ScenarioResult:

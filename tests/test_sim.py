@@ -38,6 +38,9 @@ def test_safety_and_liveness_hold_over_seeded_fault_scenarios(n):
           f"{max(r.rounds_to_commit or 0 for r in results)}")
     assert not failures, "\n".join(failures)
     assert all(r.commits > 0 for r in results)
+    # Epochs change in most scenarios (a change asked late may not finish before the run does), some with a validator crashing during the change.
+    assert sum(r.epochs > 0 for r in results) >= 0.75 * len(results)
+    assert any("crashing" in fault for r in results for fault in r.faults)
     behaviours = {b for r in results for b in r.byzantine.values()}
     assert behaviours == {"equivocate", "double_vote", "silent", "stale_qc", "forged_qc", "amnesia"}
 

@@ -27,6 +27,13 @@ they connect to its tree.
 
 Invalid input raises :class:`~ehrnode.errors.InvalidMessage` before any state
 changes; the safety rules are only consulted with verified data.
+
+A core runs one epoch (one validator set). The application decides which
+committed block ends an epoch; the driver then replaces the core by its
+:meth:`~ConsensusCore.successor`, rooted at that block. A message of a later
+epoch tells a core it is behind: it fetches committed blocks (which end at the
+epoch's last block) instead of refusing the sender; one of an earlier epoch is
+dropped. See ``docs/consensus.md``, "Epochs".
 """
 
 from __future__ import annotations
@@ -130,6 +137,17 @@ class CoreConfig:
 
 
 @dataclass(frozen=True)
+class EpochEnd:
+    """How an epoch ended, kept to prove it to a validator still in it: its last block, the
+    blocks after it that this validator's commit carried (never part of the chain), and the
+    certificate that committed them."""
+
+    last: Block
+    tail: tuple[Block, ...]
+    proof: QuorumCert
+
+
+@dataclass(frozen=True)
 class Recovery:
     """What a restarted validator reloads from its block store."""
 
@@ -150,26 +168,37 @@ class ConsensusCore:
         recovery: Recovery | None = None,
         committed_lookup: Callable[[bytes], Block | None] | None = None,
         committed_at: Callable[[int], Block | None] | None = None,
+        epoch_end: Callable[[int], EpochEnd | None] | None = None,
         unsafe_skip_vote_rule: bool = False,
     ) -> None:
         self.vset = vset
         self.index = index
+        self._identity = identity
+        self._safety_store = safety_store
+        self._epoch_end = epoch_end or (lambda _epoch: None)
+        self._unsafe_skip_vote_rule = unsafe_skip_vote_rule
         self.config = config or CoreConfig()
         self.safety = SafetyRules(vset, index, identity, safety_store, unsafe_skip_vote_rule=unsafe_skip_vote_rule)
         self.pacemaker = Pacemaker(self.config.pacemaker)
         self._committed_lookup = committed_lookup or (lambda _id: None)
         self._committed_at = committed_at or (lambda _height: None)
 
-        root = recovery.root if recovery else vset.genesis_block
+        root = recovery.root if recovery else vset.root
+        if root.height < vset.root.height:
+            raise ValueError(f"recovered root at height {root.height}, below epoch {vset.epoch}'s start")
         self.tree = BlockTree(root)
-        self.high_qc: QuorumCert = vset.genesis_qc
+        self.high_qc: QuorumCert = vset.root_qc
         self.high_tc: TimeoutCert | None = None
         if recovery:
-            pending = sorted(recovery.blocks, key=lambda b: b.height)
+            # Blocks and certificates of earlier epochs are not this core's (an epoch's last blocks
+            # may have been stored after the block that ended it).
+            pending = sorted((b for b in recovery.blocks if b.epoch == vset.epoch), key=lambda b: b.height)
             for block in pending:
                 self.tree.insert(block)
                 if block.qc is not None and block.qc.round > self.high_qc.round:
                     self.high_qc = block.qc
+            if recovery.high_qc is not None and recovery.high_qc.data.epoch != vset.epoch:
+                recovery = Recovery(recovery.root, recovery.blocks, None)
             if recovery.high_qc is not None and recovery.high_qc.round > self.high_qc.round:
                 self.high_qc = recovery.high_qc
         self._pending_commit: QuorumCert | None = None
@@ -224,6 +253,19 @@ class ConsensusCore:
 
     def get_block(self, block_id: bytes) -> Block | None:
         return self.tree.get(block_id) or self._committed_lookup(block_id)
+
+    def successor(self, vset: ValidatorSet, index: int) -> ConsensusCore:
+        """The core of the next epoch, rooted at ``vset.start`` (a block this core committed): same
+        identity, stores and configuration; the transactions still waiting carry over. Call
+        :meth:`start` on it; this core must not be used again."""
+        assert vset.epoch == self.vset.epoch + 1 and vset.start is not None
+        core = ConsensusCore(
+            vset, index, self._identity, self._safety_store, config=self.config,
+            committed_lookup=self._committed_lookup, committed_at=self._committed_at, epoch_end=self._epoch_end,
+            unsafe_skip_vote_rule=self._unsafe_skip_vote_rule,
+        )
+        core._pending_txs = self._pending_txs
+        return core
 
     # --- inputs -----------------------------------------------------------------------
 
@@ -311,6 +353,16 @@ class ConsensusCore:
         """Handle one message from validator ``sender``; raises InvalidMessage if it must be refused."""
         self.vset.key(sender)
         actions: list[Action] = []
+        epoch = _epoch_of(message)
+        if epoch is not None and epoch != self.vset.epoch:
+            if epoch > self.vset.epoch:
+                # The others moved on: this epoch ended at a block we have not committed. Fetch
+                # the committed blocks; the last of this epoch comes with its proof.
+                if self._range_wanted is None:
+                    actions.append(Log("epoch.behind", {"epoch": self.vset.epoch, "seen": epoch, "from": sender}))
+                self._request_range(now, actions)
+            self._timer(actions)
+            return actions
         if isinstance(message, Proposal):
             self._on_proposal(sender, message, now, actions)
         elif isinstance(message, VoteMsg):
@@ -648,8 +700,11 @@ class ConsensusCore:
         blocks: list[Block] = []
         size = 0
         current = self.get_block(request.block_id)
-        # The same payload budget as a range answer: the reply must fit in one peer frame.
-        while current is not None and not current.is_genesis and len(blocks) < request.count:
+        epoch = current.epoch if current is not None else 0
+        # The same payload budget as a range answer: the reply must fit in one peer frame. Only
+        # blocks of the requested block's epoch: the asker checks them against that epoch's set.
+        while (current is not None and not current.is_genesis and current.epoch == epoch
+               and len(blocks) < request.count):
             size += sum(len(tx) for tx in current.payload)
             if blocks and size > MAX_RANGE_PAYLOAD:
                 break
@@ -693,6 +748,9 @@ class ConsensusCore:
         if self._range_wanted is not None and self._range_wanted[0] == start and not retry:
             return
         attempts = self._range_wanted[2] + 1 if self._range_wanted is not None and retry else 1
+        if attempts > 2 * self.vset.n and not self._catching_up:
+            self._range_wanted = None  # a hint of a later epoch nobody could back with blocks
+            return
         self._sync_peer = (self._sync_peer + 1) % self.vset.n
         if self._sync_peer == self.index:
             self._sync_peer = (self._sync_peer + 1) % self.vset.n
@@ -705,13 +763,18 @@ class ConsensusCore:
         height = request.from_height
         while height <= self.root.height and len(blocks) < request.count and size < MAX_RANGE_PAYLOAD:
             block = self.root if height == self.root.height else self._committed_at(height)
-            if block is None or height == 0:
-                break
+            if block is None or height == 0 or (blocks and block.epoch != blocks[0].epoch):
+                break  # one epoch per answer: the asker checks it against that epoch's validators
             blocks.append(block)
             size += sum(len(tx) for tx in block.payload)
             height += 1
-        proof = self._root_proof if blocks and blocks[-1].id == self.root.id else None
-        return RangeResponse(tuple(blocks), proof)
+        if not blocks:
+            return RangeResponse((), None)
+        end = self._epoch_end(blocks[-1].epoch) if blocks[-1].epoch < self.vset.epoch else None
+        if end is not None and end.last.id == blocks[-1].id:
+            # An earlier epoch's last block: prove it with the blocks and certificate that committed it.
+            return RangeResponse((*blocks, *end.tail), end.proof)
+        return RangeResponse(tuple(blocks), self._root_proof if blocks[-1].id == self.root.id else None)
 
     def _on_range_response(self, sender: int, response: RangeResponse, now: float, actions: list[Action]) -> None:
         wanted = self._range_wanted
@@ -775,3 +838,14 @@ class ConsensusCore:
         range_at = self._range_wanted[1] if self._range_wanted is not None else float("inf")
         at = min(self.pacemaker.next_wakeup(), self._propose_at, range_at, *self._sync_wanted.values(), float("inf"))
         actions.append(SetTimer(at))
+
+
+def _epoch_of(message: Message) -> int | None:
+    """The epoch a proposal, vote or timeout belongs to (sync messages carry none)."""
+    if isinstance(message, Proposal):
+        return message.block.epoch
+    if isinstance(message, VoteMsg):
+        return message.vote.data.epoch
+    if isinstance(message, TimeoutMsg):
+        return message.timeout.epoch
+    return None

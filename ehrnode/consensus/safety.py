@@ -143,8 +143,12 @@ class SafetyRules:
         self._store = store
         self._unsafe_skip_vote_rule = unsafe_skip_vote_rule
         data = store.load()
-        if data is None:
-            data = SafetyData(epoch=vset.epoch)
+        if data is not None and data.epoch > vset.epoch:
+            raise ValueError(f"safety data is of epoch {data.epoch}, later than epoch {vset.epoch}")
+        if data is None or data.epoch < vset.epoch:
+            # A new epoch: rounds start again, and its messages are signed over its number, so
+            # nothing signed in an earlier epoch can count in this one. A restore still holds.
+            data = SafetyData(epoch=vset.epoch, restored=data is not None and data.restored)
             store.save(data)
         self._data = data
 

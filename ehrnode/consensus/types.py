@@ -37,15 +37,18 @@ GENESIS_DOMAIN = "ehrnode/genesis/v1"
 
 @dataclass(frozen=True)
 class ValidatorSet:
-    """The validators fixed by genesis: n = 3f+1 (or more), quorum 2f+1.
+    """The validators of one epoch: n = 3f+1 (or more), quorum 2f+1.
 
     ``keys`` are Ed25519 public keys in genesis order; a validator's index in
-    this tuple is how messages name it.
+    this tuple is how messages name it. Epoch 0 starts from genesis; each later
+    epoch starts from ``start``, the last block of the epoch before it, which
+    every honest validator committed (see ``docs/consensus.md``, "Epochs").
     """
 
     chain_id: str
     keys: tuple[bytes, ...]
     epoch: int = 0
+    start: Block | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.keys) <= MAX_VALIDATORS:
@@ -92,6 +95,23 @@ class ValidatorSet:
         """The certificate every chain starts from: it certifies genesis and carries no signatures."""
         data = VoteData(self.epoch, self.genesis_id, 0, 0, ZERO_ID, 0)
         return QuorumCert(data, ())
+
+    @property
+    def root(self) -> Block:
+        """The block this epoch's chain extends: genesis, or the previous epoch's last block."""
+        return self.start if self.start is not None else self.genesis_block
+
+    @cached_property
+    def root_qc(self) -> QuorumCert:
+        """The certificate this epoch starts from, round 0 and unsigned like genesis's: it needs no
+        signatures because every validator derives it from a block it already committed."""
+        if self.start is None:
+            return self.genesis_qc
+        return QuorumCert(VoteData(self.epoch, self.start.id, 0, self.start.height, self.start.parent, 0), ())
+
+    def successor(self, start: Block, keys: tuple[bytes, ...] | None = None) -> ValidatorSet:
+        """The next epoch's validators (``keys``, default the same), starting from ``start``."""
+        return ValidatorSet(self.chain_id, self.keys if keys is None else keys, self.epoch + 1, start)
 
 
 def check_signers(vset: ValidatorSet, signers: Sequence[int], what: str) -> None:
@@ -243,8 +263,9 @@ class QuorumCert:
     def verify(self, vset: ValidatorSet) -> None:
         check_epoch(vset, self.data.epoch, "qc")
         if self.data.round == 0:
-            if self != vset.genesis_qc:
-                raise InvalidMessage("qc: a round-0 certificate must be the genesis certificate", reason="bad_genesis_qc")
+            if self != vset.root_qc:
+                raise InvalidMessage("qc: a round-0 certificate must be the epoch's root certificate",
+                                     reason="bad_genesis_qc")
             return
         self.data.check_shape("qc")
         check_signers(vset, [i for i, _ in self.signatures], "qc")
