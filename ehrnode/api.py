@@ -105,7 +105,7 @@ from .errors import (
     innermost,
 )
 from .ledger.empi_registry import scoped_enrolment
-from .ledger.transactions import CONSENT_PURPOSES, EMPI_PATTERN, ENROLMENT_SIZE, KINDS
+from .ledger.transactions import CONSENT_PURPOSES, EMPI_PATTERN, ENROLMENT_SIZE, KINDS, Transaction
 from .logs import get_logger
 from .records import fhir
 from .sharing import audit
@@ -470,13 +470,8 @@ class ApiServer:
                 tx = node.rotate_epoch_key(user.pseudonym)
             except AdmissionError as exc:
                 raise RpcError(-32000, str(exc), reason=exc.reason) from exc
-            height = await node.wait_committed(tx.id, _timeout_param(params))
-            status = node.state.tx_status(tx.id)
-            if status is None:
-                raise RpcError(-32000, f"transaction {tx.id.hex()} not committed in time", reason="timeout")
-            if status != "ok":
-                raise RpcError(-32000, f"keys.rotate refused by the chain: {status}", reason=status.partition(":")[2])
-            return {"tx_id": tx.id.hex(), "height": height, "epoch": tx.body["epoch"], "starts": height + 1}
+            result = await self._committed(method, tx, params)
+            return {**result, "epoch": tx.body["epoch"], "starts": result["height"] + 1}
         if method == "blocks.subscribe":
             channel = node.subscribe()
             nursery.start_soon(self._forward, channel, ws, "block.committed")
@@ -609,11 +604,15 @@ class ApiServer:
 
     async def _submit_and_wait(self, method: str, body: dict[str, Any], params: dict[str, Any], user: User) -> Any:
         """Sign ``body`` as a ``method`` transaction by ``user``; answer once it is committed, or why not."""
-        node = self.node
         try:
-            tx = node.submit(method, body, user.pseudonym)
+            tx = self.node.submit(method, body, user.pseudonym)
         except AdmissionError as exc:
             raise RpcError(-32000, str(exc), reason=exc.reason) from exc
+        return await self._committed(method, tx, params)
+
+    async def _committed(self, method: str, tx: Transaction, params: dict[str, Any]) -> dict[str, Any]:
+        """Wait for ``tx``; its height once committed valid, or why not."""
+        node = self.node
         height = await node.wait_committed(tx.id, _timeout_param(params))
         status = node.state.tx_status(tx.id)
         if status is None:
