@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from .. import crypto
 from ..consensus.types import Block
 from ..errors import AdmissionError, CodecError, CryptoError, KeyUnavailable, StoreError
@@ -209,11 +211,10 @@ class LedgerState:
 
     def epoch_at(self, height: int) -> int:
         """The epoch block ``height`` is in."""
-        epoch = 0
-        for number, starts in self._epochs:
+        for number, starts in reversed(self._epochs):
             if starts <= height:
-                epoch = number
-        return epoch
+                return number
+        return 0
 
     @property
     def latest_epoch(self) -> int:
@@ -228,11 +229,14 @@ class LedgerState:
     def seal(self, tx: Transaction) -> Envelope:
         """``tx`` sealed under the current epoch's key (raises KeyUnavailable)."""
         epoch = self.current_epoch
+        return Envelope.seal(tx, epoch=epoch, key=self._key(epoch), chain_id=self.chain_id)
+
+    def _key(self, epoch: int) -> AESGCM:
         key = self.keys.aead(epoch)
         if key is None:
             raise KeyUnavailable(f"this member holds no key for epoch {epoch}: "
                                  f"{self.keys.unreadable.get(epoch, 'its grant is not applied yet')}")
-        return Envelope.seal(tx, epoch=epoch, key=key, chain_id=self.chain_id)
+        return key
 
     def open_envelope(self, data: bytes, height: int | None = None, *, opened: Transaction | None = None,
                       ) -> tuple[Envelope, Transaction]:
@@ -256,10 +260,7 @@ class LedgerState:
                                  reason="stale_epoch")
         if opened is not None:
             return envelope, opened
-        key = self.keys.aead(envelope.epoch)
-        if key is None:
-            raise KeyUnavailable(f"this member holds no key for epoch {envelope.epoch}: "
-                                 f"{self.keys.unreadable.get(envelope.epoch, 'never granted')}")
+        key = self._key(envelope.epoch)
         try:
             return envelope, envelope.open(key, self.chain_id)
         except CryptoError as exc:
