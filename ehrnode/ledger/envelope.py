@@ -8,14 +8,19 @@ need, bound into the AEAD as associated data:
 ``{"v": 1, "class", "epoch", "signer", "nonce", "ct"}``
 
 - ``class``: the kind's class (``record``, ``empi``, ``consent``, ``access``,
-  ``whois``, ``keys``, ``chain``), not the kind itself;
+  ``whois``, ``chain``, ``consortium``), not the kind itself;
 - ``epoch``: which epoch key opens it;
 - ``signer``: the member that signed the transaction inside (checked against it
   once opened), so a flood can be attributed without any key;
 - the size of ``ct``: one of a few buckets, never the transaction's own size.
 
 A copy of a block store, a backup or a relay therefore holds no EMPI, record
-id, enrolment, purpose or user pseudonym in clear. Every current member holds
+id, enrolment, purpose or user pseudonym in clear. The one exception is the
+``consortium`` class (membership proposals and votes, epoch key grants): it is
+sealed under a key derived from the chain id (:func:`public_key`), because a
+member that joins later must read it before it holds any epoch key, and it
+holds only what genesis already publishes (names, public keys, addresses) and
+keys sealed to each member. Every current member holds
 the epoch keys, opens every envelope and validates and indexes what is inside.
 
 An envelope's id (SHA-256 of its bytes) is what consensus and the mempool track;
@@ -52,7 +57,13 @@ MAX_ENVELOPE_BYTES = 64 * 1024
 
 _CLASSES = {"note": "chain", "record.anchor": "record", "record.erase": "record", "integrity.alert": "record",
             "consent.grant": "consent", "consent.revoke": "consent", "access.log": "access",
-            "whois.request": "whois", "whois.answer": "whois", "keys.epoch": "keys"}
+            "whois.request": "whois", "whois.answer": "whois", "keys.epoch": "consortium",
+            "consortium.propose": "consortium", "consortium.vote": "consortium"}
+#: Classes sealed under a key every holder of the genesis file can derive: what a member that
+#: joins later, and holds no epoch key yet, must read to follow the consortium (who its members
+#: are, and the epoch keys sealed to each). Nothing in them is about patients or users.
+PUBLIC_CLASSES = frozenset({"consortium"})
+_PUBLIC_DOMAIN = b"ehrnode/public-envelope/v1"
 
 
 def kind_class(kind: str) -> str:
@@ -119,6 +130,12 @@ def aead_key(epoch_key: bytes, chain_id: str, epoch: int) -> AESGCM:
     """The AES-256-GCM key an epoch's envelopes use, derived from its epoch key."""
     return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
                        info=ENVELOPE_DOMAIN + codec.encode([chain_id, epoch])).derive(epoch_key))
+
+
+def public_key(chain_id: str, epoch: int) -> AESGCM:
+    """The key of public-class envelopes: derived from the chain id alone, so it hides nothing;
+    the envelope keeps one format, and the class, epoch and signer stay bound in."""
+    return aead_key(crypto.sha256(_PUBLIC_DOMAIN + chain_id.encode()), chain_id, epoch)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,10 @@ every envelope of the epoch differently from the others. A copy that does not
 open or does not match is reported (and the member stops applying the ledger
 at that epoch rather than diverge); the grant's signer is on the chain.
 
-Old epoch keys stay with current members, so history stays readable. This
-module holds them in memory only: they are derived again at every start from
+Old epoch keys stay with current members, so history stays readable; a member
+that joins later (or replaces its sealing key) gets every earlier key re-sealed
+to it in the proposal that admits it (:mod:`.governance`), each copy checked
+against its epoch's check value. This module holds them in memory only: they are derived again at every start from
 genesis, the ledger state's grants and the member's own sealing key.
 """
 
@@ -76,27 +78,61 @@ class EpochKeys:
         self.member = member
         self._sealing_key = sealing_key
         self._keys: dict[int, AESGCM] = {}
+        self._raw: dict[int, bytes] = {}
+        self._checks: dict[int, bytes] = {}
+        self._offered: dict[int, list[bytes]] = {}
         #: Epochs whose copy for this member was missing, did not open, or failed its check.
         self.unreadable: dict[int, str] = {}
 
     def learn(self, grant: EpochGrant) -> bool:
-        """Open this member's copy in ``grant``; False (and the reason kept) if it cannot."""
+        """Open this member's copy in ``grant`` (or a copy offered for its epoch); False, and the
+        reason kept, if none opens to the key the grant's check value commits to."""
+        self._checks[grant.epoch] = grant.check
         if grant.epoch in self._keys:
             return True
-        sealed = grant.sealed.get(self.member)
+        copies = [grant.sealed[self.member]] if self.member in grant.sealed else []
+        copies += self._offered.get(grant.epoch, [])
+        if not copies:
+            self.unreadable[grant.epoch] = f"no copy of the epoch {grant.epoch} key is sealed to {self.member}"
+            return False
+        return any(self._try(grant.epoch, copy) for copy in copies)
+
+    def offer(self, epoch: int, sealed: bytes) -> bool:
+        """Another copy of ``epoch``'s key sealed to this member (re-sealed by a member that holds
+        it, for a member that joined later or replaced its sealing key). It is only taken if it
+        opens to the key the epoch's check value commits to; until that check value is known,
+        it is kept and tried when the epoch's grant is learnt."""
+        if epoch in self._keys:
+            return True
+        if epoch not in self._checks:
+            self._offered.setdefault(epoch, []).append(sealed)
+            return False
+        return self._try(epoch, sealed)
+
+    def _try(self, epoch: int, sealed: bytes) -> bool:
         try:
-            if sealed is None or self._sealing_key is None:
-                raise CryptoError(f"no copy of the epoch {grant.epoch} key is sealed to {self.member}")
-            key = self._sealing_key.open(sealed, _context(self.chain_id, grant.epoch))
-            if not hmac.compare_digest(check_value(key, self.chain_id, grant.epoch), grant.check):
-                raise CryptoError(f"the epoch {grant.epoch} key sealed to {self.member} is not the key its "
+            if self._sealing_key is None:
+                raise CryptoError(f"{self.member} has no sealing key to open the epoch {epoch} key with")
+            key = self._sealing_key.open(sealed, _context(self.chain_id, epoch))
+            if not hmac.compare_digest(check_value(key, self.chain_id, epoch), self._checks[epoch]):
+                raise CryptoError(f"the epoch {epoch} key sealed to {self.member} is not the key its "
                                   "check value commits to")
         except CryptoError as exc:
-            self.unreadable[grant.epoch] = str(exc)
+            self.unreadable[epoch] = str(exc)
             return False
-        self.unreadable.pop(grant.epoch, None)
-        self._keys[grant.epoch] = aead_key(key, self.chain_id, grant.epoch)
+        self.unreadable.pop(epoch, None)
+        self._offered.pop(epoch, None)
+        self._keys[epoch] = aead_key(key, self.chain_id, epoch)
+        self._raw[epoch] = key
         return True
+
+    def history_for(self, public_key: bytes, epochs: int) -> list[bytes]:
+        """The keys of epochs 0 to ``epochs - 1`` sealed to ``public_key``: what an add or rotate-key
+        proposal carries (raises CryptoError if this member lacks one of them)."""
+        missing = [e for e in range(epochs) if e not in self._raw]
+        if missing:
+            raise CryptoError(f"{self.member} does not hold the key of epoch {missing[0]}")
+        return [crypto.seal_to(public_key, self._raw[e], _context(self.chain_id, e)) for e in range(epochs)]
 
     def aead(self, epoch: int) -> AESGCM | None:
         return self._keys.get(epoch)

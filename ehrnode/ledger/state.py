@@ -34,8 +34,12 @@ from .consent import SCHEMA as CONSENT_SCHEMA
 from .consent import ConsentRegistry
 from .empi_registry import SCHEMA as EMPI_SCHEMA
 from .empi_registry import EmpiRegistry, scoped_enrolment
-from .envelope import Envelope
+from ..config import Address, Member
+from ..membership import Membership
+from .envelope import PUBLIC_CLASSES, Envelope, kind_class, public_key
 from .epochs import EpochGrant, EpochKeys
+from .governance import SCHEMA as GOVERNANCE_SCHEMA
+from .governance import Governance
 from .sqlite import open_db, transaction
 from .transactions import Transaction
 from .whois import SCHEMA as WHOIS_SCHEMA
@@ -48,6 +52,7 @@ CREATE TABLE IF NOT EXISTS txs (
     kind TEXT NOT NULL, submitter TEXT, time INTEGER, status TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS txs_height ON txs(height);
 CREATE TABLE IF NOT EXISTS applied (only INTEGER PRIMARY KEY CHECK (only = 0), height INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS public_applied (only INTEGER PRIMARY KEY CHECK (only = 0), height INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS anchors (
     record BLOB PRIMARY KEY, patient BLOB NOT NULL, institution TEXT NOT NULL, recorded_at INTEGER NOT NULL,
     setting TEXT NOT NULL, resource_type TEXT NOT NULL, commitment BLOB NOT NULL, position INTEGER NOT NULL,
@@ -77,19 +82,35 @@ ANCHOR_COLUMNS = ("record", "patient", "institution", "recorded_at", "setting", 
 
 
 class LedgerState:
-    def __init__(self, path: Path, chain_id: str, members: Mapping[str, bytes],
+    """The tables of one member's ledger.
+
+    ``members`` is the genesis membership (or, for tools and tests that never seal to a
+    member, a map of names to signing keys, with ``roles``).
+    """
+
+    def __init__(self, path: Path, chain_id: str, members: Membership | Mapping[str, bytes],
                  roles: Mapping[str, str] | None = None, *, keys: EpochKeys | None = None) -> None:
         self.chain_id = chain_id
-        self.members = dict(members)
-        self.roles = dict(roles or {})
+        genesis = members if isinstance(members, Membership) else _known_by_keys(members, roles or {})
         self.keys = keys or EpochKeys(chain_id, "", None)
-        self._db = open_db(path, _SCHEMA + EMPI_SCHEMA + CONSENT_SCHEMA + ACCESS_SCHEMA + WHOIS_SCHEMA,
-                           "ledger state")
+        self._db = open_db(path, _SCHEMA + EMPI_SCHEMA + CONSENT_SCHEMA + ACCESS_SCHEMA + WHOIS_SCHEMA
+                           + GOVERNANCE_SCHEMA, "ledger state")
+        self.governance = Governance(self._db, genesis)
+        #: The members (signing keys) and roles as of the next block the ledger applies; updated
+        #: in place, as the access and whois logs read the same maps.
+        self.members: dict[str, bytes] = {}
+        self.roles: dict[str, str] = {}
+        self._use_membership(self.applied_height + 1)
         # (epoch, first height) of every epoch after 0, oldest first.
         self._epochs: list[tuple[int, int]] = self._db.execute(
             "SELECT epoch, starts FROM epochs WHERE epoch > 0 ORDER BY epoch").fetchall()
         for grant in self.epoch_grants():
             self.keys.learn(grant)
+        for body in self.governance.histories_for(self.keys.member):
+            self._take_history(body)
+        # Valid public-class transactions of blocks whose public part is applied and whose
+        # sealed part is not yet (returned with the block's other transactions).
+        self._public_valid: dict[int, list[Transaction]] = {}
         self.empi = EmpiRegistry(self._db)
         self.consent = ConsentRegistry(self._db, self.empi)
         self.access = AccessLog(self._db, chain_id, self.members)
@@ -107,22 +128,104 @@ class LedgerState:
         row = self._db.execute("SELECT height FROM applied").fetchone()
         return row[0] if row else 0
 
+    @property
+    def public_height(self) -> int:
+        """The last block whose public-class transactions (membership, epoch keys) are applied:
+        never behind :attr:`applied_height`, and ahead of it while this member lacks a key."""
+        row = self._db.execute("SELECT height FROM public_applied").fetchone()
+        return max(row[0] if row else 0, self.applied_height)
+
+    @property
+    def membership(self) -> Membership:
+        """The newest membership (it may start with the next block)."""
+        return self.governance.latest
+
+    def membership_at(self, height: int) -> Membership:
+        return self.governance.at(height)
+
+    def _use_membership(self, height: int) -> None:
+        membership = self.governance.at(height)
+        if set(self.members) != set(membership.names) or self.members != membership.signing_keys:
+            self.members.clear()
+            self.members.update(membership.signing_keys)
+            self.roles.clear()
+            self.roles.update(membership.roles)
+
+    def apply_public(self, block: Block) -> None:
+        """Apply the public-class transactions of one committed block (the next after
+        :attr:`public_height`): proposals, votes, epoch key grants.
+
+        This part needs no epoch key, so every member, even one that cannot read an epoch
+        yet, follows who the members are and which keys were sealed to it.
+        """
+        height = block.height
+        if height <= self.public_height:
+            return
+        if height != self.public_height + 1:
+            raise StoreError(f"block {height} applied after height {self.public_height}", reason="apply_gap")
+        valid: list[Transaction] = []
+        seen: set[bytes] = set()
+        membership = self.governance.at(height)
+        with transaction(self._db, f"apply block {height} (public part)") as db:
+            if height == 1:
+                db.execute("INSERT OR IGNORE INTO epochs VALUES (0, 1, ?, x'', 'genesis', x'')", (block.timestamp,))
+            for position, data in enumerate(block.payload):
+                if not _is_public(data):
+                    continue
+                tx_id, status, tx = self._classify(data, height, None, membership.signing_keys)
+                if status == "ok" and tx_id in seen:
+                    status = "invalid:duplicate"
+                seen.add(tx_id)
+                if tx is not None and status == "ok":
+                    status = self._apply_public_kind(db, tx, height, block.timestamp)
+                    if status == "ok":
+                        valid.append(tx)
+                db.execute("INSERT OR IGNORE INTO txs VALUES (?, ?, ?, ?, ?, ?, ?)", (
+                    tx_id, height, position, tx.kind if tx else "unknown", tx.submitter if tx else None,
+                    tx.time if tx else None, status))
+            db.execute("INSERT OR REPLACE INTO public_applied VALUES (0, ?)", (height,))
+        # What this block opened takes effect from the next block (and only once it is stored).
+        for tx in valid:
+            if tx.kind == "keys.epoch":
+                self._epochs.append((tx.body["epoch"], height + 1))
+                self.keys.learn(EpochGrant(tx.body["epoch"], tx.body["check"], tx.body["sealed"]))
+            elif tx.kind == "consortium.propose":
+                self._take_history(tx.body)
+        if any(tx.kind in ("consortium.propose", "consortium.vote") for tx in valid):
+            self.governance.reload()
+        self._public_valid[height] = valid
+
+    def _take_history(self, body: dict[str, Any] | None) -> None:
+        if body is not None and body.get("name") == self.keys.member and "history" in body:
+            for epoch, sealed in enumerate(body["history"]):
+                self.keys.offer(epoch, sealed)
+
+    def _apply_public_kind(self, db: sqlite3.Connection, tx: Transaction, height: int, block_time: int) -> str:
+        if tx.kind == "keys.epoch":
+            return self._apply_epoch(db, tx, height, block_time)
+        key_epochs = db.execute("SELECT COUNT(*) FROM epochs").fetchone()[0]
+        return self.governance.apply(db, tx, height, key_epochs)
+
     def apply(self, block: Block, admitted: Callable[[bytes], Transaction | None] | None = None) -> list[Transaction]:
         """Apply one committed block (the next height); returns its valid transactions.
 
-        ``admitted(tx_id)`` may return the transaction this node already decoded and whose
-        signature it checked when admitting it (same id, so the very same bytes): it is not
-        decoded or checked again.
+        Its public part is applied first if it is not yet. ``admitted(tx_id)`` may return the
+        transaction this node already decoded and whose signature it checked when admitting it
+        (same id, so the very same bytes): it is not decoded or checked again. Raises
+        KeyUnavailable (applying nothing of the sealed part) if this member lacks a key the
+        block needs.
         """
         if block.height != self.applied_height + 1:
             raise StoreError(f"block {block.height} applied after height {self.applied_height}", reason="apply_gap")
+        self.apply_public(block)
+        self._use_membership(block.height)
         valid: list[Transaction] = []
         seen: set[bytes] = set()
         with transaction(self._db, f"apply block {block.height}") as db:
-            if block.height == 1:
-                db.execute("INSERT OR IGNORE INTO epochs VALUES (0, 1, ?, x'', 'genesis', x'')", (block.timestamp,))
             for position, data in enumerate(block.payload):
-                tx_id, status, tx = self._classify(data, block.height, admitted)
+                if _is_public(data):
+                    continue
+                tx_id, status, tx = self._classify(data, block.height, admitted, self.members)
                 if status == "ok" and tx_id in seen:
                     status = "invalid:duplicate"
                 seen.add(tx_id)
@@ -138,12 +241,7 @@ class LedgerState:
                     tx.time if tx else None, status,
                 ))
             db.execute("INSERT OR REPLACE INTO applied VALUES (0, ?)", (block.height,))
-        # Epochs this block opened take effect from the next block (and only once it is stored).
-        for tx in valid:
-            if tx.kind == "keys.epoch":
-                self._epochs.append((tx.body["epoch"], block.height + 1))
-                self.keys.learn(EpochGrant(tx.body["epoch"], tx.body["check"], tx.body["sealed"]))
-        return valid
+        return self._public_valid.pop(block.height, []) + valid
 
     def _apply_kind(self, db: sqlite3.Connection, tx: Transaction, height: int, block_time: int) -> str:
         """What a valid transaction does to the tables; returns its status (``ok`` or why not)."""
@@ -179,12 +277,10 @@ class LedgerState:
             return self.whois.apply_request(db, tx.body, tx.submitter, tx.actor, height, tx.time, tx.id)
         elif tx.kind == "whois.answer":
             return self.whois.apply_answer(db, tx.body, tx.submitter, height, tx.id)
-        elif tx.kind == "keys.epoch":
-            return self._apply_epoch(db, tx, height, block_time)
         return "ok"
 
     def _classify(self, data: bytes, height: int, admitted: Callable[[bytes], Transaction | None] | None,
-                  ) -> tuple[bytes, str, Transaction | None]:
+                  members: Mapping[str, bytes]) -> tuple[bytes, str, Transaction | None]:
         """(transaction id, status, transaction) of one payload entry; the id is the envelope's
         when what is inside cannot be read."""
         envelope_id = crypto.sha256(data)
@@ -195,7 +291,7 @@ class LedgerState:
             return envelope_id, f"invalid:{exc.reason}", None
         if tx.chain_id != self.chain_id:
             return tx.id, "invalid:wrong_chain", tx
-        key = self.members.get(tx.submitter)
+        key = members.get(tx.submitter)
         if key is None:
             return tx.id, "invalid:unknown_submitter", tx
         if self.tx_height(tx.id) is not None:
@@ -224,12 +320,16 @@ class LedgerState:
     @property
     def current_epoch(self) -> int:
         """The epoch of the next block: what new transactions are sealed under."""
-        return self.epoch_at(self.applied_height + 1)
+        return self.epoch_at(self.public_height + 1)
 
     def seal(self, tx: Transaction) -> Envelope:
         """``tx`` sealed under the current epoch's key (raises KeyUnavailable)."""
         epoch = self.current_epoch
-        return Envelope.seal(tx, epoch=epoch, key=self._key(epoch), chain_id=self.chain_id)
+        return Envelope.seal(tx, epoch=epoch, key=self._envelope_key(kind_class(tx.kind), epoch),
+                             chain_id=self.chain_id)
+
+    def _envelope_key(self, kind_class: str, epoch: int) -> AESGCM:
+        return public_key(self.chain_id, epoch) if kind_class in PUBLIC_CLASSES else self._key(epoch)
 
     def _key(self, epoch: int) -> AESGCM:
         key = self.keys.aead(epoch)
@@ -251,7 +351,7 @@ class LedgerState:
             envelope = Envelope.decode(data)
         except CodecError as exc:
             raise AdmissionError(f"malformed envelope: {exc}", reason="malformed") from exc
-        current = self.epoch_at(self.applied_height + 1 if height is None else height)
+        current = self.epoch_at(self.public_height + 1 if height is None else height)
         if envelope.epoch > current:
             raise AdmissionError(f"envelope sealed under epoch {envelope.epoch}, ahead of {current}",
                                  reason="future_epoch")
@@ -260,7 +360,7 @@ class LedgerState:
                                  reason="stale_epoch")
         if opened is not None:
             return envelope, opened
-        key = self._key(envelope.epoch)
+        key = self._envelope_key(envelope.kind_class, envelope.epoch)
         try:
             return envelope, envelope.open(key, self.chain_id)
         except CryptoError as exc:
@@ -289,12 +389,13 @@ class LedgerState:
         latest = db.execute("SELECT MAX(epoch) FROM epochs").fetchone()[0] or 0
         if body["epoch"] != latest + 1:
             return "invalid:stale_epoch"  # another grant opened that epoch first
-        if set(body["sealed"]) != set(self.members):
+        if set(body["sealed"]) != set(self.governance.at(height).names):
             return "invalid:grants"  # sealed to every current member, and to no one else
         db.execute("INSERT INTO epochs VALUES (?, ?, ?, ?, ?, ?)",
                    (body["epoch"], height + 1, block_time, body["check"], tx.submitter, tx.id))
         db.executemany("INSERT INTO epoch_grants VALUES (?, ?, ?)",
                        [(body["epoch"], member, sealed) for member, sealed in body["sealed"].items()])
+        self.governance.lapse_history(db, height)
         return "ok"
 
     def tx_height(self, tx_id: bytes) -> int | None:
@@ -360,3 +461,17 @@ class LedgerState:
 
     def tx_count(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM txs WHERE status = 'ok'").fetchone()[0]
+
+
+def _is_public(data: bytes) -> bool:
+    """Whether a payload entry is a well-formed public-class envelope (the public part's)."""
+    try:
+        return Envelope.decode(data).kind_class in PUBLIC_CLASSES
+    except CodecError:
+        return False
+
+
+def _known_by_keys(members: Mapping[str, bytes], roles: Mapping[str, str]) -> Membership:
+    """A membership known only by signing keys and roles (nothing is ever sealed to it)."""
+    return Membership(0, 0, tuple(Member(name, roles.get(name, ""), key, b"", Address("localhost", 1))
+                                  for name, key in members.items()))

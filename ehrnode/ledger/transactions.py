@@ -234,6 +234,57 @@ def _keys_epoch_body(body: Any) -> dict[str, Any]:
     return dict(m)
 
 
+#: How a governance proposal changes the consortium.
+CHANGES = ("add", "remove", "rotate-key")
+_MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
+_ADDRESS = re.compile(r"^\[?[A-Za-z0-9.:_-]{1,253}\]?:[0-9]{1,5}\Z")
+#: Epoch keys an add or rotate-key proposal re-seals for the member (every epoch so far; 640
+#: sealed copies fill most of a transaction).
+MAX_HISTORY = 640
+
+
+def _propose_body(body: Any) -> dict[str, Any]:
+    """A change of membership, put to the current validators (see :mod:`.governance`).
+
+    ``add`` and ``rotate-key`` name the member's keys and address, and carry ``history``:
+    the key of every epoch so far sealed to the member's (new) sealing key, so it can read the
+    chain from genesis. ``remove`` names only the member.
+    """
+    m = as_map(body, "consortium.propose", ("change", "name", "reason"),
+               optional=("role", "signing_key", "sealing_key", "address", "history"))
+    change = as_str(m["change"], "consortium.propose.change", max_len=16)
+    if change not in CHANGES:
+        raise SchemaError(f"consortium.propose.change: one of {', '.join(CHANGES)}")
+    if not _MEMBER_NAME.match(as_str(m["name"], "consortium.propose.name", max_len=32)):
+        raise SchemaError("consortium.propose.name: letters, digits, '_' and '-', at most 32")
+    as_str(m["reason"], "consortium.propose.reason", max_len=512)
+    wanted = {"add": {"role", "signing_key", "sealing_key", "address", "history"},
+              "rotate-key": {"signing_key", "sealing_key", "address", "history"}}.get(change, set())
+    given = set(m) - {"change", "name", "reason"}
+    if given != wanted:
+        raise SchemaError(f"consortium.propose: {change} takes {', '.join(sorted(wanted)) or 'no member fields'}")
+    if "role" in m and as_str(m["role"], "consortium.propose.role", max_len=16) not in ("institution", "regulator"):
+        raise SchemaError("consortium.propose.role: institution or regulator")
+    if "signing_key" in m:
+        as_bytes(m["signing_key"], "consortium.propose.signing_key", size=32)
+        as_bytes(m["sealing_key"], "consortium.propose.sealing_key", size=32)
+        address = as_str(m["address"], "consortium.propose.address", max_len=260)
+        if not _ADDRESS.match(address) or not 0 < int(address.rpartition(":")[2]) < 65536:
+            raise SchemaError("consortium.propose.address: HOST:PORT")
+        history = as_list(m["history"], "consortium.propose.history", max_len=MAX_HISTORY)
+        if not history:
+            raise SchemaError("consortium.propose.history: at least the epoch 0 key")
+        for epoch, copy in enumerate(history):
+            as_bytes(copy, f"consortium.propose.history[{epoch}]", max_len=128)
+    return dict(m)
+
+
+def _vote_body(body: Any) -> dict[str, Any]:
+    m = as_map(body, "consortium.vote", ("proposal",))
+    as_bytes(m["proposal"], "consortium.vote.proposal", size=32)
+    return dict(m)
+
+
 #: Each kind's body schema: a function that raises SchemaError or returns the checked body.
 KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "note": _note_body, "record.anchor": _anchor_body, "empi.enrol": _enrol_body, "empi.link": _link_body,
@@ -241,6 +292,7 @@ KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "empi.split": _split_body, "consent.grant": _consent_body, "consent.revoke": _consent_body,
     "access.log": _access_body, "record.erase": _erase_body, "integrity.alert": _alert_body,
     "whois.request": _whois_request_body, "whois.answer": _whois_answer_body, "keys.epoch": _keys_epoch_body,
+    "consortium.propose": _propose_body, "consortium.vote": _vote_body,
 }
 
 

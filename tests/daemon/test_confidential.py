@@ -140,7 +140,7 @@ def test_every_entry_in_the_store_is_an_envelope_of_a_bucket_size(cluster):
     db = sqlite3.connect(cluster.configs["B"].data_dir / "blocks.sqlite3")
     rows = db.execute("SELECT body FROM blocks").fetchall()
     envelopes = [Envelope.decode(tx) for (body,) in rows for tx in Block.from_wire(codec.decode(body)).payload]
-    assert {e.kind_class for e in envelopes} >= {"record", "empi", "consent", "access", "chain", "keys"}
+    assert {e.kind_class for e in envelopes} >= {"record", "empi", "consent", "access", "chain", "consortium"}
     assert {len(e.ciphertext) - 16 for e in envelopes} <= set(SIZE_BUCKETS)
 
 
