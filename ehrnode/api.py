@@ -101,11 +101,12 @@ from trio_websocket import ConnectionClosed
 
 from .codec import MAX_UINT
 from .errors import (
-    AdmissionError, CodecError, CryptoError, EhrnodeError, FhirError, IntegrityError, PullError, SchemaError,
+    AdmissionError, CodecError, ConfigError, CryptoError, EhrnodeError, FhirError, IntegrityError, PullError, SchemaError,
     innermost,
 )
 from .ledger.empi_registry import scoped_enrolment
-from .ledger.transactions import CONSENT_PURPOSES, EMPI_PATTERN, ENROLMENT_SIZE, KINDS, Transaction
+from .config import Address, Member
+from .ledger.transactions import CHANGES, CONSENT_PURPOSES, EMPI_PATTERN, ENROLMENT_SIZE, KINDS, Transaction
 from .logs import get_logger
 from .records import fhir
 from .sharing import audit
@@ -472,6 +473,8 @@ class ApiServer:
                 raise RpcError(-32000, str(exc), reason=exc.reason) from exc
             result = await self._committed(method, tx, params)
             return {**result, "epoch": tx.body["epoch"], "starts": result["height"] + 1}
+        if method.startswith("consortium."):
+            return await self._consortium_call(method, params, user)
         if method == "blocks.subscribe":
             channel = node.subscribe()
             nursery.start_soon(self._forward, channel, ws, "block.committed")
@@ -601,6 +604,46 @@ class ApiServer:
             nursery.start_soon(self._forward, channel, ws, "event")
             return {"subscribed": "event", "empis": sorted(subscription.empis), "own": own}
         raise RpcError(-32601, f"unknown method {method!r}")
+
+    async def _consortium_call(self, method: str, params: dict[str, Any], user: User) -> Any:
+        node = self.node
+        if method == "consortium.members":
+            return node.members_view()
+        if method == "consortium.proposals":
+            status = params.get("status")
+            if status not in (None, "open", "adopted", "lapsed"):
+                raise RpcError(-32602, "status must be open, adopted or lapsed")
+            return {"proposals": [_proposal_view(p) for p in node.state.governance.proposals(status=status)]}
+        try:
+            if method == "consortium.vote":
+                tx = node.vote(_hex_param(params.get("proposal"), "proposal", 32), user.pseudonym)
+            elif method == "consortium.propose":
+                change, name, reason = params.get("change"), params.get("name"), params.get("reason", "")
+                if change not in CHANGES:
+                    raise RpcError(-32602, f"change must be one of {', '.join(CHANGES)}")
+                if not isinstance(name, str) or not isinstance(reason, str):
+                    raise RpcError(-32602, "name and reason must be strings")
+                member = None
+                if change != "remove":
+                    current = node.state.membership.get(name)
+                    role = params.get("role", current.role if current else None)
+                    try:
+                        member = Member(name, role, _hex_param(params.get("signing_key"), "signing_key", 32),
+                                        _hex_param(params.get("sealing_key"), "sealing_key", 32),
+                                        Address.parse(params.get("address", str(current.address) if current else None),
+                                                      "address"))
+                    except ConfigError as exc:
+                        raise RpcError(-32602, str(exc)) from exc
+                tx = node.propose(change, name, reason=reason, member=member, actor=user.pseudonym)
+            else:
+                raise RpcError(-32601, f"unknown method {method!r}")
+        except AdmissionError as exc:
+            raise RpcError(-32000, str(exc), reason=exc.reason) from exc
+        except SchemaError as exc:
+            raise RpcError(-32602, str(exc), reason=exc.reason) from exc
+        result = await self._committed(method, tx, params)
+        view = node.state.governance.proposals_by_id(tx.body.get("proposal", tx.id))
+        return {**result, "proposal": _proposal_view(view) if view else None}
 
     async def _submit_and_wait(self, method: str, body: dict[str, Any], params: dict[str, Any], user: User) -> Any:
         """Sign ``body`` as a ``method`` transaction by ``user``; answer once it is committed, or why not."""
@@ -787,3 +830,7 @@ class ApiServer:
                     await ws.send_message(json.dumps({"jsonrpc": "2.0", "method": method, "params": note}))
             except ConnectionClosed:
                 return
+
+
+def _proposal_view(proposal: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.hex() if isinstance(v, bytes) else v) for k, v in proposal.items()}

@@ -535,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ehrnode", description="Consortium-chain node for sharing patient records.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    consortium = commands.add_parser("consortium", help="set up a consortium").add_subparsers(
+    consortium = commands.add_parser("consortium", help="set up a consortium, and govern its membership").add_subparsers(
         dest="consortium_command", required=True)
     init = consortium.add_parser(
         "init", help="create keys, genesis.toml and each member's node.toml",
@@ -700,7 +700,10 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--json", action="store_true")
     restore.set_defaults(func=cmd_restore)
 
+    from .cli_consortium import add_commands as add_consortium_commands
     from .cli_sharing import add_commands as add_sharing_commands
+
+    add_consortium_commands(consortium, with_config)
 
     add_sharing_commands(commands, records, with_config)
 

@@ -15,10 +15,18 @@
 In a real deployment each institution generates its own keys on its own
 machine and sends only the public half; this command is for a consortium whose
 members are all set up from one place (a test bed, the demo, a pilot).
+
+``new_member`` is that first step for a member joining later: on its own
+machine it writes the member's keys and ``node.toml`` (pointing at the
+consortium's public ``genesis.toml``) and ``member.json``, the public half the
+member hands to a current member to propose it (``ehrnode consortium propose
+add``). Its node can start at once: it follows the chain, and takes part once
+the proposal is adopted.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Sequence
@@ -28,7 +36,7 @@ import tomli_w
 
 from . import crypto
 from .ledger.epochs import EpochGrant
-from .config import Address, Genesis, Member, NodeConfig, TlsFiles, check_name
+from .config import ROLES, Address, Genesis, Member, NodeConfig, TlsFiles, check_name, load_genesis
 from .errors import ConfigError
 from .net.tls import create_ca, issue
 from .records.keys import create_secret
@@ -108,6 +116,69 @@ def init_consortium(
         # Paths are written relative to node.toml, so the directory can move as a whole.
         _write_toml(config.path, config.to_toml_dict(), f"# ehrnode node configuration for {config.name}\n")
     return genesis
+
+
+MEMBER_FILE = "member.json"
+
+
+def new_member(
+    directory: Path, genesis_path: Path, name: str, role: str, address: Address, *,
+    consortium_key: Path | None = None, ca: Path | None = None,
+) -> tuple[NodeConfig, Member]:
+    """Keys and configuration for a member that joins an existing consortium (see above).
+
+    An institution needs the consortium's EMPI pseudonym key (``consortium_key``, a copy of
+    another institution's ``consortium.key`` handed over off the chain); ``ca``: the directory
+    of the consortium CA, to issue the member's TLS certificate.
+    """
+    directory = Path(directory)
+    name = check_name(name, "--name")
+    if role not in ROLES:
+        raise ConfigError(f"--role: one of {', '.join(ROLES)}")
+    if role == "institution" and consortium_key is None:
+        raise ConfigError("an institution needs --consortium-key: a copy of the consortium's EMPI pseudonym key")
+    genesis = load_genesis(genesis_path)
+    if any(m.name == name for m in genesis.members):
+        raise ConfigError(f"{name!r} is a founding member of {genesis.chain_id}")
+    if (directory / name).exists():
+        raise ConfigError(f"refusing to overwrite existing {directory / name} (keys are never replaced)")
+    secret = b""
+    if consortium_key is not None:
+        try:
+            secret = Path(consortium_key).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"--consortium-key: cannot read {consortium_key}: {exc.strerror}") from exc
+    keys = directory / name / "keys"
+    keys.mkdir(parents=True, mode=0o700)
+    os.chmod(keys, 0o700)
+    identity, sealing = crypto.Identity.generate(), crypto.SealingKey.generate()
+    identity.save(keys / "signing.pem")
+    sealing.save(keys / "sealing.pem")
+    create_secret(keys / "master.key")
+    if secret:
+        crypto.write_secret_file(keys / "consortium.key", secret)
+    tls_files = None
+    if ca is not None:
+        issue(Path(ca) / "ca.pem", Path(ca) / "ca.key", name, keys / "tls.pem", keys / "tls.key")
+        tls_files = TlsFiles(Path(ca) / "ca.pem", keys / "tls.pem", keys / "tls.key")
+    config = NodeConfig(
+        path=directory / name / NODE_FILE, name=name, genesis_path=Path(genesis_path).absolute(),
+        data_dir=directory / name / "data", signing_key_path=keys / "signing.pem",
+        sealing_key_path=keys / "sealing.pem", peer_listen=address,
+        api_listen=Address("127.0.0.1", address.port + API_PORT_OFFSET), log_level="info",
+        metrics_listen=Address("127.0.0.1", address.port + METRICS_PORT_OFFSET),
+        master_key_path=keys / "master.key",
+        consortium_key_path=keys / "consortium.key" if secret else None, tls=tls_files,
+    )
+    _write_toml(config.path, config.to_toml_dict(), f"# ehrnode node configuration for {name}\n")
+    member = Member(name, role, identity.public_key, sealing.public_key, address)
+    (directory / name / MEMBER_FILE).write_text(json.dumps(member_json(member), indent=2) + "\n", encoding="utf-8")
+    return config, member
+
+
+def member_json(member: Member) -> dict[str, str]:
+    return {"name": member.name, "role": member.role, "signing_key": member.signing_key.hex(),
+            "sealing_key": member.sealing_key.hex(), "address": str(member.address)}
 
 
 def _write_toml(path: Path, doc: dict, header: str) -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 import trio
 
 from .client import ApiClient
-from .config import NodeConfig, load_node_config
-from .consortium import API_PORT_OFFSET, METRICS_PORT_OFFSET, init_consortium
+from .config import Address, NodeConfig, load_node_config
+from .consortium import API_PORT_OFFSET, GENESIS_FILE, METRICS_PORT_OFFSET, init_consortium, new_member
 from .errors import ConfigError, EhrnodeError
 
 NAMES = ["A", "B", "C", "R"]
@@ -54,6 +54,17 @@ class LocalConsortium:
                                        base_port=free_base_port(len(self.names)), tls=tls)
         self.configs: dict[str, NodeConfig] = {n: load_node_config(root / n / "node.toml") for n in self.names}
         self.procs: dict[str, subprocess.Popen] = {}
+
+    def new_member(self, name: str, role: str = "institution") -> NodeConfig:
+        """Keys and configuration for a member joining later (``consortium new-member``), on a
+        free port; proposing it is up to the current members."""
+        port = free_base_port(1)
+        key = self.root / self.names[0] / "keys" / "consortium.key" if role == "institution" else None
+        config, _ = new_member(self.root, self.root / GENESIS_FILE, name, role, Address("127.0.0.1", port),
+                               consortium_key=key, ca=self.root / "ca" if (self.root / "ca").exists() else None)
+        self.names.append(name)
+        self.configs[name] = config
+        return config
 
     def log_path(self, name: str) -> Path:
         return self.root / f"{name}.log"

@@ -35,14 +35,14 @@ from typing import Any
 import trio
 
 from . import crypto, metrics
-from .config import Genesis, NodeConfig, load_genesis
+from .config import Genesis, Member, NodeConfig, load_genesis
 from .consensus.core import (
-    Action, Broadcast, CommitBlocks, ConsensusCore, CoreConfig, Log, PersistBlock, Send, SetTimer,
+    Action, Broadcast, CommitBlocks, ConsensusCore, CoreConfig, EpochEnd, Log, PersistBlock, Send, SetTimer, epoch_of,
 )
 from .consensus.messages import decode_message, encode_message
 from .consensus.pacemaker import PacemakerConfig
 from .consensus.safety import SafetyData
-from .consensus.types import Block
+from .consensus.types import Block, ValidatorSet
 from .errors import AdmissionError, CodecError, ConfigError, CryptoError, InvalidMessage, KeyUnavailable, StoreError
 from .ledger.block_store import SqliteBlockStore
 from .ledger.envelope import mix
@@ -52,6 +52,7 @@ from .ledger.safety_store import FileSafetyStore
 from .ledger.state import LedgerState
 from .ledger.transactions import Transaction
 from .logs import get_logger
+from .membership import Membership
 from .metrics import Registry
 from .net.peers import Peer, PeerNetwork
 from .consensus.survey import RoundSurvey, encode_answer
@@ -71,6 +72,8 @@ from .net.tls import TlsContexts, check_certificate
 from .sdnotify import Notifier
 
 CONSENSUS_INBOX = 10_000
+#: Messages of a later consensus epoch kept for when this node gets there.
+AHEAD_KEPT = 256
 TX_INBOX = 100_000
 MAX_TX_BATCH = 1000
 #: Gossiped transactions admitted per turn of the driver: each costs a signature check
@@ -85,6 +88,9 @@ MAX_EVENT_SUBSCRIBERS = 256
 WHOIS_CATCH_UP = 10.0
 #: A gossip frame's transactions, in bytes (well inside the 8 MiB frame limit).
 GOSSIP_FRAME_BYTES = 2 * 1024 * 1024
+#: After a membership change, how long the member whose turn it is has to rotate the epoch key
+#: before any member does.
+MEMBERSHIP_ROTATION_GRACE = 20.0
 DEFAULT_CORE = CoreConfig(
     pacemaker=PacemakerConfig(base_timeout=2.0, backoff=1.5, max_timeout=30.0, resend_interval=1.0),
     max_block_txs=1000,
@@ -108,24 +114,15 @@ class Node:
         self.config = config
         self.genesis: Genesis = load_genesis(config.genesis_path)
         self.name = config.name
-        member = self.genesis.member(self.name)
         try:
             self.identity = crypto.Identity.load(config.signing_key_path)
-        except CryptoError as exc:
-            raise ConfigError(str(exc)) from exc
-        if self.identity.public_key != member.signing_key:
-            raise ConfigError(f"{config.signing_key_path} is not the signing key genesis lists for {self.name}")
-        try:
             self.sealing_key = crypto.SealingKey.load(config.sealing_key_path)
         except CryptoError as exc:
             raise ConfigError(str(exc)) from exc
-        if self.sealing_key.public_key != member.sealing_key:
-            raise ConfigError(f"{config.sealing_key_path} is not the sealing key genesis lists for {self.name}")
         self.epoch_keys = EpochKeys(self.genesis.chain_id, self.name, self.sealing_key)
-        if self.genesis.epoch_key is None or not self.epoch_keys.learn(self.genesis.epoch_key):
+        founder = any(m.name == self.name for m in self.genesis.members)
+        if self.genesis.epoch_key is None or (not self.epoch_keys.learn(self.genesis.epoch_key) and founder):
             raise ConfigError(f"{config.genesis_path}: {self.epoch_keys.unreadable.get(0, 'no epoch key')}")
-        self.index = self.genesis.index(self.name)
-        self.vset = self.genesis.validators
         self.log = get_logger(node=self.name)
 
         data = config.data_dir
@@ -133,20 +130,32 @@ class Node:
             data.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise ConfigError(f"cannot create data dir {data}: {exc.strerror}") from exc
-        members = {m.name: m.signing_key for m in self.genesis.members}
         self.roles = load_roles(config.roles_path)
         self.users = UserStore(data, self.name)
         admin, adopted = self.users.ensure_admin()
         if adopted:
             self.log.warning("users.admin_credential_adopted", user=admin.name,
                              detail="api.token was replaced by hand; it is now the admin's credential")
-        self.block_store = SqliteBlockStore(data / "blocks.sqlite3", self.vset)
-        self.state = LedgerState(data / "state.sqlite3", self.genesis.chain_id, members,
-                                 roles={m.name: m.role for m in self.genesis.members}, keys=self.epoch_keys)
+        self.block_store = SqliteBlockStore(data / "blocks.sqlite3", self.genesis.validators)
+        self.state = LedgerState(data / "state.sqlite3", self.genesis.chain_id, Membership(0, 0, self.genesis.members),
+                                 keys=self.epoch_keys)
         #: The height at which this member found it lacks an epoch key: the ledger state stops there.
         self.state_stalled: int | None = None
+        self._keys_held = len(self.epoch_keys.epochs)
         self._replay_state()
-        self.mempool = Mempool(self.genesis.chain_id, members, opener=self.state.open_envelope,
+        #: The consensus epoch's validators, and its members in the same order.
+        self.vset, self.membership = self._validators()
+        member = self.membership.get(self.name)
+        if member is not None and (member.signing_key, member.sealing_key) != (
+                self.identity.public_key, self.sealing_key.public_key):
+            raise ConfigError(f"{config.signing_key_path} and {config.sealing_key_path} are not the keys the "
+                              f"consortium lists for {self.name}")
+        self.index = self.membership.index_of(self.name)
+        if member is None:
+            self.log.warning("membership.not_member", epoch=self.membership.epoch, former=self.state.governance.former(
+                self.name), detail="not a member as far as this node's chain goes: it follows the chain, and takes "
+                                   "part once a proposal that admits it is adopted")
+        self.mempool = Mempool(self.genesis.chain_id, self.membership.signing_keys, opener=self.state.open_envelope,
                                is_committed=self.state.is_committed)
         safety_store = FileSafetyStore(data / "safety.cbor")
         if safety_store.load() is None and self.block_store.committed_height() > 0:
@@ -158,7 +167,7 @@ class Node:
             self.vset, self.index, self.identity, safety_store,
             config=dataclasses.replace(core_config, order_payload=mix),
             recovery=self.block_store.recovery(), committed_lookup=self.block_store.get_block,
-            committed_at=self.block_store.block_at,
+            committed_at=self.block_store.block_at, epoch_end=self.block_store.epoch_end,
         )
         tls = config.tls
         self.tls = TlsContexts.load(tls.ca, tls.cert, tls.key, api=tls.api) if tls else None
@@ -167,10 +176,10 @@ class Node:
             if expires - datetime.datetime.now(datetime.UTC) < datetime.timedelta(days=30):
                 self.log.warning("tls.expiring", expires=expires.isoformat())
         self.network = PeerNetwork(self.genesis, self.name, self.identity, self._on_frame,
-                                   on_connect=self._on_connect, tls=self.tls)
+                                   on_connect=self._on_connect, tls=self.tls, membership=self.membership)
         # Restored from a backup: sign nothing until the other validators say how far the chain got.
         self.survey: RoundSurvey | None = None
-        if self.core.safety.data.restored:
+        if self.core.safety.data.restored and self.index is not None:
             self.survey = RoundSurvey.fresh(self.vset, self.index)
             self.log.warning("restore.waiting", needed=self.survey.needed,
                              detail="restored from a backup: signing resumes once 2f+1 other validators have "
@@ -178,6 +187,8 @@ class Node:
         # Two inboxes: consensus messages are always handled before transactions, so a burst of
         # gossip never delays a vote. Both are bounded.
         self._consensus_in: deque[tuple[Peer, bytes]] = deque()
+        # Messages of a later consensus epoch (the newest kept).
+        self._ahead: deque[tuple[Peer, bytes]] = deque(maxlen=AHEAD_KEPT)
         self._txs_in: deque[tuple[Peer | None, bytes]] = deque()
         self._wake = trio.Event()
         self._gossip_out: list[bytes] = []
@@ -192,6 +203,8 @@ class Node:
         self.invalid_messages = 0
         self._started = False  # the core has loaded its certificates (the driver started it)
         self._rotating: int | None = None  # the epoch this member last asked to rotate out of
+        self._rotation_wake = trio.Event()  # a membership change makes a rotation due at once
+        self._membership_changed = time.time()
         self._closed = False
         self.notifier = Notifier()
         self.metrics = self._register_metrics()
@@ -200,7 +213,11 @@ class Node:
         self.records: RecordsService | None = None
         self.pull_server: PullServer | None = None
         self._nursery: trio.Nursery | None = None
-        policy = load_policy(config.access_policy_path) if member.role == "institution" else None
+        # A member not admitted yet sets up as what its keys say it will be (only institutions hold
+        # the consortium key).
+        role = member.role if member is not None else (
+            "institution" if config.consortium_key_path else "regulator")
+        policy = load_policy(config.access_policy_path) if role == "institution" else None
         if policy is not None and config.master_key_path and config.consortium_key_path:
             self.records = RecordsService(config, chain_id=self.genesis.chain_id, identity=self.identity, hooks=Hooks(
                 submit=self.submit_own, pending=lambda tx_id: tx_id in self.mempool, state=self.state,
@@ -270,12 +287,37 @@ class Node:
 
     def _replay_state(self) -> None:
         # The ledger state is applied after the block store commits; after a crash between the
-        # two, the committed blocks the state has not seen are applied now.
+        # two, the committed blocks the state has not seen are applied now: the public part of
+        # each (membership, epoch keys), then the rest as far as this member holds the keys.
+        for height in range(self.state.public_height + 1, self.block_store.committed_height() + 1):
+            block = self.block_store.block_at(height)
+            assert block is not None
+            self.state.apply_public(block)
+        self._catch_up_state()
+
+    def _catch_up_state(self) -> None:
+        """Apply the committed blocks the ledger has not (after a start, or once a key that
+        stalled it arrives); stops again at a block it still lacks a key for."""
+        stalled, self.state_stalled = self.state_stalled, None
         for height in range(self.state.applied_height + 1, self.block_store.committed_height() + 1):
             block = self.block_store.block_at(height)
             assert block is not None
             if self._apply_state(block, None) is None:
                 return
+        if stalled is not None:
+            self.log.warning("ledger.resumed", stalled_at=stalled, height=self.state.applied_height)
+
+    def _validators(self) -> tuple[ValidatorSet, Membership]:
+        """The validator set (and membership) of the consensus epoch this node's blocks are in:
+        genesis's, then each adopted change's, rooted at the block that adopted it."""
+        memberships = self.state.governance.memberships
+        vset, membership = self.genesis.validators, memberships[0]
+        for following in memberships[1:]:
+            start = self.block_store.block_at(following.starts - 1)
+            if start is None:
+                break  # adopted in a block the ledger saw before a crash and the block store did not
+            vset, membership = vset.successor(start, following.keys), following
+        return vset, membership
 
     def _apply_state(self, block: Block, admitted: Any) -> list[Transaction] | None:
         """Apply a committed block to the ledger state; None once this member lacks an epoch key.
@@ -356,8 +398,11 @@ class Node:
         survey = self.survey
         if survey is None:
             return  # not restoring (a late answer)
+        sender = self.membership.index_of(peer.name)
+        if sender is None:
+            return
         try:
-            survey.add(self.genesis.index(peer.name), data)
+            survey.add(sender, data)
         except InvalidMessage as exc:
             self.log.warning("restore.bad_answer", peer=peer.name, reason=exc.reason, error=str(exc))
             return
@@ -366,7 +411,7 @@ class Node:
             return
         floor = self.core.safety.lift_restore(*result)
         self.survey = None
-        self.log.warning("restore.resumed", floor=floor, answered=[self.genesis.members[i].name
+        self.log.warning("restore.resumed", floor=floor, answered=[self.membership.members[i].name
                                                                   for i in sorted(survey.answers)])
         self._apply(self.core.learn_certificates(*result, time.time()))
 
@@ -378,13 +423,13 @@ class Node:
             if survey is None:
                 return
             for name in self.network.connected():
-                if self.genesis.index(name) not in survey.answers:
+                if self.membership.index_of(name) not in survey.answers:
                     self.network.send(name, encode_frame(RoundQueryFrame(survey.nonce)))
 
     def rotate_epoch_key(self, actor: bytes = b"") -> Transaction:
         """Open the next epoch: a fresh key sealed to every current member (raises AdmissionError)."""
         grant = EpochGrant.create(self.genesis.chain_id, self.state.latest_epoch + 1,
-                                  {m.name: m.sealing_key for m in self.genesis.members})
+                                  self.state.membership.sealing_keys)
         tx = self.submit("keys.epoch", grant.body(), actor)
         self.log.info("keys.rotating", epoch=grant.epoch, tx=tx.id.hex()[:16])
         return tx
@@ -399,29 +444,85 @@ class Node:
         }
 
     async def _rotate_on_schedule(self) -> None:
-        """Rotate the epoch key once it is ``rotate_days`` old, if it is this member's turn.
+        """Rotate the epoch key once it is ``rotate_days`` old, or at once when the membership
+        changed since it was sealed, if it is this member's turn.
 
         The turn goes round the members by epoch number; if the member whose turn it is
-        has not rotated half an interval later, any member does (the first grant committed
-        opens the epoch; a second one for the same epoch is refused as stale).
+        has not rotated half an interval later (after a membership change:
+        ``MEMBERSHIP_ROTATION_GRACE`` later), any member does. The first grant committed
+        opens the epoch; a second one for the same epoch is refused as stale.
         """
         interval = self.config.rotate_days * 86400
-        names = sorted(m.name for m in self.genesis.members)
+        asked: tuple[int, bytes] | None = None  # (epoch rotated out of, its grant's transaction)
         while True:
-            await trio.sleep(min(60.0, interval / 10))
-            epochs = self.state.epochs()
-            if not epochs or self.state_stalled is not None:
+            with trio.move_on_after(min(60.0, interval / 10)):
+                await self._rotation_wake.wait()
+            self._rotation_wake = trio.Event()
+            membership = self.state.membership
+            if self.state_stalled is not None or self.name not in membership:
                 continue
-            latest = epochs[-1]
-            age = time.time() - latest["time"] / 1000
-            due = names[latest["epoch"] % len(names)] == self.name and age >= interval
-            if (due or age >= interval * 1.5) and self._rotating != latest["epoch"]:
-                self._rotating = latest["epoch"]
+            latest = self.state.epochs()[-1]
+            names = sorted(membership.names)
+            turn = names[latest["epoch"] % len(names)] == self.name
+            if self.state.grant_recipients(latest["epoch"]) != set(names):
+                # Sealed to members that are no longer the membership: a departed member still
+                # holds this key, a new one is not sealed the next.
+                due = turn or time.time() - self._membership_changed >= MEMBERSHIP_ROTATION_GRACE
+            else:
+                age = time.time() - latest["time"] / 1000
+                due = (turn and age >= interval) or age >= interval * 1.5
+            if asked is not None and asked[0] == latest["epoch"] and not (
+                    self.state.tx_status(asked[1]) or "").startswith("invalid"):
+                continue  # asked already, and not refused
+            if due:
                 try:
-                    self.rotate_epoch_key()
+                    asked = (latest["epoch"], self.rotate_epoch_key().id)
                 except AdmissionError as exc:
                     self.log.warning("keys.rotation_refused", reason=exc.reason, error=str(exc))
-                    self._rotating = None
+
+    # --- governance ---------------------------------------------------------------------
+
+    def propose(self, change: str, name: str, *, reason: str, member: Member | None = None,
+                actor: bytes = b"") -> Transaction:
+        """Propose a change of membership (raises AdmissionError, SchemaError).
+
+        ``member`` (add, rotate-key): the member's role, keys and address; this node seals it
+        the key of every epoch so far, so it can read the chain from genesis.
+        """
+        body: dict[str, Any] = {"change": change, "name": name, "reason": reason}
+        if change != "remove":
+            if member is None:
+                raise AdmissionError(f"{change} needs the member's keys and address", reason="no_member")
+            try:
+                history = self.epoch_keys.history_for(member.sealing_key, self.state.latest_epoch + 1)
+            except CryptoError as exc:
+                raise AdmissionError(str(exc), reason="no_key") from exc
+            body.update(signing_key=member.signing_key, sealing_key=member.sealing_key,
+                        address=str(member.address), history=history)
+            if change == "add":
+                body["role"] = member.role
+        tx = self.submit("consortium.propose", body, actor)
+        self.log.warning("consortium.proposed", change=change, member=name, tx=tx.id.hex()[:16])
+        return tx
+
+    def vote(self, proposal: bytes, actor: bytes = b"") -> Transaction:
+        """Vote for an open proposal (raises AdmissionError)."""
+        if self.state.governance.proposal_body(proposal) is None:
+            raise AdmissionError(f"no proposal {proposal.hex()} on the chain", reason="unknown_proposal")
+        tx = self.submit("consortium.vote", {"proposal": proposal}, actor)
+        self.log.warning("consortium.voted", proposal=proposal.hex()[:16], tx=tx.id.hex()[:16])
+        return tx
+
+    def members_view(self) -> dict[str, Any]:
+        """The consortium's members now, and the consensus epoch this node runs."""
+        membership = self.state.membership
+        return {
+            "epoch": membership.epoch, "starts": membership.starts, "quorum": membership.quorum,
+            "running_epoch": self.vset.epoch,
+            "members": [{"name": m.name, "role": m.role, "address": str(m.address), "index": i,
+                         "signing_key": m.signing_key.hex(), "sealing_key": m.sealing_key.hex()}
+                        for i, m in enumerate(membership)],
+        }
 
     def submit_note(self, text: str, actor: bytes = b"") -> Transaction:
         """Sign a note transaction as this member, admit it and gossip it (raises AdmissionError)."""
@@ -593,7 +694,9 @@ class Node:
             if trio.current_time() >= self._deadline:
                 self._apply(self.core.tick(time.time()))
             while self._connected:
-                self._apply(self.core.on_peer_connected(self.genesis.index(self._connected.pop()), time.time()))
+                index = self.membership.index_of(self._connected.pop())
+                if index is not None:
+                    self._apply(self.core.on_peer_connected(index, time.time()))
             # Consensus first, then one batch of transactions, then let other tasks run.
             for _ in range(min(len(self._consensus_in), 512)):
                 peer, data = self._consensus_in.popleft()
@@ -603,9 +706,20 @@ class Node:
             await trio.sleep(0)
 
     def _handle_consensus(self, peer: Peer, data: bytes) -> None:
+        sender = self.membership.index_of(peer.name)
+        if sender is None:
+            # A member this node does not count as a validator yet (it is behind on membership):
+            # the validators it does count will make it catch up.
+            self.log.debug("consensus.not_validator", peer=peer.name, epoch=self.vset.epoch)
+            return
         try:
             message = decode_message(data)
-            actions = self.core.on_message(self.genesis.index(peer.name), message, time.time())
+            epoch = epoch_of(message)
+            if epoch is not None and epoch > self.vset.epoch:
+                # Kept to hand to the next core: a validator behind learns the epoch ended from
+                # this very message, and its vote should still count once it has caught up.
+                self._ahead.append((peer, data))
+            actions = self.core.on_message(sender, message, time.time())
         except (CodecError, InvalidMessage) as exc:
             self.invalid_messages += 1
             self.m_invalid.inc()
@@ -640,9 +754,15 @@ class Node:
             self._apply(self.core.submit(accepted, time.time()))
 
     def _apply(self, actions: Iterable[Action]) -> None:
+        core = self.core
         for action in actions:
+            if self.core is not core and not isinstance(action, (Send, Broadcast)):
+                # An earlier action ended the epoch. The old core's messages still go out (a
+                # proposal carrying the certificate that committed the epoch's last block is how
+                # the others learn of it at once); its timers and the rest are void.
+                continue
             if isinstance(action, Send):
-                name = self.genesis.members[action.to].name
+                name = self.membership.members[action.to].name
                 self.network.send(name, encode_frame(ConsensusFrame(encode_message(action.message))))
             elif isinstance(action, Broadcast):
                 self.network.broadcast(encode_frame(ConsensusFrame(encode_message(action.message))))
@@ -657,8 +777,17 @@ class Node:
                 self._log_core(action)
 
     def _commit(self, action: CommitBlocks) -> None:
-        self.block_store.commit(action.blocks, action.proof)
-        for block in action.blocks:
+        # The public part of each block first: a block that adopts a membership change is the
+        # last of its epoch, and what the commit carried after it is kept only to prove it.
+        blocks, ended = action.blocks, None
+        for i, block in enumerate(blocks):
+            self.state.apply_public(block)
+            following = self.state.membership_at(block.height + 1)
+            if following.epoch > self.vset.epoch and following.starts == block.height + 1:
+                blocks, ended = blocks[:i + 1], EpochEnd(block, blocks[i + 1:], action.proof)
+                break
+        self.block_store.commit(blocks, action.proof, ended)
+        for block in blocks:
             applied = self._apply_state(block, self.mempool.get)
             txs = applied or []
             self.m_commits.inc()
@@ -699,6 +828,34 @@ class Node:
                     pass  # a slow subscriber misses notifications; it can fetch blocks by height
                 except trio.BrokenResourceError:
                     self._subscribers.remove(channel)
+        if self.state_stalled is not None and len(self.epoch_keys.epochs) > self._keys_held:
+            self._catch_up_state()  # a key it lacked was sealed to it since
+        self._keys_held = len(self.epoch_keys.epochs)
+        if ended is not None:
+            self._end_epoch(ended)
+
+    def _end_epoch(self, ended: EpochEnd) -> None:
+        """The block ``ended.last`` adopted a membership change: run the next epoch with it."""
+        before, membership = self.membership, self.state.membership_at(ended.last.height + 1)
+        self.vset = self.vset.successor(ended.last, membership.keys)
+        self.membership, self.index = membership, membership.index_of(self.name)
+        self.core = self.core.successor(self.vset, self.index)
+        self.network.set_membership(membership)
+        self.mempool.members = membership.signing_keys
+        self._membership_changed = time.time()
+        added = sorted(set(membership.names) - set(before.names))
+        removed = sorted(set(before.names) - set(membership.names))
+        self.log.warning("membership.changed", epoch=membership.epoch, height=ended.last.height, added=added,
+                         removed=removed, members=membership.names, validator=self.index is not None)
+        if self.name in removed:
+            self.log.error("membership.removed", epoch=membership.epoch,
+                           detail="the consortium removed this member: peers refuse it from now on, and later "
+                                  "epoch keys are not sealed to it")
+        self._rotation_wake.set()
+        self._apply(self.core.start(time.time()))
+        ahead, self._ahead = self._ahead, deque(maxlen=AHEAD_KEPT)
+        self._consensus_in.extendleft(reversed(ahead))
+        self._wake.set()
 
     def _log_core(self, action: Log) -> None:
         if action.event == "round.timeout":
@@ -721,6 +878,7 @@ class Node:
             "node": self.name, "chain": self.genesis.chain_id, "height": self.head.height, "head": self.head.id.hex(),
             "round": self.core.round, "peers": self.network.connected(), "mempool": len(self.mempool),
             "validators": self.vset.n, "pid": os.getpid(), "epoch": self.state.current_epoch,
+            "consensus_epoch": self.vset.epoch, "validator": self.index is not None,
             "ledger": {"applied": self.state.applied_height, "stalled_at": self.state_stalled},
         }
 
@@ -743,6 +901,7 @@ class Node:
                 txs.append({**tx.summary(), "epoch": envelope.epoch, "envelope": envelope.id.hex()})
         return {
             "height": block.height, "id": block.id.hex(), "parent": block.parent.hex(), "round": block.round,
-            "time": block.timestamp, "author": self.genesis.members[block.author].name if block.height else None,
+            "time": block.timestamp, "epoch": block.epoch,
+            "author": self.state.governance.of_epoch(block.epoch).members[block.author].name if block.height else None,
             "txs": txs,
         }

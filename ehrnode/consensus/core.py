@@ -160,7 +160,7 @@ class ConsensusCore:
     def __init__(
         self,
         vset: ValidatorSet,
-        index: int,
+        index: int | None,
         identity: crypto.Identity,
         safety_store: SafetyStore,
         *,
@@ -254,7 +254,7 @@ class ConsensusCore:
     def get_block(self, block_id: bytes) -> Block | None:
         return self.tree.get(block_id) or self._committed_lookup(block_id)
 
-    def successor(self, vset: ValidatorSet, index: int) -> ConsensusCore:
+    def successor(self, vset: ValidatorSet, index: int | None) -> ConsensusCore:
         """The core of the next epoch, rooted at ``vset.start`` (a block this core committed): same
         identity, stores and configuration; the transactions still waiting carry over. Call
         :meth:`start` on it; this core must not be used again."""
@@ -353,7 +353,7 @@ class ConsensusCore:
         """Handle one message from validator ``sender``; raises InvalidMessage if it must be refused."""
         self.vset.key(sender)
         actions: list[Action] = []
-        epoch = _epoch_of(message)
+        epoch = epoch_of(message)
         if epoch is not None and epoch != self.vset.epoch:
             if epoch > self.vset.epoch:
                 # The others moved on: this epoch ended at a block we have not committed. Fetch
@@ -432,7 +432,7 @@ class ConsensusCore:
             self._orphans.pop(block.id, None)
 
     def _vote_for(self, block: Block, tc: TimeoutCert | None, now: float, actions: list[Action]) -> None:
-        if block.round != self.round:
+        if block.round != self.round or self.index is None:
             return
         try:
             vote = self.safety.vote(block, tc)
@@ -628,6 +628,8 @@ class ConsensusCore:
     # --- timeouts ------------------------------------------------------------------------
 
     def _local_timeout(self, now: float, actions: list[Action]) -> None:
+        if self.index is None:
+            return  # not a validator of this epoch: it waits for certificates
         try:
             timeout = self.safety.timeout(self.round, self.high_qc, self.high_tc)
         except SafetyViolation as exc:
@@ -840,7 +842,7 @@ class ConsensusCore:
         actions.append(SetTimer(at))
 
 
-def _epoch_of(message: Message) -> int | None:
+def epoch_of(message: Message) -> int | None:
     """The epoch a proposal, vote or timeout belongs to (sync messages carry none)."""
     if isinstance(message, Proposal):
         return message.block.epoch

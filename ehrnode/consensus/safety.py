@@ -132,10 +132,12 @@ class SafetyRules:
     """
 
     def __init__(
-        self, vset: ValidatorSet, index: int, identity: crypto.Identity, store: SafetyStore,
+        self, vset: ValidatorSet, index: int | None, identity: crypto.Identity, store: SafetyStore,
         *, unsafe_skip_vote_rule: bool = False,
     ) -> None:
-        if vset.keys[index] != identity.public_key:
+        # index None: this node follows the epoch without being one of its validators (a member
+        # that joins later, catching up; one that was removed). It signs nothing.
+        if index is not None and vset.keys[index] != identity.public_key:
             raise ValueError(f"identity is not validator {index} of the genesis set")
         self.vset = vset
         self.index = index
@@ -157,6 +159,8 @@ class SafetyRules:
         return self._data
 
     def _check_not_restored(self) -> None:
+        if self.index is None:
+            raise SafetyViolation(f"not a validator of epoch {self.vset.epoch}", reason="not_validator")
         if self._data.restored:
             raise SafetyViolation("restored from a backup: waiting for peers' certificates before signing",
                                   reason="restored")

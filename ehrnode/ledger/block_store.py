@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .. import codec
-from ..consensus.core import Recovery
+from ..consensus.core import EpochEnd, Recovery
 from ..consensus.types import Block, QuorumCert, ValidatorSet
 from ..errors import CodecError, StoreError
 from .sqlite import open_db, transaction
@@ -86,6 +86,7 @@ CREATE INDEX IF NOT EXISTS blocks_height ON blocks(height);
 CREATE TABLE IF NOT EXISTS committed (height INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS commit_proof (only INTEGER PRIMARY KEY CHECK (only = 0), qc BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS epoch_ends (epoch INTEGER PRIMARY KEY, value BLOB NOT NULL);
 """
 
 
@@ -116,9 +117,15 @@ class SqliteBlockStore:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot store block: {exc}") from exc
 
-    def commit(self, blocks: tuple[Block, ...], proof: QuorumCert) -> None:
+    def commit(self, blocks: tuple[Block, ...], proof: QuorumCert, ended: EpochEnd | None = None) -> None:
+        """Commit ``blocks`` (certified by ``proof``); ``ended``: the last of them ended its epoch,
+        kept to prove it to validators still in that epoch."""
         with transaction(self._db, "commit blocks") as db:
             _check_commit(self.committed_height(), blocks)
+            if ended is not None:
+                db.execute("INSERT OR REPLACE INTO epoch_ends VALUES (?, ?)", (ended.last.epoch, codec.encode({
+                    "last": ended.last.to_wire(), "tail": [b.to_wire() for b in ended.tail],
+                    "proof": ended.proof.to_wire()})))
             for block in blocks:
                 db.execute(
                     "INSERT OR IGNORE INTO blocks VALUES (?, ?, ?, ?)",
@@ -157,6 +164,18 @@ class SqliteBlockStore:
     def committed_height(self) -> int:
         row = self._db.execute("SELECT MAX(height) FROM committed").fetchone()
         return row[0] or 0
+
+    def epoch_end(self, epoch: int) -> EpochEnd | None:
+        """How consensus epoch ``epoch`` ended, if it has."""
+        row = self._db.execute("SELECT value FROM epoch_ends WHERE epoch = ?", (epoch,)).fetchone()
+        if row is None:
+            return None
+        try:
+            value = codec.decode(row[0], max_size=_MAX_STORED_BLOCK)
+            return EpochEnd(Block.from_wire(value["last"]), tuple(Block.from_wire(b) for b in value["tail"]),
+                            QuorumCert.from_wire(value["proof"]))
+        except (CodecError, KeyError, TypeError) as exc:
+            raise StoreError(f"stored end of epoch {epoch} is corrupt: {exc}", reason="corrupt") from exc
 
     def recovery(self) -> Recovery | None:
         height = self.committed_height()

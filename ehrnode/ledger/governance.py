@@ -88,6 +88,10 @@ class Governance:
                 return membership
         return self.memberships[0]
 
+    def of_epoch(self, epoch: int) -> Membership:
+        """The membership of consensus epoch ``epoch`` (they are numbered from 0 without gaps)."""
+        return self.memberships[epoch]
+
     @property
     def latest(self) -> Membership:
         """The newest membership (it may start with the next block)."""
@@ -167,13 +171,20 @@ class Governance:
 
     # --- views -------------------------------------------------------------------------
 
-    def proposals(self, *, status: str | None = None) -> list[dict[str, Any]]:
-        """Proposals (newest first), each with its voters."""
+    def proposals_by_id(self, proposal: bytes) -> dict[str, Any] | None:
+        found = self.proposals(proposal=proposal)
+        return found[0] if found else None
+
+    def proposals(self, *, status: str | None = None, proposal: bytes | None = None) -> list[dict[str, Any]]:
+        """Proposals (newest first), each with its voters and the votes it needs."""
         sql = f"SELECT {', '.join(PROPOSAL_COLUMNS)}, body FROM proposals"
         args: tuple[Any, ...] = ()
         if status is not None:
             sql += " WHERE status = ?"
             args = (status,)
+        elif proposal is not None:
+            sql += " WHERE id = ?"
+            args = (proposal,)
         out = []
         for row in self._db.execute(sql + " ORDER BY height DESC, rowid DESC", args).fetchall():
             view = dict(zip(PROPOSAL_COLUMNS, row[:-1], strict=True))

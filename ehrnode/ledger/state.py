@@ -378,11 +378,19 @@ class LedgerState:
             grants[epoch][1][member] = sealed
         return [EpochGrant(epoch, check, sealed) for epoch, (check, sealed) in sorted(grants.items())]
 
+    def grant_recipients(self, epoch: int) -> set[str]:
+        """The members the key of ``epoch`` was sealed to."""
+        if epoch == 0:
+            return set(self.governance.memberships[0].names)
+        return {member for (member,) in self._db.execute("SELECT member FROM epoch_grants WHERE epoch = ?", (epoch,))}
+
     def epochs(self) -> list[dict[str, Any]]:
-        """Each epoch: its number, first height, when and by whom (and which transaction) it was opened."""
+        """Each epoch: its number, first height, when and by whom (and which transaction) it was
+        opened, and the members its key was sealed to."""
         columns = ("epoch", "starts", "time", "opened_by", "tx_id")
         rows = self._db.execute(f"SELECT {', '.join(columns)} FROM epochs ORDER BY epoch").fetchall()
-        return [dict(zip(columns, row, strict=True)) for row in rows]
+        return [{**dict(zip(columns, row, strict=True)), "sealed_to": sorted(self.grant_recipients(row[0]))}
+                for row in rows]
 
     def _apply_epoch(self, db: sqlite3.Connection, tx: Transaction, height: int, block_time: int) -> str:
         body = tx.body

@@ -34,7 +34,8 @@ import trio_websocket
 from trio_websocket import ConnectionClosed, HandshakeError as WsHandshakeError
 
 from .. import crypto
-from ..config import Genesis
+from ..config import Genesis, Member
+from ..membership import Membership
 from ..errors import ProtocolError, innermost
 from ..logs import get_logger
 from .tls import TlsContexts, Watched, require_name
@@ -126,8 +127,14 @@ class PeerNetwork:
     def __init__(
         self, genesis: Genesis, name: str, identity: crypto.Identity, on_frame: FrameHandler,
         *, on_connect: Callable[[str], None] = lambda _n: None, tls: TlsContexts | None = None,
+        membership: Membership | None = None,
     ) -> None:
         self.genesis = genesis
+        #: Who may connect, and whom to dial: the members as this node last learnt them.
+        self.membership = membership or Membership(0, 0, genesis.members)
+        self._dialing: dict[str, tuple[Member, trio.CancelScope]] = {}
+        self._keys_at_connect: dict[str, bytes] = {}  # the signing key each peer proved
+        self._dial_nursery: trio.Nursery | None = None
         self.tls = tls
         self.name = name
         self.identity = identity
@@ -167,11 +174,37 @@ class PeerNetwork:
             task_status.started(listeners)
 
     async def dial_all(self) -> None:
-        """Keep a connection to every member whose name sorts after ours."""
+        """Keep a connection to every member whose name sorts after ours (as membership changes)."""
         async with trio.open_nursery() as nursery:
-            for member in self.genesis.members:
-                if member.name > self.name:
-                    nursery.start_soon(self._dial_forever, member.name, member.address.host, member.address.port)
+            self._dial_nursery = nursery
+            self.set_membership(self.membership)
+            await trio.sleep_forever()
+
+    def set_membership(self, membership: Membership) -> None:
+        """Follow a change of membership: a member no longer in it is disconnected and refused
+        from now on, a new one is dialed (or awaited), a moved one is dialed at its new address.
+        A node that is no longer a member itself stops dialing."""
+        self.membership = membership
+        for name, peer in list(self.peers.items()):
+            if name not in membership or membership.member(name).signing_key != self._keys_at_connect.get(name):
+                self.log.warning("peer.kicked", peer=name, reason="not_member")
+                peer.kick("not_member")
+        if self._dial_nursery is None:
+            return
+        wanted = {m.name: m for m in membership if m.name > self.name} if self.name in membership else {}
+        for name, (member, scope) in list(self._dialing.items()):
+            if wanted.get(name) != member:
+                scope.cancel()
+                del self._dialing[name]
+        for name, member in wanted.items():
+            if name not in self._dialing:
+                scope = trio.CancelScope()
+                self._dialing[name] = (member, scope)
+                self._dial_nursery.start_soon(self._dial_scoped, scope, member)
+
+    async def _dial_scoped(self, scope: trio.CancelScope, member: Member) -> None:
+        with scope:
+            await self._dial_forever(member.name, member.address.host, member.address.port)
 
     async def close_all(self) -> None:
         """Stop dialing and accepting, and close every connection with 1001 (all at once)."""
@@ -294,10 +327,11 @@ class PeerNetwork:
         welcome = decode_frame(await _handshake_message(ws), max_size=MAX_HANDSHAKE_FRAME)
         if not isinstance(welcome, Welcome):
             raise ProtocolError("expected a welcome frame", reason="unexpected_frame")
-        welcome.hello.check_against(self.genesis)
+        welcome.hello.check_against(self.genesis, self.membership.signing_keys)
         if welcome.hello.name != expected:
             raise ProtocolError(f"dialed {expected!r} but {welcome.hello.name!r} answered", reason="wrong_peer")
-        check_transcript(self.genesis, hello, welcome.hello, "listener", welcome.signature, channel)
+        check_transcript(self.genesis, hello, welcome.hello, "listener", welcome.signature, channel,
+                         self.membership.signing_keys)
         await ws.send_message(encode_frame(Auth(sign_transcript(self.identity, self.genesis, hello, welcome.hello,
                                                                 "dialer", channel))))
 
@@ -306,7 +340,7 @@ class PeerNetwork:
         hello = decode_frame(await _handshake_message(ws), max_size=MAX_HANDSHAKE_FRAME)
         if not isinstance(hello, Hello):
             raise ProtocolError("expected a hello frame", reason="unexpected_frame")
-        hello.check_against(self.genesis)
+        hello.check_against(self.genesis, self.membership.signing_keys)
         channel = b""
         if tls is not None:
             require_name(tls, hello.name)  # the member about to prove itself must be the one certified
@@ -323,7 +357,7 @@ class PeerNetwork:
         auth = decode_frame(await _handshake_message(ws), max_size=MAX_HANDSHAKE_FRAME)
         if not isinstance(auth, Auth):
             raise ProtocolError("expected an auth frame", reason="unexpected_frame")
-        check_transcript(self.genesis, hello, mine, "dialer", auth.signature, channel)
+        check_transcript(self.genesis, hello, mine, "dialer", auth.signature, channel, self.membership.signing_keys)
         return hello.name
 
     # --- one connection -----------------------------------------------------------------
@@ -332,6 +366,11 @@ class PeerNetwork:
         if self._closing:
             await peer.close(CLOSE_GOING_AWAY, "node shutting down")
             return
+        member = self.membership.get(peer.name)
+        if member is None:  # removed while it was completing its handshake
+            await peer.close(CLOSE_POLICY, "not_member")
+            return
+        self._keys_at_connect[peer.name] = member.signing_key
         old = self.peers.get(peer.name)
         self.peers[peer.name] = peer
         if old is not None:
@@ -415,6 +454,10 @@ async def _handshake_message(ws: trio_websocket.WebSocketConnection) -> bytes | 
     except ConnectionClosed as exc:
         if exc.reason is not None and exc.reason.code == 1009:
             raise ProtocolError("handshake frame larger than any frame may be", reason="too_large") from exc
+        if exc.reason is not None and exc.reason.code == CLOSE_POLICY and exc.reason.reason:
+            # The other side refused us, and said why (not a member any more, say).
+            raise ProtocolError(f"the peer refused this node: {exc.reason.reason}",
+                                reason=f"refused:{exc.reason.reason}"[:64]) from exc
         raise
 
 

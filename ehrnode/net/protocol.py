@@ -24,6 +24,7 @@ handshake verifies again (the other side's nonce is fresh).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,8 +70,9 @@ class Hello:
             as_bytes(m["nonce"], "hello.nonce", size=NONCE_SIZE),
         )
 
-    def check_against(self, genesis: Genesis) -> None:
-        """Same protocol, same chain, same genesis, a member's name; else ProtocolError."""
+    def check_against(self, genesis: Genesis, members: Mapping[str, bytes] | None = None) -> None:
+        """Same protocol, same chain, same genesis, the name of a current member (``members``:
+        their signing keys, default genesis's); else ProtocolError."""
         if self.version != PROTOCOL_VERSION:
             raise ProtocolError(f"protocol version {self.version}, this node speaks {PROTOCOL_VERSION}",
                                 reason="version")
@@ -78,7 +80,7 @@ class Hello:
             raise ProtocolError(f"peer is on chain {self.chain_id!r}, not {genesis.chain_id!r}", reason="wrong_chain")
         if self.genesis_hash != genesis.hash:
             raise ProtocolError("peer has a different genesis", reason="wrong_genesis")
-        if all(m.name != self.name for m in genesis.members):
+        if self.name not in (members if members is not None else {m.name for m in genesis.members}):
             raise ProtocolError(f"{self.name!r} is not a consortium member", reason="unknown_member")
 
 
@@ -230,8 +232,8 @@ def sign_transcript(identity: crypto.Identity, genesis: Genesis, dialer: Hello, 
 
 
 def check_transcript(genesis: Genesis, dialer: Hello, listener: Hello, role: str, signature: bytes,
-                     channel: bytes = b"") -> None:
+                     channel: bytes = b"", members: Mapping[str, bytes] | None = None) -> None:
     signer = dialer.name if role == "dialer" else listener.name
-    key = genesis.member(signer).signing_key
+    key = members[signer] if members is not None else genesis.member(signer).signing_key
     if not crypto.verify(key, transcript(genesis, dialer, listener, role, channel), signature):
-        raise ProtocolError(f"{signer!r} did not prove it holds its genesis key", reason="bad_signature")
+        raise ProtocolError(f"{signer!r} did not prove it holds its signing key", reason="bad_signature")

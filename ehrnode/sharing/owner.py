@@ -9,7 +9,7 @@ chain (nobody provably asked):
 
 - it decodes, names this chain and this node as owner, and names as requester
   the member whose connection carried it;
-- the requester's signature verifies under its genesis key;
+- the requester's signature verifies under its signing key (as the membership lists it now);
 - its time is within ``max_age_seconds`` of the owner's clock, either way;
 - its id was never decided before (in memory for requests in flight, on
   chain for requests decided), so a replayed request is refused.
@@ -24,7 +24,7 @@ its log entry, and a refusal is as visible as a grant. If the log does not
 commit in time the requester gets ``unavailable`` and nothing else.
 
 A granted release is read from the vault, sealed to the requester's X25519
-key from genesis (bound to the request id) and sent in parts on the bulk
+key the membership lists (bound to the request id) and sent in parts on the bulk
 queue, so a large record never delays consensus traffic.
 """
 
@@ -126,7 +126,7 @@ class PullServer:
                                 f"request signed for {request.requester!r} arrived from {peer!r}")
         if request.owner != self.name:
             return self._reject(peer, rid, "wrong_owner", f"request addressed to {request.owner!r}")
-        if not request.signature_ok(self.genesis.member(peer).signing_key):
+        if not request.signature_ok(self.state.membership.member(peer).signing_key):
             return self._reject(peer, rid, "bad_signature", "the request's signature does not verify")
         if abs(now - request.time) > self.policy.max_age_ms:
             return self._reject(peer, rid, "stale", f"request time is {abs(now - request.time) // 1000} s from the "
@@ -162,7 +162,7 @@ class PullServer:
             try:
                 _, resource, salt = await self.records.release(request.record)
                 size = len(resource)
-                sealed = crypto.seal_to(self.genesis.member(peer).sealing_key,
+                sealed = crypto.seal_to(self.state.membership.member(peer).sealing_key,
                                         release_payload(request.record, resource, salt), rid)
                 del resource
             except (EhrnodeError, KeyError, sqlite3.Error) as exc:
@@ -220,7 +220,7 @@ class PullServer:
         if self.state.access.erasure(request.record) is not None:
             return "erased", b"", anchor["resource_type"]  # (erased here, not yet on chain: found on reading)
         empi = anchor["empi"]
-        role = self.genesis.member(request.requester).role
+        role = self.state.membership.member(request.requester).role
 
         def consent(default: bool) -> Decision:
             if empi is None:  # enrolment not committed: no consent can name the patient yet

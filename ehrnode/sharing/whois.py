@@ -74,7 +74,7 @@ class WhoisDesk:
         if not rows or rows[0]["institution"] != self.name:
             return
         row = rows[0]
-        asker = self.genesis.member(row["asker"])
+        asker = self.state.membership.member(row["asker"])
         user = self.users.whois(row["pseudonym"])
         sealed = b""
         if not self.policy.tells(asker.name, asker.role):

@@ -41,6 +41,7 @@ METHODS = frozenset({
     "consent.grant", "consent.revoke", "consent.show",
     "audit.trail", "audit.disclosures", "audit.trace", "audit.whois",
     "events.subscribe", "keys.status", "keys.rotate",
+    "consortium.members", "consortium.proposals", "consortium.propose", "consortium.vote",
     "users.add", "users.list", "users.revoke", "users.rotate", "users.whoami",
 })
 #: Methods that name one patient (by EMPI): the only ones a patient role may be allowed.

@@ -1,0 +1,153 @@
+"""Governance commands: ``consortium new-member|members|proposals|propose|vote``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from .cli import UsageError, _call, _iso
+from .config import Address
+
+
+def cmd_new_member(args: argparse.Namespace) -> int:
+    from .consortium import MEMBER_FILE, new_member
+
+    config, member = new_member(args.dir, args.genesis, args.name, args.role, Address.parse(args.address, "--address"),
+                                consortium_key=args.consortium_key, ca=args.ca)
+    out = {"name": member.name, "config": str(config.path), "member_file": str(args.dir / member.name / MEMBER_FILE)}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{member.name}: keys and {config.path} written; start it with `ehrnode run --config {config.path}`")
+        print(f"hand {out['member_file']} to a current member to propose it: "
+              f"`ehrnode consortium propose add --member-file {MEMBER_FILE}`")
+    return 0
+
+
+def cmd_members(args: argparse.Namespace) -> int:
+    view = _call(args, "consortium.members")
+    assert isinstance(view, dict)
+    if args.json:
+        print(json.dumps(view))
+        return 0
+    print(f"membership epoch {view['epoch']} (from height {view['starts']}): {len(view['members'])} members, "
+          f"{view['quorum']} votes adopt a change")
+    for m in view["members"]:
+        print(f"  {m['index']:>3}  {m['name']:<16} {m['role']:<12} {m['address']}")
+    return 0
+
+
+def cmd_proposals(args: argparse.Namespace) -> int:
+    view = _call(args, "consortium.proposals", **({"status": args.status} if args.status else {}))
+    assert isinstance(view, dict)
+    if args.json:
+        print(json.dumps(view))
+        return 0
+    for p in view["proposals"]:
+        print(f"{p['id']}  {p['status']:<8} {p['change']:<10} {p['name']:<16} by {p['proposer']} at {_iso(p['time'])}"
+              f"  votes {len(p['voters'])}/{p['needed']} ({', '.join(p['voters'])})")
+        if p["reason"]:
+            print(f"    {p['reason']}")
+    return 0
+
+
+def _member_params(args: argparse.Namespace) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if args.member_file:
+        try:
+            member = json.loads(Path(args.member_file).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--member-file: cannot read {args.member_file}: {exc}") from exc
+        if not isinstance(member, dict):
+            raise UsageError(f"--member-file: {args.member_file} is not a JSON object")
+        params.update({k: member[k] for k in ("name", "role", "signing_key", "sealing_key", "address") if k in member})
+    for flag in ("name", "role", "signing_key", "sealing_key", "address"):
+        if getattr(args, flag, None):
+            params[flag] = getattr(args, flag)
+    if "name" not in params:
+        raise UsageError("name the member (NAME or --member-file)")
+    return params
+
+
+def cmd_propose(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"change": args.change, "reason": args.reason, "timeout": args.timeout}
+    if args.change == "remove":
+        if not args.name:
+            raise UsageError("remove: name the member")
+        params["name"] = args.name
+    else:
+        params.update(_member_params(args))
+    result = _call(args, "consortium.propose", **params)
+    return _print_decision(args, result)
+
+
+def cmd_vote(args: argparse.Namespace) -> int:
+    result = _call(args, "consortium.vote", proposal=args.proposal, timeout=args.timeout)
+    return _print_decision(args, result)
+
+
+def _print_decision(args: argparse.Namespace, result: Any) -> int:
+    assert isinstance(result, dict)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    p = result["proposal"]
+    print(f"proposal {p['id']} ({p['change']} {p['name']}): {p['status']}, votes {len(p['voters'])}/{p['needed']}")
+    if p["status"] == "adopted":
+        print(f"  adopted at height {p['decided']}: the next membership starts at height {p['decided'] + 1}")
+    return 0
+
+
+def add_commands(consortium: Any, with_config: Any) -> None:
+    from .config import ROLES
+    from .ledger.transactions import CHANGES
+
+    join = consortium.add_parser(
+        "new-member", help="keys and node.toml for a member joining an existing consortium",
+        description="Write a joining member's keys (0600), its node.toml pointing at the consortium's genesis, "
+        "and member.json, the public half a current member proposes it with. Its node can start at once: it "
+        "follows the chain and takes part once the proposal is adopted.")
+    join.add_argument("dir", type=Path, help="directory to create the member's directory in")
+    join.add_argument("--genesis", type=Path, required=True, help="the consortium's genesis.toml")
+    join.add_argument("--name", required=True)
+    join.add_argument("--role", choices=ROLES, default="institution")
+    join.add_argument("--address", required=True, help="HOST:PORT the other members reach its peer listener at")
+    join.add_argument("--consortium-key", type=Path,
+                      help="institutions: a copy of the consortium's EMPI pseudonym key (consortium.key)")
+    join.add_argument("--ca", type=Path, help="the consortium CA's directory, to issue its TLS certificate")
+    join.add_argument("--json", action="store_true")
+    join.set_defaults(func=cmd_new_member)
+
+    members = with_config(consortium.add_parser("members", help="the consortium's members now"))
+    members.add_argument("--json", action="store_true")
+    members.set_defaults(func=cmd_members)
+
+    proposals = with_config(consortium.add_parser("proposals", help="membership proposals and their votes"))
+    proposals.add_argument("--status", choices=("open", "adopted", "lapsed"))
+    proposals.add_argument("--json", action="store_true")
+    proposals.set_defaults(func=cmd_proposals)
+
+    propose = with_config(consortium.add_parser(
+        "propose", help="propose adding, removing or re-keying a member (admin)",
+        description="Put a change of membership to the current members; it is adopted once 2f+1 of them have "
+        "voted for it (the proposal is this member's vote), and takes effect at the next block. add and "
+        "rotate-key re-seal every epoch key so far to the member's sealing key."))
+    propose.add_argument("change", choices=CHANGES)
+    propose.add_argument("name", nargs="?", help="the member (default for add: the name in --member-file)")
+    propose.add_argument("--member-file", help="member.json from `consortium new-member`")
+    propose.add_argument("--role", choices=ROLES)
+    propose.add_argument("--signing-key", help="hex Ed25519 public key")
+    propose.add_argument("--sealing-key", help="hex X25519 public key")
+    propose.add_argument("--address", help="HOST:PORT")
+    propose.add_argument("--reason", default="", help="why, for the record (on chain, readable by anyone)")
+    propose.add_argument("--timeout", type=float, default=30.0)
+    propose.add_argument("--json", action="store_true")
+    propose.set_defaults(func=cmd_propose)
+
+    vote = with_config(consortium.add_parser("vote", help="vote for an open proposal (admin)"))
+    vote.add_argument("proposal", metavar="PROPOSAL_ID")
+    vote.add_argument("--timeout", type=float, default=30.0)
+    vote.add_argument("--json", action="store_true")
+    vote.set_defaults(func=cmd_vote)

@@ -1,0 +1,133 @@
+"""Governed membership on real consortia: a member removed by vote is refused and reads no later
+epoch; a member added by vote syncs, verifies from genesis and takes part; a validator crash
+during a change."""
+
+import json
+
+import trio
+
+from ehrnode import crypto
+from ehrnode.config import load_genesis
+from ehrnode.errors import KeyUnavailable
+from ehrnode.ledger.block_store import SqliteBlockStore
+from ehrnode.ledger.epochs import EpochKeys
+from ehrnode.ledger.state import LedgerState
+from ehrnode.membership import Membership
+from ehrnode.net.protocol import Hello, encode_frame
+
+from .test_bad_peers import closed, open_peer, wait_log
+
+
+async def notes(cluster, member, count, prefix):
+    heights = []
+    for i in range(count):
+        result = await cluster.call(member, "tx.submit", note=f"{prefix} {i}", wait=True)
+        heights.append(result["height"])
+    return heights
+
+
+async def wait_for(predicate, timeout=60.0, step=0.2):
+    with trio.fail_after(timeout):
+        while True:
+            value = await predicate()
+            if value:
+                return value
+            await trio.sleep(step)
+
+
+async def test_a_removed_member_is_refused_and_cannot_read_later_epochs(cluster):
+    cluster.start_all()
+    await cluster.wait_ready()
+    await notes(cluster, "A", 2, "before")
+    proposed = await cluster.call("A", "consortium.propose", change="remove", name="C", reason="left the network")
+    proposal = proposed["proposal"]
+    assert proposal["status"] == "open" and proposal["needed"] == 3 and proposal["voters"] == ["A"]
+    await cluster.call("B", "consortium.vote", proposal=proposal["id"])
+    decided = await cluster.call("R", "consortium.vote", proposal=proposal["id"])
+    assert decided["proposal"]["status"] == "adopted"
+    adopted_at = decided["proposal"]["decided"]
+
+    # The remaining three go on, and the key is rotated at once, sealed to them only.
+    async def rotated():
+        view = await cluster.call("B", "keys.status")
+        return view["epochs"][-1] if view["epochs"][-1]["sealed_to"] == ["A", "B", "R"] else None
+    epoch = await wait_for(rotated)
+    assert epoch["starts"] > adopted_at
+    after = await notes(cluster, "B", 3, "after")
+    members = await cluster.call("A", "consortium.members")
+    assert [m["name"] for m in members["members"]] == ["A", "B", "R"] and members["epoch"] == 1
+    status = await cluster.call("A", "status")
+    assert status["consensus_epoch"] == 1 and status["validators"] == 3 and "C" not in status["peers"]
+    await wait_log(cluster, "C", '"reason": "refused:unknown_member"')  # C's operator is told why
+
+    # C can no longer connect, though it holds its own key and genesis lists it.
+    async with await open_peer(cluster, "R") as ws:
+        await ws.send_message(encode_frame(Hello.fresh(cluster.genesis, "C")))
+        await closed(ws)
+    await wait_log(cluster, "R", '"reason": "unknown_member"')
+
+    cluster.stop_all()
+    # With a copy of B's stores, C's own keys open nothing after the rotation.
+    config = cluster.configs["C"]
+    c_keys = EpochKeys(cluster.genesis.chain_id, "C", crypto.SealingKey.load(config.sealing_key_path))
+    c_keys.learn(load_genesis(config.genesis_path).epoch_key)
+    b_data = cluster.configs["B"].data_dir
+    state = LedgerState(b_data / "state.sqlite3", cluster.genesis.chain_id,
+                        Membership(0, 0, cluster.genesis.members), keys=c_keys)
+    store = SqliteBlockStore(b_data / "blocks.sqlite3", cluster.genesis.validators)
+    try:
+        assert epoch["epoch"] not in c_keys and "no copy" in c_keys.unreadable[epoch["epoch"]]
+        sealed_later = [data for h in range(epoch["starts"], max(after) + 1)
+                        for data in store.block_at(h).payload]
+        assert sealed_later
+        for data in sealed_later:
+            try:
+                state.open_envelope(data, after[-1])
+            except KeyUnavailable:
+                continue
+            raise AssertionError("C opened an envelope of an epoch after it left")
+    finally:
+        store.close()
+        state.close()
+
+
+async def test_a_member_added_by_vote_syncs_verifies_from_genesis_and_takes_part(cluster):
+    cluster.start_all()
+    await cluster.wait_ready()
+    await notes(cluster, "A", 3, "before D")
+    rotated = await cluster.call("B", "keys.rotate")  # an epoch key D must be given too
+    config = cluster.new_member("D")
+    cluster.start("D")  # not a member yet: it follows what it can
+    await wait_log(cluster, "D", '"membership.not_member"')
+    member = json.loads((config.path.parent / "member.json").read_text())
+    proposed = await cluster.call("A", "consortium.propose", change="add", reason="joins", **member)
+    for voter in ("B", "C"):
+        decided = await cluster.call(voter, "consortium.vote", proposal=proposed["proposal"]["id"])
+    assert decided["proposal"]["status"] == "adopted"
+    adopted_at = decided["proposal"]["decided"]
+
+    # D catches up through the change, holds every key, and applies the whole ledger.
+    async def caught_up():
+        status = await cluster.status("D")
+        return status if status and status["validator"] and status["ledger"]["applied"] > adopted_at else None
+    status = await wait_for(caught_up, timeout=90)
+    assert status["consensus_epoch"] == 1 and status["validators"] == 5 and status["ledger"]["stalled_at"] is None
+    keys = await cluster.call("D", "keys.status")
+    assert keys["unreadable"] == {} and all(e["held"] for e in keys["epochs"])
+    assert len(keys["epochs"]) >= rotated["epoch"] + 2  # genesis, the rotation, the one at the change
+    first = await cluster.call("D", "block.get", height=1)
+    assert first["author"] in ("A", "B", "C", "R")
+    texts = [tx["body"].get("text") for h in range(1, 6) for tx in (await cluster.call("D", "block.get", height=h))["txs"]]
+    assert "before D 0" in texts
+
+    # D takes part: its transactions commit, and with one of the old members down the five still
+    # make progress (4 of 5 is a quorum).
+    await notes(cluster, "D", 2, "from D")
+    cluster.kill9("C")
+    heights = await notes(cluster, "B", 2, "C down")
+    await cluster.wait_height(["A", "B", "D", "R"], heights[-1])
+    chains = {name: await cluster.chain(name, heights[-1]) for name in ("A", "B", "D", "R")}
+    assert len({tuple(c) for c in chains.values()}) == 1
+    # The block D's node signs in turn comes from D.
+    authors = {(await cluster.call("A", "block.get", height=h))["author"] for h in range(adopted_at + 1, heights[-1])}
+    assert "D" in authors
