@@ -458,10 +458,10 @@ class Node:
             with trio.move_on_after(min(60.0, interval / 10)):
                 await self._rotation_wake.wait()
             self._rotation_wake = trio.Event()
-            membership = self.state.membership
-            if self.state_stalled is not None or self.name not in membership:
+            membership, epochs = self.state.membership, self.state.epochs()
+            if not epochs or self.state_stalled is not None or self.name not in membership:
                 continue
-            latest = self.state.epochs()[-1]
+            latest = epochs[-1]
             names = sorted(membership.names)
             turn = names[latest["epoch"] % len(names)] == self.name
             if self.state.grant_recipients(latest["epoch"]) != set(names):

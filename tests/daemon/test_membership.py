@@ -131,3 +131,46 @@ async def test_a_member_added_by_vote_syncs_verifies_from_genesis_and_takes_part
     # The block D's node signs in turn comes from D.
     authors = {(await cluster.call("A", "block.get", height=h))["author"] for h in range(adopted_at + 1, heights[-1])}
     assert "D" in authors
+
+
+async def test_a_validator_crashing_as_a_change_commits_comes_back_in_the_new_epoch(cluster):
+    cluster.start_all()
+    await cluster.wait_ready()
+    config = cluster.new_member("D")
+    member = json.loads((config.path.parent / "member.json").read_text())
+    proposed = await cluster.call("A", "consortium.propose", change="add", reason="joins", **member)
+    await cluster.call("B", "consortium.vote", proposal=proposed["proposal"]["id"])
+    # C casts the deciding vote and is killed while it commits.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: cluster.call("C", "consortium.vote", proposal=proposed["proposal"]["id"],
+                                                timeout=5))
+        await trio.sleep(0.05)
+        cluster.kill9("C")
+        nursery.cancel_scope.cancel()
+
+    async def adopted():
+        view = await cluster.call("A", "consortium.proposals", status="adopted")
+        return view["proposals"]
+    [proposal] = await wait_for(adopted, timeout=30)
+    # Four of the five are needed now: A, B, R and D (started late, it catches up) go on while C is down.
+    cluster.start("D")
+    heights = await notes(cluster, "A", 2, "C down")
+    await cluster.wait_height(["B", "D", "R"], heights[-1], timeout=90)
+    cluster.start("C")  # from its own stores: whatever of the change it had committed
+    await cluster.wait_ready(["A", "B", "C", "D", "R"], timeout=60)
+    later = await notes(cluster, "C", 2, "C back")
+    await cluster.wait_height(["A", "B", "C", "D", "R"], later[-1], timeout=60)
+    chains = {name: await cluster.chain(name, later[-1]) for name in ("A", "B", "C", "D", "R")}
+    assert len({tuple(c) for c in chains.values()}) == 1
+    for name in ("C", "D"):
+        status = await cluster.call(name, "status")
+        assert status["consensus_epoch"] == 1 and status["validator"] and status["ledger"]["stalled_at"] is None
+    assert proposal["decided"] < later[0]
+    # A node restarted after the change rebuilds the new epoch's validators from its own stores.
+    cluster.stop("A")
+    cluster.start("A")
+    await cluster.wait_ready(["A", "B", "C", "D", "R"], timeout=60)
+    status = await cluster.call("A", "status")
+    assert status["consensus_epoch"] == 1 and status["validators"] == 5 and status["validator"]
+    final = await notes(cluster, "A", 2, "A back")
+    await cluster.wait_height(["A", "B", "C", "D", "R"], final[-1], timeout=60)

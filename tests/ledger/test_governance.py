@@ -210,3 +210,27 @@ def test_governance_is_sealed_under_the_public_key_only(tmp_path):
     hidden = Envelope.seal(add, epoch=0, key=a.keys.aead(0), chain_id=CHAIN)  # under the epoch key instead
     a.apply(hidden.encoded)
     assert a.state.tx_status(hidden.id) == "invalid:undecryptable"
+
+
+def test_rotate_key_replaces_a_members_keys_and_reseals_history_to_the_new_one(tmp_path):
+    a = Node(tmp_path / "a.db", "A")
+    new_signing, new_sealing = crypto.Identity.generate(), crypto.SealingKey.generate()
+    rekey = tx("consortium.propose", {
+        "change": "rotate-key", "name": "B", "reason": "key compromised", "signing_key": new_signing.public_key,
+        "sealing_key": new_sealing.public_key, "address": "127.0.0.1:7999",
+        "history": a.keys.history_for(new_sealing.public_key, 1)}, "A")
+    a.apply(*(a.state.seal(t).encoded for t in (rekey, vote(rekey, "C"), vote(rekey, "R"))))
+    b = a.state.membership.member("B")
+    assert (b.signing_key, b.sealing_key, str(b.address), b.role) == (
+        new_signing.public_key, new_sealing.public_key, "127.0.0.1:7999", "institution")
+    old = tx("note", {"text": "old key"}, "B")
+    new = Transaction.create("note", {"text": "new key"}, chain_id=CHAIN, submitter="B", identity=new_signing,
+                             time_ms=1)
+    a.apply(a.state.seal(old).encoded, a.state.seal(new).encoded)
+    assert (a.state.tx_status(old.id), a.state.tx_status(new.id)) == ("invalid:bad_signature", "ok")
+    # B's node, restarted with its new sealing key, reads epoch 0 from the re-sealed copy.
+    b_keys = EpochKeys(CHAIN, "B", new_sealing)
+    assert not b_keys.learn(EPOCH_0)
+    a.state.close()
+    LedgerState(tmp_path / "a.db", CHAIN, GENESIS, keys=b_keys).close()
+    assert b_keys.epochs == [0]
