@@ -1,4 +1,4 @@
-"""Governance commands: ``consortium new-member|members|proposals|propose|vote``."""
+"""Governance commands: ``consortium new-member|new-keys|members|proposals|propose|vote``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,34 @@ def cmd_new_member(args: argparse.Namespace) -> int:
         print(f"{member.name}: keys and {config.path} written; start it with `ehrnode run --config {config.path}`")
         print(f"hand {out['member_file']} to a current member to propose it: "
               f"`ehrnode consortium propose add --member-file {MEMBER_FILE}`")
+    return 0
+
+
+def cmd_new_keys(args: argparse.Namespace) -> int:
+    from .cli import _config_path
+    from .config import load_node_config
+    from .crypto import Identity, SealingKey
+    from .errors import CryptoError
+    from .node import next_key_paths
+
+    config = load_node_config(_config_path(args))
+    signing_path, sealing_path = next_key_paths(config)
+    if signing_path.exists() or sealing_path.exists():
+        raise UsageError(f"{signing_path.parent} already holds replacement keys: propose them, or remove them first")
+    identity, sealing = Identity.generate(), SealingKey.generate()
+    try:
+        identity.save(signing_path)
+        sealing.save(sealing_path)
+    except CryptoError as exc:
+        raise UsageError(str(exc)) from exc
+    address = args.address or str(config.peer_listen)
+    member = {"name": config.name, "signing_key": identity.public_key.hex(), "sealing_key": sealing.public_key.hex(),
+              "address": address}
+    text = json.dumps(member, indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    print(text if not args.out else f"new keys in {signing_path.parent}; their public half in {args.out}: "
+          f"propose them with `ehrnode consortium propose rotate-key --member-file {args.out}`")
     return 0
 
 
@@ -119,6 +147,15 @@ def add_commands(consortium: Any, with_config: Any) -> None:
     join.add_argument("--ca", type=Path, help="the consortium CA's directory, to issue its TLS certificate")
     join.add_argument("--json", action="store_true")
     join.set_defaults(func=cmd_new_member)
+
+    rekey = with_config(consortium.add_parser(
+        "new-keys", help="replacement keys for this member, for a rotate-key proposal",
+        description="Write keys/signing.next.pem and sealing.next.pem (0600) and print their public half. "
+        "Once a rotate-key proposal naming them is adopted, the node (after a restart) uses them and keeps "
+        "the old ones renamed."), offline=True)
+    rekey.add_argument("--address", help="HOST:PORT to list for this member (default: its peer listener)")
+    rekey.add_argument("--out", help="write the public half (member.json) here")
+    rekey.set_defaults(func=cmd_new_keys)
 
     members = with_config(consortium.add_parser("members", help="the consortium's members now"))
     members.add_argument("--json", action="store_true")

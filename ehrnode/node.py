@@ -28,6 +28,7 @@ import datetime
 import os
 import time
 from collections import deque
+from pathlib import Path
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +121,10 @@ class Node:
         except CryptoError as exc:
             raise ConfigError(str(exc)) from exc
         self.epoch_keys = EpochKeys(self.genesis.chain_id, self.name, self.sealing_key)
+        # Replacement keys from `consortium new-keys`, taken once a rotate-key proposal lists them.
+        following = _next_keys(config)
+        if following is not None:
+            self.epoch_keys.add_sealing_key(following[1])
         founder = any(m.name == self.name for m in self.genesis.members)
         if self.genesis.epoch_key is None or (not self.epoch_keys.learn(self.genesis.epoch_key) and founder):
             raise ConfigError(f"{config.genesis_path}: {self.epoch_keys.unreadable.get(0, 'no epoch key')}")
@@ -142,12 +147,19 @@ class Node:
         #: The height at which this member found it lacks an epoch key: the ledger state stops there.
         self.state_stalled: int | None = None
         self._keys_held = len(self.epoch_keys.epochs)
+        self._rotation_wake = trio.Event()  # a membership change or a stall: key upkeep is due at once
+        self._key_requests: set[int] = set()  # epochs whose key this member asked to be sealed again
         self._replay_state()
         #: The consensus epoch's validators, and its members in the same order.
         self.vset, self.membership = self._validators()
         member = self.membership.get(self.name)
-        if member is not None and (member.signing_key, member.sealing_key) != (
-                self.identity.public_key, self.sealing_key.public_key):
+        listed = None if member is None else (member.signing_key, member.sealing_key)
+        if following is not None and listed == (following[0].public_key, following[1].public_key):
+            self.identity, self.sealing_key = following
+            retired = _take_next_keys(config)
+            self.log.warning("keys.replaced", retired=[str(p) for p in retired],
+                             detail="the consortium adopted this member's new keys: they are its keys now")
+        elif listed is not None and listed != (self.identity.public_key, self.sealing_key.public_key):
             raise ConfigError(f"{config.signing_key_path} and {config.sealing_key_path} are not the keys the "
                               f"consortium lists for {self.name}")
         self.index = self.membership.index_of(self.name)
@@ -203,7 +215,6 @@ class Node:
         self.invalid_messages = 0
         self._started = False  # the core has loaded its certificates (the driver started it)
         self._rotating: int | None = None  # the epoch this member last asked to rotate out of
-        self._rotation_wake = trio.Event()  # a membership change makes a rotation due at once
         self._membership_changed = time.time()
         self._closed = False
         self.notifier = Notifier()
@@ -336,7 +347,9 @@ class Node:
             self.state_stalled = block.height
             self.log.error("ledger.stalled", height=block.height, error=str(exc),
                            detail="this member cannot read an epoch the chain uses; the ledger stops here "
-                                  "until it holds that key (see docs/security.md)")
+                                  "until it holds that key, which it asks the other members to seal to it again "
+                                  "(see docs/security.md)")
+            self._rotation_wake.set()
             return None
 
     # --- inputs -----------------------------------------------------------------------
@@ -459,6 +472,8 @@ class Node:
                 await self._rotation_wake.wait()
             self._rotation_wake = trio.Event()
             membership, epochs = self.state.membership, self.state.epochs()
+            if self.state_stalled is not None and self.name in membership:
+                self._request_key(self.state.epoch_at(self.state_stalled))
             if not epochs or self.state_stalled is not None or self.name not in membership:
                 continue
             latest = epochs[-1]
@@ -479,6 +494,37 @@ class Node:
                     asked = (latest["epoch"], self.rotate_epoch_key().id)
                 except AdmissionError as exc:
                     self.log.warning("keys.rotation_refused", reason=exc.reason, error=str(exc))
+
+    def _request_key(self, epoch: int) -> None:
+        """Ask the members to seal ``epoch``'s key to this member again (once per start)."""
+        if epoch in self._key_requests or epoch in self.epoch_keys:
+            return
+        try:
+            tx = self.submit("keys.request", {"epoch": epoch})
+        except AdmissionError as exc:
+            self.log.warning("keys.request_refused", epoch=epoch, reason=exc.reason, error=str(exc))
+            return
+        self._key_requests.add(epoch)
+        self.log.warning("keys.requested", epoch=epoch, tx=tx.id.hex()[:16])
+
+    def _answer_key_request(self, tx: Transaction) -> None:
+        """Another member cannot open its copy of an epoch's key: seal this member's to it.
+
+        Every member that holds the key answers; the requester takes the first copy that opens
+        to the key the epoch's check value commits to, so a wrong copy from one member costs
+        nothing."""
+        member = self.state.membership.get(tx.submitter)
+        if tx.submitter == self.name or member is None:
+            return
+        sealed = self.epoch_keys.reseal(tx.body["epoch"], member.sealing_key)
+        if sealed is None:
+            return
+        try:
+            self.submit("keys.reseal", {"epoch": tx.body["epoch"], "member": member.name, "sealed": sealed})
+        except AdmissionError as exc:
+            self.log.warning("keys.reseal_refused", member=member.name, reason=exc.reason, error=str(exc))
+            return
+        self.log.info("keys.resealed", epoch=tx.body["epoch"], member=member.name)
 
     # --- governance ---------------------------------------------------------------------
 
@@ -797,6 +843,8 @@ class Node:
             self.m_latency.observe(max(0.0, time.time() - block.timestamp / 1000))
             ids = [tx.id for tx in txs]
             for tx in txs:
+                if tx.kind == "keys.request":
+                    self._answer_key_request(tx)
                 if tx.kind == "whois.request" and tx.body["institution"] == self.name:
                     try:
                         self.whois.answer(tx.id)
@@ -839,6 +887,12 @@ class Node:
         before, membership = self.membership, self.state.membership_at(ended.last.height + 1)
         self.vset = self.vset.successor(ended.last, membership.keys)
         self.membership, self.index = membership, membership.index_of(self.name)
+        listed = membership.get(self.name)
+        if listed is not None and listed.signing_key != self.identity.public_key:
+            self.index = None  # re-keyed: this process holds the old key, and signs nothing more
+            self.log.error("membership.keys_replaced", epoch=membership.epoch,
+                           detail="the consortium adopted new keys for this member: restart the node to use "
+                                  "them (keys/signing.next.pem and sealing.next.pem)")
         self.core = self.core.successor(self.vset, self.index)
         self.network.set_membership(membership)
         self.mempool.members = membership.signing_keys
@@ -905,3 +959,35 @@ class Node:
             "author": self.state.governance.of_epoch(block.epoch).members[block.author].name if block.height else None,
             "txs": txs,
         }
+
+
+def next_key_paths(config: NodeConfig) -> tuple[Path, Path]:
+    """Where `consortium new-keys` puts a member's replacement keys, beside its keys."""
+    return (config.signing_key_path.with_name("signing.next.pem"),
+            config.sealing_key_path.with_name("sealing.next.pem"))
+
+
+def _next_keys(config: NodeConfig) -> tuple[crypto.Identity, crypto.SealingKey] | None:
+    signing, sealing = next_key_paths(config)
+    if not signing.exists() or not sealing.exists():
+        return None
+    try:
+        return crypto.Identity.load(signing), crypto.SealingKey.load(sealing)
+    except CryptoError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _take_next_keys(config: NodeConfig) -> list[Path]:
+    """Make the replacement keys the member's keys; the old ones are kept, renamed, and returned."""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    retired = []
+    for current, following in zip((config.signing_key_path, config.sealing_key_path), next_key_paths(config),
+                                  strict=True):
+        old = current.with_name(f"{current.stem}.retired-{stamp}{current.suffix}")
+        try:
+            os.replace(current, old)
+            os.replace(following, current)
+        except OSError as exc:
+            raise ConfigError(f"cannot put the new key {following} in place of {current}: {exc.strerror}") from exc
+        retired.append(old)
+    return retired

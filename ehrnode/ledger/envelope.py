@@ -58,7 +58,8 @@ MAX_ENVELOPE_BYTES = 64 * 1024
 _CLASSES = {"note": "chain", "record.anchor": "record", "record.erase": "record", "integrity.alert": "record",
             "consent.grant": "consent", "consent.revoke": "consent", "access.log": "access",
             "whois.request": "whois", "whois.answer": "whois", "keys.epoch": "consortium",
-            "consortium.propose": "consortium", "consortium.vote": "consortium"}
+            "consortium.propose": "consortium", "consortium.vote": "consortium", "keys.request": "consortium",
+            "keys.reseal": "consortium"}
 #: Classes sealed under a key every holder of the genesis file can derive: what a member that
 #: joins later, and holds no epoch key yet, must read to follow the consortium (who its members
 #: are, and the epoch keys sealed to each). Nothing in them is about patients or users.

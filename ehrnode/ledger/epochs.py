@@ -76,7 +76,8 @@ class EpochKeys:
     def __init__(self, chain_id: str, member: str, sealing_key: crypto.SealingKey | None) -> None:
         self.chain_id = chain_id
         self.member = member
-        self._sealing_key = sealing_key
+        # The member's sealing keys: its key, and the one replacing it during a rotate-key.
+        self._sealing_keys = [sealing_key] if sealing_key is not None else []
         self._keys: dict[int, AESGCM] = {}
         self._raw: dict[int, bytes] = {}
         self._checks: dict[int, bytes] = {}
@@ -111,9 +112,9 @@ class EpochKeys:
 
     def _try(self, epoch: int, sealed: bytes) -> bool:
         try:
-            if self._sealing_key is None:
+            if not self._sealing_keys:
                 raise CryptoError(f"{self.member} has no sealing key to open the epoch {epoch} key with")
-            key = self._sealing_key.open(sealed, _context(self.chain_id, epoch))
+            key = self._open(sealed, epoch)
             if not hmac.compare_digest(check_value(key, self.chain_id, epoch), self._checks[epoch]):
                 raise CryptoError(f"the epoch {epoch} key sealed to {self.member} is not the key its "
                                   "check value commits to")
@@ -125,6 +126,26 @@ class EpochKeys:
         self._keys[epoch] = aead_key(key, self.chain_id, epoch)
         self._raw[epoch] = key
         return True
+
+    def add_sealing_key(self, sealing_key: crypto.SealingKey) -> None:
+        """Also open copies sealed to ``sealing_key`` (the member's next key, during a rotate-key)."""
+        self._sealing_keys.append(sealing_key)
+
+    def _open(self, sealed: bytes, epoch: int) -> bytes:
+        error: CryptoError | None = None
+        for sealing_key in self._sealing_keys:
+            try:
+                return sealing_key.open(sealed, _context(self.chain_id, epoch))
+            except CryptoError as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    def reseal(self, epoch: int, public_key: bytes) -> bytes | None:
+        """This member's copy of ``epoch``'s key sealed to another member's ``public_key``
+        (None if it does not hold it)."""
+        key = self._raw.get(epoch)
+        return None if key is None else crypto.seal_to(public_key, key, _context(self.chain_id, epoch))
 
     def history_for(self, public_key: bytes, epochs: int) -> list[bytes]:
         """The keys of epochs 0 to ``epochs - 1`` sealed to ``public_key``: what an add or rotate-key

@@ -69,6 +69,11 @@ CREATE TABLE IF NOT EXISTS epochs (
     opened_by TEXT NOT NULL, tx_id BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS epoch_grants (
     epoch INTEGER NOT NULL, member TEXT NOT NULL, sealed BLOB NOT NULL, PRIMARY KEY (epoch, member));
+CREATE TABLE IF NOT EXISTS key_requests (
+    tx_id BLOB PRIMARY KEY, epoch INTEGER NOT NULL, member TEXT NOT NULL, height INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS key_reseals (
+    tx_id BLOB PRIMARY KEY, epoch INTEGER NOT NULL, member TEXT NOT NULL, sealed BLOB NOT NULL, by TEXT NOT NULL,
+    height INTEGER NOT NULL);
 """
 
 #: Roles allowed to submit each kind (kinds not listed: any member).
@@ -108,6 +113,9 @@ class LedgerState:
             self.keys.learn(grant)
         for body in self.governance.histories_for(self.keys.member):
             self._take_history(body)
+        for epoch, sealed in self._db.execute("SELECT epoch, sealed FROM key_reseals WHERE member = ? "
+                                              "ORDER BY height", (self.keys.member,)).fetchall():
+            self.keys.offer(epoch, sealed)
         # Valid public-class transactions of blocks whose public part is applied and whose
         # sealed part is not yet (returned with the block's other transactions).
         self._public_valid: dict[int, list[Transaction]] = {}
@@ -191,6 +199,8 @@ class LedgerState:
                 self.keys.learn(EpochGrant(tx.body["epoch"], tx.body["check"], tx.body["sealed"]))
             elif tx.kind == "consortium.propose":
                 self._take_history(tx.body)
+            elif tx.kind == "keys.reseal" and tx.body["member"] == self.keys.member:
+                self.keys.offer(tx.body["epoch"], tx.body["sealed"])
         if any(tx.kind in ("consortium.propose", "consortium.vote") for tx in valid):
             self.governance.reload()
         self._public_valid[height] = valid
@@ -203,6 +213,19 @@ class LedgerState:
     def _apply_public_kind(self, db: sqlite3.Connection, tx: Transaction, height: int, block_time: int) -> str:
         if tx.kind == "keys.epoch":
             return self._apply_epoch(db, tx, height, block_time)
+        if tx.kind in ("keys.request", "keys.reseal"):
+            latest = db.execute("SELECT MAX(epoch) FROM epochs").fetchone()[0] or 0
+            if tx.body["epoch"] > latest:
+                return "invalid:future_epoch"
+            if tx.kind == "keys.request":
+                db.execute("INSERT INTO key_requests VALUES (?, ?, ?, ?)", (tx.id, tx.body["epoch"], tx.submitter,
+                                                                           height))
+                return "ok"
+            if tx.body["member"] not in self.governance.at(height):
+                return "invalid:not_member"
+            db.execute("INSERT INTO key_reseals VALUES (?, ?, ?, ?, ?, ?)", (
+                tx.id, tx.body["epoch"], tx.body["member"], tx.body["sealed"], tx.submitter, height))
+            return "ok"
         key_epochs = db.execute("SELECT COUNT(*) FROM epochs").fetchone()[0]
         return self.governance.apply(db, tx, height, key_epochs)
 

@@ -234,6 +234,23 @@ def _keys_epoch_body(body: Any) -> dict[str, Any]:
     return dict(m)
 
 
+def _keys_request_body(body: Any) -> dict[str, Any]:
+    """A member cannot open its copy of an epoch's key (missing, or not the key its check value
+    commits to) and asks the members that hold it to seal it again."""
+    m = as_map(body, "keys.request", ("epoch",))
+    as_uint(m["epoch"], "keys.request.epoch")
+    return dict(m)
+
+
+def _keys_reseal_body(body: Any) -> dict[str, Any]:
+    """An epoch's key sealed again to one member's current sealing key."""
+    m = as_map(body, "keys.reseal", ("epoch", "member", "sealed"))
+    as_uint(m["epoch"], "keys.reseal.epoch")
+    as_str(m["member"], "keys.reseal.member", max_len=32)
+    as_bytes(m["sealed"], "keys.reseal.sealed", max_len=128)
+    return dict(m)
+
+
 #: How a governance proposal changes the consortium.
 CHANGES = ("add", "remove", "rotate-key")
 _MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
@@ -292,7 +309,8 @@ KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "empi.split": _split_body, "consent.grant": _consent_body, "consent.revoke": _consent_body,
     "access.log": _access_body, "record.erase": _erase_body, "integrity.alert": _alert_body,
     "whois.request": _whois_request_body, "whois.answer": _whois_answer_body, "keys.epoch": _keys_epoch_body,
-    "consortium.propose": _propose_body, "consortium.vote": _vote_body,
+    "consortium.propose": _propose_body, "consortium.vote": _vote_body, "keys.request": _keys_request_body,
+    "keys.reseal": _keys_reseal_body,
 }
 
 

@@ -1,8 +1,11 @@
 """Governed membership on real consortia: a member removed by vote is refused and reads no later
 epoch; a member added by vote syncs, verifies from genesis and takes part; a validator crash
-during a change."""
+during a change; a member's keys replaced by vote; a member handed a bad copy of an epoch key
+gets it sealed again."""
 
 import json
+import subprocess
+import sys
 
 import trio
 
@@ -10,12 +13,14 @@ from ehrnode import crypto
 from ehrnode.config import load_genesis
 from ehrnode.errors import KeyUnavailable
 from ehrnode.ledger.block_store import SqliteBlockStore
-from ehrnode.ledger.epochs import EpochKeys
+from ehrnode.ledger.envelope import Envelope, public_key
+from ehrnode.ledger.epochs import EpochGrant, EpochKeys
 from ehrnode.ledger.state import LedgerState
+from ehrnode.ledger.transactions import Transaction
 from ehrnode.membership import Membership
-from ehrnode.net.protocol import Hello, encode_frame
+from ehrnode.net.protocol import Hello, TxFrame, encode_frame
 
-from .test_bad_peers import closed, open_peer, wait_log
+from .test_bad_peers import closed, handshake_as, open_peer, wait_log
 
 
 async def notes(cluster, member, count, prefix):
@@ -174,3 +179,74 @@ async def test_a_validator_crashing_as_a_change_commits_comes_back_in_the_new_ep
     assert status["consensus_epoch"] == 1 and status["validators"] == 5 and status["validator"]
     final = await notes(cluster, "A", 2, "A back")
     await cluster.wait_height(["A", "B", "C", "D", "R"], final[-1], timeout=60)
+
+
+async def test_a_member_with_a_bad_copy_of_an_epoch_key_gets_it_sealed_again(cluster):
+    cluster.start_all()
+    await cluster.wait_ready()
+    # B, Byzantine, opens epoch 1 with a grant whose copy for R is not the key the check commits to.
+    chain = cluster.genesis.chain_id
+    sealing = {m.name: m.sealing_key for m in cluster.genesis.members}
+    grant = EpochGrant.create(chain, 1, sealing)
+    wrong = EpochGrant.create(chain, 1, {"R": sealing["R"]})
+    bad = Transaction.create("keys.epoch", {**grant.body(), "sealed": {**grant.sealed, "R": wrong.sealed["R"]}},
+                             chain_id=chain, submitter="B", time_ms=1,
+                             identity=crypto.Identity.load(cluster.configs["B"].signing_key_path))
+    envelope = Envelope.seal(bad, epoch=0, key=public_key(chain, 0), chain_id=chain)
+    async with await open_peer(cluster, "R") as ws:  # B's own key, on a second connection of its own
+        await handshake_as(cluster, ws, "B", crypto.Identity.load(cluster.configs["B"].signing_key_path))
+        await ws.send_message(encode_frame(TxFrame((envelope.encoded,))))
+
+    async def opened():
+        view = await cluster.call("A", "keys.status")
+        return view["current"] == 1
+    await wait_for(opened, timeout=30)
+    heights = await notes(cluster, "A", 3, "epoch one")
+    # R stalled at the first envelope of epoch 1, asked, the others sealed their copy to it
+    # again, and its ledger caught up.
+    await wait_log(cluster, "R", '"ledger.stalled"', timeout=30)
+    await wait_log(cluster, "R", '"keys.requested"', timeout=30)
+    await wait_log(cluster, "R", '"ledger.resumed"', timeout=30)
+
+    async def caught_up():
+        status = await cluster.call("R", "status")
+        return status if status["ledger"]["applied"] >= heights[-1] else None
+    status = await wait_for(caught_up, timeout=30)
+    assert status["ledger"]["stalled_at"] is None
+    keys = await cluster.call("R", "keys.status")
+    assert keys["unreadable"] == {} and all(e["held"] for e in keys["epochs"])
+    block = await cluster.call("R", "block.get", height=heights[0])
+    assert "epoch one 0" in [tx["body"].get("text") for tx in block["txs"]]
+
+
+async def test_rotate_key_replaces_a_members_keys_by_vote(cluster):
+    cluster.start_all()
+    await cluster.wait_ready()
+    await notes(cluster, "B", 2, "old keys")
+    config = cluster.configs["B"]
+    made = subprocess.run([sys.executable, "-m", "ehrnode.cli", "consortium", "new-keys", "--config", str(config.path),
+                           "--out", str(config.path.parent / "next.json")], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    member = json.loads((config.path.parent / "next.json").read_text())
+    proposed = await cluster.call("A", "consortium.propose", change="rotate-key", reason="key rotation", **member)
+    for voter in ("C", "R"):
+        decided = await cluster.call(voter, "consortium.vote", proposal=proposed["proposal"]["id"])
+    assert decided["proposal"]["status"] == "adopted"
+    await wait_log(cluster, "B", '"membership.keys_replaced"', timeout=30)
+    listed = {m["name"]: m for m in (await cluster.call("A", "consortium.members"))["members"]}
+    assert listed["B"]["signing_key"] == member["signing_key"] and listed["B"]["sealing_key"] == member["sealing_key"]
+    # Restarted, B takes its new keys (the old ones kept, renamed), reads every epoch and signs again.
+    cluster.stop("B")
+    cluster.start("B")
+    await wait_log(cluster, "B", '"keys.replaced"', timeout=30)
+    await cluster.wait_ready()
+    assert not (config.signing_key_path.parent / "signing.next.pem").exists()
+    assert list(config.signing_key_path.parent.glob("signing.retired-*.pem"))
+    heights = await notes(cluster, "B", 2, "new keys")
+    await cluster.wait_height(["A", "B", "C", "R"], heights[-1])
+    status = await cluster.call("B", "status")
+    assert status["validator"] and status["consensus_epoch"] == 1 and status["ledger"]["stalled_at"] is None
+    keys = await cluster.call("B", "keys.status")
+    assert keys["unreadable"] == {}
+    chains = {name: await cluster.chain(name, heights[-1]) for name in ("A", "B", "C", "R")}
+    assert len({tuple(c) for c in chains.values()}) == 1

@@ -234,3 +234,32 @@ def test_rotate_key_replaces_a_members_keys_and_reseals_history_to_the_new_one(t
     a.state.close()
     LedgerState(tmp_path / "a.db", CHAIN, GENESIS, keys=b_keys).close()
     assert b_keys.epochs == [0]
+
+
+def test_a_member_whose_copy_is_bad_takes_a_copy_sealed_again(tmp_path):
+    a, r = Node(tmp_path / "a.db", "A"), Node(tmp_path / "r.db", "R")
+    grant = EpochGrant.create(CHAIN, 1, GENESIS.sealing_keys)
+    wrong = EpochGrant.create(CHAIN, 1, {"R": SEALING["R"].public_key})
+    bad = tx("keys.epoch", {**grant.body(), "sealed": {**grant.sealed, "R": wrong.sealed["R"]}}, "B")
+    for node in (a, r):
+        node.apply(node.state.seal(bad).encoded)
+    assert 1 in a.keys and 1 not in r.keys
+    request = tx("keys.request", {"epoch": 1}, "R")
+    ahead = tx("keys.request", {"epoch": 2}, "R")
+    forged = tx("keys.reseal", {"epoch": 1, "member": "R", "sealed": wrong.sealed["R"]}, "B")  # B again
+    stranger = tx("keys.reseal", {"epoch": 1, "member": "Z", "sealed": b"x" * 92}, "A")
+    good = tx("keys.reseal", {"epoch": 1, "member": "R", "sealed": a.keys.reseal(1, SEALING["R"].public_key)}, "A")
+    for node in (a, r):
+        node.apply(*(node.state.seal(t).encoded for t in (request, ahead, forged, stranger)))
+        assert [node.state.tx_status(t.id) for t in (request, ahead, forged, stranger)] == [
+            "ok", "invalid:future_epoch", "ok", "invalid:not_member"]
+    assert 1 not in r.keys and "check value" in r.keys.unreadable[1]  # the forged copy is not taken
+    for node in (a, r):
+        node.apply(node.state.seal(good).encoded)
+    assert 1 in r.keys and 1 not in r.keys.unreadable
+    # Taken again from the chain after a restart.
+    r.state.close()
+    again = EpochKeys(CHAIN, "R", SEALING["R"])
+    again.learn(EPOCH_0)
+    LedgerState(tmp_path / "r.db", CHAIN, GENESIS, keys=again).close()
+    assert again.epochs == [0, 1]
