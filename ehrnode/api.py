@@ -81,6 +81,20 @@ Users (admin):
                       stops working at once
 ``users.whoami``      (any user) -> the caller's name, role, pseudonym and permissions
 
+Keys and membership:
+
+``keys.status``       -> the epochs, who opened each, whom its key was sealed to, which keys this
+                      member holds (and why not, under ``unreadable``)
+``keys.rotate``       (admin) -> ``{"tx_id", "height", "epoch", "starts"}``: the next epoch, now
+``consortium.members``   -> ``{"epoch", "starts", "quorum", "running_epoch", "members": [...]}``
+``consortium.proposals`` ``{"status": open|adopted|lapsed}`` -> proposals, their voters and the votes
+                      needed
+``consortium.propose`` (admin) ``{"change": add|remove|rotate-key, "name", "reason", and for add and
+                      rotate-key "signing_key", "sealing_key" (hex), "address", "role" (add)}`` ->
+                      ``{"tx_id", "height", "status", "proposal"}``
+``consortium.vote``   (admin) ``{"proposal": HEX}`` -> the same; ``proposal.status`` says whether it
+                      was adopted
+
 Errors follow JSON-RPC: -32700 parse error, -32600 invalid request, -32601
 unknown method, -32602 bad params, -32000 refused by the node (``data.reason``
 says why, e.g. ``mempool_full``). A bad request gets an error; the connection

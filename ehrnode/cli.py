@@ -71,13 +71,14 @@ def cmd_sim(args: argparse.Namespace) -> int:
     config = scenario_configs(args.validators, args.byzantine)
     work = [(seed, args.validators, args.byzantine) for seed in range(args.seed, args.seed + args.scenarios)]
     jobs = min(args.jobs or os.cpu_count() or 1, len(work))
-    violations = liveness = commits = epochs = 0
+    violations = liveness = commits = epochs = changes = 0
     failures: list[ScenarioResult] = []
     with ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else nullcontext() as pool:
         results = pool.map(_run_one, work, chunksize=4) if pool else map(_run_one, work)
         for result in results:
             commits += result.commits
             epochs += result.epochs
+            changes += result.membership_changes
             violations += len(result.safety_violations)
             liveness += result.liveness_failure is not None
             if not result.ok:
@@ -86,7 +87,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     _print_failure(result, replay_command(result.seed, config))
     summary: dict[str, object] = {
         "scenarios": args.scenarios, "safety_violations": violations, "liveness_failures": liveness, "commits": commits,
-        "epoch_changes": epochs,
+        "epoch_changes": epochs, "membership_changes": changes,
     }
     if args.json:
         summary["failures"] = [

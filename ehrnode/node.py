@@ -125,9 +125,12 @@ class Node:
         following = _next_keys(config)
         if following is not None:
             self.epoch_keys.add_sealing_key(following[1])
-        founder = any(m.name == self.name for m in self.genesis.members)
-        if self.genesis.epoch_key is None or (not self.epoch_keys.learn(self.genesis.epoch_key) and founder):
-            raise ConfigError(f"{config.genesis_path}: {self.epoch_keys.unreadable.get(0, 'no epoch key')}")
+        # A founding member's copy of the first key is in genesis; one that joined later, or whose
+        # keys were replaced since, has it re-sealed on the chain. Whether this node's keys are the
+        # member's is checked against the membership below.
+        if self.genesis.epoch_key is None:
+            raise ConfigError(f"{config.genesis_path}: no epoch key")
+        self.epoch_keys.learn(self.genesis.epoch_key)
         self.log = get_logger(node=self.name)
 
         data = config.data_dir
@@ -189,6 +192,8 @@ class Node:
                 self.log.warning("tls.expiring", expires=expires.isoformat())
         self.network = PeerNetwork(self.genesis, self.name, self.identity, self._on_frame,
                                    on_connect=self._on_connect, tls=self.tls, membership=self.membership)
+        if following is not None and self.identity is not following[0]:
+            self.network.fallback = following[0]  # peers that adopted our next key accept only it
         # Restored from a backup: sign nothing until the other validators say how far the chain got.
         self.survey: RoundSurvey | None = None
         if self.core.safety.data.restored and self.index is not None:
@@ -800,7 +805,7 @@ class Node:
             self._apply(self.core.submit(accepted, time.time()))
 
     def _apply(self, actions: Iterable[Action]) -> None:
-        core = self.core
+        core, membership = self.core, self.membership  # the core's own validators, even once its epoch ends
         for action in actions:
             if self.core is not core and not isinstance(action, (Send, Broadcast)):
                 # An earlier action ended the epoch. The old core's messages still go out (a
@@ -808,7 +813,7 @@ class Node:
                 # the others learn of it at once); its timers and the rest are void.
                 continue
             if isinstance(action, Send):
-                name = self.membership.members[action.to].name
+                name = membership.members[action.to].name
                 self.network.send(name, encode_frame(ConsensusFrame(encode_message(action.message))))
             elif isinstance(action, Broadcast):
                 self.network.broadcast(encode_frame(ConsensusFrame(encode_message(action.message))))
@@ -889,12 +894,23 @@ class Node:
         self.membership, self.index = membership, membership.index_of(self.name)
         listed = membership.get(self.name)
         if listed is not None and listed.signing_key != self.identity.public_key:
-            self.index = None  # re-keyed: this process holds the old key, and signs nothing more
-            self.log.error("membership.keys_replaced", epoch=membership.epoch,
-                           detail="the consortium adopted new keys for this member: restart the node to use "
-                                  "them (keys/signing.next.pem and sealing.next.pem)")
-        self.core = self.core.successor(self.vset, self.index)
-        self.network.set_membership(membership)
+            following = _next_keys(self.config)
+            if following is not None and (listed.signing_key, listed.sealing_key) == (
+                    following[0].public_key, following[1].public_key):
+                self.identity, self.sealing_key = following
+                self.network.set_identity(self.identity)
+                self._use_keys()
+                self.log.warning("keys.replaced", retired=[str(p) for p in _take_next_keys(self.config)],
+                                 detail="the consortium adopted this member's new keys: they are its keys now")
+            else:
+                self.index = None  # re-keyed with keys this node does not hold: it signs nothing more
+                self.log.error("membership.keys_replaced", epoch=membership.epoch,
+                               detail="the consortium adopted keys for this member that this node does not hold")
+        self.core = self.core.successor(self.vset, self.index, self.identity)
+        if self.name in membership:
+            self.network.set_membership(membership)
+        # A removed member keeps its links as they were: a validator still in the old epoch may
+        # need it to learn that the epoch ended (its peers refuse it once they have moved on).
         self.mempool.members = membership.signing_keys
         self._membership_changed = time.time()
         added = sorted(set(membership.names) - set(before.names))
@@ -910,6 +926,13 @@ class Node:
         ahead, self._ahead = self._ahead, deque(maxlen=AHEAD_KEPT)
         self._consensus_in.extendleft(reversed(ahead))
         self._wake.set()
+
+    def _use_keys(self) -> None:
+        """Hand the member's (new) keys to everything that signs or opens for it."""
+        self.puller.identity, self.puller.sealing_key = self.identity, self.sealing_key
+        self.whois.sealing_key = self.sealing_key
+        if self.records is not None:
+            self.records.identity = self.records.recorder.identity = self.identity
 
     def _log_core(self, action: Log) -> None:
         if action.event == "round.timeout":

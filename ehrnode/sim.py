@@ -20,12 +20,16 @@ scenario has two phases:
   network delivers everything within a bound.
 
 Epochs change too: at a few drawn moments (some with a validator crashing
-right after), every validator up submits a marker naming its epoch; the first
-committed block of epoch e carrying ``epoch:e`` ends it, and each validator
-then replaces its core by the next epoch's, rooted at that block, exactly as a
-node does when the ledger adopts a membership change. Blocks its commit carried
-after that block are not part of its chain. The validator set keeps its
-members across these changes.
+right after), every validator up submits a marker naming its epoch and the next
+epoch's validators; the first committed block of epoch e carrying a marker for
+e ends it, and each validator then replaces its core by the next epoch's, rooted
+at that block, exactly as a node does when the ledger adopts a membership change.
+Blocks its commit carried after that block are not part of its chain. Most
+changes change the validators: a spare joins (it has followed nothing until
+then, and catches up from genesis through every epoch), an honest validator
+leaves, or both at once; validators keep their order, a leaver's place closes
+up and a joiner is appended, so a validator's index changes with the epoch.
+Byzantine validators stay (at most f of every epoch).
 
 Checks:
 
@@ -34,9 +38,9 @@ Checks:
   no certificate of a round above a commit's certifies a block that does not
   extend the committed one (the lemma the commit rule rests on, checked so a
   broken rule is caught even when a later defence hides its effect);
-* **liveness**: after ``stable_at``, every honest validator commits three
-  blocks proposed after ``stable_at``, within ``liveness_rounds`` rounds
-  (counted across epochs).
+* **liveness**: after ``stable_at``, every honest validator of the newest epoch
+  commits three blocks proposed after ``stable_at``, within ``liveness_rounds``
+  rounds (counted across epochs).
 
 Also checked all along: an honest validator never signs two different votes,
 timeouts or proposals in one round (every save of its safety data and every
@@ -84,6 +88,8 @@ class SimConfig:
     behaviours: tuple[str, ...] = BEHAVIOURS
     #: Epoch changes asked for per scenario: drawn between these bounds.
     epoch_changes: tuple[int, int] = (1, 3)
+    #: Validators-to-be that an epoch change can add (they run from the start, following nothing).
+    spares: int = 2
     #: Test-only: honest validators vote without the 2-chain vote rule.
     unsafe_skip_vote_rule: bool = False
     core: CoreConfig = field(default_factory=lambda: CoreConfig(
@@ -107,6 +113,8 @@ class ScenarioResult:
     rejected: int
     #: The highest epoch an honest validator reached.
     epochs: int = 0
+    #: Of those epochs, how many started with different validators than the one before.
+    membership_changes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -128,23 +136,33 @@ class _RecordingStore(MemorySafetyStore):
 class _Node:
     """One validator in the simulation: its core, its stores, and whether it is up."""
 
-    def __init__(self, sim: Scenario, index: int) -> None:
+    def __init__(self, sim: Scenario, node_id: int) -> None:
         self.sim = sim
-        self.index = index
-        self.identity = sim.identities[index]
+        self.node_id = node_id
+        self.identity = sim.identities[node_id]
         self.block_store = MemoryBlockStore(sim.vset)
-        # Durable like the block store: the epoch this validator is in, and how earlier ones ended.
+        # Durable like the block store: the epoch this validator is in, its validators (node ids,
+        # in index order), and how earlier epochs ended.
         self.vset = sim.vset
+        self.members: tuple[int, ...] = sim.genesis_members
         self.epoch_ends: dict[int, EpochEnd] = {}
         self.round_base = 0  # rounds of the epochs before this one (for the liveness bound)
-        self.behaviour: str | None = sim.byzantine.get(index)
-        self.safety_store = _RecordingStore(lambda data: sim._signed(index, data))
+        self.behaviour: str | None = sim.byzantine.get(node_id)
+        self.safety_store = _RecordingStore(lambda data: sim._signed(node_id, data))
         self.up = True
         self.timer_at = float("inf")
         self.epoch = 0  # bumps on restart so old timers are ignored
         self.timeouts_seen: dict[int, dict[int, Timeout]] = {}
         self.forked_rounds: set[int] = set()
         self.core = self._new_core(recover=False)
+
+    @property
+    def index(self) -> int | None:
+        """This validator's index in its epoch (None: not one of its validators)."""
+        return self.members.index(self.node_id) if self.node_id in self.members else None
+
+    def index_of(self, node_id: int) -> int | None:
+        return self.members.index(node_id) if node_id in self.members else None
 
     def _new_core(self, *, recover: bool) -> ConsensusCore:
         honest = self.behaviour is None
@@ -162,11 +180,13 @@ class _Node:
         """Rounds this validator has been through, across epochs."""
         return self.round_base + self.core.round
 
-    def end_epoch(self, last: Block, tail: tuple[Block, ...], proof: QuorumCert) -> list[Action]:
-        """``last`` ended this epoch: start the next one's core, rooted at it."""
+    def end_epoch(self, last: Block, tail: tuple[Block, ...], proof: QuorumCert,
+                  members: tuple[int, ...]) -> list[Action]:
+        """``last`` ended this epoch: start the next one's core, rooted at it, with ``members``."""
         self.epoch_ends[self.vset.epoch] = EpochEnd(last, tail, proof)
         self.round_base += self.core.round
-        self.vset = self.vset.successor(last)
+        self.members = members
+        self.vset = self.vset.successor(last, tuple(self.sim.identities[i].public_key for i in members))
         self.core = self.core.successor(self.vset, self.index)
         return self.core.start(self.sim.now)
 
@@ -178,9 +198,9 @@ class _Node:
     def restart(self, *, forget: bool) -> list[Action]:
         if forget:
             # A twin that lost its disk: no safety data, no blocks.
-            self.safety_store = _RecordingStore(lambda data: self.sim._signed(self.index, data))
+            self.safety_store = _RecordingStore(lambda data: self.sim._signed(self.node_id, data))
             self.block_store = MemoryBlockStore(self.sim.vset)
-            self.vset, self.epoch_ends = self.sim.vset, {}
+            self.vset, self.members, self.epoch_ends = self.sim.vset, self.sim.genesis_members, {}
         self.up = True
         self.core = self._new_core(recover=not forget)
         return self.core.start(self.sim.now)
@@ -192,19 +212,24 @@ class Scenario:
         self.config = config
         self.rng = random.Random(seed)
         n = config.validators
-        self.identities = [crypto.Identity.from_seed(crypto.sha256(f"sim-{n}-{i}".encode())) for i in range(n)]
-        self.vset = ValidatorSet(f"sim-{n}", tuple(ident.public_key for ident in self.identities))
+        self.identities = [crypto.Identity.from_seed(crypto.sha256(f"sim-{n}-{i}".encode()))
+                           for i in range(n + config.spares)]
+        self.genesis_members = tuple(range(n))
+        self.vset = ValidatorSet(f"sim-{n}", tuple(self.identities[i].public_key for i in self.genesis_members))
         f = self.vset.f
         count = f if config.byzantine is None else config.byzantine
         if count > f:
             raise ValueError(f"{count} Byzantine validators exceed f={f} for n={n}")
         chosen = self.rng.sample(range(n), count)
         self.byzantine: dict[int, str] = {i: self.rng.choice(config.behaviours) for i in chosen}
-        self.honest = [i for i in range(n) if i not in self.byzantine]
+        self.honest = [i for i in range(n + config.spares) if i not in self.byzantine]
+        # The validators of each epoch, and the change each epoch's markers ask for (drawn once).
+        self.memberships: dict[int, tuple[int, ...]] = {0: self.genesis_members}
+        self.changes: dict[int, str] = {}
         self.now = 0.0
         self._queue: list[tuple[float, int, str, tuple]] = []
         self._seq = itertools.count()
-        self.nodes = [_Node(self, i) for i in range(n)]
+        self.nodes = [_Node(self, i) for i in range(n + config.spares)]
         # Fault parameters for the unstable phase.
         self.drop_rate = self.rng.choice((0.0, 0.01, 0.05, 0.15))
         self.dup_rate = self.rng.choice((0.0, 0.02, 0.1))
@@ -214,10 +239,11 @@ class Scenario:
         self.faults += [f"byzantine {i}: {b}" for i, b in sorted(self.byzantine.items())]
         # Safety bookkeeping.
         self.committed: dict[int, tuple[bytes, int]] = {}
-        self.chains: dict[int, list[bytes]] = {i: [] for i in range(n)}
+        self.chains: dict[int, list[bytes]] = {i: [] for i in range(len(self.nodes))}
         self.violations: list[str] = []
         self.commit_count = 0
         self.rejected = 0
+        self.ignored = 0  # messages from a node the receiver does not count as a validator
         self.stable_round = 0
         self.live_at_round: dict[int, int] = {}
         self.live_commits: dict[int, int] = {}
@@ -236,8 +262,9 @@ class Scenario:
 
     def _plan_faults(self) -> None:
         rng, stable = self.rng, self.config.stable_at
+        validators = [i for i in self.genesis_members if i in self.honest]
         for _ in range(rng.randint(0, 2)):
-            node = rng.choice(self.honest)
+            node = rng.choice(validators)
             start = rng.uniform(0.5, stable - 2.0)
             down = rng.uniform(0.3, min(4.0, stable - start - 0.5))
             self._at(start, "crash", node)
@@ -246,9 +273,9 @@ class Scenario:
         for _ in range(rng.randint(0, 2)):
             start = rng.uniform(0.5, stable - 2.0)
             length = rng.uniform(0.5, min(5.0, stable - start - 0.5))
-            members = list(range(self.vset.n))
+            members = list(range(len(self.nodes)))
             rng.shuffle(members)
-            cut = rng.randint(1, self.vset.n - 1)
+            cut = rng.randint(1, len(members) - 1)
             groups = [set(members[:cut]), set(members[cut:])]
             self._at(start, "partition", groups)
             self._at(start + length, "heal")
@@ -267,7 +294,7 @@ class Scenario:
             note = f"epoch change asked at {at:.2f}s"
             if at < stable - 1.0 and rng.random() < 0.5:
                 # A validator crashes while the change commits.
-                node = rng.choice(self.honest)
+                node = rng.choice(validators)
                 start = at + rng.uniform(0.0, 0.3)
                 self._at(start, "crash", node)
                 self._at(start + rng.uniform(0.3, min(3.0, stable - start - 0.2)), "restart", node, False)
@@ -300,42 +327,44 @@ class Scenario:
             self._at(self.now + delay + rng.uniform(0.0, 0.2), "deliver", dst, src, data)
 
     def _broadcast(self, src: int, message: Message, to: Iterable[int] | None = None) -> None:
+        """Send to every other validator of the sender's epoch (``to``: these node ids)."""
         data = encode_message(message)
-        for dst in (range(self.vset.n) if to is None else to):
+        for dst in (self.nodes[src].members if to is None else to):
             if dst != src:
                 self._send(src, dst, message, data)
 
     # --- applying a node's actions --------------------------------------------------------
 
     def _apply(self, node: _Node, actions: list[Action]) -> None:
-        core = node.core
+        core, members = node.core, node.members  # the core's own validators, even once its epoch ends
         for action in actions:
             if node.core is not core and isinstance(action, (SetTimer, CommitBlocks)):
                 continue  # from a core whose epoch ended while its actions were being carried out
             if isinstance(action, Send):
-                if action.to == node.index:
-                    self._deliver_local(node, action.message)
+                if members[action.to] == node.node_id:
+                    if node.core is core:
+                        self._deliver_local(node, action.message)
                 else:
-                    self._send(node.index, action.to, action.message)
+                    self._send(node.node_id, members[action.to], action.message)
             elif isinstance(action, Broadcast):
                 if isinstance(action.message, Proposal):
                     self._observe(action.message)
                     if node.behaviour is None:
                         block = action.message.block
-                        self._record_signature(node.index, "proposal", block.epoch, block.round, block.id)
+                        self._record_signature(node.node_id, "proposal", block.epoch, block.round, block.id)
                 if node.behaviour is not None and isinstance(action.message, Proposal):
                     self._byzantine_proposal(node, action.message)
                 else:
-                    self._broadcast(node.index, action.message)
+                    self._broadcast(node.node_id, action.message, [i for i in members if i != node.node_id])
             elif isinstance(action, SetTimer):
                 if action.at != node.timer_at and action.at != float("inf"):
                     node.timer_at = action.at
-                    self._at(max(action.at, self.now), "timer", node.index, node.epoch, action.at)
+                    self._at(max(action.at, self.now), "timer", node.node_id, node.epoch, action.at)
             elif isinstance(action, PersistBlock):
                 node.block_store.put_block(action.block)
             elif isinstance(action, CommitBlocks):
                 blocks = action.blocks
-                end = next((i for i, b in enumerate(blocks) if _ends_epoch(b)), None)
+                end = next((i for i, b in enumerate(blocks) if _next_members(b) is not None), None)
                 kept = blocks if end is None else blocks[:end + 1]
                 node.block_store.commit(kept, action.proof)
                 self._check_commits(node, kept)
@@ -347,11 +376,14 @@ class Scenario:
                             self.commit_proof_round[block.height] = mark
                 if end is not None:
                     self.epochs_ended += 1
-                    self._apply(node, node.end_epoch(blocks[end], blocks[end + 1:], action.proof))
+                    following = _next_members(blocks[end])
+                    assert following is not None
+                    self._apply(node, node.end_epoch(blocks[end], blocks[end + 1:], action.proof, following))
             elif isinstance(action, Log):
                 pass
 
     def _deliver_local(self, node: _Node, message: Message) -> None:
+        assert node.index is not None
         self._apply(node, node.core.on_message(node.index, message, self.now))
 
     def _signed(self, index: int, data: SafetyData) -> None:
@@ -372,38 +404,38 @@ class Scenario:
                 f"honest validator {index} signed two different {kind}s in epoch {epoch} round {round_}")
 
     def _check_commits(self, node: _Node, blocks: tuple[Block, ...]) -> None:
-        chain = self.chains[node.index]
+        chain = self.chains[node.node_id]
         for block in blocks:
             if node.behaviour is None:
                 seen = self.committed.get(block.height)
                 if seen is None:
-                    self.committed[block.height] = (block.id, node.index)
+                    self.committed[block.height] = (block.id, node.node_id)
                     self.commit_count += 1
                 elif seen[0] != block.id:
                     self.violations.append(
-                        f"height {block.height}: validator {node.index} committed {block.id.hex()[:12]}, "
+                        f"height {block.height}: validator {node.node_id} committed {block.id.hex()[:12]}, "
                         f"validator {seen[1]} committed {seen[0].hex()[:12]}"
                     )
                 if block.height <= len(chain):
                     if chain[block.height - 1] != block.id:
-                        self.violations.append(f"validator {node.index} re-committed height {block.height} differently")
+                        self.violations.append(f"validator {node.node_id} re-committed height {block.height} differently")
                 elif block.height != len(chain) + 1:
-                    self.violations.append(f"validator {node.index} skipped to height {block.height}")
+                    self.violations.append(f"validator {node.node_id} skipped to height {block.height}")
                 else:
                     parent = chain[-1] if chain else self.vset.genesis_id
                     if block.parent != parent:
                         self.violations.append(
-                            f"validator {node.index} committed height {block.height} not extending its height "
+                            f"validator {node.node_id} committed height {block.height} not extending its height "
                             f"{block.height - 1}"
                         )
                     chain.append(block.id)
             if (
                 block.timestamp >= self.config.stable_at * 1000 and self.now >= self.config.stable_at
-                and node.index not in self.live_at_round and node.behaviour is None
+                and node.node_id not in self.live_at_round and node.behaviour is None
             ):
-                self.live_commits[node.index] = self.live_commits.get(node.index, 0) + 1
-                if self.live_commits[node.index] >= LIVE_COMMITS:
-                    self.live_at_round[node.index] = max(n.progress for n in self.nodes)
+                self.live_commits[node.node_id] = self.live_commits.get(node.node_id, 0) + 1
+                if self.live_commits[node.node_id] >= LIVE_COMMITS:
+                    self.live_at_round[node.node_id] = max(n.progress for n in self.nodes)
 
     def _observe(self, message: Message) -> None:
         """Remember blocks and certificates a validator accepted (so they verified)."""
@@ -453,7 +485,7 @@ class Scenario:
 
     def _byzantine_proposal(self, node: _Node, proposal: Proposal) -> None:
         behaviour, rng = node.behaviour, self.rng
-        others = [i for i in range(self.vset.n) if i != node.index]
+        others = [i for i in node.members if i != node.node_id]
         rng.shuffle(others)
         block = proposal.block
         qc = block.qc
@@ -463,28 +495,28 @@ class Scenario:
         if behaviour == "stale_qc":
             # Show the new certificate to one validator only; the others will time out, and
             # the timeouts let this leader build a certificate that hides it (_stale_fork).
-            self._broadcast(node.index, proposal, others[:1])
+            self._broadcast(node.node_id, proposal, others[:1])
             return
         if behaviour in ("equivocate", "forged_qc", "double_vote"):
             if behaviour == "forged_qc":
-                qc = QuorumCert(qc.data, tuple((i, rng.randbytes(64)) for i in range(self.vset.quorum)))
+                qc = QuorumCert(qc.data, tuple((i, rng.randbytes(64)) for i in range(node.vset.quorum)))
             twin = Block.propose(
                 epoch=block.epoch, round=block.round, qc=qc, author=block.author, timestamp=block.timestamp + 1,
                 payload=(rng.randbytes(16),), identity=node.identity, chain_id=self.vset.chain_id,
             )
             half = len(others) // 2
-            self._broadcast(node.index, proposal, others[:half])
-            self._broadcast(node.index, Proposal(twin, proposal.tc), others[half:])
+            self._broadcast(node.node_id, proposal, others[:half])
+            self._broadcast(node.node_id, Proposal(twin, proposal.tc), others[half:])
             if behaviour == "double_vote":
                 self._double_vote(node, twin)
             return
-        self._broadcast(node.index, proposal)
+        self._broadcast(node.node_id, proposal)
 
     def _stale_fork(self, node: _Node, sender: int, timeout: Timeout) -> None:
         """A leader that hid a certificate joins the others' timeouts with an old certificate of its own,
         forms the timeout certificate, and proposes a block on a certificate older than the one it hid."""
         round_ = timeout.round
-        if self.vset.leader(round_ + 1) != node.index:
+        if node.index is None or node.vset.leader(round_ + 1) != node.index:
             return
         seen = node.timeouts_seen.setdefault(round_, {})
         seen[sender] = timeout
@@ -493,8 +525,8 @@ class Scenario:
                 timeout.epoch, round_, timeout.high_qc, node.index, node.identity, self.vset.chain_id
             )
             seen[node.index] = own
-            self._broadcast(node.index, TimeoutMsg(own))
-        if len(seen) < self.vset.quorum or round_ in node.forked_rounds:
+            self._broadcast(node.node_id, TimeoutMsg(own))
+        if len(seen) < node.vset.quorum or round_ in node.forked_rounds:
             return
         node.forked_rounds.add(round_)
         tc = form_tc(list(seen.values()))
@@ -508,16 +540,16 @@ class Scenario:
             epoch=tc.epoch, round=round_ + 1, qc=qc, author=node.index, timestamp=int(self.now * 1000),
             payload=(self.rng.randbytes(16),), identity=node.identity, chain_id=self.vset.chain_id,
         )
-        self._broadcast(node.index, Proposal(block, tc), [i for i in seen if i != node.index])
+        self._broadcast(node.node_id, Proposal(block, tc), [node.members[i] for i in seen if i != node.index])
         self._double_vote(node, block)
 
     def _double_vote(self, node: _Node, block: Block) -> None:
-        if block.qc is None:
+        if block.qc is None or node.index is None or block.epoch != node.vset.epoch:
             return
         vote = Vote.create(block.vote_data(), node.index, node.identity, self.vset.chain_id)
-        leader = self.vset.leader(block.round + 1)
+        leader = node.vset.leader(block.round + 1)
         if leader != node.index:
-            self._send(node.index, leader, VoteMsg(vote))
+            self._send(node.node_id, node.members[leader], VoteMsg(vote))
 
     # --- running -----------------------------------------------------------------------
 
@@ -548,11 +580,11 @@ class Scenario:
             if self.events > MAX_EVENTS:
                 break
             self._event(kind, args)
-            if self.now >= config.stable_at and all(i in self.live_at_round for i in self.honest):
+            if self.now >= config.stable_at and all(i in self.live_at_round for i in self._must_be_live()):
                 break
         self._check_certificates()
         liveness_failure = None
-        missing = [i for i in self.honest if i not in self.live_at_round]
+        missing = [i for i in self._must_be_live() if i not in self.live_at_round]
         if self.events > MAX_EVENTS:
             liveness_failure = f"more than {MAX_EVENTS} events by {self.now:.2f}s: an event storm"
         elif missing:
@@ -563,11 +595,17 @@ class Scenario:
         rounds = max((r - self.stable_round for r in self.live_at_round.values()), default=None)
         if rounds is not None and rounds > liveness_rounds and liveness_failure is None:
             liveness_failure = f"first commit after stabilization took {rounds} rounds (bound {liveness_rounds})"
+        reached = max(self.nodes[i].vset.epoch for i in self.honest)
         return ScenarioResult(
             self.seed, self.vset.n, dict(self.byzantine), list(self.violations), liveness_failure,
-            self.commit_count, rounds, self.faults, self.rejected,
-            max(self.nodes[i].vset.epoch for i in self.honest),
+            self.commit_count, rounds, self.faults, self.rejected, reached,
+            sum(set(self.memberships[e]) != set(self.memberships[e - 1]) for e in range(1, reached + 1)),
         )
+
+    def _must_be_live(self) -> list[int]:
+        """The honest validators of the newest epoch an honest validator reached."""
+        reached = max(self.nodes[i].vset.epoch for i in self.honest)
+        return [i for i in self.memberships[reached] if i in self.honest]
 
     def _event(self, kind: str, args: tuple) -> None:
         if kind == "deliver":
@@ -575,9 +613,13 @@ class Scenario:
             node = self.nodes[dst]
             if not node.up:
                 return
+            sender = node.index_of(src)
+            if sender is None:
+                self.ignored += 1  # as a node refuses a peer that is not a member of its epoch
+                return
             try:
                 message = decode_message(data)
-                actions = node.core.on_message(src, message, self.now)
+                actions = node.core.on_message(sender, message, self.now)
             except (CodecError, InvalidMessage):
                 self.rejected += 1
                 return
@@ -586,7 +628,7 @@ class Scenario:
             if node.behaviour in ("double_vote", "stale_qc") and isinstance(message, Proposal):
                 self._double_vote(node, message.block)
             if node.behaviour == "stale_qc" and isinstance(message, TimeoutMsg):
-                self._stale_fork(node, src, message.timeout)
+                self._stale_fork(node, sender, message.timeout)
         elif kind == "timer":
             index, epoch, at = args
             node = self.nodes[index]
@@ -612,13 +654,46 @@ class Scenario:
             self.stable_round = max(n.progress for n in self.nodes)
         elif kind == "epoch":
             for node in self.nodes:
-                if node.up:
-                    self._apply(node, node.core.submit([b"epoch:%d" % node.vset.epoch], self.now))
+                if node.up and node.index is not None:
+                    marker = _marker(node.vset.epoch, self._next_for(node.vset.epoch))
+                    self._apply(node, node.core.submit([marker], self.now))
+
+    def _next_for(self, epoch: int) -> tuple[int, ...]:
+        """The validators epoch ``epoch + 1`` will have (drawn the first time it is asked)."""
+        following = self.memberships.get(epoch + 1)
+        if following is not None:
+            return following
+        current, rng = self.memberships[epoch], self.rng
+        ever = {i for members in self.memberships.values() for i in members}
+        spares = [i for i in range(len(self.nodes)) if i not in ever]
+        leavers = [i for i in current if i in self.honest] if len(current) > self.config.validators else []
+        choices = ["same"] + ["add"] * bool(spares) + ["remove"] * bool(leavers) + ["swap"] * bool(
+            spares and [i for i in current if i in self.honest])
+        change = rng.choice(choices)
+        members = current
+        if change in ("remove", "swap"):
+            leaver = rng.choice(leavers or [i for i in current if i in self.honest])
+            members = tuple(i for i in members if i != leaver)
+        if change in ("add", "swap"):
+            members = (*members, rng.choice(spares))
+        self.memberships[epoch + 1] = members
+        self.changes[epoch] = change
+        self.faults.append(f"epoch {epoch} -> {epoch + 1}: {change}, validators {list(members)}")
+        return members
 
 
-def _ends_epoch(block: Block) -> bool:
-    """The simulator's stand-in for a ledger adopting a membership change."""
-    return b"epoch:%d" % block.epoch in block.payload
+def _marker(epoch: int, members: tuple[int, ...]) -> bytes:
+    """The simulator's stand-in for a governance transaction: it ends ``epoch`` with ``members`` next."""
+    return b"epoch:%d:%s" % (epoch, ",".join(map(str, members)).encode())
+
+
+def _next_members(block: Block) -> tuple[int, ...] | None:
+    """The next epoch's validators, if ``block`` ends its epoch (its first marker for it decides)."""
+    prefix = b"epoch:%d:" % block.epoch
+    for entry in block.payload:
+        if entry.startswith(prefix):
+            return tuple(int(i) for i in entry[len(prefix):].split(b","))
+    return None
 
 
 def run_scenario(seed: int, config: SimConfig) -> ScenarioResult:

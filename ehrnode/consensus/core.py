@@ -33,7 +33,9 @@ committed block ends an epoch; the driver then replaces the core by its
 :meth:`~ConsensusCore.successor`, rooted at that block. A message of a later
 epoch tells a core it is behind: it fetches committed blocks (which end at the
 epoch's last block) instead of refusing the sender; one of an earlier epoch is
-dropped. See ``docs/consensus.md``, "Epochs".
+answered with an :class:`EpochHint`, which tells the sender just that. A node
+that is not a validator of its epoch runs the core with no index: it follows
+and syncs, and signs nothing. See ``docs/consensus.md``, "Epochs".
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from .. import crypto
 from ..errors import InvalidMessage, SafetyViolation
 from .block_tree import BlockTree
 from .messages import (
-    MAX_SYNC_BLOCKS, Message, Proposal, RangeRequest, RangeResponse, SyncRequest, SyncResponse, TimeoutMsg,
+    MAX_SYNC_BLOCKS, EpochHint, Message, Proposal, RangeRequest, RangeResponse, SyncRequest, SyncResponse, TimeoutMsg,
     VoteMsg,
 )
 from .pacemaker import Pacemaker, PacemakerConfig
@@ -254,13 +256,15 @@ class ConsensusCore:
     def get_block(self, block_id: bytes) -> Block | None:
         return self.tree.get(block_id) or self._committed_lookup(block_id)
 
-    def successor(self, vset: ValidatorSet, index: int | None) -> ConsensusCore:
+    def successor(self, vset: ValidatorSet, index: int | None,
+                  identity: crypto.Identity | None = None) -> ConsensusCore:
         """The core of the next epoch, rooted at ``vset.start`` (a block this core committed): same
-        identity, stores and configuration; the transactions still waiting carry over. Call
-        :meth:`start` on it; this core must not be used again."""
+        stores and configuration, and the same identity unless ``identity`` replaces it; the
+        transactions still waiting carry over. Call :meth:`start` on it; this core must not be
+        used again."""
         assert vset.epoch == self.vset.epoch + 1 and vset.start is not None
         core = ConsensusCore(
-            vset, index, self._identity, self._safety_store, config=self.config,
+            vset, index, identity or self._identity, self._safety_store, config=self.config,
             committed_lookup=self._committed_lookup, committed_at=self._committed_at, epoch_end=self._epoch_end,
             unsafe_skip_vote_rule=self._unsafe_skip_vote_rule,
         )
@@ -361,6 +365,11 @@ class ConsensusCore:
                 if self._range_wanted is None:
                     actions.append(Log("epoch.behind", {"epoch": self.vset.epoch, "seen": epoch, "from": sender}))
                 self._request_range(now, actions)
+            elif not isinstance(message, EpochHint):
+                # The sender is still in an epoch this validator has left: tell it, so it fetches
+                # the end of its epoch (perhaps from us) rather than wait for messages of the new
+                # one, which may never come (the validators it waits for may have left).
+                actions.append(Send(sender, EpochHint(self.vset.epoch)))
             self._timer(actions)
             return actions
         if isinstance(message, Proposal):
@@ -377,6 +386,8 @@ class ConsensusCore:
             actions.append(Send(sender, self._answer_range(message)))
         elif isinstance(message, RangeResponse):
             self._on_range_response(sender, message, now, actions)
+        elif isinstance(message, EpochHint):
+            pass  # the sender is in this epoch too: nothing to catch up on
         else:
             raise InvalidMessage(f"not a consensus message: {type(message).__name__}", reason="unknown_type")
         self._timer(actions)
@@ -774,8 +785,12 @@ class ConsensusCore:
             return RangeResponse((), None)
         end = self._epoch_end(blocks[-1].epoch) if blocks[-1].epoch < self.vset.epoch else None
         if end is not None and end.last.id == blocks[-1].id:
-            # An earlier epoch's last block: prove it with the blocks and certificate that committed it.
-            return RangeResponse((*blocks, *end.tail), end.proof)
+            # An earlier epoch's last block: prove it with the blocks and certificate that committed
+            # it, within the blocks an answer may carry (else stop short; the next range ends it).
+            room = MAX_SYNC_BLOCKS - len(end.tail)
+            if len(blocks) <= room:
+                return RangeResponse((*blocks, *end.tail), end.proof)
+            blocks = blocks[:max(room, 1)]
         return RangeResponse(tuple(blocks), self._root_proof if blocks[-1].id == self.root.id else None)
 
     def _on_range_response(self, sender: int, response: RangeResponse, now: float, actions: list[Action]) -> None:
@@ -843,7 +858,9 @@ class ConsensusCore:
 
 
 def epoch_of(message: Message) -> int | None:
-    """The epoch a proposal, vote or timeout belongs to (sync messages carry none)."""
+    """The epoch a proposal, vote, timeout or hint belongs to (sync messages carry none)."""
+    if isinstance(message, EpochHint):
+        return message.epoch
     if isinstance(message, Proposal):
         return message.block.epoch
     if isinstance(message, VoteMsg):

@@ -135,11 +135,28 @@ class RangeResponse:
         return cls(tuple(Block.from_wire(b, f"range response.blocks[{i}]") for i, b in enumerate(items)), proof)
 
 
-Message = Proposal | VoteMsg | TimeoutMsg | SyncRequest | SyncResponse | RangeRequest | RangeResponse
+@dataclass(frozen=True)
+class EpochHint:
+    """"I am in epoch ``epoch``": the answer to a message of an earlier epoch, so a validator
+    still in it learns that it ended (and fetches the committed blocks that prove it) even
+    when no validator of the new epoch is sending it anything."""
+
+    epoch: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"epoch": self.epoch}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> EpochHint:
+        m = as_map(value, "epoch hint", ("epoch",))
+        return cls(as_uint(m["epoch"], "epoch hint.epoch"))
+
+
+Message = Proposal | VoteMsg | TimeoutMsg | SyncRequest | SyncResponse | RangeRequest | RangeResponse | EpochHint
 
 _BY_NAME: dict[str, Any] = {
     "proposal": Proposal, "vote": VoteMsg, "timeout": TimeoutMsg, "sync_request": SyncRequest, "sync_response": SyncResponse,
-    "range_request": RangeRequest, "range_response": RangeResponse,
+    "range_request": RangeRequest, "range_response": RangeResponse, "epoch_hint": EpochHint,
 }
 _NAMES = {cls: name for name, cls in _BY_NAME.items()}
 _PARSERS = {name: cls.from_wire for name, cls in _BY_NAME.items()}

@@ -97,6 +97,10 @@ class Governance:
         """The newest membership (it may start with the next block)."""
         return self.memberships[-1]
 
+    def signing_keys_of(self, name: str) -> set[bytes]:
+        """Every signing key ``name`` has been listed with (a rotate-key replaces it)."""
+        return {m.signing_key for membership in self.memberships if (m := membership.get(name)) is not None}
+
     def former(self, name: str) -> bool:
         """Whether ``name`` was ever a member."""
         return any(name in m for m in self.memberships)

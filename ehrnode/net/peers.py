@@ -54,6 +54,8 @@ RECEIVE_BUFFER = 65536
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL = 1002
 CLOSE_POLICY = 1008
+#: Seconds a re-keyed member's link, proved with its old key, is kept after the change.
+REKEY_GRACE = 30.0
 
 FrameHandler = Callable[["Peer", Frame], None]
 #: Handshakes in progress at once: unauthenticated connections cannot pile up.
@@ -138,6 +140,10 @@ class PeerNetwork:
         self.tls = tls
         self.name = name
         self.identity = identity
+        #: The member's next key (during a rotate-key): tried when a peer refuses the current one,
+        #: as peers that have adopted the change do.
+        self.fallback: crypto.Identity | None = None
+        self._use_fallback: set[str] = set()  # peers that refused the current key
         self.on_frame = on_frame
         self.on_connect = on_connect
         self.peers: dict[str, Peer] = {}
@@ -186,21 +192,41 @@ class PeerNetwork:
         A node that is no longer a member itself stops dialing."""
         self.membership = membership
         for name, peer in list(self.peers.items()):
-            if name not in membership or membership.member(name).signing_key != self._keys_at_connect.get(name):
+            if name not in membership:
                 self.log.warning("peer.kicked", peer=name, reason="not_member")
                 peer.kick("not_member")
+            elif membership.member(name).signing_key != self._keys_at_connect.get(name) and self._dial_nursery:
+                # Re-keyed: its link, proved with the old key, stays a little while so it can learn
+                # of the change (and switch keys); then it must prove the new one.
+                self._dial_nursery.start_soon(self._kick_later, peer, "rekeyed")
         if self._dial_nursery is None:
             return
         wanted = {m.name: m for m in membership if m.name > self.name} if self.name in membership else {}
         for name, (member, scope) in list(self._dialing.items()):
-            if wanted.get(name) != member:
-                scope.cancel()
+            if name not in wanted or wanted[name].address != member.address:
+                scope.cancel()  # gone, or moved (a change of keys alone keeps the link: see above)
                 del self._dialing[name]
         for name, member in wanted.items():
             if name not in self._dialing:
                 scope = trio.CancelScope()
                 self._dialing[name] = (member, scope)
                 self._dial_nursery.start_soon(self._dial_scoped, scope, member)
+
+    async def _kick_later(self, peer: Peer, reason: str) -> None:
+        await trio.sleep(REKEY_GRACE)
+        if self.peers.get(peer.name) is peer:
+            self.log.warning("peer.kicked", peer=peer.name, reason=reason)
+            peer.kick(reason)
+
+    def set_identity(self, identity: crypto.Identity) -> None:
+        """This member's keys were replaced: prove the new one from now on."""
+        self.identity, self.fallback = identity, None
+        self._use_fallback.clear()
+
+    def _identity_for(self, name: str) -> crypto.Identity:
+        if name in self._use_fallback and self.fallback is not None:
+            return self.fallback
+        return self.identity
 
     async def _dial_scoped(self, scope: trio.CancelScope, member: Member) -> None:
         with scope:
@@ -241,6 +267,8 @@ class PeerNetwork:
                 elif isinstance(exc, ProtocolError):
                     self.rejected += 1
                     self.log.warning("peer.rejected", peer=name, reason=exc.reason, error=str(exc))
+                    if exc.reason == "refused:bad_signature" and self.fallback is not None:
+                        self._use_fallback ^= {name}  # it may know our next key (or, again, the current)
                 else:
                     self.log.warning("peer.error", peer=name, error=repr(exc))
             if connected:
@@ -332,7 +360,8 @@ class PeerNetwork:
             raise ProtocolError(f"dialed {expected!r} but {welcome.hello.name!r} answered", reason="wrong_peer")
         check_transcript(self.genesis, hello, welcome.hello, "listener", welcome.signature, channel,
                          self.membership.signing_keys)
-        await ws.send_message(encode_frame(Auth(sign_transcript(self.identity, self.genesis, hello, welcome.hello,
+        identity = self._identity_for(expected)
+        await ws.send_message(encode_frame(Auth(sign_transcript(identity, self.genesis, hello, welcome.hello,
                                                                 "dialer", channel))))
 
     async def _listener_handshake(self, ws: trio_websocket.WebSocketConnection,
@@ -352,7 +381,7 @@ class PeerNetwork:
             # Each pair has one connection, dialed by the name that sorts first.
             raise ProtocolError(f"{hello.name!r} must wait for {self.name!r} to dial it", reason="wrong_direction")
         mine = Hello.fresh(self.genesis, self.name)
-        signature = sign_transcript(self.identity, self.genesis, hello, mine, "listener", channel)
+        signature = sign_transcript(self._identity_for(hello.name), self.genesis, hello, mine, "listener", channel)
         await ws.send_message(encode_frame(Welcome(mine, signature)))
         auth = decode_frame(await _handshake_message(ws), max_size=MAX_HANDSHAKE_FRAME)
         if not isinstance(auth, Auth):

@@ -181,8 +181,8 @@ class RecordsService:
     async def verify(self, *, decrypt: bool = True) -> dict[str, Any]:
         anchored = self.hooks.state.anchored_positions(self.name)
         erased = frozenset(e["record"] for e in self.hooks.state.access.erasures(owner=self.name))
-        report = await self._blocking(self.vault.verify, self.identity.public_key, anchored, decrypt=decrypt,
-                                      erased=erased)
+        keys = self.hooks.state.governance.signing_keys_of(self.name) | {self.identity.public_key}
+        report = await self._blocking(self.vault.verify, keys, anchored, decrypt=decrypt, erased=erased)
         (self.log.info if report["ok"] else self.log.error)(
             "vault.verified", ok=report["ok"], entries=report["entries"], problems=len(report["problems"]))
         return report

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,9 +337,13 @@ class Vault:
 
     # --- verifying ---------------------------------------------------------------------
 
-    def verify(self, public_key: bytes, anchored: Mapping[int, tuple[bytes, bytes, bytes]] | None = None,
+    def verify(self, public_key: bytes | Collection[bytes],
+               anchored: Mapping[int, tuple[bytes, bytes, bytes]] | None = None,
                *, decrypt: bool = True, erased: frozenset[bytes] = frozenset()) -> dict[str, Any]:
         """Walk the whole chain and report every problem found (never raises on bad data).
+
+        ``public_key``: the institution's signing key, or every key it has held (its keys can be
+        replaced by a rotate-key; entries keep the signature of the key current when written).
 
         ``anchored`` maps vault positions to the (record id, commitment, entry hash) the
         consortium chain holds for them; every one must be present and equal, so an entry
@@ -348,6 +352,7 @@ class Vault:
         a problem unless it is in ``erased`` (erased on chain) or this vault's own erasures.
         """
         problems: list[dict[str, Any]] = []
+        keys = (public_key,) if isinstance(public_key, bytes) else tuple(public_key)
         # Erased here and not yet committed on chain: recorded in this vault in the same transaction.
         erased = erased | {r[0] for r in self._db.execute("SELECT record FROM erasures")}
         prev, expected = GENESIS_PREV, 1
@@ -382,7 +387,7 @@ class Vault:
                 if computed != stored_hash:
                     problem("header hash does not match (header changed)")
                 try:
-                    if not crypto.verify(public_key, signed, signature):
+                    if not any(crypto.verify(key, signed, signature) for key in keys):
                         problem("institution signature does not verify")
                 except CryptoError:
                     problem("institution signature is malformed")

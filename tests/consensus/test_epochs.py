@@ -5,11 +5,13 @@ from dataclasses import replace
 
 import pytest
 
-from ehrnode.consensus.core import CommitBlocks, ConsensusCore, EpochEnd, Log, Send
-from ehrnode.consensus.messages import Proposal, RangeRequest, RangeResponse, VoteMsg
+from ehrnode.consensus.core import Broadcast, CommitBlocks, ConsensusCore, EpochEnd, Log, Send
+from ehrnode.consensus.messages import (
+    MAX_SYNC_BLOCKS, EpochHint, Proposal, RangeRequest, RangeResponse, VoteMsg, decode_message, encode_message,
+)
 from ehrnode.consensus.safety import MemorySafetyStore, SafetyData, SafetyRules
 from ehrnode.consensus.types import Block, QuorumCert, VoteData
-from ehrnode.errors import InvalidMessage
+from ehrnode.errors import InvalidMessage, SafetyViolation
 
 from .factory import Factory
 from .test_core import CONFIG, Cluster
@@ -105,11 +107,13 @@ def test_messages_of_other_epochs_neither_count_nor_are_refused():
     actions = core.on_message(1, Proposal(future, None), 0.0)
     assert [a.message.from_height for a in actions if isinstance(a, Send)] == [1]
     assert any(isinstance(a, Log) and a.event == "epoch.behind" for a in actions)
-    # A core of epoch 1 drops epoch-0 votes without counting them or blaming the sender.
+    # A core of epoch 1 does not count epoch-0 votes, nor blame the sender: it only tells it the epoch ended.
     next_core = ConsensusCore(later, 2, f.identities[2], MemorySafetyStore(), config=CONFIG)
     next_core.start(0.0)
     old_vote = f.vote(f.block(1, f.genesis_qc), 1)
-    assert not [a for a in next_core.on_message(1, VoteMsg(old_vote), 0.0) if isinstance(a, Send)]
+    assert [a.message for a in next_core.on_message(1, VoteMsg(old_vote), 0.0)
+            if isinstance(a, Send)] == [EpochHint(1)]
+    assert not next_core._votes
     # Within an epoch, a round-0 certificate must be the epoch's root certificate.
     forged_root = QuorumCert(VoteData(1, block.parent, 0, 0, block.parent, 0), ())
     bad = Block.propose(epoch=1, round=1, qc=forged_root, author=1, timestamp=0, payload=(),
@@ -138,6 +142,47 @@ def test_an_earlier_epochs_last_block_is_proved_with_the_blocks_that_committed_i
     commits = [a for a in behind.on_message(0, response, 0.0) if isinstance(a, CommitBlocks)]
     # The core commits what the range proves; its driver keeps the chain up to the epoch's last block.
     assert [b.id for a in commits for b in a.blocks] == [b1.id, b2.id, b3.id]
+
+
+def test_an_earlier_epochs_message_is_answered_with_a_hint_that_makes_its_sender_catch_up():
+    f = Factory()
+    block = f.block(1, f.genesis_qc)
+    later = f.vset.successor(block)
+    ahead = ConsensusCore(later, 2, f.identities[2], MemorySafetyStore(), config=CONFIG)
+    ahead.start(0.0)
+    old_vote = f.vote(f.block(1, f.genesis_qc), 1)
+    assert [(a.to, a.message) for a in ahead.on_message(1, VoteMsg(old_vote), 0.0)
+            if isinstance(a, Send)] == [(1, EpochHint(1))]
+    # Hints are not answered with hints, and one of the same epoch changes nothing.
+    assert not [a for a in ahead.on_message(1, EpochHint(0), 0.0) if isinstance(a, Send)]
+    assert not [a for a in ahead.on_message(1, EpochHint(1), 0.0) if isinstance(a, Send)]
+    # The validator still in epoch 0 fetches committed blocks from height 1.
+    behind = ConsensusCore(f.vset, 1, f.identities[1], MemorySafetyStore(), config=CONFIG)
+    behind.start(0.0)
+    assert [a.message.from_height for a in behind.on_message(2, EpochHint(1), 0.0) if isinstance(a, Send)] == [1]
+    # A follower that is not one of the epoch's validators signs nothing.
+    follower = ConsensusCore(f.vset, None, f.identities[3], MemorySafetyStore(), config=CONFIG)
+    actions = follower.start(0.0) + follower.tick(100.0)
+    assert not [a for a in actions if isinstance(a, (Send, Broadcast))]
+    with pytest.raises(SafetyViolation):
+        follower.safety.vote(f.block(1, f.genesis_qc), None)
+
+
+def test_a_range_answer_ending_an_epoch_stays_within_the_blocks_a_message_may_carry():
+    f = Factory()
+    blocks = f.chain(list(range(1, MAX_SYNC_BLOCKS + 3)))
+    last, tail = blocks[MAX_SYNC_BLOCKS - 1], blocks[MAX_SYNC_BLOCKS:MAX_SYNC_BLOCKS + 1]
+    proof = f.qc(blocks[MAX_SYNC_BLOCKS + 1])
+    later = f.vset.successor(last)
+    by_height = {b.height: b for b in blocks[:MAX_SYNC_BLOCKS]}
+    core = ConsensusCore(later, 0, f.identities[0], MemorySafetyStore(), config=CONFIG,
+                         committed_at=by_height.get, epoch_end={0: EpochEnd(last, tail, proof)}.get)
+    (first,) = [a.message for a in core.on_message(1, RangeRequest(1, MAX_SYNC_BLOCKS), 0.0) if isinstance(a, Send)]
+    assert len(first.blocks) <= MAX_SYNC_BLOCKS and first.blocks[-1] != last and first.proof is None
+    decode_message(encode_message(first))  # the asker can read it
+    (second,) = [a.message for a in core.on_message(1, RangeRequest(first.blocks[-1].height + 1, MAX_SYNC_BLOCKS),
+                                                     0.0) if isinstance(a, Send)]
+    assert second.blocks[-len(tail) - 1:] == (last, *tail) and second.proof == proof
 
 
 def test_safety_data_starts_again_with_a_new_epoch_and_never_goes_back():
