@@ -151,8 +151,8 @@ def add_commands(consortium: Any, with_config: Any) -> None:
     rekey = with_config(consortium.add_parser(
         "new-keys", help="replacement keys for this member, for a rotate-key proposal",
         description="Write keys/signing.next.pem and sealing.next.pem (0600) and print their public half. "
-        "Once a rotate-key proposal naming them is adopted, the node (after a restart) uses them and keeps "
-        "the old ones renamed."), offline=True)
+        "Once a rotate-key proposal naming them is adopted, the node switches to them as the change commits "
+        "and keeps the old ones renamed."), offline=True)
     rekey.add_argument("--address", help="HOST:PORT to list for this member (default: its peer listener)")
     rekey.add_argument("--out", help="write the public half (member.json) here")
     rekey.set_defaults(func=cmd_new_keys)

@@ -80,33 +80,13 @@ def init_consortium(
     members = []
     configs = []
     for i, name in enumerate(names):
-        keys = directory / name / "keys"
-        keys.mkdir(parents=True, mode=0o700)
-        os.chmod(keys, 0o700)
-        identity, sealing = crypto.Identity.generate(), crypto.SealingKey.generate()
-        identity.save(keys / "signing.pem")
-        sealing.save(keys / "sealing.pem")
-        create_secret(keys / "master.key")
-        is_institution = name != regulator
-        if is_institution:
-            crypto.write_secret_file(keys / "consortium.key", consortium_secret)
         peer = Address(hosts[i], base_port) if hosts is not None else Address(host, base_port + i)
+        config, identity, sealing = _member_files(
+            directory, name, directory / GENESIS_FILE, peer, consortium_secret if name != regulator else None, ca)
         members.append(Member(
             name, "regulator" if name == regulator else "institution", identity.public_key, sealing.public_key, peer,
         ))
-        tls_files = None
-        if ca is not None:
-            issue(*ca, name, keys / "tls.pem", keys / "tls.key")
-            tls_files = TlsFiles(ca[0], keys / "tls.pem", keys / "tls.key")
-        node_path = directory / name / NODE_FILE
-        configs.append(NodeConfig(
-            path=node_path, name=name, genesis_path=directory / GENESIS_FILE, data_dir=directory / name / "data",
-            signing_key_path=keys / "signing.pem", sealing_key_path=keys / "sealing.pem",
-            peer_listen=peer, api_listen=Address("127.0.0.1", peer.port + API_PORT_OFFSET),
-            log_level="info", metrics_listen=Address("127.0.0.1", peer.port + METRICS_PORT_OFFSET),
-            master_key_path=keys / "master.key",
-            consortium_key_path=keys / "consortium.key" if is_institution else None, tls=tls_files,
-        ))
+        configs.append(config)
     grant = EpochGrant.create(chain_id, 0, {m.name: m.sealing_key for m in members})
     genesis = Genesis(chain_id, tuple(members), grant)
     _write_toml(directory / GENESIS_FILE, genesis.to_toml_dict(),
@@ -148,6 +128,20 @@ def new_member(
             secret = Path(consortium_key).read_bytes()
         except OSError as exc:
             raise ConfigError(f"--consortium-key: cannot read {consortium_key}: {exc.strerror}") from exc
+    ca_files = (Path(ca) / "ca.pem", Path(ca) / "ca.key") if ca is not None else None
+    config, identity, sealing = _member_files(directory, name, Path(genesis_path).absolute(), address,
+                                              secret or None, ca_files)
+    _write_toml(config.path, config.to_toml_dict(), f"# ehrnode node configuration for {name}\n")
+    member = Member(name, role, identity.public_key, sealing.public_key, address)
+    (directory / name / MEMBER_FILE).write_text(json.dumps(member_json(member), indent=2) + "\n", encoding="utf-8")
+    return config, member
+
+
+def _member_files(directory: Path, name: str, genesis_path: Path, peer: Address, consortium_secret: bytes | None,
+                  ca: tuple[Path, Path] | None) -> tuple[NodeConfig, crypto.Identity, crypto.SealingKey]:
+    """One member's keys directory (0700: signing and sealing keys, its records secret, for an
+    institution the consortium's EMPI pseudonym key, with ``ca`` a TLS certificate) and its node
+    configuration (returned, not written)."""
     keys = directory / name / "keys"
     keys.mkdir(parents=True, mode=0o700)
     os.chmod(keys, 0o700)
@@ -155,25 +149,21 @@ def new_member(
     identity.save(keys / "signing.pem")
     sealing.save(keys / "sealing.pem")
     create_secret(keys / "master.key")
-    if secret:
-        crypto.write_secret_file(keys / "consortium.key", secret)
+    if consortium_secret is not None:
+        crypto.write_secret_file(keys / "consortium.key", consortium_secret)
     tls_files = None
     if ca is not None:
-        issue(Path(ca) / "ca.pem", Path(ca) / "ca.key", name, keys / "tls.pem", keys / "tls.key")
-        tls_files = TlsFiles(Path(ca) / "ca.pem", keys / "tls.pem", keys / "tls.key")
+        issue(*ca, name, keys / "tls.pem", keys / "tls.key")
+        tls_files = TlsFiles(ca[0], keys / "tls.pem", keys / "tls.key")
     config = NodeConfig(
-        path=directory / name / NODE_FILE, name=name, genesis_path=Path(genesis_path).absolute(),
-        data_dir=directory / name / "data", signing_key_path=keys / "signing.pem",
-        sealing_key_path=keys / "sealing.pem", peer_listen=address,
-        api_listen=Address("127.0.0.1", address.port + API_PORT_OFFSET), log_level="info",
-        metrics_listen=Address("127.0.0.1", address.port + METRICS_PORT_OFFSET),
+        path=directory / name / NODE_FILE, name=name, genesis_path=genesis_path, data_dir=directory / name / "data",
+        signing_key_path=keys / "signing.pem", sealing_key_path=keys / "sealing.pem",
+        peer_listen=peer, api_listen=Address("127.0.0.1", peer.port + API_PORT_OFFSET),
+        log_level="info", metrics_listen=Address("127.0.0.1", peer.port + METRICS_PORT_OFFSET),
         master_key_path=keys / "master.key",
-        consortium_key_path=keys / "consortium.key" if secret else None, tls=tls_files,
+        consortium_key_path=keys / "consortium.key" if consortium_secret is not None else None, tls=tls_files,
     )
-    _write_toml(config.path, config.to_toml_dict(), f"# ehrnode node configuration for {name}\n")
-    member = Member(name, role, identity.public_key, sealing.public_key, address)
-    (directory / name / MEMBER_FILE).write_text(json.dumps(member_json(member), indent=2) + "\n", encoding="utf-8")
-    return config, member
+    return config, identity, sealing
 
 
 def member_json(member: Member) -> dict[str, str]:

@@ -28,9 +28,9 @@ import datetime
 import os
 import time
 from collections import deque
-from pathlib import Path
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -219,7 +219,6 @@ class Node:
         self.inbox_dropped = 0
         self.invalid_messages = 0
         self._started = False  # the core has loaded its certificates (the driver started it)
-        self._rotating: int | None = None  # the epoch this member last asked to rotate out of
         self._membership_changed = time.time()
         self._closed = False
         self.notifier = Notifier()

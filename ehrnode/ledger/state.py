@@ -203,7 +203,8 @@ class LedgerState:
                 self.keys.offer(tx.body["epoch"], tx.body["sealed"])
         if any(tx.kind in ("consortium.propose", "consortium.vote") for tx in valid):
             self.governance.reload()
-        self._public_valid[height] = valid
+        if valid:
+            self._public_valid[height] = valid
 
     def _take_history(self, body: dict[str, Any] | None) -> None:
         if body is not None and body.get("name") == self.keys.member and "history" in body:
