@@ -100,6 +100,7 @@ class LedgerState:
         self.keys = keys or EpochKeys(chain_id, "", None)
         self._db = open_db(path, _SCHEMA + EMPI_SCHEMA + CONSENT_SCHEMA + ACCESS_SCHEMA + WHOIS_SCHEMA
                            + GOVERNANCE_SCHEMA, "ledger state")
+        self._read_heights()
         self.governance = Governance(self._db, genesis)
         #: The members (signing keys) and roles as of the next block the ledger applies; updated
         #: in place, as the access and whois logs read the same maps.
@@ -119,6 +120,7 @@ class LedgerState:
         # Valid public-class transactions of blocks whose public part is applied and whose
         # sealed part is not yet (returned with the block's other transactions).
         self._public_valid: dict[int, list[Transaction]] = {}
+        self._decoded: dict[int, list[Envelope | None]] = {}  # likewise: its envelopes, decoded
         self.empi = EmpiRegistry(self._db)
         self.consent = ConsentRegistry(self._db, self.empi)
         self.access = AccessLog(self._db, chain_id, self.members)
@@ -131,17 +133,22 @@ class LedgerState:
     def close(self) -> None:
         self._db.close()
 
+    def _read_heights(self) -> None:
+        # Kept in memory: every admitted transaction asks (the tables change only in apply).
+        row = self._db.execute("SELECT height FROM applied").fetchone()
+        self._applied = row[0] if row else 0
+        row = self._db.execute("SELECT height FROM public_applied").fetchone()
+        self._public = max(row[0] if row else 0, self._applied)
+
     @property
     def applied_height(self) -> int:
-        row = self._db.execute("SELECT height FROM applied").fetchone()
-        return row[0] if row else 0
+        return self._applied
 
     @property
     def public_height(self) -> int:
         """The last block whose public-class transactions (membership, epoch keys) are applied:
         never behind :attr:`applied_height`, and ahead of it while this member lacks a key."""
-        row = self._db.execute("SELECT height FROM public_applied").fetchone()
-        return max(row[0] if row else 0, self.applied_height)
+        return self._public
 
     @property
     def membership(self) -> Membership:
@@ -177,10 +184,11 @@ class LedgerState:
         with transaction(self._db, f"apply block {height} (public part)") as db:
             if height == 1:
                 db.execute("INSERT OR IGNORE INTO epochs VALUES (0, 1, ?, x'', 'genesis', x'')", (block.timestamp,))
-            for position, data in enumerate(block.payload):
-                if not _is_public(data):
-                    continue
-                tx_id, status, tx = self._classify(data, height, None, membership.signing_keys)
+            decoded = [_decode(data) for data in block.payload]
+            publics = [i for i, envelope in enumerate(decoded) if envelope and envelope.kind_class in PUBLIC_CLASSES]
+            for position in publics:
+                tx_id, status, tx = self._classify(block.payload[position], height, None, membership.signing_keys,
+                                                   decoded[position])
                 if status == "ok" and tx_id in seen:
                     status = "invalid:duplicate"
                 seen.add(tx_id)
@@ -192,6 +200,9 @@ class LedgerState:
                     tx_id, height, position, tx.kind if tx else "unknown", tx.submitter if tx else None,
                     tx.time if tx else None, status))
             db.execute("INSERT OR REPLACE INTO public_applied VALUES (0, ?)", (height,))
+        self._public = height
+        if height == self._applied + 1:  # the rest of the block is applied next: decode it once
+            self._decoded[height] = decoded
         # What this block opened takes effect from the next block (and only once it is stored).
         for tx in valid:
             if tx.kind == "keys.epoch":
@@ -245,11 +256,13 @@ class LedgerState:
         self._use_membership(block.height)
         valid: list[Transaction] = []
         seen: set[bytes] = set()
+        decoded = self._decoded.pop(block.height, None) or [_decode(data) for data in block.payload]
         with transaction(self._db, f"apply block {block.height}") as db:
             for position, data in enumerate(block.payload):
-                if _is_public(data):
-                    continue
-                tx_id, status, tx = self._classify(data, block.height, admitted, self.members)
+                envelope = decoded[position]
+                if envelope is not None and envelope.kind_class in PUBLIC_CLASSES:
+                    continue  # the public part's
+                tx_id, status, tx = self._classify(data, block.height, admitted, self.members, envelope)
                 if status == "ok" and tx_id in seen:
                     status = "invalid:duplicate"
                 seen.add(tx_id)
@@ -265,6 +278,7 @@ class LedgerState:
                     tx.time if tx else None, status,
                 ))
             db.execute("INSERT OR REPLACE INTO applied VALUES (0, ?)", (block.height,))
+        self._applied = block.height
         return self._public_valid.pop(block.height, []) + valid
 
     def _apply_kind(self, db: sqlite3.Connection, tx: Transaction, height: int, block_time: int) -> str:
@@ -304,13 +318,14 @@ class LedgerState:
         return "ok"
 
     def _classify(self, data: bytes, height: int, admitted: Callable[[bytes], Transaction | None] | None,
-                  members: Mapping[str, bytes]) -> tuple[bytes, str, Transaction | None]:
+                  members: Mapping[str, bytes], envelope: Envelope | None = None,
+                  ) -> tuple[bytes, str, Transaction | None]:
         """(transaction id, status, transaction) of one payload entry; the id is the envelope's
         when what is inside cannot be read."""
         envelope_id = crypto.sha256(data)
         known = admitted(envelope_id) if admitted else None
         try:
-            envelope, tx = self.open_envelope(data, height, opened=known)
+            envelope, tx = self.open_envelope(data, height, opened=known, envelope=envelope)
         except AdmissionError as exc:
             return envelope_id, f"invalid:{exc.reason}", None
         if tx.chain_id != self.chain_id:
@@ -363,18 +378,20 @@ class LedgerState:
         return key
 
     def open_envelope(self, data: bytes, height: int | None = None, *, opened: Transaction | None = None,
-                      ) -> tuple[Envelope, Transaction]:
+                      envelope: Envelope | None = None) -> tuple[Envelope, Transaction]:
         """Decode an envelope and open it, if it may be in block ``height`` (default: the next).
 
         Raises AdmissionError with the reason the ledger records (``malformed``,
         ``stale_epoch``, ``future_epoch``, ``undecryptable``, ``envelope_mismatch``), and
         KeyUnavailable if this member lacks the key of an epoch it should hold. ``opened``
-        is the transaction inside, when the caller already opened and checked it.
+        is the transaction inside, when the caller already opened and checked it; ``envelope``,
+        ``data`` already decoded.
         """
-        try:
-            envelope = Envelope.decode(data)
-        except CodecError as exc:
-            raise AdmissionError(f"malformed envelope: {exc}", reason="malformed") from exc
+        if envelope is None:  # else ``data`` decoded already
+            try:
+                envelope = Envelope.decode(data)
+            except CodecError as exc:
+                raise AdmissionError(f"malformed envelope: {exc}", reason="malformed") from exc
         current = self.epoch_at(self.public_height + 1 if height is None else height)
         if envelope.epoch > current:
             raise AdmissionError(f"envelope sealed under epoch {envelope.epoch}, ahead of {current}",
@@ -495,12 +512,12 @@ class LedgerState:
         return self._db.execute("SELECT COUNT(*) FROM txs WHERE status = 'ok'").fetchone()[0]
 
 
-def _is_public(data: bytes) -> bool:
-    """Whether a payload entry is a well-formed public-class envelope (the public part's)."""
+def _decode(data: bytes) -> Envelope | None:
+    """A payload entry's envelope, None if it does not decode (the sealed part records it)."""
     try:
-        return Envelope.decode(data).kind_class in PUBLIC_CLASSES
+        return Envelope.decode(data)
     except CodecError:
-        return False
+        return None
 
 
 def _known_by_keys(members: Mapping[str, bytes], roles: Mapping[str, str]) -> Membership:
