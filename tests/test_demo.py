@@ -8,10 +8,11 @@ def test_demo_runs_end_to_end_and_keeps_its_files_when_asked(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
     for step in ("consortium init", "4 nodes up", "record", "empi", "privacy", "pull", "consent", "crash", "recovery",
-                 "shutdown"):
+                 "join", "shutdown"):
         assert f"\n{step} " in out
     assert "share one EMPI across both hospitals" in out
     assert "emergency pull served and flagged" in out
+    assert "HospitalD admitted" in out and "all 5 closed" in out
     assert (tmp_path / "demo" / "inputs").is_dir()  # the generated FHIR input stays for a look
     assert "FAILED" not in out
     assert (tmp_path / "demo" / "genesis.toml").exists()
