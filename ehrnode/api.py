@@ -641,6 +641,8 @@ class ApiServer:
                 if change != "remove":
                     current = node.state.membership.get(name)
                     role = params.get("role", current.role if current else None)
+                    if role not in ("institution", "regulator"):
+                        raise RpcError(-32602, "role must be institution or regulator")
                     try:
                         member = Member(name, role, _hex_param(params.get("signing_key"), "signing_key", 32),
                                         _hex_param(params.get("sealing_key"), "sealing_key", 32),

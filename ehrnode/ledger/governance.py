@@ -29,6 +29,7 @@ from typing import Any
 
 from .. import codec
 from ..config import Address, Member
+from ..errors import ConfigError
 from ..membership import Membership
 from .transactions import Transaction
 
@@ -139,6 +140,10 @@ class Governance:
                 return "invalid:key_reused"
             if len(body["history"]) != key_epochs:
                 return "invalid:history"  # one sealed key per epoch opened so far, no more
+            try:
+                Address.parse(body["address"], "consortium.propose.address")
+            except ConfigError:
+                return "invalid:address"  # never adopted, so never a member nobody can reach
         db.execute("INSERT INTO proposals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)", (
             tx.id, change, name, body["reason"], codec.encode(body), tx.submitter, tx.time, height, current.epoch,
             "open"))
