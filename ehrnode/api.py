@@ -115,8 +115,8 @@ from trio_websocket import ConnectionClosed
 
 from .codec import MAX_UINT
 from .errors import (
-    AdmissionError, CodecError, ConfigError, CryptoError, EhrnodeError, FhirError, IntegrityError, PullError, SchemaError,
-    innermost,
+    AdmissionError, CodecError, ConfigError, CryptoError, EhrnodeError, FhirError, IntegrityError, PullError,
+    SchemaError, innermost,
 )
 from .ledger.empi_registry import scoped_enrolment
 from .config import Address, Member

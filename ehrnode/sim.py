@@ -418,7 +418,8 @@ class Scenario:
                     )
                 if block.height <= len(chain):
                     if chain[block.height - 1] != block.id:
-                        self.violations.append(f"validator {node.node_id} re-committed height {block.height} differently")
+                        self.violations.append(
+                            f"validator {node.node_id} re-committed height {block.height} differently")
                 elif block.height != len(chain) + 1:
                     self.violations.append(f"validator {node.node_id} skipped to height {block.height}")
                 else:

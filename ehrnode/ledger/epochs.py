@@ -17,8 +17,9 @@ at that epoch rather than diverge); the grant's signer is on the chain.
 Old epoch keys stay with current members, so history stays readable; a member
 that joins later (or replaces its sealing key) gets every earlier key re-sealed
 to it in the proposal that admits it (:mod:`.governance`), each copy checked
-against its epoch's check value. This module holds them in memory only: they are derived again at every start from
-genesis, the ledger state's grants and the member's own sealing key.
+against its epoch's check value. This module holds them in memory only: they
+are derived again at every start from genesis, the ledger state's grants and
+the member's own sealing key.
 """
 
 from __future__ import annotations
