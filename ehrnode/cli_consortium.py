@@ -31,10 +31,9 @@ def cmd_new_keys(args: argparse.Namespace) -> int:
     from .config import load_node_config
     from .crypto import Identity, SealingKey
     from .errors import CryptoError
-    from .node import next_key_paths
 
     config = load_node_config(_config_path(args))
-    signing_path, sealing_path = next_key_paths(config)
+    signing_path, sealing_path = config.next_key_paths
     if signing_path.exists() or sealing_path.exists():
         raise UsageError(f"{signing_path.parent} already holds replacement keys: propose them, or remove them first")
     identity, sealing = Identity.generate(), SealingKey.generate()
@@ -48,7 +47,12 @@ def cmd_new_keys(args: argparse.Namespace) -> int:
               "address": address}
     text = json.dumps(member, indent=2) + "\n"
     if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+        try:
+            Path(args.out).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            print(text)  # the keys are written: their public half must not be lost with the file
+            raise UsageError(f"--out: cannot write {args.out}: {exc.strerror} (the public half of the keys in "
+                             f"{signing_path.parent} is printed above)") from exc
     print(text if not args.out else f"new keys in {signing_path.parent}; their public half in {args.out}: "
           f"propose them with `ehrnode consortium propose rotate-key --member-file {args.out}`")
     return 0

@@ -142,6 +142,12 @@ class NodeConfig:
     #: ([keys] rotate_days; see :mod:`ehrnode.ledger.epochs`).
     rotate_days: float = DEFAULT_ROTATE_DAYS
 
+    @property
+    def next_key_paths(self) -> tuple[Path, Path]:
+        """Where `consortium new-keys` puts the member's replacement keys, beside its keys."""
+        return (self.signing_key_path.with_name("signing.next.pem"),
+                self.sealing_key_path.with_name("sealing.next.pem"))
+
     def to_toml_dict(self) -> dict[str, Any]:
         def rel(p: Path) -> str:
             return os.path.relpath(p, self.path.parent)

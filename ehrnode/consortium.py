@@ -128,6 +128,9 @@ def new_member(
             secret = Path(consortium_key).read_bytes()
         except OSError as exc:
             raise ConfigError(f"--consortium-key: cannot read {consortium_key}: {exc.strerror}") from exc
+        if len(secret) != 32:
+            raise ConfigError(f"--consortium-key: {consortium_key} holds {len(secret)} bytes, not the consortium's "
+                              "32-byte EMPI pseudonym key")
     ca_files = (Path(ca) / "ca.pem", Path(ca) / "ca.key") if ca is not None else None
     config, identity, sealing = _member_files(directory, name, Path(genesis_path).absolute(), address,
                                               secret or None, ca_files)

@@ -983,14 +983,8 @@ class Node:
         }
 
 
-def next_key_paths(config: NodeConfig) -> tuple[Path, Path]:
-    """Where `consortium new-keys` puts a member's replacement keys, beside its keys."""
-    return (config.signing_key_path.with_name("signing.next.pem"),
-            config.sealing_key_path.with_name("sealing.next.pem"))
-
-
 def _next_keys(config: NodeConfig) -> tuple[crypto.Identity, crypto.SealingKey] | None:
-    signing, sealing = next_key_paths(config)
+    signing, sealing = config.next_key_paths
     if not signing.exists() or not sealing.exists():
         return None
     try:
@@ -1003,7 +997,7 @@ def _take_next_keys(config: NodeConfig) -> list[Path]:
     """Make the replacement keys the member's keys; the old ones are kept, renamed, and returned."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     retired = []
-    for current, following in zip((config.signing_key_path, config.sealing_key_path), next_key_paths(config),
+    for current, following in zip((config.signing_key_path, config.sealing_key_path), config.next_key_paths,
                                   strict=True):
         old = current.with_name(f"{current.stem}.retired-{stamp}{current.suffix}")
         try:

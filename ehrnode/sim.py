@@ -223,9 +223,8 @@ class Scenario:
         chosen = self.rng.sample(range(n), count)
         self.byzantine: dict[int, str] = {i: self.rng.choice(config.behaviours) for i in chosen}
         self.honest = [i for i in range(n + config.spares) if i not in self.byzantine]
-        # The validators of each epoch, and the change each epoch's markers ask for (drawn once).
+        # The validators of each epoch (each drawn once, when the epoch before it is asked to end).
         self.memberships: dict[int, tuple[int, ...]] = {0: self.genesis_members}
-        self.changes: dict[int, str] = {}
         self.now = 0.0
         self._queue: list[tuple[float, int, str, tuple]] = []
         self._seq = itertools.count()
@@ -243,7 +242,6 @@ class Scenario:
         self.violations: list[str] = []
         self.commit_count = 0
         self.rejected = 0
-        self.ignored = 0  # messages from a node the receiver does not count as a validator
         self.stable_round = 0
         self.live_at_round: dict[int, int] = {}
         self.live_commits: dict[int, int] = {}
@@ -616,8 +614,7 @@ class Scenario:
                 return
             sender = node.index_of(src)
             if sender is None:
-                self.ignored += 1  # as a node refuses a peer that is not a member of its epoch
-                return
+                return  # as a node ignores a peer that is not a validator of its epoch
             try:
                 message = decode_message(data)
                 actions = node.core.on_message(sender, message, self.now)
@@ -678,7 +675,6 @@ class Scenario:
         if change in ("add", "swap"):
             members = (*members, rng.choice(spares))
         self.memberships[epoch + 1] = members
-        self.changes[epoch] = change
         self.faults.append(f"epoch {epoch} -> {epoch + 1}: {change}, validators {list(members)}")
         return members
 
