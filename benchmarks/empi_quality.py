@@ -6,11 +6,13 @@ classified, exactly as an enrolment would be. Ground truth is the N of `rec-N-..
 rows with the same N are the same person. A pair counts as found when `classify`
 says "link"; pairs it sends to review are reported apart.
 
-    python benchmarks/empi_quality.py --dedup FILE [--no-id] [--json]
+    python benchmarks/empi_quality.py [--dedup FILE] [--no-id] [--json]
     python benchmarks/empi_quality.py --left A --right B [--no-id] [--json]
     python benchmarks/empi_quality.py --split FILE [--overlap 0.5] [--seed 1] [--no-id] [--json]
     python benchmarks/empi_quality.py --fit FILE... [--iterations 200]
 
+FILE may be a path or the name of a set shipped in `tests/data/febrl/` (`dataset1.csv`,
+`dataset2.csv`, `dataset3.csv`); with no mode, `--dedup dataset2.csv` runs.
 `--dedup` enrols the rows of one file in order; each is compared with those before it.
 `--left/--right` enrols the left file, then looks up each right row among the left
 ones (two institutions). `--split` makes the two institutions from one file: each
@@ -44,11 +46,20 @@ from ehrnode.empi import matching  # noqa: E402
 from ehrnode.empi.encoding import Encoder  # noqa: E402
 from ehrnode.empi.normalize import Demographics  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "febrl"
+#: The FEBRL sets shipped with the repository; a bare file name is looked for here.
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "febrl"
 #: The key every run uses, so results are reproducible (any 32 bytes give the same quality).
 TEST_KEY = bytes(range(32))
 
 Row = dict[str, str]
+
+
+def data_file(name: str) -> Path:
+    """``name`` as given if it exists, else the shipped FEBRL set of that name."""
+    path = Path(name)
+    if not path.exists() and (DATA / path.name).exists():
+        return DATA / path.name
+    return path
 
 
 def read_rows(path: Path) -> list[Row]:
@@ -286,18 +297,20 @@ def em(patterns: list[tuple[int | None, ...]], u: list[list[float]], sizes: list
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--dedup", type=Path, metavar="FILE")
-    mode.add_argument("--left", type=Path, metavar="A")
-    mode.add_argument("--split", type=Path, metavar="FILE")
-    mode.add_argument("--fit", type=Path, nargs="+", metavar="FILE")
-    parser.add_argument("--right", type=Path, metavar="B")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dedup", type=data_file, metavar="FILE")
+    mode.add_argument("--left", type=data_file, metavar="A")
+    mode.add_argument("--split", type=data_file, metavar="FILE")
+    mode.add_argument("--fit", type=data_file, nargs="+", metavar="FILE")
+    parser.add_argument("--right", type=data_file, metavar="B")
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-id", action="store_true", help="ignore soc_sec_id")
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if not (args.dedup or args.left or args.split or args.fit):
+        args.dedup = DATA / "dataset2.csv"
     national_id = not args.no_id
     if args.fit:
         fit(args.fit, args.iterations, args.seed)

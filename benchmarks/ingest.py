@@ -1,7 +1,7 @@
 """Recording throughput: FHIR in, anchors committed, on a four-member consortium on loopback.
 
 Starts four `ehrnode run` processes from a fresh `consortium init`, then records the Synthea
-patients of `../shared/data/synthea-10` at one institution through its local API, as
+patients shipped in `tests/data/synthea` at one institution through its local API, as
 `ehrnode records add` does, and measures records per second from the first byte sent to the
 last anchor committed (parse, validate, de-identify, encrypt, vault, sign, gossip, commit).
 `--copies N` records the data N times under fresh resource ids, for a longer run.
@@ -31,7 +31,7 @@ from ehrnode.records import fhir  # noqa: E402
 from ehrnode.records.deid import Deidentifier, load_profile  # noqa: E402
 from ehrnode.records.submit import add_items  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea-10"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "synthea"
 
 
 def load_items(copies: int) -> list[fhir.Item]:

@@ -282,7 +282,10 @@ def cmd_tx_submit(args: argparse.Namespace) -> int:
 def cmd_records_add(args: argparse.Namespace) -> int:
     from .records.submit import add_items, read_inputs
 
-    items, problems = read_inputs(args.files, skip_invalid=args.skip_invalid)
+    inputs = read_inputs(args.files, skip_invalid=args.skip_invalid)
+    items, problems = inputs.items, inputs.problems
+    for path in inputs.empty:
+        print(f"empty: {path}: no resources in it (nothing to record)", file=sys.stderr)
     for problem in problems:
         print(f"skipped: {problem}", file=sys.stderr)
     if not items:
@@ -609,8 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     add = with_config(records.add_parser(
         "add", help="record FHIR resources (JSON, Bundle or NDJSON) at this institution",
         description="Validate, de-identify, encrypt into the vault and anchor on chain every resource of the "
-        "files given. Invalid input records nothing unless --skip-invalid."))
-    add.add_argument("files", nargs="+", type=Path, metavar="FILE")
+        "files given (a folder stands for its .json, .ndjson and .jsonl files, as a FHIR bulk export). "
+        "Invalid input records nothing unless --skip-invalid; an empty NDJSON file is reported, not refused."))
+    add.add_argument("files", nargs="+", type=Path, metavar="FILE|DIR")
     add.add_argument("--skip-invalid", action="store_true", help="record the valid resources, report the others")
     add.add_argument("--no-wait", action="store_true", help="return once the anchors are in the mempool")
     add.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the anchors to commit")

@@ -71,7 +71,7 @@ class Demo:
         path = inputs / f"{name}-{len(list(inputs.iterdir()))}.ndjson"
         resources = [r for p in population for r in synthetic.patient_resources(p, name, visits=visits, seed=7)]
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in resources), encoding="utf-8")
-        items, _ = read_inputs([path], skip_invalid=False)
+        items = read_inputs([path], skip_invalid=False).items
         async with ApiClient.connect(self.net.configs[name]) as client:
             result = await add_items(client, items, timeout=60)
         rows = [dict(r, height=result.heights.get(r["tx_id"])) for r in result.records]

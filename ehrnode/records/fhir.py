@@ -39,7 +39,7 @@ import importlib
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -216,10 +216,12 @@ class Problem:
 
 @dataclass(frozen=True)
 class Intake:
-    """What :func:`load` took (validated items) and what it did not (problems)."""
+    """What :func:`load` took (validated items), what it did not (problems), and the
+    NDJSON files that held no resource (``empty``: normal in a bulk export, not a problem)."""
 
     items: list[Item]
     problems: list[Problem]
+    empty: list[str] = field(default_factory=list)
 
 
 def read_file(path: Path) -> tuple[list[Item], list[Problem]]:
@@ -245,6 +247,9 @@ def read_bytes(data: bytes, name: str) -> tuple[list[Item], list[Problem]]:
 
     ``name`` is how problems and item sources refer to the input (usually its path).
     A resource sent twice in the input is kept once, the second one is a problem.
+    Empty NDJSON (see :func:`is_ndjson`) gives nothing and no problem: a FHIR bulk
+    export writes one file per type, and a type with no resources is an empty file.
+    Any other empty input is an ``empty`` problem.
     """
     reader = _Reader(name)
     if len(data) > MAX_INPUT_BYTES:
@@ -254,12 +259,18 @@ def read_bytes(data: bytes, name: str) -> tuple[list[Item], list[Problem]]:
         # Some Windows exporters write one; FHIR JSON is UTF-8 and it carries nothing.
         data, offset = data[len(_BOM):], len(_BOM)
     if not data.strip():
-        reader.problem(name, "empty input: no resource in it", "empty")
-    elif name.lower().endswith(_NDJSON_SUFFIXES):
+        if not is_ndjson(name):
+            reader.problem(name, "empty input: no resource in it", "empty")
+    elif is_ndjson(name):
         reader.ndjson(data, offset)
     else:
         reader.document(data, offset)
     return reader.items, reader.problems
+
+
+def is_ndjson(name: str) -> bool:
+    """True for a name with an NDJSON suffix (``.ndjson``, ``.jsonl``)."""
+    return name.lower().endswith(_NDJSON_SUFFIXES)
 
 
 def validate(item: Item) -> Problem | None:
@@ -308,9 +319,12 @@ def load(paths: Iterable[Path]) -> Intake:
     """
     items: list[Item] = []
     problems: list[Problem] = []
+    empty: list[str] = []
     seen: dict[tuple[str, str], str] = {}
-    for path in _expand(paths):
+    for path in expand(paths):
         read, found = read_file(path)
+        if not read and not found:
+            empty.append(str(path))
         for item in read:
             problem = _duplicate(item.resource, item.source, seen) or validate(item)
             if problem is None:
@@ -320,7 +334,7 @@ def load(paths: Iterable[Path]) -> Intake:
         # Reading and validating find problems in two passes; a user reads them in file order.
         found.sort(key=lambda problem: _position(problem.source, str(path)))
         problems.extend(found)
-    return Intake(items, problems)
+    return Intake(items, problems, empty)
 
 
 def is_patient_data(resource: dict[str, Any]) -> bool:
@@ -742,7 +756,9 @@ def _position(source: str, name: str) -> tuple[int, ...]:
     return tuple(int(number) for number in re.findall(r"\d+", source[len(name):]))
 
 
-def _expand(paths: Iterable[Path]) -> list[Path]:
+def expand(paths: Iterable[Path]) -> list[Path]:
+    """The files to read: each path as given, a directory standing for its FHIR files
+    (INPUT_SUFFIXES), in name order."""
     files: list[Path] = []
     for path in paths:
         path = Path(path)

@@ -10,7 +10,6 @@ import os
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -29,7 +28,8 @@ from ehrnode.empi.matching import dice
 from ehrnode.empi.normalize import Demographics
 from ehrnode.errors import CryptoError, SchemaError
 
-FEBRL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "febrl"
+from ..datasets import FEBRL
+
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
 

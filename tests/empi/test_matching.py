@@ -8,7 +8,6 @@ import dataclasses
 import json
 import random
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,8 @@ from ehrnode.empi.encoding import FIELDS, Encoder, Encodings
 from ehrnode.empi.matching import Index, blocking_keys, classify, match_grade, score
 from ehrnode.empi.normalize import Demographics
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from ..datasets import FEBRL, SYNTHEA
+
 KEY = bytes(range(32))
 
 SUMIKO = Demographics(
@@ -191,7 +191,7 @@ def test_blocking_keys_include_the_national_id(encoder):
 # -- data sets -----------------------------------------------------------------------------
 
 def _febrl(name: str) -> list[dict[str, str]]:
-    with open(SHARED / "febrl" / name, newline="") as fh:
+    with open(FEBRL / name, newline="") as fh:
         return list(csv.DictReader(fh, skipinitialspace=True))
 
 
@@ -220,7 +220,7 @@ def test_febrl_dedup_quality_floor_without_national_id(encoder):
 
 
 def _synthea() -> list[dict]:
-    return [json.loads(line) for line in (SHARED / "synthea-10" / "Patient.ndjson").read_text().splitlines()]
+    return [json.loads(line) for line in (SYNTHEA / "Patient.ndjson").read_text().splitlines()]
 
 
 def _second_registration(patient: dict, rng: random.Random) -> dict:

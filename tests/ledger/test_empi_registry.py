@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-from pathlib import Path
 
 from ehrnode import crypto, synthetic
 from ehrnode.consensus.types import Block
@@ -13,6 +12,7 @@ from ehrnode.ledger.state import LedgerState
 from ehrnode.ledger.transactions import Transaction
 
 from ..consensus.factory import Factory
+from ..datasets import SYNTHEA
 from .sealing import keyring, sealed
 
 F = Factory()
@@ -21,7 +21,6 @@ MEMBERS = {name: key.public_key for name, key in KEYS.items()}
 ROLES = {"A": "institution", "B": "institution", "R": "regulator"}
 ENCODER = Encoder(b"k" * 32)
 EPOCHS = keyring(F.vset.chain_id)
-SYNTHEA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "synthea-10"
 
 
 def tx(kind, body, submitter="A"):

@@ -1,6 +1,6 @@
 """De-identification engine and k-anonymity (ehrnode/records/deid.py, kanon.py).
 
-Most tests run the default profile over the Synthea sample (13 patients, ~7,100
+Most tests run the default profile over the Synthea sample (12 patients, ~3,600
 resources) under a fixed key and a fixed "today", so every run is the same.
 """
 
@@ -37,7 +37,8 @@ from ehrnode.records.deid import (
 )
 from ehrnode.records.kanon import RESTRICTED_ZIP3, choose_levels, zip3
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "synthea-10"
+from ..datasets import SYNTHEA as DATA
+
 KEY = bytes(range(32))
 TODAY = date(2025, 6, 1)
 DIRECTORY = {"Practitioner", "PractitionerRole", "Organization", "Location"}
@@ -138,7 +139,7 @@ def test_every_resource_of_every_type_deidentifies_to_valid_fhir_r4_without_touc
         assert json.dumps(raw, sort_keys=True) == before, "the input was changed"
         _validate(out)
         kinds[out["resourceType"]] += 1
-    assert sum(kinds.values()) == len(raws) > 7000
+    assert sum(kinds.values()) == len(raws) > 3500
     assert set(kinds) == {p.stem for p in DATA.glob("*.ndjson")}
 
 
@@ -287,7 +288,7 @@ def test_date_shift_preserves_intervals_precision_and_zone():
                 length = datetime.fromisoformat(before["end"]) - datetime.fromisoformat(before["start"])
                 assert datetime.fromisoformat(after["end"]) - datetime.fromisoformat(after["start"]) == length
             compared += 1
-    assert compared > 4000
+    assert compared > 2500
 
 
 def test_shift_date_keeps_each_fhir_date_form():
@@ -342,7 +343,7 @@ def test_pseudonyms_are_stable_and_references_between_released_resources_still_m
             rtype, rid = reason["reference"].split("/")
             assert {"reference": f"{rtype}/{ids[(rtype, rid)]}"} in out["reasonReference"]
             links += 1
-    assert links > 10000
+    assert links > 6000
     again = _deid()
     sample = [r for r in _raw() if r["resourceType"] == "Procedure"][:50]
     assert [again.deidentify(r, patient=_patient_of(r)) for r in sample] == \

@@ -13,7 +13,8 @@ from ehrnode.errors import FhirError
 from ehrnode.records import fhir
 from ehrnode.records.fhir import Item, Problem
 
-SYNTHEA = Path("/work/shared/data/synthea-10")
+from ..datasets import SYNTHEA
+
 NON_PATIENT_TYPES = {"Organization", "Practitioner", "Location"}
 
 
@@ -66,9 +67,9 @@ def test_synthea_counts_per_type_match_line_counts(intake):
     assert counts == expected
 
 
-def test_synthea_patient_data_belongs_to_one_of_the_13_patients(intake):
+def test_synthea_patient_data_belongs_to_one_of_the_12_patients(intake):
     patients = {item.resource_id for item in intake.items if item.resource_type == "Patient"}
-    assert len(patients) == 13
+    assert len(patients) == 12
     for item in intake.items:
         if fhir.is_patient_data(item.resource):
             assert fhir.patient_id(item.resource) in patients, item.source
@@ -396,10 +397,22 @@ def test_bytes_over_the_size_limit_are_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("data", [b"", b"\n\n  \r\n", b"\xef\xbb\xbf"])
-def test_empty_input(tmp_path, data):
-    path, (items, problems) = read(tmp_path, "empty.ndjson", data)
+def test_empty_json_input_is_a_problem(tmp_path, data):
+    path, (items, problems) = read(tmp_path, "empty.json", data)
     assert items == []
     assert (only(problems).source, only(problems).reason) == (str(path), "empty")
+
+
+@pytest.mark.parametrize("name", ["Observation.ndjson", "x.JSONL"])
+@pytest.mark.parametrize("data", [b"", b"\n\n  \r\n", b"\xef\xbb\xbf"])
+def test_empty_ndjson_is_no_problem_and_load_reports_it(tmp_path, name, data):
+    """A bulk export writes a file per type; a type with no resources is an empty file."""
+    path, (items, problems) = read(tmp_path, name, data)
+    assert (items, problems) == ([], [])
+    (tmp_path / "Condition.ndjson").write_bytes(ndjson(synthea("Condition")))
+    result = fhir.load([tmp_path])
+    assert [item.resource_type for item in result.items] == ["Condition"]
+    assert (result.problems, result.empty) == ([], [str(path)])
 
 
 @pytest.mark.parametrize("data, kind", [(b"[1, 2]", "an array"), (b'"Patient"', "a string"), (b"null", "null"),

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import trio
@@ -14,7 +13,8 @@ from ehrnode.localnet import LocalConsortium
 from ehrnode.records.keys import RecordKeys
 from ehrnode.records.vault import Vault
 
-SYNTHEA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "synthea-10"
+from ..datasets import SYNTHEA
+
 NON_PATIENT = {"Organization", "Practitioner", "Location"}
 
 
@@ -91,7 +91,7 @@ def test_every_resource_is_recorded_and_anchored_on_every_node(cluster, ingest):
     by_empi = {}
     for row in rows:
         by_empi.setdefault(row["empi"], set()).add(row["record_id"])
-    assert len(by_empi) == 13
+    assert len(by_empi) == 12
 
     async def listings(name):
         out = {}
@@ -244,6 +244,24 @@ def test_skip_invalid_records_the_rest_and_reports_what_it_skipped(cluster, tmp_
     assert "mixed.ndjson:3" in result.stderr
 
 
+def test_a_bulk_export_folder_with_an_empty_type_file_records_the_rest_and_says_so(cluster, tmp_path):
+    config = cluster.configs["C"].path
+    patient = json.loads((SYNTHEA / "Patient.ndjson").read_text().splitlines()[3])
+    conditions = [json.loads(line) for line in (SYNTHEA / "Condition.ndjson").read_text().splitlines()]
+    mine = [c for c in conditions if c["subject"]["reference"] == f"Patient/{patient['id']}"][:1]
+    export = tmp_path / "export"
+    export.mkdir()
+    _write(export / "Patient.ndjson", json.dumps(patient) + "\n")
+    _write(export / "Condition.ndjson", "".join(json.dumps(c) + "\n" for c in mine))
+    _write(export / "Observation.ndjson", "")
+    (export / "manifest.txt").write_text("not FHIR")   # neither read nor refused: not a FHIR file
+    result = cli("records", "add", "--config", config, "--json", export)
+    assert result.returncode == 0, result.stderr
+    assert sorted(r["resource_type"] for r in json.loads(result.stdout)) == ["Condition", "Patient"]
+    assert f"empty: {export / 'Observation.ndjson'}" in result.stderr
+    assert "skipped" not in result.stderr
+
+
 def test_a_regulator_does_not_record(cluster):
     result = cli("records", "add", "--config", cluster.configs["R"].path, SYNTHEA / "Patient.ndjson")
     assert result.returncode == 2 and "does not record" in result.stderr
@@ -308,7 +326,7 @@ def test_empi_across_institutions_and_its_curation_commands(cluster, ingest, tmp
     for row in rows:
         if row["resource_type"] == "Patient":
             a_empi[_line_id(row["source"])] = row["empi"]
-    # B registers the same 13 people with typos, given names in another order, another phone
+    # B registers the same 12 people with typos, given names in another order, another phone
     # and no SSN: every one gets A's EMPI, on demographics alone.
     patients = _patients()
     typoed = []
