@@ -47,7 +47,10 @@ EMPI:
 ``empi.link``         ``{"enrolment": HEX, "empi": E}``; ``empi.split`` ``{"enrolment"}``;
                       ``empi.not_duplicate`` ``{"a", "b"}``;
 ``empi.merge``        ``{"from": E, "into": E}``; ``empi.unmerge`` ``{"merge": TX_ID}``: signed by this
-                      member, answered once committed: ``{"tx_id", "height", "status"}``
+                      member, answered once committed: ``{"tx_id", "height", "status"}``; a link or
+                      merge that needs other institutions' agreement adds ``"waiting": [MEMBER...]``
+``empi.accept``       ``{"request": TX_ID}``: agree to another institution's held link or merge
+``empi.requests``     -> held links and merges made by this member or waiting for it
 
 Consent (recorded by an institution that has the patient):
 
@@ -508,6 +511,8 @@ class ApiServer:
             return registry.review_queue()
         if method == "empi.history":
             return registry.history(_empi_param(params.get("empi"), "empi"))
+        if method == "empi.requests":
+            return registry.requests(node.name)
         if method == "empi.lookup":
             patient = params.get("patient")
             if not isinstance(patient, dict) or patient.get("resourceType") != "Patient":
@@ -525,10 +530,15 @@ class ApiServer:
             "empi.merge": lambda: {"from": _empi_param(params.get("from"), "from"),
                                    "into": _empi_param(params.get("into"), "into")},
             "empi.unmerge": lambda: {"merge": _hex_param(params.get("merge"), "merge", 32)},
+            "empi.accept": lambda: {"request": _hex_param(params.get("request"), "request", 32)},
         }
         if method not in bodies:
             raise RpcError(-32601, f"unknown method {method!r}")
-        return await self._submit_and_wait(method, bodies[method](), params, user)
+        result = await self._submit_and_wait(method, bodies[method](), params, user)
+        held = registry.request(bytes.fromhex(result["tx_id"]))
+        if held is not None:
+            result["waiting"] = held["waiting"]
+        return result
 
     async def _consent_call(self, method: str, params: dict[str, Any], user: User) -> Any:
         if method == "consent.show":

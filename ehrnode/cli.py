@@ -440,10 +440,31 @@ def cmd_empi_change(args: argparse.Namespace) -> int:
         "not-duplicate": lambda: {"a": args.a, "b": args.b},
         "merge": lambda: {"from": args.source, "into": args.target},
         "unmerge": lambda: {"merge": args.merge},
+        "accept": lambda: {"request": args.request},
     }[args.empi_command]()
     result = _call(args, "empi." + args.empi_command.replace("-", "_"), **params)
     assert isinstance(result, dict)
-    print(json.dumps(result) if args.json else f"committed {result['tx_id']} at height {result['height']}")
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"committed {result['tx_id']} at height {result['height']}")
+    if result.get("waiting"):
+        print(f"held until {', '.join(result['waiting'])} agree: each runs `ehrnode empi accept {result['tx_id']}`",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_empi_requests(args: argparse.Namespace) -> int:
+    def line(r: dict) -> str:
+        what = (f"link {r['enrolment']} -> {r['empi']}" if r["kind"] == "link"
+                else f"merge {r['from']} -> {r['into']}")
+        state = f"stale ({r['stale']})" if r["stale"] else f"waiting for {', '.join(r['waiting']) or '-'}"
+        return f"{r['request']}  {r['requester']:<12} {what}  {state}"
+
+    rows = _call(args, "empi.requests")
+    _print_rows(rows, args.json, line)
+    if not args.json and not rows:
+        print("no held links or merges")
     return 0
 
 
@@ -654,6 +675,10 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("empi")
     history.add_argument("--json", action="store_true")
     history.set_defaults(func=cmd_empi_history)
+    requests = with_config(empi.add_parser(
+        "requests", help="held links and merges: made by this institution, or waiting for its agreement"))
+    requests.add_argument("--json", action="store_true")
+    requests.set_defaults(func=cmd_empi_requests)
     for name, helptext, positional in (
         ("link", "link an enrolment to an EMPI", (("enrolment", "ENROLMENT"), ("empi", "EMPI"))),
         ("split", "move an enrolment wrongly linked (twins, say) to a new EMPI of its own",
@@ -662,6 +687,8 @@ def build_parser() -> argparse.ArgumentParser:
          (("a", "ENROLMENT"), ("b", "ENROLMENT"))),
         ("merge", "merge one EMPI into another", (("source", "FROM"), ("target", "INTO"))),
         ("unmerge", "undo a merge, given the merge's transaction id", (("merge", "MERGE_TX"),)),
+        ("accept", "agree to another institution's held link or merge of patients this one holds",
+         (("request", "REQUEST_TX"),)),
     ):
         change = with_config(empi.add_parser(name, help=helptext))
         for dest, metavar in positional:

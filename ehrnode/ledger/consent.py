@@ -5,15 +5,30 @@ Theory of operation
 A patient's institution records the patient's consent choices as signed
 transactions: ``consent.grant`` and ``consent.revoke``, each naming the EMPI,
 the grantee (a member, or ``*`` for all), the purposes of use and the
-resource types it covers (``*`` for all), and optionally an end time. Only an
-institution that has the patient enrolled may record them.
+resource types it covers (``*`` for all), and optionally an end time.
 
-To decide whether a grantee may read a record of type T for purpose P at time
-t, the entries of the patient (under its EMPI and every EMPI merged into it)
-that cover (grantee, P, T) and are still in force at t are taken in chain
-order, and the last one wins: a grant allows, a revocation refuses. With none,
-the consortium's default applies (the caller passes it: it is policy, not
-state). The decision names the entry it rests on, so an access log can cite it.
+Who may record: only a *holder* of the patient, an institution that has
+anchored at least one record of an enrolment under the EMPI. Enrolling a
+patient, or claiming one, is not enough: the EMPI registry only joins
+institutions' enrolments with their agreement (:mod:`.empi_registry`), and the
+records are what consent is about.
+
+What decides a pull of a record held by institution H, for grantee G, purpose
+P and resource type T at time t: the entries of the patient (under its EMPI
+and every EMPI merged into it) that cover (G, P, T) and are in force at t are
+grouped by the holder that recorded them, and each holder's last entry is its
+stance.
+
+1. If any holder's stance is a revocation, the pull is refused: a revocation
+   stays in force until the holder that recorded it grants again, and no other
+   holder's grant undoes it (the strictest choice wins).
+2. Otherwise, if H's own stance is a grant, the pull is allowed: only the
+   custodian of a record can open it; another holder's grant covers that
+   holder's records, not H's.
+3. Otherwise the consortium's default applies (the caller passes it: it is
+   policy, not state).
+
+The decision names the entry it rests on, so an access log can cite it.
 """
 
 from __future__ import annotations
@@ -53,9 +68,9 @@ class ConsentRegistry:
         current = self._empi.resolve(db, body["empi"])
         if current is None:
             return "invalid:unknown"
-        if not db.execute("SELECT 1 FROM enrolments WHERE empi = ? AND institution = ? LIMIT 1",
-                          (current, submitter)).fetchone():
-            return "invalid:not_owner"  # only an institution that has this patient records its consent
+        if not db.execute("SELECT 1 FROM anchors a JOIN enrolments e ON e.id = a.patient "
+                          "WHERE e.empi = ? AND a.institution = ? LIMIT 1", (current, submitter)).fetchone():
+            return "invalid:not_holder"  # only an institution holding this patient's records records consent
         db.execute(
             "INSERT INTO consents (empi, action, grantor, grantee, purposes, scope, until, height, time, tx_id) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -76,11 +91,12 @@ class ConsentRegistry:
             "until": u or None, "height": h, "time": t, "tx_id": tx.hex(),
         } for e, a, g, ge, p, s, u, h, t, tx in rows]
 
-    def decide(self, empi: str, grantee: str, purpose: str, resource_type: str, now_ms: int, *,
+    def decide(self, empi: str, grantee: str, purpose: str, resource_type: str, now_ms: int, *, holder: str,
                default: bool) -> Decision:
-        """Whether ``grantee`` may read a ``resource_type`` record of ``empi`` for ``purpose`` now."""
-        decision = Decision(default, "default", None)
-        for entry in self.entries(empi):
+        """Whether ``grantee`` may read a ``resource_type`` record ``holder`` holds of ``empi``, for
+        ``purpose``, now (the rule in the module docstring)."""
+        stances: dict[str, tuple[int, dict[str, Any]]] = {}
+        for order, entry in enumerate(self.entries(empi)):
             if entry["grantee"] not in ("*", grantee):
                 continue
             if "*" not in entry["purposes"] and purpose not in entry["purposes"]:
@@ -89,6 +105,11 @@ class ConsentRegistry:
                 continue
             if entry["until"] is not None and entry["until"] <= now_ms:
                 continue
-            granted = entry["action"] == "grant"
-            decision = Decision(granted, "granted" if granted else "revoked", bytes.fromhex(entry["tx_id"]))
-        return decision
+            stances[entry["grantor"]] = (order, entry)  # chain order: each holder's last one stands
+        revoked = [stance for stance in stances.values() if stance[1]["action"] == "revoke"]
+        if revoked:
+            return Decision(False, "revoked", bytes.fromhex(max(revoked)[1]["tx_id"]))
+        own = stances.get(holder)
+        if own is not None:
+            return Decision(True, "granted", bytes.fromhex(own[1]["tx_id"]))
+        return Decision(default, "default", None)

@@ -21,10 +21,29 @@ every node. Records never carry an EMPI, only their enrolment: a merge or
 unmerge moves enrolments between EMPIs and every record follows.
 
 Curators act with signed transactions: ``empi.link`` (an enrolment joins an
-EMPI), ``empi.split`` (an enrolment leaves its EMPI for a new one), ``empi.not_duplicate`` (closes a review item), ``empi.merge`` (every
-enrolment of one EMPI moves into another, which the old EMPI then resolves to)
-and ``empi.unmerge`` (undoes one merge: the enrolments it moved go back).
-Every change is kept in the history.
+EMPI), ``empi.split`` (an enrolment leaves its EMPI for a new one),
+``empi.not_duplicate`` (closes a review item), ``empi.merge`` (every enrolment
+of one EMPI moves into another, which the old EMPI then resolves to) and
+``empi.unmerge`` (undoes one merge: the enrolments it moved go back). Every
+change is kept in the history.
+
+Authority. An institution speaks only for its own enrolments. A change that
+puts patients of other institutions together needs their agreement, because
+an EMPI decides whose consent and whose records count for whom:
+
+- ``empi.link`` of the submitter's enrolment into EMPI T takes effect at once
+  when no other institution holds an enrolment under T, or when the registry's
+  own evidence makes the enrolment a *certain* match of one under T (equal
+  national-id pseudonyms, or a score above ``matching.CERTAIN``); otherwise it
+  is held as a request;
+- ``empi.merge`` of S into T needs the submitter to hold an enrolment under S
+  or T, and takes effect at once only when no other institution holds one
+  under either; otherwise it is held as a request;
+- a request takes effect when every other institution holding enrolments under
+  the EMPIs it joins (as they stand then) has sent ``empi.accept`` for it; the
+  requester cannot accept its own. Moving one's own enrolment out of an EMPI
+  (``empi.split``) or undoing a merge one took part in needs nobody's agreement:
+  those only separate.
 
 Scores are integers (fixed point), candidates are read in a fixed order and
 nothing depends on wall time, so the registry is identical on every node.
@@ -33,6 +52,7 @@ nothing depends on wall time, so the registry is identical on every node.
 from __future__ import annotations
 
 import base64
+import json
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -61,9 +81,14 @@ CREATE TABLE IF NOT EXISTS empi_history (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, empi TEXT NOT NULL, height INTEGER NOT NULL, tx_id BLOB NOT NULL,
     event TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS empi_history_empi ON empi_history(empi);
+CREATE TABLE IF NOT EXISTS empi_requests (
+    tx_id BLOB PRIMARY KEY, kind TEXT NOT NULL, submitter TEXT NOT NULL, body BLOB NOT NULL,
+    accepted TEXT NOT NULL, status TEXT NOT NULL, height INTEGER NOT NULL);
 """
 
 DECODED_CACHE = 100_000
+#: Enrolments of an EMPI a link's evidence is scored against (an EMPI is one person: a few).
+MAX_EVIDENCE = 64
 EMPI_PREFIX = "E"
 
 
@@ -225,6 +250,58 @@ class EmpiRegistry:
         return any(db.execute("SELECT 1 FROM enrolments WHERE empi = ? AND institution = ? LIMIT 1",
                               (e, institution)).fetchone() for e in empis)
 
+    def _holders(self, db: sqlite3.Connection, *empis: str) -> set[str]:
+        """The institutions holding an enrolment under any of ``empis`` (as they stand)."""
+        found: set[str] = set()
+        for empi in empis:
+            found.update(r[0] for r in db.execute("SELECT DISTINCT institution FROM enrolments WHERE empi = ?",
+                                                  (empi,)))
+        return found
+
+    def _certain_match(self, db: sqlite3.Connection, enrolment: bytes, empi: str, institution: str) -> bool:
+        """Whether the registry's own evidence makes ``enrolment`` a certain match of an
+        enrolment of another institution under ``empi``."""
+        mine = self._encodings(enrolment)
+        for (other,) in db.execute("SELECT id FROM enrolments WHERE empi = ? AND institution != ? ORDER BY id "
+                                   "LIMIT ?", (empi, institution, MAX_EVIDENCE)):
+            if matching.match_grade(matching.score(mine, self._encodings(other))) == "certain":
+                return True
+        return False
+
+    def _request(self, db: sqlite3.Connection, kind: str, body: dict[str, Any], submitter: str, height: int,
+                 tx_id: bytes, empi: str, waiting: set[str]) -> str:
+        db.execute("INSERT INTO empi_requests VALUES (?, ?, ?, ?, '[]', 'open', ?)",
+                   (tx_id, kind, submitter, codec.encode(body), height))
+        self._history(db, empi, height, tx_id, f"{kind}_requested",
+                      f"{submitter} asks; waiting for {', '.join(sorted(waiting))}")
+        return "ok"
+
+    def _required(self, db: sqlite3.Connection, kind: str, body: dict[str, Any],
+                  submitter: str) -> tuple[set[str], str] | str:
+        """(institutions whose agreement a link or merge needs now, the EMPI it joins into),
+        or the reason it cannot take effect as the registry stands."""
+        if kind == "link":
+            owner = self._owner(db, body["enrolment"])
+            target = self.resolve(db, body["empi"])
+            if owner is None or target is None:
+                return "invalid:unknown"
+            if owner[0] != submitter:
+                return "invalid:not_owner"
+            if owner[1] == target:
+                return "invalid:same"
+            return self._holders(db, target) - {submitter}, target
+        source, target = self.resolve(db, body["from"]), self.resolve(db, body["into"])
+        if source is None or target is None:
+            return "invalid:unknown"
+        if source == target:
+            return "invalid:same"
+        if not self._holders(db, source):
+            return "invalid:empty"  # every enrolment has left it: nothing to merge
+        holders = self._holders(db, source, target)
+        if submitter not in holders:
+            return "invalid:not_owner"  # only an institution with a patient in either may merge them
+        return holders - {submitter}, target
+
     def _close_reviews(self, db: sqlite3.Connection, empi: str) -> None:
         """Open review items whose two enrolments are now one EMPI are settled."""
         db.execute("UPDATE review SET status = 'linked' WHERE status = 'open' AND "
@@ -232,19 +309,59 @@ class EmpiRegistry:
                    (empi, empi))
 
     def link(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int, tx_id: bytes) -> str:
-        """An institution links one of its own enrolments to an EMPI."""
-        owner = self._owner(db, body["enrolment"])
-        target = self.resolve(db, body["empi"])
-        if owner is None or target is None:
-            return "invalid:unknown"
-        if owner[0] != submitter:
-            return "invalid:not_owner"
-        row = (owner[1],)
+        """An institution links one of its own enrolments to an EMPI: at once, or as a request
+        the other institutions under that EMPI accept (see Authority above)."""
+        required = self._required(db, "link", body, submitter)
+        if isinstance(required, str):
+            return required
+        waiting, target = required
+        if waiting and not self._certain_match(db, body["enrolment"], target, submitter):
+            return self._request(db, "link", body, submitter, height, tx_id, target, waiting)
+        self._link(db, body, submitter, target, height, tx_id)
+        return "ok"
+
+    def _link(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, target: str, height: int,
+              tx_id: bytes) -> None:
+        previous = db.execute("SELECT empi FROM enrolments WHERE id = ?", (body["enrolment"],)).fetchone()[0]
         db.execute("UPDATE enrolments SET empi = ? WHERE id = ?", (target, body["enrolment"]))
         self._close_reviews(db, target)
-        detail = f"{submitter} linked {body['enrolment'].hex()} from {row[0]}"
+        detail = f"{submitter} linked {body['enrolment'].hex()} from {previous}"
         self._history(db, target, height, tx_id, "linked", detail)
-        self._history(db, row[0], height, tx_id, "unlinked", detail)
+        self._history(db, previous, height, tx_id, "unlinked", detail)
+
+    def accept(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int,
+               tx_id: bytes) -> str:
+        """An institution under the EMPIs a held link or merge joins agrees to it; the last
+        agreement needed makes it take effect."""
+        row = db.execute("SELECT kind, submitter, body, accepted, status FROM empi_requests WHERE tx_id = ?",
+                         (body["request"],)).fetchone()
+        if row is None:
+            return "invalid:unknown_request"
+        kind, requester, raw, accepted_json, status = row
+        if status != "open":
+            return "invalid:decided"
+        if submitter == requester:
+            return "invalid:own_request"
+        request = codec.decode(raw)
+        required = self._required(db, kind, request, requester)
+        if isinstance(required, str):
+            return "invalid:stale"  # the registry changed under it: ask again
+        waiting, target = required
+        accepted = set(json.loads(accepted_json))
+        if submitter not in waiting:
+            return "invalid:not_holder"  # only an institution under the EMPIs it joins agrees
+        if submitter in accepted:
+            return "invalid:duplicate_accept"
+        accepted.add(submitter)
+        done = waiting <= accepted
+        db.execute("UPDATE empi_requests SET accepted = ?, status = ? WHERE tx_id = ?",
+                   (json.dumps(sorted(accepted)), "applied" if done else "open", body["request"]))
+        self._history(db, target, height, tx_id, "accepted", f"{submitter} accepts the {kind} of {requester}")
+        if done:
+            if kind == "link":
+                self._link(db, request, requester, target, height, body["request"])
+            else:
+                self._merge(db, request, requester, height, body["request"])
         return "ok"
 
     def split(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int, tx_id: bytes) -> str:
@@ -280,11 +397,21 @@ class EmpiRegistry:
         return "ok"
 
     def merge(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int, tx_id: bytes) -> str:
+        """Every enrolment of one EMPI moves into another: at once if the submitter is the only
+        institution under either, else as a request the others accept (see Authority above)."""
+        required = self._required(db, "merge", body, submitter)
+        if isinstance(required, str):
+            return required
+        waiting, target = required
+        if waiting:
+            return self._request(db, "merge", body, submitter, height, tx_id, target, waiting)
+        self._merge(db, body, submitter, height, tx_id)
+        return "ok"
+
+    def _merge(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int,
+               tx_id: bytes) -> None:
         source, target = self.resolve(db, body["from"]), self.resolve(db, body["into"])
-        if source is None or target is None or source == target:
-            return "invalid:unknown" if source is None or target is None else "invalid:same"
-        if not self._owns_any(db, submitter, source, target):
-            return "invalid:not_owner"  # only an institution with a patient in either may merge them
+        assert source is not None and target is not None
         moved = [r[0] for r in db.execute("SELECT id FROM enrolments WHERE empi = ? ORDER BY id", (source,))]
         db.execute("UPDATE enrolments SET empi = ? WHERE empi = ?", (target, source))
         self._close_reviews(db, target)
@@ -293,7 +420,6 @@ class EmpiRegistry:
         detail = f"{submitter} merged {source} into {target} ({len(moved)} enrolments)"
         self._history(db, target, height, tx_id, "merged", detail)
         self._history(db, source, height, tx_id, "merged_away", detail)
-        return "ok"
 
     def unmerge(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int,
                 tx_id: bytes) -> str:
@@ -380,6 +506,37 @@ class EmpiRegistry:
                 "b": {"enrolment": b.hex(), "institution": eb[0], "empi": eb[1]},
                 "score": score, "height": height, "evidence": evidence_view(evidence),
             })
+        return out
+
+    def request(self, tx_id: bytes) -> dict[str, Any] | None:
+        """The held link or merge made by transaction ``tx_id``, while still open."""
+        found = self._requests("AND tx_id = ?", (tx_id,))
+        return found[0] if found else None
+
+    def requests(self, institution: str | None = None) -> list[dict[str, Any]]:
+        """Held links and merges still open, oldest first, each with who has agreed and who
+        it waits for; with ``institution``, only those waiting for it or made by it."""
+        return self._requests("", (), institution)
+
+    def _requests(self, where: str, args: tuple[Any, ...], institution: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        rows = self._db.execute("SELECT tx_id, kind, submitter, body, accepted, height FROM empi_requests "
+                                f"WHERE status = 'open' {where} ORDER BY height, tx_id", args).fetchall()
+        for tx_id, kind, requester, raw, accepted_json, height in rows:
+            body = codec.decode(raw)
+            required = self._required(self._db, kind, body, requester)
+            accepted = json.loads(accepted_json)
+            waiting = sorted(required[0] - set(accepted)) if not isinstance(required, str) else []
+            if institution is not None and institution != requester and institution not in waiting:
+                continue
+            view = {"request": tx_id.hex(), "kind": kind, "requester": requester, "height": height,
+                    "accepted": accepted, "waiting": waiting,
+                    "stale": required if isinstance(required, str) else None}
+            if kind == "link":
+                view.update(enrolment=body["enrolment"].hex(), empi=body["empi"])
+            else:
+                view.update({"from": body["from"], "into": body["into"]})
+            out.append(view)
         return out
 
     def history(self, empi: str) -> list[dict[str, Any]]:

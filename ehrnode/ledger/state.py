@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS key_reseals (
 _INSTITUTIONS = frozenset({"institution"})
 _KIND_ROLES = {kind: _INSTITUTIONS for kind in (
     "record.anchor", "empi.enrol", "empi.link", "empi.not_duplicate", "empi.merge", "empi.unmerge", "empi.split",
+    "empi.accept",
     "consent.grant", "consent.revoke", "access.log", "record.erase", "whois.answer")}
 
 ANCHOR_COLUMNS = ("record", "patient", "institution", "recorded_at", "setting", "resource_type", "commitment",
@@ -126,6 +127,7 @@ class LedgerState:
         self._empi_kinds = {
             "empi.enrol": self.empi.enrol, "empi.link": self.empi.link, "empi.not_duplicate": self.empi.not_duplicate,
             "empi.merge": self.empi.merge, "empi.unmerge": self.empi.unmerge, "empi.split": self.empi.split,
+            "empi.accept": self.empi.accept,
         }
 
     def close(self) -> None:

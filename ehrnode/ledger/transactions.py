@@ -41,6 +41,14 @@ def _note_body(body: Any) -> dict[str, Any]:
 
 
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}\Z")
+#: An anchor's ``recorded_at`` is a whole UTC day: a time of day would let a member that pulls a
+#: record recorded as the care happened match it against the released (date-shifted) times.
+DAY_MS = 86_400_000
+
+
+def recorded_day(time_ms: int) -> int:
+    """The UTC day of ``time_ms``, as an anchor carries it (milliseconds at midnight)."""
+    return time_ms - time_ms % DAY_MS
 _SETTING = re.compile(r"^[A-Za-z0-9_.-]{1,32}\Z")
 
 
@@ -54,7 +62,8 @@ def _anchor_body(body: Any) -> dict[str, Any]:
     as_bytes(m["record"], "record.anchor.record", size=16)
     as_bytes(m["patient"], "record.anchor.patient", size=ENROLMENT_SIZE)
     as_str(m["institution"], "record.anchor.institution", max_len=32)
-    as_uint(m["recorded_at"], "record.anchor.recorded_at")
+    if as_uint(m["recorded_at"], "record.anchor.recorded_at") % DAY_MS:
+        raise SchemaError("record.anchor.recorded_at: a whole UTC day (milliseconds at midnight)")
     if not _SETTING.match(as_str(m["setting"], "record.anchor.setting", max_len=32)):
         raise SchemaError("record.anchor.setting: expected a short code")
     if not _RESOURCE_TYPE.match(as_str(m["resource_type"], "record.anchor.resource_type", max_len=64)):
@@ -112,6 +121,13 @@ def _merge_body(body: Any) -> dict[str, Any]:
     m = as_map(body, "empi.merge", ("from", "into"))
     _empi(m["from"], "empi.merge.from")
     _empi(m["into"], "empi.merge.into")
+    return dict(m)
+
+
+def _accept_body(body: Any) -> dict[str, Any]:
+    """An institution under the EMPIs a held link or merge joins agrees to it (by its tx id)."""
+    m = as_map(body, "empi.accept", ("request",))
+    as_bytes(m["request"], "empi.accept.request", size=32)
     return dict(m)
 
 
@@ -305,7 +321,7 @@ def _vote_body(body: Any) -> dict[str, Any]:
 #: Each kind's body schema: a function that raises SchemaError or returns the checked body.
 KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "note": _note_body, "record.anchor": _anchor_body, "empi.enrol": _enrol_body, "empi.link": _link_body,
-    "empi.not_duplicate": _not_duplicate_body, "empi.merge": _merge_body, "empi.unmerge": _unmerge_body,
+    "empi.not_duplicate": _not_duplicate_body, "empi.merge": _merge_body, "empi.unmerge": _unmerge_body, "empi.accept": _accept_body,
     "empi.split": _split_body, "consent.grant": _consent_body, "consent.revoke": _consent_body,
     "access.log": _access_body, "record.erase": _erase_body, "integrity.alert": _alert_body,
     "whois.request": _whois_request_body, "whois.answer": _whois_answer_body, "keys.epoch": _keys_epoch_body,

@@ -40,7 +40,7 @@ from .. import codec, crypto
 from ..empi.encoding import Encoder
 from ..empi.normalize import Demographics
 from ..errors import FhirError
-from ..ledger.transactions import ENROLMENT_SIZE, Transaction
+from ..ledger.transactions import ENROLMENT_SIZE, Transaction, recorded_day
 from . import deid as deid_module
 from . import fhir
 from .canonical import canonical_json, commitment, new_salt
@@ -116,7 +116,10 @@ class Recorder:
 
     def record(self, items: Sequence[fhir.Item], *, skip_invalid: bool = False, now_ms: int,
                actor: bytes = b"") -> Outcome:
-        """Record ``items`` atomically; raises FhirError (nothing written) on invalid input."""
+        """Record ``items`` atomically; raises FhirError (nothing written) on invalid input.
+
+        What goes on chain carries only the day of ``now_ms`` (see ``recorded_day``)."""
+        now_ms = recorded_day(now_ms)
         outcome = Outcome()
         problems: list[fhir.Problem] = []
         candidates: list[_Candidate] = []

@@ -226,7 +226,7 @@ class PullServer:
             if empi is None:  # enrolment not committed: no consent can name the patient yet
                 return Decision(default, "default", None)
             return self.state.consent.decide(empi, request.requester, request.purpose, anchor["resource_type"],
-                                             now, default=default)
+                                             now, holder=self.name, default=default)
 
         verdict = self.policy.decide(request.requester, role, request.role, request.purpose,
                                      anchor["resource_type"], consent)

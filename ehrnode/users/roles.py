@@ -37,7 +37,7 @@ METHODS = frozenset({
     "records.stage", "records.add", "records.list", "records.show", "records.kanon", "records.pull",
     "records.erase", "vault.verify",
     "empi.of", "empi.lookup", "empi.review", "empi.history", "empi.link", "empi.split", "empi.not_duplicate",
-    "empi.merge", "empi.unmerge",
+    "empi.merge", "empi.unmerge", "empi.accept", "empi.requests",
     "consent.grant", "consent.revoke", "consent.show",
     "audit.trail", "audit.disclosures", "audit.trace", "audit.whois",
     "events.subscribe", "keys.status", "keys.rotate",

@@ -17,7 +17,7 @@ from .test_empi_registry import EPOCHS, F, KEYS, MEMBERS, Chain, enrol, tx
 
 def anchor(record, position, submitter="A", patient=b"p" * 16):
     return tx("record.anchor", {
-        "epoch": 0, "record": record, "patient": patient, "institution": submitter, "recorded_at": 1,
+        "epoch": 0, "record": record, "patient": patient, "institution": submitter, "recorded_at": 86_400_000,
         "setting": "AMB", "resource_type": "Condition", "commitment": os.urandom(32), "position": position,
         "entry": os.urandom(32)}, submitter)
 

@@ -94,13 +94,21 @@ def test_merge_and_unmerge_round_trip_and_records_follow(tmp_path):
     ea, eb = registry.empi_of(scoped("A", b"a" * 16)), registry.empi_of(scoped("B", b"b" * 16))
     assert ea != eb
     anchors = [tx("record.anchor", {
-        "epoch": 0, "record": bytes([n]) * 16, "patient": patient, "institution": inst, "recorded_at": 1,
+        "epoch": 0, "record": bytes([n]) * 16, "patient": patient, "institution": inst, "recorded_at": 86_400_000,
         "setting": "AMB", "resource_type": "Condition", "commitment": bytes([n]) * 32, "position": 1,
         "entry": bytes(32)}, inst) for n, patient, inst in ((1, b"a" * 16, "A"), (2, b"b" * 16, "B"))]
     assert chain.apply(*anchors) == ["ok", "ok"]
     assert len(chain.state.anchors(empi=ea)) == 1
     merge = tx("empi.merge", {"from": eb, "into": ea}, "B")
     assert chain.apply(merge) == ["ok"]
+    # A holds a patient under ea: B's word alone merges nothing; A's agreement does.
+    assert len(chain.state.anchors(empi=ea)) == 1
+    assert [(r["kind"], r["requester"], r["waiting"]) for r in registry.requests()] == [("merge", "B", ["A"])]
+    assert registry.requests("A") == registry.requests("B") == registry.requests()
+    assert chain.apply(tx("empi.accept", {"request": merge.id}, "B")) == ["invalid:own_request"]
+    assert chain.apply(tx("empi.accept", {"request": merge.id}, "A")) == ["ok"]
+    assert registry.requests() == []
+    assert chain.apply(tx("empi.accept", {"request": merge.id}, "A")) == ["invalid:decided"]
     # Either id now lists the records of both.
     assert {a["record"] for a in chain.state.anchors(empi=ea)} == {bytes([1]) * 16, bytes([2]) * 16}
     assert chain.state.anchors(empi=eb) == chain.state.anchors(empi=ea)
@@ -112,7 +120,7 @@ def test_merge_and_unmerge_round_trip_and_records_follow(tmp_path):
     assert [a["record"] for a in chain.state.anchors(empi=eb)] == [bytes([2]) * 16]
     assert chain.apply(tx("empi.unmerge", {"merge": merge.id}, "A")) == ["invalid:undone"]
     events = [e["event"] for e in registry.history(ea)]
-    assert events == ["created", "merged", "unmerged"]
+    assert events == ["created", "merge_requested", "accepted", "merged", "unmerged"]
 
 
 def test_link_not_duplicate_and_refusals(tmp_path):
@@ -176,3 +184,62 @@ def test_a_regulator_cannot_enrol(tmp_path):
     chain = Chain(tmp_path / "state.db")
     patient = synthetic.patient_resources(synthetic.people(1, seed=1)[0], "R")[0]
     assert chain.apply(enrol(patient, "R", b"r" * 16)) == ["invalid:role"]
+
+
+def _anchor(n, patient, institution):
+    return tx("record.anchor", {
+        "epoch": 0, "record": bytes([n]) * 16, "patient": patient, "institution": institution, "recorded_at": 86_400_000,
+        "setting": "AMB", "resource_type": "Condition", "commitment": bytes([n]) * 32, "position": n,
+        "entry": bytes(32)}, institution)
+
+
+def test_a_member_cannot_join_its_enrolment_to_another_members_patient_alone(tmp_path):
+    """B enrols a dummy patient and links it into A's patient's EMPI: held until A agrees."""
+    chain = Chain(tmp_path / "state.db")
+    people = synthetic.people(2, seed=9)
+    real = synthetic.patient_resources(people[0], "A")[0]
+    dummy = synthetic.patient_resources(people[1], "B")[0]
+    assert chain.apply(enrol(real, "A", b"a" * 16), enrol(dummy, "B", b"d" * 16)) == ["ok", "ok"]
+    assert chain.apply(_anchor(1, b"a" * 16, "A"), _anchor(2, b"d" * 16, "B")) == ["ok", "ok"]
+    registry = chain.state.empi
+    ea, d = registry.empi_of(scoped("A", b"a" * 16)), scoped("B", b"d" * 16)
+    link = tx("empi.link", {"enrolment": d, "empi": ea}, "B")
+    assert chain.apply(link) == ["ok"]
+    assert registry.empi_of(d) != ea and registry.institutions_of(ea) == {"A"}
+    assert [e["event"] for e in registry.history(ea)] == ["created", "link_requested"]
+    # Neither the requester nor an institution outside the EMPI can agree for A.
+    assert chain.apply(tx("empi.accept", {"request": link.id}, "B")) == ["invalid:own_request"]
+    assert chain.apply(tx("empi.accept", {"request": link.id}, "R")) == ["invalid:role"]
+    assert chain.apply(tx("empi.accept", {"request": bytes(32)}, "A")) == ["invalid:unknown_request"]
+    # A merge of B's dummy EMPI into A's patient is held the same way.
+    merge = tx("empi.merge", {"from": registry.empi_of(d), "into": ea}, "B")
+    assert chain.apply(merge) == ["ok"] and registry.empi_of(d) != ea
+    assert {r["kind"] for r in registry.requests("A")} == {"link", "merge"}
+    # A agrees to the link: it takes effect; the merge is now moot (one EMPI).
+    assert chain.apply(tx("empi.accept", {"request": link.id}, "A")) == ["ok"]
+    assert registry.empi_of(d) == ea and registry.institutions_of(ea) == {"A", "B"}
+    assert chain.apply(tx("empi.accept", {"request": merge.id}, "A")) == ["invalid:stale"]
+
+
+def test_a_certain_match_links_at_once_and_a_merge_needs_every_other_holder(tmp_path):
+    chain = Chain(tmp_path / "state.db")
+    people = synthetic.people(3, seed=10)
+    p0, p1 = (synthetic.patient_resources(p, "A")[0] for p in people[:2])
+    p1_at_b = dict(synthetic.patient_resources(people[1], "B")[0])
+    assert chain.apply(enrol(p0, "A", b"a" * 16), enrol(p1, "A", b"b" * 16)) == ["ok", "ok"]
+    registry = chain.state.empi
+    e0, e1 = registry.empi_of(scoped("A", b"a" * 16)), registry.empi_of(scoped("A", b"b" * 16))
+    # B enrols the same person as A's second patient, then splits it off: a link back is a
+    # certain match (same national id), so it needs nobody's agreement.
+    assert chain.apply(enrol(p1_at_b, "B", b"c" * 16)) == ["ok"]
+    c = scoped("B", b"c" * 16)
+    assert registry.empi_of(c) == e1
+    assert chain.apply(tx("empi.split", {"enrolment": c}, "B")) == ["ok"]
+    assert chain.apply(tx("empi.link", {"enrolment": c, "empi": e1}, "B")) == ["ok"]
+    assert registry.empi_of(c) == e1 and registry.requests() == []
+    # A alone under e0, A and B under e1: A's merge waits for B.
+    merge = tx("empi.merge", {"from": e0, "into": e1})
+    assert chain.apply(merge) == ["ok"]
+    assert [r["waiting"] for r in registry.requests()] == [["B"]]
+    assert chain.apply(tx("empi.accept", {"request": merge.id}, "B")) == ["ok"]
+    assert registry.resolve(None, e0) == e1

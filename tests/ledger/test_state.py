@@ -22,7 +22,7 @@ EPOCHS = keyring("chain")
 def anchor(submitter="A", *, institution=None, record=1, position=1, patient=b"q" * 16, **fields):
     body = {
         "epoch": 0, "record": record.to_bytes(16, "big"), "patient": patient, "institution": institution or submitter,
-        "recorded_at": 1_700_000_000_000, "setting": "AMB", "resource_type": "Condition",
+        "recorded_at": 1_699_920_000_000, "setting": "AMB", "resource_type": "Condition",
         "commitment": bytes([record]) * 32, "position": position, "entry": bytes(32),
     } | fields
     return Transaction.create("record.anchor", body, chain_id="chain", submitter=submitter,

@@ -359,15 +359,26 @@ def test_empi_across_institutions_and_its_curation_commands(cluster, ingest, tmp
     first, second = a_empi[patients[0]["id"]], a_empi[patients[1]["id"]]
     before = {first: listing(first, "A"), second: listing(second, "A")}
     assert before[first] and before[second] and not before[first] & before[second]
+    # B holds both patients too (and C, which recorded one of them in other tests): A's merge is
+    # held until every other holder agrees.
     merged = cli("empi", "merge", "--config", config, "--json", second, first)
     assert merged.returncode == 0, merged.stderr
-    merge_tx = json.loads(merged.stdout)["tx_id"]
+    merge_tx, waiting = json.loads(merged.stdout)["tx_id"], json.loads(merged.stdout)["waiting"]
+    assert "B" in waiting and "A" not in waiting and listing(first, "A") == before[first]
+    held = cli("empi", "requests", "--config", cluster.configs["B"].path, "--json")
+    assert [(r["request"], r["kind"], r["waiting"]) for r in json.loads(held.stdout)] == [(merge_tx, "merge", waiting)]
+    own = cli("empi", "accept", "--config", config, merge_tx)
+    assert own.returncode == 2 and "own_request" in own.stderr
+    for name in waiting:
+        accepted = cli("empi", "accept", "--config", cluster.configs[name].path, merge_tx)
+        assert accepted.returncode == 0, accepted.stderr
 
     assert listing(first, "A") == listing(second, "A") == before[first] | before[second]
     assert cli("empi", "unmerge", "--config", config, merge_tx).returncode == 0
     assert listing(first, "A") == before[first] and listing(second, "A") == before[second]
     history = cli("empi", "history", "--config", config, "--json", first)
-    assert [e["event"] for e in json.loads(history.stdout)][-2:] == ["merged", "unmerged"]
+    assert [e["event"] for e in json.loads(history.stdout)][-3 - len(waiting):] == [
+        "merge_requested", *["accepted"] * len(waiting), "merged", "unmerged"]
     refused = cli("empi", "merge", "--config", config, first, first)
     assert refused.returncode == 2 and "invalid" in refused.stderr
     review = cli("empi", "review", "--config", config, "--json")
@@ -383,9 +394,9 @@ def test_consent_is_recorded_by_the_patients_institution_and_shown_everywhere(cl
                   "--until", "2099-12-31")
     assert granted.returncode == 0, granted.stderr
     assert cli("consent", "revoke", "--config", a, "--empi", empi, "--to", "*", "--purpose", "research").returncode == 0
-    # C has no patient under this EMPI; the regulator records no consent; a bad date or purpose is refused.
+    # C holds no record of this patient; the regulator records no consent; a bad date or purpose is refused.
     refused = cli("consent", "grant", "--config", c, "--empi", empi, "--to", "B")
-    assert refused.returncode == 2 and "not_owner" in refused.stderr
+    assert refused.returncode == 2 and "not_holder" in refused.stderr
     assert cli("consent", "grant", "--config", r, "--empi", empi, "--to", "B").returncode == 2
     assert cli("consent", "grant", "--config", a, "--empi", empi, "--to", "B", "--until", "soon").returncode == 2
     assert cli("consent", "grant", "--config", a, "--empi", empi, "--to", "B", "--purpose", "fun").returncode == 2
