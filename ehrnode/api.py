@@ -142,11 +142,38 @@ if TYPE_CHECKING:
 MAX_REQUEST_BYTES = 4 << 20
 MAX_WAIT = 120.0
 MAX_BATCH = 1000
-#: FHIR input held between ``records.stage`` and ``records.add``: per connection (resources and
-#: bytes of JSON received), and bytes over all connections at once.
+#: FHIR input held between ``records.stage`` and ``records.add``: per connection (resources, and
+#: memory once parsed, as :func:`parsed_size` bounds it), and memory over all connections at once.
+#: Parsed JSON takes 3-28 times the bytes it came in (Synthea about 4), so it is what is counted.
 MAX_STAGED = 200_000
-MAX_STAGED_BYTES = 256 * 1024 * 1024
+MAX_STAGED_BYTES = 512 * 1024 * 1024
 MAX_STAGED_TOTAL = 1024 * 1024 * 1024
+#: Connections not authenticated yet (a local process cannot exhaust the node's descriptors),
+#: and connections in all.
+MAX_UNAUTHENTICATED = 64
+MAX_CONNECTIONS = 512
+#: Requests larger than this are parsed a few at a time (each may take ~100 MB once parsed).
+LARGE_REQUEST = 64 * 1024
+LARGE_PARSES = 4
+
+
+def _parse(raw: str | bytes) -> Any:
+    """A request's JSON, or the RpcError to answer it with."""
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return RpcError(-32700, f"parse error: {exc}")
+
+
+def parsed_size(text: str | bytes) -> int:
+    """An upper bound, in bytes, of the memory ``json.loads(text)`` takes: each object, array,
+    key, value and string charged what CPython spends on it. Counts characters only (fast); a
+    bracket or quote inside a string is charged too, which errs on the safe side."""
+    def count(char: str) -> int:
+        return text.count(char.encode() if isinstance(text, bytes) else char)  # type: ignore[arg-type]
+
+    return (2 * len(text) + 184 * count("{") + 64 * count("[") + 64 * count(":") + 40 * count(",")
+            + 28 * count('"'))
 
 
 class _Staged:
@@ -230,8 +257,11 @@ class ApiServer:
         self._failing = trio.CapacityLimiter(FAILURE_SLOTS)
         self.log = get_logger(node=node.name)
         self._throttle_logged: dict[str, float] = {}
-        self.staged_total = 0  # bytes of FHIR input staged over all connections
+        self.staged_total = 0  # bytes of FHIR input staged over all connections (parsed size)
         self._sessions: set[_Session] = set()
+        self._unauthenticated = 0
+        self._connections = 0
+        self._large_parses = trio.CapacityLimiter(LARGE_PARSES)
 
     async def serve(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -240,6 +270,25 @@ class ApiServer:
             task_status.started(listeners)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
+        limit = ("api_connections" if self._connections >= MAX_CONNECTIONS
+                 else "api_unauthenticated" if self._unauthenticated >= MAX_UNAUTHENTICATED else None)
+        if limit is not None:
+            self.node.refusals.refuse(limit, "local", trio.current_time(),
+                                      detail=f"{self._connections} connections, {self._unauthenticated} not "
+                                             f"authenticated yet (at most {MAX_CONNECTIONS}, {MAX_UNAUTHENTICATED})")
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            return
+        self._connections += 1
+        self._unauthenticated += 1
+        pending = True
+
+        def authenticated() -> None:
+            nonlocal pending
+            if pending:
+                pending = False
+                self._unauthenticated -= 1
+
         try:
             async with trio.open_nursery() as nursery:
                 with trio.fail_after(10):
@@ -255,6 +304,7 @@ class ApiServer:
                     outcome = authenticate(self.users, self.throttle, token, claimed, trio.current_time())
                     if outcome.user is not None:
                         ws = await request.accept()
+                        authenticated()
                 if outcome.user is None:
                     self._denied(outcome, claimed)
                     # Answered late, a few at a time over the whole API: wrong answers come slowly however
@@ -288,6 +338,8 @@ class ApiServer:
             elif not isinstance(exc, (ConnectionClosed, trio.TooSlowError, trio_websocket.HandshakeError, OSError)):
                 self.log.warning("api.error", error=repr(exc))
         finally:
+            authenticated()
+            self._connections -= 1
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
 
@@ -359,8 +411,14 @@ class ApiServer:
                     raw = await ws.get_message()
                 except ConnectionClosed:
                     return
-                staged.message_bytes = len(raw)
-                reply, close = await self._dispatch(raw, ws, nursery, staged, session)
+                staged.message_bytes = parsed_size(raw)
+                if len(raw) > LARGE_REQUEST:
+                    async with self._large_parses:  # parsed a few at a time; handled as any other
+                        request = _parse(raw)
+                else:
+                    request = _parse(raw)
+                del raw
+                reply, close = await self._dispatch(request, ws, nursery, staged, session)
                 await ws.send_message(json.dumps(reply))
                 if close:
                     await ws.aclose(1008, close)
@@ -373,15 +431,14 @@ class ApiServer:
         staged.items.clear()
         staged.bytes = 0
 
-    async def _dispatch(self, raw: str | bytes, ws: Any, nursery: trio.Nursery, staged: _Staged,
+    async def _dispatch(self, request: Any, ws: Any, nursery: trio.Nursery, staged: _Staged,
                         session: _Session) -> tuple[dict[str, Any], str]:
-        """The reply to one request, and why to close the connection after it ("": keep it open)."""
+        """The reply to one request (parsed, or the RpcError parsing it raised), and why to close
+        the connection after it ("": keep it open)."""
         request_id: Any = None
         try:
-            try:
-                request = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise RpcError(-32700, f"parse error: {exc}") from exc
+            if isinstance(request, RpcError):
+                raise request
             if not isinstance(request, dict) or request.get("jsonrpc") != "2.0" or not isinstance(
                 request.get("method"), str
             ):
@@ -711,10 +768,14 @@ class ApiServer:
             size = staged.message_bytes if items else 0
             if (len(staged.items) + len(items) > MAX_STAGED or staged.bytes + size > MAX_STAGED_BYTES
                     or self.staged_total + size > MAX_STAGED_TOTAL):
+                self.node.refusals.refuse("api_staged", user.name, trio.current_time(),
+                                          detail=f"{len(staged.items) + len(items)} resources, "
+                                                 f"{(staged.bytes + size) >> 20} MiB parsed")
                 self._release(staged)
                 raise RpcError(-32000, f"input too large to record at once (at most {MAX_STAGED} resources, "
-                                       f"{MAX_STAGED_BYTES >> 20} MiB per input, {MAX_STAGED_TOTAL >> 20} MiB "
-                                       "staged on this node); staged input dropped", reason="too_large")
+                                       f"{MAX_STAGED_BYTES >> 20} MiB per input once parsed, "
+                                       f"{MAX_STAGED_TOTAL >> 20} MiB staged on this node); staged input dropped; "
+                                       "record it in parts", reason="too_large")
             staged.items.extend(fhir.Item(entry["source"], entry["resource"]) for entry in items)
             staged.bytes += size
             self.staged_total += size

@@ -9,7 +9,7 @@ callables, so they are never stale.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -37,6 +37,19 @@ class Gauge:
 
     def render(self) -> list[str]:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge", f"{self.name} {_num(self.read())}"]
+
+
+class LabeledCounts:
+    """A counter per value of one label, read when scraped (``name{label="value"} count``)."""
+
+    def __init__(self, name: str, help_: str, label: str, read: Callable[[], Mapping[str, float]]) -> None:
+        self.name, self.help, self.label, self.read = name, help_, label, read
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        for value, count in sorted(self.read().items()):
+            lines.append(f'{self.name}{{{self.label}="{value}"}} {_num(count)}')
+        return lines
 
 
 class Histogram:
@@ -79,6 +92,10 @@ class Registry:
 
     def gauge(self, name: str, help_: str, read: Callable[[], float]) -> Gauge:
         return self._add(Gauge(name, help_, read))
+
+    def labeled_counts(self, name: str, help_: str, label: str,
+                       read: Callable[[], Mapping[str, float]]) -> LabeledCounts:
+        return self._add(LabeledCounts(name, help_, label, read))
 
     def histogram(self, name: str, help_: str, buckets: tuple[float, ...]) -> Histogram:
         return self._add(Histogram(name, help_, buckets))

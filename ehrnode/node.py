@@ -52,6 +52,7 @@ from .ledger.mempool import Mempool
 from .ledger.safety_store import FileSafetyStore
 from .ledger.state import LedgerState
 from .ledger.transactions import Transaction
+from .limits import Refusals
 from .logs import get_logger
 from .membership import Membership
 from .metrics import Registry
@@ -190,8 +191,11 @@ class Node:
             expires = check_certificate(tls.cert, tls.ca, self.name)
             if expires - datetime.datetime.now(datetime.UTC) < datetime.timedelta(days=30):
                 self.log.warning("tls.expiring", expires=expires.isoformat())
+        #: Every per-peer and per-source limit counts and logs its refusals here.
+        self.refusals = Refusals(self.name)
         self.network = PeerNetwork(self.genesis, self.name, self.identity, self._on_frame,
-                                   on_connect=self._on_connect, tls=self.tls, membership=self.membership)
+                                   on_connect=self._on_connect, tls=self.tls, membership=self.membership,
+                                   refusals=self.refusals)
         if following is not None and self.identity is not following[0]:
             self.network.fallback = following[0]  # peers that adopted our next key accept only it
         # Restored from a backup: sign nothing until the other validators say how far the chain got.
@@ -240,7 +244,7 @@ class Node:
             self.pull_server = PullServer(
                 name=self.name, genesis=self.genesis, state=self.state, records=self.records, policy=policy,
                 hooks=OwnerHooks(submit=self.submit, wait_committed=self.wait_committed,
-                                 send=self._send_answer, counters=self._count_pull))
+                                 send=self._send_answer, counters=self._count_pull), refusals=self.refusals)
         self.puller = Puller(
             name=self.name, genesis=self.genesis, identity=self.identity, sealing_key=self.sealing_key,
             state=self.state, hooks=RequesterHooks(
@@ -283,6 +287,8 @@ class Node:
         r.gauge("ehrnode_peer_frames_dropped_total", "Outbound frames dropped on full peer queues.",
                 lambda: sum(p.dropped for p in self.network.peers.values()) + self.network.dropped_closed)
         r.gauge("ehrnode_peers_rejected_total", "Connections refused at the handshake.", lambda: self.network.rejected)
+        r.labeled_counts("ehrnode_limited_total", "Requests refused by a per-peer or per-source limit, by limit.",
+                         "limit", lambda: self.refusals.counts)
         self.m_pulls = {outcome: r.counter(
             "ehrnode_integrity_alarms_total" if outcome == "integrity" else f"ehrnode_pulls_{outcome}_total", text)
             for outcome, text in (
@@ -400,7 +406,7 @@ class Node:
             self._count_pull("rejected")
             self._send_answer(peer.name, PullAnswer(request_id(data), "rejected", "not_owner",
                                                     f"{self.name} holds no records").encode())
-        elif server.busy():
+        elif server.busy(peer.name):
             server.reject_busy(peer.name, data)
         else:
             self._nursery.start_soon(server.handle, peer.name, data)
@@ -796,7 +802,9 @@ class Node:
             try:
                 self.mempool.admit(data)
             except AdmissionError as exc:
-                if exc.reason != "duplicate":
+                if exc.reason == "member_quota":
+                    self.refusals.refuse("mempool_member", peer.name, time.monotonic(), detail=str(exc))
+                elif exc.reason != "duplicate":
                     self.log.debug("tx.refused", peer=peer.name, reason=exc.reason)
                 continue
             accepted.append(data)

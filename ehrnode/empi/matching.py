@@ -26,6 +26,7 @@ no randomness), and whenever an order matters it is the order of ids.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -78,6 +79,10 @@ SWAP_PENALTY = 100
 #: A demographic blocking key shared by more enrolments than this is too common to use (the
 #: ledger's registry applies the same rule); national-id keys are always used.
 MAX_BLOCK = 1000
+#: Demographic candidates scored for one enrolment at most (block sizes summed, smallest
+#: blocks first): crafted keys that each share a big block cost every validator at most this
+#: many scores. FEBRL's largest lookup takes 22.
+MAX_CANDIDATES = 500
 
 #: Decision thresholds on the total weight (hundredths of a bit), chosen on FEBRL: F1
 #: peaks between 800 and 900; below 500 lie 3 of its 8,962 true candidate pairs.
@@ -244,6 +249,24 @@ def blocking_keys(enc: Encodings) -> list[bytes]:
     return sorted(keys)
 
 
+def usable_blocks(sizes: Mapping[bytes, int]) -> list[bytes]:
+    """Which blocking keys give candidates, from each key's block size (enrolments under it).
+
+    National-id keys always. Demographic keys smallest block first (ties by key), each only if
+    its block holds at most ``MAX_BLOCK`` enrolments and the blocks taken so far, with it, hold
+    at most ``MAX_CANDIDATES``. Depends on nothing but ``sizes``, so every node chooses alike.
+    """
+    chosen = [key for key in sizes if len(key) == NATIONAL_ID_BYTES]
+    taken = 0
+    for key in sorted((k for k in sizes if len(k) != NATIONAL_ID_BYTES), key=lambda k: (sizes[k], k)):
+        size = sizes[key]
+        if size > MAX_BLOCK or taken + size > MAX_CANDIDATES:
+            break  # the rest are as big or bigger
+        chosen.append(key)
+        taken += size
+    return sorted(chosen)
+
+
 class Index:
     """In-memory blocking index of enrolments: candidates for a new one, best first.
 
@@ -251,10 +274,9 @@ class Index:
     were added: candidates are sorted by id, rankings by weight then id. A
     demographic block holding more than ``MAX_BLOCK`` enrolments is too common to
     discriminate (a placeholder birth date, a big city's main street) and is
-    skipped; national-id blocks never are.
+    skipped, and at most ``MAX_CANDIDATES`` are taken from demographic blocks;
+    national-id blocks are always used (:func:`usable_blocks`, the ledger's rule too).
     """
-
-    MAX_BLOCK = MAX_BLOCK  # the module's rule, shared with the ledger's registry
 
     def __init__(self) -> None:
         self._blocks: dict[bytes, list[str]] = {}
@@ -279,12 +301,12 @@ class Index:
             self._blocks.setdefault(key, []).append(enrolment_id)
 
     def candidates(self, enc: Encodings) -> list[str]:
-        """Ids of indexed enrolments sharing a usable blocking key with ``enc``, sorted."""
+        """Ids of indexed enrolments sharing a usable blocking key with ``enc`` (see
+        :func:`usable_blocks`), sorted."""
+        sizes = {key: len(self._blocks[key]) for key in blocking_keys(enc) if key in self._blocks}
         found: set[str] = set()
-        for key in blocking_keys(enc):
-            ids = self._blocks.get(key)
-            if ids and (len(ids) <= self.MAX_BLOCK or len(key) == NATIONAL_ID_BYTES):
-                found.update(ids)
+        for key in usable_blocks(sizes):
+            found.update(self._blocks[key])
         return sorted(found)
 
     def ranked(self, enc: Encodings) -> list[tuple[str, Score]]:

@@ -221,25 +221,26 @@ class EmpiRegistry:
         return {"empi": None, "grade": candidates[0]["grade"] if candidates else None, "candidates": candidates}
 
     def candidates(self, db: sqlite3.Connection, encodings: Encodings) -> list[bytes]:
-        """Enrolments sharing a blocking key with ``encodings``, by id.
+        """Enrolments sharing a usable blocking key with ``encodings``, by id.
 
-        A demographic key shared by more than ``matching.MAX_BLOCK`` enrolments is skipped:
-        it says too little, and every node skips it alike (the quality tool's index does the
-        same). National-id keys are always used.
+        Which keys are usable is ``matching.usable_blocks``: every node and the quality tool
+        choose alike, from the block sizes alone. A block too common to say much, or one that
+        would take the candidates past ``matching.MAX_CANDIDATES``, is skipped, so crafted keys
+        that each share a big block cost a bounded number of scores. National-id keys are
+        always used.
         """
         keys = matching.blocking_keys(encodings)
         if not keys:
             return []
-        rows = db.execute(f"SELECT key, enrolment FROM blocking WHERE key IN ({', '.join('?' * len(keys))})",
-                          keys).fetchall()
-        by_key: dict[bytes, list[bytes]] = {}
-        for key, enrolment in rows:
-            by_key.setdefault(key, []).append(enrolment)
-        ids: set[bytes] = set()
-        for key, members in by_key.items():
-            if len(members) <= matching.MAX_BLOCK or len(key) == NATIONAL_ID_BYTES:
-                ids.update(members)
-        return sorted(ids)
+        marks = ", ".join("?" * len(keys))
+        sizes = dict(db.execute(f"SELECT key, COUNT(*) FROM blocking WHERE key IN ({marks}) GROUP BY key",
+                                keys).fetchall())
+        usable = matching.usable_blocks(sizes)
+        if not usable:
+            return []
+        rows = db.execute(f"SELECT DISTINCT enrolment FROM blocking WHERE key IN ({', '.join('?' * len(usable))})",
+                          usable).fetchall()
+        return sorted(r[0] for r in rows)
 
     def _owner(self, db: sqlite3.Connection, enrolment: bytes) -> tuple[str, str] | None:
         """(institution, current EMPI) of an enrolment."""

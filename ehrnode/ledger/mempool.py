@@ -7,7 +7,9 @@ signer and class, for this chain, signed by its submitter, that is new (neither
 pending nor committed, under any envelope), and there is room. The checks run
 cheapest first, so a gossiped duplicate costs a hash lookup, not a decryption
 or a signature verification. The pool is bounded: when full, the submitter is
-told "mempool full" instead of the pool growing.
+told "mempool full" instead of the pool growing; and no member's transactions
+take more than ``MEMBER_SHARE`` of it (``member_quota``), so one member that
+floods the network cannot keep the others' transactions out.
 
 Pending transactions are held by envelope id (what consensus proposes and a
 block carries) and found by transaction id (what submitters wait on).
@@ -22,6 +24,9 @@ from .. import crypto
 from ..errors import AdmissionError, KeyUnavailable
 from .envelope import MAX_ENVELOPE_BYTES, Envelope
 from .transactions import Transaction
+
+#: The part of the pool one member's transactions may take (when there are several members).
+MEMBER_SHARE = 0.5
 
 #: Decode and open an envelope for the next block (see :meth:`LedgerState.open_envelope`).
 Opener = Callable[[bytes], tuple[Envelope, Transaction]]
@@ -40,6 +45,12 @@ class Mempool:
         self._pending: OrderedDict[bytes, Transaction] = OrderedDict()  # envelope id -> transaction
         self._by_tx: dict[bytes, bytes] = {}  # transaction id -> envelope id
         self._checked: set[bytes] = set()  # envelope ids admitted from the wire (opened and verified here)
+        self._held_by: dict[str, int] = {}  # submitter -> its transactions pending
+
+    @property
+    def member_quota(self) -> int:
+        """Transactions of one submitter the pool holds at most."""
+        return self.capacity if len(self.members) <= 1 else max(1, int(self.capacity * MEMBER_SHARE))
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -87,10 +98,14 @@ class Mempool:
             raise AdmissionError(f"transaction {tx.id.hex()[:16]} is already known", reason="duplicate")
         if len(self._pending) >= self.capacity:
             raise AdmissionError(f"mempool full ({self.capacity} transactions pending)", reason="mempool_full")
+        if self._held_by.get(tx.submitter, 0) >= self.member_quota:
+            raise AdmissionError(f"{tx.submitter} has {self.member_quota} transactions pending, its share of the "
+                                 "mempool", reason="member_quota")
 
     def _hold(self, envelope_id: bytes, tx: Transaction) -> None:
         self._pending[envelope_id] = tx
         self._by_tx[tx.id] = envelope_id
+        self._held_by[tx.submitter] = self._held_by.get(tx.submitter, 0) + 1
 
     def remove(self, envelope_ids: Iterable[bytes]) -> None:
         """Forget envelopes a committed block carried."""
@@ -99,6 +114,11 @@ class Mempool:
             self._checked.discard(envelope_id)
             if tx is not None:
                 self._by_tx.pop(tx.id, None)
+                left = self._held_by[tx.submitter] - 1
+                if left:
+                    self._held_by[tx.submitter] = left
+                else:
+                    del self._held_by[tx.submitter]
 
     def remove_committed(self, tx_ids: Iterable[bytes]) -> None:
         """Forget transactions committed under another envelope than the one held here."""

@@ -37,6 +37,7 @@ from .. import crypto
 from ..config import Genesis, Member
 from ..membership import Membership
 from ..errors import ProtocolError, innermost
+from ..limits import Refusals
 from ..logs import get_logger
 from .tls import TlsContexts, Watched, require_name
 from .protocol import (
@@ -58,8 +59,14 @@ CLOSE_POLICY = 1008
 REKEY_GRACE = 30.0
 
 FrameHandler = Callable[["Peer", Frame], None]
-#: Handshakes in progress at once: unauthenticated connections cannot pile up.
+#: Handshakes in progress at once: unauthenticated connections cannot pile up. A connection
+#: takes a slot only once it has sent its first bytes, so idle sockets hold none.
 MAX_PENDING_HANDSHAKES = 32
+#: Unauthenticated connections from one source address (idle or handshaking): one address
+#: cannot take the slots every member needs to connect.
+MAX_UNAUTHENTICATED_PER_SOURCE = 8
+#: Seconds a new connection may stay silent before it is closed.
+FIRST_BYTES_TIMEOUT = 5.0
 
 
 class Peer:
@@ -129,7 +136,7 @@ class PeerNetwork:
     def __init__(
         self, genesis: Genesis, name: str, identity: crypto.Identity, on_frame: FrameHandler,
         *, on_connect: Callable[[str], None] = lambda _n: None, tls: TlsContexts | None = None,
-        membership: Membership | None = None,
+        membership: Membership | None = None, refusals: Refusals | None = None,
     ) -> None:
         self.genesis = genesis
         #: Who may connect, and whom to dial: the members as this node last learnt them.
@@ -152,6 +159,8 @@ class PeerNetwork:
         self.log = get_logger(node=name)
         self._closing = False
         self._handshakes = trio.Semaphore(MAX_PENDING_HANDSHAKES)
+        self._unauthenticated: dict[str, int] = {}  # source address -> connections not authenticated yet
+        self.refusals = refusals or Refusals(name)
 
     # --- sending --------------------------------------------------------------------
 
@@ -299,10 +308,35 @@ class PeerNetwork:
 
     async def _inbound(self, stream: trio.SocketStream) -> None:
         remote = _remote(stream)
+        source = remote.rpartition(":")[0] or remote
+        if self._unauthenticated.get(source, 0) >= MAX_UNAUTHENTICATED_PER_SOURCE:
+            self.refusals.refuse("peer_source", source, trio.current_time(),
+                                 detail=f"{MAX_UNAUTHENTICATED_PER_SOURCE} connections from it not authenticated yet")
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            return
+        self._unauthenticated[source] = self._unauthenticated.get(source, 0) + 1
+        counted = True
+
+        def authenticated() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                self._release_source(source)
+
         try:
             async with trio.open_nursery() as nursery:
+                # No handshake slot before the first bytes: an idle socket holds none.
+                with trio.move_on_after(FIRST_BYTES_TIMEOUT) as idle:
+                    await trio.lowlevel.wait_readable(stream.socket)
+                if idle.cancelled_caught:
+                    self.refusals.refuse("peer_idle", source, trio.current_time(),
+                                         detail=f"sent nothing within {FIRST_BYTES_TIMEOUT:g} s")
+                    nursery.cancel_scope.cancel()
+                    return
                 if self._handshakes.value == 0:
-                    self.log.warning("peer.rejected", remote=remote, reason="too_many_handshakes")
+                    self.refusals.refuse("peer_handshakes", source, trio.current_time(),
+                                         detail=f"{MAX_PENDING_HANDSHAKES} handshakes in progress")
                     nursery.cancel_scope.cancel()
                     return
                 async with self._handshakes:
@@ -334,6 +368,7 @@ class PeerNetwork:
                             nursery.cancel_scope.cancel()
                             return
                 _authenticated(ws)
+                authenticated()
                 await self._run(Peer(name, ws, dialed=False))
                 nursery.cancel_scope.cancel()
         except Exception as group:  # noqa: BLE001 - never let one connection take the listener down
@@ -343,8 +378,16 @@ class PeerNetwork:
             else:
                 self.log.warning("peer.error", remote=remote, error=repr(exc))
         finally:
+            authenticated()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
+
+    def _release_source(self, source: str) -> None:
+        left = self._unauthenticated.get(source, 0) - 1
+        if left > 0:
+            self._unauthenticated[source] = left
+        else:
+            self._unauthenticated.pop(source, None)
 
     # --- handshake ------------------------------------------------------------------
 

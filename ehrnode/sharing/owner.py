@@ -26,6 +26,14 @@ commit in time the requester gets ``unavailable`` and nothing else.
 A granted release is read from the vault, sealed to the requester's X25519
 key the membership lists (bound to the request id) and sent in parts on the bulk
 queue, so a large record never delays consensus traffic.
+
+One member cannot crowd out the others or write to the chain without bound:
+it holds at most ``MAX_IN_FLIGHT_PER_MEMBER`` of the ``MAX_IN_FLIGHT`` pull
+slots, and the refusals its requests cause to be logged on chain are limited to
+``REFUSAL_LOGS_PER_MINUTE`` (burst ``REFUSAL_LOGS_BURST``); past that, a request
+that would be refused is answered ``rejected`` (``rate_limited``) with nothing
+on chain, counted, and logged once a minute. Grants are never limited: a
+request that is allowed is always logged and served.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from ..errors import AdmissionError, CodecError, EhrnodeError
 from ..ledger.consent import Decision
 from ..ledger.state import LedgerState
 from ..ledger.transactions import Transaction, actor_text
+from ..limits import Quota, Refusals
 from ..logs import get_logger
 from ..records.service import RecordsService
 from .messages import PullAnswer, PullRequest, release_payload, request_id, split_served
@@ -52,6 +61,11 @@ from .policy import AccessPolicy
 COMMIT_TIMEOUT = 30.0
 #: Pulls being decided or served at once; more are rejected as ``busy``.
 MAX_IN_FLIGHT = 512
+#: Of those, pulls of one requesting member.
+MAX_IN_FLIGHT_PER_MEMBER = 128
+#: Refusals one member's requests may cause to be logged on chain, a minute and at once.
+REFUSAL_LOGS_PER_MINUTE = 120
+REFUSAL_LOGS_BURST = 240
 #: Sealed releases held while their access logs commit; past this, new pulls are rejected as ``busy``.
 MAX_HELD_BYTES = 256 * 1024 * 1024
 
@@ -66,7 +80,7 @@ class OwnerHooks:
 
 class PullServer:
     def __init__(self, *, name: str, genesis: Genesis, state: LedgerState, records: RecordsService,
-                 policy: AccessPolicy, hooks: OwnerHooks) -> None:
+                 policy: AccessPolicy, hooks: OwnerHooks, refusals: Refusals | None = None) -> None:
         self.name = name
         self.genesis = genesis
         self.state = state
@@ -75,17 +89,22 @@ class PullServer:
         self.hooks = hooks
         self.log = get_logger(node=name)
         self.in_flight = 0
+        self._in_flight_by: dict[str, int] = {}  # requesting member -> its pulls in flight
         self.held_bytes = 0
+        self.refusals = refusals or Refusals(name)
+        self._refusal_logs = Quota(REFUSAL_LOGS_PER_MINUTE, REFUSAL_LOGS_BURST)
         # Requests seen recently, whether decided yet or not: id -> time seen (ms).
         self._seen: OrderedDict[bytes, int] = OrderedDict()
 
-    def busy(self) -> bool:
-        return self.in_flight >= MAX_IN_FLIGHT
+    def busy(self, peer: str) -> bool:
+        """Whether a pull from ``peer`` finds no slot: all taken, or all of its share."""
+        return self.in_flight >= MAX_IN_FLIGHT or self._in_flight_by.get(peer, 0) >= MAX_IN_FLIGHT_PER_MEMBER
 
     async def handle(self, peer: str, data: bytes) -> None:
         """Answer one pull request from ``peer`` (never raises for anything the request does)."""
         rid = request_id(data)
         self.in_flight += 1
+        self._in_flight_by[peer] = self._in_flight_by.get(peer, 0) + 1
         try:
             answers = await self._answer(peer, rid, data)
             for answer in answers:
@@ -101,12 +120,21 @@ class PullServer:
                                              "record now").encode())
         finally:
             self.in_flight -= 1
+            left = self._in_flight_by[peer] - 1
+            if left:
+                self._in_flight_by[peer] = left
+            else:
+                del self._in_flight_by[peer]
 
     def reject_busy(self, peer: str, data: bytes) -> None:
         self.hooks.counters("rejected")
-        self.log.warning("pull.rejected", peer=peer, request=request_id(data).hex()[:16], reason="busy")
-        self.hooks.send(peer, PullAnswer(request_id(data), "rejected", "busy",
-                                         f"{self.name} is serving {MAX_IN_FLIGHT} pulls; try again").encode())
+        mine = self._in_flight_by.get(peer, 0)
+        if mine >= MAX_IN_FLIGHT_PER_MEMBER:
+            limit, message = "pull_slots_member", f"{peer} has {mine} pulls in flight at {self.name}; try again"
+        else:
+            limit, message = "pull_slots", f"{self.name} is serving {MAX_IN_FLIGHT} pulls; try again"
+        self.refusals.refuse(limit, peer, time.monotonic(), detail=message)
+        self.hooks.send(peer, PullAnswer(request_id(data), "rejected", "busy", message).encode())
 
     def _reject(self, peer: str, rid: bytes, reason: str, message: str) -> list[PullAnswer]:
         self.hooks.counters("rejected")
@@ -150,6 +178,13 @@ class PullServer:
             return request
         started = time.monotonic()
         reason, consent, resource_type = await self._decide(request, now)
+        if reason not in ("granted", "emergency_override") and not self._refusal_logs.take(peer, started):
+            self._seen.pop(rid, None)  # nothing decided on chain: the same request may come again later
+            self.hooks.counters("rejected")
+            self.refusals.refuse("refusal_logs", peer, started, detail=f"more than {REFUSAL_LOGS_PER_MINUTE} "
+                                 "refused requests a minute; not logged on chain")
+            return [PullAnswer(rid, "rejected", "rate_limited", f"{peer} asked for too many records it may not "
+                               f"have ({REFUSAL_LOGS_PER_MINUTE} refusals a minute); nothing logged, try later")]
         fields = {"peer": peer, "user": actor_text(request.user), "user_role": request.role,
                   "record_id": request.record.hex(), "purpose": request.purpose, "resource_type": resource_type}
         sealed, size = b"", 0

@@ -172,13 +172,23 @@ def test_index_refuses_a_second_enrolment_under_one_id(encoder):
 
 
 def test_oversized_demographic_blocks_are_skipped_but_national_id_blocks_never(encoder, monkeypatch):
-    monkeypatch.setattr(Index, "MAX_BLOCK", 3)
+    monkeypatch.setattr(matching, "MAX_BLOCK", 3)
     index = Index()
     for i in range(4):           # four enrolments sharing every demographic blocking key
         index.add(f"e{i}", encoder.encode(dataclasses.replace(SUMIKO, national_id=("us-ssn", f"99900000{i}"))))
     assert index.candidates(encoder.encode(SUMIKO)) == []
     found = index.candidates(encoder.encode(dataclasses.replace(SUMIKO, national_id=("us-ssn", "999000002"))))
     assert found == ["e2"]
+
+
+def test_candidates_are_bounded_smallest_blocks_first():
+    national = b"n" * 16
+    sizes = {b"a" * 8: 300, b"b" * 8: 150, b"c" * 8: 150, b"d" * 8: 1001, national: 5000}
+    # 150 + 150 taken (ties by key), 300 more would pass MAX_CANDIDATES; the national id always counts.
+    assert matching.usable_blocks(sizes) == sorted([b"b" * 8, b"c" * 8, national])
+    crafted = {bytes([i]) * 8: 1000 for i in range(16)}
+    assert matching.usable_blocks(crafted) == []
+    assert matching.usable_blocks({}) == []
 
 
 def test_blocking_keys_include_the_national_id(encoder):

@@ -33,7 +33,7 @@ def refused(pool, data):
 
 def test_admission_checks_and_their_reasons(tmp_path):
     state = LedgerState(tmp_path / "state.db", "chain", MEMBERS, keys=EPOCHS)
-    pool = Mempool("chain", MEMBERS, opener=state.open_envelope, capacity=2)
+    pool = Mempool("chain", MEMBERS, opener=state.open_envelope, capacity=4)
     tx = note("hello")
     assert pool.admit(sealed(tx, EPOCHS)).id == tx.id and len(pool) == 1 and tx.id in pool
     assert refused(pool, sealed(tx, EPOCHS)) == "duplicate"  # the same transaction sealed again
@@ -50,9 +50,13 @@ def test_admission_checks_and_their_reasons(tmp_path):
     other = keyring("chain")
     assert refused(pool, Envelope.seal(note("x"), epoch=1, key=other.aead(0), chain_id="chain").encoded) == (
         "future_epoch")
+    # One member takes at most half the pool; the others keep the rest.
     second = sealed(note("second"), EPOCHS)
     pool.admit(second)
-    assert refused(pool, sealed(note("third"), EPOCHS)) == "mempool_full"
+    assert refused(pool, sealed(note("third"), EPOCHS)) == "member_quota"
+    for text in ("b1", "b2"):
+        pool.admit(sealed(note(text, submitter="B"), EPOCHS))
+    assert refused(pool, sealed(note("b3", submitter="B"), EPOCHS)) == "mempool_full"
     pool.remove([crypto.sha256(second)])
     pool.admit(sealed(note("third"), EPOCHS))
 
