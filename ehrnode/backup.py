@@ -170,6 +170,11 @@ def _key_files(config: NodeConfig) -> dict[str, Path]:
         files["keys/master.key"] = config.master_key_path
     if config.consortium_key_path:
         files["keys/consortium.key"] = config.consortium_key_path
+    if config.tls is not None:
+        # The member's TLS key and certificate: without them a restored node cannot reach its
+        # peers (the CA's certificate is public, and the same at every member).
+        files["keys/tls.key"] = config.tls.key
+        files["keys/tls.pem"] = config.tls.cert
     return files
 
 

@@ -18,7 +18,8 @@ import importlib.resources
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,10 @@ class Genesis:
     members: tuple[Member, ...]
     #: The key of epoch 0, sealed to every member.
     epoch_key: EpochGrant | None = None
+    #: The consortium's EMPI pseudonym key sealed to each institution, when the consortium was
+    #: founded from its members' public halves (``consortium init --members``); empty when
+    #: every member's files were made in one place.
+    consortium_key: Mapping[str, bytes] = field(default_factory=dict)
 
     def to_toml_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -80,6 +85,8 @@ class Genesis:
         if self.epoch_key is not None:
             doc["epoch_key"] = {"check": self.epoch_key.check.hex(),
                                 "sealed": {name: copy.hex() for name, copy in self.epoch_key.sealed.items()}}
+        if self.consortium_key:
+            doc["consortium_key"] = {"sealed": {name: copy.hex() for name, copy in self.consortium_key.items()}}
         return doc
 
     @cached_property
@@ -258,7 +265,21 @@ def parse_genesis(doc: dict[str, Any], where: str) -> Genesis:
         values = [getattr(m, attr) for m in members]
         if len(set(values)) != len(values):
             raise ConfigError(f"{where}: two members share a {attr.replace('_', ' ')}")
-    return Genesis(chain_id, tuple(members), _epoch_key(doc, where, [m.name for m in members]))
+    return Genesis(chain_id, tuple(members), _epoch_key(doc, where, [m.name for m in members]),
+                   _consortium_key(doc, where, [m.name for m in members if m.role == "institution"]))
+
+
+def _consortium_key(doc: dict[str, Any], where: str, institutions: list[str]) -> dict[str, bytes]:
+    if "consortium_key" not in doc:
+        return {}
+    at = f"{where} [consortium_key]"
+    sealed = _table(_table(doc, "consortium_key", where), "sealed", at)
+    if sorted(sealed) != sorted(institutions):
+        raise ConfigError(f"{at}.sealed: one sealed key per institution expected, for {', '.join(institutions)}")
+    try:
+        return {name: bytes.fromhex(_field(sealed, name, str, f"{at}.sealed")) for name in institutions}
+    except ValueError as exc:
+        raise ConfigError(f"{at}: not hex: {exc}") from exc
 
 
 def _epoch_key(doc: dict[str, Any], where: str, names: list[str]) -> EpochGrant:

@@ -1,6 +1,23 @@
-"""Setting up a consortium: keys for every member, the shared genesis, each node's config.
+"""Setting up a consortium: each member's keys, the shared genesis, each node's config.
 
-``init_consortium`` writes, under one directory::
+How a real consortium is founded, each institution keeping its own secrets::
+
+    ehrnode keys init --name HospA --role institution --address hospa.example.org:7100 --out hospa/
+        (at each member, on its own machine) hospa/keys/ (0700): signing.pem, sealing.pem,
+        master.key, tls.key; hospa/node.toml; hospa/member.json, the public half (keys,
+        address, and the TLS certificate request)
+    ehrnode consortium init founding/ --members hospa.json hospb.json ... reg.json
+        (at the founder) founding/genesis.toml: public keys, addresses, the epoch 0 key and the
+        consortium's EMPI pseudonym key each sealed to every member it is for; with TLS (the
+        default) founding/ca/ (ca.pem; ca.key, to keep offline) and founding/certs/<name>.pem
+        signed from each member's request. No private key of any member is ever here.
+    each member copies genesis.toml, ca/ca.pem and certs/<name>.pem beside its node.toml and
+    runs it; on first start an institution opens its sealed copy of the EMPI key into
+    keys/consortium.key.
+
+``init_consortium`` does all of that in one directory for every member at once, private
+keys included: for the demo, tests and a test bed on one machine, not for production.
+It writes::
 
     genesis.toml              public: chain id, members, public keys, peer addresses, the
                               epoch 0 key sealed to each member
@@ -9,23 +26,24 @@
     <name>/keys/sealing.pem   X25519 private key, mode 0600
     <name>/keys/master.key    the member's own records secret (vault, de-identification), 0600
     <name>/keys/consortium.key  institutions only: the shared EMPI pseudonym key, 0600
-    ca/ca.pem, ca/ca.key      with ``tls``: the consortium CA (keep ca.key offline)
+    ca/ca.pem, ca/ca.key      with ``tls`` (the default): the consortium CA (keep ca.key offline)
     <name>/keys/tls.pem, tls.key  with ``tls``: the member's certificate from that CA, and its key
 
-In a real deployment each institution generates its own keys on its own
-machine and sends only the public half; this command is for a consortium whose
-members are all set up from one place (a test bed, the demo, a pilot).
+``new_member`` is the first step for a member joining later: on its own machine it
+writes the member's keys and ``node.toml`` (pointing at the consortium's public
+``genesis.toml``) and ``member.json``, the public half the member hands to a current
+member to propose it (``ehrnode consortium propose add``). Its node can start at once:
+it follows the chain, and takes part once the proposal is adopted.
 
-``new_member`` is that first step for a member joining later: on its own
-machine it writes the member's keys and ``node.toml`` (pointing at the
-consortium's public ``genesis.toml``) and ``member.json``, the public half the
-member hands to a current member to propose it (``ehrnode consortium propose
-add``). Its node can start at once: it follows the chain, and takes part once
-the proposal is adopted.
+``master.key`` never leaves its institution and is never rotated: it derives the keys of
+every vault entry, pseudonym and date shift the institution ever made, so replacing it
+would orphan them. It is backed up with the node (``ehrnode backup``, encrypted) and moved
+only that way; see docs/security.md.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -38,7 +56,7 @@ from . import crypto
 from .ledger.epochs import EpochGrant
 from .config import ROLES, Address, Genesis, Member, NodeConfig, TlsFiles, check_name, load_genesis
 from .errors import ConfigError
-from .net.tls import create_ca, issue
+from .net.tls import create_ca, issue, request, sign_request
 from .records.keys import create_secret
 
 GENESIS_FILE = "genesis.toml"
@@ -49,9 +67,10 @@ METRICS_PORT_OFFSET = 200
 
 def init_consortium(
     directory: Path, institutions: Sequence[str], regulator: str, *, host: str = "127.0.0.1", base_port: int = 7100,
-    hosts: Sequence[str] | None = None, tls: bool = False,
+    hosts: Sequence[str] | None = None, tls: bool = True,
 ) -> Genesis:
-    """Create keys and configuration for every member; refuses to overwrite anything that exists.
+    """Create keys and configuration for every member, all in ``directory`` (for demos, tests and
+    test beds: see above); refuses to overwrite anything that exists.
 
     ``hosts`` gives each member (institutions, then the regulator) its own host; members on
     different hosts all use ``base_port``. Without it, every member is on ``host`` with
@@ -138,6 +157,135 @@ def new_member(
     member = Member(name, role, identity.public_key, sealing.public_key, address)
     (directory / name / MEMBER_FILE).write_text(json.dumps(member_json(member), indent=2) + "\n", encoding="utf-8")
     return config, member
+
+
+#: What a member's sealed copy of the consortium's EMPI key is bound to (with the chain id).
+CONSORTIUM_KEY_CONTEXT = b"ehrnode/consortium-key/v1\x1f"
+CERTS_DIR = "certs"
+
+
+def keys_init(directory: Path, name: str, role: str, address: Address, *, tls: bool = True) -> tuple[NodeConfig,
+                                                                                                   dict[str, str]]:
+    """One member's own keys and node configuration, made on its own machine (see above).
+
+    Writes ``directory/keys/`` (0700), ``directory/node.toml`` and ``directory/member.json``
+    (the public half, with the TLS certificate request); refuses to overwrite anything.
+    Returns the configuration and the public half.
+    """
+    directory = Path(directory)
+    name = check_name(name, "--name")
+    if role not in ROLES:
+        raise ConfigError(f"--role: one of {', '.join(ROLES)}")
+    if (directory / "keys").exists() or (directory / NODE_FILE).exists():
+        raise ConfigError(f"refusing to overwrite existing keys or configuration in {directory}")
+    keys = directory / "keys"
+    keys.mkdir(parents=True, mode=0o700)
+    os.chmod(keys, 0o700)
+    identity, sealing = crypto.Identity.generate(), crypto.SealingKey.generate()
+    identity.save(keys / "signing.pem")
+    sealing.save(keys / "sealing.pem")
+    create_secret(keys / "master.key")
+    member = member_json(Member(name, role, identity.public_key, sealing.public_key, address))
+    tls_files = None
+    if tls:
+        member["tls_request"] = request(name, keys / "tls.key").decode("ascii")
+        tls_files = TlsFiles(directory / "ca.pem", keys / "tls.pem", keys / "tls.key")
+    config = NodeConfig(
+        path=directory / NODE_FILE, name=name, genesis_path=directory / GENESIS_FILE, data_dir=directory / "data",
+        signing_key_path=keys / "signing.pem", sealing_key_path=keys / "sealing.pem",
+        peer_listen=Address(_listen_host(address.host), address.port),
+        api_listen=Address("127.0.0.1", address.port + API_PORT_OFFSET),
+        log_level="info", metrics_listen=Address("127.0.0.1", address.port + METRICS_PORT_OFFSET),
+        master_key_path=keys / "master.key",
+        consortium_key_path=keys / "consortium.key" if role == "institution" else None, tls=tls_files,
+    )
+    _write_toml(config.path, config.to_toml_dict(),
+                f"# ehrnode node configuration for {name}. Before the first start, put beside this file the\n"
+                "# consortium's genesis.toml" + (", its CA (ca.pem) and this member's certificate as "
+                                                  "keys/tls.pem" if tls else "") + ".\n")
+    (directory / MEMBER_FILE).write_text(json.dumps(member, indent=2) + "\n", encoding="utf-8")
+    return config, member
+
+
+def _listen_host(host: str) -> str:
+    """Where to listen for peers reached at ``host``: that address if it is one, else every interface."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return "0.0.0.0"
+    return host
+
+
+def found_consortium(directory: Path, member_files: Sequence[Path], *, tls: bool = True) -> Genesis:
+    """The founding genesis from the members' public halves (``member.json`` of ``keys init``).
+
+    Writes ``directory/genesis.toml`` and, with ``tls``, the consortium CA (``ca/``) and each
+    member's certificate (``certs/<name>.pem``) from its request. Generates the consortium's
+    EMPI pseudonym key and writes it nowhere: it travels in the genesis, sealed to each
+    institution. Refuses to overwrite anything.
+    """
+    directory = Path(directory)
+    members: list[Member] = []
+    requests: dict[str, bytes] = {}
+    for path in member_files:
+        try:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--members: cannot read {path}: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise ConfigError(f"--members: {path} is not a JSON object")
+        where = f"--members {path}"
+        try:
+            member = Member(check_name(str(doc.get("name", "")), where), str(doc.get("role", "")),
+                            bytes.fromhex(str(doc.get("signing_key", ""))),
+                            bytes.fromhex(str(doc.get("sealing_key", ""))),
+                            Address.parse(str(doc.get("address", "")), f"{where} address"))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: keys must be hex: {exc}") from exc
+        if member.role not in ROLES or len(member.signing_key) != 32 or len(member.sealing_key) != 32:
+            raise ConfigError(f"{where}: expected a role ({', '.join(ROLES)}) and two 32-byte public keys")
+        if tls:
+            if not isinstance(doc.get("tls_request"), str):
+                raise ConfigError(f"{where}: no TLS certificate request (made with `keys init --no-tls`?); "
+                                  "found with --no-tls, or make the member's keys again")
+            requests[member.name] = doc["tls_request"].encode("ascii")
+        members.append(member)
+    if not any(m.role == "institution" for m in members):
+        raise ConfigError("a consortium needs at least one institution")
+    for attr in ("name", "signing_key", "sealing_key"):
+        values = [getattr(m, attr) for m in members]
+        if len(set(values)) != len(values):
+            raise ConfigError(f"--members: two members share a {attr.replace('_', ' ')}")
+    existing = [p for p in (directory / GENESIS_FILE, directory / "ca", directory / CERTS_DIR) if p.exists()]
+    if existing:
+        raise ConfigError(f"refusing to overwrite existing {existing[0]}")
+    directory.mkdir(parents=True, exist_ok=True)
+    chain_id = f"ehrnode-{secrets.token_hex(8)}"
+    if tls:
+        ca_cert, ca_key = create_ca(directory / "ca", chain_id)
+        (directory / CERTS_DIR).mkdir()
+        for name, csr in requests.items():
+            (directory / CERTS_DIR / f"{name}.pem").write_bytes(sign_request(ca_cert, ca_key, name, csr))
+    secret = os.urandom(32)
+    sealed = {m.name: crypto.seal_to(m.sealing_key, secret, CONSORTIUM_KEY_CONTEXT + chain_id.encode())
+              for m in members if m.role == "institution"}
+    genesis = Genesis(chain_id, tuple(members), EpochGrant.create(chain_id, 0, {m.name: m.sealing_key
+                                                                                 for m in members}), sealed)
+    _write_toml(directory / GENESIS_FILE, genesis.to_toml_dict(),
+                "# Consortium genesis: public keys, addresses, and the first epoch key and the EMPI key sealed to\n"
+                "# each member. Identical at every member.\n")
+    return genesis
+
+
+def install_consortium_key(config: NodeConfig, genesis: Genesis, sealing: crypto.SealingKey) -> bool:
+    """Open this institution's sealed copy of the consortium's EMPI key from genesis into its
+    ``consortium.key`` (0600), if it has none yet; True if it wrote one."""
+    path = config.consortium_key_path
+    if path is None or path.exists() or config.name not in genesis.consortium_key:
+        return False
+    secret = sealing.open(genesis.consortium_key[config.name], CONSORTIUM_KEY_CONTEXT + genesis.chain_id.encode())
+    crypto.write_secret_file(path, secret)
+    return True
 
 
 def _member_files(directory: Path, name: str, genesis_path: Path, peer: Address, consortium_secret: bytes | None,

@@ -91,11 +91,13 @@ class Demo:
 
     async def run(self) -> None:
         started = time.monotonic()
-        self.out(f"1. Setting up a consortium of {', '.join(HOSPITALS)} and the Regulator in {self.root}")
-        self.net = net = LocalConsortium(self.root, MEMBERS)
+        self.out(f"1. Founding a consortium of {', '.join(HOSPITALS)} and the Regulator in {self.root}: each member "
+                 "makes its own keys (keys init), the founder builds the genesis from their public halves "
+                 "(consortium init --members) and the consortium CA signs each member's TLS certificate")
+        self.net = net = LocalConsortium(self.root, MEMBERS, founded=True)
         self._step("consortium init", started,
-                   f"chain {net.genesis.chain_id}, keys for {len(MEMBERS)} members, genesis "
-                   f"{net.genesis.hash.hex()[:16]}")
+                   f"chain {net.genesis.chain_id}, {len(MEMBERS)} members each holding only its own private keys, "
+                   f"TLS 1.3 between them, genesis {net.genesis.hash.hex()[:16]}")
 
         started = time.monotonic()
         self.out("2. Starting one node process per member")
@@ -269,7 +271,7 @@ def run_demo(directory: Path | None, out: Callable[[str], None] = print) -> int:
     """Run the demo in ``directory`` (kept) or a temporary one (removed); returns an exit code."""
     with tempfile.TemporaryDirectory(prefix="ehrnode-demo-") as tmp:
         root = Path(directory) if directory is not None else Path(tmp)
-        if directory is not None and (root / "genesis.toml").exists():
+        if directory is not None and any((root / p).exists() for p in ("genesis.toml", "founding/genesis.toml")):
             raise DemoFailed(f"{root} already holds a consortium; pass an empty --dir")
         demo = Demo(root / "consortium" if directory is None else root, out)
         began = time.monotonic()

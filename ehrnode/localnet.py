@@ -2,13 +2,18 @@
 
 Used by ``ehrnode demo``, the tests and the benchmarks: it picks free loopback ports,
 starts and stops members (SIGTERM, or SIGKILL to simulate a crash), and talks to each
-member through its local API.
+member through its local API. TLS is on unless asked otherwise, as for any consortium.
+With ``founded``, it sets up the way a real consortium is founded: each member makes its
+own keys in its own directory (``keys init``), the founder builds the genesis from their
+public halves (``consortium init --members``, in ``root/founding``) and each member takes
+the genesis, the CA certificate and its own certificate from there.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,11 +25,31 @@ from pathlib import Path
 import trio
 
 from .client import ApiClient
-from .config import Address, NodeConfig, load_node_config
-from .consortium import API_PORT_OFFSET, GENESIS_FILE, METRICS_PORT_OFFSET, init_consortium, new_member
+from .config import Address, Genesis, NodeConfig, load_node_config
+from .consortium import (
+    API_PORT_OFFSET, CERTS_DIR, GENESIS_FILE, MEMBER_FILE, METRICS_PORT_OFFSET, found_consortium, init_consortium,
+    keys_init, new_member,
+)
 from .errors import ConfigError, EhrnodeError
 
 NAMES = ["A", "B", "C", "R"]
+
+
+def _found(root: Path, names: Sequence[str], base: int, *, tls: bool) -> Genesis:
+    """Each member's own keys, the founder's genesis, and each member taking its files (the
+    last name is the regulator)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        keys_init(root / name, name, "regulator" if i == len(names) - 1 else "institution",
+                  Address("127.0.0.1", base + i), tls=tls)
+    founding = root / "founding"
+    genesis = found_consortium(founding, [root / n / MEMBER_FILE for n in names], tls=tls)
+    for name in names:
+        shutil.copyfile(founding / GENESIS_FILE, root / name / GENESIS_FILE)
+        if tls:
+            shutil.copyfile(founding / "ca" / "ca.pem", root / name / "ca.pem")
+            shutil.copyfile(founding / CERTS_DIR / f"{name}.pem", root / name / "keys" / "tls.pem")
+    return genesis
 
 
 def _free(port: int) -> bool:
@@ -47,11 +72,14 @@ def free_base_port(count: int) -> int:
 class LocalConsortium:
     """Members of one consortium as `ehrnode run` processes on this machine, driven through their APIs."""
 
-    def __init__(self, root: Path, names: Sequence[str] = NAMES, *, tls: bool = False) -> None:
+    def __init__(self, root: Path, names: Sequence[str] = NAMES, *, tls: bool = True, founded: bool = False) -> None:
         self.root = root
         self.names = list(names)
-        self.genesis = init_consortium(root, self.names[:-1], self.names[-1],
-                                       base_port=free_base_port(len(self.names)), tls=tls)
+        base = free_base_port(len(self.names))
+        if founded:
+            self.genesis = _found(root, self.names, base, tls=tls)
+        else:
+            self.genesis = init_consortium(root, self.names[:-1], self.names[-1], base_port=base, tls=tls)
         self.configs: dict[str, NodeConfig] = {n: load_node_config(root / n / "node.toml") for n in self.names}
         self.procs: dict[str, subprocess.Popen] = {}
 
@@ -60,8 +88,10 @@ class LocalConsortium:
         free port; proposing it is up to the current members."""
         port = free_base_port(1)
         key = self.root / self.names[0] / "keys" / "consortium.key" if role == "institution" else None
-        config, _ = new_member(self.root, self.root / GENESIS_FILE, name, role, Address("127.0.0.1", port),
-                               consortium_key=key, ca=self.root / "ca" if (self.root / "ca").exists() else None)
+        genesis = next(p for p in (self.root / GENESIS_FILE, self.root / "founding" / GENESIS_FILE) if p.exists())
+        config, _ = new_member(self.root, genesis, name, role, Address("127.0.0.1", port),
+                               consortium_key=key, ca=next((d for d in (self.root / "ca", self.root / "founding" / "ca")
+                                                            if d.exists()), None))
         self.names.append(name)
         self.configs[name] = config
         return config

@@ -58,6 +58,7 @@ from .membership import Membership
 from .metrics import Registry
 from .net.peers import Peer, PeerNetwork
 from .consensus.survey import RoundSurvey, encode_answer
+from .consortium import install_consortium_key
 from .net.protocol import (
     AnswerFrame, ConsensusFrame, Frame, PullFrame, RoundAnswerFrame, RoundQueryFrame, TxFrame, encode_frame,
 )
@@ -237,6 +238,9 @@ class Node:
         role = member.role if member is not None else (
             "institution" if config.consortium_key_path else "regulator")
         policy = load_policy(config.access_policy_path) if role == "institution" else None
+        if role == "institution" and install_consortium_key(config, self.genesis, self.sealing_key):
+            self.log.info("keys.consortium_key_installed", path=str(config.consortium_key_path),
+                          detail="opened this institution's sealed copy of the EMPI key from genesis")
         if policy is not None and config.master_key_path and config.consortium_key_path:
             self.records = RecordsService(config, chain_id=self.genesis.chain_id, identity=self.identity, hooks=Hooks(
                 submit=self.submit_own, pending=lambda tx_id: tx_id in self.mempool, state=self.state,

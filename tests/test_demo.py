@@ -15,7 +15,7 @@ def test_demo_runs_end_to_end_and_keeps_its_files_when_asked(tmp_path):
     assert "HospitalD admitted" in out and "all 5 closed" in out
     assert (tmp_path / "demo" / "inputs").is_dir()  # the generated FHIR input stays for a look
     assert "FAILED" not in out
-    assert (tmp_path / "demo" / "genesis.toml").exists()
+    assert (tmp_path / "demo" / "founding" / "genesis.toml").exists()
     assert '"event": "node.stopped"' in (tmp_path / "demo" / "HospitalC.log").read_text()
     again = subprocess.run([sys.executable, "-m", "ehrnode.cli", "demo", "--dir", str(tmp_path / "demo")],
                            capture_output=True, text=True, timeout=60)

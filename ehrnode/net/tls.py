@@ -80,25 +80,54 @@ def create_ca(directory: Path, consortium: str) -> tuple[Path, Path]:
 
 def issue(ca_cert_path: Path, ca_key_path: Path, member: str, cert_path: Path, key_path: Path) -> None:
     """A key (0600) and a certificate naming ``member``, signed by the consortium CA."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert_path.write_bytes(_certificate(ca_cert_path, ca_key_path, member, key.public_key()))
+    write_secret_file(key_path, _private_pem(key))
+
+
+def request(member: str, key_path: Path) -> bytes:
+    """A TLS key for ``member`` (written 0600 to ``key_path``) and the certificate signing request
+    (PEM) the consortium's CA signs: the key never leaves the member's machine."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(_name(member)).sign(key, hashes.SHA256())
+    write_secret_file(key_path, _private_pem(key))
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def sign_request(ca_cert_path: Path, ca_key_path: Path, member: str, csr_pem: bytes) -> bytes:
+    """The certificate (PEM) for ``member``'s signing request; ConfigError if the request is not
+    a valid one of ``member``'s."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise ConfigError(f"{member}: the TLS certificate request does not parse: {exc}") from exc
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not csr.is_signature_valid or [n.value for n in names] != [member]:
+        raise ConfigError(f"{member}: the TLS certificate request is not signed by its key, or names another member")
+    public = csr.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise ConfigError(f"{member}: the TLS certificate request is not for an ECDSA key")
+    return _certificate(ca_cert_path, ca_key_path, member, public)
+
+
+def _certificate(ca_cert_path: Path, ca_key_path: Path, member: str, public: ec.EllipticCurvePublicKey) -> bytes:
     ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
     ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder()
             .subject_name(_name(member)).issuer_name(ca_cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .public_key(public).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=365 * CERT_YEARS))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(member.lower())]), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
-    write_secret_file(key_path, _private_pem(key))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The local API and the CLI against a running consortium."""
 
 import json
+import ssl
 import subprocess
 import sys
 
@@ -16,6 +17,15 @@ def cli(*args, env=None):
                           timeout=120, env=env)
 
 
+def api_ssl(config):
+    """What a raw websocket client to the node's API uses: the consortium CA with TLS on."""
+    if config.tls is None:
+        return False
+    ctx = ssl.create_default_context(cafile=str(config.tls.ca))
+    ctx.check_hostname = False  # the certificate names the member, not the host
+    return ctx
+
+
 async def test_api_and_cli(cluster):
     cluster.start_all()
     await cluster.wait_ready()
@@ -25,7 +35,7 @@ async def test_api_and_cli(cluster):
     # No token, or a wrong one: refused before any JSON-RPC, and logged.
     for headers in ([], [(b"authorization", b"Bearer wrong")]):
         with pytest.raises(trio_websocket.ConnectionRejected) as err:
-            async with trio_websocket.open_websocket(address.host, address.port, "/", use_ssl=False,
+            async with trio_websocket.open_websocket(address.host, address.port, "/", use_ssl=api_ssl(config),
                                                      extra_headers=headers):
                 pass
         assert err.value.status_code == 401

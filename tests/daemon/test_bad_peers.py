@@ -12,6 +12,9 @@ from ehrnode.net.protocol import (
     Auth, ConsensusFrame, Hello, PROTOCOL_VERSION, Welcome, decode_frame, encode_frame, sign_transcript,
 )
 
+#: The hostile peers here speak the wire protocol in clear; test_tls.py covers TLS.
+PLAINTEXT = True
+
 
 async def open_peer(cluster, name):
     address = cluster.configs[name].peer_listen

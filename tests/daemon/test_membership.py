@@ -22,6 +22,9 @@ from ehrnode.net.protocol import Hello, TxFrame, encode_frame
 
 from .test_bad_peers import closed, handshake_as, open_peer, wait_log
 
+#: The hostile peers here speak the wire protocol in clear; test_tls.py covers TLS.
+PLAINTEXT = True
+
 
 async def notes(cluster, member, count, prefix):
     heights = []

@@ -80,6 +80,7 @@ def test_anchors_are_indexed_and_invalid_ones_refused_alike_everywhere(tmp_path)
     ("entry", b"\x01" * 15, "32 bytes"),
     ("commitment", b"\x01" * 31, "32 bytes"),
     ("patient", b"p" * 15, "16 bytes"),
+    ("recorded_at", 1_699_920_000_001, "whole UTC day"),  # a time of day would date the care
 ])
 def test_anchor_schema_refuses_free_text_and_wrong_sizes(field, value, message):
     with pytest.raises(SchemaError, match=message):

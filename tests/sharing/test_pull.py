@@ -29,7 +29,8 @@ def cli(*args, timeout=120):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = LocalConsortium(tmp_path_factory.mktemp("sharing") / "consortium")
+    # Plaintext peer links: the hostile requests below are sent over a raw peer link as member B.
+    c = LocalConsortium(tmp_path_factory.mktemp("sharing") / "consortium", tls=False)
     c.start_all()
     trio.run(c.wait_ready)
     yield c
