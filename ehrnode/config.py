@@ -134,7 +134,7 @@ class NodeConfig:
     #: The consortium-wide EMPI pseudonym key (institutions only).
     consortium_key_path: Path | None = None
     #: A de-identification profile replacing the packaged default.
-    deid_profile_path: Path | None = None
+    deid_profile_path: Path | str | None = None
     #: Processes that validate and de-identify large inputs (0 or 1: none, in the node itself;
     #: None: one per core, at most 8).
     record_workers: int | None = None
@@ -174,7 +174,8 @@ class NodeConfig:
             "api": {"listen": str(self.api_listen)},
             **({"metrics": {"listen": str(self.metrics_listen)}} if self.metrics_listen else {}),
             **({"records": {
-                **({"profile": rel(self.deid_profile_path)} if self.deid_profile_path else {}),
+                **({"profile": self.deid_profile_path if isinstance(self.deid_profile_path, str)
+                    else rel(self.deid_profile_path)} if self.deid_profile_path else {}),
                 **({"workers": self.record_workers} if self.record_workers is not None else {}),
             }} if self.deid_profile_path or self.record_workers is not None else {}),
             **({"sharing": {"policy": rel(self.access_policy_path)}} if self.access_policy_path else {}),
@@ -336,7 +337,7 @@ def load_node_config(path: Path) -> NodeConfig:
         metrics_listen=_metrics_address(doc, where),
         master_key_path=_optional_path(keys, "master", f"{where} [keys]", resolve),
         consortium_key_path=_optional_path(keys, "consortium", f"{where} [keys]", resolve),
-        deid_profile_path=_optional_path(_table(doc, "records", where), "profile", f"{where} [records]", resolve),
+        deid_profile_path=_profile(_table(doc, "records", where), f"{where} [records]", resolve),
         **_workers(_table(doc, "records", where), f"{where} [records]"),
         access_policy_path=_optional_path(_table(doc, "sharing", where), "policy", f"{where} [sharing]", resolve),
         roles_path=_optional_path(_table(doc, "users", where), "roles", f"{where} [users]", resolve),
@@ -376,6 +377,19 @@ def _table(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     value = doc.get(key, {})
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: [{key}] must be a table")
+    return value
+
+
+def _profile(table: dict[str, Any], where: str, resolve: Any) -> Path | str | None:
+    """``[records] profile``: a bare name picks a packaged profile (``default``, ``notes``), a
+    path (with a / or ending in .toml) a file."""
+    if "profile" not in table:
+        return None
+    value = _field(table, "profile", str, where)
+    if "/" in value or "\\" in value or value.endswith(".toml"):
+        return resolve(value)
+    if not re.fullmatch(r"[a-z][a-z0-9-]{0,31}", value):
+        raise ConfigError(f"{where}: profile {value!r} is neither a packaged profile's name nor a .toml path")
     return value
 
 

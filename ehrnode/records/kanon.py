@@ -16,6 +16,12 @@ level  birth                         gender   region
 4      removed (``SUPPRESSED``)      removed  removed
 =====  ============================  =======  =====================================
 
+Two more attributes travel with those: the death, with birth (the year of death at level 0,
+only that the patient died at levels 1 and 2, nothing from level 3), and birth sex and
+gender identity (the US Core extensions), with gender. They are part of the value a class
+is formed on, so two patients alike in everything but birth sex are not one class, and
+a patient at level 4 releases none of them.
+
 A person aged 90 or over on the day of release is "90+" at levels 0 to 2 (Safe Harbor
 forbids any year that reveals such an age), so a band never straddles that age for them.
 Level 0 is what the profile's own rules release (the default profile's Safe Harbor form).
@@ -54,6 +60,12 @@ from typing import Any
 
 AGE_GROUP_URL = "https://ehrnode.org/fhir/StructureDefinition/age-group"
 BIRTH_PERIOD_URL = "https://ehrnode.org/fhir/StructureDefinition/birth-period"
+BIRTH_SEX_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex"
+GENDER_IDENTITY_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-genderIdentity"
+#: The extensions k-anonymity writes: whatever a Patient carries under these URLs is its to decide.
+QUASI_EXTENSIONS = frozenset({AGE_GROUP_URL, BIRTH_PERIOD_URL, BIRTH_SEX_URL, GENDER_IDENTITY_URL})
+_BIRTH_SEXES = frozenset({"F", "M", "UNK"})
+_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: Highest level that still releases something (gender).
 TOP_LEVEL = 3
 #: The level of a patient whose quasi-identifiers are all removed.
@@ -66,6 +78,8 @@ RESTRICTED_ZIP3 = frozenset({
     "890", "893",
 })
 _US = frozenset({"US", "USA", "UNITED STATES", "UNITED STATES OF AMERICA"})
+#: Patient.gender's required binding (AdministrativeGender): anything else is not released.
+GENDERS = frozenset({"male", "female", "other", "unknown"})
 _ZIP = re.compile(r"\s*(\d{3})\d{2}(?:-?\d{4})?\s*")
 _FHIR_DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
 _BANDS = {1: 5, 2: 10}
@@ -83,6 +97,11 @@ class QuasiIdentifiers:
     country: str | None
     state: str | None
     postal_code: str | None
+    birth_sex: str | None = None
+    #: (system, code) of the gender identity's first coding.
+    gender_identity: tuple[str, str] | None = None
+    #: The year of death, or "yes" for a patient known to have died without a date.
+    deceased: str | None = None
 
     @property
     def birth_year(self) -> int | None:
@@ -93,10 +112,39 @@ class QuasiIdentifiers:
 def quasi_identifiers(patient: Mapping[str, Any]) -> QuasiIdentifiers:
     """The quasi-identifiers of a raw (not de-identified) Patient resource."""
     address = current_address(patient) or {}
+    gender = _text(patient.get("gender"))
+    birth_sex = identity = None
+    for ext in patient.get("extension") or ():
+        if not isinstance(ext, Mapping):
+            continue
+        if ext.get("url") == BIRTH_SEX_URL and ext.get("valueCode") in _BIRTH_SEXES:
+            birth_sex = ext["valueCode"]
+        elif ext.get("url") == GENDER_IDENTITY_URL and isinstance(ext.get("valueCodeableConcept"), Mapping):
+            for coding in ext["valueCodeableConcept"].get("coding") or ():
+                if isinstance(coding, Mapping) and isinstance(coding.get("system"), str) and isinstance(
+                        coding.get("code"), str) and _CODE.fullmatch(coding["code"]):
+                    identity = (coding["system"], coding["code"])
+                    break
+    deceased = None
+    died = _FHIR_DATE.match(_text(patient.get("deceasedDateTime")) or "")
+    if died:
+        deceased = died.group(1)
+    elif patient.get("deceasedBoolean") is True:
+        deceased = "yes"
     return QuasiIdentifiers(
-        _text(patient.get("birthDate")), _text(patient.get("gender")), _text(address.get("country")),
-        _text(address.get("state")), _text(address.get("postalCode")),
+        _text(patient.get("birthDate")), gender if gender in GENDERS else None, place(address.get("country")),
+        place(address.get("state")), _text(address.get("postalCode")), birth_sex, identity, deceased,
     )
+
+
+_PLACE = re.compile(r"[A-Za-z][A-Za-z .'-]{1,39}|[\u4e00-\u9fff]{2,12}")
+
+
+def place(value: Any) -> str | None:
+    """A country or state as released: a name or code of letters only (an address field can
+    hold any text, and these two are released as they are)."""
+    text = _text(value)
+    return text if text is not None and _PLACE.fullmatch(text) else None
 
 
 def current_address(patient: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -148,6 +196,10 @@ class Hierarchy:
     gender: bool = True
     region: bool = True
     zip3: bool = True
+    #: Whether the profile releases birth sex, gender identity and the death at all.
+    birth_sex: bool = True
+    gender_identity: bool = True
+    deceased: bool = True
 
     def parts(self, qi: QuasiIdentifiers, level: int) -> tuple[str | None, str | None, tuple[str | None, ...]]:
         """(birth, gender, (country, state, zip3)) released at ``level``."""
@@ -160,27 +212,52 @@ class Hierarchy:
             region = (qi.country, qi.state, zip3(qi.postal_code, qi.country) if self.zip3 else None)[:3 - level]
         return birth, gender, region
 
+    def extras(self, qi: QuasiIdentifiers, level: int) -> tuple[str | None, str | None, tuple[str, str] | None]:
+        """(death, birth sex, gender identity) released at ``level``: the death with birth, the
+        other two with gender."""
+        death = None
+        if self.deceased and qi.deceased is not None and level < TOP_LEVEL:
+            death = qi.deceased if level == 0 else "yes"
+        with_gender = level < SUPPRESSED
+        return (death, qi.birth_sex if self.birth_sex and with_gender else None,
+                qi.gender_identity if self.gender_identity and with_gender else None)
+
     def release(self, qi: QuasiIdentifiers, level: int) -> Released:
         """The (birth, gender, region) value a patient releases at ``level``."""
         birth, gender, region = self.parts(qi, level)
-        return birth, gender, region_text(region)
+        death, sex, identity = self.extras(qi, level)
+        return _with_death(birth, death), _with_sex(gender, sex, identity), region_text(region)
 
     def elements(self, qi: QuasiIdentifiers, level: int) -> dict[str, Any]:
-        """The Patient elements that carry the release: birthDate, gender, address, extension."""
+        """The Patient elements that carry the release: birthDate, gender, address, deceased[x],
+        extension."""
         birth, gender, region = self.parts(qi, level)
+        death, sex, identity = self.extras(qi, level)
         out: dict[str, Any] = {}
+        extensions: list[dict[str, Any]] = []
         if birth is not None and "-" in birth:
             start, end = birth.split("-")
-            out["extension"] = [{"url": BIRTH_PERIOD_URL, "valuePeriod": {"start": start, "end": end}}]
+            extensions.append({"url": BIRTH_PERIOD_URL, "valuePeriod": {"start": start, "end": end}})
         elif birth == "90+":
-            out["extension"] = [{"url": AGE_GROUP_URL, "valueString": "90+"}]
+            extensions.append({"url": AGE_GROUP_URL, "valueString": "90+"})
         elif birth is not None:
             out["birthDate"] = birth
         if gender is not None:
             out["gender"] = gender
+        if sex is not None:
+            extensions.append({"url": BIRTH_SEX_URL, "valueCode": sex})
+        if identity is not None:
+            extensions.append({"url": GENDER_IDENTITY_URL,
+                               "valueCodeableConcept": {"coding": [{"system": identity[0], "code": identity[1]}]}})
+        if death == "yes":
+            out["deceasedBoolean"] = True
+        elif death is not None:
+            out["deceasedDateTime"] = death
         address = {k: v for k, v in zip(("country", "state", "postalCode"), region, strict=False) if v is not None}
         if address:
             out["address"] = [address]
+        if extensions:
+            out["extension"] = extensions
         return out
 
     def _birth(self, qi: QuasiIdentifiers, level: int) -> str | None:
@@ -204,8 +281,10 @@ def region_text(parts: Iterable[str | None]) -> str | None:
 
 
 def released_quasi(patient: Mapping[str, Any]) -> Released:
-    """The (birth, gender, region) value a de-identified Patient actually carries."""
+    """The (birth, gender, region) value a de-identified Patient actually carries (with its
+    death, birth sex and gender identity, as :meth:`Hierarchy.release` writes them)."""
     birth = _text(patient.get("birthDate"))
+    sex = identity = None
     for ext in patient.get("extension") or ():
         if not isinstance(ext, Mapping):
             continue
@@ -213,12 +292,32 @@ def released_quasi(patient: Mapping[str, Any]) -> Released:
             birth = _text(ext.get("valueString"))
         elif ext.get("url") == BIRTH_PERIOD_URL and isinstance(ext.get("valuePeriod"), Mapping):
             birth = f"{ext['valuePeriod'].get('start')}-{ext['valuePeriod'].get('end')}"
+        elif ext.get("url") == BIRTH_SEX_URL:
+            sex = _text(ext.get("valueCode"))
+        elif ext.get("url") == GENDER_IDENTITY_URL and isinstance(ext.get("valueCodeableConcept"), Mapping):
+            codings = [c for c in ext["valueCodeableConcept"].get("coding") or () if isinstance(c, Mapping)]
+            if codings:
+                identity = (str(codings[0].get("system")), str(codings[0].get("code")))
+    death = "yes" if patient.get("deceasedBoolean") is True else _text(patient.get("deceasedDateTime"))
     addresses = [a for a in patient.get("address") or () if isinstance(a, Mapping)]
     region = None
     if addresses:
         a = addresses[0]
         region = region_text((_text(a.get("country")), _text(a.get("state")), _text(a.get("postalCode"))))
-    return birth, _text(patient.get("gender")), region
+    return _with_death(birth, death), _with_sex(_text(patient.get("gender")), sex, identity), region
+
+
+def _with_death(birth: str | None, death: str | None) -> str | None:
+    return birth if death is None else f"{birth or ''};died {death}"
+
+
+def _with_sex(gender: str | None, sex: str | None, identity: tuple[str, str] | None) -> str | None:
+    parts = [gender or ""]
+    if sex is not None:
+        parts.append(f"birth-sex {sex}")
+    if identity is not None:
+        parts.append(f"identity {identity[0]}|{identity[1]}")
+    return gender if len(parts) == 1 else ";".join(parts)
 
 
 def choose_levels(

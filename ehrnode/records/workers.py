@@ -30,7 +30,7 @@ POOL_THRESHOLD = 500
 _worker_deid: Deidentifier | None = None
 
 
-def _init_worker(profile_path: Path | None, key: bytes) -> None:
+def _init_worker(profile_path: Path | str | None, key: bytes) -> None:
     global _worker_deid
     _worker_deid = Deidentifier(load_profile(profile_path), key)
 
@@ -59,7 +59,7 @@ def default_workers() -> int:
 class Preparer:
     """Blocking; one caller at a time."""
 
-    def __init__(self, deid: Deidentifier, profile_path: Path | None, key: bytes, *, workers: int) -> None:
+    def __init__(self, deid: Deidentifier, profile_path: Path | str | None, key: bytes, *, workers: int) -> None:
         self.deid = deid
         self._profile_path = profile_path
         self._key = key

@@ -18,14 +18,14 @@ def shift_date(value: str, days: int) -> str:
     """
     m = DATE_FORM.fullmatch(value) if isinstance(value, str) else None
     if m is None:
-        raise ValueError(f"{value!r} is not a FHIR date")
+        raise ValueError("not a FHIR date")  # the value itself is never shown: it is patient data
     year, month, day, time = m.groups()
     try:
         if day:
             return (date(int(year), int(month), int(day)) + timedelta(days=days)).isoformat() + (time or "")
         middle = date(int(year), int(month or 7), 15 if month else 2) + timedelta(days=days)
     except OverflowError as exc:
-        raise ValueError(f"{value!r} shifted by {days} days is out of range") from exc
+        raise ValueError(f"a date that, shifted by {days} days, falls outside the years 1-9999") from exc
     return f"{middle.year:04d}-{middle.month:02d}" if month else f"{middle.year:04d}"
 
 

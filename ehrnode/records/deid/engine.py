@@ -12,19 +12,39 @@ from datetime import date
 from typing import Any
 
 from ...errors import DeidentificationError
-from ..kanon import OLDEST_AGE, SUPPRESSED, Hierarchy, QuasiIdentifiers, age_on, choose_levels, quasi_identifiers, zip3
+from ..kanon import (
+    OLDEST_AGE, QUASI_EXTENSIONS, SUPPRESSED, Hierarchy, QuasiIdentifiers, age_on, choose_levels, place,
+    quasi_identifiers, zip3,
+)
 from .dates import DATE_FORM, shift_date
-from .profile import Profile, RuleSet
+from .profile import ExtensionRule, Profile, RuleSet
 from .schema import PRIMITIVE_EXTENSION, Element, required_elements, resource_model
 from .text import scrub_markup, scrub_text
 
 KEY_SIZE = 32
 #: Patient elements :mod:`..kanon` writes at the patient's k-anonymity level.
-QUASI_KEYS = frozenset({"birthDate", "_birthDate", "gender", "_gender", "address"})
+QUASI_KEYS = frozenset({"birthDate", "_birthDate", "gender", "_gender", "address", "deceasedDateTime",
+                        "_deceasedDateTime", "deceasedBoolean", "_deceasedBoolean"})
 _DAR = {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "masked"}
 _LABEL_ID = b"ehrnode/deid/pseudonym\x00"
 _LABEL_IDENTIFIER = b"ehrnode/deid/identifier\x00"
 _LABEL_SHIFT = b"ehrnode/deid/date-shift\x00"
+_LABEL_CODE = b"ehrnode/deid/code\x00"
+#: Observation codes that say the value is the patient's age (LOINC, SNOMED CT).
+AGE_CODES = frozenset({
+    ("http://loinc.org", c) for c in ("30525-0", "21612-7", "29553-5", "21611-9", "63900-5", "35659-2", "46251-5")
+} | {("http://snomed.info/sct", c) for c in ("424144002", "397659008")})
+#: Elements of these names whose Range or Quantity is an age (FamilyMemberHistory.ageRange, ...).
+_AGE_ELEMENTS = ("age", "onset", "abatement", "deceased")
+_TIME_UNITS = {"a": 1.0, "mo": 12.0, "wk": 52.1775, "d": 365.25, "h": 8766.0, "min": 525960.0}
+_CODE_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}")
+_OPEN_CODE = re.compile(r"[a-z0-9][a-z0-9.-]{0,63}")
+_MIME = re.compile(r"[a-z]+/[a-z0-9.+-]+(?:\s*;\s*[a-z]+=\"?[A-Za-z0-9._-]+\"?)*", re.IGNORECASE)
+_LANGUAGE = re.compile(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8}){0,3}")
+_UNIT = re.compile(r"[\w%/.\[\]{}*^'()°µ-]{1,20}")
+_ELEMENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+#: A reference to a provider or place is kept only in these shapes (anything else may hold text).
+_DIRECTORY_QUERY = re.compile(r"[A-Z][A-Za-z]+\?identifier=[A-Za-z0-9:/._%-]*\|[A-Za-z0-9._-]{1,64}")
 
 
 def unreleasable(message: str) -> DeidentificationError:
@@ -56,7 +76,6 @@ def _copy(value: Any) -> Any:
 
 
 _DROP: Any = object()
-_AGE_UNITS_PER_YEAR = {"a": 1.0, "mo": 12.0, "wk": 52.1775, "d": 365.25, "h": 8766.0, "min": 525960.0}
 _TEXT_TYPES = ("text/", "application/json", "application/fhir+json", "application/xml", "application/fhir+xml",
                "application/xhtml+xml")
 
@@ -107,10 +126,14 @@ class Deidentifier:
         """The released id of a resource: kept for providers and places, else a pseudonym."""
         return value if resource_type in self.profile.directory else self.pseudonym(value)
 
+    def local_id(self, value: str) -> str:
+        """The released id of a contained resource (local to its container)."""
+        return self.pseudonym("#" + value)
+
     def reference(self, text: str) -> str:
         """A Reference.reference as released; lines up with :meth:`resource_id`."""
         if text.startswith("#"):
-            return text  # a contained resource, local to this one
+            return "#" + self.local_id(text[1:]) if len(text) > 1 else text  # a contained resource
         m = _LITERAL_REF.fullmatch(text)
         if m:
             rtype, rid = m.groups()
@@ -119,8 +142,10 @@ class Deidentifier:
             return "urn:uuid:" + self.pseudonym(text[len("urn:uuid:"):])
         m = _CONDITIONAL_REF.fullmatch(text)
         if m:
-            # A search cannot be resolved here; the whole query gets one stable pseudonym.
-            return text if m.group(1) in self.profile.directory else f"{m.group(1)}/{self.pseudonym(text)}"
+            # A search cannot be resolved here; the whole query gets one stable pseudonym. A
+            # provider or place found by its identifier is kept; by anything else (a name), not.
+            keep = m.group(1) in self.profile.directory and _DIRECTORY_QUERY.fullmatch(text)
+            return text if keep else f"{m.group(1)}/{self.pseudonym(text)}"
         return "urn:uuid:" + self.pseudonym(text)
 
     def identifier_value(self, system: str | None, value: str) -> str:
@@ -192,19 +217,26 @@ class _Pass:
         rtype = node.get("resourceType")
         model = resource_model(rtype) if isinstance(rtype, str) else None
         if model is None:
-            raise unreleasable(f"unknown resource type {rtype!r}")
+            raise unreleasable(f"unknown resource type {_shown(rtype)}")
         if rtype == "Bundle":
             raise unreleasable("a Bundle is not released as one; de-identify its entries one by one")
-        frame = _Frame(rtype, self.profile.ruleset(rtype), nested)
+        frame = _Frame(rtype, self.profile.ruleset(rtype, contained=nested), nested)
         skip = QUASI_KEYS if rtype == "Patient" else frozenset()
+        raw = node
+        if rtype == "Patient" and isinstance(node.get("extension"), list):
+            # Birth sex and gender identity are k-anonymity's to write, at the patient's level.
+            node = {**node, "extension": [e for e in node["extension"]
+                                          if not (isinstance(e, Mapping) and e.get("url") in QUASI_EXTENSIONS)]}
         out: dict[str, Any] = {"resourceType": rtype}
         out.update(self.walk(node, model, frame, (), (), skip))
         if rtype == "Patient":
-            released = self.deid.hierarchy.elements(quasi_identifiers(node), self.level)
+            released = self.deid.hierarchy.elements(quasi_identifiers(raw), self.level)
             extensions = released.pop("extension", [])
             out.update(released)
             if extensions:
                 out["extension"] = out.get("extension", []) + extensions
+        if rtype == "Observation":
+            _observation_ages(node, out)
         self._require(model, node, out)
         return out
 
@@ -224,7 +256,8 @@ class _Pass:
                 continue  # handled with its value
             step = plan.get(name)
             if step is None:
-                raise unreleasable(f"{frame.rtype}: unknown element {'.'.join(path + (name,))!r}")
+                shown = ".".join(path + (name,)) if _ELEMENT_NAME.fullmatch(name) else ".".join(path + ("?",))
+                raise unreleasable(f"{frame.rtype}: unknown element {shown}")
             element, method, epath, echain = step.element, step.method, step.path, step.chain
             if method == "redact" and element.type != "Extension":  # an extension's URL rule comes first
                 result = _DROP
@@ -268,11 +301,14 @@ class _Pass:
         if kind == "Resource":
             return self.resource(value, nested=True)
         if kind == "Extension":
-            by_url = self.profile.extensions.get(value.get("url"))
-            if by_url == "keep":
-                return _copy(dict(value))
-            if by_url == "redact" or method == "redact":
-                return _DROP
+            rule = self.profile.extension(value.get("url"))
+            if rule is None or method == "redact":
+                return _DROP  # allow-listed extensions only
+            return self._extension(element, value, rule, frame, path, chain)
+        if kind == "Range" and path[-1].startswith(_AGE_ELEMENTS):
+            return _generalized_range(value)
+        if method == "coded":
+            return self._coded(element, value, frame, path, chain)
         if method == "generalize":
             return self._generalized_address(value) if kind == "Address" else self._generalized_age(value)
         if method == "pseudonym" and kind == "Reference":
@@ -284,6 +320,63 @@ class _Pass:
             out["value"] = self.deid.identifier_value(value.get("system"), value["value"])
             out.pop("_value", None)
         return out
+
+    def _extension(self, element: Element, value: Mapping[str, Any], rule: ExtensionRule, frame: _Frame,
+                   path: tuple[str, ...], chain: tuple[tuple[str, ...], ...]) -> Any:
+        """An allow-listed extension: its value through the element rules, and only the
+        sub-extensions the rule names (each the same way); its valueCode only from ``codes``."""
+        if rule.codes is not None and "valueCode" in value and value.get("valueCode") not in rule.codes:
+            return _DROP
+        subs = value.get("extension")
+        kept_subs = []
+        if isinstance(subs, list):
+            for sub in subs:
+                if isinstance(sub, Mapping) and sub.get("url") in rule.sub:
+                    kept = self._extension(element, sub, _SUB_RULE, frame, path, chain)
+                    if kept is not _DROP:
+                        kept_subs.append(kept)
+        own = {k: v for k, v in value.items() if k not in ("extension", "url")}
+        out = self.walk(own, element.model, frame, path, chain) if own else {}
+        if kept_subs:
+            out["extension"] = kept_subs
+        if not any(k.startswith(("value", "_value")) or k == "extension" for k in out):
+            return _DROP
+        return {"url": value["url"], **out}
+
+    def _coded(self, element: Element, value: Mapping[str, Any], frame: _Frame, path: tuple[str, ...],
+               chain: tuple[tuple[str, ...], ...]) -> Any:
+        """A Coding or Quantity by the allow-list of terminologies (the ``coded`` method)."""
+        system = value.get("system")
+        known = self.profile.known(system)
+        if element.type == "Coding":
+            if known:
+                out = {k: value[k] for k in ("system", "version", "userSelected") if k in value}
+                code = value.get("code")
+                if isinstance(code, str) and _CODE_TOKEN.fullmatch(code):
+                    out["code"] = code
+                display = value.get("display")
+                if isinstance(display, str) and scrub_text(display) == display:
+                    out["display"] = display
+            else:
+                # A local code system: its codes may mean something here, its displays anything
+                # at all. The link survives (keyed), the text does not.
+                out = {}
+                if isinstance(system, str):
+                    out["system"] = "urn:uuid:" + self.deid.pseudonym(system)
+                if isinstance(value.get("code"), str):
+                    out["code"] = self.deid._uuid(self.deid._digest(_LABEL_CODE, f"{system}|{value['code']}"))
+            return out or _DROP
+        # A Quantity (or Age, Duration, Count, Distance): the number, and its unit only where it
+        # is a known one.
+        out = {k: value[k] for k in ("value", "comparator") if k in value}
+        code, unit = value.get("code"), value.get("unit")
+        if known and isinstance(code, str) and _CODE_TOKEN.fullmatch(code):
+            out.update(system=system, code=code)
+            if isinstance(unit, str) and (unit == code or (_UNIT.fullmatch(unit) and scrub_text(unit) == unit)):
+                out["unit"] = unit
+        elif isinstance(unit, str) and _UNIT.fullmatch(unit) and scrub_text(unit) == unit and not code:
+            out["unit"] = unit
+        return out or _DROP
 
     def _walked(self, element: Element, value: Mapping[str, Any], frame: _Frame, path: tuple[str, ...],
                 chain: tuple[tuple[str, ...], ...]) -> Any:
@@ -301,10 +394,12 @@ class _Pass:
     def _primitive(self, element: Element, value: Any, parent: Mapping[str, Any], method: str | None,
                    frame: _Frame, path: tuple[str, ...]) -> Any:
         if method is None or method == "keep":
-            return value
+            return _checked_code(element, value) if element.type == "code" else value
         where = f"{frame.rtype}.{'.'.join(path)}"
         if not isinstance(value, str):
             raise unreleasable(f"{where}: {method} needs a string, got {type(value).__name__}")
+        if method == "coded":
+            return value if self.profile.known(value) else _DROP
         if method == "date-shift":
             try:
                 return shift_date(value, self.offset)
@@ -313,8 +408,8 @@ class _Pass:
         if method == "generalize":
             m = DATE_FORM.fullmatch(value)
             if m is None:
-                raise unreleasable(f"{where}: {value!r} is not a FHIR date")
-            if path[-1] == "birthDate":
+                raise unreleasable(f"{where}: not a FHIR date")
+            if path[-1] in ("birthDate", "bornDate"):
                 age = age_on(value, self.deid.today)
                 if age is not None and age >= OLDEST_AGE:
                     return _DROP  # any year would reveal an age over 89
@@ -330,16 +425,19 @@ class _Pass:
         if method == "coded-text":
             codings = parent.get("coding") if isinstance(parent, Mapping) else None
             displays = {c["display"].strip().casefold() for c in codings or ()
-                        if isinstance(c, Mapping) and isinstance(c.get("display"), str)}
+                        if isinstance(c, Mapping) and isinstance(c.get("display"), str)
+                        and self.profile.known(c.get("system"))}
             return value if value.strip().casefold() in displays else _DROP
         raise unreleasable(f"{where}: {method} cannot apply to {element.type}")
 
     def _pseudonym(self, kind: str, value: str, frame: _Frame, path: tuple[str, ...]) -> str:
         if path == ("id",):
-            # A contained resource's id is only an anchor for "#id" references inside its container.
-            return value if frame.nested else self.deid.resource_id(frame.rtype, value)
+            # A contained resource's id is only an anchor for "#id" references inside its
+            # container; it is pseudonymized alike there and in every "#id" (it may be any text).
+            return self.deid.local_id(value) if frame.nested else self.deid.resource_id(frame.rtype, value)
         if kind == "uri":
-            return self.deid.reference(value)
+            # An identifier's system: a known one says only what kind of identifier it is.
+            return value if self.profile.known(value) else self.deid.reference(value)
         if kind == "oid":
             # The 2.25 arc holds OIDs made from UUIDs, so the pseudonym is still a valid oid.
             return "urn:oid:2.25." + str(int(self.deid.pseudonym(value).replace("-", ""), 16))
@@ -363,7 +461,9 @@ class _Pass:
         # Without a type in the reference, the element's definition may still say that it
         # can only point to providers or places.
         directory = self.profile.directory
-        if target in directory or (target is None and targets and targets <= directory):
+        parses = text is None or (isinstance(text, str) and (
+            _LITERAL_REF.fullmatch(text) is not None or _DIRECTORY_QUERY.fullmatch(text) is not None))
+        if parses and (target in directory or (target is None and targets and targets <= directory)):
             keep = ("reference", "type", "identifier") + (("display",) if self.profile.directory_display else ())
             out = {k: _copy(ref[k]) for k in keep if k in ref}
             return out or _DROP
@@ -381,11 +481,11 @@ class _Pass:
         return out or _DROP
 
     def _generalized_address(self, address: Mapping[str, Any]) -> Any:
-        country, state = address.get("country"), address.get("state")
+        country, state = place(address.get("country")), place(address.get("state"))
         out = {}
-        if isinstance(country, str):
+        if country is not None:
             out["country"] = country
-        if isinstance(state, str):
+        if state is not None:
             out["state"] = state
         postal = address.get("postalCode")
         short = zip3(postal, country if isinstance(country, str) else None) if isinstance(postal, str) else None
@@ -395,13 +495,16 @@ class _Pass:
 
     @staticmethod
     def _generalized_age(age: Mapping[str, Any]) -> Any:
-        out = {k: age[k] for k in ("value", "comparator", "unit", "system", "code") if k in age}
+        """An Age: "90 or more" from 90 years on (a number without a time unit is taken as years);
+        else its number, comparator and time unit."""
         value, unit = age.get("value"), age.get("code") or age.get("unit")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            years = value / _AGE_UNITS_PER_YEAR.get(unit, 1.0)
+            years = value / _TIME_UNITS.get(unit, 1.0)
             if years >= OLDEST_AGE:
-                return {"value": OLDEST_AGE, "comparator": ">=", "unit": "a", "system": "http://unitsofmeasure.org",
-                        "code": "a"}
+                return dict(_NINETY_PLUS)
+        out = {k: age[k] for k in ("value", "comparator") if k in age}
+        if unit in _TIME_UNITS:
+            out.update({k: age[k] for k in ("unit", "system", "code") if k in age})
         return out or _DROP
 
     @staticmethod
@@ -417,6 +520,86 @@ class _Pass:
                 after[name] = [{"extension": [dict(_DAR)]}] if element.many else {"extension": [dict(_DAR)]}
             elif not element.many:
                 after["_" + name] = {"extension": [dict(_DAR)]}
+
+
+#: A sub-extension named by its parent's rule: its value through the rules, nothing below it.
+_SUB_RULE = ExtensionRule(True)
+
+
+def _shown(value: Any) -> str:
+    """A value from the input as an error message may show it: only a short FHIR name."""
+    return repr(value) if isinstance(value, str) and _ELEMENT_NAME.fullmatch(value) else "(not a FHIR name)"
+
+
+def _checked_code(element: Element, value: Any) -> Any:
+    """A ``code`` element's value if it is one its binding allows (or, unbound, a code-shaped
+    token), else dropped: a code element can hold any string, and only codes are released."""
+    if not isinstance(value, str):
+        return _DROP
+    if element.codes and not element.open_codes:
+        return value if value in element.codes else _DROP
+    if element.open_codes:
+        return value if value in element.codes or _OPEN_CODE.fullmatch(value) else _DROP
+    if element.name == "contentType":
+        return value if _MIME.fullmatch(value) else _DROP
+    if element.name == "language":
+        return value if _LANGUAGE.fullmatch(value) else _DROP
+    return value if _CODE_TOKEN.fullmatch(value) and scrub_text(value) == value else _DROP
+
+
+def _years(quantity: Any) -> float | None:
+    """A Quantity's value in years, if its unit is a time unit."""
+    if not isinstance(quantity, Mapping):
+        return None
+    value, unit = quantity.get("value"), quantity.get("code") or quantity.get("unit")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or unit not in _TIME_UNITS:
+        return None
+    return value / _TIME_UNITS[unit]
+
+
+_NINETY_PLUS = {"value": OLDEST_AGE, "comparator": ">=", "unit": "a", "system": "http://unitsofmeasure.org",
+                "code": "a"}
+
+
+def _generalized_range(value: Mapping[str, Any]) -> Any:
+    """A Range that is an age: "90 or more" when either end is 90 years or more; else its ends
+    as time quantities (numbers and time units only)."""
+    ends = {k: value.get(k) for k in ("low", "high")}
+    if any((_years(end) or 0) >= OLDEST_AGE for end in ends.values()):
+        return {"low": {k: v for k, v in _NINETY_PLUS.items() if k != "comparator"}}
+    out = {}
+    for name, end in ends.items():
+        if _years(end) is not None:
+            out[name] = {k: end[k] for k in ("value", "unit", "system", "code") if k in end}
+    return out or _DROP
+
+
+def _observation_ages(raw: Mapping[str, Any], out: dict[str, Any]) -> None:
+    """An Observation (or component) coded as the patient's age: its value is an age, so 90
+    years or more becomes "90 or more", in a Quantity, a Range or a bare integer."""
+    def is_age(node: Mapping[str, Any]) -> bool:
+        codings = (node.get("code") or {}).get("coding") if isinstance(node.get("code"), Mapping) else None
+        return any(isinstance(c, Mapping) and (c.get("system"), c.get("code")) in AGE_CODES for c in codings or ())
+
+    def fix(raw_node: Mapping[str, Any], node: dict[str, Any]) -> None:
+        if not is_age(raw_node):
+            return
+        if (_years(raw_node.get("valueQuantity")) or 0) >= OLDEST_AGE:
+            node["valueQuantity"] = dict(_NINETY_PLUS)
+        if isinstance(raw_node.get("valueInteger"), int) and raw_node["valueInteger"] >= OLDEST_AGE:
+            node.pop("valueInteger", None)
+            node["valueQuantity"] = dict(_NINETY_PLUS)
+        if isinstance(raw_node.get("valueRange"), Mapping):
+            ranged = _generalized_range(raw_node["valueRange"])
+            if ranged is _DROP:
+                node.pop("valueRange", None)
+            else:
+                node["valueRange"] = ranged
+
+    fix(raw, out)
+    for raw_part, part in zip(raw.get("component") or (), out.get("component") or (), strict=False):
+        if isinstance(raw_part, Mapping) and isinstance(part, dict):
+            fix(raw_part, part)
 
 
 def _fix_attachment(before: Mapping[str, Any], after: dict[str, Any]) -> None:

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import DeidentificationError
-from ..kanon import Hierarchy
+from ..kanon import BIRTH_SEX_URL, GENDER_IDENTITY_URL, Hierarchy
 from .schema import DOMAIN_RESOURCE, PRIMITIVES, Element, datatype_model, elements, resource_model
 
-METHODS = ("redact", "keep", "generalize", "date-shift", "pseudonym", "scrub", "coded-text")
+METHODS = ("redact", "keep", "generalize", "date-shift", "pseudonym", "scrub", "coded-text", "coded")
 #: The element types each transforming method can apply to (redact and keep apply to all).
 _APPLIES = {
     "generalize": frozenset({"date", "dateTime", "Address", "Age"}),
@@ -27,10 +27,14 @@ _APPLIES = {
     "pseudonym": frozenset({"Reference", "Identifier", "id", "string", "uri", "oid", "uuid"}),
     "scrub": frozenset({"string", "markdown", "xhtml", "base64Binary"}),
     "coded-text": frozenset({"string"}),
+    # Allow-listed vocabulary: a Coding or Quantity of a known terminology is kept, another is
+    # pseudonymized (Coding) or reduced to its number (Quantity); a uri or canonical is kept
+    # only under a known prefix.
+    "coded": frozenset({"Coding", "Quantity", "uri", "canonical", "url"}),
 }
 #: The Patient elements kanon.py writes, and the methods their rules may use.
 _QUASI_RULES = {"birthDate": ("generalize", "redact"), "gender": ("keep", "redact"),
-                "address": ("generalize", "redact")}
+                "address": ("generalize", "redact"), "deceasedDateTime": ("generalize", "redact")}
 _MAX_EXTENDS = 4
 _TABLES = {
     "profile": {"name", "description", "extends"},
@@ -38,6 +42,7 @@ _TABLES = {
     "kanonymity": {"k"},
     "generalize": {"zip3"},
     "references": {"keep", "keep_display"},
+    "terminologies": {"systems"},
     "extensions": None,  # any URL
     "rules": None,  # any section
 }
@@ -136,6 +141,26 @@ class Step:
 
 
 
+#: Elements of a provider or place that, contained in a patient's resource, identify the
+#: patient beyond what the ``"*"`` rules remove: a Location's coordinates are a geolocation.
+_CONTAINED = {"Location": {"position": Rule("redact", "Location", "position")}}
+
+
+@dataclass(frozen=True)
+class ExtensionRule:
+    """What ``[extensions]`` allows of one extension URL.
+
+    ``keep``: released, its value walked by the element rules like any element (so a string
+    goes, a Coding of a known terminology stays). ``sub``: the sub-extensions (by their
+    relative URL) released likewise; any other is dropped. ``codes``: the only values its
+    ``valueCode`` may take (another drops the extension).
+    """
+
+    keep: bool
+    sub: frozenset[str] = frozenset()
+    codes: frozenset[str] | None = None
+
+
 @dataclass(frozen=True)
 class Profile:
     """A loaded, checked de-identification profile (see ``docs/deidentification.md``)."""
@@ -143,22 +168,42 @@ class Profile:
     name: str
     source: str
     rules: Mapping[str, Mapping[str, Rule]]
-    extensions: Mapping[str, str]
+    extensions: Mapping[str, ExtensionRule]
     directory: frozenset[str]
     directory_display: bool
     shift_min_days: int
     shift_max_days: int
     k: int
     zip3: bool
-    _rulesets: dict[str, RuleSet] = field(default_factory=dict, repr=False, compare=False)
+    #: Code systems and canonical prefixes whose codes and displays are released (an entry
+    #: ending in "/" is a prefix).
+    terminologies: frozenset[str] = frozenset()
+    _rulesets: dict[tuple[str, bool], RuleSet] = field(default_factory=dict, repr=False, compare=False)
 
-    def ruleset(self, rtype: str) -> RuleSet:
-        """The ``"*"`` rules with ``rtype``'s own laid over them."""
-        found = self._rulesets.get(rtype)
+    def ruleset(self, rtype: str, *, contained: bool = False) -> RuleSet:
+        """The ``"*"`` rules with ``rtype``'s own laid over them. A provider or place
+        contained in a patient's resource is patient data (a home-health Location is the
+        patient's home): its directory section does not apply there."""
+        contained = contained and rtype in self.directory
+        found = self._rulesets.get((rtype, contained))
         if found is None:
-            merged = {**self.rules.get("*", {}), **self.rules.get(rtype, {})}
-            found = self._rulesets[rtype] = RuleSet(merged.values())
+            own = dict(_CONTAINED.get(rtype, {})) if contained else self.rules.get(rtype, {})
+            merged = {**self.rules.get("*", {}), **own}
+            found = self._rulesets[(rtype, contained)] = RuleSet(merged.values())
         return found
+
+    def known(self, system: object) -> bool:
+        """Whether ``system`` (a code system or canonical URL) is a known terminology."""
+        if not isinstance(system, str) or not system:
+            return False
+        if system in self.terminologies:
+            return True
+        return any(system.startswith(prefix) for prefix in self.terminologies if prefix.endswith("/"))
+
+    def extension(self, url: object) -> ExtensionRule | None:
+        """The rule for an extension URL; None when it is not allow-listed (it is dropped)."""
+        rule = self.extensions.get(url) if isinstance(url, str) else None
+        return rule if rule is not None and rule.keep else None
 
     def quasi_method(self, name: str) -> str | None:
         """The method the rules give Patient.``name`` (birthDate, gender, address)."""
@@ -170,24 +215,35 @@ class Profile:
         return Hierarchy(
             today=today, birth=self.quasi_method("birthDate") == "generalize",
             gender=self.quasi_method("gender") != "redact", region=self.quasi_method("address") == "generalize",
-            zip3=self.zip3,
+            zip3=self.zip3, birth_sex=self.extension(BIRTH_SEX_URL) is not None,
+            gender_identity=self.extension(GENDER_IDENTITY_URL) is not None,
+            deceased=self.quasi_method("deceasedDateTime") == "generalize",
         )
 
 
-def _packaged_default() -> tuple[str, str]:
-    resource = importlib.resources.files("ehrnode.records") / "profiles" / "default.toml"
-    return "default profile", resource.read_text(encoding="utf-8")
+#: The profiles that ship with ehrnode, by the name ``[records] profile`` may give instead of a path.
+PACKAGED = ("default", "notes")
+
+
+def packaged(name: str) -> tuple[str, str]:
+    """(source, text) of the packaged profile ``name``."""
+    resource = importlib.resources.files("ehrnode.records") / "profiles" / f"{name}.toml"
+    return f"{name} profile", resource.read_text(encoding="utf-8")
 
 
 def load_profile(path: Path | str | None = None) -> Profile:
-    """Load and check a profile; None loads the packaged default.
+    """Load and check a profile: a file, the name of a packaged profile (``PACKAGED``), or None
+    for the packaged default.
 
     Raises DeidentificationError (reason ``bad_profile``) naming the file and the rule
     or setting at fault: unreadable file, bad TOML, unknown table, key, method, resource
     type, element or data type, a method that cannot apply to its element's type.
     """
-    if path is None:
-        source, text = _packaged_default()
+    if path is None or (isinstance(path, str) and "/" not in path and not path.endswith(".toml")):
+        if path is not None and path not in PACKAGED:
+            raise DeidentificationError(f"no packaged profile named {path!r} (packaged: {', '.join(PACKAGED)}); "
+                                        "a profile file is named by its path", reason="bad_profile")
+        source, text = packaged(path or "default")
         base = None
     else:
         path = Path(path)
@@ -219,9 +275,10 @@ def _with_extends(data: dict[str, Any], source: str, base: Path | None, depth: i
     if parent_name is None:
         return data
     if not isinstance(parent_name, str) or depth >= _MAX_EXTENDS:
-        raise _fail(source, "[profile] extends", "must name \"default\" or a profile file (at most 4 deep)")
-    if parent_name == "default":
-        parent_source, text = _packaged_default()
+        raise _fail(source, "[profile] extends", "must name a packaged profile (default, notes) or a profile "
+                                                   "file (at most 4 deep)")
+    if parent_name in PACKAGED:
+        parent_source, text = packaged(parent_name)
         parent_base = None
     else:
         parent_path = (base or Path.cwd()) / parent_name
@@ -289,11 +346,25 @@ def _build(data: dict[str, Any], source: str) -> Profile:
 
     extensions = {}
     for url, method in data.get("extensions", {}).items():
+        where = f'[extensions] "{url}"'
         if ":" not in url:
-            raise _fail(source, f'[extensions] "{url}"', "is not an extension URL")
-        if method not in ("keep", "redact"):
-            raise _fail(source, f'[extensions] "{url}"', f"unknown method {method!r} (extensions take keep or redact)")
-        extensions[url] = method
+            raise _fail(source, where, "is not an extension URL")
+        if isinstance(method, dict):
+            unknown = set(method) - {"sub", "codes"}
+            sub, codes = method.get("sub", []), method.get("codes")
+            if unknown or not isinstance(sub, list) or not all(isinstance(s, str) and s for s in sub) or (
+                    codes is not None and (not isinstance(codes, list) or not all(isinstance(c, str) for c in codes))):
+                raise _fail(source, where, "a table takes sub = [relative URLs] and codes = [codes]")
+            extensions[url] = ExtensionRule(True, frozenset(sub), None if codes is None else frozenset(codes))
+        elif method in ("keep", "redact"):
+            extensions[url] = ExtensionRule(method == "keep")
+        else:
+            raise _fail(source, where, f"unknown method {method!r} (extensions take keep, redact, or a table "
+                                       "with sub and codes)")
+
+    systems = data.get("terminologies", {}).get("systems", [])
+    if not isinstance(systems, list) or not all(isinstance(s, str) and ":" in s for s in systems):
+        raise _fail(source, "[terminologies] systems", "must be a list of code system URIs (a prefix ends in /)")
 
     rules: dict[str, dict[str, Rule]] = {}
     sections = data.get("rules")
@@ -314,10 +385,11 @@ def _build(data: dict[str, Any], source: str) -> Profile:
     profile = Profile(
         name=name, source=source, rules=rules, extensions=extensions, directory=frozenset(directory),
         directory_display=keep_display, shift_min_days=low, shift_max_days=high, k=k, zip3=keep_zip3,
+        terminologies=frozenset(systems),
     )
     for element, allowed in _QUASI_RULES.items():
         method = profile.quasi_method(element)
-        if method not in allowed and not (element == "gender" and method is None):
+        if method not in allowed and not (element in ("gender", "deceasedDateTime") and method is None):
             rule = profile.ruleset("Patient").find((element,), (elements(resource_model("Patient"))[element].kinds,))
             where = str(rule) if rule else f"Patient.{element}"
             raise _fail(source, where, f"Patient.{element} is a quasi-identifier: its rule must be "

@@ -34,6 +34,10 @@ class Element:
     many: bool
     required: bool
     targets: frozenset[str] = frozenset()  # a Reference's allowed target types
+    #: A code element's required binding, as the model lists it; ``open_codes`` when the list
+    #: is cut short (the value set has more codes than the model names).
+    codes: frozenset[str] = frozenset()
+    open_codes: bool = False
 
     @property
     def type(self) -> str:
@@ -83,7 +87,9 @@ def elements(model: type) -> dict[str, Element]:
         alias = info.alias or name
         required = info.is_required() or bool(extra.get("element_required"))
         if isinstance(described, str):
-            out[alias] = Element(alias, (described,), None, many, required)
+            codes = [c for c in extra.get("enum_values") or () if isinstance(c, str)]
+            out[alias] = Element(alias, (described,), None, many, required,
+                                 codes=frozenset(c for c in codes if c != "+"), open_codes="+" in codes)
         elif issubclass(described, _RESOURCE):
             out[alias] = Element(alias, ("Resource",), None, many, required)
         else:
