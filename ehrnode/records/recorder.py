@@ -45,6 +45,7 @@ from . import deid as deid_module
 from . import fhir
 from .canonical import canonical_json, commitment, new_salt
 from .deid import Deidentifier
+from .deid.notes import PatientFacts
 from .keys import RecordKeys
 from .workers import Preparer
 from .vault import RECORD_ID_SIZE, EntryHeader, NewEntry, PatientRow, Vault, Write
@@ -161,8 +162,9 @@ class Recorder:
         candidates = fresh
         levels = self._levels(patients, {c.item.resource["id"] for c in candidates
                                          if c.item.resource["resourceType"] == "Patient"})
+        facts = {pid: PatientFacts.of(patients[pid].resource) for pid in {c.patient_id for c in candidates}}
         releases = self.preparer.deidentify(
-            [(c.item.resource, c.patient_id, levels.get(c.patient_id, 0)) for c in candidates])
+            [(c.item.resource, c.patient_id, levels.get(c.patient_id, 0), facts[c.patient_id]) for c in candidates])
         for c, release in zip(candidates, releases, strict=True):
             if isinstance(release, str):
                 c.problem = _problem(c.item, f"cannot be released safely: {release}")

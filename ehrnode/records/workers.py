@@ -23,6 +23,7 @@ from typing import Any
 from ..errors import DeidentificationError
 from . import fhir
 from .deid import Deidentifier, load_profile
+from .deid.notes import PatientFacts
 
 #: Inputs smaller than this run in the calling thread.
 POOL_THRESHOLD = 500
@@ -39,15 +40,20 @@ def _validate_chunk(items: list[fhir.Item]) -> list[fhir.Problem | None]:
     return [fhir.validate(item) for item in items]
 
 
-def _deidentify_chunk(jobs: list[tuple[dict[str, Any], str, int]]) -> list[dict[str, Any] | str]:
+#: One resource to release: it, its patient's id, that patient's k-anonymity level, and what
+#: the patient's own resource says (for scrubbing free text).
+Job = tuple[dict[str, Any], str, int, "PatientFacts | None"]
+
+
+def _deidentify_chunk(jobs: list[Job]) -> list[dict[str, Any] | str]:
     assert _worker_deid is not None
     return [_deidentify_one(_worker_deid, job) for job in jobs]
 
 
-def _deidentify_one(deid: Deidentifier, job: tuple[dict[str, Any], str, int]) -> dict[str, Any] | str:
-    resource, patient, level = job
+def _deidentify_one(deid: Deidentifier, job: Job) -> dict[str, Any] | str:
+    resource, patient, level, facts = job
     try:
-        return deid.deidentify(resource, patient=patient, level=level)
+        return deid.deidentify(resource, patient=patient, level=level, facts=facts)
     except DeidentificationError as exc:
         return str(exc)
 
@@ -86,7 +92,7 @@ class Preparer:
             return [fhir.validate(item) for item in items]
         return [p for chunk in pool.map(_validate_chunk, self._chunks(items)) for p in chunk]
 
-    def deidentify(self, jobs: Sequence[tuple[dict[str, Any], str, int]]) -> list[dict[str, Any] | str]:
+    def deidentify(self, jobs: Sequence[Job]) -> list[dict[str, Any] | str]:
         """Each job's release, or the reason it cannot be released (a string)."""
         pool = self._use_pool(len(jobs))
         if pool is None:

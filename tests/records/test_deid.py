@@ -35,6 +35,7 @@ from ehrnode.records.deid import (
     shift_date,
     valid_resident_id,
 )
+from ehrnode.records.deid.notes import PatientFacts
 from ehrnode.records.kanon import RESTRICTED_ZIP3, choose_levels, zip3
 
 from ..datasets import SYNTHEA as DATA
@@ -507,10 +508,14 @@ extends = "default"
 """)
     deid = Deidentifier(load_profile(path), KEY, today=TODAY)
     document = next(r for r in _raw() if r["resourceType"] == "DocumentReference")
-    out = deid.deidentify(document, patient=_patient_of(document))
+    patient = next(r for r in _patients() if r["id"] == _patient_of(document))
+    out = deid.deidentify(document, patient=_patient_of(document), facts=PatientFacts.of(patient))
     attachment = out["content"][0]["attachment"]
     text = base64.b64decode(attachment["data"]).decode()
-    assert "[REDACTED]" in text and document["date"][:10] not in text
+    # The patient's name is gone, the note's date moved by the patient's offset.
+    shifted = shift_date(document["date"][:10], deid.date_shift_days(_patient_of(document)))
+    assert "[NAME]" in text and document["date"][:10] not in text and shifted in text
+    assert not any(n in text for n in patient["name"][0]["given"] + [patient["name"][0]["family"]])
     raw = base64.b64decode(attachment["data"])
     assert attachment["size"] == len(raw)
     assert attachment["hash"] == base64.b64encode(hashlib.sha1(raw).digest()).decode()

@@ -94,3 +94,25 @@ def test_k_anonymity_holds_over_everything_released_across_ingests(tmp_path):
     assert report["patients"] == 40
     assert report["k_reached"] >= 3 or report["classes"] == 0
     assert report["below_k"] == 0 and report["classes"] >= 2
+
+
+def test_the_notes_profile_releases_notes_scrubbed_with_the_patient_known_from_an_earlier_ingest(tmp_path):
+    import base64
+
+    from ..datasets import SYNTHEA
+
+    rec = recorder(tmp_path, profile=load_profile("notes"))
+    patient = json.loads((SYNTHEA / "Patient.ndjson").read_text().splitlines()[0])
+    rec.record(items([patient]), now_ms=1)
+    notes = [json.loads(line) for line in (SYNTHEA / "DocumentReference.ndjson").read_text().splitlines()
+             if f"Patient/{patient['id']}" in line][:20]
+    outcome = rec.record(items(notes), now_ms=2)
+    assert [r.status for r in outcome.records] == ["recorded"] * len(notes)
+    names = set(patient["name"][0]["given"]) | {patient["name"][0]["family"]}
+    for row, note in zip(outcome.records, notes, strict=True):
+        _, _, released, _ = rec.vault.read(bytes.fromhex(row.record_id))
+        text = base64.b64decode(released["content"][0]["attachment"]["data"]).decode()
+        raw = base64.b64decode(note["content"][0]["attachment"]["data"]).decode()
+        assert "[NAME]" in text and not any(n in text for n in names), text[:300]
+        assert len(text) > len(raw) // 2  # the note is released, not dropped
+        assert note["date"][:10] not in text

@@ -6,7 +6,7 @@ import base64
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -19,6 +19,7 @@ from ..kanon import (
 from .dates import DATE_FORM, shift_date
 from .profile import ExtensionRule, Profile, RuleSet
 from .schema import PRIMITIVE_EXTENSION, Element, required_elements, resource_model
+from .notes import PatientFacts, scrub_note
 from .text import scrub_markup, scrub_text
 
 KEY_SIZE = 32
@@ -166,12 +167,15 @@ class Deidentifier:
 
     # --- the public calls
 
-    def deidentify(self, resource: Mapping[str, Any], *, patient: str, level: int = 0) -> dict[str, Any]:
+    def deidentify(self, resource: Mapping[str, Any], *, patient: str, level: int = 0,
+                   facts: PatientFacts | None = None) -> dict[str, Any]:
         """The released form of ``resource`` (a new dict; the input is not changed).
 
         ``patient`` is the local id of the Patient the resource belongs to (a Patient's
         own id); ``level`` the k-anonymity level of that patient (0 to SUPPRESSED), used
-        for a Patient's quasi-identifiers. Raises DeidentificationError (``unreleasable``)
+        for a Patient's quasi-identifiers; ``facts`` what its Patient resource says, which
+        free text released scrubbed is searched for (:mod:`.notes`; for a Patient, its own
+        resource is used). Raises DeidentificationError (``unreleasable``)
         for a resource the schema does not know, a Bundle (release its entries one by one),
         a date that cannot be shifted, or a modifier extension that would be dropped.
         """
@@ -179,7 +183,9 @@ class Deidentifier:
             raise DeidentificationError(f"k-anonymity level {level!r} is not in 0..{SUPPRESSED}", reason="bad_level")
         if not isinstance(resource, Mapping):
             raise unreleasable("a resource must be a JSON object")
-        return _Pass(self, patient, level).resource(resource, nested=False)
+        if facts is None and resource.get("resourceType") == "Patient":
+            facts = PatientFacts.of(resource)
+        return _Pass(self, patient, level, facts).resource(resource, nested=False)
 
     def choose_levels(self, population: Mapping[str, QuasiIdentifiers], k: int | None = None, *,
                       released: Mapping[str, Iterable[str | None]] | None = None) -> dict[str, int]:
@@ -200,11 +206,12 @@ class _Frame:
 class _Pass:
     """One call of :meth:`Deidentifier.deidentify`: the patient, its offset, its level."""
 
-    def __init__(self, deid: Deidentifier, patient: str, level: int) -> None:
+    def __init__(self, deid: Deidentifier, patient: str, level: int, facts: PatientFacts | None) -> None:
         self.deid = deid
         self.profile = deid.profile
         self.patient = patient
         self.level = level
+        self.facts = facts
         self._offset: int | None = None
 
     @property
@@ -418,10 +425,10 @@ class _Pass:
             return self._pseudonym(element.type, value, frame, path)
         if method == "scrub":
             if element.type == "xhtml":
-                return scrub_markup(value)
+                return scrub_markup(value, self._scrub)
             if element.type == "base64Binary":
-                return _scrub_base64(value, parent)
-            return scrub_text(value)
+                return _scrub_base64(value, parent, self._scrub)
+            return self._scrub(value)
         if method == "coded-text":
             codings = parent.get("coding") if isinstance(parent, Mapping) else None
             displays = {c["display"].strip().casefold() for c in codings or ()
@@ -429,6 +436,11 @@ class _Pass:
                         and self.profile.known(c.get("system"))}
             return value if value.strip().casefold() in displays else _DROP
         raise unreleasable(f"{where}: {method} cannot apply to {element.type}")
+
+    def _scrub(self, text: str) -> str:
+        """Free text as the scrub method releases it: the patient's identifiers, dates (moved by
+        its offset), ages over 89, identifying patterns and other people's names taken out."""
+        return scrub_note(text, self.facts, self.offset).text
 
     def _pseudonym(self, kind: str, value: str, frame: _Frame, path: tuple[str, ...]) -> str:
         if path == ("id",):
@@ -616,7 +628,7 @@ def _fix_attachment(before: Mapping[str, Any], after: dict[str, Any]) -> None:
         after.pop("_hash", None)
 
 
-def _scrub_base64(value: str, attachment: Mapping[str, Any]) -> Any:
+def _scrub_base64(value: str, attachment: Mapping[str, Any], scrub: Callable[[str], str]) -> Any:
     """Decode a text attachment, scrub it and encode it again; anything else is dropped."""
     content_type = attachment.get("contentType") if isinstance(attachment, Mapping) else None
     if not isinstance(content_type, str):
@@ -629,7 +641,7 @@ def _scrub_base64(value: str, attachment: Mapping[str, Any]) -> Any:
     charset = m.group(1) if m else "utf-8"
     try:
         text = base64.b64decode(value, validate=True).decode(charset)
-        scrubbed = scrub_markup(text) if ("html" in mime or "xml" in mime) else scrub_text(text)
+        scrubbed = scrub_markup(text, scrub) if ("html" in mime or "xml" in mime) else scrub(text)
         return base64.b64encode(scrubbed.encode(charset)).decode("ascii")
     except (ValueError, LookupError, UnicodeError):
         return _DROP

@@ -50,6 +50,8 @@ from typing import Any
 
 from pypinyin import Style, lazy_pinyin
 
+from .text import IP_PATTERN
+
 #: Markers that replace what is taken out.
 MARKERS = {"name": "[NAME]", "address": "[ADDRESS]", "phone": "[PHONE]", "id": "[ID]", "email": "[EMAIL]",
            "url": "[URL]", "date": "[DATE]"}
@@ -272,8 +274,7 @@ _AGE = re.compile(
 _PATTERNS: list[tuple[str, str]] = [
     ("email", r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"),
     ("url", r"(?:https?|ftp)://[^\s<>\"'）)]+|www\.[^\s<>\"'）)]+"),
-    ("id", _NOT_ALNUM_BEFORE + r"(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)"
-           + _NOT_ALNUM_AFTER),
+    ("id", IP_PATTERN),
     ("id", r"(?<![\dA-Za-z])\d{6}[\s-]?\d{4}[\s-]?\d{2}[\s-]?\d{2}[\s-]?\d{3}[\dXx](?![\dA-Za-z])"),
     ("id", r"(?<!\d)\d{3}[- ]\d{2}[- ]\d{4}(?!\d)"),
     ("phone", r"(?<![\d+])(?:\+?86[-\s]?)?1[3-9]\d[-\s]?\d{4}[-\s]?\d{4}(?!\d)"),

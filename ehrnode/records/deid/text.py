@@ -4,6 +4,7 @@ of a PRC resident identity card number."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import date
 
 from ...empi.identifiers import resident_id_check_char
@@ -37,6 +38,8 @@ _SCRUB_PATTERNS = {
                    + _NOT_ALNUM_AFTER,
 }
 _SCRUB = re.compile("|".join(f"(?:{p})" for p in _SCRUB_PATTERNS.values()), re.IGNORECASE)
+#: IPv4 and IPv6 addresses (the notes scrubber uses it too).
+IP_PATTERN = _SCRUB_PATTERNS["ip"]
 _TAG = re.compile(r"(<[^>]*>)")
 REDACTED = "[REDACTED]"
 
@@ -53,9 +56,9 @@ def scrub_text(text: str) -> str:
     return _SCRUB.sub(REDACTED, text)
 
 
-def scrub_markup(text: str) -> str:
+def scrub_markup(text: str, scrub: Callable[[str], str] = scrub_text) -> str:
     """Scrub the text between tags only, so the markup and namespaces stay intact."""
-    return "".join(part if part.startswith("<") else scrub_text(part) for part in _TAG.split(text))
+    return "".join(part if part.startswith("<") else scrub(part) for part in _TAG.split(text))
 
 
 def valid_resident_id(value: str) -> bool:
