@@ -149,6 +149,63 @@ def cmd_consortium_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deid_check(args: argparse.Namespace) -> int:
+    """What a profile would release from FILE..., and what it removed or changed (nothing recorded)."""
+    from .records import fhir
+    from .records.deid import Deidentifier, load_profile
+    from .records.deid.check import check, summary
+    from .records.submit import read_inputs
+
+    profile_name: Path | str | None = args.profile
+    key = os.urandom(32)
+    if args.config or os.environ.get("EHRNODE_CONFIG"):
+        from .config import load_node_config
+        from .records.keys import _derive, load_secret
+
+        config = load_node_config(_config_path(args))
+        if profile_name is None:
+            profile_name = config.deid_profile_path
+        if config.master_key_path is not None:
+            # The institution's own key: pseudonyms and date shifts as its releases have them.
+            key = _derive(load_secret(config.master_key_path, "master key"), "deid")
+    if isinstance(profile_name, str) and ("/" in profile_name or profile_name.endswith(".toml")):
+        profile_name = Path(profile_name)
+    deid = Deidentifier(load_profile(profile_name), key)
+    inputs = read_inputs(args.files, skip_invalid=True)
+    items = [item for item in inputs.items if fhir.validate(item) is None]
+    invalid = len(inputs.items) - len(items) + len(inputs.problems)
+    results = check(items, deid, level=args.level)
+    totals = summary(results)
+    totals["invalid_input"] = invalid
+    totals["profile"] = deid.profile.name
+    if args.json:
+        print(json.dumps({"summary": totals, "resources": [r.view(with_release=not args.summary) for r in results]},
+                         ensure_ascii=False))
+        return 0
+    if not args.summary:
+        for r in results:
+            print(f"== {r.source} {r.resource_type}/{r.resource_id}")
+            if r.error:
+                print(f"   not releasable: {r.error}")
+                continue
+            print(json.dumps(r.released, ensure_ascii=False))
+            for what, paths in (("removed", r.removed), ("changed", r.changed), ("added", r.added)):
+                if paths:
+                    print(f"   {what}: {', '.join(paths)}")
+            if r.found:
+                print(f"   found in text: {', '.join(f'{k} {n}' for k, n in r.found.most_common())}")
+    print(f"profile {totals['profile']}: {totals['resources']} resources, {totals['unreleasable']} not releasable, "
+          f"{invalid} invalid input")
+    for what in ("removed", "changed", "added"):
+        if totals[what]:
+            print(f"{what}:")
+            for path, count in totals[what].items():
+                print(f"  {count:>7}  {path}")
+    if totals["found_in_text"]:
+        print("found in free text: " + ", ".join(f"{k} {n}" for k, n in totals["found_in_text"].items()))
+    return 0
+
+
 def cmd_keys_init(args: argparse.Namespace) -> int:
     from .config import Address
     from .consortium import MEMBER_FILE, keys_init
@@ -647,6 +704,24 @@ def build_parser() -> argparse.ArgumentParser:
     status = with_config(commands.add_parser("status", help="height, head, round, peers and mempool of a node"))
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+
+    deid = commands.add_parser("deid", help="de-identification: what a profile releases").add_subparsers(
+        dest="deid_command", required=True)
+    deid_check = deid.add_parser(
+        "check", help="what a profile would release from FHIR files, and every element it removed or changed",
+        description="De-identify FILE... as recording would (nothing is recorded) and print each resource as it "
+        "would be released, with every element removed, changed or added and what was found in free text, then "
+        "counts by element. --profile names a packaged profile (default, notes) or a file; with --config, the "
+        "node's profile and its own key (pseudonyms and date shifts as its releases have them), else a random "
+        "key.")
+    deid_check.add_argument("files", nargs="+", type=Path, metavar="FILE|DIR")
+    deid_check.add_argument("--profile", help="a packaged profile's name, or a profile file")
+    deid_check.add_argument("--config", help="node.toml: use that node's profile and de-identification key")
+    deid_check.add_argument("--level", type=int, default=0, choices=range(5),
+                            help="k-anonymity level for Patients (0: the profile's own form; 4: suppressed)")
+    deid_check.add_argument("--summary", action="store_true", help="only the counts, not each resource")
+    deid_check.add_argument("--json", action="store_true")
+    deid_check.set_defaults(func=cmd_deid_check)
 
     keys = commands.add_parser("keys", help="this member's own keys, and the consortium's epoch keys").add_subparsers(
         dest="keys_command", required=True)

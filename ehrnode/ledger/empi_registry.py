@@ -60,7 +60,7 @@ from typing import Any
 
 from .. import codec, crypto
 from ..empi import matching
-from ..empi.encoding import NATIONAL_ID_BYTES, Encodings
+from ..empi.encoding import Encodings
 from ..errors import CodecError
 
 SCHEMA = """

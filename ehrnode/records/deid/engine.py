@@ -77,8 +77,9 @@ def _copy(value: Any) -> Any:
 
 
 _DROP: Any = object()
-_TEXT_TYPES = ("text/", "application/json", "application/fhir+json", "application/xml", "application/fhir+xml",
-               "application/xhtml+xml")
+#: Attachments released scrubbed: prose. Structured content (JSON, XML, CDA) could hold
+#: identifiers under any key, and images and PDFs cannot be scrubbed: they are dropped.
+_TEXT_TYPES = frozenset({"text/plain", "text/markdown", "text/html", "application/xhtml+xml"})
 
 
 class Deidentifier:
@@ -635,7 +636,7 @@ def _scrub_base64(value: str, attachment: Mapping[str, Any], scrub: Callable[[st
         return _DROP
     mime, _, params = content_type.partition(";")
     mime = mime.strip().lower()
-    if not mime.startswith(_TEXT_TYPES):
+    if mime not in _TEXT_TYPES:
         return _DROP  # images, PDFs: nothing can be scrubbed, so nothing is released
     m = re.search(r"charset\s*=\s*\"?([A-Za-z0-9._-]+)", params)
     charset = m.group(1) if m else "utf-8"

@@ -48,7 +48,7 @@ from datetime import date, timedelta
 from functools import lru_cache
 from typing import Any
 
-from pypinyin import Style, lazy_pinyin
+from pypinyin import Style, pinyin
 
 from .text import IP_PATTERN
 
@@ -89,7 +89,7 @@ class PatientFacts:
     #: Chinese names as written, and their romanized forms (lower case, syllables spaced).
     han: frozenset[str] = frozenset()
     romanized: frozenset[tuple[str, ...]] = frozenset()
-    #: Phone numbers and identifiers by their digits (at least 5).
+    #: Phone numbers by their digits (at least 5).
     digits: frozenset[str] = frozenset()
     #: Identifier values and e-mail addresses (lower case).
     ids: frozenset[str] = frozenset()
@@ -118,7 +118,8 @@ class PatientFacts:
             for part in parts:
                 for token in re.findall(r"[^\W\d_]+", part):
                     if _HAN.search(token):
-                        _add_han(token, han, romanized)
+                        if len(token) >= 2:
+                            _add_han(token, han, romanized)
                     elif len(token) >= 2:
                         names.add(token.casefold())
                         latin.append(token)
@@ -131,8 +132,9 @@ class PatientFacts:
             family_han = "".join(t for t in _strings(name.get("family")) if _HAN.search(t))
             given_han = "".join(t for t in _strings(name.get("given")) if _HAN.search(t))
             if family_han and given_han:
-                _add_han(family_han + given_han, han, romanized)
-                _add_han(given_han, han, romanized)
+                _add_han(family_han + given_han, han, romanized, family=len(family_han))
+                if len(given_han) >= 2:  # a one-character given name is also an everyday word
+                    _add_han(given_han, han, romanized)
 
         for name in patient.get("name") or ():
             add_name(name, True)
@@ -155,9 +157,6 @@ class PatientFacts:
             value = identifier.get("value") if isinstance(identifier, Mapping) else None
             if isinstance(value, str) and value.strip():
                 ids.add(value.strip().casefold())
-                number = re.sub(r"\D", "", value)
-                if len(number) >= 5 and len(number) <= 20:
-                    digits.add(number)
         return cls(frozenset(names), frozenset(initials), frozenset(han), frozenset(romanized),
                    frozenset(digits), frozenset(v for v in ids if len(v) >= 3),
                    frozenset(v for v in places if len(v) >= 3), frozenset(postal))
@@ -171,13 +170,19 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
-def _add_han(name: str, han: set[str], romanized: set[tuple[str, ...]]) -> None:
+def _add_han(name: str, han: set[str], romanized: set[tuple[str, ...]], family: int = 1) -> None:
+    """A Chinese name as written and romanized; ``family``: how many characters the surname has."""
     han.add(name)
-    syllables = tuple(s.casefold() for s in lazy_pinyin(name, style=Style.NORMAL))
-    if all(s.isalpha() for s in syllables) and syllables:
-        romanized.add(syllables)
-        if len(syllables) >= 2:
-            romanized.add(syllables[1:] + syllables[:1])  # given name first, as English writes it
+    # Every reading of each character (a surname is often read otherwise than the word: 曾 is
+    # Zeng as a name, ceng as a word), at most 16 spellings a name.
+    spellings: list[tuple[str, ...]] = [()]
+    for readings in pinyin(name, style=Style.NORMAL, heteronym=True):
+        spellings = [s + (r.casefold(),) for s in spellings for r in readings[:4] if r.isalpha()][:16]
+    for syllables in spellings:
+        if syllables:
+            romanized.add(syllables)
+            if len(syllables) > family:
+                romanized.add(syllables[family:] + syllables[:family])  # given name first, as English writes it
 
 
 def _add_contact_point(telecom: Any, digits: set[str], values: set[str]) -> None:
@@ -283,7 +288,7 @@ _PATTERNS: list[tuple[str, str]] = [
     ("phone", r"(?<![\d-])\d{3}-\d{4}(?![\d-])"),
     ("id", r"(?:MRN|MR#|[Mm]edical [Rr]ecord(?: [Nn]umber| [Nn]o\.?)?|[Aa]ccount(?: [Nn]umber| [Nn]o\.?)?"
            r"|[Pp]atient [Ii][Dd]|SSN|病历号|住院号|门诊号|病案号|身份证号?|医保卡?号)\s*[:#：]?\s*"
-           r"[A-Za-z0-9-]*\d[A-Za-z0-9-]*"),
+           r"(?P<value>[A-Za-z0-9-]*\d[A-Za-z0-9-]*)"),
     ("address", r"(?<![\dA-Za-z])\d{1,5}\s+(?:[A-Z][A-Za-z'-]+\s+){1,3}"
                 r"(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl|Terrace|Ter"
                 r"|Parkway|Pkwy|Landing|Circle|Cir|Trail|Trl|Highway|Hwy|Square|Sq|Row|Crossing|Alley|Loop|Path"
@@ -322,9 +327,14 @@ class _Spans:
     def add(self, kind: str, start: int, end: int, replacement: str) -> None:
         if start >= end:
             return
-        for other in self.taken:
-            if start < other.end and other.start < end:
-                return
+        overlapping = [f for f in self.taken if start < f.end and f.start < end]
+        if overlapping and not all(f.kind == kind and f.replacement == replacement for f in overlapping):
+            return
+        if overlapping:
+            # Two finds of one kind that overlap are one ("梁志强" over the given name "志强").
+            for f in overlapping:
+                self.taken.remove(f)
+            start, end = min(start, *(f.start for f in overlapping)), max(end, *(f.end for f in overlapping))
         self.taken.append(Finding(kind, start, end, replacement))
 
     def apply(self, text: str) -> Scrubbed:
@@ -368,7 +378,9 @@ def scrub_note(text: str, facts: PatientFacts | None = None, offset_days: int | 
         spans.add("age", m.start(group), m.end(group), "90+")
     for kind, regex in _PATTERN_RES:
         for m in regex.finditer(text):
-            spans.add(kind, m.start(), m.end(), MARKERS[kind])
+            # A labelled number: the label stays ("MRN: [ID]"), only the number goes.
+            group = "value" if "value" in regex.groupindex and m.group("value") else 0
+            spans.add(kind, m.start(group), m.end(group), MARKERS[kind])
     _other_names(text, spans)
     return spans.apply(text)
 
@@ -381,15 +393,17 @@ def _facts_patterns(facts: PatientFacts) -> list[tuple[str, re.Pattern[str]]]:
         return "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
 
     if facts.ids:
-        patterns.append(("id", re.compile(f"(?<![\\w]){_whitespace(alternation(facts.ids))}(?![\\w])",
-                                          re.IGNORECASE)))
+        # An identifier however it is grouped: a space or a hyphen may sit between any two characters.
+        forms = "|".join(r"[\s-]?".join(re.escape(c) for c in value if not c.isspace())
+                         for value in sorted(facts.ids, key=len, reverse=True))
+        patterns.append(("id", re.compile(f"(?<![0-9A-Za-z])(?:{forms})(?![0-9A-Za-z])", re.IGNORECASE)))
     if facts.places:
         # Address parts before names: a line holds the names of streets, not of people.
-        patterns.append(("address", re.compile(f"(?<![\\w]){_whitespace(alternation(facts.places))}(?![\\w])",
-                                               re.IGNORECASE)))
+        patterns.append(("address", re.compile(f"(?<![0-9A-Za-z]){_whitespace(alternation(facts.places))}"
+                                               f"(?![0-9A-Za-z])", re.IGNORECASE)))
     if facts.postal_codes:
-        patterns.append(("address", re.compile(f"(?<![\\w])(?:{alternation(facts.postal_codes)})(?:-\\d{{4}})?"
-                                               f"(?![\\w])", re.IGNORECASE)))
+        patterns.append(("address", re.compile(f"(?<![0-9A-Za-z])(?:{alternation(facts.postal_codes)})"
+                                               f"(?:-\\d{{4}})?(?![0-9A-Za-z])", re.IGNORECASE)))
     if facts.romanized:
         forms = set()
         for syllables in facts.romanized:
@@ -399,8 +413,9 @@ def _facts_patterns(facts: PatientFacts) -> list[tuple[str, re.Pattern[str]]]:
     if facts.han:
         patterns.append(("name", re.compile(alternation(facts.han))))
     if facts.names:
-        patterns.append(("name", re.compile(f"(?<![^\\W\\d_])(?:{alternation(facts.names)})\\d*(?![^\\W\\d_])",
-                                            re.IGNORECASE)))
+        # With the initial of a given name before it, if there is one ("E. Hernandez").
+        patterns.append(("name", re.compile(f"(?:(?<![A-Za-z])[A-Za-z]\\.\\s?)?(?<![^\\W\\d_])"
+                                            f"(?:{alternation(facts.names)})\\d*(?![^\\W\\d_])", re.IGNORECASE)))
     if facts.initials:
         forms = [f"{re.escape(i[0])}\\.\\s?{re.escape(i[1])}\\." for i in facts.initials]
         patterns.append(("name", re.compile(f"(?<![A-Za-z])(?:{'|'.join(forms)})", re.IGNORECASE)))
@@ -418,7 +433,7 @@ def _other_names(text: str, spans: _Spans) -> None:
     given, surnames = _names("given.txt"), _names("surnames.txt")
     for m in _CAPITALIZED_PAIR.finditer(text):
         first, last = m.group(1).casefold(), m.group(2).casefold()
-        if first in given and last in surnames and first not in _WORDS and last not in _WORDS:
+        if first in given and last in surnames and first not in _WORDS:
             spans.add("name", m.start(), m.end(), MARKERS["name"])
     titled, labelled = _cn_name_patterns()
     for m in titled.finditer(text):
