@@ -28,8 +28,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ehrnode.client import ApiClient, ApiError  # noqa: E402
-from ehrnode.localnet import LocalConsortium  # noqa: E402
+from ehrnode.client import ApiClient, ApiError
+from ehrnode.localnet import LocalConsortium
 
 
 def percentile(sorted_ms: list[float], q: float) -> float | None:

@@ -30,9 +30,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ehrnode import crypto  # noqa: E402
-from ehrnode.client import ApiClient  # noqa: E402
-from ehrnode.localnet import LocalConsortium as Cluster  # noqa: E402
+from ehrnode import crypto
+from ehrnode.client import ApiClient
+from ehrnode.localnet import LocalConsortium as Cluster
 
 NOTE_BYTES = 256 - 160  # the note text; with the envelope and signature a transaction is ~256 bytes
 
@@ -44,7 +44,7 @@ def verify_rate(seconds: float = 1.0) -> float:
     sigs = [ident.sign(m) for m in msgs]
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        for m, s in zip(msgs, sigs):
+        for m, s in zip(msgs, sigs, strict=False):
             crypto.verify(ident.public_key, m, s)
         count += len(msgs)
     return count / (time.perf_counter() - start)

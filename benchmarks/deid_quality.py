@@ -27,10 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ehrnode import synthetic_notes  # noqa: E402
-from ehrnode.records.deid import Deidentifier, load_profile  # noqa: E402
-from ehrnode.records.deid.measure import Truth, measure, synthea_truth  # noqa: E402
-from ehrnode.records.deid.notes import PatientFacts  # noqa: E402
+from ehrnode import synthetic_notes
+from ehrnode.records.deid import Deidentifier, load_profile
+from ehrnode.records.deid.measure import Truth, measure, synthea_truth
+from ehrnode.records.deid.notes import PatientFacts
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "synthea"
 
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, block in (("Synthea notes (shipped)", result["synthea_notes"]),
                         ("generated notes", result["generated_notes"])):
         print(f"{name}: {block['notes']} notes, {block['identifiers']} identifiers")
-        print(f"  recall {block['recall']:.4f}  precision {block['precision']:.4f}  words kept {block['words_kept']:.4f}"
+        print(f"  recall {block['recall']:.4f}  precision {block['precision']:.4f}  "
+              f"words kept {block['words_kept']:.4f}"
               f"  {block['notes_per_second']} notes/s  missed {block['missed'] or 'none'}")
     for language, block in by_language.items():
         print(f"  {language}: {block['notes']} notes, recall {block['recall']:.4f}, precision {block['precision']:.4f},"

@@ -25,12 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ehrnode import synthetic  # noqa: E402
-from ehrnode.empi import matching  # noqa: E402
-from ehrnode.empi.encoding import Encoder, Encodings  # noqa: E402
-from ehrnode.empi.normalize import Demographics  # noqa: E402
-from ehrnode.ledger.empi_registry import SCHEMA, EmpiRegistry  # noqa: E402
-from ehrnode.ledger.sqlite import open_db, transaction  # noqa: E402
+from ehrnode import synthetic
+from ehrnode.empi import matching
+from ehrnode.empi.encoding import Encoder, Encodings
+from ehrnode.empi.normalize import Demographics
+from ehrnode.ledger.empi_registry import SCHEMA, EmpiRegistry
+from ehrnode.ledger.sqlite import open_db, transaction
 
 
 def build(directory: Path, block: int, keys: int) -> tuple[EmpiRegistry, sqlite3.Connection,

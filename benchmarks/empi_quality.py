@@ -42,9 +42,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ehrnode.empi import matching  # noqa: E402
-from ehrnode.empi.encoding import Encoder  # noqa: E402
-from ehrnode.empi.normalize import Demographics  # noqa: E402
+from ehrnode.empi import matching
+from ehrnode.empi.encoding import Encoder
+from ehrnode.empi.normalize import Demographics
 
 #: The FEBRL sets shipped with the repository; a bare file name is looked for here.
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "febrl"
@@ -249,7 +249,7 @@ def fit_model(paths: list[Path], iterations: int, seed: int):
         if all(pt[i] is None for pt in candidates):
             continue
         weights: list[int] = []
-        for mi, ui in zip(m[i], u[i]):
+        for mi, ui in zip(m[i], u[i], strict=False):
             w = round(matching.WEIGHT_SCALE * math.log2(mi / ui))
             weights.append(max(w, weights[-1]) if weights else w)
         fitted[name] = (tuple(weights), m[i], u[i])

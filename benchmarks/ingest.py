@@ -25,11 +25,11 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ehrnode.client import ApiClient  # noqa: E402
-from ehrnode.localnet import LocalConsortium  # noqa: E402
-from ehrnode.records import fhir  # noqa: E402
-from ehrnode.records.deid import Deidentifier, load_profile  # noqa: E402
-from ehrnode.records.submit import add_items  # noqa: E402
+from ehrnode.client import ApiClient
+from ehrnode.localnet import LocalConsortium
+from ehrnode.records import fhir
+from ehrnode.records.deid import Deidentifier, load_profile
+from ehrnode.records.submit import add_items
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "synthea"
 

@@ -27,7 +27,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ehrnode.localnet import LocalConsortium as Cluster  # noqa: E402
+from ehrnode.localnet import LocalConsortium as Cluster
 
 BATCH = 500
 
@@ -67,7 +67,7 @@ async def change(cluster: Cluster, proposer: str, voters: list[str], **proposal:
     before = [await block_time(cluster, proposer, h) for h in range(max(1, adopted - 20), adopted + 1)]
     last, first_next = before[-1], await block_time(cluster, proposer, adopted + 1)
     return {"vote_to_commit_ms": vote_to_commit * 1000, "epoch_gap_ms": float(first_next - last),
-            "usual_gap_ms": float(statistics.median(b - a for a, b in zip(before, before[1:]))),
+            "usual_gap_ms": float(statistics.median(b - a for a, b in zip(before, before[1:], strict=False))),
             "adopted_at": adopted}
 
 

@@ -35,13 +35,13 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ehrnode import synthetic  # noqa: E402
-from ehrnode.client import ApiClient  # noqa: E402
-from ehrnode.errors import EhrnodeError  # noqa: E402
-from ehrnode.localnet import LocalConsortium  # noqa: E402
-from ehrnode.records import fhir  # noqa: E402
-from ehrnode.records.canonical import canonical_json  # noqa: E402
-from ehrnode.records.submit import MAX_RESOURCE_BYTES, add_items  # noqa: E402
+from ehrnode import synthetic
+from ehrnode.client import ApiClient
+from ehrnode.errors import EhrnodeError
+from ehrnode.localnet import LocalConsortium
+from ehrnode.records import fhir
+from ehrnode.records.canonical import canonical_json
+from ehrnode.records.submit import MAX_RESOURCE_BYTES, add_items
 
 INSTITUTIONS = ["A", "B", "C"]
 PURPOSE = "treatment"

@@ -107,6 +107,7 @@ stays open.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -117,12 +118,20 @@ import trio_websocket
 from trio_websocket import ConnectionClosed
 
 from .codec import MAX_UINT
+from .config import Address, Member
 from .errors import (
-    AdmissionError, CodecError, ConfigError, CryptoError, EhrnodeError, FhirError, IntegrityError, PullError,
-    SchemaError, innermost,
+    AdmissionError,
+    CodecError,
+    ConfigError,
+    CryptoError,
+    EhrnodeError,
+    FhirError,
+    IntegrityError,
+    PullError,
+    SchemaError,
+    innermost,
 )
 from .ledger.empi_registry import scoped_enrolment
-from .config import Address, Member
 from .ledger.transactions import CHANGES, CONSENT_PURPOSES, EMPI_PATTERN, ENROLMENT_SIZE, KINDS, Transaction
 from .logs import get_logger
 from .records import fhir
@@ -130,7 +139,14 @@ from .sharing import audit
 from .sharing.events import Subscription
 from .sharing.whois import WhoisError
 from .users.auth import (
-    FAILURE_SLOTS, FREE_FAILURES, MAX_DELAY, MAX_WAITING_FAILURES, Outcome, Throttle, authenticate, bearer,
+    FAILURE_SLOTS,
+    FREE_FAILURES,
+    MAX_DELAY,
+    MAX_WAITING_FAILURES,
+    Outcome,
+    Throttle,
+    authenticate,
+    bearer,
     claimed_key,
 )
 from .users.roles import ALWAYS, METHODS, PATIENT_METHODS, Role
@@ -578,7 +594,7 @@ class ApiServer:
                 raise RpcError(-32000, f"{node.name} holds no consortium key: ask an institution",
                                reason="not_recording")
             return await node.records.lookup(patient)
-        bodies = {
+        bodies: dict[str, Callable[[], dict[str, Any]]] = {
             "empi.link": lambda: {"enrolment": _hex_param(params.get("enrolment"), "enrolment", ENROLMENT_SIZE),
                                   "empi": _empi_param(params.get("empi"), "empi")},
             "empi.split": lambda: {"enrolment": _hex_param(params.get("enrolment"), "enrolment", ENROLMENT_SIZE)},

@@ -71,7 +71,8 @@ HEADER = len(MAGIC) + 16 + 3
 
 def _key(passphrase: str, salt: bytes, cost: tuple[int, int, int]) -> bytes:
     if len(passphrase) < MIN_PASSPHRASE:
-        raise BackupError(f"the backup passphrase must be at least {MIN_PASSPHRASE} characters", reason="weak_passphrase")
+        raise BackupError(f"the backup passphrase must be at least {MIN_PASSPHRASE} characters",
+                          reason="weak_passphrase")
     log_n, r, p = cost
     return Scrypt(salt=salt, length=32, n=2 ** log_n, r=r, p=p).derive(passphrase.encode("utf-8"))
 

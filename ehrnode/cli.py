@@ -12,13 +12,15 @@ import datetime
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import EhrnodeError, innermost
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from .sim import ScenarioResult
@@ -122,7 +124,8 @@ def cmd_consortium_init(args: argparse.Namespace) -> int:
         print(f"consortium {genesis.chain_id}: {args.dir / 'genesis.toml'} (genesis {genesis.hash.hex()[:16]})")
         for m in genesis.members:
             print(f"  {m.name:<16} {m.role:<12} peer {m.address}")
-        files = "genesis.toml" + ("" if args.no_tls else f", ca/ca.pem and {CERTS_DIR}/<its name>.pem (as keys/tls.pem)")
+        certificates = f", ca/ca.pem and {CERTS_DIR}/<its name>.pem (as keys/tls.pem)"
+        files = "genesis.toml" + ("" if args.no_tls else certificates)
         print(f"send each member {files}; no member's private key is here"
               + ("" if args.no_tls else f"; keep {args.dir / 'ca' / 'ca.key'} offline"))
         return 0
@@ -242,7 +245,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     node = Node(config)
     try:
         trio.run(_serve_until_signalled, node)
-    except BaseException as group:  # noqa: BLE001 - looking through trio's exception groups
+    except BaseException as group:
         exc = innermost(group)
         if isinstance(exc, OSError):
             raise UsageError(f"cannot listen: {exc.strerror or exc}") from group
@@ -274,7 +277,7 @@ async def _serve_until_signalled(node: object) -> None:
             nursery.cancel_scope.cancel()
 
 
-def _run_client(args: argparse.Namespace, work: object) -> object:
+def _run_client(args: argparse.Namespace, work: Callable[[Any], Awaitable[T]]) -> T:
     """Run ``work(client)`` against the node of ``--config``."""
     import trio
 
@@ -284,9 +287,9 @@ def _run_client(args: argparse.Namespace, work: object) -> object:
     config = load_node_config(_config_path(args))
     user, credential = _credential(args)
 
-    async def go() -> object:
+    async def go() -> T:
         async with ApiClient.connect(config, user=user, credential=credential) as client:
-            return await work(client)  # type: ignore[operator]
+            return await work(client)
 
     return trio.run(go)
 
@@ -658,7 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ehrnode", description="Consortium-chain node for sharing patient records.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    consortium = commands.add_parser("consortium", help="set up a consortium, and govern its membership").add_subparsers(
+    consortium = commands.add_parser(
+        "consortium", help="set up a consortium, and govern its membership").add_subparsers(
         dest="consortium_command", required=True)
     init = consortium.add_parser(
         "init", help="found a consortium: genesis.toml from the members' public halves (or, for tests and "

@@ -92,7 +92,8 @@ def cmd_audit_disclosures(args: argparse.Namespace) -> int:
         print(f"no disclosures of {args.empi}'s records")
     for r in rows:
         flag = "  EMERGENCY" if r["reason"] == "emergency_override" else ""
-        print(f"{_iso(r['time'])}  to {r['who']:<12} ({r['user_role']:<10}) by {r['owner']:<12} {r.get('resource_type') or '?':<20} "
+        kind = r.get("resource_type") or "?"
+        print(f"{_iso(r['time'])}  to {r['who']:<12} ({r['user_role']:<10}) by {r['owner']:<12} {kind:<20} "
               f"for {r['purpose']:<14} record {r['record_id']}  height {r['height']}{flag}")
     return 0
 

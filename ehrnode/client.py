@@ -18,7 +18,6 @@ from .errors import EhrnodeError, ProtocolError, innermost
 from .net.tls import client_context, require_name
 from .users.store import ADMIN_USER
 
-
 #: Replies come from the client's own node (authenticated): a large ingest's receipt can be many MB.
 MAX_REPLY_BYTES = 256 * 1024 * 1024
 
@@ -72,7 +71,7 @@ async def _open_tls(config: NodeConfig, headers: list[tuple[bytes, bytes]],
         inner = innermost(group)
         if inner is group:
             raise
-        raise inner  # as open_websocket does: the caller sees its own exception, not a group
+        raise inner from None  # as open_websocket does: the caller sees its own exception, not a group
 
 
 def _closed(exc: trio_websocket.ConnectionClosed) -> ApiError:

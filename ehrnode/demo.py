@@ -28,9 +28,9 @@ from typing import Any
 
 import trio
 
+from . import synthetic
 from .client import ApiClient, ApiError
 from .errors import EhrnodeError
-from . import synthetic
 from .localnet import LocalConsortium
 from .records.submit import add_items, read_inputs
 
@@ -197,8 +197,8 @@ class Demo:
         else:
             raise DemoFailed("HospitalC was served a record after the patient withdrew consent")
         emergency = await net.call("HospitalC", "records.pull", record_id=record["record_id"], purpose="emergency")
-        decisions = [(e["decision"], e["reason"]) for e in
-                     await net.call("Regulator", "audit.trail", record_id=record["record_id"]) if e["event"] == "access"]
+        trail = await net.call("Regulator", "audit.trail", record_id=record["record_id"])
+        decisions = [(e["decision"], e["reason"]) for e in trail if e["event"] == "access"]
         if ("refused", "consent") not in decisions or not emergency["emergency"]:
             raise DemoFailed(f"the audit trail does not show the refusal and the override: {decisions}")
         self._step("consent", started, "treatment pull refused (consent) and logged; emergency pull served and "

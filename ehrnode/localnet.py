@@ -27,8 +27,15 @@ import trio
 from .client import ApiClient
 from .config import Address, Genesis, NodeConfig, load_node_config
 from .consortium import (
-    API_PORT_OFFSET, CERTS_DIR, GENESIS_FILE, MEMBER_FILE, METRICS_PORT_OFFSET, found_consortium, init_consortium,
-    keys_init, new_member,
+    API_PORT_OFFSET,
+    CERTS_DIR,
+    GENESIS_FILE,
+    MEMBER_FILE,
+    METRICS_PORT_OFFSET,
+    found_consortium,
+    init_consortium,
+    keys_init,
+    new_member,
 )
 from .errors import ConfigError, EhrnodeError
 

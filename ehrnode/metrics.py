@@ -69,7 +69,7 @@ class Histogram:
 
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        for bound, count in zip(self.buckets, self.counts):
+        for bound, count in zip(self.buckets, self.counts, strict=True):
             lines.append(f'{self.name}_bucket{{le="{_num(bound)}"}} {count}')
         lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
         lines.append(f"{self.name}_sum {_num(self.sum)}")

@@ -38,12 +38,24 @@ import trio
 from . import crypto, metrics
 from .config import Genesis, Member, NodeConfig, load_genesis
 from .consensus.core import (
-    Action, Broadcast, CommitBlocks, ConsensusCore, CoreConfig, EpochEnd, Log, PersistBlock, Send, SetTimer, epoch_of,
+    Action,
+    Broadcast,
+    CommitBlocks,
+    ConsensusCore,
+    CoreConfig,
+    EpochEnd,
+    Log,
+    PersistBlock,
+    Send,
+    SetTimer,
+    epoch_of,
 )
 from .consensus.messages import decode_message, encode_message
 from .consensus.pacemaker import PacemakerConfig
 from .consensus.safety import SafetyData
+from .consensus.survey import RoundSurvey, encode_answer
 from .consensus.types import Block, ValidatorSet
+from .consortium import install_consortium_key
 from .errors import AdmissionError, CodecError, ConfigError, CryptoError, InvalidMessage, KeyUnavailable, StoreError
 from .ledger.block_store import SqliteBlockStore
 from .ledger.envelope import mix
@@ -57,22 +69,27 @@ from .logs import get_logger
 from .membership import Membership
 from .metrics import Registry
 from .net.peers import Peer, PeerNetwork
-from .consensus.survey import RoundSurvey, encode_answer
-from .consortium import install_consortium_key
 from .net.protocol import (
-    AnswerFrame, ConsensusFrame, Frame, PullFrame, RoundAnswerFrame, RoundQueryFrame, TxFrame, encode_frame,
+    AnswerFrame,
+    ConsensusFrame,
+    Frame,
+    PullFrame,
+    RoundAnswerFrame,
+    RoundQueryFrame,
+    TxFrame,
+    encode_frame,
 )
+from .net.tls import TlsContexts, check_certificate
 from .records.service import Hooks, RecordsService, anchor_view
+from .sdnotify import Notifier
 from .sharing.events import Subscription, event_of
 from .sharing.messages import PullAnswer, request_id
 from .sharing.owner import OwnerHooks, PullServer
 from .sharing.policy import load_policy
-from .users.roles import load_roles
-from .users.store import UserStore
 from .sharing.requester import Puller, RequesterHooks
 from .sharing.whois import WhoisDesk, WhoisHooks
-from .net.tls import TlsContexts, check_certificate
-from .sdnotify import Notifier
+from .users.roles import load_roles
+from .users.store import UserStore
 
 CONSENSUS_INBOX = 10_000
 #: Messages of a later consensus epoch kept for when this node gets there.
@@ -274,7 +291,8 @@ class Node:
         r.gauge("ehrnode_round", "Current consensus round.", lambda: self.core.round)
         r.gauge("ehrnode_peers_connected", "Authenticated peer connections.", lambda: len(self.network.peers))
         r.gauge("ehrnode_validators", "Validators in the consortium.", lambda: self.vset.n)
-        r.gauge("ehrnode_mempool_transactions", "Transactions admitted and not yet committed.", lambda: len(self.mempool))
+        r.gauge("ehrnode_mempool_transactions", "Transactions admitted and not yet committed.",
+                lambda: len(self.mempool))
         r.gauge("ehrnode_sync_behind_blocks", "How far the commit this node is catching up to is above its head.",
                 lambda: self.core.sync_gap)
         self.m_commits = r.counter("ehrnode_blocks_committed_total", "Blocks committed by this node.")
@@ -285,7 +303,8 @@ class Node:
                                        "Local API connections and calls refused: bad credential, throttled, "
                                        "revoked or not allowed by the user's role.")
         self.m_timeouts = r.counter("ehrnode_round_timeouts_total", "Rounds this node timed out of.")
-        self.m_invalid = r.counter("ehrnode_invalid_messages_total", "Consensus messages refused (sender disconnected).")
+        self.m_invalid = r.counter("ehrnode_invalid_messages_total",
+                                   "Consensus messages refused (sender disconnected).")
         r.gauge("ehrnode_inbox_dropped_total", "Inbound messages dropped because the node was overloaded.",
                 lambda: self.inbox_dropped)
         r.gauge("ehrnode_peer_frames_dropped_total", "Outbound frames dropped on full peer queues.",
@@ -979,7 +998,7 @@ class Node:
         block = self.block_store.block_at(height)
         if block is None:
             return None
-        txs = []
+        txs: list[dict[str, Any]] = []
         for data in block.payload:
             try:
                 envelope, tx = self.state.open_envelope(data, block.height)
@@ -987,12 +1006,13 @@ class Node:
                 txs.append({"id": crypto.sha256(data).hex(), "kind": "unreadable", "reason": exc.reason})
             else:
                 txs.append({**tx.summary(), "epoch": envelope.epoch, "envelope": envelope.id.hex()})
-        return {
+        view: dict[str, Any] = {
             "height": block.height, "id": block.id.hex(), "parent": block.parent.hex(), "round": block.round,
             "time": block.timestamp, "epoch": block.epoch,
             "author": self.state.governance.of_epoch(block.epoch).members[block.author].name if block.height else None,
             "txs": txs,
         }
+        return view
 
 
 def _next_keys(config: NodeConfig) -> tuple[crypto.Identity, crypto.SealingKey] | None:

@@ -58,10 +58,25 @@ from dataclasses import dataclass, field, replace
 
 from . import codec, crypto
 from .consensus.core import (
-    Action, Broadcast, CommitBlocks, ConsensusCore, CoreConfig, EpochEnd, Log, PersistBlock, Send, SetTimer,
+    Action,
+    Broadcast,
+    CommitBlocks,
+    ConsensusCore,
+    CoreConfig,
+    EpochEnd,
+    Log,
+    PersistBlock,
+    Send,
+    SetTimer,
 )
 from .consensus.messages import (
-    Message, Proposal, SyncResponse, TimeoutMsg, VoteMsg, decode_message, encode_message,
+    Message,
+    Proposal,
+    SyncResponse,
+    TimeoutMsg,
+    VoteMsg,
+    decode_message,
+    encode_message,
 )
 from .consensus.pacemaker import PacemakerConfig
 from .consensus.safety import MemorySafetyStore, SafetyData

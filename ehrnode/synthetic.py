@@ -59,7 +59,8 @@ def people(count: int, seed: int = 0) -> list[Person]:
         year, month, day = rng.randrange(1935, 2015), rng.randrange(1, 13), rng.randrange(1, 29)
         if key % 3 == 2:
             province, district, area = rng.choice(_CN_PLACES)
-            first17 = f"{area}{year:04d}{month:02d}{day:02d}{rng.randrange(0, 100):02d}{rng.randrange(0, 5) * 2 + (sex == 'male')}"
+            sequence = rng.randrange(0, 100), rng.randrange(0, 5) * 2 + (sex == "male")
+            first17 = f"{area}{year:04d}{month:02d}{day:02d}{sequence[0]:02d}{sequence[1]}"
             out.append(Person(
                 key, rng.choice(_CN_GIVEN), rng.choice(_CN_FAMILY), sex, f"{year:04d}-{month:02d}-{day:02d}",
                 "urn:oid:2.16.156.10011.1.1", first17 + resident_id_check_char(first17),
@@ -89,7 +90,7 @@ def patient_resources(person: Person, institution: str, *, visits: int = 2, seed
     name: dict[str, Any] = {"use": "official", "family": person.family, "given": [person.given]}
     if person.country == "CN":
         name["text"] = person.family + person.given
-    patient = {
+    patient: dict[str, Any] = {
         "resourceType": "Patient", "id": patient_id,
         "identifier": [
             {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]},
@@ -104,7 +105,7 @@ def patient_resources(person: Person, institution: str, *, visits: int = 2, seed
         "address": [{"line": [person.line], "city": person.city, "state": person.state,
                      "postalCode": person.postal_code, "country": person.country}],
     }
-    out = [patient]
+    out: list[dict[str, Any]] = [patient]
     for visit in range(visits):
         encounter_id = _id(institution, person, f"encounter-{visit}")
         code, display = rng.choice(_CLASSES)

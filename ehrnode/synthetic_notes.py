@@ -35,7 +35,8 @@ _OTHERS_EN = [("Dr.", "Smith"), ("Dr.", "Alvarez"), ("Nurse", "Patel"), ("Dr.", 
               ("Dr.", "O'Connor"), ("Prof.", "Nguyen"), ("Mr.", "Johansson")]
 _OTHER_PAIRS = [("Michael", "Brown"), ("Jennifer", "Wilson"), ("David", "Martinez"), ("Susan", "Anderson"),
                 ("Robert", "Taylor"), ("Linda", "Thomas"), ("James", "Moore"), ("Patricia", "Jackson")]
-_CN_FAMILY = ["王", "李", "张", "刘", "陈", "杨", "赵", "黄", "周", "吴", "徐", "孙", "马", "朱", "胡", "郭", "林", "何",
+_CN_FAMILY = ["王", "李", "张", "刘", "陈", "杨", "赵", "黄", "周", "吴", "徐", "孙", "马", "朱", "胡", "郭", "林",
+              "何",
               "罗", "郑", "梁", "谢", "宋", "唐", "韩", "冯", "邓", "曹", "彭", "曾", "欧阳", "司马"]
 _CN_GIVEN = ["伟", "芳", "娜", "秀英", "敏", "静", "丽", "强", "磊", "军", "洋", "勇", "艳", "杰", "娟", "小明", "建国",
              "晓燕", "志强", "海峰", "丽娟", "子涵", "浩然", "雨桐", "思远"]
@@ -58,13 +59,15 @@ _EN_FILLER = [
     "The patient was counselled on smoking cessation.", "Wound healing well, sutures removed.",
     "Pain score 3 of 10 after ibuprofen 400 mg.", "Discussed diet and exercise; walks 30 minutes a day.",
 ]
-_CN_FILLER = ["患者诉胸闷气短三天。", "血压130/85mmHg，心率72次/分。", "予阿司匹林100mg口服，每日一次。", "双肺呼吸音清。",
+_CN_FILLER = ["患者诉胸闷气短三天。", "血压130/85mmHg，心率72次/分。", "予阿司匹林100mg口服，每日一次。",
+              "双肺呼吸音清。",
               "空腹血糖7.8mmol/L。", "嘱低盐低脂饮食，三个月后复查。", "否认药物过敏史。", "伤口愈合良好，已拆线。",
               "查体：神清，精神可。", "继续二甲双胍0.5g每日两次。"]
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
            "November", "December"]
 _CN_DIGITS = "〇一二三四五六七八九"
-_PINYIN = {"王": "Wang", "李": "Li", "张": "Zhang", "刘": "Liu", "陈": "Chen", "杨": "Yang", "赵": "Zhao", "黄": "Huang",
+_PINYIN = {"王": "Wang", "李": "Li", "张": "Zhang", "刘": "Liu", "陈": "Chen", "杨": "Yang", "赵": "Zhao",
+           "黄": "Huang",
            "周": "Zhou", "吴": "Wu", "徐": "Xu", "孙": "Sun", "马": "Ma", "朱": "Zhu", "胡": "Hu", "郭": "Guo",
            "林": "Lin", "何": "He", "罗": "Luo", "郑": "Zheng", "梁": "Liang", "谢": "Xie", "宋": "Song", "唐": "Tang",
            "韩": "Han", "冯": "Feng", "邓": "Deng", "曹": "Cao", "彭": "Peng", "曾": "Zeng", "欧阳": "Ouyang",
@@ -317,4 +320,6 @@ def _cn_age(age: int) -> str:
         return "一百"
     if rest < 10:
         return "一百零" + "一二三四五六七八九"[rest - 1]
-    return "一百" + _cn_age(rest) if rest >= 20 else "一百一十" + ("" if rest == 10 else "一二三四五六七八九"[rest - 11])
+    if rest >= 20:
+        return "一百" + _cn_age(rest)
+    return "一百一十" + ("" if rest == 10 else "一二三四五六七八九"[rest - 11])

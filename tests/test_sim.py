@@ -38,7 +38,8 @@ def test_safety_and_liveness_hold_over_seeded_fault_scenarios(n):
           f"{max(r.rounds_to_commit or 0 for r in results)}")
     assert not failures, "\n".join(failures)
     assert all(r.commits > 0 for r in results)
-    # Epochs change in most scenarios (a change asked late may not finish before the run does), some with a validator crashing during the change.
+    # Epochs change in most scenarios (a change asked late may not finish before the run does), some
+    # with a validator crashing during the change.
     assert sum(r.epochs > 0 for r in results) >= 0.75 * len(results)
     # Most changes change the validators: spares join (catching up from genesis), validators leave.
     assert sum(r.membership_changes > 0 for r in results) >= 0.5 * len(results)
@@ -62,7 +63,8 @@ def test_the_checker_finds_a_violation_when_honest_validators_ignore_the_lock():
 def test_a_scenario_replays_exactly_from_its_seed():
     config = scenario_configs(4, None)
     a, b = run_scenario(12345, config), run_scenario(12345, config)
-    assert (a.commits, a.byzantine, a.faults, a.rounds_to_commit) == (b.commits, b.byzantine, b.faults, b.rounds_to_commit)
+    assert (a.commits, a.byzantine, a.faults, a.rounds_to_commit) == (
+        b.commits, b.byzantine, b.faults, b.rounds_to_commit)
 
 
 def test_too_many_byzantine_validators_is_refused():

@@ -43,19 +43,36 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from .. import crypto
 from ..errors import InvalidMessage, SafetyViolation
 from .block_tree import BlockTree
 from .messages import (
-    MAX_SYNC_BLOCKS, EpochHint, Message, Proposal, RangeRequest, RangeResponse, SyncRequest, SyncResponse, TimeoutMsg,
+    MAX_SYNC_BLOCKS,
+    EpochHint,
+    Message,
+    Proposal,
+    RangeRequest,
+    RangeResponse,
+    SyncRequest,
+    SyncResponse,
+    TimeoutMsg,
     VoteMsg,
 )
 from .pacemaker import Pacemaker, PacemakerConfig
 from .safety import SafetyRules, SafetyStore
 from .types import (
-    MAX_PAYLOAD_BYTES, Block, QuorumCert, Timeout, TimeoutCert, ValidatorSet, Vote, form_qc, form_tc,
+    MAX_PAYLOAD_BYTES,
+    Block,
+    QuorumCert,
+    Timeout,
+    TimeoutCert,
+    ValidatorSet,
+    Vote,
+    form_qc,
+    form_tc,
 )
 
 #: Further behind than this many blocks, a validator syncs committed ranges forwards.
@@ -400,7 +417,8 @@ class ConsensusCore:
         block.verify(self.vset)
         if proposal.tc is not None:
             if proposal.tc.round + 1 != block.round:
-                raise InvalidMessage("proposal: timeout certificate is not for the previous round", reason="tc_mismatch")
+                raise InvalidMessage("proposal: timeout certificate is not for the previous round",
+                                     reason="tc_mismatch")
             proposal.tc.verify(self.vset)
         entered_by = proposal.tc.round if proposal.tc is not None else block.qc.round  # type: ignore[union-attr]
         if block.round != entered_by + 1:
@@ -557,7 +575,8 @@ class ConsensusCore:
     def _maybe_propose(self, now: float, actions: list[Action]) -> None:
         self._propose_at = float("inf")
         round_ = self.round
-        if not self._is_leader(round_) or self._proposed_round >= round_:
+        index = self.index
+        if index is None or not self._is_leader(round_) or self._proposed_round >= round_:
             return
         tc: TimeoutCert | None = None
         if self.high_qc.round + 1 != round_:
@@ -586,7 +605,7 @@ class ConsensusCore:
             payload = self.config.order_payload(payload, self.high_qc.block_id)
         try:
             block = self.safety.propose(Block.unsigned(
-                epoch=self.vset.epoch, round=round_, qc=self.high_qc, author=self.index, timestamp=int(now * 1000),
+                epoch=self.vset.epoch, round=round_, qc=self.high_qc, author=index, timestamp=int(now * 1000),
                 payload=payload,
             ))
         except SafetyViolation as exc:
@@ -597,7 +616,7 @@ class ConsensusCore:
         actions.append(Broadcast(proposal))
         actions.append(Log("block.proposed", {"round": round_, "height": block.height, "txs": len(block.payload)}))
         try:
-            self._on_proposal(self.index, proposal, now, actions)
+            self._on_proposal(index, proposal, now, actions)
         except InvalidMessage as exc:
             # Our own block failing our own checks is a bug here, not the fault of whichever
             # peer's message moved us into this round: report it, never blame the peer.
@@ -729,7 +748,7 @@ class ConsensusCore:
         blocks = response.blocks
         if not blocks or blocks[0].id not in self._sync_wanted:
             return  # unsolicited or empty: nothing to do, nothing stored
-        for newer, older in zip(blocks, blocks[1:]):
+        for newer, older in pairwise(blocks):
             if newer.parent != older.id:
                 raise InvalidMessage("sync response: blocks are not a parent chain", reason="bad_chain")
         for block in blocks:
@@ -800,7 +819,7 @@ class ConsensusCore:
             return  # unsolicited, stale or empty: the retry timer asks another peer
         if blocks[0].parent not in self.tree:
             raise InvalidMessage("range response: first block extends no block we hold", reason="bad_chain")
-        for older, newer in zip(blocks, blocks[1:]):
+        for older, newer in pairwise(blocks):
             if newer.parent != older.id or newer.height != older.height + 1:
                 raise InvalidMessage("range response: blocks are not a parent chain", reason="bad_chain")
         for block in blocks:
@@ -822,7 +841,7 @@ class ConsensusCore:
             if block.id not in self.tree:
                 self._insert(block, actions)
         if proof is not None and last >= 0:
-            self._commit(blocks[last].id, proof, actions)  # type: ignore[arg-type]
+            self._commit(blocks[last].id, proof, actions)
         elif self._catching_up:
             # Nothing provable in this range yet (rounds skipped by timeouts): keep its blocks and
             # fetch the next range; a later consecutive pair commits them all.

@@ -80,7 +80,8 @@ class SyncRequest:
     @classmethod
     def from_wire(cls, value: Any) -> SyncRequest:
         m = as_map(value, "sync request", ("block", "count"))
-        return cls(as_bytes(m["block"], "sync request.block", size=32), as_uint(m["count"], "sync request.count", maximum=MAX_SYNC_BLOCKS))
+        return cls(as_bytes(m["block"], "sync request.block", size=32),
+                   as_uint(m["count"], "sync request.count", maximum=MAX_SYNC_BLOCKS))
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ class RangeResponse:
     proof: QuorumCert | None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"blocks": [b.to_wire() for b in self.blocks], "proof": None if self.proof is None else self.proof.to_wire()}
+        return {"blocks": [b.to_wire() for b in self.blocks],
+                "proof": None if self.proof is None else self.proof.to_wire()}
 
     @classmethod
     def from_wire(cls, value: Any) -> RangeResponse:
@@ -155,7 +157,8 @@ class EpochHint:
 Message = Proposal | VoteMsg | TimeoutMsg | SyncRequest | SyncResponse | RangeRequest | RangeResponse | EpochHint
 
 _BY_NAME: dict[str, Any] = {
-    "proposal": Proposal, "vote": VoteMsg, "timeout": TimeoutMsg, "sync_request": SyncRequest, "sync_response": SyncResponse,
+    "proposal": Proposal, "vote": VoteMsg, "timeout": TimeoutMsg, "sync_request": SyncRequest,
+    "sync_response": SyncResponse,
     "range_request": RangeRequest, "range_response": RangeResponse, "epoch_hint": EpochHint,
 }
 _NAMES = {cls: name for name, cls in _BY_NAME.items()}

@@ -202,7 +202,8 @@ class SafetyRules:
         if data.last_vote is not None and data.last_vote.round == block.round:
             return data.last_vote
         if block.epoch != data.epoch:
-            raise SafetyViolation(f"block of epoch {block.epoch}, safety data is epoch {data.epoch}", reason="wrong_epoch")
+            raise SafetyViolation(f"block of epoch {block.epoch}, safety data is epoch {data.epoch}",
+                                  reason="wrong_epoch")
         if block.round <= max(data.last_voted_round, data.vote_floor):
             raise SafetyViolation(
                 f"round {block.round} is not above last voted round {max(data.last_voted_round, data.vote_floor)}",
@@ -213,6 +214,7 @@ class SafetyRules:
                 f"block at round {block.round} extends neither round {block.round - 1}'s certificate nor a "
                 "timeout certificate's highest one", reason="unsafe_vote"
             )
+        assert self.index is not None  # _check_not_restored refused a node that is not a validator
         vote = Vote.create(block.vote_data(), self.index, self._identity, self.vset.chain_id)
         self._persist(replace(
             data, last_voted_round=block.round, locked_round=max(data.locked_round, qc.round), last_vote=vote,
@@ -257,6 +259,7 @@ class SafetyRules:
             raise SafetyViolation(
                 f"certificate round {high_qc.round} below locked round {data.locked_round}", reason="below_lock"
             )
+        assert self.index is not None  # _check_not_restored refused a node that is not a validator
         timeout = Timeout.create(data.epoch, round_, high_qc, self.index, self._identity, self.vset.chain_id)
         self._persist(replace(
             data,

@@ -53,7 +53,7 @@ def normalize_ssn(value: str) -> str | None:
 def _type_codes(identifier: dict[str, Any]) -> set[str]:
     kind = identifier.get("type")
     codings = kind.get("coding", []) if isinstance(kind, dict) else []
-    return {c.get("code") for c in codings if isinstance(c, dict)}
+    return {c["code"] for c in codings if isinstance(c, dict) and isinstance(c.get("code"), str)}
 
 
 def national_identifier(patient: dict[str, Any]) -> tuple[str, str] | None:

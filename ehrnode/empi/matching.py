@@ -207,10 +207,12 @@ def score(a: Encodings, b: Encodings) -> Score:
         d, level, weight = _compare(i, fa[i], fb[i])
         evidence[i] = FieldEvidence(FIELDS[i].name, d, level, weight, weight)
         if i in _AREA and weight > 0:
-            if area_best is None or weight > evidence[area_best].weight:
+            best = evidence[area_best] if area_best is not None else None
+            if best is None or weight > best.weight:
                 area_best = i
     for i in _AREA:
         e = evidence[i]
+        assert e is not None  # every field was compared above
         if e.weight > 0 and i != area_best:
             evidence[i] = FieldEvidence(e.field, e.dice, e.level, e.weight, 0)
     fields = tuple(e for e in evidence if e is not None)

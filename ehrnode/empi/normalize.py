@@ -93,7 +93,8 @@ class Demographics:
         address = _pick(patient.get("address"), _ADDRESS_USE_RANK)
         country = _text(address.get("country")) if address else ""
         phone = ""
-        phones = [t for t in patient.get("telecom") or () if isinstance(t, dict) and t.get("system") in ("phone", "sms")]
+        phones = [t for t in patient.get("telecom") or ()
+                  if isinstance(t, dict) and t.get("system") in ("phone", "sms")]
         telecom = _pick(phones, _PHONE_USE_RANK)
         if telecom and isinstance(telecom.get("value"), str):
             phone = normalize_phone(telecom["value"], country=country) or ""

@@ -35,7 +35,8 @@ from .requests import PullRequest
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accesses (
     request BLOB PRIMARY KEY, signed BLOB NOT NULL, record BLOB NOT NULL, owner TEXT NOT NULL, requester TEXT NOT NULL,
-    user BLOB NOT NULL, user_role TEXT NOT NULL, purpose TEXT NOT NULL, decision TEXT NOT NULL, reason TEXT NOT NULL, consent BLOB NOT NULL,
+    user BLOB NOT NULL, user_role TEXT NOT NULL, purpose TEXT NOT NULL, decision TEXT NOT NULL, reason TEXT NOT NULL,
+    consent BLOB NOT NULL,
     requested_at INTEGER NOT NULL, time INTEGER NOT NULL, height INTEGER NOT NULL, tx_id BLOB NOT NULL UNIQUE);
 CREATE INDEX IF NOT EXISTS accesses_record ON accesses(record);
 CREATE INDEX IF NOT EXISTS accesses_requester ON accesses(requester);

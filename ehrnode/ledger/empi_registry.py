@@ -174,9 +174,9 @@ class EmpiRegistry:
             enrolment, submitter, codec.encode(body["encodings"]), encodings.national_id, empi, height, tx_id))
         self._remember(enrolment, encodings)
         self._block(db, enrolment, matching.blocking_keys(encodings))
-        for other, score in reviews:
+        for other, total in reviews:
             a, b = sorted((enrolment, other))
-            db.execute("INSERT OR IGNORE INTO review VALUES (?, ?, ?, 'open', ?)", (a, b, score, height))
+            db.execute("INSERT OR IGNORE INTO review VALUES (?, ?, ?, 'open', ?)", (a, b, total, height))
         return "ok"
 
     def _block(self, db: sqlite3.Connection, enrolment: bytes, keys: Iterable[bytes]) -> None:
@@ -190,7 +190,8 @@ class EmpiRegistry:
                              (encodings.national_id,)).fetchone()
             if row is not None:
                 return row[0], "certain", []
-        scored = [(matching.score(encodings, self._encodings(other)), other) for other in self.candidates(db, encodings)]
+        scored = [(matching.score(encodings, self._encodings(other)), other)
+                  for other in self.candidates(db, encodings)]
         if not scored:
             return None, "new", []
         scored.sort(key=lambda s: (-s[0].total, s[1]))
@@ -306,7 +307,8 @@ class EmpiRegistry:
     def _close_reviews(self, db: sqlite3.Connection, empi: str) -> None:
         """Open review items whose two enrolments are now one EMPI are settled."""
         db.execute("UPDATE review SET status = 'linked' WHERE status = 'open' AND "
-                   "a IN (SELECT id FROM enrolments WHERE empi = ?) AND b IN (SELECT id FROM enrolments WHERE empi = ?)",
+                   "a IN (SELECT id FROM enrolments WHERE empi = ?) AND "
+                   "b IN (SELECT id FROM enrolments WHERE empi = ?)",
                    (empi, empi))
 
     def link(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int, tx_id: bytes) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 from .. import codec, crypto
 from ..codec import as_bytes, as_map, as_str, as_uint
 from ..errors import CodecError, SchemaError
+
 #: Purposes of use (after the HL7 purpose-of-use codes): what a pull, a consent entry and a
 #: policy rule name.
 PURPOSES = ("treatment", "payment", "operations", "research", "public-health", "emergency")

@@ -17,7 +17,8 @@ from pathlib import Path
 from ..errors import StoreError
 
 
-def open_db(path: Path, schema: str, what: str, *, durable: bool = False, any_thread: bool = False) -> sqlite3.Connection:
+def open_db(path: Path, schema: str, what: str, *, durable: bool = False,
+            any_thread: bool = False) -> sqlite3.Connection:
     """Open (creating if needed) ``path`` with ``schema``; raises StoreError naming ``what``.
 
     ``durable`` syncs every commit (``synchronous=FULL``), for data that exists nowhere

@@ -26,16 +26,16 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .. import crypto
+from ..config import Address, Member
 from ..consensus.types import Block
 from ..errors import AdmissionError, CodecError, CryptoError, KeyUnavailable, StoreError
+from ..membership import Membership
 from .access import SCHEMA as ACCESS_SCHEMA
 from .access import AccessLog
 from .consent import SCHEMA as CONSENT_SCHEMA
 from .consent import ConsentRegistry
 from .empi_registry import SCHEMA as EMPI_SCHEMA
 from .empi_registry import EmpiRegistry, scoped_enrolment
-from ..config import Address, Member
-from ..membership import Membership
 from .envelope import PUBLIC_CLASSES, Envelope, kind_class, public_key
 from .epochs import EpochGrant, EpochKeys
 from .governance import SCHEMA as GOVERNANCE_SCHEMA
@@ -44,7 +44,6 @@ from .sqlite import open_db, transaction
 from .transactions import Transaction
 from .whois import SCHEMA as WHOIS_SCHEMA
 from .whois import WhoisLog
-
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS txs (
@@ -293,7 +292,8 @@ class LedgerState:
                 return "invalid:duplicate_record"
             db.execute(f"INSERT INTO anchors VALUES ({', '.join('?' * len(ANCHOR_COLUMNS))})", (
                 # An institution's records can only name its own enrolments.
-                body["record"], scoped_enrolment(body["institution"], body["patient"]), body["institution"], body["recorded_at"], body["setting"],
+                body["record"], scoped_enrolment(body["institution"], body["patient"]), body["institution"],
+                body["recorded_at"], body["setting"],
                 body["resource_type"], body["commitment"], body["position"], body["entry"], body["epoch"], height,
                 tx.id,
             ))
@@ -507,7 +507,8 @@ class LedgerState:
         return row[0] or 0
 
     def tx_count(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM txs WHERE status = 'ok'").fetchone()[0]
+        count: int = self._db.execute("SELECT COUNT(*) FROM txs WHERE status = 'ok'").fetchone()[0]
+        return count
 
 
 def _decode(data: bytes) -> Envelope | None:

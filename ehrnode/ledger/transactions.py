@@ -81,9 +81,10 @@ EMPI_PATTERN = re.compile(r"^E[A-Z2-7]{24}\Z")
 
 
 def _empi(value: Any, what: str) -> str:
-    if not EMPI_PATTERN.match(as_str(value, what, max_len=25)):
+    text = as_str(value, what, max_len=25)
+    if not EMPI_PATTERN.match(text):
         raise SchemaError(f"{what}: not an EMPI")
-    return value
+    return text
 
 
 def _enrol_body(body: Any) -> dict[str, Any]:
@@ -321,7 +322,8 @@ def _vote_body(body: Any) -> dict[str, Any]:
 #: Each kind's body schema: a function that raises SchemaError or returns the checked body.
 KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "note": _note_body, "record.anchor": _anchor_body, "empi.enrol": _enrol_body, "empi.link": _link_body,
-    "empi.not_duplicate": _not_duplicate_body, "empi.merge": _merge_body, "empi.unmerge": _unmerge_body, "empi.accept": _accept_body,
+    "empi.not_duplicate": _not_duplicate_body, "empi.merge": _merge_body, "empi.unmerge": _unmerge_body,
+    "empi.accept": _accept_body,
     "empi.split": _split_body, "consent.grant": _consent_body, "consent.revoke": _consent_body,
     "access.log": _access_body, "record.erase": _erase_body, "integrity.alert": _alert_body,
     "whois.request": _whois_request_body, "whois.answer": _whois_answer_body, "keys.epoch": _keys_epoch_body,

@@ -25,25 +25,34 @@ from __future__ import annotations
 import random
 import ssl
 from collections import deque
-from functools import partial
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import trio
 import trio_websocket
-from trio_websocket import ConnectionClosed, HandshakeError as WsHandshakeError
+from trio_websocket import ConnectionClosed
+from trio_websocket import HandshakeError as WsHandshakeError
 
 from .. import crypto
 from ..config import Genesis, Member
-from ..membership import Membership
 from ..errors import ProtocolError, innermost
 from ..limits import Refusals
 from ..logs import get_logger
-from .tls import TlsContexts, Watched, require_name
+from ..membership import Membership
 from .protocol import (
-    MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME, Auth, Frame, Hello, Welcome, check_transcript, decode_frame, encode_frame,
+    MAX_FRAME_BYTES,
+    MAX_HANDSHAKE_FRAME,
+    Auth,
+    Frame,
+    Hello,
+    Welcome,
+    check_transcript,
+    decode_frame,
+    encode_frame,
     sign_transcript,
 )
+from .tls import TlsContexts, Watched, require_name
 
 HANDSHAKE_TIMEOUT = 10.0
 SEND_QUEUE = 1024
@@ -298,7 +307,8 @@ class PeerNetwork:
             with trio.CancelScope() as scope:
                 watched = Watched(stream, scope)
                 return await trio_websocket.wrap_client_stream(
-                    nursery, watched, host, "/peer", max_message_size=MAX_HANDSHAKE_FRAME,
+                    nursery, watched,  # type: ignore[arg-type]  # any trio Stream works; it is annotated narrowly
+                    host, "/peer", max_message_size=MAX_HANDSHAKE_FRAME,
                     message_queue_size=16, receive_buffer_size=RECEIVE_BUFFER,
                 ), channel
             raise watched.refusal() or trio.BrokenResourceError("the connection broke during the TLS handshake")
@@ -372,11 +382,11 @@ class PeerNetwork:
                 await self._run(Peer(name, ws, dialed=False))
                 nursery.cancel_scope.cancel()
         except Exception as group:  # noqa: BLE001 - never let one connection take the listener down
-            exc = innermost(group)
-            if isinstance(exc, _DISCONNECTS):
-                self.log.debug("peer.inbound_closed", remote=remote, error=str(exc) or type(exc).__name__)
+            cause = innermost(group)
+            if isinstance(cause, _DISCONNECTS):
+                self.log.debug("peer.inbound_closed", remote=remote, error=str(cause) or type(cause).__name__)
             else:
-                self.log.warning("peer.error", remote=remote, error=repr(exc))
+                self.log.warning("peer.error", remote=remote, error=repr(cause))
         finally:
             authenticated()
             with trio.CancelScope(shield=True):
@@ -501,7 +511,7 @@ def _authenticated(ws: trio_websocket.WebSocketConnection) -> None:
     trio-websocket (pinned below 0.13) reads this attribute for every message; it has no
     public setter.
     """
-    ws._max_message_size = MAX_FRAME_BYTES  # noqa: SLF001
+    ws._max_message_size = MAX_FRAME_BYTES
 
 
 _DISCONNECTS = (OSError, trio.TooSlowError, ConnectionClosed, WsHandshakeError, trio.BrokenResourceError)

@@ -211,7 +211,7 @@ def decode_frame(data: bytes | str, *, max_size: int = MAX_FRAME_BYTES) -> Frame
     if len(data) > max_size:
         raise ProtocolError(f"frame of {len(data)} bytes exceeds {max_size}", reason="too_large")
     try:
-        return codec.decode_tagged(data, "frame", _PARSERS, max_size=max_size)  # type: ignore[no-any-return]
+        return codec.decode_tagged(data, "frame", _PARSERS, max_size=max_size)
     except CodecError as exc:
         raise ProtocolError(f"bad frame: {exc}", reason=f"bad_frame:{exc.reason}") from exc
 

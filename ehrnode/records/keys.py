@@ -72,7 +72,8 @@ class RecordKeys:
 
     @classmethod
     def derive(cls, master: bytes, consortium: bytes) -> RecordKeys:
-        return cls(*(_derive(master, label) for label in _LABELS), consortium=consortium)
+        wrap, deid, patients, index = (_derive(master, label) for label in _LABELS)
+        return cls(wrap, deid, patients, index, consortium)
 
     @classmethod
     def load(cls, master_path: Path, consortium_path: Path) -> RecordKeys:

@@ -47,8 +47,8 @@ from .canonical import canonical_json, commitment, new_salt
 from .deid import Deidentifier
 from .deid.notes import PatientFacts
 from .keys import RecordKeys
-from .workers import Preparer
 from .vault import RECORD_ID_SIZE, EntryHeader, NewEntry, PatientRow, Vault, Write
+from .workers import Preparer
 
 #: Shown problems per failed ingest; the rest are counted.
 MAX_PROBLEMS_SHOWN = 50
@@ -90,6 +90,12 @@ class _Candidate:
     raw: bytes = b""
     version_key: bytes = b""
     digest: bytes = b""
+
+    @property
+    def pid(self) -> str:
+        """The patient's id, once resolved (a candidate without one has a problem and is gone)."""
+        assert self.patient_id is not None
+        return self.patient_id
 
 
 @dataclass
@@ -154,7 +160,7 @@ class Recorder:
             if known is not None and known[0] == c.digest:
                 entry = self.vault.entry(known[1])
                 outcome.records.append(Recorded(
-                    known[1].hex(), patients[c.patient_id].enrolment.hex(), resource["resourceType"],
+                    known[1].hex(), patients[c.pid].enrolment.hex(), resource["resourceType"],
                     c.item.source, entry.header.position if entry else 0, None, "already_recorded",
                 ))
             else:
@@ -162,9 +168,9 @@ class Recorder:
         candidates = fresh
         levels = self._levels(patients, {c.item.resource["id"] for c in candidates
                                          if c.item.resource["resourceType"] == "Patient"})
-        facts = {pid: PatientFacts.of(patients[pid].resource) for pid in {c.patient_id for c in candidates}}
+        facts = {pid: PatientFacts.of(patients[pid].resource) for pid in {c.pid for c in candidates}}
         releases = self.preparer.deidentify(
-            [(c.item.resource, c.patient_id, levels.get(c.patient_id, 0), facts[c.patient_id]) for c in candidates])
+            [(c.item.resource, c.pid, levels.get(c.pid, 0), facts[c.pid]) for c in candidates])
         for c, release in zip(candidates, releases, strict=True):
             if isinstance(release, str):
                 c.problem = _problem(c.item, f"cannot be released safely: {release}")
@@ -173,7 +179,8 @@ class Recorder:
                 c.release = release
         if problems and not skip_invalid:
             shown = "\n".join(f"  {p}" for p in problems[:MAX_PROBLEMS_SHOWN])
-            more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
+            extra = len(problems) - MAX_PROBLEMS_SHOWN
+            more = f"\n  ... and {extra} more" if extra > 0 else ""
             raise FhirError(f"{len(problems)} invalid resource(s); nothing was recorded "
                             f"(--skip-invalid records the rest):\n{shown}{more}", reason="invalid_input")
         outcome.skipped.extend(_skip_problem(p) for p in problems)
@@ -189,7 +196,7 @@ class Recorder:
         write = Write()
         pending: list[tuple[fhir.Item, _Patient, bytes]] = []
         for c, setting in zip(candidates, settings, strict=True):
-            item, resource, patient = c.item, c.item.resource, patients[c.patient_id]
+            item, resource, patient = c.item, c.item.resource, patients[c.pid]
             released = c.release
             assert released is not None
             canonical = canonical_json(released)

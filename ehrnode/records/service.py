@@ -20,13 +20,13 @@ import trio
 
 from .. import crypto
 from ..config import NodeConfig
+from ..empi.normalize import Demographics
 from ..errors import AdmissionError, ConfigError, IntegrityError
 from ..ledger.empi_registry import scoped_enrolment
 from ..ledger.state import LedgerState
 from ..ledger.transactions import Transaction
 from ..logs import get_logger
 from . import deid as deid_module
-from ..empi.normalize import Demographics
 from . import fhir
 from .deid import Deidentifier, load_profile
 from .keys import RecordKeys

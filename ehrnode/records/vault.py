@@ -92,7 +92,8 @@ class EntryHeader:
     def to_wire(self) -> dict[str, Any]:
         return {
             "v": 1, "position": self.position, "prev": self.prev, "record": self.record_id,
-            "type": self.resource_type, "patient": self.patient, "setting": self.setting, "recorded_at": self.recorded_at,
+            "type": self.resource_type, "patient": self.patient, "setting": self.setting,
+            "recorded_at": self.recorded_at,
             "commitment": self.commitment, "raw": self.raw_digest, "deid": self.deid_digest,
         }
 
@@ -105,7 +106,8 @@ class EntryHeader:
         return cls(
             as_uint(m["position"], "entry.position"), as_bytes(m["prev"], "entry.prev", size=32),
             as_bytes(m["record"], "entry.record", size=RECORD_ID_SIZE), as_str(m["type"], "entry.type", max_len=64),
-            as_bytes(m["patient"], "entry.patient", size=ENROLMENT_SIZE), as_str(m["setting"], "entry.setting", max_len=64),
+            as_bytes(m["patient"], "entry.patient", size=ENROLMENT_SIZE),
+            as_str(m["setting"], "entry.setting", max_len=64),
             as_uint(m["recorded_at"], "entry.recorded_at"), as_bytes(m["commitment"], "entry.commitment", size=32),
             as_bytes(m["raw"], "entry.raw", size=32), as_bytes(m["deid"], "entry.deid", size=32),
         )
@@ -364,7 +366,7 @@ class Vault:
                 "FROM entries e LEFT JOIN data_keys k USING (record) ORDER BY e.position"
             )
             for position, record, header_bytes, stored_hash, signature, raw_ct, deid_ct, raw_w, deid_w in rows:
-                def problem(text: str) -> None:
+                def problem(text: str, position: int = position, record: bytes = record) -> None:
                     problems.append({"position": position, "record_id": record.hex(), "problem": text})
 
                 if position != expected:

@@ -19,10 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..ledger.state import LedgerState
-from ..ledger.transactions import Transaction
 from ..ledger.empi_registry import scoped_enrolment
 from ..ledger.requests import PullRequest
+from ..ledger.state import LedgerState
+from ..ledger.transactions import Transaction
 
 
 @dataclass(frozen=True)

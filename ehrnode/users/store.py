@@ -100,7 +100,7 @@ class User:
 
     @property
     def alias(self) -> str:
-        return pseudonym_text(self.pseudonym)
+        return pseudonym_text(self.pseudonym) or ""
 
     def view(self) -> dict[str, Any]:
         return {"name": self.name, "role": self.role, "empi": self.empi, "pseudonym": self.alias,

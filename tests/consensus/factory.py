@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from ehrnode import crypto
 from ehrnode.consensus.types import (
-    Block, QuorumCert, Timeout, TimeoutCert, ValidatorSet, Vote, form_qc, form_tc,
+    Block,
+    QuorumCert,
+    Timeout,
+    TimeoutCert,
+    ValidatorSet,
+    Vote,
+    form_qc,
+    form_tc,
 )
 
 

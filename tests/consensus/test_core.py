@@ -5,10 +5,23 @@ from dataclasses import replace
 import pytest
 
 from ehrnode.consensus.core import (
-    Broadcast, CommitBlocks, ConsensusCore, CoreConfig, PersistBlock, Send, SetTimer,
+    Broadcast,
+    CommitBlocks,
+    ConsensusCore,
+    CoreConfig,
+    PersistBlock,
+    Send,
+    SetTimer,
 )
 from ehrnode.consensus.messages import (
-    Proposal, RangeRequest, RangeResponse, SyncRequest, SyncResponse, TimeoutMsg, VoteMsg, encode_message,
+    Proposal,
+    RangeRequest,
+    RangeResponse,
+    SyncRequest,
+    SyncResponse,
+    TimeoutMsg,
+    VoteMsg,
+    encode_message,
 )
 from ehrnode.consensus.pacemaker import PacemakerConfig
 from ehrnode.consensus.safety import MemorySafetyStore
@@ -213,7 +226,8 @@ def test_a_whole_cluster_restart_in_a_round_entered_by_timeout_certificate_recov
     c.start()
     # Run until the live validators sit in a round they entered by a timeout certificate.
     c.run(until=30.0, max_steps=20_000, done=lambda: c.cores[0].high_tc is not None
-          and c.cores[0].round == c.cores[0].high_tc.round + 1 and c.stores[0].data.last_voted_round == c.cores[0].round)
+          and c.cores[0].round == c.cores[0].high_tc.round + 1
+          and c.stores[0].data.last_voted_round == c.cores[0].round)
     assert c.cores[0].high_tc is not None
     before = min(c.cores[i].committed_height for i in (0, 2, 3))
     c.queue.clear()
@@ -379,7 +393,7 @@ def test_under_load_blocks_wait_for_the_minimum_interval_unless_full():
     store = c.blocks[0]
     loaded = [store.block_at(h) for h in range(1, store.committed_height() + 1)]
     loaded = [b for b in loaded if b.payload]
-    gaps = [b.timestamp - a.timestamp for a, b in zip(loaded, loaded[1:]) if a.payload]
+    gaps = [b.timestamp - a.timestamp for a, b in zip(loaded, loaded[1:], strict=False) if a.payload]
     assert sum(len(b.payload) for b in loaded) == 40
     assert gaps and min(gaps) >= 49  # milliseconds, truncated
     # A full block's worth (max_block_txs) goes out without waiting.

@@ -7,7 +7,14 @@ import pytest
 
 from ehrnode.consensus.core import Broadcast, CommitBlocks, ConsensusCore, EpochEnd, Log, Send
 from ehrnode.consensus.messages import (
-    MAX_SYNC_BLOCKS, EpochHint, Proposal, RangeRequest, RangeResponse, VoteMsg, decode_message, encode_message,
+    MAX_SYNC_BLOCKS,
+    EpochHint,
+    Proposal,
+    RangeRequest,
+    RangeResponse,
+    VoteMsg,
+    decode_message,
+    encode_message,
 )
 from ehrnode.consensus.safety import MemorySafetyStore, SafetyData, SafetyRules
 from ehrnode.consensus.types import Block, QuorumCert, VoteData

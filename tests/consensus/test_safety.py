@@ -125,7 +125,8 @@ def test_rules_refuse_an_identity_that_is_not_the_validator():
 
 
 @given(st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-5, max_value=2**64) | st.binary(max_size=70) | st.text(max_size=5),
+    st.none() | st.booleans() | st.integers(min_value=-5, max_value=2**64) | st.binary(max_size=70)
+    | st.text(max_size=5),
     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.sampled_from(
         ["epoch", "last_voted_round", "locked_round", "highest_timeout_round", "last_vote", "last_timeout",
          "data", "author", "sig", "round", "high_qc", "block", "height", "parent", "parent_round", "sigs"]), c,

@@ -6,7 +6,13 @@ from hypothesis import strategies as st
 
 from ehrnode import codec
 from ehrnode.consensus.messages import (
-    Proposal, SyncRequest, SyncResponse, TimeoutMsg, VoteMsg, decode_message, encode_message,
+    Proposal,
+    SyncRequest,
+    SyncResponse,
+    TimeoutMsg,
+    VoteMsg,
+    decode_message,
+    encode_message,
 )
 from ehrnode.consensus.types import QuorumCert, TimeoutCert
 from ehrnode.errors import CodecError, InvalidMessage

@@ -9,7 +9,14 @@ from ehrnode import codec, crypto
 from ehrnode.consensus.messages import VoteMsg, encode_message
 from ehrnode.consensus.types import Vote, VoteData
 from ehrnode.net.protocol import (
-    Auth, ConsensusFrame, Hello, PROTOCOL_VERSION, Welcome, decode_frame, encode_frame, sign_transcript,
+    PROTOCOL_VERSION,
+    Auth,
+    ConsensusFrame,
+    Hello,
+    Welcome,
+    decode_frame,
+    encode_frame,
+    sign_transcript,
 )
 
 #: The hostile peers here speak the wire protocol in clear; test_tls.py covers TLS.

@@ -116,8 +116,8 @@ def test_keys_rotate_under_load_loses_no_transaction(cluster):
     assert len(ids) == 600 and all(heights[i] for i in ids), "a transaction was lost across the rotation"
     assert [r["epoch"] for r in rotations] == [before + 1, before + 2]
     for member in ("A", "B", "C", "R"):
-        status = trio.run(lambda: cluster.call(member, "status"))
-        view = trio.run(lambda: cluster.call(member, "keys.status"))
+        status = trio.run(cluster.call, member, "status")
+        view = trio.run(cluster.call, member, "keys.status")
         assert status["ledger"]["stalled_at"] is None and not view["unreadable"]
         assert [e["held"] for e in view["epochs"]][-3:] == [True] * 3
     # Later blocks are sealed under the newest epoch.

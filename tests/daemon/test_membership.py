@@ -125,7 +125,8 @@ async def test_a_member_added_by_vote_syncs_verifies_from_genesis_and_takes_part
     assert len(keys["epochs"]) >= rotated["epoch"] + 2  # genesis, the rotation, the one at the change
     first = await cluster.call("D", "block.get", height=1)
     assert first["author"] in ("A", "B", "C", "R")
-    texts = [tx["body"].get("text") for h in range(1, 6) for tx in (await cluster.call("D", "block.get", height=h))["txs"]]
+    blocks = [await cluster.call("D", "block.get", height=h) for h in range(1, 6)]
+    texts = [tx["body"].get("text") for block in blocks for tx in block["txs"]]
     assert "before D 0" in texts
 
     # D takes part: its transactions commit, and with one of the old members down the five still

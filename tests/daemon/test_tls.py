@@ -6,13 +6,12 @@ import pytest
 import trio
 import trio_websocket
 
+from ehrnode import crypto
 from ehrnode.client import ApiClient, ApiError
 from ehrnode.config import load_node_config
 from ehrnode.localnet import LocalConsortium
-from ehrnode.net.tls import create_ca, issue
-
-from ehrnode import crypto
 from ehrnode.net.protocol import Auth, Hello, decode_frame, encode_frame, sign_transcript
+from ehrnode.net.tls import create_ca, issue
 
 from .test_bad_peers import closed, wait_log
 

@@ -78,7 +78,7 @@ def test_encodings_under_another_key_are_unrelated(encoder):
     a, b = encoder.encode(DEMO), Encoder(OTHER_KEY).encode(DEMO)
     assert a.national_id != b.national_id and a.sex != b.sex
     assert not set(a.blocking) & set(b.blocking)
-    for spec, x, y in zip(FIELDS, a.filters, b.filters):
+    for spec, x, y in zip(FIELDS, a.filters, b.filters, strict=False):
         # Two unrelated balanced filters agree on about half their bits; the same value
         # under one key on all of them.
         assert dice(x, y, spec.bits) < 750, spec.name
@@ -98,7 +98,7 @@ def test_no_raw_value_appears_in_the_encodings(encoder):
 
 def test_every_filter_is_balanced(encoder):
     enc = encoder.encode(DEMO)
-    for spec, value in zip(FIELDS, enc.filters):
+    for spec, value in zip(FIELDS, enc.filters, strict=False):
         assert value is not None and value.bit_count() == spec.bits      # exactly half of 2L
         assert value.bit_length() <= 2 * spec.bits
 

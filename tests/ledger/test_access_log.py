@@ -6,13 +6,13 @@ import os
 import pytest
 
 from ehrnode import crypto, synthetic
-from ehrnode.errors import CodecError, SchemaError
 from ehrnode.consensus.types import Block
+from ehrnode.errors import CodecError, SchemaError
 from ehrnode.ledger.mempool import Mempool
 from ehrnode.ledger.requests import PullRequest
 
 from .sealing import sealed
-from .test_empi_registry import EPOCHS, F, KEYS, MEMBERS, Chain, enrol, tx
+from .test_empi_registry import EPOCHS, KEYS, MEMBERS, Chain, F, enrol, tx
 
 
 def anchor(record, position, submitter="A", patient=b"p" * 16):

@@ -16,7 +16,8 @@ def consent(action, empi, grantee="*", purposes=("*",), scope=("*",), until=0, s
 
 def anchor(n, patient, institution):
     return tx("record.anchor", {
-        "epoch": 0, "record": bytes([n]) * 16, "patient": patient, "institution": institution, "recorded_at": 86_400_000,
+        "epoch": 0, "record": bytes([n]) * 16, "patient": patient, "institution": institution,
+        "recorded_at": 86_400_000,
         "setting": "AMB", "resource_type": "Condition", "commitment": bytes([n]) * 32, "position": n,
         "entry": bytes(32)}, institution)
 

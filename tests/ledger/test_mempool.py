@@ -5,11 +5,10 @@ import pytest
 from ehrnode import codec, crypto
 from ehrnode.consensus.types import Block
 from ehrnode.errors import AdmissionError
+from ehrnode.ledger.envelope import SIZE_BUCKETS, Envelope
 from ehrnode.ledger.mempool import Mempool
 from ehrnode.ledger.state import LedgerState
 from ehrnode.ledger.transactions import Transaction
-
-from ehrnode.ledger.envelope import SIZE_BUCKETS, Envelope
 
 from ..consensus.factory import Factory
 from .sealing import keyring, sealed

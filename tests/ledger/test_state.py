@@ -31,7 +31,8 @@ def anchor(submitter="A", *, institution=None, record=1, position=1, patient=b"q
 
 def block(height_round, *txs, parent_qc=None):
     return Block.propose(epoch=0, round=height_round, qc=parent_qc or F.genesis_qc, author=1, timestamp=0,
-                         payload=tuple(sealed(tx, EPOCHS) for tx in txs), identity=F.identities[1], chain_id=F.vset.chain_id)
+                         payload=tuple(sealed(tx, EPOCHS) for tx in txs), identity=F.identities[1],
+                         chain_id=F.vset.chain_id)
 
 
 def statuses(state, txs):

@@ -10,7 +10,7 @@ from ehrnode.errors import SchemaError
 from ehrnode.ledger.transactions import Transaction
 
 from .sealing import sealed
-from .test_empi_registry import EPOCHS, F, KEYS, Chain, tx
+from .test_empi_registry import EPOCHS, KEYS, Chain, F, tx
 
 ANA = b"a" * 15
 
@@ -38,7 +38,8 @@ def test_the_actor_is_signed_indexed_and_strictly_sized(tmp_path):
     wire["actor"] = b"b" * 15
     forged = codec.encode(wire)
     chain.height += 1
-    block = Block.propose(epoch=0, round=chain.height, qc=F.genesis_qc, author=1, timestamp=0, payload=(sealed(Transaction.decode(forged), EPOCHS),),
+    block = Block.propose(epoch=0, round=chain.height, qc=F.genesis_qc, author=1, timestamp=0,
+                          payload=(sealed(Transaction.decode(forged), EPOCHS),),
                           identity=F.identities[1], chain_id=F.vset.chain_id)
     chain.state.apply(dataclasses.replace(block, height=chain.height))
     assert chain.state.tx_status(crypto.sha256(forged)) == "invalid:bad_signature"

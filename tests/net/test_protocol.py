@@ -13,7 +13,15 @@ from ehrnode.consortium import init_consortium
 from ehrnode.errors import ProtocolError
 from ehrnode.net.peers import PeerNetwork
 from ehrnode.net.protocol import (
-    Auth, ConsensusFrame, Hello, TxFrame, Welcome, check_transcript, decode_frame, encode_frame, sign_transcript,
+    Auth,
+    ConsensusFrame,
+    Hello,
+    TxFrame,
+    Welcome,
+    check_transcript,
+    decode_frame,
+    encode_frame,
+    sign_transcript,
 )
 
 

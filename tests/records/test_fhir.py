@@ -531,7 +531,8 @@ def test_validate_works_in_a_worker_thread():
     extension = {"url": "u", "valueString": "s"}
     for _ in range(300):
         extension = {"url": "u", "extension": [extension]}
-    items = [Item("a", synthea("Encounter")), Item("b", {"resourceType": "Patient", "id": "p", "extension": [extension]})]
+    items = [Item("a", synthea("Encounter")),
+             Item("b", {"resourceType": "Patient", "id": "p", "extension": [extension]})]
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(fhir.validate, items))
     assert results[0] is None and results[1].reason == "too_deep"

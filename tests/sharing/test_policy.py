@@ -21,7 +21,8 @@ def test_the_packaged_policy_decides_policy_then_consent_then_emergency():
     assert policy.decide("R", "regulator", "clinician", "treatment", "Condition", consent(True)).reason == "policy"
     # Research: only listed types, and only with consent (not in default_allow).
     assert policy.decide("B", "institution", "clinician", "research", "Patient", consent(True)).reason == "policy"
-    assert policy.decide("B", "institution", "clinician", "research", "Condition", consent(None, "default")).reason == "consent"
+    assert policy.decide("B", "institution", "clinician", "research", "Condition",
+                         consent(None, "default")).reason == "consent"
     assert policy.decide("B", "institution", "clinician", "treatment", "Condition", consent(None, "default")).granted
     # Emergency overrides a missing consent, not an explicit revocation.
     emergency = policy.decide("B", "institution", "clinician", "emergency", "Condition", consent(None, "default"))
@@ -37,7 +38,8 @@ def test_break_the_glass_and_named_requesters(tmp_path):
     policy = load_policy(path)
     assert policy.decide("B", "institution", "clinician", "emergency", "Condition", consent(False, "revoked")).granted
     assert policy.decide("C", "institution", "clinician", "emergency", "Condition", consent(True)).reason == "policy"
-    assert policy.decide("B", "institution", "clinician", "treatment", "Condition", consent(None, "default")).reason == "consent"
+    assert policy.decide("B", "institution", "clinician", "treatment", "Condition",
+                         consent(None, "default")).reason == "consent"
 
 
 def test_rules_can_name_the_requesting_users_role():

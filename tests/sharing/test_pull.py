@@ -18,7 +18,6 @@ from ehrnode.records.fhir import Item
 from ehrnode.records.keys import RecordKeys, open_sealed, seal
 from ehrnode.records.submit import add_items
 from ehrnode.sharing.messages import PullAnswer, PullRequest
-
 from tests.daemon.test_bad_peers import handshake_as, open_peer
 
 

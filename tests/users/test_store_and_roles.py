@@ -4,7 +4,14 @@ import pytest
 
 from ehrnode.errors import ConfigError, CryptoError
 from ehrnode.users.auth import (
-    FAILURE_DELAY, FORGET_AFTER, FREE_FAILURES, MAX_DELAY, NOT_A_NAME, Throttle, authenticate, delay_for,
+    FAILURE_DELAY,
+    FORGET_AFTER,
+    FREE_FAILURES,
+    MAX_DELAY,
+    NOT_A_NAME,
+    Throttle,
+    authenticate,
+    delay_for,
 )
 from ehrnode.users.roles import load_roles
 from ehrnode.users.store import USERS_KEY, UserError, UserStore, pseudonym_bytes, pseudonym_text

@@ -148,7 +148,7 @@ def test_every_method_is_refused_exactly_to_the_roles_not_allowed_it(cluster, us
         extra = {"empi": "E" + "Q" * 24} if role == "patient" else {}
         users.add("B", f"every.{role}", role, **extra)
 
-        async def sweep():
+        async def sweep(role=role):
             async with ApiClient.connect(cluster.configs["B"], user=f"every.{role}",
                                          credential=users.credentials["B", f"every.{role}"]) as client:
                 refused = set()
@@ -329,7 +329,7 @@ def test_no_user_name_or_credential_is_on_chain(cluster, users, recorded):
     raw = b"".join(bytes(v) for row in blocks.execute("SELECT * FROM blocks") for v in row
                    if isinstance(v, (bytes, memoryview)))
     assert len(raw) > 10_000
-    for (node, name), credential in users.credentials.items():
+    for (_node, name), credential in users.credentials.items():
         assert name.encode() not in raw and credential.encode() not in raw
     # Their pseudonyms are sealed in the blocks with the rest of each transaction; members index them.
     pseudonym = pseudonym_bytes(users.pseudonym("C", "clerk.bo"))

@@ -13,13 +13,21 @@ from typing import Any
 
 from ...errors import DeidentificationError
 from ..kanon import (
-    OLDEST_AGE, QUASI_EXTENSIONS, SUPPRESSED, Hierarchy, QuasiIdentifiers, age_on, choose_levels, place,
-    quasi_identifiers, zip3,
+    OLDEST_AGE,
+    QUASI_EXTENSIONS,
+    SUPPRESSED,
+    Hierarchy,
+    QuasiIdentifiers,
+    age_on,
+    choose_levels,
+    place,
+    quasi_identifiers,
+    zip3,
 )
 from .dates import DATE_FORM, shift_date
+from .notes import PatientFacts, scrub_note
 from .profile import ExtensionRule, Profile, RuleSet
 from .schema import PRIMITIVE_EXTENSION, Element, required_elements, resource_model
-from .notes import PatientFacts, scrub_note
 from .text import scrub_markup, scrub_text
 
 KEY_SIZE = 32
@@ -228,6 +236,7 @@ class _Pass:
             raise unreleasable(f"unknown resource type {_shown(rtype)}")
         if rtype == "Bundle":
             raise unreleasable("a Bundle is not released as one; de-identify its entries one by one")
+        assert isinstance(rtype, str)  # a model was found for it
         frame = _Frame(rtype, self.profile.ruleset(rtype, contained=nested), nested)
         skip = QUASI_KEYS if rtype == "Patient" else frozenset()
         raw = node
@@ -344,6 +353,7 @@ class _Pass:
                     if kept is not _DROP:
                         kept_subs.append(kept)
         own = {k: v for k, v in value.items() if k not in ("extension", "url")}
+        assert element.model is not None  # an Extension is a complex type
         out = self.walk(own, element.model, frame, path, chain) if own else {}
         if kept_subs:
             out["extension"] = kept_subs
@@ -512,7 +522,7 @@ class _Pass:
         else its number, comparator and time unit."""
         value, unit = age.get("value"), age.get("code") or age.get("unit")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            years = value / _TIME_UNITS.get(unit, 1.0)
+            years = value / _TIME_UNITS.get(unit if isinstance(unit, str) else "", 1.0)
             if years >= OLDEST_AGE:
                 return dict(_NINETY_PLUS)
         out = {k: age[k] for k in ("value", "comparator") if k in age}
@@ -582,7 +592,7 @@ def _generalized_range(value: Mapping[str, Any]) -> Any:
         return {"low": {k: v for k, v in _NINETY_PLUS.items() if k != "comparator"}}
     out = {}
     for name, end in ends.items():
-        if _years(end) is not None:
+        if isinstance(end, Mapping) and _years(end) is not None:
             out[name] = {k: end[k] for k in ("value", "unit", "system", "code") if k in end}
     return out or _DROP
 

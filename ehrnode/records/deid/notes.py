@@ -45,7 +45,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 from pypinyin import Style, pinyin
@@ -218,7 +218,7 @@ def _add_address(address: Any, values: set[str], postal: set[str]) -> None:
 # --- name lists ---------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def _names(file: str) -> frozenset[str]:
     text = (importlib.resources.files(__package__) / "names" / file).read_text(encoding="utf-8")
     return frozenset(line.strip().casefold() for line in text.splitlines() if line.strip())
@@ -305,7 +305,7 @@ _TITLED = re.compile(_TITLES + r"\.?\s+(?:[A-Z]\.\s*)?[A-Z][A-Za-z'-]+(?:[- ][A-
 _CAPITALIZED_PAIR = re.compile(r"(?<![A-Za-z])([A-Z][a-z'-]+)\s+(?:[A-Z]\.\s+)?([A-Z][a-z'-]+)(?![A-Za-z])")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cn_name_patterns() -> tuple[re.Pattern[str], re.Pattern[str]]:
     surnames = sorted(_names("cn_surnames.txt"), key=len, reverse=True)
     plain = "|".join(re.escape(s) for s in surnames if s not in _CN_AMBIGUOUS)
@@ -379,8 +379,9 @@ def scrub_note(text: str, facts: PatientFacts | None = None, offset_days: int | 
     for kind, regex in _PATTERN_RES:
         for m in regex.finditer(text):
             # A labelled number: the label stays ("MRN: [ID]"), only the number goes.
-            group = "value" if "value" in regex.groupindex and m.group("value") else 0
-            spans.add(kind, m.start(group), m.end(group), MARKERS[kind])
+            labelled = "value" in regex.groupindex and m.group("value")
+            start, end = (m.start("value"), m.end("value")) if labelled else (m.start(), m.end())
+            spans.add(kind, start, end, MARKERS[kind])
     _other_names(text, spans)
     return spans.apply(text)
 
@@ -394,9 +395,9 @@ def _facts_patterns(facts: PatientFacts) -> list[tuple[str, re.Pattern[str]]]:
 
     if facts.ids:
         # An identifier however it is grouped: a space or a hyphen may sit between any two characters.
-        forms = "|".join(r"[\s-]?".join(re.escape(c) for c in value if not c.isspace())
+        grouped = "|".join(r"[\s-]?".join(re.escape(c) for c in value if not c.isspace())
                          for value in sorted(facts.ids, key=len, reverse=True))
-        patterns.append(("id", re.compile(f"(?<![0-9A-Za-z])(?:{forms})(?![0-9A-Za-z])", re.IGNORECASE)))
+        patterns.append(("id", re.compile(f"(?<![0-9A-Za-z])(?:{grouped})(?![0-9A-Za-z])", re.IGNORECASE)))
     if facts.places:
         # Address parts before names: a line holds the names of streets, not of people.
         patterns.append(("address", re.compile(f"(?<![0-9A-Za-z]){_whitespace(alternation(facts.places))}"
@@ -405,10 +406,8 @@ def _facts_patterns(facts: PatientFacts) -> list[tuple[str, re.Pattern[str]]]:
         patterns.append(("address", re.compile(f"(?<![0-9A-Za-z])(?:{alternation(facts.postal_codes)})"
                                                f"(?:-\\d{{4}})?(?![0-9A-Za-z])", re.IGNORECASE)))
     if facts.romanized:
-        forms = set()
-        for syllables in facts.romanized:
-            forms.add(r"[\s-]?".join(re.escape(s) for s in syllables))
-        patterns.append(("name", re.compile(f"(?<![A-Za-z])(?:{'|'.join(sorted(forms, key=len, reverse=True))})"
+        spelled = {r"[\s-]?".join(re.escape(s) for s in syllables) for syllables in facts.romanized}
+        patterns.append(("name", re.compile(f"(?<![A-Za-z])(?:{'|'.join(sorted(spelled, key=len, reverse=True))})"
                                             f"(?![A-Za-z])", re.IGNORECASE)))
     if facts.han:
         patterns.append(("name", re.compile(alternation(facts.han))))
@@ -417,8 +416,8 @@ def _facts_patterns(facts: PatientFacts) -> list[tuple[str, re.Pattern[str]]]:
         patterns.append(("name", re.compile(f"(?:(?<![A-Za-z])[A-Za-z]\\.\\s?)?(?<![^\\W\\d_])"
                                             f"(?:{alternation(facts.names)})\\d*(?![^\\W\\d_])", re.IGNORECASE)))
     if facts.initials:
-        forms = [f"{re.escape(i[0])}\\.\\s?{re.escape(i[1])}\\." for i in facts.initials]
-        patterns.append(("name", re.compile(f"(?<![A-Za-z])(?:{'|'.join(forms)})", re.IGNORECASE)))
+        pairs = [f"{re.escape(i[0])}\\.\\s?{re.escape(i[1])}\\." for i in facts.initials]
+        patterns.append(("name", re.compile(f"(?<![A-Za-z])(?:{'|'.join(pairs)})", re.IGNORECASE)))
     return patterns
 
 
@@ -489,7 +488,7 @@ def _render(kind: str, m: re.Match[str], days: int, context_year: int) -> str:
     if kind == "ymd_slash":
         return f"{day.year:04d}/{day.month:0{len(groups['m'])}d}/{day.day:0{len(groups['d'])}d}"
     if kind == "mdy":
-        shown_year = f"{day.year % 100:02d}" if len(year_text) == 2 else f"{day.year:04d}"
+        shown_year = f"{day.year % 100:02d}" if len(year_text or "") == 2 else f"{day.year:04d}"
         sep = groups["sep"]
         return f"{day.month:0{len(groups['m'])}d}{sep}{day.day:0{len(groups['d'])}d}{sep}{shown_year}"
     if kind == "dmy_dot":

@@ -387,13 +387,15 @@ def _build(data: dict[str, Any], source: str) -> Profile:
         directory_display=keep_display, shift_min_days=low, shift_max_days=high, k=k, zip3=keep_zip3,
         terminologies=frozenset(systems),
     )
-    for element, allowed in _QUASI_RULES.items():
+    patient = resource_model("Patient")
+    assert patient is not None
+    for element, methods in _QUASI_RULES.items():
         method = profile.quasi_method(element)
-        if method not in allowed and not (element in ("gender", "deceasedDateTime") and method is None):
-            rule = profile.ruleset("Patient").find((element,), (elements(resource_model("Patient"))[element].kinds,))
-            where = str(rule) if rule else f"Patient.{element}"
+        if method not in methods and not (element in ("gender", "deceasedDateTime") and method is None):
+            found = profile.ruleset("Patient").find((element,), (elements(patient)[element].kinds,))
+            where = str(found) if found else f"Patient.{element}"
             raise _fail(source, where, f"Patient.{element} is a quasi-identifier: its rule must be "
-                                       f"{' or '.join(allowed)} (k-anonymity depends on it)")
+                                       f"{' or '.join(methods)} (k-anonymity depends on it)")
     return profile
 
 

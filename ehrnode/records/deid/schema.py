@@ -8,7 +8,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
@@ -75,11 +75,11 @@ def _kinds(model: type) -> tuple[str, ...]:
     return tuple(names) or (model.__name__,)
 
 
-@lru_cache(maxsize=None)
+@cache
 def elements(model: type) -> dict[str, Element]:
     """The elements of ``model`` by JSON name."""
     out = {}
-    for name, info in model.model_fields.items():
+    for name, info in model.model_fields.items():  # type: ignore[attr-defined]  # a pydantic model class
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         if not extra.get("element_property"):
             continue
@@ -98,12 +98,12 @@ def elements(model: type) -> dict[str, Element]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def required_elements(model: type) -> tuple[Element, ...]:
     return tuple(e for e in elements(model).values() if e.required)
 
 
-@lru_cache(maxsize=None)
+@cache
 def resource_model(rtype: str) -> type | None:
     if not re.fullmatch(r"[A-Z][A-Za-z]+", rtype) or rtype in _ABSTRACT:
         return None
@@ -114,7 +114,7 @@ def resource_model(rtype: str) -> type | None:
     return model if issubclass(model, _RESOURCE) and model.__name__ == rtype else None
 
 
-@lru_cache(maxsize=None)
+@cache
 def datatype_model(name: str) -> type | None:
     try:
         model = get_fhir_model_class(name)
