@@ -23,6 +23,8 @@ from .errors import EhrnodeError, innermost
 T = TypeVar("T")
 
 if TYPE_CHECKING:
+    from .api import ApiServer
+    from .node import Node
     from .sim import ScenarioResult
 
 
@@ -209,6 +211,23 @@ def cmd_deid_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api_methods(args: argparse.Namespace) -> int:
+    """Every method of the local API, from its method table."""
+    from .api.methods import TABLE, reference
+
+    if args.markdown:
+        print(reference())
+    elif args.json:
+        print(json.dumps([{"method": m.name, "summary": m.summary, "patient": m.patient, "always": m.always,
+                           "institution": m.institution} for m in TABLE]))
+    else:
+        width = max(len(m.name) for m in TABLE)
+        for m in TABLE:
+            flags = "".join(f" [{f}]" for f, on in (("patient", m.patient), ("institution", m.institution)) if on)
+            print(f"{m.name:<{width}}  {m.summary}{flags}")
+    return 0
+
+
 def cmd_keys_init(args: argparse.Namespace) -> int:
     from .config import Address
     from .consortium import MEMBER_FILE, keys_init
@@ -237,14 +256,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
     from . import logs
+    from .api import CATALOGUE, ApiServer
     from .config import load_node_config
     from .node import Node
+    from .users.roles import load_roles
 
     config = load_node_config(_config_path(args))
     logs.configure(config.log_level)
+    roles = load_roles(config.roles_path, CATALOGUE)  # a bad roles file stops the node before it starts
     node = Node(config)
     try:
-        trio.run(_serve_until_signalled, node)
+        trio.run(_serve_until_signalled, node, ApiServer(node, roles))
     except BaseException as group:
         exc = innermost(group)
         if isinstance(exc, OSError):
@@ -257,17 +279,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_until_signalled(node: object) -> None:
+async def _serve_until_signalled(node: Node, api: ApiServer) -> None:
     import signal
+    from functools import partial
 
     import trio
 
-    from .node import Node
-
-    assert isinstance(node, Node)
+    listen = node.config.api_listen
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(node.run)
+            await nursery.start(partial(node.run, listeners=[partial(api.serve, listen.host, listen.port)]))
             async for signum in signals:
                 node.log.info("node.stopping", signal=signal.Signals(signum).name)
                 break
@@ -708,6 +729,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = with_config(commands.add_parser("status", help="height, head, round, peers and mempool of a node"))
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+
+    api_group = commands.add_parser("api", help="the local API").add_subparsers(dest="api_command", required=True)
+    methods = api_group.add_parser("methods", help="every method of the local API: what it takes and answers")
+    methods.add_argument("--json", action="store_true")
+    methods.add_argument("--markdown", action="store_true", help="the API reference, as docs/api.md has it")
+    methods.set_defaults(func=cmd_api_methods)
 
     deid = commands.add_parser("deid", help="de-identification: what a profile releases").add_subparsers(
         dest="deid_command", required=True)

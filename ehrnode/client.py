@@ -12,11 +12,10 @@ from typing import Any
 import trio
 import trio_websocket
 
-from .api import read_token
 from .config import NodeConfig
 from .errors import EhrnodeError, ProtocolError, innermost
 from .net.tls import client_context, require_name
-from .users.store import ADMIN_USER
+from .users.store import ADMIN_USER, read_token
 
 #: Replies come from the client's own node (authenticated): a large ingest's receipt can be many MB.
 MAX_REPLY_BYTES = 256 * 1024 * 1024

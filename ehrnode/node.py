@@ -28,7 +28,7 @@ import datetime
 import os
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,9 +88,10 @@ from .sharing.owner import OwnerHooks, PullServer
 from .sharing.policy import load_policy
 from .sharing.requester import Puller, RequesterHooks
 from .sharing.whois import WhoisDesk, WhoisHooks
-from .users.roles import load_roles
 from .users.store import UserStore
 
+#: A server the node starts before it reports ready (``nursery.start``-able: it takes ``task_status``).
+Listener = Callable[..., Awaitable[Any]]
 CONSENSUS_INBOX = 10_000
 #: Messages of a later consensus epoch kept for when this node gets there.
 AHEAD_KEPT = 256
@@ -157,7 +158,6 @@ class Node:
             data.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise ConfigError(f"cannot create data dir {data}: {exc.strerror}") from exc
-        self.roles = load_roles(config.roles_path)
         self.users = UserStore(data, self.name)
         admin, adopted = self.users.ensure_admin()
         if adopted:
@@ -704,15 +704,16 @@ class Node:
 
     # --- running ----------------------------------------------------------------------
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        from .api import ApiServer
-
-        api = ApiServer(self)
+    async def run(self, *, listeners: Sequence[Listener] = (), task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the node until cancelled: its peer listener, then each of ``listeners`` (the local
+        API, given by whoever runs the node), then everything else; reports through
+        ``task_status`` (and systemd) once every listener is bound."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             peer = self.config.peer_listen
             await nursery.start(self.network.serve, peer.host, peer.port)
-            await nursery.start(api.serve, self.config.api_listen.host, self.config.api_listen.port)
+            for listener in listeners:
+                await nursery.start(listener)
             if self.config.metrics_listen is not None:
                 address = self.config.metrics_listen
                 await nursery.start(metrics.serve, self.metrics, address.host, address.port)

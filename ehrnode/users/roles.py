@@ -14,7 +14,9 @@ that name a patient may be allowed to it, and each call must name that
 patient (or an EMPI merged with it): a patient lists their own records, reads
 their own disclosures and records their own consent, and nothing else.
 
-``users.whoami`` is always allowed: every user may ask who they are.
+Which methods exist, which of them name a patient, and which every user may call
+(``users.whoami``: who they are) is the API's method table's to say
+(:mod:`ehrnode.api.methods`); the roles file is checked against it (a :class:`Catalogue`).
 
 The file is checked when the node starts: an unknown method, purpose or
 setting, a patient role allowed a method that names no patient, or a missing
@@ -31,25 +33,17 @@ from ..config import load_settings
 from ..errors import ConfigError
 from ..ledger.requests import PURPOSES, ROLE_PATTERN
 
-#: Every method of the local API.
-METHODS = frozenset({
-    "status", "block.get", "blocks.subscribe", "tx.submit", "tx.submit_batch", "tx.get", "txs.wait",
-    "records.stage", "records.add", "records.list", "records.show", "records.kanon", "records.pull",
-    "records.erase", "vault.verify",
-    "empi.of", "empi.lookup", "empi.review", "empi.history", "empi.link", "empi.split", "empi.not_duplicate",
-    "empi.merge", "empi.unmerge", "empi.accept", "empi.requests",
-    "consent.grant", "consent.revoke", "consent.show",
-    "audit.trail", "audit.disclosures", "audit.trace", "audit.whois",
-    "events.subscribe", "keys.status", "keys.rotate",
-    "consortium.members", "consortium.proposals", "consortium.propose", "consortium.vote",
-    "users.add", "users.list", "users.revoke", "users.rotate", "users.whoami",
-})
-#: Methods that name one patient (by EMPI): the only ones a patient role may be allowed.
-PATIENT_METHODS = frozenset({
-    "records.list", "audit.disclosures", "audit.trail", "consent.show", "consent.grant", "consent.revoke",
-})
-ALWAYS = frozenset({"users.whoami"})
 ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """What a roles file may name: every method of the local API, and those that name one
+    patient (the only ones a patient role may be allowed). The API's method table gives it."""
+
+    methods: frozenset[str]
+    patient: frozenset[str]
+
 
 
 @dataclass(frozen=True)
@@ -59,8 +53,6 @@ class Role:
     patient: bool
 
     def permits(self, method: str, purpose: str | None = None) -> bool:
-        if method in ALWAYS:
-            return True
         group = method.partition(".")[0] + ".*"
         if {"*", method, group} & self.allow:
             return True
@@ -88,21 +80,22 @@ class Roles:
         return self.roles.get(name)
 
 
-def load_roles(path: Path | None = None) -> Roles:
-    """Load and check a roles file; None loads the packaged default. Raises ConfigError."""
-    return _build(*load_settings(path, __package__, "default_roles.toml", "roles file"))
+def load_roles(path: Path | None, catalogue: Catalogue) -> Roles:
+    """Load and check a roles file against the API's ``catalogue``; None loads the packaged
+    default. Raises ConfigError."""
+    return _build(*load_settings(path, __package__, "default_roles.toml", "roles file"), catalogue)
 
 
-def _permission_ok(permission: str) -> bool:
-    if permission == "*" or permission in METHODS:
+def _permission_ok(permission: str, methods: frozenset[str]) -> bool:
+    if permission == "*" or permission in methods:
         return True
     if permission.endswith(".*"):
-        return any(m.startswith(permission[:-1]) for m in METHODS)
+        return any(m.startswith(permission[:-1]) for m in methods)
     method, _, purpose = permission.partition(":")
     return method == "records.pull" and purpose in PURPOSES
 
 
-def _build(doc: dict[str, Any], source: str) -> Roles:
+def _build(doc: dict[str, Any], source: str, catalogue: Catalogue) -> Roles:
     def fail(where: str, problem: str) -> ConfigError:
         return ConfigError(f"{source}: {where}: {problem}")
 
@@ -121,16 +114,16 @@ def _build(doc: dict[str, Any], source: str) -> Roles:
         if not isinstance(allow, list) or not all(isinstance(p, str) for p in allow):
             raise fail(f"{where} allow", "expected a list of strings")
         for permission in allow:
-            if not _permission_ok(permission):
+            if not _permission_ok(permission, catalogue.methods):
                 raise fail(f"{where} allow", f"unknown permission {permission!r}")
         patient = raw.get("patient", False)
         if not isinstance(patient, bool):
             raise fail(f"{where} patient", "true or false")
         if patient:
             for permission in allow:
-                if permission not in PATIENT_METHODS:
+                if permission not in catalogue.patient:
                     raise fail(f"{where} allow", f"{permission!r}: a patient role may only be allowed methods "
-                                                 f"that name the patient ({', '.join(sorted(PATIENT_METHODS))})")
+                                                 f"that name the patient ({', '.join(sorted(catalogue.patient))})")
         roles[name] = Role(name, frozenset(allow), patient)
     admin = roles.get(ADMIN)
     if admin is None or admin.patient or not all(admin.permits(m) for m in ("users.add", "users.rotate")):

@@ -274,3 +274,15 @@ def _replace_token_file(path: Path, token: str) -> None:
     tmp.unlink(missing_ok=True)
     write_secret_file(tmp, token.encode())
     os.replace(tmp, path)
+
+
+def read_token(data_dir: Path) -> str:
+    """The node's own admin credential (``<data_dir>/api.token``), as a local client reads it."""
+    path = Path(data_dir) / TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise CryptoError(f"cannot read API token {path}: {exc.strerror} (has the node been started?)") from exc
+    if len(token) < MIN_TOKEN_CHARS:
+        raise CryptoError(f"API token {path} is empty or truncated (restart the node to create a new one)")
+    return token

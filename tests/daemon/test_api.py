@@ -128,9 +128,8 @@ def test_status_of_a_node_that_is_not_running_is_a_clear_error(tmp_path):
 
 
 def test_an_empty_token_file_is_replaced_and_never_authenticates(tmp_path):
-    from ehrnode.api import read_token
     from ehrnode.errors import CryptoError
-    from ehrnode.users.store import TOKEN_FILE, UserStore
+    from ehrnode.users.store import TOKEN_FILE, UserStore, read_token
 
     (tmp_path / TOKEN_FILE).write_text("")
     with pytest.raises(CryptoError, match="empty"):

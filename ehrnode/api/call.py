@@ -1,0 +1,117 @@
+"""What a handler gets: the call (its parameters and caller) and the API's shared state."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed
+
+from ..logs import get_logger
+from ..records import fhir
+from ..users.roles import Roles
+from ..users.store import User
+from .facade import NodeFacade
+from .rpc import RpcError, timeout_param
+
+#: FHIR input held between ``records.stage`` and ``records.add``: per connection (resources, and
+#: memory once parsed, as :func:`.rpc.parsed_size` bounds it), and memory over all connections at
+#: once. Parsed JSON takes 3-28 times the bytes it came in (Synthea about 4), so it is what is counted.
+MAX_STAGED = 200_000
+MAX_STAGED_BYTES = 512 * 1024 * 1024
+MAX_STAGED_TOTAL = 1024 * 1024 * 1024
+
+
+@dataclass
+class Staged:
+    """One connection's FHIR input waiting for ``records.add``."""
+
+    items: list[fhir.Item] = field(default_factory=list)
+    bytes: int = 0
+    message_bytes: int = 0  # of the request being handled (its parsed size)
+
+
+@dataclass(eq=False)
+class Session:
+    """One authenticated connection: who, the credential they proved (checked again at every
+    call), its websocket, the nursery its subscriptions run in, and its staged input."""
+
+    name: str
+    secret: bytes
+    user: User
+    ws: trio_websocket.WebSocketConnection
+    nursery: trio.Nursery
+    staged: Staged = field(default_factory=Staged)
+
+
+class ApiState:
+    """What the handlers share: the node, its users and roles, staged input, open sessions."""
+
+    def __init__(self, node: NodeFacade, roles: Roles) -> None:
+        self.node = node
+        self.users = node.users
+        self.roles = roles
+        self.log = get_logger(node=node.name)
+        self.staged_total = 0  # parsed size of the FHIR input staged over all connections
+        self.sessions: set[Session] = set()
+
+    def release(self, staged: Staged) -> None:
+        self.staged_total -= staged.bytes
+        staged.items.clear()
+        staged.bytes = 0
+
+    def drop_sessions(self, name: str, why: str, keep: Session) -> None:
+        """Close ``name``'s open connections (subscriptions included) with code 1008 and ``why``,
+        but not the caller's own: the caller hears the answer first and is refused at their
+        next call."""
+        for session in list(self.sessions):
+            if session.name == name and session is not keep:
+                session.nursery.start_soon(self._close, session, why)
+
+    async def _close(self, session: Session, why: str) -> None:
+        with trio.move_on_after(5):
+            await session.ws.aclose(1008, why)
+        session.nursery.cancel_scope.cancel()
+
+
+@dataclass
+class Call:
+    """One call being handled."""
+
+    method: str
+    params: dict[str, Any]
+    user: User
+    session: Session
+    api: ApiState
+
+    @property
+    def node(self) -> NodeFacade:
+        return self.api.node
+
+    def timeout(self, default: float = 30.0) -> float:
+        return timeout_param(self.params, default)
+
+    def forward(self, channel: trio.MemoryReceiveChannel[dict[str, Any]], notification: str) -> None:
+        """Send each item of ``channel`` to the caller as a ``notification``, for as long as the
+        connection lives."""
+        self.session.nursery.start_soon(_forward, channel, self.session.ws, notification)
+
+
+async def _forward(channel: trio.MemoryReceiveChannel[dict[str, Any]], ws: trio_websocket.WebSocketConnection,
+                   method: str) -> None:
+    async with channel:
+        try:
+            async for note in channel:
+                await ws.send_message(json.dumps({"jsonrpc": "2.0", "method": method, "params": note}))
+        except ConnectionClosed:
+            return
+
+
+#: A handler: the call's result (JSON-ready), or an RpcError.
+Handler = Callable[[Call], Awaitable[Any]]
+
+__all__ = ["ApiState", "Call", "Handler", "RpcError", "Session", "Staged"]

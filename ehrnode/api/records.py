@@ -1,0 +1,124 @@
+"""Handlers of this institution's records: staging and recording FHIR input, listing anchors,
+showing a record, k-anonymity, verifying the vault."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from ..errors import EhrnodeError, FhirError, IntegrityError
+from ..ledger.empi_registry import scoped_enrolment
+from ..records import fhir
+from ..records.service import RecordsService
+from .call import MAX_STAGED, MAX_STAGED_BYTES, MAX_STAGED_TOTAL, Call
+from .rpc import RpcError, hex_param, refused
+
+
+def _records(call: Call) -> RecordsService:
+    records = call.node.records
+    if records is None:
+        raise RpcError(-32000, f"{call.node.name} does not record: it is not an institution with records keys",
+                       reason="not_recording")
+    return records
+
+
+async def records_list(call: Call) -> Any:
+    empi = call.params.get("empi")
+    if not isinstance(empi, str) or not 0 < len(empi) <= 64:
+        raise RpcError(-32602, "empi must be a non-empty string")
+    return call.node.records_list(empi)
+
+
+async def records_stage(call: Call) -> Any:
+    _records(call)
+    _stage(call)
+    return {"staged": len(call.session.staged.items)}
+
+
+async def records_add(call: Call) -> Any:
+    records = _records(call)
+    _stage(call)
+    staged = call.session.staged
+    batch = list(staged.items)
+    call.api.release(staged)
+    if not batch:
+        raise RpcError(-32602, "nothing to record: no items given or staged")
+    try:
+        outcome = await records.record(batch, skip_invalid=call.params.get("skip_invalid") is True,
+                                       actor=call.user.pseudonym)
+    except FhirError as exc:
+        call.api.log.info("records.refused", reason=exc.reason, resources=len(batch))
+        raise refused(exc) from exc
+    except EhrnodeError as exc:
+        # Disk full, a vault behind the chain, ...: the caller hears why; nothing was written.
+        call.api.log.error("records.failed", reason=exc.reason, error=str(exc))
+        raise refused(exc) from exc
+    rows = [r.view() for r in outcome.records]
+    for row in rows:
+        row["empi"] = call.node.state.empi.empi_of(scoped_enrolment(call.node.name, bytes.fromhex(row["patient"])))
+    return {"records": rows, "skipped": outcome.skipped}
+
+
+def _stage(call: Call) -> None:
+    """Hold the call's items on the connection, within the limits on staged input."""
+    items = call.params.get("items", [])
+    if not isinstance(items, list):
+        raise RpcError(-32602, "items must be a list of {source, resource}")
+    for index, entry in enumerate(items):
+        if not (isinstance(entry, dict) and isinstance(entry.get("source"), str)
+                and isinstance(entry.get("resource"), dict)):
+            raise RpcError(-32602, f"items[{index}] must be {{source: string, resource: object}}")
+    staged, api = call.session.staged, call.api
+    size = staged.message_bytes if items else 0
+    if (len(staged.items) + len(items) > MAX_STAGED or staged.bytes + size > MAX_STAGED_BYTES
+            or api.staged_total + size > MAX_STAGED_TOTAL):
+        call.node.refusals.refuse("api_staged", call.user.name, trio.current_time(),
+                                  detail=f"{len(staged.items) + len(items)} resources, "
+                                         f"{(staged.bytes + size) >> 20} MiB parsed")
+        api.release(staged)
+        raise RpcError(-32000, f"input too large to record at once (at most {MAX_STAGED} resources, "
+                               f"{MAX_STAGED_BYTES >> 20} MiB per input once parsed, {MAX_STAGED_TOTAL >> 20} MiB "
+                               "staged on this node); staged input dropped; record it in parts", reason="too_large")
+    staged.items.extend(fhir.Item(entry["source"], entry["resource"]) for entry in items)
+    staged.bytes += size
+    api.staged_total += size
+
+
+async def records_show(call: Call) -> Any:
+    record_id = hex_param(call.params.get("record_id"), "record_id", 16)
+    try:
+        return await _records(call).show(record_id)
+    except KeyError as exc:
+        raise RpcError(-32000, f"no record {record_id.hex()} in this institution's vault", reason="not_found") from exc
+    except IntegrityError as exc:
+        raise refused(exc) from exc
+
+
+async def records_kanon(call: Call) -> Any:
+    return await _records(call).kanon_report()
+
+
+async def vault_verify(call: Call) -> Any:
+    try:
+        return await _records(call).verify(decrypt=call.params.get("decrypt", True) is not False)
+    except EhrnodeError as exc:
+        raise refused(exc) from exc
+
+
+async def records_erase(call: Call) -> Any:
+    record_id = hex_param(call.params.get("record_id"), "record_id", 16)
+    reason = call.params.get("reason")
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > 2000:
+        raise RpcError(-32602, "reason must be a non-empty text of at most 2000 characters")
+    records = call.node.records
+    if records is None:
+        raise RpcError(-32000, f"{call.node.name} holds no records", reason="not_recording")
+    try:
+        tx = await records.erase(record_id, reason.strip(), call.user.pseudonym)
+    except KeyError as exc:
+        raise RpcError(-32000, f"no record {record_id.hex()} in this institution's vault", reason="not_found") from exc
+    except EhrnodeError as exc:
+        raise refused(exc) from exc
+    height = await call.node.wait_committed(tx.id, call.timeout())
+    return {"tx_id": tx.id.hex(), "height": height, "status": call.node.state.tx_status(tx.id) or "pending"}

@@ -1,0 +1,268 @@
+"""The local API's server: JSON-RPC 2.0 over a websocket on loopback, for the CLI and the
+hospital's systems.
+
+Every client acts as one of the node's users (:mod:`ehrnode.users`): the websocket opening
+request carries ``Authorization: Bearer <credential>`` and, optionally, ``X-Ehrnode-User:
+<name>``. A wrong or missing credential is refused with HTTP 401, a revoked user with 403, a
+throttled name with 429, before any JSON is read, and logged as ``auth.denied``. The node's
+own admin credential is ``<data_dir>/api.token`` (created 0600 on first start).
+
+Each call is routed by the method table (:mod:`.methods`, which ``docs/api.md`` shows) and
+checked against the user's role (``[users] roles``): a call the role does not allow is refused
+with ``data.reason`` ``forbidden`` and logged as ``auth.denied``; a patient-role user's call
+must name their own EMPI; a user revoked or rotated while connected is refused at their next
+call and disconnected. Transactions a call submits carry the user's pseudonym.
+
+Errors follow JSON-RPC: -32700 parse error, -32600 invalid request, -32601 unknown method,
+-32602 bad params, -32000 refused by the node (``data.reason`` says why, e.g.
+``mempool_full``). A bad request gets an error; the connection stays open.
+
+Limits: at most ``MAX_UNAUTHENTICATED`` connections not yet authenticated and
+``MAX_CONNECTIONS`` in all (refusals counted as ``api_unauthenticated``, ``api_connections``);
+requests over ``LARGE_REQUEST`` bytes are parsed ``LARGE_PARSES`` at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from typing import Any
+
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed
+
+from ..errors import innermost
+from ..ledger.transactions import EMPI_PATTERN
+from ..users.auth import (
+    FAILURE_SLOTS,
+    FREE_FAILURES,
+    MAX_DELAY,
+    MAX_WAITING_FAILURES,
+    Outcome,
+    Throttle,
+    authenticate,
+    bearer,
+    claimed_key,
+)
+from ..users.roles import Roles
+from ..users.store import User
+from .call import ApiState, Call, Session
+from .facade import NodeFacade
+from .methods import ALWAYS, BY_NAME, Method
+from .rpc import MAX_REQUEST_BYTES, Disconnect, RpcError, parse, parsed_size
+
+#: Connections not authenticated yet (a local process cannot exhaust the node's descriptors),
+#: and connections in all.
+MAX_UNAUTHENTICATED = 64
+MAX_CONNECTIONS = 512
+#: Requests larger than this are parsed a few at a time (each may take ~100 MB once parsed).
+LARGE_REQUEST = 64 * 1024
+LARGE_PARSES = 4
+
+
+class ApiServer:
+    """Serves the local API of ``node``; users' roles from ``roles`` (checked against the table)."""
+
+    def __init__(self, node: NodeFacade, roles: Roles) -> None:
+        self.node = node
+        self.state = ApiState(node, roles)
+        self.users = node.users
+        self.roles = roles
+        self.throttle = Throttle()
+        self._failing = trio.CapacityLimiter(FAILURE_SLOTS)
+        self.log = self.state.log
+        self._throttle_logged: dict[str, float] = {}
+        self._unauthenticated = 0
+        self._connections = 0
+        self._large_parses = trio.CapacityLimiter(LARGE_PARSES)
+
+    async def serve(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, self._connection, port, host=host))
+            self.log.info("api.listening", address=f"{host}:{port}")
+            task_status.started(listeners)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        limit = ("api_connections" if self._connections >= MAX_CONNECTIONS
+                 else "api_unauthenticated" if self._unauthenticated >= MAX_UNAUTHENTICATED else None)
+        if limit is not None:
+            self.node.refusals.refuse(limit, "local", trio.current_time(),
+                                      detail=f"{self._connections} connections, {self._unauthenticated} not "
+                                             f"authenticated yet (at most {MAX_CONNECTIONS}, {MAX_UNAUTHENTICATED})")
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            return
+        self._connections += 1
+        self._unauthenticated += 1
+        pending = True
+
+        def authenticated() -> None:
+            nonlocal pending
+            if pending:
+                pending = False
+                self._unauthenticated -= 1
+
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(10):
+                    conn: trio.abc.Stream = stream
+                    tls = self.node.tls.api_server if self.node.tls is not None else None
+                    if tls is not None:
+                        conn = trio.SSLStream(stream, tls, server_side=True)
+                        await conn.do_handshake()
+                    request = await trio_websocket.wrap_server_stream(
+                        nursery, conn, max_message_size=MAX_REQUEST_BYTES, message_queue_size=4,
+                    )
+                    token, claimed = bearer(request.headers)
+                    outcome = authenticate(self.users, self.throttle, token, claimed, trio.current_time())
+                    if outcome.user is not None:
+                        ws = await request.accept()
+                        authenticated()
+                if outcome.user is None:
+                    self._denied(outcome, claimed)
+                    # Answered late, a few at a time over the whole API: wrong answers come slowly however
+                    # many guess at once. Past a queue of them, a failure is just closed: no socket is held.
+                    if self._failing.statistics().tasks_waiting >= MAX_WAITING_FAILURES:
+                        nursery.cancel_scope.cancel()
+                        return
+                    with trio.move_on_after(MAX_DELAY + 10):
+                        async with self._failing:
+                            await trio.sleep(outcome.delay)
+                        headers = [(b"retry-after", str(int(outcome.delay) + 1).encode())] \
+                            if outcome.status == 429 else []
+                        await request.reject(outcome.status, extra_headers=headers,
+                                             body=f"{outcome.message}\n".encode())
+                    nursery.cancel_scope.cancel()
+                    return
+                user = outcome.user
+                session = Session(user.name, user.secret, user, ws, nursery)
+                self.state.sessions.add(session)
+                try:
+                    await self._session(session)
+                finally:
+                    self.state.sessions.discard(session)
+                nursery.cancel_scope.cancel()
+        except trio.Cancelled:
+            raise
+        except Exception as group:  # noqa: BLE001 - one client's failure must not stop the API
+            exc = innermost(group)
+            if isinstance(exc, trio.BrokenResourceError):  # a client that does not speak TLS, or gave up
+                self.log.info("api.tls_failed", error=str(exc.__cause__ or exc))
+            elif not isinstance(exc, (ConnectionClosed, trio.TooSlowError, trio_websocket.HandshakeError, OSError)):
+                self.log.warning("api.error", error=repr(exc))
+        finally:
+            authenticated()
+            self._connections -= 1
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+    def _denied(self, outcome: Outcome, claimed: str | None) -> None:
+        self.node.m_auth_denied.inc()
+        key = claimed_key(claimed)
+        if outcome.failures > FREE_FAILURES:
+            # A flood against one name is logged once a second, with its count, not once per attempt.
+            now = trio.current_time()
+            if now - self._throttle_logged.get(key, -1e9) < 1.0:
+                return
+            if len(self._throttle_logged) > 10_000:
+                self._throttle_logged.clear()
+            self._throttle_logged[key] = now
+        self.log.warning("auth.denied", reason=outcome.reason, user=key if claimed is not None else None,
+                         failures=outcome.failures, throttled=outcome.status == 429, detail=outcome.message)
+
+    def _permit(self, session: Session, method: Method, params: dict[str, Any]) -> User:
+        """The caller, if still active with the same credential and allowed this call; RpcError if not."""
+        name = method.name
+        user = self.users.get(session.name)
+        if user is None or not user.active or user.secret != session.secret:
+            why = "revoked" if user is None or not user.active else "credential_rotated"
+            self.node.m_auth_denied.inc()
+            self.log.warning("auth.denied", reason=why, user=session.name, method=name)
+            raise Disconnect(-32000, f"user {session.name}: {why.replace('_', ' ')}; reconnect with a valid "
+                                     "credential", reason=why)
+        if name in ALWAYS:
+            return user
+        role = self.roles.get(user.role)
+        purpose = params.get("purpose") if name == "records.pull" else None
+        problem = None
+        if role is None:
+            problem = f"role {user.role} is not in {self.roles.source}"
+        elif not role.permits(name, purpose if isinstance(purpose, str) else None):
+            problem = f"user {user.name} (role {user.role}) may not call {name}" + (
+                f" for {purpose}" if isinstance(purpose, str) else "")
+        elif role.patient:
+            problem = self._patient_problem(user, method, params)
+        if problem is not None:
+            self.node.m_auth_denied.inc()
+            self.log.warning("auth.denied", reason="forbidden", user=user.name, role=user.role, method=name,
+                             detail=problem)
+            raise RpcError(-32000, problem, reason="forbidden")
+        return user
+
+    def _patient_problem(self, user: User, method: Method, params: dict[str, Any]) -> str | None:
+        """Why a patient's call does not stay within their own EMPI (None: it does)."""
+        if not method.patient:
+            return f"user {user.name} is a patient: {method.name} does not name the patient"
+        if method.name == "audit.trail" and (params.get("record_id") is not None or params.get("user") is not None):
+            return f"user {user.name} is a patient: ask for the trail by their own EMPI"
+        empi = params.get("empi")
+        if not isinstance(empi, str) or user.empi is None:
+            return f"user {user.name} is a patient: name their own EMPI"
+        if empi == user.empi:
+            return None
+        registry = self.node.state.empi
+        current = registry.resolve(None, empi) if EMPI_PATTERN.match(empi) else None
+        if current is not None and current == registry.resolve(None, user.empi):
+            return None
+        return f"user {user.name} is a patient: {empi} is not their EMPI"
+
+    async def _session(self, session: Session) -> None:
+        try:
+            while True:
+                try:
+                    raw = await session.ws.get_message()
+                except ConnectionClosed:
+                    return
+                session.staged.message_bytes = parsed_size(raw)
+                if len(raw) > LARGE_REQUEST:
+                    async with self._large_parses:  # parsed a few at a time; handled as any other
+                        request = parse(raw)
+                else:
+                    request = parse(raw)
+                del raw
+                reply, close = await self._dispatch(request, session)
+                await session.ws.send_message(json.dumps(reply))
+                if close:
+                    await session.ws.aclose(1008, close)
+                    return
+        finally:
+            self.state.release(session.staged)
+
+    async def _dispatch(self, request: Any, session: Session) -> tuple[dict[str, Any], str]:
+        """The reply to one request (parsed, or the RpcError parsing it raised), and why to close
+        the connection after it ("": keep it open)."""
+        request_id: Any = None
+        try:
+            if isinstance(request, RpcError):
+                raise request
+            if not isinstance(request, dict) or request.get("jsonrpc") != "2.0" or not isinstance(
+                request.get("method"), str
+            ):
+                raise RpcError(-32600, "invalid request: expected a JSON-RPC 2.0 object with a method")
+            request_id = request.get("id")
+            params = request.get("params", {})
+            if not isinstance(params, dict):
+                raise RpcError(-32602, "params must be an object")
+            method = BY_NAME.get(request["method"])
+            if method is None:
+                raise RpcError(-32601, f"unknown method {request['method']!r}")
+            user = self._permit(session, method, params)
+            result = await method.handler(Call(method.name, params, user, session, self.state))
+        except RpcError as exc:
+            error: dict[str, Any] = {"code": exc.code, "message": str(exc)}
+            if exc.reason:
+                error["data"] = {"reason": exc.reason}
+            return {"jsonrpc": "2.0", "id": request_id, "error": error}, (
+                exc.reason or "" if isinstance(exc, Disconnect) else "")
+        return {"jsonrpc": "2.0", "id": request_id, "result": result}, ""
