@@ -30,7 +30,7 @@ from ehrnode.empi import matching
 from ehrnode.empi.encoding import Encoder, Encodings
 from ehrnode.empi.normalize import Demographics
 from ehrnode.ledger.empi_registry import SCHEMA, EmpiRegistry
-from ehrnode.ledger.sqlite import open_db, transaction
+from ehrnode.storage import open_db, transaction
 
 
 def build(directory: Path, block: int, keys: int) -> tuple[EmpiRegistry, sqlite3.Connection,

@@ -2,7 +2,7 @@
 
 ``genesis.toml`` is public and the same at every member: the chain id, the
 members (name, role, Ed25519 signing key, X25519 sealing key, peer address),
-and the key of epoch 0 sealed to each member (:mod:`ehrnode.ledger.epochs`).
+and the key of epoch 0 sealed to each member (:mod:`ehrnode.epochs`).
 Its hash binds peers to one consortium. ``node.toml`` is one member's: where
 its keys, data and genesis are (paths relative to the file itself), which
 addresses it listens on, and its log level.
@@ -26,8 +26,8 @@ from typing import Any
 
 from . import codec, crypto
 from .consensus.types import ValidatorSet
+from .epochs import EpochGrant
 from .errors import ConfigError
-from .ledger.epochs import EpochGrant
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
 ROLES = ("institution", "regulator")
@@ -146,7 +146,7 @@ class NodeConfig:
     #: None: no TLS. ``tls_api``: the local API uses it too.
     tls: TlsFiles | None = None
     #: Days an epoch key is used before this member rotates it, when it is this member's turn
-    #: ([keys] rotate_days; see :mod:`ehrnode.ledger.epochs`).
+    #: ([keys] rotate_days; see :mod:`ehrnode.epochs`).
     rotate_days: float = DEFAULT_ROTATE_DAYS
 
     @property

@@ -54,8 +54,8 @@ import tomli_w
 
 from . import crypto
 from .config import ROLES, Address, Genesis, Member, NodeConfig, TlsFiles, check_name, load_genesis
+from .epochs import EpochGrant
 from .errors import ConfigError
-from .ledger.epochs import EpochGrant
 from .net.tls import create_ca, issue, request, sign_request
 from .records.keys import create_secret
 

@@ -43,7 +43,6 @@ from .consensus.core import (
     CommitBlocks,
     ConsensusCore,
     CoreConfig,
-    EpochEnd,
     Log,
     PersistBlock,
     Send,
@@ -54,12 +53,12 @@ from .consensus.messages import decode_message, encode_message
 from .consensus.pacemaker import PacemakerConfig
 from .consensus.safety import SafetyData
 from .consensus.survey import RoundSurvey, encode_answer
-from .consensus.types import Block, ValidatorSet
+from .consensus.types import Block, EpochEnd, ValidatorSet
 from .consortium import install_consortium_key
+from .epochs import EpochGrant, EpochKeys
 from .errors import AdmissionError, CodecError, ConfigError, CryptoError, InvalidMessage, KeyUnavailable, StoreError
 from .ledger.block_store import SqliteBlockStore
 from .ledger.envelope import mix
-from .ledger.epochs import EpochGrant, EpochKeys
 from .ledger.mempool import Mempool
 from .ledger.safety_store import FileSafetyStore
 from .ledger.state import LedgerState

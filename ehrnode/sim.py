@@ -63,7 +63,6 @@ from .consensus.core import (
     CommitBlocks,
     ConsensusCore,
     CoreConfig,
-    EpochEnd,
     Log,
     PersistBlock,
     Send,
@@ -80,7 +79,7 @@ from .consensus.messages import (
 )
 from .consensus.pacemaker import PacemakerConfig
 from .consensus.safety import MemorySafetyStore, SafetyData
-from .consensus.types import Block, QuorumCert, Timeout, ValidatorSet, Vote, form_tc
+from .consensus.types import Block, EpochEnd, QuorumCert, Timeout, ValidatorSet, Vote, form_tc
 from .errors import CodecError, InvalidMessage
 from .ledger.block_store import MemoryBlockStore
 

@@ -41,7 +41,7 @@ and syncs, and signs nothing. See ``docs/consensus.md``, "Epochs".
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
@@ -66,7 +66,9 @@ from .safety import SafetyRules, SafetyStore
 from .types import (
     MAX_PAYLOAD_BYTES,
     Block,
+    EpochEnd,
     QuorumCert,
+    Recovery,
     Timeout,
     TimeoutCert,
     ValidatorSet,
@@ -153,26 +155,6 @@ class CoreConfig:
     #: (randomness no one chose for this block); None keeps arrival order. Payloads stay opaque
     #: to the core: this is the application's choice, and voters do not check it.
     order_payload: Callable[[list[bytes], bytes], list[bytes]] | None = None
-
-
-@dataclass(frozen=True)
-class EpochEnd:
-    """How an epoch ended, kept to prove it to a validator still in it: its last block, the
-    blocks after it that this validator's commit carried (never part of the chain), and the
-    certificate that committed them."""
-
-    last: Block
-    tail: tuple[Block, ...]
-    proof: QuorumCert
-
-
-@dataclass(frozen=True)
-class Recovery:
-    """What a restarted validator reloads from its block store."""
-
-    root: Block
-    blocks: Sequence[Block] = ()
-    high_qc: QuorumCert | None = None
 
 
 class ConsensusCore:

@@ -517,3 +517,23 @@ def form_tc(timeouts: Sequence[Timeout]) -> TimeoutCert:
     return TimeoutCert(
         ordered[0].epoch, ordered[0].round, high_qc, tuple((t.author, t.high_qc.round, t.signature) for t in ordered)
     )
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """How an epoch ended, kept to prove it to a validator still in it: its last block, the
+    blocks after it that this validator's commit carried (never part of the chain), and the
+    certificate that committed them."""
+
+    last: Block
+    tail: tuple[Block, ...]
+    proof: QuorumCert
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What a restarted validator reloads from its block store."""
+
+    root: Block
+    blocks: Sequence[Block] = ()
+    high_qc: QuorumCert | None = None

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Protocol
 
 from .. import codec
-from ..consensus.core import EpochEnd, Recovery
-from ..consensus.types import Block, QuorumCert, ValidatorSet
+from ..consensus.types import Block, EpochEnd, QuorumCert, Recovery, ValidatorSet
 from ..errors import CodecError, StoreError
-from .sqlite import open_db, transaction
+from ..storage import open_db, transaction
 
 _MAX_STORED_BLOCK = 64 * 1024 * 1024
 
@@ -91,7 +90,7 @@ CREATE TABLE IF NOT EXISTS epoch_ends (epoch INTEGER PRIMARY KEY, value BLOB NOT
 
 
 class SqliteBlockStore:
-    """Blocks in SQLite (see :mod:`ehrnode.ledger.sqlite` for durability). Every write is one transaction."""
+    """Blocks in SQLite (see :mod:`ehrnode.storage` for durability). Every write is one transaction."""
 
     def __init__(self, path: Path, vset: ValidatorSet) -> None:
         self._genesis = vset.genesis_block

@@ -36,16 +36,14 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .. import codec, crypto
 from ..codec import as_bytes, as_map, as_str, as_uint
+from ..epochs import ENVELOPE_DOMAIN, aead_key
 from ..errors import CodecError, CryptoError, SchemaError
 from .transactions import KINDS, MAX_TX_BYTES, Transaction
 
-ENVELOPE_DOMAIN = b"ehrnode/envelope/v1"
 VERSION = 1
 NONCE_SIZE = 12
 TAG_SIZE = 16
@@ -125,12 +123,6 @@ def _unpad(data: bytes) -> bytes:
     if end < 0 or any(data[end + 1:]) or len(data) not in SIZE_BUCKETS:
         raise CodecError("envelope: bad padding", reason="malformed")
     return data[:end]
-
-
-def aead_key(epoch_key: bytes, chain_id: str, epoch: int) -> AESGCM:
-    """The AES-256-GCM key an epoch's envelopes use, derived from its epoch key."""
-    return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                       info=ENVELOPE_DOMAIN + codec.encode([chain_id, epoch])).derive(epoch_key))
 
 
 def public_key(chain_id: str, epoch: int) -> AESGCM:

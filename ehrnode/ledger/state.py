@@ -28,8 +28,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from .. import crypto
 from ..config import Address, Member
 from ..consensus.types import Block
+from ..epochs import EpochGrant, EpochKeys
 from ..errors import AdmissionError, CodecError, CryptoError, KeyUnavailable, StoreError
 from ..membership import Membership
+from ..storage import open_db, transaction
 from .access import SCHEMA as ACCESS_SCHEMA
 from .access import AccessLog
 from .consent import SCHEMA as CONSENT_SCHEMA
@@ -37,10 +39,8 @@ from .consent import ConsentRegistry
 from .empi_registry import SCHEMA as EMPI_SCHEMA
 from .empi_registry import EmpiRegistry, scoped_enrolment
 from .envelope import PUBLIC_CLASSES, Envelope, kind_class, public_key
-from .epochs import EpochGrant, EpochKeys
 from .governance import SCHEMA as GOVERNANCE_SCHEMA
 from .governance import Governance
-from .sqlite import open_db, transaction
 from .transactions import Transaction
 from .whois import SCHEMA as WHOIS_SCHEMA
 from .whois import WhoisLog

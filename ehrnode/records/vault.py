@@ -47,7 +47,7 @@ from typing import Any
 from .. import codec, crypto
 from ..codec import as_bytes, as_map, as_str, as_uint
 from ..errors import CodecError, CryptoError, IntegrityError, StoreError
-from ..ledger.sqlite import open_db, transaction
+from ..storage import open_db, transaction
 from .canonical import canonical_json, commitment
 from .keys import RecordKeys, new_data_key, open_sealed, seal
 

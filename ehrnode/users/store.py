@@ -40,8 +40,8 @@ from typing import Any
 
 from ..crypto import write_secret_file
 from ..errors import CryptoError, EhrnodeError
-from ..ledger.sqlite import open_db, transaction
 from ..ledger.transactions import ACTOR_SIZE, EMPI_PATTERN, actor_text
+from ..storage import open_db, transaction
 
 USERS_DB = "users.db"
 USERS_KEY = "users.key"

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from ehrnode.consensus.core import Broadcast, CommitBlocks, ConsensusCore, EpochEnd, Log, Send
+from ehrnode.consensus.core import Broadcast, CommitBlocks, ConsensusCore, Log, Send
 from ehrnode.consensus.messages import (
     MAX_SYNC_BLOCKS,
     EpochHint,
@@ -17,7 +17,7 @@ from ehrnode.consensus.messages import (
     encode_message,
 )
 from ehrnode.consensus.safety import MemorySafetyStore, SafetyData, SafetyRules
-from ehrnode.consensus.types import Block, QuorumCert, VoteData
+from ehrnode.consensus.types import Block, EpochEnd, QuorumCert, VoteData
 from ehrnode.errors import InvalidMessage, SafetyViolation
 
 from .factory import Factory

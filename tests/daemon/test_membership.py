@@ -11,10 +11,10 @@ import trio
 
 from ehrnode import crypto
 from ehrnode.config import load_genesis
+from ehrnode.epochs import EpochGrant, EpochKeys
 from ehrnode.errors import KeyUnavailable
 from ehrnode.ledger.block_store import SqliteBlockStore
 from ehrnode.ledger.envelope import Envelope, public_key
-from ehrnode.ledger.epochs import EpochGrant, EpochKeys
 from ehrnode.ledger.state import LedgerState
 from ehrnode.ledger.transactions import Transaction
 from ehrnode.membership import Membership

@@ -1,8 +1,8 @@
 """Epoch keys for ledger tests: one member's key for epoch 0, and transactions sealed with it."""
 
 from ehrnode import crypto
+from ehrnode.epochs import EpochGrant, EpochKeys
 from ehrnode.ledger.envelope import Envelope
-from ehrnode.ledger.epochs import EpochGrant, EpochKeys
 
 
 def keyring(chain_id: str, member: str = "A") -> EpochKeys:

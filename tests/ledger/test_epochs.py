@@ -6,9 +6,9 @@ import pytest
 
 from ehrnode import crypto
 from ehrnode.consensus.types import Block
+from ehrnode.epochs import EpochGrant, EpochKeys
 from ehrnode.errors import KeyUnavailable
 from ehrnode.ledger.envelope import Envelope, bucket, mix
-from ehrnode.ledger.epochs import EpochGrant, EpochKeys
 from ehrnode.ledger.state import LedgerState
 from ehrnode.ledger.transactions import MAX_TX_BYTES, Transaction
 

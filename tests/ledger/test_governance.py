@@ -8,9 +8,9 @@ import pytest
 from ehrnode import crypto
 from ehrnode.config import Address, Member
 from ehrnode.consensus.types import Block
+from ehrnode.epochs import EpochGrant, EpochKeys
 from ehrnode.errors import KeyUnavailable
 from ehrnode.ledger.envelope import Envelope, public_key
-from ehrnode.ledger.epochs import EpochGrant, EpochKeys
 from ehrnode.ledger.state import LedgerState
 from ehrnode.ledger.transactions import Transaction
 from ehrnode.membership import Membership

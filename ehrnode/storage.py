@@ -1,4 +1,5 @@
-"""How the ledger's SQLite files are opened and written.
+"""How the node's SQLite files are opened and written: the block store and ledger state, the
+vault, the user store.
 
 WAL with ``synchronous=NORMAL``: a process crash loses nothing and a power cut may lose
 the last few commits but never corrupts the file. That is enough for blocks and ledger
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import StoreError
+from .errors import StoreError
 
 
 def open_db(path: Path, schema: str, what: str, *, durable: bool = False,

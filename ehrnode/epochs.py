@@ -16,7 +16,7 @@ at that epoch rather than diverge); the grant's signer is on the chain.
 
 Old epoch keys stay with current members, so history stays readable; a member
 that joins later (or replaces its sealing key) gets every earlier key re-sealed
-to it in the proposal that admits it (:mod:`.governance`), each copy checked
+to it in the proposal that admits it (:mod:`ehrnode.ledger.governance`), each copy checked
 against its epoch's check value. This module holds them in memory only: they
 are derived again at every start from genesis, the ledger state's grants and
 the member's own sealing key.
@@ -31,15 +31,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .. import codec, crypto
-from ..errors import CryptoError
-from .envelope import aead_key
+from . import codec, crypto
+from .errors import CryptoError
 
 EPOCH_KEY_SIZE = 32
 _SEAL_DOMAIN = b"ehrnode/epoch-key/v1"
 _CHECK_DOMAIN = b"ehrnode/epoch-key/check/v1"
+ENVELOPE_DOMAIN = b"ehrnode/envelope/v1"  # what envelopes are sealed under, bound into their keys and headers
+
+
+def aead_key(epoch_key: bytes, chain_id: str, epoch: int) -> AESGCM:
+    """The AES-256-GCM key an epoch's envelopes use, derived from its epoch key."""
+    return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                       info=ENVELOPE_DOMAIN + codec.encode([chain_id, epoch])).derive(epoch_key))
 
 
 def _context(chain_id: str, epoch: int) -> bytes:

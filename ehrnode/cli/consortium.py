@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .cli import UsageError, _call, _iso
-from .config import Address
+from ..config import Address
+from .common import Commands, UsageError, call_object, iso, show, with_config
 
 
 def cmd_new_member(args: argparse.Namespace) -> int:
-    from .consortium import MEMBER_FILE, new_member
+    from ..consortium import MEMBER_FILE, new_member
 
     config, member = new_member(args.dir, args.genesis, args.name, args.role, Address.parse(args.address, "--address"),
                                 consortium_key=args.consortium_key, ca=args.ca)
@@ -27,12 +28,12 @@ def cmd_new_member(args: argparse.Namespace) -> int:
 
 
 def cmd_new_keys(args: argparse.Namespace) -> int:
-    from .cli import _config_path
-    from .config import load_node_config
-    from .crypto import Identity, SealingKey
-    from .errors import CryptoError
+    from ..config import load_node_config
+    from ..crypto import Identity, SealingKey
+    from ..errors import CryptoError
+    from .common import config_path
 
-    config = load_node_config(_config_path(args))
+    config = load_node_config(config_path(args))
     signing_path, sealing_path = config.next_key_paths
     if signing_path.exists() or sealing_path.exists():
         raise UsageError(f"{signing_path.parent} already holds replacement keys: propose them, or remove them first")
@@ -59,29 +60,23 @@ def cmd_new_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_members(args: argparse.Namespace) -> int:
-    view = _call(args, "consortium.members")
-    assert isinstance(view, dict)
-    if args.json:
-        print(json.dumps(view))
-        return 0
-    print(f"membership epoch {view['epoch']} (from height {view['starts']}): {len(view['members'])} members, "
-          f"{view['quorum']} votes adopt a change")
-    for m in view["members"]:
-        print(f"  {m['index']:>3}  {m['name']:<16} {m['role']:<12} {m['address']}")
+    show(args, call_object(args, "consortium.members"), lambda view: [
+        f"membership epoch {view['epoch']} (from height {view['starts']}): {len(view['members'])} members, "
+        f"{view['quorum']} votes adopt a change",
+        *(f"  {m['index']:>3}  {m['name']:<16} {m['role']:<12} {m['address']}" for m in view["members"]),
+    ])
     return 0
 
 
 def cmd_proposals(args: argparse.Namespace) -> int:
-    view = _call(args, "consortium.proposals", **({"status": args.status} if args.status else {}))
-    assert isinstance(view, dict)
-    if args.json:
-        print(json.dumps(view))
-        return 0
-    for p in view["proposals"]:
-        print(f"{p['id']}  {p['status']:<8} {p['change']:<10} {p['name']:<16} by {p['proposer']} at {_iso(p['time'])}"
-              f"  votes {len(p['voters'])}/{p['needed']} ({', '.join(p['voters'])})")
-        if p["reason"]:
-            print(f"    {p['reason']}")
+    def lines(view: dict[str, Any]) -> Iterator[str]:
+        for p in view["proposals"]:
+            yield (f"{p['id']}  {p['status']:<8} {p['change']:<10} {p['name']:<16} by {p['proposer']} at "
+                   f"{iso(p['time'])}  votes {len(p['voters'])}/{p['needed']} ({', '.join(p['voters'])})")
+            if p["reason"]:
+                yield f"    {p['reason']}"
+
+    show(args, call_object(args, "consortium.proposals", **({"status": args.status} if args.status else {})), lines)
     return 0
 
 
@@ -111,30 +106,29 @@ def cmd_propose(args: argparse.Namespace) -> int:
         params["name"] = args.name
     else:
         params.update(_member_params(args))
-    result = _call(args, "consortium.propose", **params)
-    return _print_decision(args, result)
+    return _print_decision(args, call_object(args, "consortium.propose", **params))
 
 
 def cmd_vote(args: argparse.Namespace) -> int:
-    result = _call(args, "consortium.vote", proposal=args.proposal, timeout=args.timeout)
-    return _print_decision(args, result)
+    return _print_decision(args, call_object(args, "consortium.vote", proposal=args.proposal, timeout=args.timeout))
 
 
-def _print_decision(args: argparse.Namespace, result: Any) -> int:
-    assert isinstance(result, dict)
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    p = result["proposal"]
-    print(f"proposal {p['id']} ({p['change']} {p['name']}): {p['status']}, votes {len(p['voters'])}/{p['needed']}")
-    if p["status"] == "adopted":
-        print(f"  adopted at height {p['decided']}: the next membership starts at height {p['decided'] + 1}")
+def _print_decision(args: argparse.Namespace, result: dict[str, Any]) -> int:
+    def lines(result: dict[str, Any]) -> Iterator[str]:
+        p = result["proposal"]
+        yield f"proposal {p['id']} ({p['change']} {p['name']}): {p['status']}, votes {len(p['voters'])}/{p['needed']}"
+        if p["status"] == "adopted":
+            yield f"  adopted at height {p['decided']}: the next membership starts at height {p['decided'] + 1}"
+
+    show(args, result, lines)
     return 0
 
 
-def add_commands(consortium: Any, with_config: Any) -> None:
-    from .config import ROLES
-    from .ledger.transactions import CHANGES
+def register(commands: Commands) -> None:
+    from ..config import ROLES
+    from ..ledger.transactions import CHANGES
+
+    consortium = commands.group("consortium", "set up a consortium, and govern its membership")
 
     join = consortium.add_parser(
         "new-member", help="keys and node.toml for a member joining an existing consortium",

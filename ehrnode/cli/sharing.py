@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .cli import UsageError, _call, _iso, _run_client
-from .crypto import write_secret_file
-from .errors import CryptoError
-from .ledger.transactions import CONSENT_PURPOSES
+from ..crypto import write_secret_file
+from ..errors import CryptoError
+from ..ledger.transactions import CONSENT_PURPOSES
+from .common import Commands, UsageError, call_object, call_rows, iso, run_client, show, show_rows, with_config
 
 
 def cmd_records_pull(args: argparse.Namespace) -> int:
-    pulled = _call(args, "records.pull", record_id=args.record_id, purpose=args.purpose, timeout=args.timeout)
-    assert isinstance(pulled, dict)
+    pulled = call_object(args, "records.pull", record_id=args.record_id, purpose=args.purpose, timeout=args.timeout)
     if args.out:
         # The served copy, exactly what `audit trace-leak` takes: keep it like the PHI it may be.
         try:
@@ -35,16 +35,15 @@ def cmd_records_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_records_erase(args: argparse.Namespace) -> int:
-    result = _call(args, "records.erase", record_id=args.record_id, reason=args.reason)
-    assert isinstance(result, dict)
-    print(json.dumps(result) if args.json else
-          f"record {args.record_id} erased: data keys destroyed; record.erase {result['tx_id']} "
-          f"{'committed at height ' + str(result['height']) if result['height'] else 'pending'}")
+    show(args, call_object(args, "records.erase", record_id=args.record_id, reason=args.reason), lambda r: [
+        f"record {args.record_id} erased: data keys destroyed; record.erase {r['tx_id']} "
+        + (f"committed at height {r['height']}" if r["height"] else "pending"),
+    ])
     return 0
 
 
 def _event_line(e: dict[str, Any]) -> str:
-    when = _iso(e["time"])
+    when = iso(e["time"])
     who = e["who"] + (f"/{e['user']}" if e.get("user") else "")
     head = f"height {e['height']:<7} {when}  {e['event']:<15} {who:<12}"
     if e["event"] == "access":
@@ -72,29 +71,22 @@ def cmd_audit_trail(args: argparse.Namespace) -> int:
         params["record_id"] = args.record
     else:
         params["user"] = args.subject
-    result = _call(args, "audit.trail", **params)
-    if args.fhir or args.json:
-        print(json.dumps(result, indent=2 if args.fhir else None))
+    if args.fhir:  # a FHIR Bundle of AuditEvents
+        print(json.dumps(call_object(args, "audit.trail", **params), indent=2))
         return 0
-    assert isinstance(result, list)
-    for event in result:
-        print(_event_line(event))
+    show_rows(args, call_rows(args, "audit.trail", **params), _event_line)
     return 0
 
 
 def cmd_audit_disclosures(args: argparse.Namespace) -> int:
-    rows = _call(args, "audit.disclosures", empi=args.empi)
-    assert isinstance(rows, list)
-    if args.json:
-        print(json.dumps(rows))
-        return 0
-    if not rows:
-        print(f"no disclosures of {args.empi}'s records")
-    for r in rows:
+    def line(r: dict[str, Any]) -> str:
         flag = "  EMERGENCY" if r["reason"] == "emergency_override" else ""
         kind = r.get("resource_type") or "?"
-        print(f"{_iso(r['time'])}  to {r['who']:<12} ({r['user_role']:<10}) by {r['owner']:<12} {kind:<20} "
-              f"for {r['purpose']:<14} record {r['record_id']}  height {r['height']}{flag}")
+        return (f"{iso(r['time'])}  to {r['who']:<12} ({r['user_role']:<10}) by {r['owner']:<12} {kind:<20} "
+                f"for {r['purpose']:<14} record {r['record_id']}  height {r['height']}{flag}")
+
+    show_rows(args, call_rows(args, "audit.disclosures", empi=args.empi), line,
+              none=f"no disclosures of {args.empi}'s records")
     return 0
 
 
@@ -105,18 +97,16 @@ def cmd_audit_trace(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.file}: cannot read a JSON document: {exc}") from exc
     if not isinstance(leaked, dict):
         raise UsageError(f"{args.file}: expected a JSON object (a served record)")
-    result = _call(args, "audit.trace", leaked=leaked)
-    assert isinstance(result, dict)
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    print(f"record {result['record_id']} ({result['resource_type']}) of {result['owner']}, "
-          f"commitment {result['commitment']}: the copy is genuine")
-    if not result["served"]:
-        print("never served to another member: the copy comes from its owner")
-    for a in result["served"]:
-        print(f"  served to {a['who']:<12} user {a['user']} ({a['user_role']}) for {a['purpose']:<14} "
-              f"{_iso(a['time'])}  height {a['height']}  tx {a['tx_id']}")
+    def lines(result: dict[str, Any]) -> Iterator[str]:
+        yield (f"record {result['record_id']} ({result['resource_type']}) of {result['owner']}, "
+               f"commitment {result['commitment']}: the copy is genuine")
+        if not result["served"]:
+            yield "never served to another member: the copy comes from its owner"
+        for a in result["served"]:
+            yield (f"  served to {a['who']:<12} user {a['user']} ({a['user_role']}) for {a['purpose']:<14} "
+                   f"{iso(a['time'])}  height {a['height']}  tx {a['tx_id']}")
+
+    show(args, call_object(args, "audit.trace", leaked=leaked), lines)
     return 0
 
 
@@ -127,11 +117,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
             if note.get("method") == "event":
                 print(json.dumps(note["params"]), flush=True)
 
-    _run_client(args, follow)
+    run_client(args, follow)
     return 0
 
 
-def add_commands(commands: Any, records: Any, with_config: Any) -> None:
+def register(commands: Commands) -> None:
+    records = commands.group("records", "patient records: add, list, show, pull, erase")
     pull = with_config(records.add_parser(
         "pull", help="pull another institution's record, verified against its anchor",
         description="Ask the record's owner for its de-identified release. The owner checks policy and the "
@@ -152,8 +143,7 @@ def add_commands(commands: Any, records: Any, with_config: Any) -> None:
     erase.add_argument("--json", action="store_true")
     erase.set_defaults(func=cmd_records_erase)
 
-    audit = commands.add_parser("audit", help="access trails, disclosures and leak tracing, from the chain")
-    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    audit_commands = commands.group("audit", "access trails, disclosures and leak tracing, from the chain")
     trail = with_config(audit_commands.add_parser(
         "trail", help="every event of a patient, a record or a user",
         description="Every event of a patient (--empi), a record (--record) or a user (--user, by pseudonym), "
@@ -177,11 +167,7 @@ def add_commands(commands: Any, records: Any, with_config: Any) -> None:
     disclosures.add_argument("--json", action="store_true")
     disclosures.set_defaults(func=cmd_audit_disclosures)
 
-    from .cli_users import add_commands as add_user_commands
-
-    add_user_commands(commands, audit_commands, with_config)
-
-    watch = with_config(commands.add_parser(
+    watch = with_config(commands.add(
         "watch", help="print events as they are committed, as JSON lines",
         description="New records, accesses, consent changes, erasures and integrity alarms: for the EMPIs "
         "given, or (default) for this institution's own patients and records."))

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import UsageError, _call, _iso
-from .crypto import write_secret_file
-from .errors import CryptoError
+from ..crypto import write_secret_file
+from ..errors import CryptoError
+from .common import Commands, UsageError, call_object, call_rows, iso, show, show_rows, with_config
 
 
 def _hand_over(args: argparse.Namespace, result: dict[str, Any], verb: str) -> None:
@@ -37,44 +37,37 @@ def cmd_users_add(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"name": args.name, "role": args.role}
     if args.empi:
         params["empi"] = args.empi
-    result = _call(args, "users.add", **params)
-    assert isinstance(result, dict)
+    result = call_object(args, "users.add", **params)
     _hand_over(args, result, "added")
     return 0
 
 
 def cmd_users_rotate(args: argparse.Namespace) -> int:
-    result = _call(args, "users.rotate", name=args.name)
-    assert isinstance(result, dict)
+    result = call_object(args, "users.rotate", name=args.name)
     _hand_over(args, result, "given a new credential (the old one no longer works)")
     return 0
 
 
 def cmd_users_revoke(args: argparse.Namespace) -> int:
-    result = _call(args, "users.revoke", name=args.name)
-    assert isinstance(result, dict)
-    print(json.dumps(result) if args.json else f"user {args.name} revoked: refused from now on")
+    show(args, call_object(args, "users.revoke", name=args.name),
+         lambda _: [f"user {args.name} revoked: refused from now on"])
     return 0
 
 
 def cmd_users_list(args: argparse.Namespace) -> int:
-    rows = _call(args, "users.list")
-    assert isinstance(rows, list)
-    if args.json:
-        print(json.dumps(rows))
-        return 0
-    for u in rows:
-        state = "active" if u["active"] else f"revoked {_iso(u['revoked'])}"
+    def line(u: dict[str, Any]) -> str:
+        state = "active" if u["active"] else f"revoked {iso(u['revoked'])}"
         bound = f"  patient {u['empi']}" if u.get("empi") else ""
-        print(f"{u['name']:<24} {u['role']:<11} {u['pseudonym']}  {state}{bound}")
+        return f"{u['name']:<24} {u['role']:<11} {u['pseudonym']}  {state}{bound}"
+
+    show_rows(args, call_rows(args, "users.list"), line)
     return 0
 
 
 def cmd_users_whoami(args: argparse.Namespace) -> int:
-    me = _call(args, "users.whoami")
-    assert isinstance(me, dict)
-    print(json.dumps(me) if args.json else
-          f"{me['name']} ({me['role']}), pseudonym {me['pseudonym']}; may: {', '.join(me['permissions'])}")
+    show(args, call_object(args, "users.whoami"), lambda me: [
+        f"{me['name']} ({me['role']}), pseudonym {me['pseudonym']}; may: {', '.join(me['permissions'])}",
+    ])
     return 0
 
 
@@ -84,25 +77,22 @@ def cmd_audit_whois(args: argparse.Namespace) -> int:
         if not args.case:
             raise UsageError("--at asks another institution on chain: give --case (what it is for)")
         params.update(at=args.at, case=args.case, timeout=args.timeout)
-    found = _call(args, "audit.whois", **params)
-    assert isinstance(found, dict)
-    if args.json:
-        print(json.dumps(found))
-        return 0
-    if "request_tx" in found:
-        print(f"{args.pseudonym} is {found['name']} ({found['role']}{'' if found['active'] else ', revoked'}) at "
-              f"{found['institution']}; asked for case {found['case']!r}: request {found['request_tx']}, answer "
-              f"{found['answer_tx']} (both on chain)")
-        return 0
-    state = "active" if found["active"] else f"revoked {_iso(found['revoked'])}"
-    print(f"{args.pseudonym} is {found['name']} ({found['role']}), added {_iso(found['created'])} by "
-          f"{found['created_by']}, {state}")
+    def lines(found: dict[str, Any]) -> list[str]:
+        if "request_tx" in found:
+            return [f"{args.pseudonym} is {found['name']} ({found['role']}{'' if found['active'] else ', revoked'}) "
+                    f"at {found['institution']}; asked for case {found['case']!r}: request {found['request_tx']}, "
+                    f"answer {found['answer_tx']} (both on chain)"]
+        state = "active" if found["active"] else f"revoked {iso(found['revoked'])}"
+        return [f"{args.pseudonym} is {found['name']} ({found['role']}), added {iso(found['created'])} by "
+                f"{found['created_by']}, {state}"]
+
+    show(args, call_object(args, "audit.whois", **params), lines)
     return 0
 
 
-def add_commands(commands: Any, audit_commands: Any, with_config: Any) -> None:
-    users = commands.add_parser("users", help="this node's users: add, list, revoke, rotate").add_subparsers(
-        dest="users_command", required=True)
+def register(commands: Commands) -> None:
+    audit_commands = commands.group("audit", "access trails, disclosures and leak tracing, from the chain")
+    users = commands.group("users", "this node's users: add, list, revoke, rotate")
     add = with_config(users.add_parser(
         "add", help="add a user with a role; prints (or writes) their credential once",
         description="Add a user of this node's local API. The credential is shown once: the node keeps only "

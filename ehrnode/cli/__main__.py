@@ -1,0 +1,7 @@
+"""``python -m ehrnode.cli``: the ``ehrnode`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
