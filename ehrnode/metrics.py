@@ -1,111 +1,82 @@
-"""Prometheus metrics: counters, gauges and a histogram, served as text on loopback.
+"""Prometheus metrics, served on loopback from the node's own trio loop.
 
-The exposition format is small enough to write directly (``# HELP``, ``# TYPE``, one
-sample per line), so the node needs no metrics library and no thread: the endpoint is
-one more trio task answering ``GET /metrics``. Gauges are read when scraped, from
-callables, so they are never stale.
+The metrics themselves are prometheus_client's (its registry, types and exposition format),
+one registry per node, with the standard ``process_*`` (CPU, memory, open file descriptors)
+and ``python_*`` metrics beside the node's own. The endpoint is one more trio task answering
+``GET /metrics``: no thread and no second HTTP server. Gauges and the counters the node keeps
+itself are read when scraped, from callables, so they are never stale.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
+import prometheus_client
 import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from .logs import get_logger
 
 MAX_REQUEST = 8192
 
-
-class Counter:
-    def __init__(self, name: str, help_: str) -> None:
-        self.name, self.help, self.value = name, help_, 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
-
-    def render(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter", f"{self.name} {_num(self.value)}"]
+# A ``*_created`` series beside every counter tells an operator nothing the process start
+# time does not already: leave them out, as the exposition had them before.
+prometheus_client.disable_created_metrics()
 
 
-class Gauge:
-    def __init__(self, name: str, help_: str, read: Callable[[], float]) -> None:
-        self.name, self.help, self.read = name, help_, read
+class _ReadCounters(Collector):
+    """Counters the node keeps as plain numbers elsewhere, read when scraped."""
 
-    def render(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge", f"{self.name} {_num(self.read())}"]
+    def __init__(self) -> None:
+        self._plain: list[tuple[str, str, Callable[[], float]]] = []
+        self._labeled: list[tuple[str, str, str, Callable[[], Mapping[str, float]]]] = []
 
-
-class LabeledCounts:
-    """A counter per value of one label, read when scraped (``name{label="value"} count``)."""
-
-    def __init__(self, name: str, help_: str, label: str, read: Callable[[], Mapping[str, float]]) -> None:
-        self.name, self.help, self.label, self.read = name, help_, label, read
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        for value, count in sorted(self.read().items()):
-            lines.append(f'{self.name}{{{self.label}="{value}"}} {_num(count)}')
-        return lines
-
-
-class Histogram:
-    def __init__(self, name: str, help_: str, buckets: tuple[float, ...]) -> None:
-        self.name, self.help = name, help_
-        self.buckets = tuple(sorted(buckets))
-        self.counts = [0] * len(self.buckets)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.sum += value
-        self.count += 1
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        for bound, count in zip(self.buckets, self.counts, strict=True):
-            lines.append(f'{self.name}_bucket{{le="{_num(bound)}"}} {count}')
-        lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
-        lines.append(f"{self.name}_sum {_num(self.sum)}")
-        lines.append(f"{self.name}_count {self.count}")
-        return lines
-
-
-def _num(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, help_, read in self._plain:
+            yield CounterMetricFamily(name, help_, value=read())
+        for name, help_, label, read_counts in self._labeled:
+            family = CounterMetricFamily(name, help_, labels=[label])
+            for value, count in sorted(read_counts().items()):
+                family.add_metric([value], count)
+            yield family
 
 
 class Registry:
+    """One node's metrics: what it counts and observes, and what is read from it when scraped."""
+
     def __init__(self) -> None:
-        self._metrics: list[Any] = []
+        self.registry = CollectorRegistry()
+        prometheus_client.ProcessCollector(registry=self.registry)
+        prometheus_client.PlatformCollector(registry=self.registry)
+        prometheus_client.GCCollector(registry=self.registry)
+        self._read = _ReadCounters()
+        self.registry.register(self._read)
 
     def counter(self, name: str, help_: str) -> Counter:
-        return self._add(Counter(name, help_))
+        return Counter(name, help_, registry=self.registry)
 
     def gauge(self, name: str, help_: str, read: Callable[[], float]) -> Gauge:
-        return self._add(Gauge(name, help_, read))
+        gauge = Gauge(name, help_, registry=self.registry)
+        gauge.set_function(read)
+        return gauge
 
-    def labeled_counts(self, name: str, help_: str, label: str,
-                       read: Callable[[], Mapping[str, float]]) -> LabeledCounts:
-        return self._add(LabeledCounts(name, help_, label, read))
+    def counted(self, name: str, help_: str, read: Callable[[], float]) -> None:
+        """A counter whose value the node keeps itself (``read()`` when scraped)."""
+        self._read._plain.append((name, help_, read))
+
+    def labeled_counts(self, name: str, help_: str, label: str, read: Callable[[], Mapping[str, float]]) -> None:
+        """A counter per value of one label, read when scraped (``name{label="value"} count``)."""
+        self._read._labeled.append((name, help_, label, read))
 
     def histogram(self, name: str, help_: str, buckets: tuple[float, ...]) -> Histogram:
-        return self._add(Histogram(name, help_, buckets))
-
-    def _add(self, metric: Any) -> Any:
-        self._metrics.append(metric)
-        return metric
+        return Histogram(name, help_, buckets=buckets, registry=self.registry)
 
     def render(self) -> str:
-        return "\n".join(line for metric in self._metrics for line in metric.render()) + "\n"
+        return generate_latest(self.registry).decode()
 
 
 async def serve(registry: Registry, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

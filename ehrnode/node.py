@@ -304,11 +304,12 @@ class Node:
         self.m_timeouts = r.counter("ehrnode_round_timeouts_total", "Rounds this node timed out of.")
         self.m_invalid = r.counter("ehrnode_invalid_messages_total",
                                    "Consensus messages refused (sender disconnected).")
-        r.gauge("ehrnode_inbox_dropped_total", "Inbound messages dropped because the node was overloaded.",
-                lambda: self.inbox_dropped)
-        r.gauge("ehrnode_peer_frames_dropped_total", "Outbound frames dropped on full peer queues.",
-                lambda: sum(p.dropped for p in self.network.peers.values()) + self.network.dropped_closed)
-        r.gauge("ehrnode_peers_rejected_total", "Connections refused at the handshake.", lambda: self.network.rejected)
+        r.counted("ehrnode_inbox_dropped_total", "Inbound messages dropped because the node was overloaded.",
+                  lambda: self.inbox_dropped)
+        r.counted("ehrnode_peer_frames_dropped_total", "Outbound frames dropped on full peer queues.",
+                  lambda: sum(p.dropped for p in self.network.peers.values()) + self.network.dropped_closed)
+        r.counted("ehrnode_peers_rejected_total", "Connections refused at the handshake.",
+                  lambda: self.network.rejected)
         r.labeled_counts("ehrnode_limited_total", "Requests refused by a per-peer or per-source limit, by limit.",
                          "limit", lambda: self.refusals.counts)
         self.m_pulls = {outcome: r.counter(
