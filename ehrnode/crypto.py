@@ -31,6 +31,20 @@ SIGNATURE_SIZE = 64
 DIGEST_SIZE = 32
 
 
+class MemberKeys:
+    """A member's current signing identity and sealing key, one object shared by everything that
+    signs or opens for the member (the recorder, the vault, pulls, whois). When the consortium
+    adopts the member's new keys they are replaced here, once, and every holder uses them from
+    its next signature on."""
+
+    def __init__(self, identity: Identity, sealing_key: SealingKey) -> None:
+        self.identity = identity
+        self.sealing_key = sealing_key
+
+    def replace(self, identity: Identity, sealing_key: SealingKey) -> None:
+        self.identity, self.sealing_key = identity, sealing_key
+
+
 def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 

@@ -135,8 +135,9 @@ class Node:
         self.genesis: Genesis = load_genesis(config.genesis_path)
         self.name = config.name
         try:
-            self.identity = crypto.Identity.load(config.signing_key_path)
-            self.sealing_key = crypto.SealingKey.load(config.sealing_key_path)
+            #: The member's keys, shared by everything that signs or opens for it.
+            self.keys = crypto.MemberKeys(crypto.Identity.load(config.signing_key_path),
+                                          crypto.SealingKey.load(config.sealing_key_path))
         except CryptoError as exc:
             raise ConfigError(str(exc)) from exc
         self.epoch_keys = EpochKeys(self.genesis.chain_id, self.name, self.sealing_key)
@@ -176,7 +177,7 @@ class Node:
         member = self.membership.get(self.name)
         listed = None if member is None else (member.signing_key, member.sealing_key)
         if following is not None and listed == (following[0].public_key, following[1].public_key):
-            self.identity, self.sealing_key = following
+            self.keys.replace(*following)
             retired = _take_next_keys(config)
             self.log.warning("keys.replaced", retired=[str(p) for p in retired],
                              detail="the consortium adopted this member's new keys: they are its keys now")
@@ -258,7 +259,7 @@ class Node:
             self.log.info("keys.consortium_key_installed", path=str(config.consortium_key_path),
                           detail="opened this institution's sealed copy of the EMPI key from genesis")
         if policy is not None and config.master_key_path and config.consortium_key_path:
-            self.records = RecordsService(config, chain_id=self.genesis.chain_id, identity=self.identity, hooks=Hooks(
+            self.records = RecordsService(config, chain_id=self.genesis.chain_id, member=self.keys, hooks=Hooks(
                 submit=self.submit_own, pending=lambda tx_id: tx_id in self.mempool, state=self.state,
             ))
             self.pull_server = PullServer(
@@ -266,13 +267,21 @@ class Node:
                 hooks=OwnerHooks(submit=self.submit, wait_committed=self.wait_committed,
                                  send=self._send_answer, counters=self._count_pull), refusals=self.refusals)
         self.puller = Puller(
-            name=self.name, genesis=self.genesis, identity=self.identity, sealing_key=self.sealing_key,
+            name=self.name, genesis=self.genesis, member=self.keys,
             state=self.state, hooks=RequesterHooks(
                 send=lambda owner, data: self.network.send(owner, encode_frame(PullFrame(data))),
                 submit=self.submit, wait_committed=self.wait_committed, counters=self._count_pull))
-        self.whois = WhoisDesk(name=self.name, genesis=self.genesis, sealing_key=self.sealing_key, state=self.state,
+        self.whois = WhoisDesk(name=self.name, genesis=self.genesis, member=self.keys, state=self.state,
                                users=self.users, policy=policy,
                                hooks=WhoisHooks(submit=self.submit, wait_committed=self.wait_committed))
+
+    @property
+    def identity(self) -> crypto.Identity:
+        return self.keys.identity
+
+    @property
+    def sealing_key(self) -> crypto.SealingKey:
+        return self.keys.sealing_key
 
     async def _answer_pending_whois(self) -> None:
         """Answer whois requests made while this node was down, once it has had time to catch up
@@ -928,9 +937,8 @@ class Node:
             following = _next_keys(self.config)
             if following is not None and (listed.signing_key, listed.sealing_key) == (
                     following[0].public_key, following[1].public_key):
-                self.identity, self.sealing_key = following
+                self.keys.replace(*following)  # the recorder, vault, pulls and whois sign and open with them now
                 self.network.set_identity(self.identity)
-                self._use_keys()
                 self.log.warning("keys.replaced", retired=[str(p) for p in _take_next_keys(self.config)],
                                  detail="the consortium adopted this member's new keys: they are its keys now")
             else:
@@ -957,13 +965,6 @@ class Node:
         ahead, self._ahead = self._ahead, deque(maxlen=AHEAD_KEPT)
         self._consensus_in.extendleft(reversed(ahead))
         self._wake.set()
-
-    def _use_keys(self) -> None:
-        """Hand the member's (new) keys to everything that signs or opens for it."""
-        self.puller.identity, self.puller.sealing_key = self.identity, self.sealing_key
-        self.whois.sealing_key = self.sealing_key
-        if self.records is not None:
-            self.records.identity = self.records.recorder.identity = self.identity
 
     def _log_core(self, action: Log) -> None:
         if action.event == "round.timeout":

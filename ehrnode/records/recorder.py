@@ -107,7 +107,7 @@ class _Patient:
 
 class Recorder:
     def __init__(self, *, vault: Vault, keys: RecordKeys, deidentifier: Deidentifier, institution: str,
-                 chain_id: str, identity: crypto.Identity, epoch: int = 0, preparer: Preparer | None = None) -> None:
+                 chain_id: str, member: crypto.MemberKeys, epoch: int = 0, preparer: Preparer | None = None) -> None:
         self.vault = vault
         self.keys = keys
         self.deid = deidentifier
@@ -116,7 +116,7 @@ class Recorder:
         self.encoder = Encoder(keys.consortium)
         self.institution = institution
         self.chain_id = chain_id
-        self.identity = identity
+        self.member = member
         self.epoch = epoch
 
     # --- the pipeline -------------------------------------------------------------------
@@ -226,7 +226,7 @@ class Recorder:
                 "institution": self.institution, "recorded_at": header.recorded_at, "setting": header.setting,
                 "resource_type": header.resource_type, "commitment": header.commitment,
                 "position": header.position, "entry": entry_hash,
-            }, chain_id=self.chain_id, submitter=self.institution, identity=self.identity, time_ms=now_ms,
+            }, chain_id=self.chain_id, submitter=self.institution, identity=self.member.identity, time_ms=now_ms,
                 actor=actor)
             anchors[header.record_id] = tx
             return tx.id, tx.encoded
@@ -277,7 +277,8 @@ class Recorder:
         return Transaction.create("empi.enrol", {
             "epoch": self.epoch, "enrolment": patient.enrolment, "institution": self.institution,
             "encodings": encodings.to_wire(),
-        }, chain_id=self.chain_id, submitter=self.institution, identity=self.identity, time_ms=now_ms, actor=actor)
+        }, chain_id=self.chain_id, submitter=self.institution, identity=self.member.identity, time_ms=now_ms,
+            actor=actor)
 
     def _levels(self, patients: dict[str, _Patient], releasing: set[str]) -> dict[str, int]:
         """k-anonymity levels for the Patients released now (``releasing``).

@@ -47,22 +47,22 @@ class Hooks:
 
 
 class RecordsService:
-    def __init__(self, config: NodeConfig, *, chain_id: str, identity: crypto.Identity, hooks: Hooks) -> None:
+    def __init__(self, config: NodeConfig, *, chain_id: str, member: crypto.MemberKeys, hooks: Hooks) -> None:
         if config.master_key_path is None or config.consortium_key_path is None:
             raise ConfigError(f"{config.path}: recording needs [keys] master and consortium")
         self.name = config.name
-        self.identity = identity
+        self.member = member
         self.hooks = hooks
         self.log = get_logger(node=config.name)
         keys = RecordKeys.load(config.master_key_path, config.consortium_key_path)
         self.profile = load_profile(config.deid_profile_path)
-        self.vault = Vault(Path(config.data_dir) / "vault.sqlite3", keys, identity)
+        self.vault = Vault(Path(config.data_dir) / "vault.sqlite3", keys, member)
         deid = Deidentifier(self.profile, keys.deid)
         workers = default_workers() if config.record_workers is None else config.record_workers
         self.preparer = Preparer(deid, config.deid_profile_path, keys.deid, workers=workers)
         self.recorder = Recorder(
             vault=self.vault, keys=keys, deidentifier=deid, institution=config.name, chain_id=chain_id,
-            identity=identity, preparer=self.preparer,
+            member=member, preparer=self.preparer,
         )
         self._lock = trio.Lock()
 
@@ -172,7 +172,8 @@ class RecordsService:
         now = int(time.time() * 1000)
         tx = Transaction.create("record.erase", {
             "epoch": 0, "record": record_id, "reason": crypto.sha256(reason.encode("utf-8")),
-        }, chain_id=self.hooks.state.chain_id, submitter=self.name, identity=self.identity, time_ms=now, actor=actor)
+        }, chain_id=self.hooks.state.chain_id, submitter=self.name, identity=self.member.identity, time_ms=now,
+            actor=actor)
         await self._blocking(self.vault.erase, record_id, reason, now, tx.id, tx.encoded)
         self.log.warning("records.erased", record_id=record_id.hex(), tx_id=tx.id.hex())
         self._offer([tx])
@@ -181,7 +182,7 @@ class RecordsService:
     async def verify(self, *, decrypt: bool = True) -> dict[str, Any]:
         anchored = self.hooks.state.anchored_positions(self.name)
         erased = frozenset(e["record"] for e in self.hooks.state.access.erasures(owner=self.name))
-        keys = self.hooks.state.governance.signing_keys_of(self.name) | {self.identity.public_key}
+        keys = self.hooks.state.governance.signing_keys_of(self.name) | {self.member.identity.public_key}
         report = await self._blocking(self.vault.verify, keys, anchored, decrypt=decrypt, erased=erased)
         (self.log.info if report["ok"] else self.log.error)(
             "vault.verified", ok=report["ok"], entries=report["entries"], problems=len(report["problems"]))

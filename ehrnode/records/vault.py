@@ -166,10 +166,10 @@ class StoredEntry:
 class Vault:
     """Blocking; one caller at a time (the node runs it in a worker thread under a lock)."""
 
-    def __init__(self, path: Path, keys: RecordKeys, identity: crypto.Identity) -> None:
+    def __init__(self, path: Path, keys: RecordKeys, member: crypto.MemberKeys) -> None:
         self.path = Path(path)
         self._keys = keys
-        self._identity = identity
+        self._member = member  # signs each entry with the member's current key
         self._db = open_db(self.path, _SCHEMA, "vault", durable=True, any_thread=True)
         # Erasure deletes data keys: overwrite their bytes rather than leave them in free pages.
         self._db.execute("PRAGMA secure_delete=ON")
@@ -207,7 +207,7 @@ class Vault:
                 entry_hash = crypto.sha256(signed)
                 db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)", (
                     position, entry.record_id, codec.encode(header.to_wire()), entry_hash,
-                    self._identity.sign(signed), raw_ct, deid_ct,
+                    self._member.identity.sign(signed), raw_ct, deid_ct,
                 ))
                 db.execute("INSERT INTO data_keys VALUES (?, ?, ?)", (
                     entry.record_id, seal(self._keys.wrap, raw_key, entry.record_id + b"raw-key"),

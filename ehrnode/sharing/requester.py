@@ -83,12 +83,11 @@ class Pulled:
 
 
 class Puller:
-    def __init__(self, *, name: str, genesis: Genesis, identity: crypto.Identity, sealing_key: crypto.SealingKey,
-                 state: LedgerState, hooks: RequesterHooks) -> None:
+    def __init__(self, *, name: str, genesis: Genesis, member: crypto.MemberKeys, state: LedgerState,
+                 hooks: RequesterHooks) -> None:
         self.name = name
         self.genesis = genesis
-        self.identity = identity
-        self.sealing_key = sealing_key
+        self.member = member
         self.state = state
         self.hooks = hooks
         self.log = get_logger(node=name)
@@ -135,7 +134,7 @@ class Puller:
                             reason="own_record")
         request = PullRequest.create(chain_id=self.genesis.chain_id, requester=self.name, user=user, role=role,
                                      owner=owner, record=record, purpose=purpose,
-                                     time_ms=int(time.time() * 1000), identity=self.identity)
+                                     time_ms=int(time.time() * 1000), identity=self.member.identity)
         data = request.encode()
         rid = crypto.sha256(data)
         pending = self._pending[rid] = _Pending(owner)
@@ -166,7 +165,7 @@ class Puller:
                             reason=first.reason, access_tx=first.access or None)
         sealed = b"".join(pending.parts[i].data for i in range(len(pending.parts)))
         try:
-            got_record, canonical, salt = open_payload(self.sealing_key.open(sealed, rid))
+            got_record, canonical, salt = open_payload(self.member.sealing_key.open(sealed, rid))
         except (CryptoError, CodecError) as exc:
             self.hooks.counters("failed")
             self.log.error("pull.bad_answer", error=str(exc), **fields)

@@ -46,11 +46,11 @@ class WhoisHooks:
 
 
 class WhoisDesk:
-    def __init__(self, *, name: str, genesis: Genesis, sealing_key: crypto.SealingKey, state: LedgerState,
+    def __init__(self, *, name: str, genesis: Genesis, member: crypto.MemberKeys, state: LedgerState,
                  users: UserStore, policy: AccessPolicy | None, hooks: WhoisHooks) -> None:
         self.name = name
         self.genesis = genesis
-        self.sealing_key = sealing_key
+        self.member = member
         self.state = state
         self.users = users
         self.policy = policy  # None: not an institution; it answers nothing
@@ -129,7 +129,7 @@ class WhoisDesk:
             raise WhoisError(f"{row['institution']} did not name the user: {row['reason']} (request "
                              f"{row['request'].hex()}, answer {row['answer'].hex()})", reason=row["reason"])
         try:
-            m = as_map(codec.decode(self.sealing_key.open(row["sealed"], row["request"])), "whois",
+            m = as_map(codec.decode(self.member.sealing_key.open(row["sealed"], row["request"])), "whois",
                        ("name", "role", "active"))
             if not isinstance(m["active"], bool):
                 raise SchemaError("whois.active: expected true or false")

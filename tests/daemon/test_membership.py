@@ -4,12 +4,14 @@ during a change; a member's keys replaced by vote; a member handed a bad copy of
 gets it sealed again."""
 
 import json
+import sqlite3
 import subprocess
 import sys
 
 import trio
 
-from ehrnode import crypto
+from ehrnode import crypto, synthetic
+from ehrnode.client import ApiClient
 from ehrnode.config import load_genesis
 from ehrnode.epochs import EpochGrant, EpochKeys
 from ehrnode.errors import KeyUnavailable
@@ -19,6 +21,9 @@ from ehrnode.ledger.state import LedgerState
 from ehrnode.ledger.transactions import Transaction
 from ehrnode.membership import Membership
 from ehrnode.net.protocol import Hello, TxFrame, encode_frame
+from ehrnode.records.fhir import Item
+from ehrnode.records.submit import add_items
+from ehrnode.records.vault import EntryHeader
 
 from .test_bad_peers import closed, handshake_as, open_peer, wait_log
 
@@ -232,6 +237,7 @@ async def test_rotate_key_replaces_a_members_keys_by_vote(cluster):
                            "--out", str(config.path.parent / "next.json")], capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     member = json.loads((config.path.parent / "next.json").read_text())
+    old_key = {m["name"]: m for m in (await cluster.call("A", "consortium.members"))["members"]}["B"]["signing_key"]
     proposed = await cluster.call("A", "consortium.propose", change="rotate-key", reason="key rotation", **member)
     for voter in ("C", "R"):
         decided = await cluster.call(voter, "consortium.vote", proposal=proposed["proposal"]["id"])
@@ -244,6 +250,20 @@ async def test_rotate_key_replaces_a_members_keys_by_vote(cluster):
     assert list(config.signing_key_path.parent.glob("signing.retired-*.pem"))
     heights = await notes(cluster, "B", 2, "new keys")
     await cluster.wait_height(["A", "B", "C", "R"], heights[-1])
+    # Everything that signs for B signs with the new key at once: a record written now has its
+    # vault entry and its anchor signed by it, never by the retired key.
+    resources = synthetic.patient_resources(synthetic.people(1, seed=61)[0], "B", visits=1, seed=61)
+    async with ApiClient.connect(config) as client:
+        added = await add_items(client, [Item(f"in:{i}", r) for i, r in enumerate(resources)], timeout=60)
+    assert added.records and all(added.heights.get(r["tx_id"]) for r in added.records)
+    db = sqlite3.connect(f"file:{config.data_dir / 'vault.sqlite3'}?mode=ro", uri=True)
+    try:
+        header, signature = db.execute("SELECT header, signature FROM entries ORDER BY position DESC").fetchone()
+    finally:
+        db.close()
+    signed = EntryHeader.from_wire(header).signed_bytes
+    assert crypto.verify(bytes.fromhex(member["signing_key"]), signed, signature)
+    assert not crypto.verify(bytes.fromhex(old_key), signed, signature)
 
     async def voting():
         status = await cluster.call("B", "status")

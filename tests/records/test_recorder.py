@@ -15,13 +15,14 @@ from ehrnode.records.vault import Vault
 
 CONSORTIUM = b"c" * 32
 IDENTITY = crypto.Identity.from_seed(b"r" * 32)
+MEMBER = crypto.MemberKeys(IDENTITY, crypto.SealingKey.generate())
 
 
 def recorder(tmp_path, name="A", profile=None):
     keys = RecordKeys.derive(name.encode() * 32, CONSORTIUM)
-    vault = Vault(tmp_path / f"{name}.sqlite3", keys, IDENTITY)
+    vault = Vault(tmp_path / f"{name}.sqlite3", keys, MEMBER)
     return Recorder(vault=vault, keys=keys, deidentifier=Deidentifier(profile or load_profile(), keys.deid),
-                    institution=name, chain_id="chain", identity=IDENTITY)
+                    institution=name, chain_id="chain", member=MEMBER)
 
 
 def items(resources, name="input.ndjson"):

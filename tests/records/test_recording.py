@@ -129,7 +129,7 @@ def test_released_resources_hold_no_phi(cluster, ingest):
     rows, _ = ingest
     config = cluster.configs["A"]
     vault = Vault(config.data_dir / "vault.sqlite3",
-                  RecordKeys.load(config.master_key_path, config.consortium_key_path), identity=None)
+                  RecordKeys.load(config.master_key_path, config.consortium_key_path), member=None)
     try:
         released = []
         for row in rows:

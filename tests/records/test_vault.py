@@ -12,6 +12,7 @@ from ehrnode.records.vault import NewEntry, PatientRow, Vault, Write
 
 KEYS = RecordKeys.derive(bytes(range(32)), bytes(32))
 IDENTITY = crypto.Identity.from_seed(b"v" * 32)
+MEMBER = crypto.MemberKeys(IDENTITY, crypto.SealingKey.generate())
 
 
 def _entry(n: int) -> NewEntry:
@@ -32,7 +33,7 @@ def _no_anchor(header, entry_hash):
 
 @pytest.fixture
 def vault(tmp_path):
-    v = Vault(tmp_path / "vault.sqlite3", KEYS, IDENTITY)
+    v = Vault(tmp_path / "vault.sqlite3", KEYS, MEMBER)
     v.append(Write(entries=[_entry(n) for n in range(1, 7)]), _no_anchor)
     yield v
     v.close()
@@ -125,7 +126,7 @@ def test_a_forged_signature_or_foreign_key_is_found(vault):
 
 
 def test_wrong_master_key_cannot_read(tmp_path, vault):
-    thief = Vault(vault.path, RecordKeys.derive(bytes(32), bytes(32)), IDENTITY)
+    thief = Vault(vault.path, RecordKeys.derive(bytes(32), bytes(32)), MEMBER)
     with pytest.raises(IntegrityError):
         thief.read((1).to_bytes(16, "big"))
     report = thief.verify(IDENTITY.public_key)
@@ -170,7 +171,7 @@ def test_an_entry_rewritten_and_resigned_after_anchoring_differs_from_the_chain(
         anchored[position] = (entry.header.record_id, entry.header.commitment, entry.hash)
     # The institution itself rebuilds its vault with other content: every link and signature is
     # fine, but the entry hashes no longer match what the chain holds.
-    rebuilt = Vault(tmp_path / "rebuilt.sqlite3", KEYS, IDENTITY)
+    rebuilt = Vault(tmp_path / "rebuilt.sqlite3", KEYS, MEMBER)
     rebuilt.append(Write(entries=[_entry(n) for n in range(1, 7)]), _no_anchor)
     assert rebuilt.verify(IDENTITY.public_key)["ok"]
     problems = rebuilt.verify(IDENTITY.public_key, anchored)["problems"]

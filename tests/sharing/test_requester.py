@@ -25,8 +25,8 @@ def make_puller(sent):
 
     hooks = RequesterHooks(send=lambda owner, data: sent.append((owner, data)) or True, submit=None,
                            wait_committed=wait_committed, counters=lambda outcome: None)
-    return Puller(name="B", genesis=Genesis(), identity=crypto.Identity.generate(),
-                  sealing_key=crypto.SealingKey.generate(), state=State(), hooks=hooks)
+    return Puller(name="B", genesis=Genesis(), member=crypto.MemberKeys(crypto.Identity.generate(),
+                  crypto.SealingKey.generate()), state=State(), hooks=hooks)
 
 
 @pytest.mark.parametrize("answers", [
