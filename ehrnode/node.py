@@ -29,7 +29,6 @@ import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +54,7 @@ from .consensus.safety import SafetyData
 from .consensus.survey import RoundSurvey, encode_answer
 from .consensus.types import Block, EpochEnd, ValidatorSet
 from .consortium import install_consortium_key
+from .daemon.commits import BlockFeed, Commits, EventFeed, TxWaiters
 from .epochs import EpochGrant, EpochKeys
 from .errors import AdmissionError, CodecError, ConfigError, CryptoError, InvalidMessage, KeyUnavailable, StoreError
 from .ledger.block_store import SqliteBlockStore
@@ -81,7 +81,7 @@ from .net.protocol import (
 from .net.tls import TlsContexts, check_certificate
 from .records.service import Hooks, RecordsService, anchor_view
 from .sdnotify import Notifier
-from .sharing.events import Subscription, event_of
+from .sharing.events import Subscription
 from .sharing.messages import PullAnswer, request_id
 from .sharing.owner import OwnerHooks, PullServer
 from .sharing.policy import load_policy
@@ -121,12 +121,6 @@ DEFAULT_CORE = CoreConfig(
     # quiet chain proposes at once; a lone transaction can commit up to 50 ms later.
     min_block_interval=0.05,
 )
-
-
-@dataclass
-class _Waiter:
-    event: trio.Event
-    height: int | None = None
 
 
 class Node:
@@ -234,10 +228,16 @@ class Node:
         self._connected: list[str] = []  # peers that (re)connected since the driver last looked
         self._gossip_wake = trio.Event()
         self._deadline = float("inf")
-        self._waiters: dict[bytes, _Waiter] = {}
-        self._subscribers: list[trio.MemorySendChannel[dict[str, Any]]] = []
-        self._event_subscribers: list[tuple[Subscription, trio.MemorySendChannel[dict[str, Any]]]] = []
-        self.events_dropped = 0
+        # What follows each commit besides the ledger, in this order (see daemon/commits.py).
+        self.waiters = TxWaiters(self.state.tx_height)
+        self.block_feed = BlockFeed()
+        self.events = EventFeed(self.name, self.state, self.log, limit=MAX_EVENT_SUBSCRIBERS)
+        self.commits = Commits(self.log)
+        self.commits.subscribe("keys.answer_failed", self._answer_key_requests)
+        self.commits.subscribe("whois.answer_failed", self._answer_whois)
+        self.commits.subscribe("events.failed", self.events.committed)
+        self.commits.subscribe("commit.waiters_failed", self.waiters.committed)
+        self.commits.subscribe("commit.feed_failed", self.block_feed.committed)
         self.inbox_dropped = 0
         self.invalid_messages = 0
         self._started = False  # the core has loaded its certificates (the driver started it)
@@ -549,6 +549,20 @@ class Node:
         self._key_requests.add(epoch)
         self.log.warning("keys.requested", epoch=epoch, tx=tx.id.hex()[:16])
 
+    def _answer_key_requests(self, block: Block, txs: Sequence[Transaction]) -> None:
+        for tx in txs:
+            if tx.kind == "keys.request":
+                self._answer_key_request(tx)
+
+    def _answer_whois(self, block: Block, txs: Sequence[Transaction]) -> None:
+        """Answer the whois requests addressed to this institution, as they commit."""
+        for tx in txs:
+            if tx.kind == "whois.request" and tx.body["institution"] == self.name:
+                try:
+                    self.whois.answer(tx.id)
+                except Exception as exc:  # noqa: BLE001 - one answer failing must not stop the others
+                    self.log.error("whois.answer_failed", request=tx.id.hex()[:16], error=repr(exc))
+
     def _answer_key_request(self, tx: Transaction) -> None:
         """Another member cannot open its copy of an epoch's key: seal this member's to it.
 
@@ -663,53 +677,14 @@ class Node:
 
     async def wait_committed(self, tx_id: bytes, timeout: float) -> int | None:
         """The height ``tx_id`` was committed at, or None if not within ``timeout`` seconds."""
-        height = self.state.tx_height(tx_id)
-        if height is not None:
-            return height
-        waiter = self._waiters.setdefault(tx_id, _Waiter(trio.Event()))
-        with trio.move_on_after(timeout):
-            await waiter.event.wait()
-        self._waiters.pop(tx_id, None)
-        return waiter.height if waiter.height is not None else self.state.tx_height(tx_id)
+        return await self.waiters.wait(tx_id, timeout)
 
     def subscribe(self) -> trio.MemoryReceiveChannel[dict[str, Any]]:
-        send, receive = trio.open_memory_channel[dict[str, Any]](256)
-        self._subscribers.append(send)
-        return receive
+        return self.block_feed.subscribe()
 
     def subscribe_events(self, subscription: Subscription) -> trio.MemoryReceiveChannel[dict[str, Any]]:
         """A channel of the events ``subscription`` wants (raises AdmissionError past the limit)."""
-        self._prune_subscribers()
-        if len(self._event_subscribers) >= MAX_EVENT_SUBSCRIBERS:
-            raise AdmissionError(f"{MAX_EVENT_SUBSCRIBERS} event subscriptions are open on this node",
-                                 reason="too_many_subscriptions")
-        send, receive = trio.open_memory_channel[dict[str, Any]](1024)
-        self._event_subscribers.append((subscription, send))
-        return receive
-
-    def _prune_subscribers(self) -> None:
-        # A client that went away closed its end: drop its subscription even if nothing matched.
-        self._event_subscribers = [(s, c) for s, c in self._event_subscribers
-                                   if c.statistics().open_receive_channels]
-
-    def _publish_events(self, txs: list[Transaction], height: int) -> None:
-        self._prune_subscribers()
-        for tx in txs:
-            event = event_of(self.state, tx, height)
-            if event is None:
-                continue
-            # Once per event, not per subscriber: every EMPI that stands for this patient now.
-            aliases = frozenset(self.state.empi.aliases(event.empi)) if event.empi else frozenset()
-            for subscription, channel in list(self._event_subscribers):
-                if not subscription.wants(self.name, event, aliases):
-                    continue
-                try:
-                    channel.send_nowait(event.body)
-                except trio.WouldBlock:
-                    self.events_dropped += 1  # a subscriber that does not read loses events, counted
-                    self.log.warning("events.dropped", event=event.body["event"], height=height)
-                except trio.BrokenResourceError:
-                    self._event_subscribers.remove((subscription, channel))
+        return self.events.subscribe(subscription)
 
     # --- running ----------------------------------------------------------------------
 
@@ -886,41 +861,15 @@ class Node:
             if applied is not None:
                 self.m_invalid_txs.inc(len(block.payload) - len(txs))
             self.m_latency.observe(max(0.0, time.time() - block.timestamp / 1000))
-            ids = [tx.id for tx in txs]
-            for tx in txs:
-                if tx.kind == "keys.request":
-                    self._answer_key_request(tx)
-                if tx.kind == "whois.request" and tx.body["institution"] == self.name:
-                    try:
-                        self.whois.answer(tx.id)
-                    except Exception as exc:  # noqa: BLE001 - an answer must never stop the chain
-                        self.log.error("whois.answer_failed", request=tx.id.hex()[:16], error=repr(exc))
-            if self._event_subscribers:
-                try:
-                    self._publish_events(txs, block.height)
-                except Exception as exc:  # noqa: BLE001 - a feed must never stop the chain
-                    self.log.error("events.failed", height=block.height, error=repr(exc))
             self.mempool.remove(crypto.sha256(data) for data in block.payload)
-            self.mempool.remove_committed(ids)
+            self.mempool.remove_committed(tx.id for tx in txs)
             self.head = block
             # Empty blocks of an idle chain are not worth an info line each.
             (self.log.info if block.payload else self.log.debug)(
                 "block.committed", height=block.height, round=block.round, txs=len(block.payload),
                 id=block.id.hex()[:16],
             )
-            for tx_id in ids:
-                waiter = self._waiters.get(tx_id)
-                if waiter is not None:
-                    waiter.height = block.height
-                    waiter.event.set()
-            note = {"height": block.height, "id": block.id.hex(), "round": block.round, "txs": len(block.payload)}
-            for channel in list(self._subscribers):
-                try:
-                    channel.send_nowait(note)
-                except trio.WouldBlock:
-                    pass  # a slow subscriber misses notifications; it can fetch blocks by height
-                except trio.BrokenResourceError:
-                    self._subscribers.remove(channel)
+            self.commits.committed(block, txs)
         if self.state_stalled is not None and len(self.epoch_keys.epochs) > self._keys_held:
             self._catch_up_state()  # a key it lacked was sealed to it since
         self._keys_held = len(self.epoch_keys.epochs)

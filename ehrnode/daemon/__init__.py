@@ -1,0 +1,1 @@
+"""The daemon's parts around the node: what happens when blocks commit."""

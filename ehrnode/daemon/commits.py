@@ -1,0 +1,149 @@
+"""What follows a commit, besides the ledger: the node's subscribers to committed blocks.
+
+The node applies each committed block to its stores first; then it hands the block, with the
+transactions the ledger found valid, to each subscriber in the order they subscribed: key
+upkeep, whois answers, event feeds, callers waiting for a transaction, block notifications.
+A subscriber that fails is logged under its own event and never stops the chain, nor the
+subscribers after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ..consensus.types import Block
+from ..errors import AdmissionError
+from ..ledger.state import LedgerState
+from ..ledger.transactions import Transaction
+from ..sharing.events import Subscription, event_of
+
+#: ``listener(block, txs)``: ``txs`` are the block's valid transactions, in order.
+Listener = Callable[[Block, Sequence[Transaction]], None]
+
+#: Block notifications queued for one ``blocks.subscribe`` client before it misses some.
+BLOCK_QUEUE = 256
+#: Events queued for one ``events.subscribe`` client before it misses some (counted).
+EVENT_QUEUE = 1024
+
+
+class Commits:
+    """The subscribers to committed blocks, each with the log event of its failures."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+        self._listeners: list[tuple[str, Listener]] = []
+
+    def subscribe(self, failure_event: str, listener: Listener) -> None:
+        self._listeners.append((failure_event, listener))
+
+    def committed(self, block: Block, txs: Sequence[Transaction]) -> None:
+        for failure_event, listener in self._listeners:
+            try:
+                listener(block, txs)
+            except Exception as exc:  # noqa: BLE001 - a subscriber must never stop the chain
+                self._log.error(failure_event, height=block.height, error=repr(exc))
+
+
+@dataclass
+class _Waiter:
+    event: trio.Event
+    height: int | None = None
+
+
+class TxWaiters:
+    """Callers waiting for a transaction to commit (``wait_committed``)."""
+
+    def __init__(self, height_of: Callable[[bytes], int | None]) -> None:
+        self._height_of = height_of  # the committed height of a transaction, from the ledger
+        self._waiters: dict[bytes, _Waiter] = {}
+
+    async def wait(self, tx_id: bytes, timeout: float) -> int | None:
+        """The height ``tx_id`` was committed at, or None if not within ``timeout`` seconds."""
+        height = self._height_of(tx_id)
+        if height is not None:
+            return height
+        waiter = self._waiters.setdefault(tx_id, _Waiter(trio.Event()))
+        with trio.move_on_after(timeout):
+            await waiter.event.wait()
+        self._waiters.pop(tx_id, None)
+        return waiter.height if waiter.height is not None else self._height_of(tx_id)
+
+    def committed(self, block: Block, txs: Sequence[Transaction]) -> None:
+        for tx in txs:
+            waiter = self._waiters.get(tx.id)
+            if waiter is not None:
+                waiter.height = block.height
+                waiter.event.set()
+
+
+class BlockFeed:
+    """``blocks.subscribe``: one note per committed block to each subscriber."""
+
+    def __init__(self) -> None:
+        self._channels: list[trio.MemorySendChannel[dict[str, Any]]] = []
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[dict[str, Any]]:
+        send, receive = trio.open_memory_channel[dict[str, Any]](BLOCK_QUEUE)
+        self._channels.append(send)
+        return receive
+
+    def committed(self, block: Block, txs: Sequence[Transaction]) -> None:
+        note = {"height": block.height, "id": block.id.hex(), "round": block.round, "txs": len(block.payload)}
+        for channel in list(self._channels):
+            try:
+                channel.send_nowait(note)
+            except trio.WouldBlock:
+                pass  # a slow subscriber misses notifications; it can fetch blocks by height
+            except trio.BrokenResourceError:
+                self._channels.remove(channel)
+
+
+class EventFeed:
+    """``events.subscribe`` (``ehrnode watch``): the events of the chain each subscription wants."""
+
+    def __init__(self, name: str, state: LedgerState, log: Any, *, limit: int) -> None:
+        self.name = name
+        self.state = state
+        self.log = log
+        self.limit = limit  # subscriptions open at once
+        self.dropped = 0  # events a subscriber did not read in time
+        self._subscriptions: list[tuple[Subscription, trio.MemorySendChannel[dict[str, Any]]]] = []
+
+    def subscribe(self, subscription: Subscription) -> trio.MemoryReceiveChannel[dict[str, Any]]:
+        """A channel of the events ``subscription`` wants (raises AdmissionError past the limit)."""
+        self._prune()
+        if len(self._subscriptions) >= self.limit:
+            raise AdmissionError(f"{self.limit} event subscriptions are open on this node",
+                                 reason="too_many_subscriptions")
+        send, receive = trio.open_memory_channel[dict[str, Any]](EVENT_QUEUE)
+        self._subscriptions.append((subscription, send))
+        return receive
+
+    def _prune(self) -> None:
+        # A client that went away closed its end: drop its subscription even if nothing matched.
+        self._subscriptions = [(s, c) for s, c in self._subscriptions if c.statistics().open_receive_channels]
+
+    def committed(self, block: Block, txs: Sequence[Transaction]) -> None:
+        if not self._subscriptions:
+            return
+        self._prune()
+        for tx in txs:
+            event = event_of(self.state, tx, block.height)
+            if event is None:
+                continue
+            # Once per event, not per subscriber: every EMPI that stands for this patient now.
+            aliases = frozenset(self.state.empi.aliases(event.empi)) if event.empi else frozenset()
+            for subscription, channel in list(self._subscriptions):
+                if not subscription.wants(self.name, event, aliases):
+                    continue
+                try:
+                    channel.send_nowait(event.body)
+                except trio.WouldBlock:
+                    self.dropped += 1  # a subscriber that does not read loses events, counted
+                    self.log.warning("events.dropped", event=event.body["event"], height=block.height)
+                except trio.BrokenResourceError:
+                    self._subscriptions.remove((subscription, channel))

@@ -1,0 +1,43 @@
+"""The subscribers to committed blocks: in order, each failing alone; waiters woken by their commit."""
+
+from types import SimpleNamespace
+
+import trio
+
+from ehrnode.daemon.commits import Commits, TxWaiters
+
+
+class Log:
+    def __init__(self):
+        self.errors = []
+
+    def error(self, event, **fields):
+        self.errors.append((event, fields))
+
+
+def test_a_failing_subscriber_is_logged_and_the_others_still_run():
+    log, seen = Log(), []
+    commits = Commits(log)
+    commits.subscribe("first.failed", lambda block, txs: seen.append(("first", block.height)))
+    commits.subscribe("broken.failed", lambda block, txs: 1 / 0)
+    commits.subscribe("last.failed", lambda block, txs: seen.append(("last", len(txs))))
+    commits.committed(SimpleNamespace(height=7), [SimpleNamespace(id=b"t")])
+    assert seen == [("first", 7), ("last", 1)]
+    assert [(event, fields["height"]) for event, fields in log.errors] == [("broken.failed", 7)]
+    assert "ZeroDivisionError" in log.errors[0][1]["error"]
+
+
+async def test_a_waiter_gets_the_height_its_transaction_committed_at():
+    heights = {b"old": 3}
+    waiters = TxWaiters(heights.get)
+    assert await waiters.wait(b"old", 0) == 3  # committed before anyone waited
+    assert await waiters.wait(b"never", 0.01) is None
+
+    got = []
+    async with trio.open_nursery() as nursery:
+        async def wait():
+            got.append(await waiters.wait(b"new", 5))
+        nursery.start_soon(wait)
+        await trio.sleep(0.01)
+        waiters.committed(SimpleNamespace(height=9), [SimpleNamespace(id=b"other"), SimpleNamespace(id=b"new")])
+    assert got == [9]
