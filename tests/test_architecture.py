@@ -111,7 +111,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(layer.split()) for layer in
     "ledger",
     "records users net",
     "sharing consortium backup sim",
-    "node daemon client localnet",
+    "daemon client localnet",
     "api demo",
     "cli",
 ))

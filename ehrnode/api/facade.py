@@ -2,7 +2,7 @@
 
 Handlers see the chain's state and the services the node runs (records, pulls, whois), and
 submit, wait and subscribe through it; they never touch the consensus core, the peers or
-the node's internals. The daemon's :class:`~ehrnode.node.Node` provides it.
+the node's internals. The daemon's :class:`~ehrnode.daemon.node.Node` provides it.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from .common import (
 
 if TYPE_CHECKING:
     from ..api import ApiServer
-    from ..node import Node
+    from ..daemon.node import Node
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -28,7 +28,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .. import logs
     from ..api import CATALOGUE, ApiServer
     from ..config import load_node_config
-    from ..node import Node
+    from ..daemon.node import Node
     from ..users.roles import load_roles
 
     config = load_node_config(config_path(args))

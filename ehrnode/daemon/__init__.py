@@ -1,1 +1,2 @@
-"""The daemon's parts around the node: what happens when blocks commit."""
+"""The daemon: the node that wires stores, consensus, peers and services together (`node.py`),
+and what follows each commit besides the ledger (`commits.py`)."""

@@ -34,9 +34,9 @@ from typing import Any
 
 import trio
 
-from . import crypto, metrics
-from .config import Genesis, Member, NodeConfig, load_genesis
-from .consensus.core import (
+from .. import crypto, metrics
+from ..config import Genesis, Member, NodeConfig, load_genesis
+from ..consensus.core import (
     Action,
     Broadcast,
     CommitBlocks,
@@ -48,27 +48,26 @@ from .consensus.core import (
     SetTimer,
     epoch_of,
 )
-from .consensus.messages import decode_message, encode_message
-from .consensus.pacemaker import PacemakerConfig
-from .consensus.safety import SafetyData
-from .consensus.survey import RoundSurvey, encode_answer
-from .consensus.types import Block, EpochEnd, ValidatorSet
-from .consortium import install_consortium_key
-from .daemon.commits import BlockFeed, Commits, EventFeed, TxWaiters
-from .epochs import EpochGrant, EpochKeys
-from .errors import AdmissionError, CodecError, ConfigError, CryptoError, InvalidMessage, KeyUnavailable, StoreError
-from .ledger.block_store import SqliteBlockStore
-from .ledger.envelope import mix
-from .ledger.mempool import Mempool
-from .ledger.safety_store import FileSafetyStore
-from .ledger.state import LedgerState
-from .ledger.transactions import Transaction
-from .limits import Refusals
-from .logs import get_logger
-from .membership import Membership
-from .metrics import Registry
-from .net.peers import Peer, PeerNetwork
-from .net.protocol import (
+from ..consensus.messages import decode_message, encode_message
+from ..consensus.pacemaker import PacemakerConfig
+from ..consensus.safety import SafetyData
+from ..consensus.survey import RoundSurvey, encode_answer
+from ..consensus.types import Block, EpochEnd, ValidatorSet
+from ..consortium import install_consortium_key
+from ..epochs import EpochGrant, EpochKeys
+from ..errors import AdmissionError, CodecError, ConfigError, CryptoError, InvalidMessage, KeyUnavailable, StoreError
+from ..ledger.block_store import SqliteBlockStore
+from ..ledger.envelope import mix
+from ..ledger.mempool import Mempool
+from ..ledger.safety_store import FileSafetyStore
+from ..ledger.state import LedgerState
+from ..ledger.transactions import Transaction
+from ..limits import Refusals
+from ..logs import get_logger
+from ..membership import Membership
+from ..metrics import Registry
+from ..net.peers import Peer, PeerNetwork
+from ..net.protocol import (
     AnswerFrame,
     ConsensusFrame,
     Frame,
@@ -78,16 +77,17 @@ from .net.protocol import (
     TxFrame,
     encode_frame,
 )
-from .net.tls import TlsContexts, check_certificate
-from .records.service import Hooks, RecordsService, anchor_view
-from .sdnotify import Notifier
-from .sharing.events import Subscription
-from .sharing.messages import PullAnswer, request_id
-from .sharing.owner import OwnerHooks, PullServer
-from .sharing.policy import load_policy
-from .sharing.requester import Puller, RequesterHooks
-from .sharing.whois import WhoisDesk, WhoisHooks
-from .users.store import UserStore
+from ..net.tls import TlsContexts, check_certificate
+from ..records.service import Hooks, RecordsService, anchor_view
+from ..sdnotify import Notifier
+from ..sharing.events import Subscription
+from ..sharing.messages import PullAnswer, request_id
+from ..sharing.owner import OwnerHooks, PullServer
+from ..sharing.policy import load_policy
+from ..sharing.requester import Puller, RequesterHooks
+from ..sharing.whois import WhoisDesk, WhoisHooks
+from ..users.store import UserStore
+from .commits import BlockFeed, Commits, EventFeed, TxWaiters
 
 #: A server the node starts before it reports ready (``nursery.start``-able: it takes ``task_status``).
 Listener = Callable[..., Awaitable[Any]]
