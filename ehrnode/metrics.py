@@ -15,8 +15,8 @@ from typing import Any
 
 import prometheus_client
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from .logs import get_logger
@@ -43,6 +43,34 @@ class _ReadCounters(Collector):
             for value, count in sorted(read_counts().items()):
                 family.add_metric([value], count)
             yield family
+
+
+class Histogram(Collector):
+    """A histogram whose bucket bounds keep the form they were written in (``le="1"``, as the
+    node's dashboards and alerts name them), where the client library would print ``le="1.0"``."""
+
+    def __init__(self, name: str, help_: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.help = name, help_
+        self.bounds = tuple(sorted(buckets))
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        buckets = [(_bound(b), float(c)) for b, c in zip(self.bounds, self.counts, strict=True)]
+        yield HistogramMetricFamily(self.name, self.help, buckets=[*buckets, ("+Inf", float(self.count))],
+                                    sum_value=self.sum)
+
+
+def _bound(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 class Registry:
@@ -73,7 +101,9 @@ class Registry:
         self._read._labeled.append((name, help_, label, read))
 
     def histogram(self, name: str, help_: str, buckets: tuple[float, ...]) -> Histogram:
-        return Histogram(name, help_, buckets=buckets, registry=self.registry)
+        histogram = Histogram(name, help_, buckets)
+        self.registry.register(histogram)
+        return histogram
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()

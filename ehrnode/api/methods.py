@@ -132,8 +132,8 @@ TABLE: tuple[Method, ...] = (
 BY_NAME: dict[str, Method] = {m.name: m for m in TABLE}
 NAMES = frozenset(BY_NAME)
 #: What a roles file may name (:mod:`ehrnode.users.roles`).
-CATALOGUE = Catalogue(methods=NAMES, patient=frozenset(m.name for m in TABLE if m.patient))
 ALWAYS = frozenset(m.name for m in TABLE if m.always)
+CATALOGUE = Catalogue(methods=NAMES, patient=frozenset(m.name for m in TABLE if m.patient), always=ALWAYS)
 
 assert len(BY_NAME) == len(TABLE), "a method declared twice"
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from collections.abc import Iterator
 from typing import Any
 
-from .common import Commands, call_object, iso, non_negative, show, with_config
+from .common import Commands, call_object, non_negative, show, with_config
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -43,15 +44,16 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
     def lines(view: dict[str, Any]) -> Iterator[str]:
         yield f"current epoch {view['current']}  (rotated every {view['rotate_days']:g} days, in turn)"
         for e in view["epochs"]:
+            opened = datetime.datetime.fromtimestamp(e["time"] / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
             held = "held" if e["held"] else "NOT HELD"
-            yield (f"  epoch {e['epoch']:<4} from height {e['starts']:<8} {iso(e['time'])}  by "
-                   f"{e['opened_by']:<12} {held}")
+            yield f"  epoch {e['epoch']:<4} from height {e['starts']:<8} {opened}Z  by {e['opened_by']:<12} {held}"
 
     view = call_object(args, "keys.status")
     show(args, view, lines)
-    if not args.json:
-        for epoch, why in view["unreadable"].items():
-            print(f"  epoch {epoch}: {why}", file=sys.stderr)
+    if args.json:
+        return 0  # the answer says what is unreadable; a script reads it there
+    for epoch, why in view["unreadable"].items():
+        print(f"  epoch {epoch}: {why}", file=sys.stderr)
     return 1 if view["unreadable"] else 0
 
 

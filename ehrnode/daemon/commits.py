@@ -4,7 +4,7 @@ The node applies each committed block to its stores first; then it hands the blo
 transactions the ledger found valid, to each subscriber in the order they subscribed: key
 upkeep, whois answers, event feeds, callers waiting for a transaction, block notifications.
 A subscriber that fails is logged under its own event and never stops the chain, nor the
-subscribers after it.
+subscribers after it; only a failing disk (StoreError) stops the node, as everywhere.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from ..consensus.types import Block
-from ..errors import AdmissionError
+from ..errors import AdmissionError, StoreError
 from ..ledger.state import LedgerState
 from ..ledger.transactions import Transaction
 from ..sharing.events import Subscription, event_of
@@ -44,6 +44,8 @@ class Commits:
         for failure_event, listener in self._listeners:
             try:
                 listener(block, txs)
+            except StoreError:
+                raise  # the disk failed under us: stop rather than run on half-persisted state
             except Exception as exc:  # noqa: BLE001 - a subscriber must never stop the chain
                 self._log.error(failure_event, height=block.height, error=repr(exc))
 

@@ -552,7 +552,12 @@ class Node:
     def _answer_key_requests(self, block: Block, txs: Sequence[Transaction]) -> None:
         for tx in txs:
             if tx.kind == "keys.request":
-                self._answer_key_request(tx)
+                try:
+                    self._answer_key_request(tx)
+                except StoreError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one answer failing must not stop the others
+                    self.log.error("keys.answer_failed", request=tx.id.hex()[:16], error=repr(exc))
 
     def _answer_whois(self, block: Block, txs: Sequence[Transaction]) -> None:
         """Answer the whois requests addressed to this institution, as they commit."""
@@ -560,6 +565,8 @@ class Node:
             if tx.kind == "whois.request" and tx.body["institution"] == self.name:
                 try:
                     self.whois.answer(tx.id)
+                except StoreError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - one answer failing must not stop the others
                     self.log.error("whois.answer_failed", request=tx.id.hex()[:16], error=repr(exc))
 
@@ -887,6 +894,7 @@ class Node:
             if following is not None and (listed.signing_key, listed.sealing_key) == (
                     following[0].public_key, following[1].public_key):
                 self.keys.replace(*following)  # the recorder, vault, pulls and whois sign and open with them now
+                self.epoch_keys.add_sealing_key(following[1])  # later epochs' keys are sealed to the new key
                 self.network.set_identity(self.identity)
                 self.log.warning("keys.replaced", retired=[str(p) for p in _take_next_keys(self.config)],
                                  detail="the consortium adopted this member's new keys: they are its keys now")

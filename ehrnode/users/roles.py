@@ -43,6 +43,7 @@ class Catalogue:
 
     methods: frozenset[str]
     patient: frozenset[str]
+    always: frozenset[str] = frozenset()  # every user may call these (users.whoami)
 
 
 
@@ -51,10 +52,11 @@ class Role:
     name: str
     allow: frozenset[str]
     patient: bool
+    always: frozenset[str] = frozenset()  # the catalogue's methods every user may call
 
     def permits(self, method: str, purpose: str | None = None) -> bool:
         group = method.partition(".")[0] + ".*"
-        if {"*", method, group} & self.allow:
+        if method in self.always or {"*", method, group} & self.allow:
             return True
         return purpose is not None and f"{method}:{purpose}" in self.allow
 
@@ -124,7 +126,7 @@ def _build(doc: dict[str, Any], source: str, catalogue: Catalogue) -> Roles:
                 if permission not in catalogue.patient:
                     raise fail(f"{where} allow", f"{permission!r}: a patient role may only be allowed methods "
                                                  f"that name the patient ({', '.join(sorted(catalogue.patient))})")
-        roles[name] = Role(name, frozenset(allow), patient)
+        roles[name] = Role(name, frozenset(allow), patient, catalogue.always)
     admin = roles.get(ADMIN)
     if admin is None or admin.patient or not all(admin.permits(m) for m in ("users.add", "users.rotate")):
         raise fail(f"[roles.{ADMIN}]", "the admin role must exist and be allowed users.* (the node's own "

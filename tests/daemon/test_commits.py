@@ -2,9 +2,11 @@
 
 from types import SimpleNamespace
 
+import pytest
 import trio
 
 from ehrnode.daemon.commits import Commits, TxWaiters
+from ehrnode.errors import StoreError
 
 
 class Log:
@@ -25,6 +27,16 @@ def test_a_failing_subscriber_is_logged_and_the_others_still_run():
     assert seen == [("first", 7), ("last", 1)]
     assert [(event, fields["height"]) for event, fields in log.errors] == [("broken.failed", 7)]
     assert "ZeroDivisionError" in log.errors[0][1]["error"]
+
+
+def test_a_failing_disk_stops_the_node_rather_than_being_logged():
+    def disk_full(block, txs):
+        raise StoreError("disk full")
+
+    commits = Commits(Log())
+    commits.subscribe("disk.failed", disk_full)
+    with pytest.raises(StoreError):
+        commits.committed(SimpleNamespace(height=1), [])
 
 
 async def test_a_waiter_gets_the_height_its_transaction_committed_at():

@@ -270,6 +270,13 @@ async def test_rotate_key_replaces_a_members_keys_by_vote(cluster):
         return status if status["validator"] and status["consensus_epoch"] == 1 else None
     status = await wait_for(voting, timeout=30)
     assert status["ledger"]["stalled_at"] is None
+    # The next epoch's key is sealed to B's new sealing key only: B opens it without a restart.
+    rotated = await cluster.call("A", "keys.rotate")
+    after = await notes(cluster, "B", 1, "next epoch")
+    await cluster.wait_height(["B"], max(after[-1], rotated["starts"]))
+    held = await cluster.call("B", "keys.status")
+    assert held["unreadable"] == {} and all(e["held"] for e in held["epochs"])
+    assert (await cluster.call("B", "status"))["ledger"]["stalled_at"] is None
     # Restarted, it starts with them; every epoch is readable, its records verify with either key.
     cluster.stop("B")
     cluster.start("B")

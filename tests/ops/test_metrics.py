@@ -19,8 +19,9 @@ def test_exposition_format():
     assert float(samples["y"]) == 2.5
     assert "# TYPE w_total counter" in text and float(samples["w_total"]) == 7
     assert float(samples['v_total{kind="a"}']) == 1 and float(samples['v_total{kind="b"}']) == 2
-    assert float(samples['z_seconds_bucket{le="0.1"}']) == 1 and float(samples['z_seconds_bucket{le="1.0"}']) == 2
+    assert float(samples['z_seconds_bucket{le="0.1"}']) == 1 and float(samples['z_seconds_bucket{le="1"}']) == 2
     assert float(samples['z_seconds_bucket{le="+Inf"}']) == 3 and float(samples["z_seconds_count"]) == 3
+    assert float(samples["z_seconds_sum"]) == 5.55
     # The standard process metrics come with every registry.
     assert float(samples["process_open_fds"]) > 0 and "process_cpu_seconds_total" in samples
     assert not any(name.endswith("_created") for name in samples)

@@ -35,6 +35,7 @@ def test_the_packaged_roles_give_each_role_its_permissions():
     assert admin.permits("users.revoke") and admin.permits("records.pull", "research")
     # Every user may ask who they are, whatever their role: the method table says so.
     assert ALWAYS == {"users.whoami"}
+    assert all(roles.get(name).permits("users.whoami") for name in roles.roles)
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -140,3 +141,11 @@ def test_a_role_includes_another_only_if_it_may_do_all_it_may():
     assert admin.includes(clinician) and admin.includes(patient)
     assert clinician.includes(clerk) and not clerk.includes(clinician) and not clinician.includes(admin)
     assert not clinician.includes(patient)  # a clinician does not read disclosures
+
+
+def test_listing_what_every_user_may_do_does_not_make_a_role_harder_to_hand_out(tmp_path):
+    path = tmp_path / "roles.toml"
+    path.write_text("[roles.admin]\nallow = ['*']\n[roles.desk]\nallow = ['users.add', 'status']\n"
+                    "[roles.viewer]\nallow = ['status', 'users.whoami']\n")
+    roles = load_roles(path, CATALOGUE)
+    assert roles.get("desk").includes(roles.get("viewer"))
