@@ -18,7 +18,7 @@ import importlib.resources
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -240,6 +240,30 @@ def check_name(name: Any, where: str) -> str:
     return name
 
 
+def parse_member(m: Any, at: str) -> Member:
+    """One member's public half (a genesis table, or a ``member.json``); ConfigError naming ``at``."""
+    if not isinstance(m, dict):
+        raise ConfigError(f"{at}: expected a table")
+    role = _field(m, "role", str, at)
+    if role not in ROLES:
+        raise ConfigError(f"{at}: role must be one of {', '.join(ROLES)}, got {role!r}")
+    return Member(
+        name=check_name(_field(m, "name", str, at), at),
+        role=role,
+        signing_key=_hex_key(_field(m, "signing_key", str, at), f"{at} signing_key"),
+        sealing_key=_hex_key(_field(m, "sealing_key", str, at), f"{at} sealing_key"),
+        address=Address.parse(_field(m, "address", str, at), f"{at} address"),
+    )
+
+
+def check_distinct(members: Sequence[Member], where: str) -> None:
+    """No two members with one name or one key."""
+    for attr in ("name", "signing_key", "sealing_key"):
+        values = [getattr(m, attr) for m in members]
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{where}: two members share a {attr.replace('_', ' ')}")
+
+
 def parse_genesis(doc: dict[str, Any], where: str) -> Genesis:
     chain_id = _field(doc, "chain_id", str, where)
     if not 1 <= len(chain_id) <= 64:
@@ -247,25 +271,8 @@ def parse_genesis(doc: dict[str, Any], where: str) -> Genesis:
     raw_members = _field(doc, "members", list, where)
     if not raw_members:
         raise ConfigError(f"{where}: no members")
-    members = []
-    for i, m in enumerate(raw_members):
-        at = f"{where} members[{i}]"
-        if not isinstance(m, dict):
-            raise ConfigError(f"{at}: expected a table")
-        role = _field(m, "role", str, at)
-        if role not in ROLES:
-            raise ConfigError(f"{at}: role must be one of {', '.join(ROLES)}, got {role!r}")
-        members.append(Member(
-            name=check_name(_field(m, "name", str, at), at),
-            role=role,
-            signing_key=_hex_key(_field(m, "signing_key", str, at), f"{at} signing_key"),
-            sealing_key=_hex_key(_field(m, "sealing_key", str, at), f"{at} sealing_key"),
-            address=Address.parse(_field(m, "address", str, at), f"{at} address"),
-        ))
-    for attr in ("name", "signing_key", "sealing_key"):
-        values = [getattr(m, attr) for m in members]
-        if len(set(values)) != len(values):
-            raise ConfigError(f"{where}: two members share a {attr.replace('_', ' ')}")
+    members = [parse_member(m, f"{where} members[{i}]") for i, m in enumerate(raw_members)]
+    check_distinct(members, where)
     return Genesis(chain_id, tuple(members), _epoch_key(doc, where, [m.name for m in members]),
                    _consortium_key(doc, where, [m.name for m in members if m.role == "institution"]))
 

@@ -49,15 +49,30 @@ import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tomli_w
 
 from . import crypto
-from .config import ROLES, Address, Genesis, Member, NodeConfig, TlsFiles, check_name, load_genesis
+from .config import (
+    ROLES,
+    Address,
+    Genesis,
+    Member,
+    NodeConfig,
+    TlsFiles,
+    check_distinct,
+    check_name,
+    load_genesis,
+    parse_member,
+)
 from .epochs import EpochGrant
 from .errors import ConfigError
-from .net.tls import create_ca, issue, request, sign_request
+from .net.tls import certificate, check_request, create_ca, issue, request
 from .records.keys import create_secret
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 GENESIS_FILE = "genesis.toml"
 NODE_FILE = "node.toml"
@@ -179,26 +194,14 @@ def keys_init(directory: Path, name: str, role: str, address: Address, *, tls: b
     if (directory / "keys").exists() or (directory / NODE_FILE).exists():
         raise ConfigError(f"refusing to overwrite existing keys or configuration in {directory}")
     keys = directory / "keys"
-    keys.mkdir(parents=True, mode=0o700)
-    os.chmod(keys, 0o700)
-    identity, sealing = crypto.Identity.generate(), crypto.SealingKey.generate()
-    identity.save(keys / "signing.pem")
-    sealing.save(keys / "sealing.pem")
-    create_secret(keys / "master.key")
+    identity, sealing = _make_keys(keys)
     member = member_json(Member(name, role, identity.public_key, sealing.public_key, address))
     tls_files = None
     if tls:
         member["tls_request"] = request(name, keys / "tls.key").decode("ascii")
         tls_files = TlsFiles(directory / "ca.pem", keys / "tls.pem", keys / "tls.key")
-    config = NodeConfig(
-        path=directory / NODE_FILE, name=name, genesis_path=directory / GENESIS_FILE, data_dir=directory / "data",
-        signing_key_path=keys / "signing.pem", sealing_key_path=keys / "sealing.pem",
-        peer_listen=Address(_listen_host(address.host), address.port),
-        api_listen=Address("127.0.0.1", address.port + API_PORT_OFFSET),
-        log_level="info", metrics_listen=Address("127.0.0.1", address.port + METRICS_PORT_OFFSET),
-        master_key_path=keys / "master.key",
-        consortium_key_path=keys / "consortium.key" if role == "institution" else None, tls=tls_files,
-    )
+    config = _node_config(directory, name, directory / GENESIS_FILE, Address(_listen_host(address.host), address.port),
+                          institution=role == "institution", tls=tls_files)
     _write_toml(config.path, config.to_toml_dict(),
                 f"# ehrnode node configuration for {name}. Before the first start, put beside this file the\n"
                 "# consortium's genesis.toml" + (", its CA (ca.pem) and this member's certificate as "
@@ -225,37 +228,25 @@ def found_consortium(directory: Path, member_files: Sequence[Path], *, tls: bool
     institution. Refuses to overwrite anything.
     """
     directory = Path(directory)
+    # Every member's public half and certificate request is checked before anything is written.
     members: list[Member] = []
-    requests: dict[str, bytes] = {}
+    tls_keys: dict[str, ec.EllipticCurvePublicKey] = {}
     for path in member_files:
         try:
             doc = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--members: cannot read {path}: {exc}") from exc
-        if not isinstance(doc, dict):
-            raise ConfigError(f"--members: {path} is not a JSON object")
         where = f"--members {path}"
-        try:
-            member = Member(check_name(str(doc.get("name", "")), where), str(doc.get("role", "")),
-                            bytes.fromhex(str(doc.get("signing_key", ""))),
-                            bytes.fromhex(str(doc.get("sealing_key", ""))),
-                            Address.parse(str(doc.get("address", "")), f"{where} address"))
-        except ValueError as exc:
-            raise ConfigError(f"{where}: keys must be hex: {exc}") from exc
-        if member.role not in ROLES or len(member.signing_key) != 32 or len(member.sealing_key) != 32:
-            raise ConfigError(f"{where}: expected a role ({', '.join(ROLES)}) and two 32-byte public keys")
+        member = parse_member(doc, where)
         if tls:
             if not isinstance(doc.get("tls_request"), str):
                 raise ConfigError(f"{where}: no TLS certificate request (made with `keys init --no-tls`?); "
                                   "found with --no-tls, or make the member's keys again")
-            requests[member.name] = doc["tls_request"].encode("ascii")
+            tls_keys[member.name] = check_request(member.name, doc["tls_request"])
         members.append(member)
     if not any(m.role == "institution" for m in members):
         raise ConfigError("a consortium needs at least one institution")
-    for attr in ("name", "signing_key", "sealing_key"):
-        values = [getattr(m, attr) for m in members]
-        if len(set(values)) != len(values):
-            raise ConfigError(f"--members: two members share a {attr.replace('_', ' ')}")
+    check_distinct(members, "--members")
     existing = [p for p in (directory / GENESIS_FILE, directory / "ca", directory / CERTS_DIR) if p.exists()]
     if existing:
         raise ConfigError(f"refusing to overwrite existing {existing[0]}")
@@ -264,8 +255,8 @@ def found_consortium(directory: Path, member_files: Sequence[Path], *, tls: bool
     if tls:
         ca_cert, ca_key = create_ca(directory / "ca", chain_id)
         (directory / CERTS_DIR).mkdir()
-        for name, csr in requests.items():
-            (directory / CERTS_DIR / f"{name}.pem").write_bytes(sign_request(ca_cert, ca_key, name, csr))
+        for name, public in tls_keys.items():
+            (directory / CERTS_DIR / f"{name}.pem").write_bytes(certificate(ca_cert, ca_key, name, public))
     secret = os.urandom(32)
     sealed = {m.name: crypto.seal_to(m.sealing_key, secret, CONSORTIUM_KEY_CONTEXT + chain_id.encode())
               for m in members if m.role == "institution"}
@@ -294,27 +285,42 @@ def _member_files(directory: Path, name: str, genesis_path: Path, peer: Address,
     institution the consortium's EMPI pseudonym key, with ``ca`` a TLS certificate) and its node
     configuration (returned, not written)."""
     keys = directory / name / "keys"
-    keys.mkdir(parents=True, mode=0o700)
-    os.chmod(keys, 0o700)
-    identity, sealing = crypto.Identity.generate(), crypto.SealingKey.generate()
-    identity.save(keys / "signing.pem")
-    sealing.save(keys / "sealing.pem")
-    create_secret(keys / "master.key")
+    identity, sealing = _make_keys(keys)
     if consortium_secret is not None:
         crypto.write_secret_file(keys / "consortium.key", consortium_secret)
     tls_files = None
     if ca is not None:
         issue(*ca, name, keys / "tls.pem", keys / "tls.key")
         tls_files = TlsFiles(ca[0], keys / "tls.pem", keys / "tls.key")
-    config = NodeConfig(
-        path=directory / name / NODE_FILE, name=name, genesis_path=genesis_path, data_dir=directory / name / "data",
-        signing_key_path=keys / "signing.pem", sealing_key_path=keys / "sealing.pem",
-        peer_listen=peer, api_listen=Address("127.0.0.1", peer.port + API_PORT_OFFSET),
-        log_level="info", metrics_listen=Address("127.0.0.1", peer.port + METRICS_PORT_OFFSET),
-        master_key_path=keys / "master.key",
-        consortium_key_path=keys / "consortium.key" if consortium_secret is not None else None, tls=tls_files,
-    )
+    config = _node_config(directory / name, name, genesis_path, peer, institution=consortium_secret is not None,
+                          tls=tls_files)
     return config, identity, sealing
+
+
+def _make_keys(keys: Path) -> tuple[crypto.Identity, crypto.SealingKey]:
+    """A member's keys directory (0700): a new signing key, sealing key and records secret (0600)."""
+    keys.mkdir(parents=True, mode=0o700)
+    os.chmod(keys, 0o700)
+    identity, sealing = crypto.Identity.generate(), crypto.SealingKey.generate()
+    identity.save(keys / "signing.pem")
+    sealing.save(keys / "sealing.pem")
+    create_secret(keys / "master.key")
+    return identity, sealing
+
+
+def _node_config(home: Path, name: str, genesis_path: Path, peer_listen: Address, *, institution: bool,
+                 tls: TlsFiles | None) -> NodeConfig:
+    """The node configuration of a member living in ``home`` (keys in ``home/keys``): its API and
+    metrics on loopback, at fixed offsets from its peer port."""
+    keys = home / "keys"
+    return NodeConfig(
+        path=home / NODE_FILE, name=name, genesis_path=genesis_path, data_dir=home / "data",
+        signing_key_path=keys / "signing.pem", sealing_key_path=keys / "sealing.pem", peer_listen=peer_listen,
+        api_listen=Address("127.0.0.1", peer_listen.port + API_PORT_OFFSET),
+        log_level="info", metrics_listen=Address("127.0.0.1", peer_listen.port + METRICS_PORT_OFFSET),
+        master_key_path=keys / "master.key",
+        consortium_key_path=keys / "consortium.key" if institution else None, tls=tls,
+    )
 
 
 def member_json(member: Member) -> dict[str, str]:

@@ -81,7 +81,7 @@ def create_ca(directory: Path, consortium: str) -> tuple[Path, Path]:
 def issue(ca_cert_path: Path, ca_key_path: Path, member: str, cert_path: Path, key_path: Path) -> None:
     """A key (0600) and a certificate naming ``member``, signed by the consortium CA."""
     key = ec.generate_private_key(ec.SECP256R1())
-    cert_path.write_bytes(_certificate(ca_cert_path, ca_key_path, member, key.public_key()))
+    cert_path.write_bytes(certificate(ca_cert_path, ca_key_path, member, key.public_key()))
     write_secret_file(key_path, _private_pem(key))
 
 
@@ -94,12 +94,12 @@ def request(member: str, key_path: Path) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
-def sign_request(ca_cert_path: Path, ca_key_path: Path, member: str, csr_pem: bytes) -> bytes:
-    """The certificate (PEM) for ``member``'s signing request; ConfigError if the request is not
-    a valid one of ``member``'s."""
+def check_request(member: str, csr_pem: str | bytes) -> ec.EllipticCurvePublicKey:
+    """The public key of ``member``'s certificate signing request (PEM); ConfigError if it is not
+    a valid request of ``member``'s, signed by that key."""
     try:
-        csr = x509.load_pem_x509_csr(csr_pem)
-    except ValueError as exc:
+        csr = x509.load_pem_x509_csr(csr_pem.encode("ascii") if isinstance(csr_pem, str) else csr_pem)
+    except ValueError as exc:  # UnicodeEncodeError included: a PEM is ASCII
         raise ConfigError(f"{member}: the TLS certificate request does not parse: {exc}") from exc
     names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not csr.is_signature_valid or [n.value for n in names] != [member]:
@@ -107,10 +107,11 @@ def sign_request(ca_cert_path: Path, ca_key_path: Path, member: str, csr_pem: by
     public = csr.public_key()
     if not isinstance(public, ec.EllipticCurvePublicKey):
         raise ConfigError(f"{member}: the TLS certificate request is not for an ECDSA key")
-    return _certificate(ca_cert_path, ca_key_path, member, public)
+    return public
 
 
-def _certificate(ca_cert_path: Path, ca_key_path: Path, member: str, public: ec.EllipticCurvePublicKey) -> bytes:
+def certificate(ca_cert_path: Path, ca_key_path: Path, member: str, public: ec.EllipticCurvePublicKey) -> bytes:
+    """A member certificate (PEM) for ``public``, signed by the consortium CA."""
     ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
     ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)

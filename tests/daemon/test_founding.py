@@ -7,8 +7,6 @@ founder never holds a member's private key, and the consortium runs on TLS by de
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import trio
@@ -21,13 +19,10 @@ from ehrnode.errors import ConfigError
 from ehrnode.localnet import LocalConsortium
 from ehrnode.records.fhir import Item
 from ehrnode.records.submit import add_items
+from tests.commands import cli
 
 PRIVATE = {"signing.pem", "sealing.pem", "master.key", "tls.key", "consortium.key"}
 
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "ehrnode.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
 
 
 def test_each_member_holds_only_its_own_secrets_and_the_consortium_runs_on_tls(tmp_path):
@@ -86,6 +81,11 @@ def test_keys_init_prints_the_public_half_only_and_founding_checks_what_it_is_gi
     (tmp_path / "forged.json").write_text(json.dumps(forged))
     with pytest.raises(ConfigError, match="names another member"):
         found_consortium(tmp_path / "f1", [tmp_path / "a" / "member.json", tmp_path / "forged.json"])
+    assert not (tmp_path / "f1").exists()  # refused before anything was written: it can be run again
+    broken = {**forged, "tls_request": "-----BEGIN CERTIFICATE REQUEST-----\nnäh\n"}
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(ConfigError, match="does not parse"):
+        found_consortium(tmp_path / "f1", [tmp_path / "a" / "member.json", tmp_path / "broken.json"])
     with pytest.raises(ConfigError, match="at least one institution"):
         found_consortium(tmp_path / "f2", [tmp_path / "r" / "member.json"])
     founded = cli("consortium", "init", tmp_path / "f3", "--members", tmp_path / "a" / "member.json",
