@@ -1,10 +1,9 @@
 import json
-import subprocess
-import sys
+from functools import partial
 
+from tests.commands import cli
 
-def ehrnode(*args):
-    return subprocess.run([sys.executable, "-m", "ehrnode.cli", *args], capture_output=True, text=True, timeout=300)
+ehrnode = partial(cli, timeout=300)
 
 
 def test_sim_prints_the_summary_line_and_exits_zero_when_all_hold():

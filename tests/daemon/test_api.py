@@ -2,19 +2,13 @@
 
 import json
 import ssl
-import subprocess
-import sys
 
 import pytest
 import trio
 import trio_websocket
 
 from ehrnode.client import ApiClient, ApiError
-
-
-def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "ehrnode.cli", *args], capture_output=True, text=True,
-                          timeout=120, env=env)
+from tests.commands import cli
 
 
 def api_ssl(config):

@@ -2,8 +2,6 @@
 rotation on demand and under load, and rotation on schedule."""
 
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 import trio
@@ -15,11 +13,7 @@ from ehrnode.ledger.envelope import SIZE_BUCKETS, Envelope
 from ehrnode.localnet import LocalConsortium
 from ehrnode.records.fhir import Item
 from ehrnode.records.submit import add_items
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "ehrnode.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
+from tests.commands import cli
 
 
 @pytest.fixture(scope="module")

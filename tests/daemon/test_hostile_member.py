@@ -10,8 +10,6 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -29,13 +27,9 @@ from ehrnode.records.fhir import Item
 from ehrnode.records.submit import add_items
 from ehrnode.sharing.messages import PullAnswer, PullRequest
 from ehrnode.sharing.owner import MAX_IN_FLIGHT_PER_MEMBER, REFUSAL_LOGS_BURST, REFUSAL_LOGS_PER_MINUTE
+from tests.commands import cli
 
 from .test_bad_peers import handshake_as, open_peer
-
-
-def cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "ehrnode.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ import dataclasses
 import json
 import shutil
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 import trio
@@ -20,15 +18,12 @@ from ehrnode.ledger.safety_store import FileSafetyStore
 from ehrnode.localnet import LocalConsortium
 from ehrnode.records.fhir import Item
 from ehrnode.records.submit import add_items
+from tests.commands import cli
 
 from ..consensus.factory import Factory
 
 PASSPHRASE = "correct horse battery staple"
 
-
-def cli(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "ehrnode.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 def test_a_node_restored_from_an_online_backup_rejoins_catches_up_and_signs_again(tmp_path):

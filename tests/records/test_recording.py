@@ -3,8 +3,7 @@
 import base64
 import json
 import os
-import subprocess
-import sys
+from functools import partial
 
 import pytest
 import trio
@@ -12,15 +11,14 @@ import trio
 from ehrnode.localnet import LocalConsortium
 from ehrnode.records.keys import RecordKeys
 from ehrnode.records.vault import Vault
+from tests.commands import cli as run_cli
 
 from ..datasets import SYNTHEA
 
 NON_PATIENT = {"Organization", "Practitioner", "Location"}
 
 
-def cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "ehrnode.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+cli = partial(run_cli, timeout=600)
 
 
 @pytest.fixture(scope="module")

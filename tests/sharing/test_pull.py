@@ -18,12 +18,8 @@ from ehrnode.records.fhir import Item
 from ehrnode.records.keys import RecordKeys, open_sealed, seal
 from ehrnode.records.submit import add_items
 from ehrnode.sharing.messages import PullAnswer, PullRequest
+from tests.commands import cli
 from tests.daemon.test_bad_peers import handshake_as, open_peer
-
-
-def cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "ehrnode.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ to a user, a patient's own disclosures, revocation, rotation and brute force."""
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 import trio
@@ -20,6 +18,7 @@ from ehrnode.records.submit import add_items
 from ehrnode.users.auth import FAILURE_DELAY, FREE_FAILURES
 from ehrnode.users.roles import load_roles
 from ehrnode.users.store import pseudonym_bytes
+from tests.commands import cli
 
 NURSE_ROLES = """
 [roles.admin]
@@ -30,10 +29,6 @@ allow = ["status", "records.list", "records.pull:treatment"]
 allow = ["status", "users.add", "users.rotate", "users.revoke", "users.list"]
 """
 
-
-def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "ehrnode.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, env=env)
 
 
 @pytest.fixture(scope="module")
