@@ -6,9 +6,11 @@ Every shared resource a node offers to others is split so that one of them
 cannot take it all: handshake slots per source address, pull slots per member,
 access-log refusals per member and minute, mempool room per member, local API
 connections before authentication. Each place keeps its own bound (the numbers
-live beside the code that enforces them); this module holds the two pieces they
+live beside the code that enforces them); this module holds the pieces they
 share:
 
+- :class:`Holdings`, how many of something each key holds now (a member's
+  pending transactions or pulls in flight, an address's connections);
 - :class:`Quota`, a token bucket per key (a member, an address): ``rate`` per
   minute with a burst of ``burst``; and
 - :class:`Refusals`, which counts every refusal by limit name (the metric
@@ -29,6 +31,27 @@ from .logs import get_logger
 #: Keys a quota or a refusal log remembers before it forgets the oldest (an address flood
 #: cannot grow them without bound).
 MAX_KEYS = 10_000
+
+
+class Holdings:
+    """How many of something each key holds now; a key that holds none is forgotten, so the
+    table never grows past the keys holding something."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, int] = {}
+
+    def of(self, key: str) -> int:
+        return self._held.get(key, 0)
+
+    def take(self, key: str) -> None:
+        self._held[key] = self._held.get(key, 0) + 1
+
+    def release(self, key: str) -> None:
+        left = self._held.get(key, 0) - 1
+        if left > 0:
+            self._held[key] = left
+        else:
+            self._held.pop(key, None)
 
 
 class Quota:

@@ -438,8 +438,8 @@ class Node:
             self._count_pull("rejected")
             self._send_answer(peer.name, PullAnswer(request_id(data), "rejected", "not_owner",
                                                     f"{self.name} holds no records").encode())
-        elif server.busy(peer.name):
-            server.reject_busy(peer.name, data)
+        elif limit := server.busy(peer.name):
+            server.reject_busy(peer.name, data, limit)
         else:
             self._nursery.start_soon(server.handle, peer.name, data)
 

@@ -248,17 +248,11 @@ class EmpiRegistry:
         row = db.execute("SELECT institution, empi FROM enrolments WHERE id = ?", (enrolment,)).fetchone()
         return (row[0], row[1]) if row else None
 
-    def _owns_any(self, db: sqlite3.Connection, institution: str, *empis: str) -> bool:
-        return any(db.execute("SELECT 1 FROM enrolments WHERE empi = ? AND institution = ? LIMIT 1",
-                              (e, institution)).fetchone() for e in empis)
-
     def _holders(self, db: sqlite3.Connection, *empis: str) -> set[str]:
         """The institutions holding an enrolment under any of ``empis`` (as they stand)."""
-        found: set[str] = set()
-        for empi in empis:
-            found.update(r[0] for r in db.execute("SELECT DISTINCT institution FROM enrolments WHERE empi = ?",
-                                                  (empi,)))
-        return found
+        marks = ",".join("?" * len(empis))
+        return {r[0] for r in db.execute(f"SELECT DISTINCT institution FROM enrolments WHERE empi IN ({marks})",
+                                         empis)}
 
     def _certain_match(self, db: sqlite3.Connection, enrolment: bytes, empi: str, institution: str) -> bool:
         """Whether the registry's own evidence makes ``enrolment`` a certain match of an
@@ -435,7 +429,7 @@ class EmpiRegistry:
         source, target, moved = row[0], row[1], codec.decode(row[2])
         if db.execute("SELECT merged_into FROM empis WHERE empi = ?", (target,)).fetchone()[0] is not None:
             return "invalid:later_merge"  # the target was merged on since: undo that merge first
-        if not self._owns_any(db, submitter, target) and not any(
+        if submitter not in self._holders(db, target) and not any(
                 (self._owner(db, m) or ("",))[0] == submitter for m in moved):
             return "invalid:not_owner"
         db.executemany("UPDATE enrolments SET empi = ? WHERE id = ? AND empi = ?",

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from .. import crypto
 from ..errors import AdmissionError, KeyUnavailable
+from ..limits import Holdings
 from .envelope import MAX_ENVELOPE_BYTES, Envelope
 from .transactions import Transaction
 
@@ -45,7 +46,7 @@ class Mempool:
         self._pending: OrderedDict[bytes, Transaction] = OrderedDict()  # envelope id -> transaction
         self._by_tx: dict[bytes, bytes] = {}  # transaction id -> envelope id
         self._checked: set[bytes] = set()  # envelope ids admitted from the wire (opened and verified here)
-        self._held_by: dict[str, int] = {}  # submitter -> its transactions pending
+        self._held_by = Holdings()  # submitter -> its transactions pending
 
     @property
     def member_quota(self) -> int:
@@ -98,14 +99,14 @@ class Mempool:
             raise AdmissionError(f"transaction {tx.id.hex()[:16]} is already known", reason="duplicate")
         if len(self._pending) >= self.capacity:
             raise AdmissionError(f"mempool full ({self.capacity} transactions pending)", reason="mempool_full")
-        if self._held_by.get(tx.submitter, 0) >= self.member_quota:
+        if self._held_by.of(tx.submitter) >= self.member_quota:
             raise AdmissionError(f"{tx.submitter} has {self.member_quota} transactions pending, its share of the "
                                  "mempool", reason="member_quota")
 
     def _hold(self, envelope_id: bytes, tx: Transaction) -> None:
         self._pending[envelope_id] = tx
         self._by_tx[tx.id] = envelope_id
-        self._held_by[tx.submitter] = self._held_by.get(tx.submitter, 0) + 1
+        self._held_by.take(tx.submitter)
 
     def remove(self, envelope_ids: Iterable[bytes]) -> None:
         """Forget envelopes a committed block carried."""
@@ -114,11 +115,7 @@ class Mempool:
             self._checked.discard(envelope_id)
             if tx is not None:
                 self._by_tx.pop(tx.id, None)
-                left = self._held_by[tx.submitter] - 1
-                if left:
-                    self._held_by[tx.submitter] = left
-                else:
-                    del self._held_by[tx.submitter]
+                self._held_by.release(tx.submitter)
 
     def remove_committed(self, tx_ids: Iterable[bytes]) -> None:
         """Forget transactions committed under another envelope than the one held here."""

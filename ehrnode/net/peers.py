@@ -37,7 +37,7 @@ from trio_websocket import HandshakeError as WsHandshakeError
 from .. import crypto
 from ..config import Genesis, Member
 from ..errors import ProtocolError, innermost
-from ..limits import Refusals
+from ..limits import Holdings, Refusals
 from ..logs import get_logger
 from ..membership import Membership
 from .protocol import (
@@ -168,7 +168,7 @@ class PeerNetwork:
         self.log = get_logger(node=name)
         self._closing = False
         self._handshakes = trio.Semaphore(MAX_PENDING_HANDSHAKES)
-        self._unauthenticated: dict[str, int] = {}  # source address -> connections not authenticated yet
+        self._unauthenticated = Holdings()  # source address -> connections not authenticated yet
         self.refusals = refusals or Refusals(name)
 
     # --- sending --------------------------------------------------------------------
@@ -319,20 +319,20 @@ class PeerNetwork:
     async def _inbound(self, stream: trio.SocketStream) -> None:
         remote = _remote(stream)
         source = remote.rpartition(":")[0] or remote
-        if self._unauthenticated.get(source, 0) >= MAX_UNAUTHENTICATED_PER_SOURCE:
+        if self._unauthenticated.of(source) >= MAX_UNAUTHENTICATED_PER_SOURCE:
             self.refusals.refuse("peer_source", source, trio.current_time(),
                                  detail=f"{MAX_UNAUTHENTICATED_PER_SOURCE} connections from it not authenticated yet")
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
             return
-        self._unauthenticated[source] = self._unauthenticated.get(source, 0) + 1
+        self._unauthenticated.take(source)
         counted = True
 
-        def authenticated() -> None:
+        def authenticated() -> None:  # once, at the handshake's end or the connection's
             nonlocal counted
             if counted:
                 counted = False
-                self._release_source(source)
+                self._unauthenticated.release(source)
 
         try:
             async with trio.open_nursery() as nursery:
@@ -391,13 +391,6 @@ class PeerNetwork:
             authenticated()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
-
-    def _release_source(self, source: str) -> None:
-        left = self._unauthenticated.get(source, 0) - 1
-        if left > 0:
-            self._unauthenticated[source] = left
-        else:
-            self._unauthenticated.pop(source, None)
 
     # --- handshake ------------------------------------------------------------------
 

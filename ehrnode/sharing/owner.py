@@ -51,7 +51,7 @@ from ..errors import AdmissionError, CodecError, EhrnodeError
 from ..ledger.consent import Decision
 from ..ledger.state import LedgerState
 from ..ledger.transactions import Transaction, actor_text
-from ..limits import Quota, Refusals
+from ..limits import Holdings, Quota, Refusals
 from ..logs import get_logger
 from ..records.service import RecordsService
 from .messages import PullAnswer, PullRequest, release_payload, request_id, split_served
@@ -89,22 +89,25 @@ class PullServer:
         self.hooks = hooks
         self.log = get_logger(node=name)
         self.in_flight = 0
-        self._in_flight_by: dict[str, int] = {}  # requesting member -> its pulls in flight
+        self._in_flight_by = Holdings()  # requesting member -> its pulls in flight
         self.held_bytes = 0
         self.refusals = refusals or Refusals(name)
         self._refusal_logs = Quota(REFUSAL_LOGS_PER_MINUTE, REFUSAL_LOGS_BURST)
         # Requests seen recently, whether decided yet or not: id -> time seen (ms).
         self._seen: OrderedDict[bytes, int] = OrderedDict()
 
-    def busy(self, peer: str) -> bool:
-        """Whether a pull from ``peer`` finds no slot: all taken, or all of its share."""
-        return self.in_flight >= MAX_IN_FLIGHT or self._in_flight_by.get(peer, 0) >= MAX_IN_FLIGHT_PER_MEMBER
+    def busy(self, peer: str) -> str | None:
+        """The limit a pull from ``peer`` meets, if it finds no slot: all of its share taken
+        (``pull_slots_member``), or all of them (``pull_slots``)."""
+        if self._in_flight_by.of(peer) >= MAX_IN_FLIGHT_PER_MEMBER:
+            return "pull_slots_member"
+        return "pull_slots" if self.in_flight >= MAX_IN_FLIGHT else None
 
     async def handle(self, peer: str, data: bytes) -> None:
         """Answer one pull request from ``peer`` (never raises for anything the request does)."""
         rid = request_id(data)
         self.in_flight += 1
-        self._in_flight_by[peer] = self._in_flight_by.get(peer, 0) + 1
+        self._in_flight_by.take(peer)
         try:
             answers = await self._answer(peer, rid, data)
             for answer in answers:
@@ -120,19 +123,15 @@ class PullServer:
                                              "record now").encode())
         finally:
             self.in_flight -= 1
-            left = self._in_flight_by[peer] - 1
-            if left:
-                self._in_flight_by[peer] = left
-            else:
-                del self._in_flight_by[peer]
+            self._in_flight_by.release(peer)
 
-    def reject_busy(self, peer: str, data: bytes) -> None:
+    def reject_busy(self, peer: str, data: bytes, limit: str) -> None:
+        """Refuse a pull that met ``limit`` (what :meth:`busy` said)."""
         self.hooks.counters("rejected")
-        mine = self._in_flight_by.get(peer, 0)
-        if mine >= MAX_IN_FLIGHT_PER_MEMBER:
-            limit, message = "pull_slots_member", f"{peer} has {mine} pulls in flight at {self.name}; try again"
+        if limit == "pull_slots_member":
+            message = f"{peer} has {self._in_flight_by.of(peer)} pulls in flight at {self.name}; try again"
         else:
-            limit, message = "pull_slots", f"{self.name} is serving {MAX_IN_FLIGHT} pulls; try again"
+            message = f"{self.name} is serving {MAX_IN_FLIGHT} pulls; try again"
         self.refusals.refuse(limit, peer, time.monotonic(), detail=message)
         self.hooks.send(peer, PullAnswer(request_id(data), "rejected", "busy", message).encode())
 
