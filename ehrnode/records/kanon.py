@@ -117,7 +117,7 @@ def quasi_identifiers(patient: Mapping[str, Any]) -> QuasiIdentifiers:
     for ext in patient.get("extension") or ():
         if not isinstance(ext, Mapping):
             continue
-        if ext.get("url") == BIRTH_SEX_URL and ext.get("valueCode") in _BIRTH_SEXES:
+        if ext.get("url") == BIRTH_SEX_URL and _text(ext.get("valueCode")) in _BIRTH_SEXES:
             birth_sex = ext["valueCode"]
         elif ext.get("url") == GENDER_IDENTITY_URL and isinstance(ext.get("valueCodeableConcept"), Mapping):
             for coding in ext["valueCodeableConcept"].get("coding") or ():

@@ -145,6 +145,8 @@ CASES = [
         "text": "Mrs Patel's rash"}), ["Patel"]),
     ("a known code's display with a phone number in it", condition(code={"coding": [
         {"system": SNOMED, "code": "44054006", "display": "Diabetes, call 13812345678"}]}), ["13812345678"]),
+    ("a Coding.version holding free text", condition(code={"coding": [
+        {"system": SNOMED, "version": "per Jane Doe 555-867-5309", "code": "44054006"}]}), ["Jane", "867-5309"]),
     ("a contained resource id holding a name", condition(
         contained=[{"resourceType": "Practitioner", "id": "JohnSmith"}], asserter={"reference": "#JohnSmith"}),
      ["JohnSmith"]),
@@ -161,11 +163,29 @@ def test_a_planted_identifier_is_not_released(name, resource, planted):
         assert found is None, f"{name}: {needle!r} released in {released}"
 
 
+def test_a_list_where_a_string_belongs_is_never_a_crash():
+    deid = Deidentifier(load_profile(), KEY, today=TODAY)
+    for resource in (
+        {"resourceType": "Patient", "id": "p1", "extension": [{"url": ["x"], "valueString": "a"}]},
+        {"resourceType": "Patient", "id": "p1", "extension": [
+            {"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex", "valueCode": ["F"]}]},
+        {"resourceType": "Observation", "id": "o1", "status": "final", "subject": PATIENT,
+         "code": {"coding": [{"system": LOINC, "code": ["30525-0"]}]}, "valueQuantity": {"value": 95}},
+    ):
+        try:
+            out = deid.deidentify(resource, patient="p1")
+        except DeidentificationError:
+            continue
+        assert "['" not in text(out)
+
+
 def test_what_clinicians_need_is_kept():
     out = release(condition(meta={"profile": ["http://hl7.org/fhir/us/core/StructureDefinition/us-core-condition"]},
                             category=[{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category",
                                                    "code": "problem-list-item", "display": "Problem List Item"}]}]))
     assert out["code"]["coding"] == [{"system": SNOMED, "code": "44054006", "display": "Diabetes mellitus type 2"}]
+    edition = {"system": SNOMED, "version": "http://snomed.info/sct/731000124108/version/20230901", "code": "1"}
+    assert release(condition(code={"coding": [edition]}))["code"]["coding"][0]["version"] == edition["version"]
     assert out["category"][0]["coding"][0]["display"] == "Problem List Item"
     assert out["meta"]["profile"] == ["http://hl7.org/fhir/us/core/StructureDefinition/us-core-condition"]
     glucose = release({

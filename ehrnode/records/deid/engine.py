@@ -47,6 +47,9 @@ AGE_CODES = frozenset({
 _AGE_ELEMENTS = ("age", "onset", "abatement", "deceased")
 _TIME_UNITS = {"a": 1.0, "mo": 12.0, "wk": 52.1775, "d": 365.25, "h": 8766.0, "min": 525960.0}
 _CODE_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}")
+# A terminology's edition or release: dotted numbers ("2.74", "4.0.1") or a SNOMED CT edition
+# URI; anything else in Coding.version (free text, a number long enough to be an id) is dropped.
+_VERSION = re.compile(r"\d{1,4}(?:\.\d{1,4}){0,3}|http://snomed\.info/sct/\d{1,18}(?:/version/\d{8})?")
 _OPEN_CODE = re.compile(r"[a-z0-9][a-z0-9.-]{0,63}")
 _MIME = re.compile(r"[a-z]+/[a-z0-9.+-]+(?:\s*;\s*[a-z]+=\"?[A-Za-z0-9._-]+\"?)*", re.IGNORECASE)
 _LANGUAGE = re.compile(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8}){0,3}")
@@ -243,7 +246,7 @@ class _Pass:
         if rtype == "Patient" and isinstance(node.get("extension"), list):
             # Birth sex and gender identity are k-anonymity's to write, at the patient's level.
             node = {**node, "extension": [e for e in node["extension"]
-                                          if not (isinstance(e, Mapping) and e.get("url") in QUASI_EXTENSIONS)]}
+                                          if not (isinstance(e, Mapping) and _str(e.get("url")) in QUASI_EXTENSIONS)]}
         out: dict[str, Any] = {"resourceType": rtype}
         out.update(self.walk(node, model, frame, (), (), skip))
         if rtype == "Patient":
@@ -342,13 +345,13 @@ class _Pass:
                    path: tuple[str, ...], chain: tuple[tuple[str, ...], ...]) -> Any:
         """An allow-listed extension: its value through the element rules, and only the
         sub-extensions the rule names (each the same way); its valueCode only from ``codes``."""
-        if rule.codes is not None and "valueCode" in value and value.get("valueCode") not in rule.codes:
+        if rule.codes is not None and "valueCode" in value and _str(value.get("valueCode")) not in rule.codes:
             return _DROP
         subs = value.get("extension")
         kept_subs = []
         if isinstance(subs, list):
             for sub in subs:
-                if isinstance(sub, Mapping) and sub.get("url") in rule.sub:
+                if isinstance(sub, Mapping) and _str(sub.get("url")) in rule.sub:
                     kept = self._extension(element, sub, _SUB_RULE, frame, path, chain)
                     if kept is not _DROP:
                         kept_subs.append(kept)
@@ -368,7 +371,10 @@ class _Pass:
         known = self.profile.known(system)
         if element.type == "Coding":
             if known:
-                out = {k: value[k] for k in ("system", "version", "userSelected") if k in value}
+                out = {k: value[k] for k in ("system", "userSelected") if k in value}
+                version = value.get("version")
+                if isinstance(version, str) and _VERSION.fullmatch(version):
+                    out["version"] = version  # an edition or release, never free text
                 code = value.get("code")
                 if isinstance(code, str) and _CODE_TOKEN.fullmatch(code):
                     out["code"] = code
@@ -602,7 +608,8 @@ def _observation_ages(raw: Mapping[str, Any], out: dict[str, Any]) -> None:
     years or more becomes "90 or more", in a Quantity, a Range or a bare integer."""
     def is_age(node: Mapping[str, Any]) -> bool:
         codings = (node.get("code") or {}).get("coding") if isinstance(node.get("code"), Mapping) else None
-        return any(isinstance(c, Mapping) and (c.get("system"), c.get("code")) in AGE_CODES for c in codings or ())
+        return any(isinstance(c, Mapping) and (_str(c.get("system")), _str(c.get("code"))) in AGE_CODES
+                   for c in codings or ())
 
     def fix(raw_node: Mapping[str, Any], node: dict[str, Any]) -> None:
         if not is_age(raw_node):
@@ -657,3 +664,7 @@ def _scrub_base64(value: str, attachment: Mapping[str, Any], scrub: Callable[[st
     except (ValueError, LookupError, UnicodeError):
         return _DROP
 
+
+def _str(value: Any) -> str | None:
+    """``value`` if it is a string: a list or a map where a string belongs tests as absent."""
+    return value if isinstance(value, str) else None

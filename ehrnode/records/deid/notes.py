@@ -40,6 +40,7 @@ Name lists: US Census Bureau 1990 surname and given-name frequency files (public
 
 from __future__ import annotations
 
+import bisect
 import importlib.resources
 import re
 from collections.abc import Iterable, Mapping
@@ -47,8 +48,6 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from functools import cache, lru_cache
 from typing import Any
-
-from pypinyin import Style, pinyin
 
 from .text import IP_PATTERN
 
@@ -172,6 +171,8 @@ def _strings(value: Any) -> list[str]:
 
 def _add_han(name: str, han: set[str], romanized: set[tuple[str, ...]], family: int = 1) -> None:
     """A Chinese name as written and romanized; ``family``: how many characters the surname has."""
+    from pypinyin import Style, pinyin  # its dictionary loads in ~0.1 s: only for a Chinese name
+
     han.add(name)
     # Every reading of each character (a surname is often read otherwise than the word: 曾 is
     # Zeng as a name, ceng as a word), at most 16 spellings a name.
@@ -320,22 +321,24 @@ def _cn_name_patterns() -> tuple[re.Pattern[str], re.Pattern[str]]:
 
 @dataclass
 class _Spans:
-    """Non-overlapping findings: an earlier (higher-precedence) one wins a conflict."""
+    """Non-overlapping findings, kept in order: an earlier (higher-precedence) one wins a conflict."""
 
-    taken: list[Finding] = field(default_factory=list)
+    taken: list[Finding] = field(default_factory=list)  # sorted by start, hence by end too
 
     def add(self, kind: str, start: int, end: int, replacement: str) -> None:
         if start >= end:
             return
-        overlapping = [f for f in self.taken if start < f.end and f.start < end]
+        # The findings overlapping [start, end) are a run: from the first ending after start.
+        first = last = bisect.bisect_right(self.taken, start, key=lambda f: f.end)
+        while last < len(self.taken) and self.taken[last].start < end:
+            last += 1
+        overlapping = self.taken[first:last]
         if overlapping and not all(f.kind == kind and f.replacement == replacement for f in overlapping):
             return
         if overlapping:
             # Two finds of one kind that overlap are one ("梁志强" over the given name "志强").
-            for f in overlapping:
-                self.taken.remove(f)
-            start, end = min(start, *(f.start for f in overlapping)), max(end, *(f.end for f in overlapping))
-        self.taken.append(Finding(kind, start, end, replacement))
+            start, end = min(start, overlapping[0].start), max(end, overlapping[-1].end)
+        self.taken[first:last] = [Finding(kind, start, end, replacement)]
 
     def apply(self, text: str) -> Scrubbed:
         out, last = [], 0
