@@ -35,6 +35,12 @@ class _ReadCounters(Collector):
         self._plain: list[tuple[str, str, Callable[[], float]]] = []
         self._labeled: list[tuple[str, str, str, Callable[[], Mapping[str, float]]]] = []
 
+    def plain(self, name: str, help_: str, read: Callable[[], float]) -> None:
+        self._plain.append((name, help_, read))
+
+    def labeled(self, name: str, help_: str, label: str, read: Callable[[], Mapping[str, float]]) -> None:
+        self._labeled.append((name, help_, label, read))
+
     def collect(self) -> Iterator[CounterMetricFamily]:
         for name, help_, read in self._plain:
             yield CounterMetricFamily(name, help_, value=read())
@@ -94,11 +100,11 @@ class Registry:
 
     def counted(self, name: str, help_: str, read: Callable[[], float]) -> None:
         """A counter whose value the node keeps itself (``read()`` when scraped)."""
-        self._read._plain.append((name, help_, read))
+        self._read.plain(name, help_, read)
 
     def labeled_counts(self, name: str, help_: str, label: str, read: Callable[[], Mapping[str, float]]) -> None:
         """A counter per value of one label, read when scraped (``name{label="value"} count``)."""
-        self._read._labeled.append((name, help_, label, read))
+        self._read.labeled(name, help_, label, read)
 
     def histogram(self, name: str, help_: str, buckets: tuple[float, ...]) -> Histogram:
         histogram = Histogram(name, help_, buckets)

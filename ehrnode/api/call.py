@@ -13,6 +13,7 @@ from trio_websocket import ConnectionClosed
 
 from ..logs import get_logger
 from ..records import fhir
+from ..records.service import RecordsService
 from ..users.roles import Roles
 from ..users.store import User
 from .facade import NodeFacade
@@ -40,12 +41,14 @@ class Session:
     """One authenticated connection: who, the credential they proved (checked again at every
     call), its websocket, the nursery its subscriptions run in, and its staged input."""
 
-    name: str
-    secret: bytes
-    user: User
+    user: User  # as authenticated; its credential is checked against the store at every call
     ws: trio_websocket.WebSocketConnection
     nursery: trio.Nursery
     staged: Staged = field(default_factory=Staged)
+
+    @property
+    def name(self) -> str:
+        return self.user.name
 
 
 class ApiState:
@@ -91,6 +94,16 @@ class Call:
     @property
     def node(self) -> NodeFacade:
         return self.api.node
+
+    def recording(self) -> RecordsService:
+        """The node's records service; refused on a node that does not record (a regulator, or
+        an institution set up without records keys). Methods marked ``institution`` in the table
+        are refused so before their handler runs."""
+        records = self.node.records
+        if records is None:
+            raise RpcError(-32000, f"{self.node.name} does not record: it is not an institution with records keys",
+                           reason="not_recording")
+        return records
 
     def timeout(self, default: float = 30.0) -> float:
         return timeout_param(self.params, default)

@@ -26,9 +26,7 @@ async def empi_lookup(call: Call) -> Any:
     patient = call.params.get("patient")
     if not isinstance(patient, dict) or patient.get("resourceType") != "Patient":
         raise RpcError(-32602, "patient must be a FHIR Patient resource")
-    if call.node.records is None:
-        raise RpcError(-32000, f"{call.node.name} holds no consortium key: ask an institution", reason="not_recording")
-    return await call.node.records.lookup(patient)
+    return await call.recording().lookup(patient)
 
 
 async def empi_review(call: Call) -> Any:

@@ -36,6 +36,11 @@ class Method:
     def group(self) -> str:
         return self.name.partition(".")[0]
 
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """Who may call it, as the reference marks it: ``patient``, ``institution``."""
+        return tuple(f for f, on in (("patient", self.patient), ("institution", self.institution)) if on)
+
 
 TABLE: tuple[Method, ...] = (
     # The chain.
@@ -160,7 +165,6 @@ def reference() -> str:
     for title, methods in groups.items():
         lines += [f"## {title}", "", "| method | takes -> answers | |", "|---|---|---|"]
         for m in methods:
-            flags = ", ".join(f for f, on in (("patient", m.patient), ("institution", m.institution)) if on)
-            lines.append(f"| `{m.name}` | {m.summary.replace('|', '&#124;')} | {flags} |")
+            lines.append(f"| `{m.name}` | {m.summary.replace('|', '&#124;')} | {', '.join(m.flags)} |")
         lines.append("")
     return "\n".join(lines)

@@ -10,17 +10,8 @@ import trio
 from ..errors import EhrnodeError, FhirError, IntegrityError
 from ..ledger.empi_registry import scoped_enrolment
 from ..records import fhir
-from ..records.service import RecordsService
 from .call import MAX_STAGED, MAX_STAGED_BYTES, MAX_STAGED_TOTAL, Call
 from .rpc import RpcError, hex_param, refused
-
-
-def _records(call: Call) -> RecordsService:
-    records = call.node.records
-    if records is None:
-        raise RpcError(-32000, f"{call.node.name} does not record: it is not an institution with records keys",
-                       reason="not_recording")
-    return records
 
 
 async def records_list(call: Call) -> Any:
@@ -31,13 +22,12 @@ async def records_list(call: Call) -> Any:
 
 
 async def records_stage(call: Call) -> Any:
-    _records(call)
     _stage(call)
     return {"staged": len(call.session.staged.items)}
 
 
 async def records_add(call: Call) -> Any:
-    records = _records(call)
+    records = call.recording()
     _stage(call)
     staged = call.session.staged
     batch = list(staged.items)
@@ -88,7 +78,7 @@ def _stage(call: Call) -> None:
 async def records_show(call: Call) -> Any:
     record_id = hex_param(call.params.get("record_id"), "record_id", 16)
     try:
-        return await _records(call).show(record_id)
+        return await call.recording().show(record_id)
     except KeyError as exc:
         raise RpcError(-32000, f"no record {record_id.hex()} in this institution's vault", reason="not_found") from exc
     except IntegrityError as exc:
@@ -96,12 +86,12 @@ async def records_show(call: Call) -> Any:
 
 
 async def records_kanon(call: Call) -> Any:
-    return await _records(call).kanon_report()
+    return await call.recording().kanon_report()
 
 
 async def vault_verify(call: Call) -> Any:
     try:
-        return await _records(call).verify(decrypt=call.params.get("decrypt", True) is not False)
+        return await call.recording().verify(decrypt=call.params.get("decrypt", True) is not False)
     except EhrnodeError as exc:
         raise refused(exc) from exc
 
@@ -111,11 +101,8 @@ async def records_erase(call: Call) -> Any:
     reason = call.params.get("reason")
     if not isinstance(reason, str) or not reason.strip() or len(reason) > 2000:
         raise RpcError(-32602, "reason must be a non-empty text of at most 2000 characters")
-    records = call.node.records
-    if records is None:
-        raise RpcError(-32000, f"{call.node.name} holds no records", reason="not_recording")
     try:
-        tx = await records.erase(record_id, reason.strip(), call.user.pseudonym)
+        tx = await call.recording().erase(record_id, reason.strip(), call.user.pseudonym)
     except KeyError as exc:
         raise RpcError(-32000, f"no record {record_id.hex()} in this institution's vault", reason="not_found") from exc
     except EhrnodeError as exc:

@@ -19,7 +19,8 @@ Errors follow JSON-RPC: -32700 parse error, -32600 invalid request, -32601 unkno
 
 Limits: at most ``MAX_UNAUTHENTICATED`` connections not yet authenticated and
 ``MAX_CONNECTIONS`` in all (refusals counted as ``api_unauthenticated``, ``api_connections``);
-requests over ``LARGE_REQUEST`` bytes are parsed ``LARGE_PARSES`` at a time.
+a message is at most ``MAX_REQUEST_BYTES``, parsed on the node's one loop (so one at a time), and
+staged input is counted by its parsed size (:mod:`.call`).
 """
 
 from __future__ import annotations
@@ -57,8 +58,6 @@ from .rpc import MAX_REQUEST_BYTES, Disconnect, RpcError, parse, parsed_size
 MAX_UNAUTHENTICATED = 64
 MAX_CONNECTIONS = 512
 #: Requests larger than this are parsed a few at a time (each may take ~100 MB once parsed).
-LARGE_REQUEST = 64 * 1024
-LARGE_PARSES = 4
 
 
 class ApiServer:
@@ -67,20 +66,16 @@ class ApiServer:
     def __init__(self, node: NodeFacade, roles: Roles) -> None:
         self.node = node
         self.state = ApiState(node, roles)
-        self.users = node.users
-        self.roles = roles
         self.throttle = Throttle()
         self._failing = trio.CapacityLimiter(FAILURE_SLOTS)
-        self.log = self.state.log
         self._throttle_logged: dict[str, float] = {}
         self._unauthenticated = 0
         self._connections = 0
-        self._large_parses = trio.CapacityLimiter(LARGE_PARSES)
 
     async def serve(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(partial(trio.serve_tcp, self._connection, port, host=host))
-            self.log.info("api.listening", address=f"{host}:{port}")
+            self.state.log.info("api.listening", address=f"{host}:{port}")
             task_status.started(listeners)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
@@ -115,7 +110,7 @@ class ApiServer:
                         nursery, conn, max_message_size=MAX_REQUEST_BYTES, message_queue_size=4,
                     )
                     token, claimed = bearer(request.headers)
-                    outcome = authenticate(self.users, self.throttle, token, claimed, trio.current_time())
+                    outcome = authenticate(self.state.users, self.throttle, token, claimed, trio.current_time())
                     if outcome.user is not None:
                         ws = await request.accept()
                         authenticated()
@@ -136,7 +131,7 @@ class ApiServer:
                     nursery.cancel_scope.cancel()
                     return
                 user = outcome.user
-                session = Session(user.name, user.secret, user, ws, nursery)
+                session = Session(user, ws, nursery)
                 self.state.sessions.add(session)
                 try:
                     await self._session(session)
@@ -148,9 +143,9 @@ class ApiServer:
         except Exception as group:  # noqa: BLE001 - one client's failure must not stop the API
             exc = innermost(group)
             if isinstance(exc, trio.BrokenResourceError):  # a client that does not speak TLS, or gave up
-                self.log.info("api.tls_failed", error=str(exc.__cause__ or exc))
+                self.state.log.info("api.tls_failed", error=str(exc.__cause__ or exc))
             elif not isinstance(exc, (ConnectionClosed, trio.TooSlowError, trio_websocket.HandshakeError, OSError)):
-                self.log.warning("api.error", error=repr(exc))
+                self.state.log.warning("api.error", error=repr(exc))
         finally:
             authenticated()
             self._connections -= 1
@@ -168,26 +163,26 @@ class ApiServer:
             if len(self._throttle_logged) > 10_000:
                 self._throttle_logged.clear()
             self._throttle_logged[key] = now
-        self.log.warning("auth.denied", reason=outcome.reason, user=key if claimed is not None else None,
+        self.state.log.warning("auth.denied", reason=outcome.reason, user=key if claimed is not None else None,
                          failures=outcome.failures, throttled=outcome.status == 429, detail=outcome.message)
 
     def _permit(self, session: Session, method: Method, params: dict[str, Any]) -> User:
         """The caller, if still active with the same credential and allowed this call; RpcError if not."""
         name = method.name
-        user = self.users.get(session.name)
-        if user is None or not user.active or user.secret != session.secret:
+        user = self.state.users.get(session.name)
+        if user is None or not user.active or user.secret != session.user.secret:
             why = "revoked" if user is None or not user.active else "credential_rotated"
             self.node.m_auth_denied.inc()
-            self.log.warning("auth.denied", reason=why, user=session.name, method=name)
+            self.state.log.warning("auth.denied", reason=why, user=session.name, method=name)
             raise Disconnect(-32000, f"user {session.name}: {why.replace('_', ' ')}; reconnect with a valid "
                                      "credential", reason=why)
         if name in ALWAYS:
             return user
-        role = self.roles.get(user.role)
+        role = self.state.roles.get(user.role)
         purpose = params.get("purpose") if name == "records.pull" else None
         problem = None
         if role is None:
-            problem = f"role {user.role} is not in {self.roles.source}"
+            problem = f"role {user.role} is not in {self.state.roles.source}"
         elif not role.permits(name, purpose if isinstance(purpose, str) else None):
             problem = f"user {user.name} (role {user.role}) may not call {name}" + (
                 f" for {purpose}" if isinstance(purpose, str) else "")
@@ -195,7 +190,7 @@ class ApiServer:
             problem = self._patient_problem(user, method, params)
         if problem is not None:
             self.node.m_auth_denied.inc()
-            self.log.warning("auth.denied", reason="forbidden", user=user.name, role=user.role, method=name,
+            self.state.log.warning("auth.denied", reason="forbidden", user=user.name, role=user.role, method=name,
                              detail=problem)
             raise RpcError(-32000, problem, reason="forbidden")
         return user
@@ -225,11 +220,7 @@ class ApiServer:
                 except ConnectionClosed:
                     return
                 session.staged.message_bytes = parsed_size(raw)
-                if len(raw) > LARGE_REQUEST:
-                    async with self._large_parses:  # parsed a few at a time; handled as any other
-                        request = parse(raw)
-                else:
-                    request = parse(raw)
+                request = parse(raw)
                 del raw
                 reply, close = await self._dispatch(request, session)
                 await session.ws.send_message(json.dumps(reply))
@@ -258,7 +249,10 @@ class ApiServer:
             if method is None:
                 raise RpcError(-32601, f"unknown method {request['method']!r}")
             user = self._permit(session, method, params)
-            result = await method.handler(Call(method.name, params, user, session, self.state))
+            call = Call(method.name, params, user, session, self.state)
+            if method.institution:
+                call.recording()  # refused here on a node that does not record, whatever the params
+            result = await method.handler(call)
         except RpcError as exc:
             error: dict[str, Any] = {"code": exc.code, "message": str(exc)}
             if exc.reason:

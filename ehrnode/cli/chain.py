@@ -72,8 +72,7 @@ def cmd_api_methods(args: argparse.Namespace) -> int:
         print(reference())
         return 0
     width = max(len(m.name) for m in TABLE)
-    flags = {m.name: "".join(f" [{f}]" for f, on in (("patient", m.patient), ("institution", m.institution)) if on)
-             for m in TABLE}
+    flags = {m.name: "".join(f" [{f}]" for f in m.flags) for m in TABLE}
     show(args, [{"method": m.name, "summary": m.summary, "patient": m.patient, "always": m.always,
                  "institution": m.institution} for m in TABLE],
          lambda rows: [f"{r['method']:<{width}}  {r['summary']}{flags[r['method']]}" for r in rows])
@@ -85,13 +84,13 @@ def register(commands: Commands) -> None:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
-    api_group = commands.group("api", "the local API")
+    api_group = commands.group("api")
     methods = api_group.add_parser("methods", help="every method of the local API: what it takes and answers")
     methods.add_argument("--json", action="store_true")
     methods.add_argument("--markdown", action="store_true", help="the API reference, as docs/api.md has it")
     methods.set_defaults(func=cmd_api_methods)
 
-    keys = commands.group("keys", "this member's own keys, and the consortium's epoch keys")
+    keys = commands.group("keys")
     keys_status = with_config(keys.add_parser("status", help="the chain's epochs and which keys this member holds"))
     keys_status.add_argument("--json", action="store_true")
     keys_status.set_defaults(func=cmd_keys_status)
@@ -104,13 +103,13 @@ def register(commands: Commands) -> None:
     rotate.add_argument("--json", action="store_true")
     rotate.set_defaults(func=cmd_keys_rotate)
 
-    block = commands.group("block", "committed blocks")
+    block = commands.group("block")
     get = with_config(block.add_parser("get", help="a committed block (default: the head)"))
     get.add_argument("--height", type=non_negative)
     get.add_argument("--json", action="store_true")
     get.set_defaults(func=cmd_block_get)
 
-    tx = commands.group("tx", "transactions")
+    tx = commands.group("tx")
     submit = with_config(tx.add_parser("submit", help="submit a signed note transaction"))
     submit.add_argument("--note", required=True, help="the note's text")
     submit.add_argument("--wait", action="store_true", help="wait until it is committed and print its height")

@@ -20,6 +20,23 @@ from ..errors import EhrnodeError
 T = TypeVar("T")
 
 
+#: The command groups, and what each is for (``ehrnode --help``).
+GROUPS = {
+    "consortium": "set up a consortium, and govern its membership",
+    "keys": "this member's own keys, and the consortium's epoch keys",
+    "api": "the local API",
+    "block": "committed blocks",
+    "tx": "transactions",
+    "records": "patient records: add, list, show, pull, erase",
+    "vault": "the institution's private chain",
+    "deid": "de-identification: what a profile releases",
+    "audit": "access trails, disclosures and leak tracing, from the chain",
+    "empi": "the consortium's master patient index",
+    "consent": "patients' consent, on chain",
+    "users": "this node's users: add, list, revoke, rotate",
+}
+
+
 class Commands:
     """The ``ehrnode`` subcommands being registered: top-level commands and shared groups."""
 
@@ -31,10 +48,11 @@ class Commands:
         """A top-level command: ``ehrnode NAME``."""
         return self._subparsers.add_parser(name, **kwargs)
 
-    def group(self, name: str, help: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
-        """The group ``ehrnode NAME ...`` (its subcommand lands in ``args.NAME_command``)."""
+    def group(self, name: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+        """The group ``ehrnode NAME ...`` (its subcommand lands in ``args.NAME_command``), made by
+        whichever module registers in it first."""
         if name not in self._groups:
-            self._groups[name] = self._subparsers.add_parser(name, help=help).add_subparsers(
+            self._groups[name] = self._subparsers.add_parser(name, help=GROUPS[name]).add_subparsers(
                 dest=f"{name}_command", required=True)
         return self._groups[name]
 
@@ -139,6 +157,17 @@ def call_rows(args: argparse.Namespace, method: str, **params: object) -> list[A
     if not isinstance(answer, list):
         raise UnexpectedAnswer(f"{method}: the node answered {type(answer).__name__}, not an array")
     return answer
+
+
+def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
+    """The JSON object in the file ``path`` (``what`` it should be, for the error)."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"{path}: cannot read {what}: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise UsageError(f"{path}: expected {what}, a JSON object")
+    return doc
 
 
 def iso(ms: int) -> str:

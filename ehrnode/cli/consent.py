@@ -43,7 +43,7 @@ def cmd_consent_show(args: argparse.Namespace) -> int:
 
 
 def register(commands: Commands) -> None:
-    consent = commands.group("consent", "patients' consent, on chain")
+    consent = commands.group("consent")
     for name, helptext in (("grant", "record that a patient allows access"),
                            ("revoke", "record that a patient refuses access")):
         change = with_config(consent.add_parser(name, help=helptext))

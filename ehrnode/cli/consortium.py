@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Address
-from .common import Commands, UsageError, call_object, iso, show, with_config
+from .common import Commands, UsageError, call_object, iso, read_json_object, show, with_config
 
 
 def cmd_new_member(args: argparse.Namespace) -> int:
@@ -83,12 +83,7 @@ def cmd_proposals(args: argparse.Namespace) -> int:
 def _member_params(args: argparse.Namespace) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if args.member_file:
-        try:
-            member = json.loads(Path(args.member_file).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"--member-file: cannot read {args.member_file}: {exc}") from exc
-        if not isinstance(member, dict):
-            raise UsageError(f"--member-file: {args.member_file} is not a JSON object")
+        member = read_json_object(args.member_file, "a member's public half (member.json)")
         params.update({k: member[k] for k in ("name", "role", "signing_key", "sealing_key", "address") if k in member})
     for flag in ("name", "role", "signing_key", "sealing_key", "address"):
         if getattr(args, flag, None):
@@ -128,7 +123,7 @@ def register(commands: Commands) -> None:
     from ..config import ROLES
     from ..ledger.transactions import CHANGES
 
-    consortium = commands.group("consortium", "set up a consortium, and govern its membership")
+    consortium = commands.group("consortium")
 
     join = consortium.add_parser(
         "new-member", help="keys and node.toml for a member joining an existing consortium",

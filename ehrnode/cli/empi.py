@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from .common import (
     Commands,
-    UsageError,
     call_object,
     call_rows,
+    read_json_object,
     show,
     show_rows,
     with_config,
@@ -20,10 +18,7 @@ from .common import (
 
 
 def cmd_empi_lookup(args: argparse.Namespace) -> int:
-    try:
-        patient = json.loads(Path(args.patient).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UsageError(f"cannot read a FHIR Patient from {args.patient}: {exc}") from exc
+    patient = read_json_object(args.patient, "a FHIR Patient")
     show(args, call_object(args, "empi.lookup", patient=patient), lambda result: [
         f"empi {result['empi'] or '(none: a new patient)'}  grade {result['grade'] or '-'}",
         *(f"  candidate {c['empi']}  {c['grade']:<9} score {c['evidence']['total']}" for c in result["candidates"]),
@@ -77,7 +72,7 @@ def cmd_empi_requests(args: argparse.Namespace) -> int:
 
 
 def register(commands: Commands) -> None:
-    empi = commands.group("empi", "the consortium's master patient index")
+    empi = commands.group("empi")
     lookup = with_config(empi.add_parser("lookup", help="the EMPI a FHIR Patient would get, with its match grade"))
     lookup.add_argument("patient", metavar="PATIENT.json")
     lookup.add_argument("--json", action="store_true")

@@ -78,7 +78,7 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 
 def register(commands: Commands) -> None:
-    consortium = commands.group("consortium", "set up a consortium, and govern its membership")
+    consortium = commands.group("consortium")
     init = consortium.add_parser(
         "init", help="found a consortium: genesis.toml from the members' public halves (or, for tests and "
                      "demos, every member's keys and node.toml in one place)",
@@ -105,7 +105,7 @@ def register(commands: Commands) -> None:
     init.add_argument("--json", action="store_true", help="print one JSON document")
     init.set_defaults(func=cmd_consortium_init)
 
-    keys = commands.group("keys", "this member's own keys, and the consortium's epoch keys")
+    keys = commands.group("keys")
     keys_init_ = keys.add_parser(
         "init", help="this member's own keys, node.toml and public half (member.json), made on its own machine",
         description="Create this member's signing, sealing and records keys (0600) and, unless --no-tls, its TLS "

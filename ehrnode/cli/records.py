@@ -170,7 +170,7 @@ def cmd_deid_check(args: argparse.Namespace) -> int:
 
 
 def register(commands: Commands) -> None:
-    records = commands.group("records", "patient records: add, list, show, pull, erase")
+    records = commands.group("records")
     add = with_config(records.add_parser(
         "add", help="record FHIR resources (JSON, Bundle or NDJSON) at this institution",
         description="Validate, de-identify, encrypt into the vault and anchor on chain every resource of the "
@@ -195,14 +195,14 @@ def register(commands: Commands) -> None:
     kanon.add_argument("--json", action="store_true")
     kanon.set_defaults(func=cmd_records_kanon)
 
-    vault = commands.group("vault", "the institution's private chain")
+    vault = commands.group("vault")
     verify = with_config(vault.add_parser(
         "verify", help="check every vault entry's hash link, signature, ciphertexts and on-chain anchor"))
     verify.add_argument("--no-decrypt", action="store_true", help="skip decrypting each entry (faster)")
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(func=cmd_vault_verify)
 
-    deid = commands.group("deid", "de-identification: what a profile releases")
+    deid = commands.group("deid")
     deid_check = deid.add_parser(
         "check", help="what a profile would release from FHIR files, and every element it removed or changed",
         description="De-identify FILE... as recording would (nothing is recorded) and print each resource as it "

@@ -12,7 +12,18 @@ from typing import Any
 from ..crypto import write_secret_file
 from ..errors import CryptoError
 from ..ledger.transactions import CONSENT_PURPOSES
-from .common import Commands, UsageError, call_object, call_rows, iso, run_client, show, show_rows, with_config
+from .common import (
+    Commands,
+    UsageError,
+    call_object,
+    call_rows,
+    iso,
+    read_json_object,
+    run_client,
+    show,
+    show_rows,
+    with_config,
+)
 
 
 def cmd_records_pull(args: argparse.Namespace) -> int:
@@ -91,12 +102,7 @@ def cmd_audit_disclosures(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_trace(args: argparse.Namespace) -> int:
-    try:
-        leaked = json.loads(Path(args.file).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UsageError(f"{args.file}: cannot read a JSON document: {exc}") from exc
-    if not isinstance(leaked, dict):
-        raise UsageError(f"{args.file}: expected a JSON object (a served record)")
+    leaked = read_json_object(args.file, "a served record")
     def lines(result: dict[str, Any]) -> Iterator[str]:
         yield (f"record {result['record_id']} ({result['resource_type']}) of {result['owner']}, "
                f"commitment {result['commitment']}: the copy is genuine")
@@ -122,7 +128,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def register(commands: Commands) -> None:
-    records = commands.group("records", "patient records: add, list, show, pull, erase")
+    records = commands.group("records")
     pull = with_config(records.add_parser(
         "pull", help="pull another institution's record, verified against its anchor",
         description="Ask the record's owner for its de-identified release. The owner checks policy and the "
@@ -143,7 +149,7 @@ def register(commands: Commands) -> None:
     erase.add_argument("--json", action="store_true")
     erase.set_defaults(func=cmd_records_erase)
 
-    audit_commands = commands.group("audit", "access trails, disclosures and leak tracing, from the chain")
+    audit_commands = commands.group("audit")
     trail = with_config(audit_commands.add_parser(
         "trail", help="every event of a patient, a record or a user",
         description="Every event of a patient (--empi), a record (--record) or a user (--user, by pseudonym), "

@@ -91,8 +91,8 @@ def cmd_audit_whois(args: argparse.Namespace) -> int:
 
 
 def register(commands: Commands) -> None:
-    audit_commands = commands.group("audit", "access trails, disclosures and leak tracing, from the chain")
-    users = commands.group("users", "this node's users: add, list, revoke, rotate")
+    audit_commands = commands.group("audit")
+    users = commands.group("users")
     add = with_config(users.add_parser(
         "add", help="add a user with a role; prints (or writes) their credential once",
         description="Add a user of this node's local API. The credential is shown once: the node keeps only "

@@ -21,8 +21,8 @@ from ..ledger.state import LedgerState
 from ..ledger.transactions import Transaction
 from ..sharing.events import Subscription, event_of
 
-#: ``listener(block, txs)``: ``txs`` are the block's valid transactions, in order.
-Listener = Callable[[Block, Sequence[Transaction]], None]
+#: ``subscriber(block, txs)``: ``txs`` are the block's valid transactions, in order.
+Subscriber = Callable[[Block, Sequence[Transaction]], None]
 
 #: Block notifications queued for one ``blocks.subscribe`` client before it misses some.
 BLOCK_QUEUE = 256
@@ -35,15 +35,31 @@ class Commits:
 
     def __init__(self, log: Any) -> None:
         self._log = log
-        self._listeners: list[tuple[str, Listener]] = []
+        self._subscribers: list[tuple[str, Subscriber]] = []
 
-    def subscribe(self, failure_event: str, listener: Listener) -> None:
-        self._listeners.append((failure_event, listener))
+    def subscribe(self, failure_event: str, subscriber: Subscriber) -> None:
+        self._subscribers.append((failure_event, subscriber))
+
+    def subscribe_each(self, failure_event: str, wanted: Callable[[Transaction], bool],
+                       act: Callable[[Transaction], None]) -> None:
+        """``act(tx)`` for each committed transaction ``wanted(tx)`` picks, each failing alone."""
+        def each(block: Block, txs: Sequence[Transaction]) -> None:
+            for tx in txs:
+                if not wanted(tx):
+                    continue
+                try:
+                    act(tx)
+                except StoreError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one failing must not stop the others
+                    self._log.error(failure_event, height=block.height, request=tx.id.hex()[:16], error=repr(exc))
+
+        self.subscribe(failure_event, each)
 
     def committed(self, block: Block, txs: Sequence[Transaction]) -> None:
-        for failure_event, listener in self._listeners:
+        for failure_event, subscriber in self._subscribers:
             try:
-                listener(block, txs)
+                subscriber(block, txs)
             except StoreError:
                 raise  # the disk failed under us: stop rather than run on half-persisted state
             except Exception as exc:  # noqa: BLE001 - a subscriber must never stop the chain

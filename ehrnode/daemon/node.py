@@ -233,8 +233,11 @@ class Node:
         self.block_feed = BlockFeed()
         self.events = EventFeed(self.name, self.state, self.log, limit=MAX_EVENT_SUBSCRIBERS)
         self.commits = Commits(self.log)
-        self.commits.subscribe("keys.answer_failed", self._answer_key_requests)
-        self.commits.subscribe("whois.answer_failed", self._answer_whois)
+        self.commits.subscribe_each("keys.answer_failed", lambda tx: tx.kind == "keys.request",
+                                    self._answer_key_request)
+        self.commits.subscribe_each(  # whois requests addressed to this institution, answered as they commit
+            "whois.answer_failed", lambda tx: tx.kind == "whois.request" and tx.body["institution"] == self.name,
+            lambda tx: self.whois.answer(tx.id))
         self.commits.subscribe("events.failed", self.events.committed)
         self.commits.subscribe("commit.waiters_failed", self.waiters.committed)
         self.commits.subscribe("commit.feed_failed", self.block_feed.committed)
@@ -319,6 +322,8 @@ class Node:
                   lambda: sum(p.dropped for p in self.network.peers.values()) + self.network.dropped_closed)
         r.counted("ehrnode_peers_rejected_total", "Connections refused at the handshake.",
                   lambda: self.network.rejected)
+        r.counted("ehrnode_events_dropped_total", "Events a slow events.subscribe client did not read in time.",
+                  lambda: self.events.dropped)
         r.labeled_counts("ehrnode_limited_total", "Requests refused by a per-peer or per-source limit, by limit.",
                          "limit", lambda: self.refusals.counts)
         self.m_pulls = {outcome: r.counter(
@@ -548,27 +553,6 @@ class Node:
             return
         self._key_requests.add(epoch)
         self.log.warning("keys.requested", epoch=epoch, tx=tx.id.hex()[:16])
-
-    def _answer_key_requests(self, block: Block, txs: Sequence[Transaction]) -> None:
-        for tx in txs:
-            if tx.kind == "keys.request":
-                try:
-                    self._answer_key_request(tx)
-                except StoreError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - one answer failing must not stop the others
-                    self.log.error("keys.answer_failed", request=tx.id.hex()[:16], error=repr(exc))
-
-    def _answer_whois(self, block: Block, txs: Sequence[Transaction]) -> None:
-        """Answer the whois requests addressed to this institution, as they commit."""
-        for tx in txs:
-            if tx.kind == "whois.request" and tx.body["institution"] == self.name:
-                try:
-                    self.whois.answer(tx.id)
-                except StoreError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - one answer failing must not stop the others
-                    self.log.error("whois.answer_failed", request=tx.id.hex()[:16], error=repr(exc))
 
     def _answer_key_request(self, tx: Transaction) -> None:
         """Another member cannot open its copy of an epoch's key: seal this member's to it.

@@ -53,3 +53,18 @@ async def test_a_waiter_gets_the_height_its_transaction_committed_at():
         await trio.sleep(0.01)
         waiters.committed(SimpleNamespace(height=9), [SimpleNamespace(id=b"other"), SimpleNamespace(id=b"new")])
     assert got == [9]
+
+
+def test_each_wanted_transaction_is_acted_on_and_fails_alone():
+    log, acted = Log(), []
+    commits = Commits(log)
+
+    def act(tx):
+        if tx.id == b"bad":
+            raise ValueError("no")
+        acted.append(tx.id)
+
+    commits.subscribe_each("answer.failed", lambda tx: tx.id != b"skip", act)
+    commits.committed(SimpleNamespace(height=4), [SimpleNamespace(id=i) for i in (b"one", b"bad", b"skip", b"two")])
+    assert acted == [b"one", b"two"]
+    assert [(e, f["height"], f["request"]) for e, f in log.errors] == [("answer.failed", 4, b"bad".hex())]
