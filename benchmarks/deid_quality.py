@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ehrnode import synthetic_notes
 from ehrnode.records.deid import Deidentifier, load_profile
-from ehrnode.records.deid.measure import Truth, measure, synthea_truth
+from ehrnode.records.deid.measure import Score, Truth, measure, synthea_truth
 from ehrnode.records.deid.notes import PatientFacts
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "synthea"
@@ -62,14 +62,14 @@ def main(argv: list[str] | None = None) -> int:
 
     notes = synthetic_notes.notes(args.generated, seed=args.seed)
     started = time.perf_counter()
-    generated = measure((n.text, n.patient, [Truth(p.kind, p.start, p.end) for p in n.planted]) for n in notes)
-    generated_rate = len(notes) / (time.perf_counter() - started)
-    by_language = {}
+    by_language, generated = {}, Score()
     for language in ("en", "zh"):
         subset = [n for n in notes if n.language == language]
-        score = measure((n.text, n.patient, [Truth(p.kind, p.start, p.end) for p in n.planted]) for n in subset)
+        score = measure((n.text, n.patient, n.planted) for n in subset)
+        generated += score
         by_language[language] = {"notes": len(subset), "recall": round(score.recall, 5),
                                  "precision": round(score.precision, 5), "words_kept": round(score.kept, 5)}
+    generated_rate = len(notes) / (time.perf_counter() - started)
 
     deid = Deidentifier(load_profile("notes"), bytes(range(32)))
     facts = {p["id"]: PatientFacts.of(p) for _, p in documents}

@@ -131,8 +131,6 @@ def cmd_deid_check(args: argparse.Namespace) -> int:
         if config.master_key_path is not None:
             # The institution's own key: pseudonyms and date shifts as its releases have them.
             key = _derive(load_secret(config.master_key_path, "master key"), "deid")
-    if isinstance(profile_name, str) and ("/" in profile_name or profile_name.endswith(".toml")):
-        profile_name = Path(profile_name)
     deid = Deidentifier(load_profile(profile_name), key)
     inputs = read_inputs(args.files, skip_invalid=True)
     items = [item for item in inputs.items if fhir.validate(item) is None]

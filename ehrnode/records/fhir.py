@@ -38,7 +38,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,6 +311,16 @@ def validate(item: Item) -> Problem | None:
     return None
 
 
+def read_each(paths: Iterable[Path], empty: list[str]) -> Iterator[tuple[Path, list[Item], list[Problem]]]:
+    """Each FHIR file of ``paths`` (see :func:`expand`) as read, not validated; the files that
+    held no resource are noted in ``empty``."""
+    for path in expand(paths):
+        read, found = read_file(path)
+        if not read and not found:
+            empty.append(str(path))
+        yield path, read, found
+
+
 def load(paths: Iterable[Path]) -> Intake:
     """Read and validate every file (a directory stands for its INPUT_SUFFIXES files).
 
@@ -321,10 +331,7 @@ def load(paths: Iterable[Path]) -> Intake:
     problems: list[Problem] = []
     empty: list[str] = []
     seen: dict[tuple[str, str], str] = {}
-    for path in expand(paths):
-        read, found = read_file(path)
-        if not read and not found:
-            empty.append(str(path))
+    for path, read, found in read_each(paths, empty):
         for item in read:
             problem = _duplicate(item.resource, item.source, seen) or validate(item)
             if problem is None:

@@ -33,26 +33,14 @@ class AddResult:
     heights: dict[str, int | None] = field(default_factory=dict)
 
 
-@dataclass
-class Inputs:
-    """What :func:`read_inputs` parsed: the items to send, the problems of the rest, and
-    the NDJSON files that held no resource (a bulk export's types with none)."""
-
-    items: list[fhir.Item]
-    problems: list[fhir.Problem]
-    empty: list[str]
-
-
-def read_inputs(paths: Iterable[Path], *, skip_invalid: bool) -> Inputs:
-    """Parse every file (a directory stands for its FHIR files, as a bulk export's folder);
-    raises FhirError listing the problems unless ``skip_invalid``."""
+def read_inputs(paths: Iterable[Path], *, skip_invalid: bool) -> fhir.Intake:
+    """Parse every file (a directory stands for its FHIR files, as a bulk export's folder); the
+    items to send (validated by the node), the problems of the rest, the files with no resource.
+    Raises FhirError listing the problems unless ``skip_invalid``."""
     items: list[fhir.Item] = []
     problems: list[fhir.Problem] = []
     empty: list[str] = []
-    for path in fhir.expand(Path(p) for p in paths):
-        got, bad = fhir.read_file(path)
-        if not got and not bad:
-            empty.append(str(path))
+    for _, got, bad in fhir.read_each((Path(p) for p in paths), empty):
         items.extend(got)
         problems.extend(bad)
     for item in items:
@@ -66,7 +54,7 @@ def read_inputs(paths: Iterable[Path], *, skip_invalid: bool) -> Inputs:
         raise FhirError(f"{len(problems)} problem(s) in the input; nothing was recorded "
                         f"(--skip-invalid records the rest):\n{lines}{more}", reason="invalid_input")
     bad_sources = {p.source for p in problems}
-    return Inputs([i for i in items if i.source not in bad_sources], problems, empty)
+    return fhir.Intake([i for i in items if i.source not in bad_sources], problems, empty)
 
 
 def chunks(items: list[fhir.Item]) -> Iterable[list[dict[str, Any]]]:

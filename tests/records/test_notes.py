@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from ehrnode import synthetic_notes
-from ehrnode.records.deid.measure import Truth, measure, synthea_truth
+from ehrnode.records.deid.measure import measure, synthea_truth
 from ehrnode.records.deid.notes import PatientFacts, scrub_note
 
 from ..datasets import SYNTHEA
@@ -114,7 +114,7 @@ def test_every_known_identifier_in_every_shipped_synthea_note_is_caught():
 
 def test_generated_notes_in_english_and_chinese_meet_the_recall_floor():
     notes = synthetic_notes.notes(400, seed=20261205)
-    score = measure((n.text, n.patient, [Truth(p.kind, p.start, p.end) for p in n.planted]) for n in notes)
+    score = measure((n.text, n.patient, n.planted) for n in notes)
     print(score.view())
     assert {n.language for n in notes} == {"en", "zh"} and score.identifiers > 4000
     assert score.recall >= 0.995, score.examples

@@ -3,12 +3,14 @@
 Theory of operation
 -------------------
 A *profile* (TOML; ``profiles/default.toml`` unless the node names another) gives each
-element of a resource one of seven methods: ``redact`` (remove it), ``keep``,
+element of a resource one of eight methods: ``redact`` (remove it), ``keep``,
 ``generalize`` (a date to its year, an Address to state and country, an Age of 90 or
 more to "90 or more"), ``date-shift`` (move it by the patient's offset in days),
 ``pseudonym`` (a keyed hash in place of an id, reference or identifier), ``scrub``
-(free text with identifying patterns replaced by "[REDACTED]") and ``coded-text``
-(a CodeableConcept's text, kept only where it repeats one of its codings' displays).
+(free text with the patient's identifiers, dates, ages over 89, identifying patterns and
+other people's names replaced by typed markers, :mod:`.notes`), ``coded-text`` (a
+CodeableConcept's text, kept only where it repeats one of its codings' displays) and
+``coded`` (a Coding, Quantity or URI by the allow-list of terminologies).
 
 The engine walks the resource's JSON with the R4B model classes as its schema, so the
 FHIR type of every element is known wherever it sits. A rule names an element by path
@@ -23,9 +25,9 @@ more specific rule removes. The default profile redacts ``<string>`` and ``<mark
 element nobody thought of is dropped, not released. An element the schema does not
 know, or a modifier extension that would be dropped, makes the resource unreleasable.
 
-Extensions are matched by URL first (``[extensions]``): ``keep`` releases the
-extension as it is (for coded ones such as US Core race), ``redact`` drops it; others
-go through the element rules like any element, and one left with no value is dropped.
+Extensions are released by allow-list only (``[extensions]``): a listed URL releases the
+extension with its value walked by the element rules, only the sub-extensions and codes
+its entry names; any other extension is dropped, and one left with no value too.
 
 One 32-byte institution key drives everything keyed. HMAC-SHA256 under it, with a label
 per use, gives pseudonyms shaped like random UUIDs (the same input always gives the

@@ -8,7 +8,6 @@ scrubbed also gets the count of what was found in it, by kind. Nothing is record
 
 from __future__ import annotations
 
-import base64
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -18,7 +17,7 @@ from typing import Any
 from ...errors import DeidentificationError
 from .. import fhir
 from .engine import Deidentifier
-from .notes import PatientFacts, scrub_note
+from .notes import PatientFacts
 
 _INDEX = re.compile(r"\[\d+\]")
 
@@ -63,16 +62,15 @@ def check(items: Iterable[fhir.Item], deid: Deidentifier, *, level: int = 0) -> 
             facts[pid] = PatientFacts.of(patients.get(pid))
         checked = Checked(item.source, item.resource_type or "?", item.resource_id or "?", None)
         try:
+            found: Counter[str] = Counter()  # kept only for a resource released
             released = deid.deidentify(resource, patient=patient, level=level,
-                                       facts=facts.get(pid) if pid else None)
+                                       facts=facts.get(pid) if pid else None, found=found)
         except DeidentificationError as exc:
             checked.error = str(exc)
             out.append(checked)
             continue
-        checked.released = released
+        checked.released, checked.found = released, found
         _diff(resource, released, "", checked)
-        if pid is not None:
-            _found_in_text(resource, released, facts[pid], deid.date_shift_days(patient), checked)
         out.append(checked)
     return out
 
@@ -138,29 +136,3 @@ def _by_url(items: list[Any]) -> dict[str, Any] | None:
         return None
     urls = [i["url"] for i in items]
     return dict(zip(urls, items, strict=True)) if len(set(urls)) == len(urls) else None
-
-
-def _found_in_text(raw: Mapping[str, Any], released: Mapping[str, Any], facts: PatientFacts, offset: int,
-                   checked: Checked) -> None:
-    """What the scrubber found in each text attachment that was released."""
-    raw_texts, out_texts = _attachments(raw), _attachments(released)
-    for path, text in raw_texts.items():
-        if path in out_texts:
-            checked.found.update(f.kind for f in scrub_note(text, facts, offset).findings)
-
-
-def _attachments(node: Any, path: str = "") -> dict[str, str]:
-    found: dict[str, str] = {}
-    if isinstance(node, Mapping):
-        data, kind = node.get("data"), node.get("contentType")
-        if isinstance(data, str) and isinstance(kind, str) and kind.lower().startswith("text/"):
-            try:
-                found[path] = base64.b64decode(data).decode("utf-8", "replace")
-            except ValueError:
-                pass
-        for key, value in node.items():
-            found.update(_attachments(value, f"{path}.{key}"))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            found.update(_attachments(value, f"{path}[{i}]"))
-    return found

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
@@ -28,7 +29,7 @@ from .dates import DATE_FORM, shift_date
 from .notes import PatientFacts, scrub_note
 from .profile import ExtensionRule, Profile, RuleSet
 from .schema import PRIMITIVE_EXTENSION, Element, required_elements, resource_model
-from .text import scrub_markup, scrub_text
+from .text import has_pattern, scrub_markup
 
 KEY_SIZE = 32
 #: Patient elements :mod:`..kanon` writes at the patient's k-anonymity level.
@@ -135,6 +136,10 @@ class Deidentifier:
         """The pseudonym of a resource id (or any string): a UUID-shaped keyed hash."""
         return self._uuid(self._digest(_LABEL_ID, value))
 
+    def code_value(self, system: object, code: str) -> str:
+        """The pseudonym of a local code (``system|code``): the same code, the same pseudonym."""
+        return self._uuid(self._digest(_LABEL_CODE, f"{system}|{code}"))
+
     def resource_id(self, resource_type: str, value: str) -> str:
         """The released id of a resource: kept for providers and places, else a pseudonym."""
         return value if resource_type in self.profile.directory else self.pseudonym(value)
@@ -180,7 +185,7 @@ class Deidentifier:
     # --- the public calls
 
     def deidentify(self, resource: Mapping[str, Any], *, patient: str, level: int = 0,
-                   facts: PatientFacts | None = None) -> dict[str, Any]:
+                   facts: PatientFacts | None = None, found: Counter[str] | None = None) -> dict[str, Any]:
         """The released form of ``resource`` (a new dict; the input is not changed).
 
         ``patient`` is the local id of the Patient the resource belongs to (a Patient's
@@ -190,6 +195,7 @@ class Deidentifier:
         resource is used). Raises DeidentificationError (``unreleasable``)
         for a resource the schema does not know, a Bundle (release its entries one by one),
         a date that cannot be shifted, or a modifier extension that would be dropped.
+        ``found``, if given, counts by kind what scrubbing took out of free text.
         """
         if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= SUPPRESSED:
             raise DeidentificationError(f"k-anonymity level {level!r} is not in 0..{SUPPRESSED}", reason="bad_level")
@@ -197,7 +203,7 @@ class Deidentifier:
             raise unreleasable("a resource must be a JSON object")
         if facts is None and resource.get("resourceType") == "Patient":
             facts = PatientFacts.of(resource)
-        return _Pass(self, patient, level, facts).resource(resource, nested=False)
+        return _Pass(self, patient, level, facts, found).resource(resource, nested=False)
 
     def choose_levels(self, population: Mapping[str, QuasiIdentifiers], k: int | None = None, *,
                       released: Mapping[str, Iterable[str | None]] | None = None) -> dict[str, int]:
@@ -218,8 +224,10 @@ class _Frame:
 class _Pass:
     """One call of :meth:`Deidentifier.deidentify`: the patient, its offset, its level."""
 
-    def __init__(self, deid: Deidentifier, patient: str, level: int, facts: PatientFacts | None) -> None:
+    def __init__(self, deid: Deidentifier, patient: str, level: int, facts: PatientFacts | None,
+                 found: Counter[str] | None) -> None:
         self.deid = deid
+        self.found = found
         self.profile = deid.profile
         self.patient = patient
         self.level = level
@@ -379,7 +387,7 @@ class _Pass:
                 if isinstance(code, str) and _CODE_TOKEN.fullmatch(code):
                     out["code"] = code
                 display = value.get("display")
-                if isinstance(display, str) and scrub_text(display) == display:
+                if isinstance(display, str) and not has_pattern(display):
                     out["display"] = display
             else:
                 # A local code system: its codes may mean something here, its displays anything
@@ -388,7 +396,7 @@ class _Pass:
                 if isinstance(system, str):
                     out["system"] = "urn:uuid:" + self.deid.pseudonym(system)
                 if isinstance(value.get("code"), str):
-                    out["code"] = self.deid._uuid(self.deid._digest(_LABEL_CODE, f"{system}|{value['code']}"))
+                    out["code"] = self.deid.code_value(system, value["code"])
             return out or _DROP
         # A Quantity (or Age, Duration, Count, Distance): the number, and its unit only where it
         # is a known one.
@@ -396,9 +404,9 @@ class _Pass:
         code, unit = value.get("code"), value.get("unit")
         if known and isinstance(code, str) and _CODE_TOKEN.fullmatch(code):
             out.update(system=system, code=code)
-            if isinstance(unit, str) and (unit == code or (_UNIT.fullmatch(unit) and scrub_text(unit) == unit)):
+            if isinstance(unit, str) and (unit == code or (_UNIT.fullmatch(unit) and not has_pattern(unit))):
                 out["unit"] = unit
-        elif isinstance(unit, str) and _UNIT.fullmatch(unit) and scrub_text(unit) == unit and not code:
+        elif isinstance(unit, str) and _UNIT.fullmatch(unit) and not has_pattern(unit) and not code:
             out["unit"] = unit
         return out or _DROP
 
@@ -406,8 +414,6 @@ class _Pass:
                 chain: tuple[tuple[str, ...], ...]) -> Any:
         assert element.model is not None
         out = self.walk(value, element.model, frame, path, chain)
-        if element.type == "Extension" and not any(k.startswith(("value", "_value")) or k == "extension" for k in out):
-            return _DROP
         if element.type == "Attachment":
             _fix_attachment(value, out)
         if not any(k != "id" for k in out):
@@ -457,7 +463,10 @@ class _Pass:
     def _scrub(self, text: str) -> str:
         """Free text as the scrub method releases it: the patient's identifiers, dates (moved by
         its offset), ages over 89, identifying patterns and other people's names taken out."""
-        return scrub_note(text, self.facts, self.offset).text
+        scrubbed = scrub_note(text, self.facts, self.offset)
+        if self.found is not None:
+            self.found.update(f.kind for f in scrubbed.findings)
+        return scrubbed.text
 
     def _pseudonym(self, kind: str, value: str, frame: _Frame, path: tuple[str, ...]) -> str:
         if path == ("id",):
@@ -573,7 +582,7 @@ def _checked_code(element: Element, value: Any) -> Any:
         return value if _MIME.fullmatch(value) else _DROP
     if element.name == "language":
         return value if _LANGUAGE.fullmatch(value) else _DROP
-    return value if _CODE_TOKEN.fullmatch(value) and scrub_text(value) == value else _DROP
+    return value if _CODE_TOKEN.fullmatch(value) and not has_pattern(value) else _DROP
 
 
 def _years(quantity: Any) -> float | None:

@@ -13,12 +13,23 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .notes import Finding, PatientFacts, scrub_note
 
 _WORD = re.compile(r"[A-Za-z]{2,}|[\u4e00-\u9fff]")
 _ISO_DATE = re.compile(r"(?<!\d)\d{4}-\d{2}-\d{2}(?!\d)")
+
+
+class Span(Protocol):
+    """An identifier known to be in a note: its kind and where it stands."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def start(self) -> int: ...
+    @property
+    def end(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -51,13 +62,18 @@ class Score:
     def kept(self) -> float:
         return self.words_kept / self.words if self.words else 1.0
 
+    def __add__(self, other: Score) -> Score:
+        return Score(self.identifiers + other.identifiers, self.caught + other.caught, self.missed + other.missed,
+                     self.findings + other.findings, self.true_findings + other.true_findings,
+                     self.words + other.words, self.words_kept + other.words_kept, self.examples + other.examples)
+
     def view(self) -> dict[str, Any]:
         return {"identifiers": self.identifiers, "caught": self.caught, "recall": round(self.recall, 5),
                 "missed": dict(self.missed), "findings": self.findings, "precision": round(self.precision, 5),
                 "words": self.words, "words_kept": round(self.kept, 5)}
 
 
-def score_note(text: str, truth: Sequence[Truth], findings: Sequence[Finding], into: Score) -> None:
+def score_note(text: str, truth: Sequence[Span], findings: Sequence[Finding], into: Score) -> None:
     """Add one note's counts to ``into``."""
     for item in truth:
         into.identifiers += 1
@@ -80,7 +96,7 @@ def score_note(text: str, truth: Sequence[Truth], findings: Sequence[Finding], i
             into.words_kept += 1
 
 
-def _covered(item: Truth, findings: Sequence[Finding], text: str = "") -> bool:
+def _covered(item: Span, findings: Sequence[Finding], text: str = "") -> bool:
     """Whether every letter and digit of ``item`` lies in a finding (the spaces and
     punctuation between two names found apart identify nothing)."""
     spans = [f for f in findings if f.start < item.end and item.start < f.end]
@@ -133,7 +149,7 @@ def _disjoint(truth: Iterable[Truth]) -> list[Truth]:
     return out
 
 
-def measure(notes: Iterable[tuple[str, Mapping[str, Any], Sequence[Truth]]], offset: int = -41) -> Score:
+def measure(notes: Iterable[tuple[str, Mapping[str, Any], Sequence[Span]]], offset: int = -41) -> Score:
     """Score the scrubber over (text, Patient, truth) triples."""
     total = Score()
     for text, patient, truth in notes:

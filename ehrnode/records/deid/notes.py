@@ -49,7 +49,7 @@ from datetime import date, timedelta
 from functools import cache, lru_cache
 from typing import Any
 
-from .text import IP_PATTERN
+from .text import EMAIL_PATTERN, IP_PATTERN, LONG_NUMBER_PATTERN, NOT_ALNUM_AFTER, NOT_ALNUM_BEFORE, SSN_PATTERN
 
 #: Markers that replace what is taken out.
 MARKERS = {"name": "[NAME]", "address": "[ADDRESS]", "phone": "[PHONE]", "id": "[ID]", "email": "[EMAIL]",
@@ -242,8 +242,7 @@ _CN_AMBIGUOUS = frozenset("和都那来由时信明平国公元干但相初门�
 
 # --- the patterns -------------------------------------------------------------------------
 
-_NOT_ALNUM_BEFORE = r"(?<![0-9A-Za-z])"
-_NOT_ALNUM_AFTER = r"(?![0-9A-Za-z])"
+_NOT_ALNUM_BEFORE, _NOT_ALNUM_AFTER = NOT_ALNUM_BEFORE, NOT_ALNUM_AFTER
 _MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
            "november", "december"]
 _MONTH = r"(?P<mon>jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?" \
@@ -278,11 +277,11 @@ _AGE = re.compile(
     re.IGNORECASE)
 
 _PATTERNS: list[tuple[str, str]] = [
-    ("email", r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"),
+    ("email", EMAIL_PATTERN),
     ("url", r"(?:https?|ftp)://[^\s<>\"'）)]+|www\.[^\s<>\"'）)]+"),
     ("id", IP_PATTERN),
     ("id", r"(?<![\dA-Za-z])\d{6}[\s-]?\d{4}[\s-]?\d{2}[\s-]?\d{2}[\s-]?\d{3}[\dXx](?![\dA-Za-z])"),
-    ("id", r"(?<!\d)\d{3}[- ]\d{2}[- ]\d{4}(?!\d)"),
+    ("id", SSN_PATTERN),
     ("phone", r"(?<![\d+])(?:\+?86[-\s]?)?1[3-9]\d[-\s]?\d{4}[-\s]?\d{4}(?!\d)"),
     ("phone", r"(?<![\d+])(?:\(0\d{2,3}\)|0\d{2,3})[-\s]?\d{3,4}[-\s]?\d{4}(?!\d)"),
     ("phone", r"(?<![\d+])(?:\+?1[-.\s]?)?(?:\(\d{3}\)\s?|\d{3}[-.\s])\d{3}[-.\s]\d{4}(?!\d)"),
@@ -299,7 +298,7 @@ _PATTERNS: list[tuple[str, str]] = [
                 f"(?:[\\d一二三四五六七八九十百零〇]+(?:号|弄|栋|楼|单元|室))*"),
     ("address", r"(?<=\b[A-Z]{2}\s)\d{5}(?:-\d{4})?(?!\d)|(?<=ZIP\s)\d{5}|(?<=ZIP:\s)\d{5}|(?<=zip code\s)\d{5}"),
     ("address", r"(?<![\d.,/-])\d{5}(?:-\d{4})?(?![\d.,/-])(?!\s*(?:mg|mcg|ml|mL|g|kg|units?|iu|IU|%|/|cells|copies))"),
-    ("id", _NOT_ALNUM_BEFORE + r"(?=[A-Za-z0-9-]*\d{6})[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?" + _NOT_ALNUM_AFTER),
+    ("id", LONG_NUMBER_PATTERN),
 ]
 _PATTERN_RES = [(kind, re.compile(pattern)) for kind, pattern in _PATTERNS]
 _TITLED = re.compile(_TITLES + r"\.?\s+(?:[A-Z]\.\s*)?[A-Z][A-Za-z'-]+(?:[- ][A-Z][A-Za-z'-]+)?")

@@ -12,6 +12,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -196,9 +197,11 @@ class Profile:
         """Whether ``system`` (a code system or canonical URL) is a known terminology."""
         if not isinstance(system, str) or not system:
             return False
-        if system in self.terminologies:
-            return True
-        return any(system.startswith(prefix) for prefix in self.terminologies if prefix.endswith("/"))
+        return system in self.terminologies or system.startswith(self._prefixes)
+
+    @cached_property
+    def _prefixes(self) -> tuple[str, ...]:
+        return tuple(t for t in self.terminologies if t.endswith("/"))
 
     def extension(self, url: object) -> ExtensionRule | None:
         """The rule for an extension URL; None when it is not allow-listed (it is dropped)."""

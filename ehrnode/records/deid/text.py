@@ -38,8 +38,12 @@ _SCRUB_PATTERNS = {
                    + _NOT_ALNUM_AFTER,
 }
 _SCRUB = re.compile("|".join(f"(?:{p})" for p in _SCRUB_PATTERNS.values()), re.IGNORECASE)
-#: IPv4 and IPv6 addresses (the notes scrubber uses it too).
-IP_PATTERN = _SCRUB_PATTERNS["ip"]
+# Shared with the notes scrubber.
+NOT_ALNUM_BEFORE, NOT_ALNUM_AFTER = _NOT_ALNUM_BEFORE, _NOT_ALNUM_AFTER
+IP_PATTERN = _SCRUB_PATTERNS["ip"]  # IPv4 and IPv6 addresses
+EMAIL_PATTERN = _SCRUB_PATTERNS["email"]
+SSN_PATTERN = _SCRUB_PATTERNS["ssn"]
+LONG_NUMBER_PATTERN = _SCRUB_PATTERNS["long-number"]  # a token holding six digits in a row
 _TAG = re.compile(r"(<[^>]*>)")
 REDACTED = "[REDACTED]"
 
@@ -56,7 +60,12 @@ def scrub_text(text: str) -> str:
     return _SCRUB.sub(REDACTED, text)
 
 
-def scrub_markup(text: str, scrub: Callable[[str], str] = scrub_text) -> str:
+def has_pattern(text: str) -> bool:
+    """Whether :func:`scrub_text` would change ``text``."""
+    return _SCRUB.search(text) is not None
+
+
+def scrub_markup(text: str, scrub: Callable[[str], str]) -> str:
     """Scrub the text between tags only, so the markup and namespaces stay intact."""
     return "".join(part if part.startswith("<") else scrub(part) for part in _TAG.split(text))
 
