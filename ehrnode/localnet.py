@@ -68,9 +68,14 @@ def _free(port: int) -> bool:
     return True
 
 
+#: Below Linux's default ephemeral range (32768-60999): a port free when chosen cannot then be
+#: taken by some client's outgoing connection before the node binds it.
+PORTS = (10000, 32000)
+
+
 def free_base_port(count: int) -> int:
     for _ in range(200):
-        base = random.randrange(20000, 50000)
+        base = random.randrange(*PORTS)
         if all(_free(base + offset + i) for i in range(count) for offset in (0, API_PORT_OFFSET, METRICS_PORT_OFFSET)):
             return base
     raise ConfigError("no free ports for a local consortium on 127.0.0.1")
