@@ -2,23 +2,24 @@
 
 Theory of operation
 -------------------
-:class:`Node` opens everything a member needs from its ``node.toml``: keys,
-genesis, the safety data, the block store and the ledger state (replaying any
-committed block the state had not applied before a crash), the mempool, and
-the consensus core recovered from the block store.
+:class:`Node` only wires. It opens everything a member needs from its ``node.toml``: keys,
+genesis, the safety data, the chain (block store and ledger state, replaying any committed
+block the state had not applied before a crash), the mempool and the consensus core recovered
+from the block store, and hands each to the object that runs it:
 
-One task, the *driver*, owns the consensus core: inputs (consensus messages
-from peers, transactions from peers or local clients, the timer) arrive in two
-bounded inboxes and are fed to the core one at a time, consensus messages
-first, so a burst of transactions never delays a vote. The driver carries out
-the actions the core returns (send through the peer network, persist, commit,
-re-arm the timer). Peer connections and API clients never touch the core
-directly, as in the simulator. Locally submitted transactions are gossiped to
-every peer in batches every few milliseconds.
+- the *driver* (daemon/driver.py) owns the consensus core and carries out its actions;
+- the *chain* (ledger/chain.py) stores and applies what the core commits and answers with what
+  changed and whether the consensus epoch ended;
+- the *commit subscribers* (daemon/commits.py) act on each committed block: key requests,
+  whois answers, event feeds, callers waiting for a transaction, block notifications;
+- *key upkeep* (daemon/keys.py) rotates the epoch key and asks for keys this member lacks;
+- *restore* (daemon/restore.py) holds signing back after a restore from a backup;
+- the records service, the pull server and requester and the whois desk (records/, sharing/).
 
-A committed block is written to the block store, applied to the ledger state,
-removed from the mempool, and announced to API subscribers and to callers
-waiting for one of its transactions.
+Peer frames are routed to them by kind; locally submitted transactions are gossiped to every
+peer in batches every few milliseconds. When a commit ends the consensus epoch the node builds
+the next epoch's core (taking up the member's replacement keys if the consortium adopted them)
+and hands it to the driver.
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ import dataclasses
 import datetime
 import os
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -37,26 +36,18 @@ import trio
 from .. import crypto, metrics
 from ..config import Genesis, Member, NodeConfig, load_genesis
 from ..consensus.core import (
-    Action,
-    Broadcast,
     CommitBlocks,
     ConsensusCore,
     CoreConfig,
-    Log,
-    PersistBlock,
-    Send,
-    SetTimer,
-    epoch_of,
 )
-from ..consensus.messages import decode_message, encode_message
 from ..consensus.pacemaker import PacemakerConfig
 from ..consensus.safety import SafetyData
-from ..consensus.survey import RoundSurvey, encode_answer
 from ..consensus.types import Block, EpochEnd, ValidatorSet
 from ..consortium import install_consortium_key
-from ..epochs import EpochGrant, EpochKeys
-from ..errors import AdmissionError, CodecError, ConfigError, CryptoError, InvalidMessage, KeyUnavailable, StoreError
+from ..epochs import EpochKeys
+from ..errors import AdmissionError, ConfigError, CryptoError, KeyUnavailable
 from ..ledger.block_store import SqliteBlockStore
+from ..ledger.chain import Chain
 from ..ledger.envelope import mix
 from ..ledger.mempool import Mempool
 from ..ledger.safety_store import FileSafetyStore
@@ -88,29 +79,20 @@ from ..sharing.requester import Puller, RequesterHooks
 from ..sharing.whois import WhoisDesk, WhoisHooks
 from ..users.store import UserStore
 from .commits import BlockFeed, Commits, EventFeed, TxWaiters
+from .driver import Driver
+from .keys import KeyUpkeep, next_keys, take_next_keys
+from .restore import Restore
 
 #: A server the node starts before it reports ready (``nursery.start``-able: it takes ``task_status``).
 Listener = Callable[..., Awaitable[Any]]
-CONSENSUS_INBOX = 10_000
-#: Messages of a later consensus epoch kept for when this node gets there.
-AHEAD_KEPT = 256
-TX_INBOX = 100_000
 MAX_TX_BATCH = 1000
-#: Gossiped transactions admitted per turn of the driver: each costs a signature check
-#: (~0.2 ms), so a turn stays short and consensus messages never wait long behind them.
-TXS_PER_TURN = 64
 GOSSIP_INTERVAL = 0.005
-#: Seconds between asking again, after a restore, the validators that have not answered.
-SURVEY_RETRY = 2.0
 #: Event subscriptions open at once (``events.subscribe``, ``ehrnode watch``).
 MAX_EVENT_SUBSCRIBERS = 256
 #: After a start, how long to let the chain catch up before answering whois requests left open.
 WHOIS_CATCH_UP = 10.0
 #: A gossip frame's transactions, in bytes (well inside the 8 MiB frame limit).
 GOSSIP_FRAME_BYTES = 2 * 1024 * 1024
-#: After a membership change, how long the member whose turn it is has to rotate the epoch key
-#: before any member does.
-MEMBERSHIP_ROTATION_GRACE = 20.0
 DEFAULT_CORE = CoreConfig(
     pacemaker=PacemakerConfig(base_timeout=2.0, backoff=1.5, max_timeout=30.0, resend_interval=1.0),
     max_block_txs=1000,
@@ -136,7 +118,7 @@ class Node:
             raise ConfigError(str(exc)) from exc
         self.epoch_keys = EpochKeys(self.genesis.chain_id, self.name, self.sealing_key)
         # Replacement keys from `consortium new-keys`, taken once a rotate-key proposal lists them.
-        following = _next_keys(config)
+        following = next_keys(config)
         if following is not None:
             self.epoch_keys.add_sealing_key(following[1])
         # A founding member's copy of the first key is in genesis; one that joined later, or whose
@@ -160,39 +142,36 @@ class Node:
         self.block_store = SqliteBlockStore(data / "blocks.sqlite3", self.genesis.validators)
         self.state = LedgerState(data / "state.sqlite3", self.genesis.chain_id, Membership(0, 0, self.genesis.members),
                                  keys=self.epoch_keys)
-        #: The height at which this member found it lacks an epoch key: the ledger state stops there.
-        self.state_stalled: int | None = None
-        self._keys_held = len(self.epoch_keys.epochs)
-        self._rotation_wake = trio.Event()  # a membership change or a stall: key upkeep is due at once
-        self._key_requests: set[int] = set()  # epochs whose key this member asked to be sealed again
-        self._replay_state()
-        #: The consensus epoch's validators, and its members in the same order.
-        self.vset, self.membership = self._validators()
-        member = self.membership.get(self.name)
+        self.chain = Chain(self.block_store, self.state, self.log, on_stall=lambda: self.key_upkeep.wake())
+        self.key_upkeep = KeyUpkeep(self.name, config, self.genesis.chain_id, self.chain, self.epoch_keys,
+                                    self.submit, self.log)
+        self.chain.replay()
+        # The consensus epoch's validators, and its members in the same order.
+        vset, membership = self._validators()
+        member = membership.get(self.name)
         listed = None if member is None else (member.signing_key, member.sealing_key)
         if following is not None and listed == (following[0].public_key, following[1].public_key):
             self.keys.replace(*following)
-            retired = _take_next_keys(config)
+            retired = take_next_keys(config)
             self.log.warning("keys.replaced", retired=[str(p) for p in retired],
                              detail="the consortium adopted this member's new keys: they are its keys now")
         elif listed is not None and listed != (self.identity.public_key, self.sealing_key.public_key):
             raise ConfigError(f"{config.signing_key_path} and {config.sealing_key_path} are not the keys the "
                               f"consortium lists for {self.name}")
-        self.index = self.membership.index_of(self.name)
         if member is None:
-            self.log.warning("membership.not_member", epoch=self.membership.epoch, former=self.state.governance.former(
+            self.log.warning("membership.not_member", epoch=membership.epoch, former=self.state.governance.former(
                 self.name), detail="not a member as far as this node's chain goes: it follows the chain, and takes "
                                    "part once a proposal that admits it is adopted")
-        self.mempool = Mempool(self.genesis.chain_id, self.membership.signing_keys, opener=self.state.open_envelope,
+        self.mempool = Mempool(self.genesis.chain_id, membership.signing_keys, opener=self.state.open_envelope,
                                is_committed=self.state.is_committed)
         safety_store = FileSafetyStore(data / "safety.cbor")
         if safety_store.load() is None and self.block_store.committed_height() > 0:
             # Blocks but no record of what this validator signed (lost, or an interrupted restore):
             # fresh safety data could sign a second vote in a round it voted in. Treat it as restored.
             self.log.warning("safety.missing", height=self.block_store.committed_height())
-            safety_store.save(SafetyData(epoch=self.vset.epoch, restored=True))
-        self.core = ConsensusCore(
-            self.vset, self.index, self.identity, safety_store,
+            safety_store.save(SafetyData(epoch=vset.epoch, restored=True))
+        core = ConsensusCore(
+            vset, membership.index_of(self.name), self.identity, safety_store,
             config=dataclasses.replace(core_config, order_payload=mix),
             recovery=self.block_store.recovery(), committed_lookup=self.block_store.get_block,
             committed_at=self.block_store.block_at, epoch_end=self.block_store.epoch_end,
@@ -206,49 +185,32 @@ class Node:
         #: Every per-peer and per-source limit counts and logs its refusals here.
         self.refusals = Refusals(self.name)
         self.network = PeerNetwork(self.genesis, self.name, self.identity, self._on_frame,
-                                   on_connect=self._on_connect, tls=self.tls, membership=self.membership,
-                                   refusals=self.refusals)
-        if following is not None and self.identity is not following[0]:
-            self.network.fallback = following[0]  # peers that adopted our next key accept only it
-        # Restored from a backup: sign nothing until the other validators say how far the chain got.
-        self.survey: RoundSurvey | None = None
-        if self.core.safety.data.restored and self.index is not None:
-            self.survey = RoundSurvey.fresh(self.vset, self.index)
-            self.log.warning("restore.waiting", needed=self.survey.needed,
-                             detail="restored from a backup: signing resumes once 2f+1 other validators have "
-                                    "reported their highest certificates")
-        # Two inboxes: consensus messages are always handled before transactions, so a burst of
-        # gossip never delays a vote. Both are bounded.
-        self._consensus_in: deque[tuple[Peer, bytes]] = deque()
-        # Messages of a later consensus epoch (the newest kept).
-        self._ahead: deque[tuple[Peer, bytes]] = deque(maxlen=AHEAD_KEPT)
-        self._txs_in: deque[tuple[Peer | None, bytes]] = deque()
-        self._wake = trio.Event()
+                                   on_connect=self._on_connect, tls=self.tls, membership=membership,
+                                   refusals=self.refusals,
+                                   # peers that adopted this member's next keys accept only them
+                                   fallback=following[0] if following and self.identity is not following[0] else None)
+        self.driver = Driver(core, membership, network=self.network, persist=self.block_store.put_block,
+                             commit=self._commit, admit=self._admit, log=self.log)
+        self.restore = Restore(self.driver, self.network, self.log)
         self._gossip_out: list[bytes] = []
-        self._connected: list[str] = []  # peers that (re)connected since the driver last looked
         self._gossip_wake = trio.Event()
-        self._deadline = float("inf")
         # What follows each commit besides the ledger, in this order (see daemon/commits.py).
         self.waiters = TxWaiters(self.state.tx_height)
         self.block_feed = BlockFeed()
         self.events = EventFeed(self.name, self.state, self.log, limit=MAX_EVENT_SUBSCRIBERS)
         self.commits = Commits(self.log)
         self.commits.subscribe_each("keys.answer_failed", lambda tx: tx.kind == "keys.request",
-                                    self._answer_key_request)
+                                    self.key_upkeep.answer)
         self.commits.subscribe_each(  # whois requests addressed to this institution, answered as they commit
             "whois.answer_failed", lambda tx: tx.kind == "whois.request" and tx.body["institution"] == self.name,
             lambda tx: self.whois.answer(tx.id))
         self.commits.subscribe("events.failed", self.events.committed)
         self.commits.subscribe("commit.waiters_failed", self.waiters.committed)
         self.commits.subscribe("commit.feed_failed", self.block_feed.committed)
-        self.inbox_dropped = 0
-        self.invalid_messages = 0
-        self._started = False  # the core has loaded its certificates (the driver started it)
-        self._membership_changed = time.time()
         self._closed = False
         self.notifier = Notifier()
         self.metrics = self._register_metrics()
-        self.head: Block = self.block_store.block_at(self.block_store.committed_height()) or self.vset.genesis_block
+        self.head: Block = self.chain.head() or vset.genesis_block
         # Institutions record; a regulator (or a node set up without records keys) only reads the chain.
         self.records: RecordsService | None = None
         self.pull_server: PullServer | None = None
@@ -279,6 +241,21 @@ class Node:
                                hooks=WhoisHooks(submit=self.submit, wait_committed=self.wait_committed))
 
     @property
+    def vset(self) -> ValidatorSet:
+        """The validators of the consensus epoch this node runs."""
+        return self.driver.core.vset
+
+    @property
+    def membership(self) -> Membership:
+        """The members of the consensus epoch this node runs, in the validators' order."""
+        return self.driver.membership
+
+    @property
+    def index(self) -> int | None:
+        """This node's place among the validators; None if it signs nothing."""
+        return self.driver.core.index
+
+    @property
     def identity(self) -> crypto.Identity:
         return self.keys.identity
 
@@ -299,13 +276,13 @@ class Node:
     def _register_metrics(self) -> Registry:
         r = Registry()
         r.gauge("ehrnode_height", "Height of the last committed block.", lambda: self.head.height)
-        r.gauge("ehrnode_round", "Current consensus round.", lambda: self.core.round)
+        r.gauge("ehrnode_round", "Current consensus round.", lambda: self.driver.core.round)
         r.gauge("ehrnode_peers_connected", "Authenticated peer connections.", lambda: len(self.network.peers))
         r.gauge("ehrnode_validators", "Validators in the consortium.", lambda: self.vset.n)
         r.gauge("ehrnode_mempool_transactions", "Transactions admitted and not yet committed.",
                 lambda: len(self.mempool))
         r.gauge("ehrnode_sync_behind_blocks", "How far the commit this node is catching up to is above its head.",
-                lambda: self.core.sync_gap)
+                lambda: self.driver.core.sync_gap)
         self.m_commits = r.counter("ehrnode_blocks_committed_total", "Blocks committed by this node.")
         self.m_txs = r.counter("ehrnode_transactions_committed_total", "Valid transactions committed.")
         self.m_invalid_txs = r.counter("ehrnode_transactions_invalid_total",
@@ -313,11 +290,12 @@ class Node:
         self.m_auth_denied = r.counter("ehrnode_auth_denied_total",
                                        "Local API connections and calls refused: bad credential, throttled, "
                                        "revoked or not allowed by the user's role.")
-        self.m_timeouts = r.counter("ehrnode_round_timeouts_total", "Rounds this node timed out of.")
-        self.m_invalid = r.counter("ehrnode_invalid_messages_total",
-                                   "Consensus messages refused (sender disconnected).")
+        counts = self.driver.counts
+        r.counted("ehrnode_round_timeouts_total", "Rounds this node timed out of.", lambda: counts.timeouts)
+        r.counted("ehrnode_invalid_messages_total", "Consensus messages refused (sender disconnected).",
+                  lambda: counts.invalid_messages)
         r.counted("ehrnode_inbox_dropped_total", "Inbound messages dropped because the node was overloaded.",
-                  lambda: self.inbox_dropped)
+                  lambda: counts.inbox_dropped)
         r.counted("ehrnode_peer_frames_dropped_total", "Outbound frames dropped on full peer queues.",
                   lambda: sum(p.dropped for p in self.network.peers.values()) + self.network.dropped_closed)
         r.counted("ehrnode_peers_rejected_total", "Connections refused at the handshake.",
@@ -343,28 +321,6 @@ class Node:
         )
         return r
 
-    def _replay_state(self) -> None:
-        # The ledger state is applied after the block store commits; after a crash between the
-        # two, the committed blocks the state has not seen are applied now: the public part of
-        # each (membership, epoch keys), then the rest as far as this member holds the keys.
-        for height in range(self.state.public_height + 1, self.block_store.committed_height() + 1):
-            block = self.block_store.block_at(height)
-            assert block is not None
-            self.state.apply_public(block)
-        self._catch_up_state()
-
-    def _catch_up_state(self) -> None:
-        """Apply the committed blocks the ledger has not (after a start, or once a key that
-        stalled it arrives); stops again at a block it still lacks a key for."""
-        stalled, self.state_stalled = self.state_stalled, None
-        for height in range(self.state.applied_height + 1, self.block_store.committed_height() + 1):
-            block = self.block_store.block_at(height)
-            assert block is not None
-            if self._apply_state(block, None) is None:
-                return
-        if stalled is not None:
-            self.log.warning("ledger.resumed", stalled_at=stalled, height=self.state.applied_height)
-
     def _validators(self) -> tuple[ValidatorSet, Membership]:
         """The validator set (and membership) of the consensus epoch this node's blocks are in:
         genesis's, then each adopted change's, rooted at the block that adopted it."""
@@ -377,59 +333,34 @@ class Node:
             vset, membership = vset.successor(start, following.keys), following
         return vset, membership
 
-    def _apply_state(self, block: Block, admitted: Any) -> list[Transaction] | None:
-        """Apply a committed block to the ledger state; None once this member lacks an epoch key.
-
-        Judging an envelope it cannot open differently from the other members would make
-        its state diverge from theirs; it stops instead, says so, and keeps storing blocks
-        (a restart tries again from there).
-        """
-        if self.state_stalled is not None:
-            return None
-        if block.height <= self.state.applied_height:
-            return []  # after a power cut the state can be ahead of the block store
-        try:
-            return self.state.apply(block, admitted)
-        except KeyUnavailable as exc:
-            self.state_stalled = block.height
-            self.log.error("ledger.stalled", height=block.height, error=str(exc),
-                           detail="this member cannot read an epoch the chain uses; the ledger stops here "
-                                  "until it holds that key, which it asks the other members to seal to it again "
-                                  "(see docs/security.md)")
-            self._rotation_wake.set()
-            return None
-
     # --- inputs -----------------------------------------------------------------------
 
     def _on_frame(self, peer: Peer, frame: Frame) -> None:
         """Called by a peer connection's reader; never blocks."""
         if isinstance(frame, ConsensusFrame):
-            if len(self._consensus_in) >= CONSENSUS_INBOX:
-                self.inbox_dropped += 1  # overloaded: consensus re-sends what it needs
-                return
-            self._consensus_in.append((peer, frame.data))
+            self.driver.consensus(peer, frame.data)
         elif isinstance(frame, TxFrame):
-            room = TX_INBOX - len(self._txs_in)
-            if room < len(frame.txs):
-                self.inbox_dropped += len(frame.txs) - max(room, 0)
-            self._txs_in.extend((peer, tx) for tx in frame.txs[:max(room, 0)])
+            self.driver.transactions(peer, frame.txs)
         elif isinstance(frame, PullFrame):
             self._on_pull(peer, frame.data)
-            return
         elif isinstance(frame, AnswerFrame):
             self.puller.on_answer(peer.name, frame.data)
-            return
         elif isinstance(frame, RoundQueryFrame):
-            # Only certificates this node really holds: not before its core has loaded them, and
-            # not while it is itself restored (its stores may be old).
-            if self._started and self.survey is None:
-                self.network.send(peer.name, encode_frame(RoundAnswerFrame(
-                    encode_answer(frame.nonce, self.core.high_qc, self.core.high_tc))))
-            return
+            self.restore.query(peer, frame.nonce)
         elif isinstance(frame, RoundAnswerFrame):
-            self._on_round_answer(peer, frame.data)
-            return
-        self._wake.set()
+            self.restore.answer(peer, frame.data)
+
+    def _admit(self, peer: Peer, data: bytes) -> bool:
+        """Whether a gossiped transaction enters the mempool (and so goes to consensus)."""
+        try:
+            self.mempool.admit(data)
+        except AdmissionError as exc:
+            if exc.reason == "member_quota":
+                self.refusals.refuse("mempool_member", peer.name, time.monotonic(), detail=str(exc))
+            elif exc.reason != "duplicate":
+                self.log.debug("tx.refused", peer=peer.name, reason=exc.reason)
+            return False
+        return True
 
     def _count_pull(self, outcome: str) -> None:
         self.m_pulls[outcome].inc()
@@ -449,131 +380,17 @@ class Node:
             self._nursery.start_soon(server.handle, peer.name, data)
 
     def _on_connect(self, name: str) -> None:
-        self._connected.append(name)
-        if self.survey is not None:
-            self.network.send(name, encode_frame(RoundQueryFrame(self.survey.nonce)))
-        self._wake.set()
+        self.restore.connected(name)
+        self.driver.connected(name)
 
-    def _on_round_answer(self, peer: Peer, data: bytes) -> None:
-        survey = self.survey
-        if survey is None:
-            return  # not restoring (a late answer)
-        sender = self.membership.index_of(peer.name)
-        if sender is None:
-            return
-        try:
-            survey.add(sender, data)
-        except InvalidMessage as exc:
-            self.log.warning("restore.bad_answer", peer=peer.name, reason=exc.reason, error=str(exc))
-            return
-        result = survey.result()
-        if result is None:
-            return
-        floor = self.core.safety.lift_restore(*result)
-        self.survey = None
-        self.log.warning("restore.resumed", floor=floor, answered=[self.membership.members[i].name
-                                                                  for i in sorted(survey.answers)])
-        self._apply(self.core.learn_certificates(*result, time.time()))
-
-    async def _ask_rounds(self) -> None:
-        """While restored, ask again every few seconds the validators that have not answered."""
-        while self.survey is not None:
-            await trio.sleep(SURVEY_RETRY)
-            survey = self.survey
-            if survey is None:
-                return
-            for name in self.network.connected():
-                if self.membership.index_of(name) not in survey.answers:
-                    self.network.send(name, encode_frame(RoundQueryFrame(survey.nonce)))
+    # --- governance ---------------------------------------------------------------------
 
     def rotate_epoch_key(self, actor: bytes = b"") -> Transaction:
         """Open the next epoch: a fresh key sealed to every current member (raises AdmissionError)."""
-        grant = EpochGrant.create(self.genesis.chain_id, self.state.latest_epoch + 1,
-                                  self.state.membership.sealing_keys)
-        tx = self.submit("keys.epoch", grant.body(), actor)
-        self.log.info("keys.rotating", epoch=grant.epoch, tx=tx.id.hex()[:16])
-        return tx
+        return self.key_upkeep.rotate(actor)
 
     def epoch_view(self) -> dict[str, Any]:
-        """The epochs of the chain and which of their keys this member holds."""
-        return {
-            "current": self.state.current_epoch, "rotate_days": self.config.rotate_days,
-            "epochs": [{**e, "tx_id": e["tx_id"].hex() if e["tx_id"] else None, "held": e["epoch"] in self.epoch_keys}
-                       for e in self.state.epochs()],
-            "unreadable": {str(epoch): why for epoch, why in self.epoch_keys.unreadable.items()},
-        }
-
-    async def _rotate_on_schedule(self) -> None:
-        """Rotate the epoch key once it is ``rotate_days`` old, or at once when the membership
-        changed since it was sealed, if it is this member's turn.
-
-        The turn goes round the members by epoch number; if the member whose turn it is
-        has not rotated half an interval later (after a membership change:
-        ``MEMBERSHIP_ROTATION_GRACE`` later), any member does. The first grant committed
-        opens the epoch; a second one for the same epoch is refused as stale.
-        """
-        interval = self.config.rotate_days * 86400
-        asked: tuple[int, bytes] | None = None  # (epoch rotated out of, its grant's transaction)
-        while True:
-            with trio.move_on_after(min(60.0, interval / 10)):
-                await self._rotation_wake.wait()
-            self._rotation_wake = trio.Event()
-            membership, epochs = self.state.membership, self.state.epochs()
-            if self.state_stalled is not None and self.name in membership:
-                self._request_key(self.state.epoch_at(self.state_stalled))
-            if not epochs or self.state_stalled is not None or self.name not in membership:
-                continue
-            latest = epochs[-1]
-            names = sorted(membership.names)
-            turn = names[latest["epoch"] % len(names)] == self.name
-            if self.state.grant_recipients(latest["epoch"]) != set(names):
-                # Sealed to members that are no longer the membership: a departed member still
-                # holds this key, a new one is not sealed the next.
-                due = turn or time.time() - self._membership_changed >= MEMBERSHIP_ROTATION_GRACE
-            else:
-                age = time.time() - latest["time"] / 1000
-                due = (turn and age >= interval) or age >= interval * 1.5
-            if asked is not None and asked[0] == latest["epoch"] and not (
-                    self.state.tx_status(asked[1]) or "").startswith("invalid"):
-                continue  # asked already, and not refused
-            if due:
-                try:
-                    asked = (latest["epoch"], self.rotate_epoch_key().id)
-                except AdmissionError as exc:
-                    self.log.warning("keys.rotation_refused", reason=exc.reason, error=str(exc))
-
-    def _request_key(self, epoch: int) -> None:
-        """Ask the members to seal ``epoch``'s key to this member again (once per start)."""
-        if epoch in self._key_requests or epoch in self.epoch_keys:
-            return
-        try:
-            tx = self.submit("keys.request", {"epoch": epoch})
-        except AdmissionError as exc:
-            self.log.warning("keys.request_refused", epoch=epoch, reason=exc.reason, error=str(exc))
-            return
-        self._key_requests.add(epoch)
-        self.log.warning("keys.requested", epoch=epoch, tx=tx.id.hex()[:16])
-
-    def _answer_key_request(self, tx: Transaction) -> None:
-        """Another member cannot open its copy of an epoch's key: seal this member's to it.
-
-        Every member that holds the key answers; the requester takes the first copy that opens
-        to the key the epoch's check value commits to, so a wrong copy from one member costs
-        nothing."""
-        member = self.state.membership.get(tx.submitter)
-        if tx.submitter == self.name or member is None:
-            return
-        sealed = self.epoch_keys.reseal(tx.body["epoch"], member.sealing_key)
-        if sealed is None:
-            return
-        try:
-            self.submit("keys.reseal", {"epoch": tx.body["epoch"], "member": member.name, "sealed": sealed})
-        except AdmissionError as exc:
-            self.log.warning("keys.reseal_refused", member=member.name, reason=exc.reason, error=str(exc))
-            return
-        self.log.info("keys.resealed", epoch=tx.body["epoch"], member=member.name)
-
-    # --- governance ---------------------------------------------------------------------
+        return self.key_upkeep.view()
 
     def propose(self, change: str, name: str, *, reason: str, member: Member | None = None,
                 actor: bytes = b"") -> Transaction:
@@ -644,9 +461,7 @@ class Node:
     def _accept_local(self, data: bytes) -> None:
         self._gossip_out.append(data)
         self._gossip_wake.set()
-        # Already admitted: the driver hands it to consensus without checking it again.
-        self._txs_in.append((None, data))
-        self._wake.set()
+        self.driver.own(data)
 
     async def _gossip(self) -> None:
         """Send locally submitted transactions to every peer, batched every few milliseconds."""
@@ -693,14 +508,14 @@ class Node:
                 address = self.config.metrics_listen
                 await nursery.start(metrics.serve, self.metrics, address.host, address.port)
             nursery.start_soon(self.network.dial_all)
-            nursery.start_soon(self._drive)
+            nursery.start_soon(self.driver.run)
             nursery.start_soon(self._gossip)
-            if self.survey is not None:
-                nursery.start_soon(self._ask_rounds)
+            if self.restore.survey is not None:
+                nursery.start_soon(self.restore.run)
             if self.records is not None:
                 nursery.start_soon(self.records.run_outbox)
             nursery.start_soon(self._answer_pending_whois)
-            nursery.start_soon(self._rotate_on_schedule)
+            nursery.start_soon(self.key_upkeep.run)
             if self.notifier.watchdog_interval is not None:
                 nursery.start_soon(self._watchdog)
             self.log.info(
@@ -717,7 +532,7 @@ class Node:
         interval = self.notifier.watchdog_interval
         assert interval is not None
         while True:
-            self.notifier.notify("WATCHDOG=1", f"STATUS=height {self.head.height}, round {self.core.round}, "
+            self.notifier.notify("WATCHDOG=1", f"STATUS=height {self.head.height}, round {self.driver.core.round}, "
                                                f"{len(self.network.peers)} peers")
             await trio.sleep(interval)
 
@@ -738,119 +553,13 @@ class Node:
             self.records.close()
         self.log.info("node.stopped", height=self.head.height)
 
-    async def _drive(self) -> None:
-        self._apply(self.core.start(time.time()))
-        self._started = True
-        while True:
-            if not self._consensus_in and not self._txs_in and not self._connected:
-                with trio.move_on_at(self._deadline):
-                    await self._wake.wait()
-                self._wake = trio.Event()
-            if trio.current_time() >= self._deadline:
-                self._apply(self.core.tick(time.time()))
-            while self._connected:
-                index = self.membership.index_of(self._connected.pop())
-                if index is not None:
-                    self._apply(self.core.on_peer_connected(index, time.time()))
-            # Consensus first, then one batch of transactions, then let other tasks run.
-            for _ in range(min(len(self._consensus_in), 512)):
-                peer, data = self._consensus_in.popleft()
-                self._handle_consensus(peer, data)
-            if self._txs_in:
-                self._handle_txs()
-            await trio.sleep(0)
-
-    def _handle_consensus(self, peer: Peer, data: bytes) -> None:
-        sender = self.membership.index_of(peer.name)
-        if sender is None:
-            # A member this node does not count as a validator yet (it is behind on membership):
-            # the validators it does count will make it catch up.
-            self.log.debug("consensus.not_validator", peer=peer.name, epoch=self.vset.epoch)
-            return
-        try:
-            message = decode_message(data)
-            epoch = epoch_of(message)
-            if epoch is not None and epoch > self.vset.epoch:
-                # Kept to hand to the next core: a validator behind learns the epoch ended from
-                # this very message, and its vote should still count once it has caught up.
-                self._ahead.append((peer, data))
-            actions = self.core.on_message(sender, message, time.time())
-        except (CodecError, InvalidMessage) as exc:
-            self.invalid_messages += 1
-            self.m_invalid.inc()
-            self.log.warning("consensus.invalid_message", peer=peer.name, reason=exc.reason, error=str(exc))
-            self.network.kick(peer, exc.reason)
-            return
-        except StoreError:
-            raise  # the disk failed under us: stop rather than run on half-persisted state
-        except Exception as exc:  # noqa: BLE001 - a message we did not foresee costs its sender the link
-            self.invalid_messages += 1
-            self.m_invalid.inc()
-            self.log.error("consensus.message_failed", peer=peer.name, error=repr(exc))
-            self.network.kick(peer, "internal_error")
-            return
-        self._apply(actions)
-
-    def _handle_txs(self) -> None:
-        accepted = []
-        for _ in range(min(len(self._txs_in), TXS_PER_TURN)):
-            peer, data = self._txs_in.popleft()
-            if peer is None:
-                accepted.append(data)  # admitted by submit() already
-                continue
-            try:
-                self.mempool.admit(data)
-            except AdmissionError as exc:
-                if exc.reason == "member_quota":
-                    self.refusals.refuse("mempool_member", peer.name, time.monotonic(), detail=str(exc))
-                elif exc.reason != "duplicate":
-                    self.log.debug("tx.refused", peer=peer.name, reason=exc.reason)
-                continue
-            accepted.append(data)
-        if accepted:
-            self._apply(self.core.submit(accepted, time.time()))
-
-    def _apply(self, actions: Iterable[Action]) -> None:
-        core, membership = self.core, self.membership  # the core's own validators, even once its epoch ends
-        for action in actions:
-            if self.core is not core and not isinstance(action, (Send, Broadcast)):
-                # An earlier action ended the epoch. The old core's messages still go out (a
-                # proposal carrying the certificate that committed the epoch's last block is how
-                # the others learn of it at once); its timers and the rest are void.
-                continue
-            if isinstance(action, Send):
-                name = membership.members[action.to].name
-                self.network.send(name, encode_frame(ConsensusFrame(encode_message(action.message))))
-            elif isinstance(action, Broadcast):
-                self.network.broadcast(encode_frame(ConsensusFrame(encode_message(action.message))))
-            elif isinstance(action, SetTimer):
-                delay = action.at - time.time()
-                self._deadline = trio.current_time() + max(delay, 0.0) if action.at != float("inf") else float("inf")
-            elif isinstance(action, PersistBlock):
-                self.block_store.put_block(action.block)
-            elif isinstance(action, CommitBlocks):
-                self._commit(action)
-            elif isinstance(action, Log):
-                self._log_core(action)
-
     def _commit(self, action: CommitBlocks) -> None:
-        # The public part of each block first: a block that adopts a membership change is the
-        # last of its epoch, and what the commit carried after it is kept only to prove it.
-        blocks, ended = action.blocks, None
-        for i, block in enumerate(blocks):
-            self.state.apply_public(block)
-            following = self.state.membership_at(block.height + 1)
-            if following.epoch > self.vset.epoch and following.starts == block.height + 1:
-                blocks, ended = blocks[:i + 1], EpochEnd(block, blocks[i + 1:], action.proof)
-                break
-        self.block_store.commit(blocks, action.proof, ended)
-        for block in blocks:
-            applied = self._apply_state(block, self.mempool.get)
-            txs = applied or []
+        committed = self.chain.commit(action.blocks, action.proof, self.vset.epoch, self.mempool.get)
+        for applied in committed.blocks:
+            block, txs = applied.block, applied.txs
             self.m_commits.inc()
             self.m_txs.inc(len(txs))
-            if applied is not None:
-                self.m_invalid_txs.inc(len(block.payload) - len(txs))
+            self.m_invalid_txs.inc(applied.invalid)
             self.m_latency.observe(max(0.0, time.time() - block.timestamp / 1000))
             self.mempool.remove(crypto.sha256(data) for data in block.payload)
             self.mempool.remove_committed(tx.id for tx in txs)
@@ -861,75 +570,53 @@ class Node:
                 id=block.id.hex()[:16],
             )
             self.commits.committed(block, txs)
-        if self.state_stalled is not None and len(self.epoch_keys.epochs) > self._keys_held:
-            self._catch_up_state()  # a key it lacked was sealed to it since
-        self._keys_held = len(self.epoch_keys.epochs)
-        if ended is not None:
-            self._end_epoch(ended)
+        if committed.ended is not None:
+            self._end_epoch(committed.ended)
 
     def _end_epoch(self, ended: EpochEnd) -> None:
         """The block ``ended.last`` adopted a membership change: run the next epoch with it."""
         before, membership = self.membership, self.state.membership_at(ended.last.height + 1)
-        self.vset = self.vset.successor(ended.last, membership.keys)
-        self.membership, self.index = membership, membership.index_of(self.name)
+        vset = self.vset.successor(ended.last, membership.keys)
+        index = membership.index_of(self.name)
         listed = membership.get(self.name)
         if listed is not None and listed.signing_key != self.identity.public_key:
-            following = _next_keys(self.config)
+            following = next_keys(self.config)
             if following is not None and (listed.signing_key, listed.sealing_key) == (
                     following[0].public_key, following[1].public_key):
                 self.keys.replace(*following)  # the recorder, vault, pulls and whois sign and open with them now
                 self.epoch_keys.add_sealing_key(following[1])  # later epochs' keys are sealed to the new key
                 self.network.set_identity(self.identity)
-                self.log.warning("keys.replaced", retired=[str(p) for p in _take_next_keys(self.config)],
+                self.log.warning("keys.replaced", retired=[str(p) for p in take_next_keys(self.config)],
                                  detail="the consortium adopted this member's new keys: they are its keys now")
             else:
-                self.index = None  # re-keyed with keys this node does not hold: it signs nothing more
+                index = None  # re-keyed with keys this node does not hold: it signs nothing more
                 self.log.error("membership.keys_replaced", epoch=membership.epoch,
                                detail="the consortium adopted keys for this member that this node does not hold")
-        self.core = self.core.successor(self.vset, self.index, self.identity)
         if self.name in membership:
             self.network.set_membership(membership)
         # A removed member keeps its links as they were: a validator still in the old epoch may
         # need it to learn that the epoch ended (its peers refuse it once they have moved on).
-        self.mempool.members = membership.signing_keys
-        self._membership_changed = time.time()
+        self.mempool.set_members(membership.signing_keys)
         added = sorted(set(membership.names) - set(before.names))
         removed = sorted(set(before.names) - set(membership.names))
         self.log.warning("membership.changed", epoch=membership.epoch, height=ended.last.height, added=added,
-                         removed=removed, members=membership.names, validator=self.index is not None)
+                         removed=removed, members=membership.names, validator=index is not None)
         if self.name in removed:
             self.log.error("membership.removed", epoch=membership.epoch,
                            detail="the consortium removed this member: peers refuse it from now on, and later "
                                   "epoch keys are not sealed to it")
-        self._rotation_wake.set()
-        self._apply(self.core.start(time.time()))
-        ahead, self._ahead = self._ahead, deque(maxlen=AHEAD_KEPT)
-        self._consensus_in.extendleft(reversed(ahead))
-        self._wake.set()
-
-    def _log_core(self, action: Log) -> None:
-        if action.event == "round.timeout":
-            self.m_timeouts.inc()
-        if action.event == "proposal.invalid":
-            self.log.error(action.event, **action.fields)
-            return
-        if action.event in (
-            "round.timeout", "tc.formed", "vote.equivocation", "vote.refused", "timeout.refused", "proposal.refused",
-            "sync.started", "sync.finished",
-        ):
-            self.log.info(action.event, **action.fields)
-        else:
-            self.log.debug(action.event, **action.fields)
+        self.key_upkeep.membership_changed()
+        self.driver.succeed(self.driver.core.successor(vset, index, self.identity), membership)
 
     # --- views --------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         return {
             "node": self.name, "chain": self.genesis.chain_id, "height": self.head.height, "head": self.head.id.hex(),
-            "round": self.core.round, "peers": self.network.connected(), "mempool": len(self.mempool),
+            "round": self.driver.core.round, "peers": self.network.connected(), "mempool": len(self.mempool),
             "validators": self.vset.n, "pid": os.getpid(), "epoch": self.state.current_epoch,
             "consensus_epoch": self.vset.epoch, "validator": self.index is not None,
-            "ledger": {"applied": self.state.applied_height, "stalled_at": self.state_stalled},
+            "ledger": {"applied": self.state.applied_height, "stalled_at": self.chain.stalled_at},
         }
 
     def records_list(self, empi: str) -> list[dict[str, Any]]:
@@ -958,27 +645,3 @@ class Node:
         return view
 
 
-def _next_keys(config: NodeConfig) -> tuple[crypto.Identity, crypto.SealingKey] | None:
-    signing, sealing = config.next_key_paths
-    if not signing.exists() or not sealing.exists():
-        return None
-    try:
-        return crypto.Identity.load(signing), crypto.SealingKey.load(sealing)
-    except CryptoError as exc:
-        raise ConfigError(str(exc)) from exc
-
-
-def _take_next_keys(config: NodeConfig) -> list[Path]:
-    """Make the replacement keys the member's keys; the old ones are kept, renamed, and returned."""
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    retired = []
-    for current, following in zip((config.signing_key_path, config.sealing_key_path), config.next_key_paths,
-                                  strict=True):
-        old = current.with_name(f"{current.stem}.retired-{stamp}{current.suffix}")
-        try:
-            os.replace(current, old)
-            os.replace(following, current)
-        except OSError as exc:
-            raise ConfigError(f"cannot put the new key {following} in place of {current}: {exc.strerror}") from exc
-        retired.append(old)
-    return retired

@@ -48,6 +48,10 @@ class Mempool:
         self._checked: set[bytes] = set()  # envelope ids admitted from the wire (opened and verified here)
         self._held_by = Holdings()  # submitter -> its transactions pending
 
+    def set_members(self, members: Mapping[str, bytes]) -> None:
+        """Admit from now on transactions signed by ``members`` (name -> signing key): a membership change."""
+        self.members = dict(members)
+
     @property
     def member_quota(self) -> int:
         """Transactions of one submitter the pool holds at most."""

@@ -146,6 +146,7 @@ class PeerNetwork:
         self, genesis: Genesis, name: str, identity: crypto.Identity, on_frame: FrameHandler,
         *, on_connect: Callable[[str], None] = lambda _n: None, tls: TlsContexts | None = None,
         membership: Membership | None = None, refusals: Refusals | None = None,
+        fallback: crypto.Identity | None = None,
     ) -> None:
         self.genesis = genesis
         #: Who may connect, and whom to dial: the members as this node last learnt them.
@@ -158,7 +159,7 @@ class PeerNetwork:
         self.identity = identity
         #: The member's next key (during a rotate-key): tried when a peer refuses the current one,
         #: as peers that have adopted the change do.
-        self.fallback: crypto.Identity | None = None
+        self.fallback = fallback
         self._use_fallback: set[str] = set()  # peers that refused the current key
         self.on_frame = on_frame
         self.on_connect = on_connect
