@@ -8,11 +8,18 @@ Starts four `ehrnode run` processes from a fresh `consortium init`, then offers 
 * at saturation (as fast as the submitters go, 100 transactions per API call),
   measuring committed tx/s.
 
+* sequentially, one transaction at a time waiting for its commit (as `tx submit --wait`),
+  giving the median and p90 round trip.
+
+With ``--down N`` it then kills N validators (SIGKILL, the last members, never the first
+round's leader nor the member whose notifications are watched) and measures the same again
+with them down, printed beside the all-up figures of the same run.
+
 It also measures this machine's Ed25519 verifications per second and prints the bound
 `cores x verify_per_s / validators` (each transaction is verified at least once per
 validator) and the fraction of it reached.
 
-    python benchmarks/cluster.py [--duration 10] [--rates 200,500] [--json]
+    python benchmarks/cluster.py [--duration 10] [--rates 200,500] [--down 1] [--json]
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ def cpu_seconds(pid: int) -> float:
 class Load:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
+        #: The members load is offered to (the ones up).
+        self.names = list(cluster.names)
         self.submitted: dict[str, float] = {}
         self.committed: dict[str, float] = {}
         self.refused = 0
@@ -77,7 +86,7 @@ class Load:
 
     async def offer(self, rate: float | None, seconds: float, workers: int, batch: int = 1) -> float:
         """Submit for ``seconds`` at ``rate`` tx/s in all (None: as fast as possible, ``batch`` per call)."""
-        names = self.cluster.names
+        names = self.names
         deadline = time.perf_counter() + seconds
         interval = None if rate is None else workers / rate
         text = "x" * NOTE_BYTES
@@ -111,52 +120,105 @@ class Load:
         return time.perf_counter() - start
 
 
-async def measure(cluster: Cluster, rates: list[float], seconds: float) -> dict:
-    results: dict = {"fixed": []}
+async def sequential(load: Load, count: int) -> dict:
+    """Round trips of ``count`` transactions submitted one at a time, each waiting for its commit."""
+    times = []
+    for k in range(count):
+        name = load.names[k % len(load.names)]
+        start = time.perf_counter()
+        await load.cluster.call(name, "tx.submit", note=f"sequential {k}", wait=True, timeout=60)
+        times.append(1000 * (time.perf_counter() - start))
+    times.sort()
+    return {"count": count, "median_ms": round(statistics.median(times), 1),
+            "p90_ms": round(times[int(0.9 * (len(times) - 1))], 1)}
+
+
+async def phase(cluster: Cluster, load: Load, rates: list[float], seconds: float, waits: int) -> dict:
+    results: dict = {"fixed": [], "sequential": await sequential(load, waits)}
+    for rate in rates:
+        load.submitted.clear()
+        elapsed = await load.offer(rate, seconds, workers=8)
+        await trio.sleep(3.0)  # let the tail commit
+        ids = list(load.submitted)
+        latencies = sorted(1000 * (load.committed[i] - load.submitted[i]) for i in ids if i in load.committed)
+        results["fixed"].append({
+            "offered_tps": rate, "submitted": len(ids), "committed": len(latencies),
+            "achieved_tps": round(len(ids) / elapsed, 1),
+            "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
+            "p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))], 1) if latencies else None,
+        })
+    load.submitted.clear()
+    load.refused = 0
+    procs = {n: p for n, p in cluster.procs.items() if n in load.names}
+    cpu_before = {n: cpu_seconds(p.pid) for n, p in procs.items()}
+    first = time.perf_counter()
+    elapsed = await load.offer(None, seconds, workers=4, batch=100)
+    end = first + elapsed
+    cpu_after = {n: cpu_seconds(p.pid) for n, p in procs.items()}
+    await trio.sleep(3.0)
+    # Steady-state throughput: what was committed while the load was on, over that window
+    # (the backlog left when the load stops does not count).
+    ids = [i for i in load.submitted if i in load.committed and load.committed[i] <= end]
+    latencies = sorted(1000 * (load.committed[i] - load.submitted[i]) for i in ids)
+    results["saturation"] = {
+        "submitted": len(load.submitted), "committed": len(ids), "refused": load.refused,
+        "committed_tps": round(len(ids) / elapsed, 1),
+        "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
+        "p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))], 1) if latencies else None,
+        "cpu_per_node": {n: round((cpu_after[n] - cpu_before[n]) / elapsed, 2) for n in cpu_after},
+    }
+    return results
+
+
+async def measure(cluster: Cluster, rates: list[float], seconds: float, down: int, waits: int) -> dict:
     load = Load(cluster)
     # Warm up: the first rounds run while peers are still connecting.
     await cluster.call("A", "tx.submit", note="warm-up", wait=True, timeout=60)
+    results: dict = {}
     async with trio.open_nursery() as nursery:
         await nursery.start(load.watch)
-        for rate in rates:
-            load.submitted.clear()
-            elapsed = await load.offer(rate, seconds, workers=8)
-            await trio.sleep(3.0)  # let the tail commit
-            ids = list(load.submitted)
-            latencies = sorted(1000 * (load.committed[i] - load.submitted[i]) for i in ids if i in load.committed)
-            results["fixed"].append({
-                "offered_tps": rate, "submitted": len(ids), "committed": len(latencies),
-                "achieved_tps": round(len(ids) / elapsed, 1),
-                "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
-                "p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))], 1) if latencies else None,
-            })
-        load.submitted.clear()
-        cpu_before = {n: cpu_seconds(p.pid) for n, p in cluster.procs.items()}
-        first = time.perf_counter()
-        elapsed = await load.offer(None, seconds, workers=4, batch=100)
-        end = first + elapsed
-        cpu_after = {n: cpu_seconds(p.pid) for n, p in cluster.procs.items()}
-        await trio.sleep(3.0)
-        # Steady-state throughput: what was committed while the load was on, over that window
-        # (the backlog left when the load stops does not count).
-        window = elapsed
-        ids = [i for i in load.submitted if i in load.committed and load.committed[i] <= end]
-        latencies = sorted(1000 * (load.committed[i] - load.submitted[i]) for i in ids)
-        results["saturation"] = {
-            "submitted": len(load.submitted), "committed": len(ids), "refused": load.refused,
-            "committed_tps": round(len(ids) / window, 1),
-            "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
-            "p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))], 1) if latencies else None,
-            "cpu_per_node": {n: round((cpu_after[n] - cpu_before[n]) / window, 2) for n in cpu_after},
-        }
+        results["all_up"] = await phase(cluster, load, rates, seconds, waits)
+        if down:
+            killed = cluster.names[-down:]
+            for name in killed:
+                cluster.kill9(name)
+            load.names = [n for n in cluster.names if n not in killed]
+            results["down"] = {"killed": killed, **await phase(cluster, load, rates, seconds, waits)}
         nursery.cancel_scope.cancel()
     return results
+
+
+def summarize(results: dict, bound: float) -> dict:
+    sat = results["saturation"]
+    low = results["fixed"][0] if results["fixed"] else {}
+    return {
+        "committed_tps": sat["committed_tps"], "p50_ms": low.get("p50_ms"), "p99_ms": low.get("p99_ms"),
+        "sequential_median_ms": results["sequential"]["median_ms"],
+        "fraction_of_bound": round(sat["committed_tps"] / bound, 3),
+        "fixed_rates": {f"{int(r['offered_tps'])}": r for r in results["fixed"]}, "saturation": sat,
+        "sequential": results["sequential"],
+    }
+
+
+def report(title: str, results: dict, summary: dict) -> None:
+    print(title)
+    seq = results["sequential"]
+    print(f"  sequential --wait: median {seq['median_ms']} ms, p90 {seq['p90_ms']} ms ({seq['count']} transactions)")
+    for r in results["fixed"]:
+        print(f"  offered {r['offered_tps']:>6.0f} tx/s: achieved {r['achieved_tps']} tx/s, committed "
+              f"{r['committed']}/{r['submitted']}, latency p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms")
+    sat = results["saturation"]
+    print(f"  saturation: {sat['committed_tps']} committed tx/s (p50 {sat['p50_ms']} ms, p99 {sat['p99_ms']} ms, "
+          f"{sat['refused']} refused), CPU per node {sat['cpu_per_node']}; {summary['fraction_of_bound']:.1%} of the "
+          f"verification bound")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per measurement")
     parser.add_argument("--rates", default="200,500", help="fixed offered rates, tx/s, comma-separated")
+    parser.add_argument("--down", type=int, default=0, choices=(0, 1), help="validators to kill for a second pass")
+    parser.add_argument("--waits", type=int, default=30, help="sequential transactions waited for, per pass")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r]
@@ -168,29 +230,29 @@ def main() -> None:
         cluster.start_all()
         try:
             trio.run(cluster.wait_ready)
-            results = trio.run(measure, cluster, rates, args.duration)
+            results = trio.run(measure, cluster, rates, args.duration, args.down, args.waits)
         finally:
             cluster.stop_all()
     bound = cores * verify_per_s / len(cluster.names)
-    sat = results["saturation"]
-    fixed = {f"{int(r['offered_tps'])}": r for r in results["fixed"]}
-    low = results["fixed"][0] if results["fixed"] else {}
-    summary = {
-        "committed_tps": sat["committed_tps"], "p50_ms": low.get("p50_ms"), "p99_ms": low.get("p99_ms"),
-        "verify_per_s": round(verify_per_s), "cores": cores, "verify_bound_tps": round(bound),
-        "fraction_of_bound": round(sat["committed_tps"] / bound, 3), "fixed_rates": fixed, "saturation": sat,
-    }
+    summary = {"verify_per_s": round(verify_per_s), "cores": cores, "verify_bound_tps": round(bound),
+               **summarize(results["all_up"], bound)}
+    if "down" in results:
+        down = summarize(results["down"], bound)
+        summary["down"] = {
+            "killed": results["down"]["killed"], **down,
+            "tps_vs_all_up": round(down["committed_tps"] / summary["committed_tps"], 3),
+            "sequential_vs_all_up": round(down["sequential_median_ms"] / summary["sequential_median_ms"], 2),
+        }
     if args.json:
         print(json.dumps(summary))
         return
-    print(f"cluster: 4 members on loopback, {cores} cores, ~256-byte signed note transactions")
-    for r in results["fixed"]:
-        print(f"  offered {r['offered_tps']:>6.0f} tx/s: achieved {r['achieved_tps']} tx/s, committed "
-              f"{r['committed']}/{r['submitted']}, latency p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms")
-    print(f"  saturation: {sat['committed_tps']} committed tx/s (p50 {sat['p50_ms']} ms, p99 {sat['p99_ms']} ms, "
-          f"{sat['refused']} refused), CPU per node {sat['cpu_per_node']}")
-    print(f"  Ed25519 verify: {verify_per_s:,.0f}/s per core; bound {cores} x {verify_per_s:,.0f} / 4 = "
-          f"{bound:,.0f} tx/s; reached {summary['fraction_of_bound']:.1%}")
+    print(f"cluster: 4 members on loopback, {cores} cores, ~256-byte signed note transactions; Ed25519 verify "
+          f"{verify_per_s:,.0f}/s per core, bound {cores} x {verify_per_s:,.0f} / 4 = {bound:,.0f} tx/s")
+    report("all up:", results["all_up"], summary)
+    if "down" in results:
+        report(f"{', '.join(results['down']['killed'])} down:", results["down"], summary["down"])
+        print(f"  with {args.down} down: {summary['down']['tps_vs_all_up']:.0%} of the all-up committed tx/s, "
+              f"sequential median x{summary['down']['sequential_vs_all_up']}")
 
 
 if __name__ == "__main__":

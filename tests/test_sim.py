@@ -2,10 +2,11 @@
 
 import os
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 
 import pytest
 
-from ehrnode.sim import ScenarioResult, replay_command, run_scenario, scenario_configs
+from ehrnode.sim import BEHAVIOURS, ScenarioResult, replay_command, run_scenario, scenario_configs
 
 # The CI budget: 300 scenarios in all, over n=4 and n=7 with f Byzantine validators each.
 BUDGET = {4: 160, 7: 140}
@@ -44,8 +45,19 @@ def test_safety_and_liveness_hold_over_seeded_fault_scenarios(n):
     # Most changes change the validators: spares join (catching up from genesis), validators leave.
     assert sum(r.membership_changes > 0 for r in results) >= 0.5 * len(results)
     assert any("crashing" in fault for r in results for fault in r.faults)
+    assert any(fault.startswith("slow ") for r in results for fault in r.faults)
     behaviours = {b for r in results for b in r.byzantine.values()}
-    assert behaviours == {"equivocate", "double_vote", "silent", "stale_qc", "forged_qc", "amnesia"}
+    assert behaviours == set(BEHAVIOURS)
+
+
+def test_leaders_that_crash_or_propose_and_go_silent_are_survived_with_reputation_and_without():
+    # The same seeds, leaders chosen by reputation (the default) and round robin (window 0).
+    for window in (None, 0):
+        default = scenario_configs(4, None).core
+        config = scenario_configs(4, None, behaviours=("flaky", "silent"),
+                                  core=replace(default, leader_window=window))
+        failures = [r.seed for r in (run_scenario(seed, config) for seed in range(20)) if not r.ok]
+        assert not failures, (window, failures)
 
 
 def test_the_checker_finds_a_violation_when_honest_validators_ignore_the_lock():

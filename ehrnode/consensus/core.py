@@ -155,6 +155,11 @@ class CoreConfig:
     #: (randomness no one chose for this block); None keeps arrival order. Payloads stay opaque
     #: to the core: this is the application's choice, and voters do not check it.
     order_payload: Callable[[list[bytes], bytes], list[bytes]] | None = None
+    #: Leader reputation: the leader of a round entered by a certificate for the block before it
+    #: is chosen, in turn, among the validators that proposed or signed a certificate in the last
+    #: ``leader_window`` blocks of that chain (None: twice the validators, 0: plain round robin).
+    #: Every validator of a consortium must use the same value.
+    leader_window: int | None = None
 
 
 class ConsensusCore:
@@ -226,6 +231,9 @@ class ConsensusCore:
         # A proposal held back by min_block_interval: (round, when it goes), fixed once per round.
         self._paced: tuple[int, float] = (0, 0.0)
         self._last_proposal: Proposal | None = None
+        window = self.config.leader_window
+        self._leader_window = 2 * vset.n if window is None else window
+        self._leaders: OrderedDict[bytes, int] = OrderedDict()  # block id -> leader of the round after it
 
     # --- introspection ----------------------------------------------------------------
 
@@ -269,6 +277,63 @@ class ConsensusCore:
         )
         core._pending_txs = self._pending_txs
         return core
+
+    # --- leaders --------------------------------------------------------------------------
+
+    def leader_after(self, block: Block) -> int:
+        """The leader of round ``block.round + 1`` when that round is entered by a certificate for
+        ``block`` (a proposal extending it directly): leader reputation.
+
+        The candidates are the validators that authored one of the last ``leader_window`` blocks
+        of the chain ending at ``block``, or signed a certificate in one; they lead in turn by
+        round. A validator that has crashed, or stopped voting and proposing, drops out within
+        a window instead of costing a timeout every n rounds. The choice depends on ``block``
+        and its ancestors only, so every validator that has the block makes it alike; while
+        the epoch's chain is shorter than the window, and with ``leader_window = 0``, the
+        leader is round robin. See docs/consensus.md, "Leader reputation".
+        """
+        leader = self._leaders.get(block.id)
+        if leader is None:
+            leader = self._reputation(block)
+            self._leaders[block.id] = leader
+            if len(self._leaders) > 4 * self.vset.n + 64:
+                self._leaders.popitem(last=False)
+        return leader
+
+    def _reputation(self, block: Block) -> int:
+        # An epoch's first round follows its root certificate (round 0), whatever the round of the
+        # previous epoch's last block.
+        round_ = block.round + 1 if block.epoch == self.vset.epoch else 1
+        active: set[int] = set()
+        current: Block | None = block
+        for _ in range(self._leader_window):
+            if current is None or current.epoch != self.vset.epoch or current.is_genesis or current.qc is None:
+                return self.vset.leader(round_)  # not enough of this epoch's history yet
+            active.add(current.author)
+            active.update(signer for signer, _ in current.qc.signatures)
+            current = self.get_block(current.parent)
+        if not active:
+            return self.vset.leader(round_)
+        candidates = sorted(active)
+        return candidates[round_ % len(candidates)]
+
+    def leader_of(self, block: Block) -> int | None:
+        """Who may propose ``block``: by reputation after its parent if it extends a certificate for
+        the round just before, else (a round entered by a timeout certificate) round robin.
+        None when this node lacks the parent."""
+        if block.qc is not None and block.qc.round + 1 == block.round:
+            parent = self.get_block(block.parent)
+            return None if parent is None else self.leader_after(parent)
+        return self.vset.leader(block.round)
+
+    def _leader(self, round_: int) -> int | None:
+        """The leader of ``round_`` as this validator's certificates say (None: it cannot tell yet)."""
+        if self.high_qc.round + 1 == round_:
+            parent = self.get_block(self.high_qc.block_id)
+            return None if parent is None else self.leader_after(parent)
+        if self.high_tc is not None and self.high_tc.round + 1 == round_:
+            return self.vset.leader(round_)
+        return None
 
     # --- inputs -----------------------------------------------------------------------
 
@@ -344,7 +409,8 @@ class ConsensusCore:
         if self._last_proposal is not None and self._last_proposal.block.round == self.round:
             actions.append(Send(peer, self._last_proposal))
         vote = data.last_vote
-        if vote is not None and vote.round == self.round and self.vset.leader(vote.round + 1) == peer:
+        voted = self.tree.get(vote.block_id) if vote is not None and vote.round == self.round else None
+        if vote is not None and voted is not None and self.leader_after(voted) == peer:
             actions.append(Send(peer, VoteMsg(vote)))
         timeout = data.last_timeout
         if timeout is not None and timeout.round == self.round:
@@ -402,6 +468,10 @@ class ConsensusCore:
                 raise InvalidMessage("proposal: timeout certificate is not for the previous round",
                                      reason="tc_mismatch")
             proposal.tc.verify(self.vset)
+        leader = self.leader_of(block)
+        if leader is not None and block.author != leader:
+            raise InvalidMessage(f"block: validator {block.author} is not the leader of round {block.round}",
+                                 reason="not_leader")
         entered_by = proposal.tc.round if proposal.tc is not None else block.qc.round  # type: ignore[union-attr]
         if block.round != entered_by + 1:
             # An honest leader proposes in the round right after the certificate it carries; any
@@ -450,7 +520,7 @@ class ConsensusCore:
         except SafetyViolation as exc:
             actions.append(Log("vote.refused", {"round": block.round, "reason": exc.reason}))
             return
-        next_leader = self.vset.leader(block.round + 1)
+        next_leader = self.leader_after(block)
         if next_leader == self.index:
             self._on_vote(vote, now, actions)
         else:
@@ -552,7 +622,7 @@ class ConsensusCore:
             self._maybe_propose(now, actions)
 
     def _is_leader(self, round_: int) -> bool:
-        return self.vset.leader(round_) == self.index
+        return self.index is not None and self._leader(round_) == self.index
 
     def _maybe_propose(self, now: float, actions: list[Action]) -> None:
         self._propose_at = float("inf")
@@ -847,8 +917,12 @@ class ConsensusCore:
             self._waiting_proposals.pop(proposal.block.id, None)
             try:
                 self._on_proposal(sender, proposal, now, actions)
-            except InvalidMessage:
-                pass  # verified once already; only a round change can make it fail now
+            except InvalidMessage as exc:
+                # Checked but for its leader, which needed the parent that just arrived.
+                actions.append(Log("proposal.dropped", {"round": proposal.block.round, "reason": exc.reason}))
+        # The block a certificate of ours names may just have arrived: it says who leads now.
+        if self._proposed_round < self.round and self._is_leader(self.round) and self._propose_at == float("inf"):
+            self._maybe_propose(now, actions)
 
     # --- timers ---------------------------------------------------------------------------
 

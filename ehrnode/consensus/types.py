@@ -71,7 +71,8 @@ class ValidatorSet:
         return self.n - self.f
 
     def leader(self, round_: int) -> int:
-        """Round-robin leader of ``round_``."""
+        """Round-robin leader of ``round_`` (rounds entered by a timeout certificate, and while an
+        epoch's history is shorter than the reputation window: see ``ConsensusCore.leader_after``)."""
         return round_ % self.n
 
     def key(self, index: int) -> bytes:
@@ -363,7 +364,10 @@ class Block:
         )
 
     def verify(self, vset: ValidatorSet) -> None:
-        """Structure, links, author signature and the embedded certificate."""
+        """Structure, links, author signature and the embedded certificate.
+
+        Whether the author leads the block's round depends on the chain it extends: the
+        consensus core checks that for proposals (``ConsensusCore.leader_of``)."""
         check_epoch(vset, self.epoch, "block")
         if self.qc is None or self.round == 0:
             raise InvalidMessage("block: only genesis has round 0 or no certificate", reason="bad_round")
@@ -377,10 +381,6 @@ class Block:
             raise InvalidMessage("block: height is not its parent's height + 1", reason="bad_height")
         if sum(len(tx) for tx in self.payload) > MAX_PAYLOAD_BYTES:
             raise InvalidMessage("block: payload too large", reason="too_large")
-        if self.author != vset.leader(self.round):
-            raise InvalidMessage(
-                f"block: validator {self.author} is not the leader of round {self.round}", reason="not_leader"
-            )
         message = crypto.signing_bytes(PROPOSAL_DOMAIN, [vset.chain_id, self.id])
         if not crypto.verify(vset.key(self.author), message, self.signature):
             raise InvalidMessage("block: bad proposer signature", reason="bad_signature")

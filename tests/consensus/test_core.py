@@ -116,6 +116,58 @@ def test_a_silent_validator_is_timed_out_and_commits_continue():
     assert c.cores[0].high_tc is not None  # leader 1's rounds ended by timeout certificates
 
 
+def test_a_crashed_validator_stops_being_chosen_to_lead():
+    # Round robin hands the crashed validator every fourth round, each a timeout; with leader
+    # reputation it drops out of the candidates once the window of history no longer shows it.
+    c = Cluster(down={1})
+    c.start()
+    c.run(until=30.0, max_steps=200_000, done=lambda: c.cores[0].committed_height >= 40)
+    assert c.cores[0].committed_height >= 40
+    tc_round = c.cores[0].high_tc.round if c.cores[0].high_tc else 0
+    height = c.cores[0].committed_height
+    c.run(until=c.now + 10.0, max_steps=200_000, done=lambda: c.cores[0].committed_height >= height + 40)
+    assert c.cores[0].committed_height >= height + 40
+    # No timeout certificate since: no round was handed to the crashed validator.
+    assert (c.cores[0].high_tc.round if c.cores[0].high_tc else 0) == tc_round
+    head = c.blocks[0].block_at(c.blocks[0].committed_height())
+    assert c.cores[0].leader_after(head) != 1
+    recent = [c.blocks[0].block_at(h) for h in range(height + 1, c.blocks[0].committed_height() + 1)]
+    assert {b.author for b in recent} == {0, 2, 3}
+
+
+def test_every_validator_chooses_the_same_leader_and_a_proposal_by_another_is_refused():
+    c = Cluster(down={1})
+    c.start()
+    c.run(until=30.0, max_steps=200_000, done=lambda: min(c.cores[i].committed_height for i in (0, 2, 3)) >= 30)
+    head = c.blocks[0].block_at(25)
+    assert len({c.cores[i].leader_after(head) for i in (0, 2, 3)}) == 1
+    leader = c.cores[2].leader_after(head)
+    qc = c.f.qc(head)
+    impostor = next(i for i in (0, 2, 3) if i != leader)
+    block = c.f.block(head.round + 1, qc, author=impostor)
+    assert c.cores[2].leader_of(block) == leader
+    with pytest.raises(InvalidMessage) as err:
+        c.cores[2].on_message(impostor, Proposal(block), c.now)
+    assert err.value.reason == "not_leader"
+
+
+def test_a_round_entered_by_a_timeout_certificate_is_led_round_robin():
+    f = Factory(4)
+    core = ConsensusCore(f.vset, 0, f.identities[0], MemorySafetyStore(), config=CONFIG)
+    core.start(0.0)
+    (b1,) = f.chain([1])
+    late = f.block(5, f.qc(b1), author=f.vset.leader(5))  # rounds 2-4 timed out
+    assert core.leader_of(late) == f.vset.leader(5)
+
+
+def test_leader_window_zero_is_round_robin():
+    c = Cluster(down={1}, config=replace(CONFIG, leader_window=0))
+    c.start()
+    c.run(until=60.0, max_steps=200_000, done=lambda: c.cores[0].committed_height >= 20)
+    head = c.blocks[0].block_at(c.blocks[0].committed_height())
+    assert c.cores[0].leader_after(head) == c.f.vset.leader(head.round + 1)
+
+
 def test_two_of_four_down_means_no_commits_and_no_crash_then_recovery():
     c = Cluster(down={2, 3})
     c.start()
