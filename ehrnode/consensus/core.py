@@ -146,6 +146,10 @@ class CoreConfig:
     #: fsyncs) is shared by more transactions. The first block after a quiet spell goes at once;
     #: a lone transaction commits up to this much later than it would otherwise.
     min_block_interval: float = 0.0
+    #: ``min_block_interval`` applies only while at least this many transactions wait: a light
+    #: stream is proposed as it comes (each transaction commits as fast as the network allows),
+    #: a backlog is carried in fewer, fuller blocks.
+    pace_backlog: int = 1
     #: Blocks fetched by sync but not yet linked to the tree (bounds memory while far behind).
     max_orphans: int = 20_000
     sync_retry: float = 1.0
@@ -642,7 +646,8 @@ class ConsensusCore:
                 self._propose_at = ready_at
                 return
         payload = self._take_payload(parent)
-        if (self._pending_txs and self.config.min_block_interval > 0 and parent is not None and parent.payload
+        if (len(self._pending_txs) >= max(1, self.config.pace_backlog) and self.config.min_block_interval > 0
+                and parent is not None and parent.payload
                 and len(payload) < self.config.max_block_txs
                 and sum(map(len, payload)) < MAX_PAYLOAD_BYTES // 2):
             if self._paced[0] != round_:

@@ -409,6 +409,22 @@ def test_a_sync_answer_of_large_blocks_stays_within_one_frame():
     assert len(encode_message(answer[0].message)) < 8 * 1024 * 1024
 
 
+def test_a_light_stream_below_the_backlog_is_not_paced():
+    c = Cluster(config=replace(CONFIG, min_block_interval=0.05, pace_backlog=10, empty_block_delay=0.5))
+    c.start()
+    for k in range(40):
+        for i, core in enumerate(c.cores):
+            c.apply(i, core.submit([b"tx-%d" % k], c.now))
+        c.run(until=c.now + 0.01)
+        c.now += 0.01
+    c.run(until=c.now + 2.0, done=lambda: all(core.pending_tx_count == 0 for core in c.cores))
+    store = c.blocks[0]
+    loaded = [b for b in (store.block_at(h) for h in range(1, store.committed_height() + 1)) if b.payload]
+    assert sum(len(b.payload) for b in loaded) == 40
+    gaps = [b.timestamp - a.timestamp for a, b in zip(loaded, loaded[1:], strict=False)]
+    assert max(gaps) < 50  # one transaction every 10 ms, each proposed as it came
+
+
 def test_under_load_blocks_wait_for_the_minimum_interval_unless_full():
     c = Cluster(config=replace(CONFIG, min_block_interval=0.05, empty_block_delay=0.5))
     c.start()

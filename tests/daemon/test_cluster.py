@@ -92,6 +92,26 @@ async def test_killing_the_leader_repeatedly_does_not_stop_commits(cluster):
     assert len({tuple(c) for c in chains.values()}) == 1
 
 
+async def test_a_validator_that_is_down_stops_being_handed_rounds(cluster):
+    # Round robin would give the dead validator every fourth round, each ending in a timeout (a
+    # gap in the rounds of the chain); leader reputation leaves it out once the last 2n blocks
+    # no longer show it. Counted on the chain, not timed.
+    cluster.start_all()
+    await cluster.wait_ready()
+    cluster.kill9("C")
+    live = ["A", "B", "R"]
+    start = await cluster.height("A")
+    await cluster.wait_height(live, start + 16, timeout=90)  # two windows of history without C
+    settled = await cluster.height("A")
+    await submit_many(cluster, live, 30, "without-C")
+    await cluster.wait_height(live, settled + 17, timeout=90)
+    async with ApiClient.connect(cluster.configs["A"]) as client:
+        blocks = [await client.call("block.get", height=h) for h in range(settled, settled + 17)]
+    gaps = [b["round"] for a, b in zip(blocks, blocks[1:]) if b["round"] != a["round"] + 1]
+    assert len(gaps) <= 1, f"rounds handed to a validator that is down: {gaps}"
+    assert "C" not in {b["author"] for b in blocks}
+
+
 async def test_two_of_four_down_stalls_without_crashing_and_resumes(cluster):
     cluster.start_all()
     await cluster.wait_ready()
