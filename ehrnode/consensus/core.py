@@ -238,6 +238,9 @@ class ConsensusCore:
         window = self.config.leader_window
         self._leader_window = 2 * vset.n if window is None else window
         self._leaders: OrderedDict[bytes, int] = OrderedDict()  # block id -> leader of the round after it
+        # What leader reputation reads of recent blocks, kept as they leave the tree on commit, so
+        # a window is not read back from the block store: id -> (parent, epoch, round, who took part).
+        self._recent: OrderedDict[bytes, tuple[bytes, int, int, frozenset[int]]] = OrderedDict()
 
     # --- introspection ----------------------------------------------------------------
 
@@ -309,17 +312,30 @@ class ConsensusCore:
         # previous epoch's last block.
         round_ = block.round + 1 if block.epoch == self.vset.epoch else 1
         active: set[int] = set()
-        current: Block | None = block
+        current: tuple[bytes, int, int, frozenset[int]] | None = self._took_part(block)
         for _ in range(self._leader_window):
-            if current is None or current.epoch != self.vset.epoch or current.is_genesis or current.qc is None:
+            if current is None or current[1] != self.vset.epoch or current[2] == 0:
                 return self.vset.leader(round_)  # not enough of this epoch's history yet
-            active.add(current.author)
-            active.update(signer for signer, _ in current.qc.signatures)
-            current = self.get_block(current.parent)
+            active |= current[3]
+            current = self._recent.get(current[0]) or self._took_part(self.get_block(current[0]))
         if not active:
-            return self.vset.leader(round_)
+            return self.vset.leader(round_)  # leader_window = 0: round robin
         candidates = sorted(active)
         return candidates[round_ % len(candidates)]
+
+    def _took_part(self, block: Block | None) -> tuple[bytes, int, int, frozenset[int]] | None:
+        """A block's parent, epoch and round, and the validators that took part in it: its author
+        and the signers of the certificate it carries."""
+        if block is None:
+            return None
+        entry = self._recent.get(block.id)
+        if entry is None:
+            signers = () if block.qc is None else (signer for signer, _ in block.qc.signatures)
+            entry = (block.parent, block.epoch, block.round, frozenset((block.author, *signers)))
+            self._recent[block.id] = entry
+            if len(self._recent) > 4 * self._leader_window + 64:
+                self._recent.popitem(last=False)
+        return entry
 
     def leader_of(self, block: Block) -> int | None:
         """Who may propose ``block``: by reputation after its parent if it extends a certificate for
