@@ -125,10 +125,36 @@ class Recorder:
                actor: bytes = b"") -> Outcome:
         """Record ``items`` atomically; raises FhirError (nothing written) on invalid input.
 
+        In stages: validate the input and find each resource's patient; set aside content
+        recorded before; de-identify what is left; refuse the whole input if anything failed
+        (unless ``skip_invalid``); write the vault entries and their anchors in one step.
         What goes on chain carries only the day of ``now_ms`` (see ``recorded_day``)."""
         now_ms = recorded_day(now_ms)
         outcome = Outcome()
         problems: list[fhir.Problem] = []
+        candidates, patients = self._validate(items, outcome, problems)
+        candidates = self._fresh(candidates, patients, outcome)
+        self._release(candidates, patients, problems)
+        if problems and not skip_invalid:
+            shown = "\n".join(f"  {p}" for p in problems[:MAX_PROBLEMS_SHOWN])
+            extra = len(problems) - MAX_PROBLEMS_SHOWN
+            more = f"\n  ... and {extra} more" if extra > 0 else ""
+            raise FhirError(f"{len(problems)} invalid resource(s); nothing was recorded "
+                            f"(--skip-invalid records the rest):\n{shown}{more}", reason="invalid_input")
+        outcome.skipped.extend(_skip_problem(p) for p in problems)
+        # A Patient that could not be released takes its other resources along.
+        unreleased = {c.patient_id for c in candidates if c.problem and c.item.resource["resourceType"] == "Patient"}
+        for c in candidates:
+            if c.problem is None and c.patient_id in unreleased:
+                c.problem = _problem(c.item, f"belongs to Patient/{c.patient_id}, which was not recorded")
+                outcome.skipped.append(_skip_problem(c.problem))
+        self._write([c for c in candidates if c.problem is None], patients, outcome, now_ms, actor)
+        return outcome
+
+    def _validate(self, items: Sequence[fhir.Item], outcome: Outcome,
+                  problems: list[fhir.Problem]) -> tuple[list[_Candidate], dict[str, _Patient]]:
+        """The valid patient data of ``items``, each with its patient resolved; problems and
+        skipped items noted."""
         candidates: list[_Candidate] = []
         invalid_patients: set[str] = set()
         seen: set[tuple[str, str]] = set()
@@ -146,10 +172,11 @@ class Recorder:
                 outcome.skipped.append(_skip(item, "not patient data (not recorded)"))
             else:
                 candidates.append(_Candidate(item, fhir.patient_id(item.resource)))
-
         patients = self._resolve_patients(candidates, problems, invalid_patients)
-        candidates = [c for c in candidates if c.problem is None]
-        # Content recorded before is not recorded (nor released) again.
+        return [c for c in candidates if c.problem is None], patients
+
+    def _fresh(self, candidates: list[_Candidate], patients: dict[str, _Patient], outcome: Outcome) -> list[_Candidate]:
+        """The candidates whose content was not recorded before (those are reported, not recorded again)."""
         fresh = []
         for c in candidates:
             resource = c.item.resource
@@ -165,7 +192,11 @@ class Recorder:
                 ))
             else:
                 fresh.append(c)
-        candidates = fresh
+        return fresh
+
+    def _release(self, candidates: list[_Candidate], patients: dict[str, _Patient],
+                 problems: list[fhir.Problem]) -> None:
+        """De-identify each candidate (``c.release``), or note why it cannot be released (``c.problem``)."""
         levels = self._levels(patients, {c.item.resource["id"] for c in candidates
                                          if c.item.resource["resourceType"] == "Patient"})
         facts = {pid: PatientFacts.of(patients[pid].resource) for pid in {c.pid for c in candidates}}
@@ -177,21 +208,10 @@ class Recorder:
                 problems.append(c.problem)
             else:
                 c.release = release
-        if problems and not skip_invalid:
-            shown = "\n".join(f"  {p}" for p in problems[:MAX_PROBLEMS_SHOWN])
-            extra = len(problems) - MAX_PROBLEMS_SHOWN
-            more = f"\n  ... and {extra} more" if extra > 0 else ""
-            raise FhirError(f"{len(problems)} invalid resource(s); nothing was recorded "
-                            f"(--skip-invalid records the rest):\n{shown}{more}", reason="invalid_input")
-        outcome.skipped.extend(_skip_problem(p) for p in problems)
-        # A Patient that could not be released takes its other resources along.
-        unreleased = {c.patient_id for c in candidates if c.problem and c.item.resource["resourceType"] == "Patient"}
-        for c in candidates:
-            if c.problem is None and c.patient_id in unreleased:
-                c.problem = _problem(c.item, f"belongs to Patient/{c.patient_id}, which was not recorded")
-                outcome.skipped.append(_skip_problem(c.problem))
-        candidates = [c for c in candidates if c.problem is None]
 
+    def _write(self, candidates: list[_Candidate], patients: dict[str, _Patient], outcome: Outcome, now_ms: int,
+               actor: bytes) -> None:
+        """Append the released candidates to the vault with their anchors (and enrolments), in one write."""
         settings = self._settings([c.item for c in candidates])
         write = Write()
         pending: list[tuple[fhir.Item, _Patient, bytes]] = []
@@ -239,7 +259,6 @@ class Recorder:
                 entry.header.position, tx.id.hex(), "recorded",
             ))
             outcome.transactions.append(tx)
-        return outcome
 
     def _resolve_patients(self, candidates: list[_Candidate], problems: list[fhir.Problem],
                           invalid_patients: set[str]) -> dict[str, _Patient]:

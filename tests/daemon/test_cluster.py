@@ -1,5 +1,7 @@
 """Four real node processes on loopback, driven through their local APIs."""
 
+from itertools import pairwise
+
 import trio
 
 from ehrnode.client import ApiClient
@@ -107,7 +109,7 @@ async def test_a_validator_that_is_down_stops_being_handed_rounds(cluster):
     await cluster.wait_height(live, settled + 17, timeout=90)
     async with ApiClient.connect(cluster.configs["A"]) as client:
         blocks = [await client.call("block.get", height=h) for h in range(settled, settled + 17)]
-    gaps = [b["round"] for a, b in zip(blocks, blocks[1:]) if b["round"] != a["round"] + 1]
+    gaps = [b["round"] for a, b in pairwise(blocks) if b["round"] != a["round"] + 1]
     assert len(gaps) <= 1, f"rounds handed to a validator that is down: {gaps}"
     assert "C" not in {b["author"] for b in blocks}
 
