@@ -1,6 +1,7 @@
 """The core driven directly: messages delivered in order, the clock moved by hand."""
 
 from dataclasses import replace
+from itertools import pairwise
 
 import pytest
 
@@ -409,10 +410,10 @@ def test_a_sync_answer_of_large_blocks_stays_within_one_frame():
     assert len(encode_message(answer[0].message)) < 8 * 1024 * 1024
 
 
-def test_a_light_stream_below_the_backlog_is_not_paced():
-    c = Cluster(config=replace(CONFIG, min_block_interval=0.05, pace_backlog=10, empty_block_delay=0.5))
-    c.start()
-    for k in range(40):
+def _trickle(c, ks):
+    """Submit transaction ``tx-k`` for each k, 10 ms apart, until all commit; the committed blocks
+    that carry transactions, and the milliseconds between them."""
+    for k in ks:
         for i, core in enumerate(c.cores):
             c.apply(i, core.submit([b"tx-%d" % k], c.now))
         c.run(until=c.now + 0.01)
@@ -420,8 +421,14 @@ def test_a_light_stream_below_the_backlog_is_not_paced():
     c.run(until=c.now + 2.0, done=lambda: all(core.pending_tx_count == 0 for core in c.cores))
     store = c.blocks[0]
     loaded = [b for b in (store.block_at(h) for h in range(1, store.committed_height() + 1)) if b.payload]
+    return loaded, [b.timestamp - a.timestamp for a, b in pairwise(loaded)]
+
+
+def test_a_light_stream_below_the_backlog_is_not_paced():
+    c = Cluster(config=replace(CONFIG, min_block_interval=0.05, pace_backlog=10, empty_block_delay=0.5))
+    c.start()
+    loaded, gaps = _trickle(c, range(40))
     assert sum(len(b.payload) for b in loaded) == 40
-    gaps = [b.timestamp - a.timestamp for a, b in zip(loaded, loaded[1:], strict=False)]
     assert max(gaps) < 50  # one transaction every 10 ms, each proposed as it came
 
 
@@ -452,16 +459,8 @@ def test_under_load_blocks_wait_for_the_minimum_interval_unless_full():
     assert [(b.payload, b.timestamp) for b in first if b.payload] == [((b"tx-0",), 0)]
     assert 0.05 <= c.now < 0.1
     # Then a steady trickle: blocks carrying transactions come at least 50 ms apart.
-    for k in range(1, 40):
-        for i, core in enumerate(c.cores):
-            c.apply(i, core.submit([b"tx-%d" % k], c.now))
-        c.run(until=c.now + 0.01)
-        c.now += 0.01
-    c.run(until=c.now + 2.0, done=lambda: all(core.pending_tx_count == 0 for core in c.cores))
+    loaded, gaps = _trickle(c, range(1, 40))
     store = c.blocks[0]
-    loaded = [store.block_at(h) for h in range(1, store.committed_height() + 1)]
-    loaded = [b for b in loaded if b.payload]
-    gaps = [b.timestamp - a.timestamp for a, b in zip(loaded, loaded[1:], strict=False) if a.payload]
     assert sum(len(b.payload) for b in loaded) == 40
     assert gaps and min(gaps) >= 49  # milliseconds, truncated
     # A full block's worth (max_block_txs) goes out without waiting.
