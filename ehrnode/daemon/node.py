@@ -86,7 +86,9 @@ from .restore import Restore
 #: A server the node starts before it reports ready (``nursery.start``-able: it takes ``task_status``).
 Listener = Callable[..., Awaitable[Any]]
 MAX_TX_BATCH = 1000
-GOSSIP_INTERVAL = 0.005
+#: Locally submitted transactions wait this long to be gossiped together (under load the gossip
+#: task is behind anyway and sends what piled up; a lone transaction reaches the leader sooner).
+GOSSIP_INTERVAL = 0.001
 #: Event subscriptions open at once (``events.subscribe``, ``ehrnode watch``).
 MAX_EVENT_SUBSCRIBERS = 256
 #: After a start, how long to let the chain catch up before answering whois requests left open.
