@@ -47,6 +47,9 @@ class Mempool:
         self._by_tx: dict[bytes, bytes] = {}  # transaction id -> envelope id
         self._checked: set[bytes] = set()  # envelope ids admitted from the wire (opened and verified here)
         self._held_by = Holdings()  # submitter -> its transactions pending
+        # Envelopes committed lately: gossip still queued when a block carried them is refused
+        # before it is opened and its signature checked again (the same bytes, the same transaction).
+        self._committed: OrderedDict[bytes, None] = OrderedDict()
 
     def set_members(self, members: Mapping[str, bytes]) -> None:
         """Admit from now on transactions signed by ``members`` (name -> signing key): a membership change."""
@@ -74,7 +77,7 @@ class Mempool:
         if len(data) > MAX_ENVELOPE_BYTES:
             raise AdmissionError(f"envelope of {len(data)} bytes exceeds {MAX_ENVELOPE_BYTES}", reason="too_large")
         envelope_id = crypto.sha256(data)
-        if envelope_id in self._pending:
+        if envelope_id in self._pending or envelope_id in self._committed:
             raise AdmissionError(f"envelope {envelope_id.hex()[:16]} is already known", reason="duplicate")
         try:
             envelope, tx = self._open(data)
@@ -113,8 +116,11 @@ class Mempool:
         self._held_by.take(tx.submitter)
 
     def remove(self, envelope_ids: Iterable[bytes]) -> None:
-        """Forget envelopes a committed block carried."""
+        """Forget envelopes a committed block carried (and refuse them from now on without opening them)."""
         for envelope_id in envelope_ids:
+            self._committed[envelope_id] = None
+            if len(self._committed) > self.capacity:
+                self._committed.popitem(last=False)
             tx = self._pending.pop(envelope_id, None)
             self._checked.discard(envelope_id)
             if tx is not None:

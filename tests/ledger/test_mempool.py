@@ -92,3 +92,19 @@ def test_committed_transactions_are_duplicates_and_bad_ones_are_recorded_as_inva
     state.close()
     reopened = LedgerState(tmp_path / "state.db", "chain", MEMBERS, keys=EPOCHS)
     assert reopened.applied_height == 1 and reopened.tx_count() == 1
+
+
+def test_an_envelope_a_block_carried_is_refused_without_being_opened_again(tmp_path):
+    state = LedgerState(tmp_path / "state.db", "chain", MEMBERS, keys=EPOCHS)
+    opened = []
+
+    def opener(data, height=None):
+        opened.append(data)
+        return state.open_envelope(data, height)
+
+    pool = Mempool("chain", MEMBERS, opener=opener, is_committed=state.is_committed)
+    gossiped = sealed(note("late"), EPOCHS)
+    pool.remove([crypto.sha256(gossiped)])  # committed in a block before this node got to its gossip
+    assert refused(pool, gossiped) == "duplicate"
+    assert opened == []
+    assert pool.admit(sealed(note("other"), EPOCHS)) and len(opened) == 1
