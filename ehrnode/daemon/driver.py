@@ -54,7 +54,7 @@ INFO_EVENTS = frozenset({"round.timeout", "tc.formed", "vote.equivocation", "vot
                          "proposal.refused", "sync.started", "sync.finished"})
 
 
-class Counter:
+class Counts:
     """What the driver counts (the node exports them as metrics)."""
 
     def __init__(self) -> None:
@@ -70,7 +70,7 @@ class Driver:
         """``admit(peer, data)``: whether a gossiped transaction enters the mempool (and so the core)."""
         self.core, self.membership = core, membership
         self._network, self._persist, self._commit, self._admit, self._log = network, persist, commit, admit, log
-        self.counts = Counter()
+        self.counts = Counts()
         #: The core has loaded its certificates (the driver started it).
         self.started = False
         self._consensus_in: deque[tuple[Peer, bytes]] = deque()

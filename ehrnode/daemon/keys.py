@@ -152,7 +152,21 @@ def next_keys(config: NodeConfig) -> tuple[crypto.Identity, crypto.SealingKey] |
         raise ConfigError(str(exc)) from exc
 
 
-def take_next_keys(config: NodeConfig) -> list[Path]:
+def adopt_next_keys(config: NodeConfig, keys: crypto.MemberKeys,
+                    following: tuple[crypto.Identity, crypto.SealingKey] | None,
+                    listed: tuple[bytes, bytes] | None, log: Any) -> bool:
+    """Make ``following`` (from :func:`next_keys`) the member's keys if the consortium lists them
+    for it (``listed``: the signing and sealing keys the membership names); the key files are
+    swapped, the old ones kept renamed. Whether they were adopted."""
+    if following is None or listed != (following[0].public_key, following[1].public_key):
+        return False
+    keys.replace(*following)
+    log.warning("keys.replaced", retired=[str(p) for p in _take_next_keys(config)],
+                detail="the consortium adopted this member's new keys: they are its keys now")
+    return True
+
+
+def _take_next_keys(config: NodeConfig) -> list[Path]:
     """Make the replacement keys the member's keys; the old ones are kept, renamed, and returned."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     retired = []

@@ -80,7 +80,7 @@ from ..sharing.whois import WhoisDesk, WhoisHooks
 from ..users.store import UserStore
 from .commits import BlockFeed, Commits, EventFeed, TxWaiters
 from .driver import Driver
-from .keys import KeyUpkeep, next_keys, take_next_keys
+from .keys import KeyUpkeep, adopt_next_keys, next_keys
 from .restore import Restore
 
 #: A server the node starts before it reports ready (``nursery.start``-able: it takes ``task_status``).
@@ -153,12 +153,8 @@ class Node:
         vset, membership = self._validators()
         member = membership.get(self.name)
         listed = None if member is None else (member.signing_key, member.sealing_key)
-        if following is not None and listed == (following[0].public_key, following[1].public_key):
-            self.keys.replace(*following)
-            retired = take_next_keys(config)
-            self.log.warning("keys.replaced", retired=[str(p) for p in retired],
-                             detail="the consortium adopted this member's new keys: they are its keys now")
-        elif listed is not None and listed != (self.identity.public_key, self.sealing_key.public_key):
+        if (not adopt_next_keys(config, self.keys, following, listed, self.log) and listed is not None
+                and listed != (self.identity.public_key, self.sealing_key.public_key)):
             raise ConfigError(f"{config.signing_key_path} and {config.sealing_key_path} are not the keys the "
                               f"consortium lists for {self.name}")
         if member is None:
@@ -583,14 +579,12 @@ class Node:
         index = membership.index_of(self.name)
         listed = membership.get(self.name)
         if listed is not None and listed.signing_key != self.identity.public_key:
-            following = next_keys(self.config)
-            if following is not None and (listed.signing_key, listed.sealing_key) == (
-                    following[0].public_key, following[1].public_key):
-                self.keys.replace(*following)  # the recorder, vault, pulls and whois sign and open with them now
-                self.epoch_keys.add_sealing_key(following[1])  # later epochs' keys are sealed to the new key
+            if adopt_next_keys(self.config, self.keys, next_keys(self.config),
+                               (listed.signing_key, listed.sealing_key), self.log):
+                # The recorder, vault, pulls and whois sign and open with them now; later epochs'
+                # keys are sealed to the new sealing key.
+                self.epoch_keys.add_sealing_key(self.sealing_key)
                 self.network.set_identity(self.identity)
-                self.log.warning("keys.replaced", retired=[str(p) for p in take_next_keys(self.config)],
-                                 detail="the consortium adopted this member's new keys: they are its keys now")
             else:
                 index = None  # re-keyed with keys this node does not hold: it signs nothing more
                 self.log.error("membership.keys_replaced", epoch=membership.epoch,
