@@ -33,6 +33,8 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
 ROLES = ("institution", "regulator")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_ROTATE_DAYS = 30.0
+#: Without ``[fhir] listen``, the FHIR REST interface listens this many ports above the API.
+FHIR_FROM_API = 200
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,9 @@ class NodeConfig:
     log_level: str
     #: Prometheus endpoint; None turns it off.
     metrics_listen: Address | None = None
+    #: The FHIR R4 REST interface ([fhir] listen; on by default at ``FHIR_FROM_API`` ports above the
+    #: API's, on the API's host); None turns it off ([fhir] enabled = false).
+    fhir_listen: Address | None = None
     #: The institution's own secret behind the vault and de-identification (records off without it).
     master_key_path: Path | None = None
     #: The consortium-wide EMPI pseudonym key (institutions only).
@@ -173,6 +178,7 @@ class NodeConfig:
             "peer": {"listen": str(self.peer_listen)},
             "api": {"listen": str(self.api_listen)},
             **({"metrics": {"listen": str(self.metrics_listen)}} if self.metrics_listen else {}),
+            "fhir": {"listen": str(self.fhir_listen)} if self.fhir_listen else {"enabled": False},
             **({"records": {
                 **({"profile": self.deid_profile_path if isinstance(self.deid_profile_path, str)
                     else rel(self.deid_profile_path)} if self.deid_profile_path else {}),
@@ -342,6 +348,7 @@ def load_node_config(path: Path) -> NodeConfig:
         api_listen=Address.parse(_field(api, "listen", str, f"{where} [api]"), f"{where} [api] listen"),
         log_level=level,
         metrics_listen=_metrics_address(doc, where),
+        fhir_listen=_fhir_address(doc, api, where),
         master_key_path=_optional_path(keys, "master", f"{where} [keys]", resolve),
         consortium_key_path=_optional_path(keys, "consortium", f"{where} [keys]", resolve),
         deid_profile_path=_profile(_table(doc, "records", where), f"{where} [records]", resolve),
@@ -402,6 +409,27 @@ def _profile(table: dict[str, Any], where: str, resolve: Any) -> Path | str | No
 
 def _optional_path(table: dict[str, Any], key: str, where: str, resolve: Any) -> Path | None:
     return resolve(_field(table, key, str, where)) if key in table else None
+
+
+def _fhir_address(doc: dict[str, Any], api: dict[str, Any], where: str) -> Address | None:
+    """Where the FHIR REST interface listens: ``[fhir] listen``; without it, on the API's host,
+    ``FHIR_FROM_API`` ports above the API's; nowhere with ``enabled = false``."""
+    table = _table(doc, "fhir", where)
+    enabled = table.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{where}: [fhir] enabled must be true or false")
+    unknown = set(table) - {"listen", "enabled"}
+    if unknown:
+        raise ConfigError(f"{where}: [fhir] has no setting {', '.join(sorted(unknown))} (listen, enabled)")
+    if not enabled:
+        return None
+    if "listen" in table:
+        return Address.parse(_field(table, "listen", str, f"{where} [fhir]"), f"{where} [fhir] listen")
+    api_address = Address.parse(api.get("listen"), f"{where} [api] listen")
+    if api_address.port + FHIR_FROM_API > 65535:
+        raise ConfigError(f"{where}: [fhir] listen is needed: the API's port {api_address.port} leaves no room for "
+                          f"the default (the API's port + {FHIR_FROM_API})")
+    return Address(api_address.host, api_address.port + FHIR_FROM_API)
 
 
 def _metrics_address(doc: dict[str, Any], where: str) -> Address | None:

@@ -55,6 +55,7 @@ import tomli_w
 
 from . import crypto
 from .config import (
+    FHIR_FROM_API,
     ROLES,
     Address,
     Genesis,
@@ -78,6 +79,7 @@ GENESIS_FILE = "genesis.toml"
 NODE_FILE = "node.toml"
 API_PORT_OFFSET = 100
 METRICS_PORT_OFFSET = 200
+FHIR_PORT_OFFSET = API_PORT_OFFSET + FHIR_FROM_API
 
 
 def init_consortium(
@@ -97,7 +99,7 @@ def init_consortium(
         raise ConfigError("a consortium needs at least one institution")
     if len(set(names)) != len(names):
         raise ConfigError(f"member names must be distinct: {', '.join(names)}")
-    if not 0 < base_port or base_port + METRICS_PORT_OFFSET + len(names) > 65535:
+    if not 0 < base_port or base_port + FHIR_PORT_OFFSET + len(names) > 65535:
         raise ConfigError(f"--base-port {base_port} leaves no room for {len(names)} peer and API ports")
     if hosts is not None and len(hosts) != len(names):
         raise ConfigError(f"--hosts lists {len(hosts)} hosts for {len(names)} members")
@@ -318,6 +320,7 @@ def _node_config(home: Path, name: str, genesis_path: Path, peer_listen: Address
         signing_key_path=keys / "signing.pem", sealing_key_path=keys / "sealing.pem", peer_listen=peer_listen,
         api_listen=Address("127.0.0.1", peer_listen.port + API_PORT_OFFSET),
         log_level="info", metrics_listen=Address("127.0.0.1", peer_listen.port + METRICS_PORT_OFFSET),
+        fhir_listen=Address("127.0.0.1", peer_listen.port + FHIR_PORT_OFFSET),
         master_key_path=keys / "master.key",
         consortium_key_path=keys / "consortium.key" if institution else None, tls=tls,
     )

@@ -29,6 +29,7 @@ from .config import Address, Genesis, NodeConfig, load_node_config
 from .consortium import (
     API_PORT_OFFSET,
     CERTS_DIR,
+    FHIR_PORT_OFFSET,
     GENESIS_FILE,
     MEMBER_FILE,
     METRICS_PORT_OFFSET,
@@ -76,7 +77,8 @@ PORTS = (10000, 32000)
 def free_base_port(count: int) -> int:
     for _ in range(200):
         base = random.randrange(*PORTS)
-        if all(_free(base + offset + i) for i in range(count) for offset in (0, API_PORT_OFFSET, METRICS_PORT_OFFSET)):
+        offsets = (0, API_PORT_OFFSET, METRICS_PORT_OFFSET, FHIR_PORT_OFFSET)
+        if all(_free(base + offset + i) for i in range(count) for offset in offsets):
             return base
     raise ConfigError("no free ports for a local consortium on 127.0.0.1")
 

@@ -113,6 +113,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(layer.split()) for layer in
     "sharing consortium backup sim",
     "daemon client localnet",
     "api demo",
+    "rest",
     "cli",
 ))
 

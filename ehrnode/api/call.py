@@ -39,10 +39,11 @@ class Staged:
 @dataclass(eq=False)
 class Session:
     """One authenticated connection: who, the credential they proved (checked again at every
-    call), its websocket, the nursery its subscriptions run in, and its staged input."""
+    call), its websocket (None for a FHIR REST request, which is a session of its own), the
+    nursery its subscriptions run in, and its staged input."""
 
     user: User  # as authenticated; its credential is checked against the store at every call
-    ws: trio_websocket.WebSocketConnection
+    ws: trio_websocket.WebSocketConnection | None
     nursery: trio.Nursery
     staged: Staged = field(default_factory=Staged)
 
@@ -76,8 +77,9 @@ class ApiState:
                 session.nursery.start_soon(self._close, session, why)
 
     async def _close(self, session: Session, why: str) -> None:
-        with trio.move_on_after(5):
-            await session.ws.aclose(1008, why)
+        if session.ws is not None:
+            with trio.move_on_after(5):
+                await session.ws.aclose(1008, why)
         session.nursery.cancel_scope.cancel()
 
 
@@ -110,7 +112,10 @@ class Call:
 
     def forward(self, channel: trio.MemoryReceiveChannel[dict[str, Any]], notification: str) -> None:
         """Send each item of ``channel`` to the caller as a ``notification``, for as long as the
-        connection lives."""
+        connection lives (a websocket's: there is nowhere else to send them)."""
+        if self.session.ws is None:
+            channel.close()
+            raise RpcError(-32000, "subscriptions are served on the websocket API only", reason="unsupported")
         self.session.nursery.start_soon(_forward, channel, self.session.ws, notification)
 
 

@@ -72,8 +72,9 @@ TABLE: tuple[Method, ...] = (
            'an input larger than one message is still recorded at once by the next `records.add`',
            institution=True),
     Method("records.add", records.records_add,
-           '`{"items" (optional), "skip_invalid"}` -> `{"records": [{"record_id", "patient", "empi", '
-           '"resource_type", "source", "position", "tx_id", "status"}], "skipped": [...]}`; invalid input '
+           '`{"items" (optional), "skip_invalid", "wait", "timeout"}` -> `{"records": [{"record_id", "patient", '
+           '"empi", "resource_type", "source", "position", "tx_id", "status"}], "skipped": [...]}`; with `wait`, '
+           'once the anchors are committed (each record with its `height`, null if not in time); invalid input '
            'without `skip_invalid` records nothing (`invalid_input`)', institution=True),
     Method("records.list", records.records_list, '`{"empi"}` -> the committed anchors of that patient, '
                                                  'consortium-wide', patient=True),

@@ -11,7 +11,7 @@ from ..errors import EhrnodeError, FhirError, IntegrityError
 from ..ledger.empi_registry import scoped_enrolment
 from ..records import fhir
 from .call import MAX_STAGED, MAX_STAGED_BYTES, MAX_STAGED_TOTAL, Call
-from .rpc import RpcError, hex_param, refused
+from .rpc import MAX_WAIT, RpcError, hex_param, refused
 
 
 async def records_list(call: Call) -> Any:
@@ -45,6 +45,16 @@ async def records_add(call: Call) -> Any:
         call.api.log.error("records.failed", reason=exc.reason, error=str(exc))
         raise refused(exc) from exc
     rows = [r.view() for r in outcome.records]
+    if call.params.get("wait") is True:
+        # Answer once the anchors are committed (each row gets its height, null if not in time),
+        # so the patients' EMPIs are known.
+        heights: dict[str, int | None] = {}
+        with trio.move_on_after(call.timeout(60.0)):
+            for tx_id in dict.fromkeys(row["tx_id"] for row in rows if row["tx_id"]):
+                heights[tx_id] = await call.node.wait_committed(bytes.fromhex(tx_id), MAX_WAIT)
+        for row in rows:
+            if row["tx_id"]:
+                row["height"] = heights.get(row["tx_id"]) or call.node.state.tx_height(bytes.fromhex(row["tx_id"]))
     for row in rows:
         row["empi"] = call.node.state.empi.empi_of(scoped_enrolment(call.node.name, bytes.fromhex(row["patient"])))
     return {"records": rows, "skipped": outcome.skipped}

@@ -15,12 +15,15 @@ MAX_WAIT = 120.0
 
 class RpcError(Exception):
     """A JSON-RPC error: -32700 parse error, -32600 invalid request, -32601 unknown method,
-    -32602 bad params, -32000 refused by the node (``reason`` says why)."""
+    -32602 bad params, -32000 refused by the node (``reason`` says why; ``data``, what else the
+    caller is told, such as the access log a refused pull was logged under)."""
 
-    def __init__(self, code: int, message: str, reason: str | None = None) -> None:
+    def __init__(self, code: int, message: str, reason: str | None = None,
+                 data: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
+        self.data = data or {}
 
 
 class Disconnect(RpcError):

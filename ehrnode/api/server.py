@@ -34,30 +34,16 @@ import trio_websocket
 from trio_websocket import ConnectionClosed
 
 from ..errors import innermost
-from ..ledger.transactions import EMPI_PATTERN
-from ..users.auth import (
-    FAILURE_SLOTS,
-    FREE_FAILURES,
-    MAX_DELAY,
-    MAX_WAITING_FAILURES,
-    Outcome,
-    Throttle,
-    authenticate,
-    bearer,
-    claimed_key,
-)
 from ..users.roles import Roles
-from ..users.store import User
-from .call import ApiState, Call, Session
+from .call import ApiState, Session
 from .facade import NodeFacade
-from .methods import ALWAYS, BY_NAME, Method
+from .gate import Gate
 from .rpc import MAX_REQUEST_BYTES, Disconnect, RpcError, parse, parsed_size
 
 #: Connections not authenticated yet (a local process cannot exhaust the node's descriptors),
 #: and connections in all.
 MAX_UNAUTHENTICATED = 64
 MAX_CONNECTIONS = 512
-#: Requests larger than this are parsed a few at a time (each may take ~100 MB once parsed).
 
 
 class ApiServer:
@@ -66,9 +52,7 @@ class ApiServer:
     def __init__(self, node: NodeFacade, roles: Roles) -> None:
         self.node = node
         self.state = ApiState(node, roles)
-        self.throttle = Throttle()
-        self._failing = trio.CapacityLimiter(FAILURE_SLOTS)
-        self._throttle_logged: dict[str, float] = {}
+        self.gate = Gate(self.state)
         self._unauthenticated = 0
         self._connections = 0
 
@@ -109,25 +93,19 @@ class ApiServer:
                     request = await trio_websocket.wrap_server_stream(
                         nursery, conn, max_message_size=MAX_REQUEST_BYTES, message_queue_size=4,
                     )
-                    token, claimed = bearer(request.headers)
-                    outcome = authenticate(self.state.users, self.throttle, token, claimed, trio.current_time())
+                    outcome, _ = self.gate.authenticate(request.headers)
                     if outcome.user is not None:
                         ws = await request.accept()
                         authenticated()
                 if outcome.user is None:
-                    self._denied(outcome, claimed)
                     # Answered late, a few at a time over the whole API: wrong answers come slowly however
                     # many guess at once. Past a queue of them, a failure is just closed: no socket is held.
-                    if self._failing.statistics().tasks_waiting >= MAX_WAITING_FAILURES:
-                        nursery.cancel_scope.cancel()
-                        return
-                    with trio.move_on_after(MAX_DELAY + 10):
-                        async with self._failing:
-                            await trio.sleep(outcome.delay)
+                    if await self.gate.hold_refusal(outcome):
                         headers = [(b"retry-after", str(int(outcome.delay) + 1).encode())] \
                             if outcome.status == 429 else []
-                        await request.reject(outcome.status, extra_headers=headers,
-                                             body=f"{outcome.message}\n".encode())
+                        with trio.move_on_after(10):
+                            await request.reject(outcome.status, extra_headers=headers,
+                                                 body=f"{outcome.message}\n".encode())
                     nursery.cancel_scope.cancel()
                     return
                 user = outcome.user
@@ -152,80 +130,22 @@ class ApiServer:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
 
-    def _denied(self, outcome: Outcome, claimed: str | None) -> None:
-        self.node.m_auth_denied.inc()
-        key = claimed_key(claimed)
-        if outcome.failures > FREE_FAILURES:
-            # A flood against one name is logged once a second, with its count, not once per attempt.
-            now = trio.current_time()
-            if now - self._throttle_logged.get(key, -1e9) < 1.0:
-                return
-            if len(self._throttle_logged) > 10_000:
-                self._throttle_logged.clear()
-            self._throttle_logged[key] = now
-        self.state.log.warning("auth.denied", reason=outcome.reason, user=key if claimed is not None else None,
-                         failures=outcome.failures, throttled=outcome.status == 429, detail=outcome.message)
-
-    def _permit(self, session: Session, method: Method, params: dict[str, Any]) -> User:
-        """The caller, if still active with the same credential and allowed this call; RpcError if not."""
-        name = method.name
-        user = self.state.users.get(session.name)
-        if user is None or not user.active or user.secret != session.user.secret:
-            why = "revoked" if user is None or not user.active else "credential_rotated"
-            self.node.m_auth_denied.inc()
-            self.state.log.warning("auth.denied", reason=why, user=session.name, method=name)
-            raise Disconnect(-32000, f"user {session.name}: {why.replace('_', ' ')}; reconnect with a valid "
-                                     "credential", reason=why)
-        if name in ALWAYS:
-            return user
-        role = self.state.roles.get(user.role)
-        purpose = params.get("purpose") if name == "records.pull" else None
-        problem = None
-        if role is None:
-            problem = f"role {user.role} is not in {self.state.roles.source}"
-        elif not role.permits(name, purpose if isinstance(purpose, str) else None):
-            problem = f"user {user.name} (role {user.role}) may not call {name}" + (
-                f" for {purpose}" if isinstance(purpose, str) else "")
-        elif role.patient:
-            problem = self._patient_problem(user, method, params)
-        if problem is not None:
-            self.node.m_auth_denied.inc()
-            self.state.log.warning("auth.denied", reason="forbidden", user=user.name, role=user.role, method=name,
-                             detail=problem)
-            raise RpcError(-32000, problem, reason="forbidden")
-        return user
-
-    def _patient_problem(self, user: User, method: Method, params: dict[str, Any]) -> str | None:
-        """Why a patient's call does not stay within their own EMPI (None: it does)."""
-        if not method.patient:
-            return f"user {user.name} is a patient: {method.name} does not name the patient"
-        if method.name == "audit.trail" and (params.get("record_id") is not None or params.get("user") is not None):
-            return f"user {user.name} is a patient: ask for the trail by their own EMPI"
-        empi = params.get("empi")
-        if not isinstance(empi, str) or user.empi is None:
-            return f"user {user.name} is a patient: name their own EMPI"
-        if empi == user.empi:
-            return None
-        registry = self.node.state.empi
-        current = registry.resolve(None, empi) if EMPI_PATTERN.match(empi) else None
-        if current is not None and current == registry.resolve(None, user.empi):
-            return None
-        return f"user {user.name} is a patient: {empi} is not their EMPI"
-
     async def _session(self, session: Session) -> None:
+        ws = session.ws
+        assert ws is not None
         try:
             while True:
                 try:
-                    raw = await session.ws.get_message()
+                    raw = await ws.get_message()
                 except ConnectionClosed:
                     return
                 session.staged.message_bytes = parsed_size(raw)
                 request = parse(raw)
                 del raw
                 reply, close = await self._dispatch(request, session)
-                await session.ws.send_message(json.dumps(reply))
+                await ws.send_message(json.dumps(reply))
                 if close:
-                    await session.ws.aclose(1008, close)
+                    await ws.aclose(1008, close)
                     return
         finally:
             self.state.release(session.staged)
@@ -245,18 +165,11 @@ class ApiServer:
             params = request.get("params", {})
             if not isinstance(params, dict):
                 raise RpcError(-32602, "params must be an object")
-            method = BY_NAME.get(request["method"])
-            if method is None:
-                raise RpcError(-32601, f"unknown method {request['method']!r}")
-            user = self._permit(session, method, params)
-            call = Call(method.name, params, user, session, self.state)
-            if method.institution:
-                call.recording()  # refused here on a node that does not record, whatever the params
-            result = await method.handler(call)
+            result = await self.gate.invoke(session, request["method"], params)
         except RpcError as exc:
             error: dict[str, Any] = {"code": exc.code, "message": str(exc)}
-            if exc.reason:
-                error["data"] = {"reason": exc.reason}
+            if exc.reason or exc.data:
+                error["data"] = {**({"reason": exc.reason} if exc.reason else {}), **exc.data}
             return {"jsonrpc": "2.0", "id": request_id, "error": error}, (
                 exc.reason or "" if isinstance(exc, Disconnect) else "")
         return {"jsonrpc": "2.0", "id": request_id, "result": result}, ""

@@ -24,7 +24,8 @@ async def records_pull(call: Call) -> Any:
                                              role=call.user.role)
     except PullError as exc:
         message = str(exc) + (f" (access log {exc.access_tx.hex()})" if exc.access_tx else "")
-        raise RpcError(-32000, message, reason=exc.reason) from exc
+        raise RpcError(-32000, message, reason=exc.reason,
+                       data={"access_tx": exc.access_tx.hex()} if exc.access_tx else None) from exc
     except IntegrityError as exc:
         raise refused(exc) from exc
     return pulled.view()

@@ -20,6 +20,7 @@ from .common import (
 if TYPE_CHECKING:
     from ..api import ApiServer
     from ..daemon.node import Node
+    from ..rest import FhirServer
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -29,14 +30,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..api import CATALOGUE, ApiServer
     from ..config import load_node_config
     from ..daemon.node import Node
+    from ..rest import FhirServer
     from ..users.roles import load_roles
 
     config = load_node_config(config_path(args))
     logs.configure(config.log_level)
     roles = load_roles(config.roles_path, CATALOGUE)  # a bad roles file stops the node before it starts
     node = Node(config)
+    api = ApiServer(node, roles)
+    fhir = None
+    if node.fhir_base is not None:
+        fhir = FhirServer(api.gate, node.fhir_base, node.tls.api_server if node.tls is not None else None)
     try:
-        trio.run(_serve_until_signalled, node, ApiServer(node, roles))
+        trio.run(_serve_until_signalled, node, api, fhir)
     except BaseException as group:
         exc = innermost(group)
         if isinstance(exc, OSError):
@@ -49,16 +55,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_until_signalled(node: Node, api: ApiServer) -> None:
+async def _serve_until_signalled(node: Node, api: ApiServer, fhir: FhirServer | None) -> None:
     import signal
     from functools import partial
 
     import trio
 
     listen = node.config.api_listen
+    listeners = [partial(api.serve, listen.host, listen.port)]
+    if fhir is not None and node.config.fhir_listen is not None:
+        listeners.append(partial(fhir.serve, node.config.fhir_listen.host, node.config.fhir_listen.port))
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(node.run, listeners=[partial(api.serve, listen.host, listen.port)]))
+            await nursery.start(partial(node.run, listeners=listeners))
             async for signum in signals:
                 node.log.info("node.stopping", signal=signal.Signals(signum).name)
                 break

@@ -614,7 +614,18 @@ class Node:
             "validators": self.vset.n, "pid": os.getpid(), "epoch": self.state.current_epoch,
             "consensus_epoch": self.vset.epoch, "validator": self.index is not None,
             "ledger": {"applied": self.state.applied_height, "stalled_at": self.chain.stalled_at},
+            "fhir": self.fhir_base,
         }
+
+    @property
+    def fhir_base(self) -> str | None:
+        """The base URL of this node's FHIR REST interface (None: turned off)."""
+        address = self.config.fhir_listen
+        if address is None:
+            return None
+        scheme = "https" if self.config.tls is not None and self.config.tls.api else "http"
+        host = f"[{address.host}]" if ":" in address.host else address.host
+        return f"{scheme}://{host}:{address.port}/fhir"
 
     def records_list(self, empi: str) -> list[dict[str, Any]]:
         """Every committed anchor for ``empi`` across the consortium (any member can answer)."""

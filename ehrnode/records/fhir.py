@@ -344,6 +344,11 @@ def load(paths: Iterable[Path]) -> Intake:
     return Intake(items, problems, empty)
 
 
+def patient_data_types() -> list[str]:
+    """The resource types a record may be: Patient and the types of its compartment."""
+    return ["Patient", *sorted(_PATIENT_LINK)]
+
+
 def is_patient_data(resource: dict[str, Any]) -> bool:
     """True for the types that hold one patient's records (Patient and its compartment)."""
     rtype = resource.get("resourceType")

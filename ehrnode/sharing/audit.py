@@ -189,7 +189,8 @@ def trace_leak(state: LedgerState, leaked: dict[str, Any]) -> dict[str, Any]:
 
 # --- FHIR --------------------------------------------------------------------------------
 
-_PURPOSE_OF_USE = {
+#: Purposes of a pull as HL7 v3 PurposeOfUse (ActReason) codes, with their display text.
+PURPOSE_OF_USE = {
     "treatment": ("TREAT", "treatment"), "payment": ("HPAYMT", "healthcare payment"),
     "operations": ("HOPERAT", "healthcare operations"), "research": ("HRESCH", "healthcare research"),
     "public-health": ("PUBHLTH", "public health"), "emergency": ("ETREAT", "emergency treatment"),
@@ -234,7 +235,7 @@ def audit_event(event: dict[str, Any], observer: str) -> dict[str, Any]:
     if refused:
         resource["outcomeDesc"] = f"refused: {event['reason']}"
     if event["event"] == "access":
-        code, display = _PURPOSE_OF_USE[event["purpose"]]
+        code, display = PURPOSE_OF_USE[event["purpose"]]
         resource["purposeOfEvent"] = [{"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": code, "display": display}]}]
         resource["agent"].append(_member(event["owner"], False))
