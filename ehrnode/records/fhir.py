@@ -311,6 +311,16 @@ def validate(item: Item) -> Problem | None:
     return None
 
 
+def check_model(resource: dict[str, Any], source: str) -> Problem | None:
+    """Check a resource against its R4B model only (not what intake needs of a record); None if valid."""
+    rtype = resource.get("resourceType")
+    model = _model(rtype) if isinstance(rtype, str) else None
+    if model is None or not isinstance(rtype, str):
+        return Problem(source, None, None, None, "not a FHIR R4 resource type", "unknown_type")
+    rid = resource.get("id")
+    return _model_problem(model, resource, source, rtype, _shown(rid) if isinstance(rid, str) else None, "invalid")
+
+
 def read_each(paths: Iterable[Path], empty: list[str]) -> Iterator[tuple[Path, list[Item], list[Problem]]]:
     """Each FHIR file of ``paths`` (see :func:`expand`) as read, not validated; the files that
     held no resource are noted in ``empty``."""

@@ -108,7 +108,7 @@ class FhirApp:
                 self._check_params(request, set())
                 response = await handler(request)
             except FhirFailure as exc:
-                response = fhir_response(exc.outcome(), exc.status, exc.headers)
+                response = _refusal(exc)
             self._logged(request, response, None, started)
             return response
 
@@ -133,13 +133,12 @@ class FhirApp:
                     session = Session(outcome.user, None, nursery)
                     try:
                         response = await handler(request, session)
+                    except (FhirFailure, RpcError) as exc:  # answered here: a nursery would wrap it in a group
+                        response = _refusal(exc)
                     finally:
                         self.state.release(session.staged)
-            except FhirFailure as exc:
-                response = fhir_response(exc.outcome(), exc.status, exc.headers)
-            except RpcError as exc:
-                failure = from_rpc(exc)
-                response = fhir_response(failure.outcome(), failure.status, failure.headers)
+            except (FhirFailure, RpcError) as exc:
+                response = _refusal(exc)
             except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the interface
                 self.state.log.error("fhir.error", method=request.method, path=request.url.path, error=repr(exc))
                 response = fhir_response(operation_outcome("exception", "internal error; see the node's log"), 500)
@@ -226,7 +225,7 @@ class FhirApp:
                                                   "(resource, onlyCertainMatches, count)")
         if patient is None or patient.get("resourceType") != "Patient":
             raise FhirFailure(400, "required", "$match needs the parameter resource, a Patient")
-        problem = fhir.validate(fhir.Item("resource", {"id": "match", **patient}))
+        problem = fhir.check_model(patient, "resource")
         if problem is not None:
             raise FhirFailure(422, "invalid", f"the Patient is not valid FHIR R4: {problem}")
         found = await self.gate.invoke(session, "empi.lookup", {"patient": patient})
@@ -293,8 +292,7 @@ class FhirApp:
         _, body = await self._body(request)
         if not isinstance(body, dict):
             raise FhirFailure(400, "invalid", "expected a Consent resource")
-        problem = fhir.validate(fhir.Item("body", {"id": "new", **body})) if body.get("resourceType") == "Consent" \
-            else None
+        problem = fhir.check_model(body, "body") if body.get("resourceType") == "Consent" else None
         if problem is not None:
             raise FhirFailure(422, "invalid", f"the Consent is not valid FHIR R4: {problem}")
         members = {m["name"] for m in self.state.node.members_view()["members"]}
@@ -353,6 +351,11 @@ class FhirApp:
             {"response": answers.get(i, {"status": "422 Unprocessable Entity",
                                          "outcome": operation_outcome("invalid", "not recorded")})}
             for i in range(len(entries))]})
+
+
+def _refusal(exc: FhirFailure | RpcError) -> Response:
+    failure = from_rpc(exc) if isinstance(exc, RpcError) else exc
+    return fhir_response(failure.outcome(), failure.status, failure.headers)
 
 
 def _index(source: str) -> int:
