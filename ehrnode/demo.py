@@ -6,9 +6,9 @@ seeded), records them at one hospital (validated, de-identified, encrypted into 
 vault, anchored on chain), registers the same people at a second hospital under its
 own record numbers and shows that both get the same EMPI, scans every node's chain
 for the patients' identifying data (none), has a clinician at a third hospital pull a record (access
-logged on chain first under the clinician's pseudonym, copy verified against its
-anchor), shows the audit trail and resolves the pseudonym at the clinician's hospital,
-withdraws the patient's consent (refused, logged) and shows an emergency override,
+logged on chain first under the clinician's pseudonym, copy verified against its anchor) and
+again over the FHIR REST interface, shows the audit trail and resolves the pseudonym at the
+clinician's hospital, withdraws the patient's consent (refused, logged) and shows an emergency override,
 kills a node and shows it catching up after a restart while the others keep recording,
 admits a fourth hospital by a vote of the members (it syncs and verifies the chain from
 genesis and reads records anchored before it joined), and stops every member cleanly. It prints progress
@@ -18,11 +18,14 @@ exits non-zero.
 
 from __future__ import annotations
 
+import http.client
 import json
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +33,10 @@ import trio
 
 from . import synthetic
 from .client import ApiClient, ApiError
+from .config import NodeConfig
 from .errors import EhrnodeError
 from .localnet import LocalConsortium
+from .net.tls import client_context
 from .records.submit import add_items, read_inputs
 
 MEMBERS = ["HospitalA", "HospitalB", "HospitalC", "Regulator"]
@@ -170,6 +175,18 @@ class Demo:
         chen = await net.call("HospitalC", "users.add", name="dr.chen", role="clinician")
         async with ApiClient.connect(net.configs["HospitalC"], user="dr.chen", credential=chen["credential"]) as c:
             pulled = await c.call("records.pull", record_id=record["record_id"], purpose="treatment")
+        self.out("   Dr Chen's EHR pulls it again over HospitalC's FHIR R4 REST interface (docs/fhir.md):")
+        base = (await net.call("HospitalC", "status"))["fhir"]
+        url = f"{base}/{record['resource_type']}/{record['record_id']}"
+        self.out(f"      GET {url}")
+        self.out("      Authorization: Bearer <dr.chen's credential>   X-Purpose-Of-Use: TREAT")
+        code, headers, body = await trio.to_thread.run_sync(_fhir_get, url, chen["credential"],
+                                                            net.configs["HospitalC"])
+        for line in [f"HTTP/1.1 {code} {HTTPStatus(code).phrase}", *headers, body[:100] + ("..." if len(body) > 100
+                                                                                          else "")]:
+            self.out(f"      {line}")
+        if code != 200 or json.loads(body)["resourceType"] != record["resource_type"]:
+            raise DemoFailed(f"the FHIR pull was not served: {code} {body[:300]}")
         trail = await net.call("Regulator", "audit.trail", record_id=record["record_id"])
         for event in trail:
             who = event["who"] + (f"/{event['user']}" if event.get("user") else "")
@@ -182,7 +199,8 @@ class Demo:
         self.out(f"      only HospitalC can say who {chen['pseudonym']} is: {whois['name']} ({whois['role']})")
         self._step("pull", started, f"{len(json.dumps(pulled['resource']))} bytes of de-identified "
                                     f"{record['resource_type']} verified; access logged at height "
-                                    f"{pulled['height']} under dr.chen's pseudonym, resolved only at HospitalC")
+                                    f"{pulled['height']} under dr.chen's pseudonym, resolved only at HospitalC; "
+                                    "pulled over FHIR REST too")
 
         started = time.monotonic()
         self.out("7. The patient withdraws consent for HospitalC (recorded by HospitalB); HospitalC is refused, "
@@ -265,6 +283,24 @@ class Demo:
         for s in self.steps:
             lines.append(f"{s.name:<{width}}  {s.seconds:>7.1f}  {s.result}")
         return "\n".join(lines)
+
+
+def _fhir_get(url: str, credential: str, config: NodeConfig) -> tuple[int, list[str], str]:
+    """GET ``url`` as a FHIR client would (TLS checked against the consortium CA): the status,
+    the headers worth showing, and the body."""
+    parts = urllib.parse.urlsplit(url)
+    context = client_context(config.tls.ca) if config.tls is not None else None
+    connection = (http.client.HTTPSConnection(parts.netloc, context=context, timeout=60) if parts.scheme == "https"
+                  else http.client.HTTPConnection(parts.netloc, timeout=60))
+    try:
+        connection.request("GET", parts.path, headers={"Authorization": f"Bearer {credential}",
+                                                       "X-Purpose-Of-Use": "TREAT",
+                                                       "Accept": "application/fhir+json"})
+        response = connection.getresponse()
+        head = [f"{k}: {v}" for k, v in response.getheaders() if k.lower() in ("content-type", "x-access-log")]
+        return response.status, head, response.read().decode("utf-8", "replace")
+    finally:
+        connection.close()
 
 
 def run_demo(directory: Path | None, out: Callable[[str], None] = print) -> int:

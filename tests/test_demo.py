@@ -11,6 +11,7 @@ def test_demo_runs_end_to_end_and_keeps_its_files_when_asked(tmp_path):
                  "join", "shutdown"):
         assert f"\n{step} " in out
     assert "share one EMPI across both hospitals" in out
+    assert "HTTP/1.1 200 OK" in out and "x-access-log: " in out and "pulled over FHIR REST too" in out
     assert "emergency pull served and flagged" in out
     assert "HospitalD admitted" in out and "all 5 closed" in out
     assert (tmp_path / "demo" / "inputs").is_dir()  # the generated FHIR input stays for a look

@@ -17,6 +17,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"node {s['node']}  height {s['height']}  round {s['round']}  mempool {s['mempool']}",
         f"head {s['head']}",
         f"peers {', '.join(s['peers']) or '(none)'}",
+        f"fhir  {s.get('fhir') or '(off)'}",
     ])
     return 0
 
