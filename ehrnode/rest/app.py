@@ -51,6 +51,8 @@ _RECORD_ID = re.compile(r"[0-9a-f]{32}")
 _ENTRY = re.compile(r"entry\[(\d+)\]")
 #: Results a $match gives at most.
 MAX_MATCHES = 100
+#: Requests handled at once; more are answered 503 at once (counted as the refusal ``fhir_requests``).
+MAX_IN_FLIGHT = 256
 
 try:
     _VERSION = version("ehrnode")
@@ -73,6 +75,7 @@ class FhirApp:
         self.state = gate.state
         self.base = base.rstrip("/")
         self._read_types = fhir.patient_data_types()
+        self._in_flight = 0
         routes = [
             Route("/fhir/metadata", self._public(self.metadata), methods=["GET"]),
             Route("/fhir/Patient/$match", self._authenticated(self.match), methods=["POST"]),
@@ -116,36 +119,48 @@ class FhirApp:
 
     def _authenticated(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
-            started = trio.current_time()
-            user: str | None = None
+            if self._in_flight >= MAX_IN_FLIGHT:
+                self.state.node.refusals.refuse("fhir_requests", "local", trio.current_time(),
+                                                detail=f"{self._in_flight} in flight (at most {MAX_IN_FLIGHT})")
+                return _refusal(FhirFailure(503, "transient", "too many requests at once; retry shortly",
+                                            headers={"retry-after": "1"}))
+            self._in_flight += 1
             try:
-                outcome, _ = self.gate.authenticate(request.headers.raw)
-                if outcome.user is None:
-                    # Answered late, a few at a time over the node, as on the JSON-RPC API.
-                    await self.gate.hold_refusal(outcome)
-                    code = {401: "login", 403: "forbidden", 429: "throttled"}.get(outcome.status, "security")
-                    headers = {"www-authenticate": 'Bearer realm="ehrnode"'} if outcome.status == 401 else {}
-                    if outcome.status == 429:
-                        headers["retry-after"] = str(int(outcome.delay) + 1)
-                    raise FhirFailure(outcome.status, code, outcome.message, headers=headers)
-                user = outcome.user.name
-                async with trio.open_nursery() as nursery:
-                    session = Session(outcome.user, None, nursery)
-                    try:
-                        response = await handler(request, session)
-                    except (FhirFailure, RpcError) as exc:  # answered here: a nursery would wrap it in a group
-                        response = _refusal(exc)
-                    finally:
-                        self.state.release(session.staged)
-            except (FhirFailure, RpcError) as exc:
-                response = _refusal(exc)
-            except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the interface
-                self.state.log.error("fhir.error", method=request.method, path=request.url.path, error=repr(exc))
-                response = fhir_response(operation_outcome("exception", "internal error; see the node's log"), 500)
-            self._logged(request, response, user, started)
-            return response
+                return await self._handle(request, handler)
+            finally:
+                self._in_flight -= 1
 
         return endpoint
+
+    async def _handle(self, request: Request, handler: Handler) -> Response:
+        started = trio.current_time()
+        user: str | None = None
+        try:
+            outcome, _ = self.gate.authenticate(request.headers.raw)
+            if outcome.user is None:
+                # Answered late, a few at a time over the node, as on the JSON-RPC API.
+                await self.gate.hold_refusal(outcome)
+                code = {401: "login", 403: "forbidden", 429: "throttled"}.get(outcome.status, "security")
+                headers = {"www-authenticate": 'Bearer realm="ehrnode"'} if outcome.status == 401 else {}
+                if outcome.status == 429:
+                    headers["retry-after"] = str(int(outcome.delay) + 1)
+                raise FhirFailure(outcome.status, code, outcome.message, headers=headers)
+            user = outcome.user.name
+            async with trio.open_nursery() as nursery:
+                session = Session(outcome.user, None, nursery)
+                try:
+                    response = await handler(request, session)
+                except (FhirFailure, RpcError) as exc:  # answered here: a nursery would wrap it in a group
+                    response = _refusal(exc)
+                finally:
+                    self.state.release(session.staged)
+        except (FhirFailure, RpcError) as exc:
+            response = _refusal(exc)
+        except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the interface
+            self.state.log.error("fhir.error", method=request.method, path=request.url.path, error=repr(exc))
+            response = fhir_response(operation_outcome("exception", "internal error; see the node's log"), 500)
+        self._logged(request, response, user, started)
+        return response
 
     def _logged(self, request: Request, response: Response, user: str | None, started: float) -> None:
         self.state.log.info("fhir.request", method=request.method, path=request.url.path,
