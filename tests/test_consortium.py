@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import tomli_w
 
 from ehrnode import crypto
 from ehrnode.config import load_genesis, load_node_config
@@ -24,6 +25,7 @@ def test_init_writes_private_keys_public_genesis_and_relative_node_configs(tmp_p
         config = load_node_config(node_dir / "node.toml")
         assert config.name == member.name and config.peer_listen.port == 17100 + i
         assert config.api_listen.port == 17200 + i
+        assert config.fhir_listen is not None and config.fhir_listen.port == 17400 + i
         assert load_genesis(config.genesis_path).hash == genesis.hash
         assert crypto.Identity.load(config.signing_key_path).public_key == member.signing_key
         assert crypto.SealingKey.load(config.sealing_key_path).public_key == member.sealing_key
@@ -68,6 +70,24 @@ def test_config_errors_name_the_file_and_field(tmp_path):
     genesis.write_text(genesis.read_text().replace('role = "regulator"', 'role = "king"'))
     with pytest.raises(ConfigError, match="role must be one of"):
         load_genesis(genesis)
+
+
+def test_the_fhir_interface_is_on_by_default_and_can_be_moved_or_turned_off(tmp_path):
+    init_consortium(tmp_path, ["A"], "R", base_port=7100)
+    node = tmp_path / "A" / "node.toml"
+    written = node.read_text()
+    assert '[fhir]\nlisten = "127.0.0.1:7400"' in written
+    without = written.replace('[fhir]\nlisten = "127.0.0.1:7400"\n', "")
+    node.write_text(without)
+    assert str(load_node_config(node).fhir_listen) == "127.0.0.1:7400"  # the API's host, its port + 200
+    node.write_text(without + '\n[fhir]\nenabled = false\n')
+    assert load_node_config(node).fhir_listen is None
+    assert "enabled = false" in tomli_w.dumps(load_node_config(node).to_toml_dict())
+    for bad, message in (('listen = "nowhere"', r"\[fhir\] listen"), ('enabled = "yes"', "true or false"),
+                         ('port = 1', "no setting port")):
+        node.write_text(without + f"\n[fhir]\n{bad}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_node_config(node)
 
 
 def test_genesis_refuses_a_key_listed_twice(tmp_path):

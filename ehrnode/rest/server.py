@@ -46,8 +46,10 @@ class FhirServer:
         config.accesslog = None
         config.errorlog = None
         config.include_server_header = False
+        # An idle connection is closed after 30 s; one that sends nothing for longer than the longest
+        # answer takes (a pull or a batch waiting for its commit) is closed too.
         config.keep_alive_timeout = 30
-        config.read_timeout = 60
+        config.read_timeout = 150
         config.ssl_handshake_timeout = 10
         config.graceful_timeout = 3
         async with trio.open_nursery() as nursery:
