@@ -49,6 +49,9 @@ _JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fh
 _FORMATS = frozenset({"json", *_JSON_TYPES})
 _RECORD_ID = re.compile(r"[0-9a-f]{32}")
 _ENTRY = re.compile(r"entry\[(\d+)\]")
+#: The parameters of $match taken, and what each must be.
+_MATCH_PARAMETERS = {"resource": "a Patient resource", "onlyCertainMatches": "a valueBoolean",
+                     "count": "a positive valueInteger"}
 #: Results a $match gives at most.
 MAX_MATCHES = 100
 #: Requests handled at once; more are answered 503 at once (counted as the refusal ``fhir_requests``).
@@ -235,9 +238,11 @@ class FhirApp:
                 only_certain = parameter["valueBoolean"]
             elif name == "count" and type(parameter.get("valueInteger")) is int and 0 < parameter["valueInteger"]:
                 count = min(parameter["valueInteger"], MAX_MATCHES)
+            elif name in _MATCH_PARAMETERS:
+                raise FhirFailure(400, "invalid", f"{where}: {name} must be {_MATCH_PARAMETERS[name]}")
             else:
                 raise FhirFailure(400, "invalid", f"{where}: {name!r} is not a parameter of $match taken here "
-                                                  "(resource, onlyCertainMatches, count)")
+                                                  f"({', '.join(_MATCH_PARAMETERS)})")
         if patient is None or patient.get("resourceType") != "Patient":
             raise FhirFailure(400, "required", "$match needs the parameter resource, a Patient")
         problem = fhir.check_model(patient, "resource")

@@ -178,7 +178,7 @@ def test_match_list_pull_and_audit_across_the_consortium(members, recorded):
     assert patient["name"][0]["family"] not in pulled.text  # released de-identified
     access = pulled.headers["x-access-log"]
 
-    trail = a.get("AuditEvent", params={"entity": condition["masterIdentifier"]["value"]})
+    trail = a.get("AuditEvent", clinician, params={"entity": condition["masterIdentifier"]["value"]})
     events = valid(trail.json())["entry"]
     reads = [e["resource"] for e in events if e["resource"]["action"] == "R"]
     assert [e["id"] for e in reads] == [access]
