@@ -4,7 +4,7 @@ vault, the user store.
 WAL with ``synchronous=NORMAL``: a process crash loses nothing and a power cut may lose
 the last few commits but never corrupts the file. That is enough for blocks and ledger
 state: committed blocks are fetched again from peers on restart and the state is derived
-from them. What must never be lost, the votes, lives in the safety store, which fsyncs
+from them. What must never be lost, the votes, lives in the safety store, which syncs
 every write.
 """
 
