@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -36,7 +34,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pull import cpu_seconds, percentile, record  # the pull benchmark's helpers
+from pull import cpu_seconds, on_fresh_consortium, percentile, record  # the pull benchmark's helpers
 
 from ehrnode import synthetic
 from ehrnode.client import ApiClient
@@ -190,14 +188,7 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=20, help="synthetic patients recorded at B and at C")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ehrnode-fhir-") as tmp:
-        cluster = LocalConsortium(Path(tmp) / "consortium")
-        cluster.start_all()
-        try:
-            figures = trio.run(measure, cluster, args)
-        finally:
-            cluster.stop_all()
-    figures["cores"] = os.cpu_count() or 1
+    figures = on_fresh_consortium("ehrnode-fhir-", measure, args)
     if args.json:
         print(json.dumps(figures))
         return

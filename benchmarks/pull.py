@@ -197,6 +197,20 @@ async def measure(cluster: LocalConsortium, args: argparse.Namespace) -> dict:
     return figures
 
 
+def on_fresh_consortium(prefix: str, measure, args: argparse.Namespace) -> dict:
+    """``measure(cluster, args)`` on a fresh four-member consortium in a temporary directory, started
+    and stopped here; its figures, with the machine's core count."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        cluster = LocalConsortium(Path(tmp) / "consortium")
+        cluster.start_all()
+        try:
+            figures = trio.run(measure, cluster, args)
+        finally:
+            cluster.stop_all()
+    figures["cores"] = os.cpu_count() or 1
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the throughput phase")
@@ -207,14 +221,7 @@ def main() -> None:
     parser.add_argument("--large-mb", type=float, default=2.5, help="canonical JSON size of each large document")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ehrnode-pull-") as tmp:
-        cluster = LocalConsortium(Path(tmp) / "consortium")
-        cluster.start_all()
-        try:
-            figures = trio.run(measure, cluster, args)
-        finally:
-            cluster.stop_all()
-    figures["cores"] = os.cpu_count() or 1
+    figures = on_fresh_consortium("ehrnode-pull-", measure, args)
     if args.json:
         print(json.dumps(figures))
         return

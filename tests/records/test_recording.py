@@ -8,11 +8,11 @@ from functools import partial
 import pytest
 import trio
 
-from ehrnode.localnet import LocalConsortium
 from ehrnode.records.keys import RecordKeys
 from ehrnode.records.vault import Vault
 from tests.commands import cli as run_cli
 
+from ..daemon.cluster import running
 from ..datasets import SYNTHEA
 
 NON_PATIENT = {"Organization", "Practitioner", "Location"}
@@ -23,11 +23,7 @@ cli = partial(run_cli, timeout=600)
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = LocalConsortium(tmp_path_factory.mktemp("recording") / "consortium")
-    c.start_all()
-    trio.run(c.wait_ready)
-    yield c
-    c.stop_all()
+    yield from running(tmp_path_factory.mktemp("recording") / "consortium")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from fhir.resources.R4B import get_fhir_model_class
 
 from ehrnode.localnet import LocalConsortium
 from ehrnode.net.tls import client_context
+from tests.daemon.cluster import running
 from tests.datasets import SYNTHEA
 
 FHIR_JSON = {"content-type": "application/fhir+json"}
@@ -83,11 +84,7 @@ class Member:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[LocalConsortium]:
-    c = LocalConsortium(tmp_path_factory.mktemp("fhir") / "consortium")
-    c.start_all()
-    trio.run(c.wait_ready)
-    yield c
-    c.stop_all()
+    yield from running(tmp_path_factory.mktemp("fhir") / "consortium")
 
 
 @pytest.fixture(scope="module")
