@@ -25,7 +25,8 @@ async def committed(call: Call, tx: Transaction) -> dict[str, Any]:
     height = await node.wait_committed(tx.id, call.timeout())
     status = node.state.tx_status(tx.id)
     if status is None:
-        raise RpcError(-32000, f"transaction {tx.id.hex()} not committed in time", reason="timeout")
+        raise RpcError(-32000, f"transaction {tx.id.hex()} not committed in time", reason="timeout",
+                       data={"tx_id": tx.id.hex()})
     if status != "ok":
         raise RpcError(-32000, f"{call.method} refused by the chain: {status}", reason=status.partition(":")[2])
     return {"tx_id": tx.id.hex(), "height": height, "status": status}

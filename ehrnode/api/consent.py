@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..codec import MAX_UINT
 from ..errors import SchemaError
 from ..ledger.transactions import KINDS
 from .call import Call
 from .commit import submit_and_wait
 from .rpc import RpcError, empi_param
+
+#: The last moment a consent may run to: 9999-12-31T23:59:59.999Z (what a date can show).
+MAX_UNTIL = 253_402_300_799_999
 
 
 async def consent_show(call: Call) -> Any:
@@ -20,8 +22,8 @@ async def consent_change(call: Call) -> Any:
     """``consent.grant`` and ``consent.revoke``."""
     params = call.params
     until = params.get("until", 0)
-    if not isinstance(until, int) or isinstance(until, bool) or not 0 <= until <= MAX_UINT:
-        raise RpcError(-32602, "until must be a time in milliseconds (0: no end)")
+    if not isinstance(until, int) or isinstance(until, bool) or not 0 <= until <= MAX_UNTIL:
+        raise RpcError(-32602, "until must be a time in milliseconds, at the latest 9999-12-31 (0: no end)")
     body = {"epoch": 0, "empi": empi_param(params.get("empi"), "empi"), "grantee": params.get("to"),
             "purposes": params.get("purposes", ["*"]), "scope": params.get("scope", ["*"]), "until": until}
     try:

@@ -105,13 +105,13 @@ class Gate:
         if name in ALWAYS:
             return user
         role = self.state.roles.get(user.role)
-        purpose = params.get("purpose") if name == "records.pull" else None
+        purpose = scope_of(name, params)
         problem = None
         if role is None:
             problem = f"role {user.role} is not in {self.state.roles.source}"
-        elif not role.permits(name, purpose if isinstance(purpose, str) else None):
+        elif not role.permits(name, purpose):
             problem = f"user {user.name} (role {user.role}) may not call {name}" + (
-                f" for {purpose}" if isinstance(purpose, str) else "")
+                f" for {purpose}" if purpose is not None else "")
         elif role.patient:
             problem = self._patient_problem(user, method, params)
         if problem is not None:
@@ -137,3 +137,14 @@ class Gate:
         if current is not None and current == registry.resolve(None, user.empi):
             return None
         return f"user {user.name} is a patient: {empi} is not their EMPI"
+
+
+def scope_of(name: str, params: dict[str, Any]) -> str | None:
+    """What a scoped permission must name for this call: a pull's purpose, the audit trail's key."""
+    if name == "records.pull":
+        purpose = params.get("purpose")
+        return purpose if isinstance(purpose, str) else None
+    if name == "audit.trail":
+        return ("user" if params.get("user") is not None else "record" if params.get("record_id") is not None
+                else "patient")
+    return None

@@ -268,6 +268,13 @@ def read_bytes(data: bytes, name: str) -> tuple[list[Item], list[Problem]]:
     return reader.items, reader.problems
 
 
+def read_value(value: Any, name: str) -> tuple[list[Item], list[Problem]]:
+    """Split an input already parsed from JSON (a resource or a Bundle) as :func:`read_bytes` does."""
+    reader = _Reader(name)
+    reader.value(value, name)
+    return reader.items, reader.problems
+
+
 def is_ndjson(name: str) -> bool:
     """True for a name with an NDJSON suffix (``.ndjson``, ``.jsonl``)."""
     return name.lower().endswith(_NDJSON_SUFFIXES)

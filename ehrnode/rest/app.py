@@ -34,16 +34,24 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..api.call import Session
+from ..api.call import MAX_STAGED_TOTAL, Session
 from ..api.gate import Gate
 from ..api.methods import BY_NAME
 from ..api.rpc import RpcError, parsed_size
+from ..errors import innermost
 from ..records import fhir
 from . import resources as r
 from .outcome import FhirFailure, from_rpc, issue, operation_outcome
 
-#: The largest request body read (a batch of a few thousand resources); larger ones get 413.
+#: The largest Bundle read (a few thousand resources); larger ones get 413. Other bodies (a
+#: Consent, $match's Parameters) are at most ``MAX_SMALL_BODY``.
 MAX_BODY_BYTES = 16 << 20
+MAX_SMALL_BODY = 1 << 20
+#: How long a client may take to send its body.
+BODY_SECONDS = 60
+#: Bundles parsed at once, each in a worker thread (a 16 MiB one takes seconds and its size
+#: several times over in memory): the node's loop and memory are not theirs to take.
+BUNDLE_PARSERS = 1
 FHIR_JSON = "application/fhir+json"
 _JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 _FORMATS = frozenset({"json", *_JSON_TYPES})
@@ -79,6 +87,7 @@ class FhirApp:
         self.base = base.rstrip("/")
         self._read_types = fhir.patient_data_types()
         self._in_flight = 0
+        self._parsers = trio.CapacityLimiter(BUNDLE_PARSERS)
         routes = [
             Route("/fhir/metadata", self._public(self.metadata), methods=["GET"]),
             Route("/fhir/Patient/$match", self._authenticated(self.match), methods=["POST"]),
@@ -125,8 +134,10 @@ class FhirApp:
             if self._in_flight >= MAX_IN_FLIGHT:
                 self.state.node.refusals.refuse("fhir_requests", "local", trio.current_time(),
                                                 detail=f"{self._in_flight} in flight (at most {MAX_IN_FLIGHT})")
-                return _refusal(FhirFailure(503, "transient", "too many requests at once; retry shortly",
-                                            headers={"retry-after": "1"}))
+                response = _refusal(FhirFailure(503, "transient", "too many requests at once; retry shortly",
+                                                headers={"retry-after": "1"}))
+                self._logged(request, response, None, trio.current_time())
+                return response
             self._in_flight += 1
             try:
                 return await self._handle(request, handler)
@@ -159,8 +170,9 @@ class FhirApp:
                     self.state.release(session.staged)
         except (FhirFailure, RpcError) as exc:
             response = _refusal(exc)
-        except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the interface
-            self.state.log.error("fhir.error", method=request.method, path=request.url.path, error=repr(exc))
+        except Exception as exc:  # one request's failure must not stop the interface: logged, answered 500
+            self.state.log.error("fhir.error", method=request.method, path=request.url.path,
+                                 error=repr(innermost(exc)), exc_info=exc)
             response = fhir_response(operation_outcome("exception", "internal error; see the node's log"), 500)
         self._logged(request, response, user, started)
         return response
@@ -186,27 +198,29 @@ class FhirApp:
             found[key] = value
         return found
 
-    async def _body(self, request: Request) -> tuple[bytes, Any]:
-        """The request's body (bytes and parsed JSON), within ``MAX_BODY_BYTES``."""
+    async def _body(self, request: Request, limit: int = MAX_SMALL_BODY) -> bytes:
+        """The request's body, at most ``limit`` bytes, sent within ``BODY_SECONDS``."""
         media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if media not in _JSON_TYPES:
             raise FhirFailure(415, "not-supported", f"Content-Type must be {FHIR_JSON}, got {media or 'none'}")
         length = request.headers.get("content-length", "")
-        too_large = FhirFailure(413, "too-costly", f"request body larger than {MAX_BODY_BYTES >> 20} MiB; send it "
-                                                   "in parts")
-        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        too_large = FhirFailure(413, "too-costly", f"request body larger than {limit >> 20} MiB; send it in parts")
+        if length.isdigit() and int(length) > limit:
             raise too_large
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise too_large
-            chunks.append(chunk)
-        data = b"".join(chunks)
-        try:
-            return data, json.loads(data)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise FhirFailure(400, "structure", f"the body is not valid JSON: {str(exc)[:200]}") from exc
+        with trio.move_on_after(BODY_SECONDS) as waited:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+        if waited.cancelled_caught:
+            raise FhirFailure(408, "timeout", f"the body was not sent within {BODY_SECONDS} s")
+        return b"".join(chunks)
+
+    async def _json(self, request: Request) -> Any:
+        """A small body's JSON."""
+        return _parse(await self._body(request))
 
     def _empi(self, params: dict[str, str], name: str = "patient.identifier") -> str:
         system, bar, value = params[name].partition("|")
@@ -222,7 +236,7 @@ class FhirApp:
 
     async def match(self, request: Request, session: Session) -> Response:
         self._check_params(request, set())
-        _, body = await self._body(request)
+        body = await self._json(request)
         if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
             raise FhirFailure(400, "invalid", "Patient/$match takes a Parameters resource")
         patient, only_certain, count = None, False, 10
@@ -309,41 +323,65 @@ class FhirApp:
 
     async def consent_create(self, request: Request, session: Session) -> Response:
         self._check_params(request, set())
-        _, body = await self._body(request)
+        body = await self._json(request)
         if not isinstance(body, dict):
             raise FhirFailure(400, "invalid", "expected a Consent resource")
         problem = fhir.check_model(body, "body") if body.get("resourceType") == "Consent" else None
         if problem is not None:
             raise FhirFailure(422, "invalid", f"the Consent is not valid FHIR R4: {problem}")
         members = {m["name"] for m in self.state.node.members_view()["members"]}
-        method, params = r.consent_params(body, members)
-        result = await self.gate.invoke(session, method, params)
+        method, params = r.consent_params(body, members, _now_ms())
+        try:
+            result = await self.gate.invoke(session, method, params)
+        except RpcError as exc:
+            if exc.reason == "timeout" and "tx_id" in exc.data:
+                # Submitted, not committed in time: it may still be. Say which transaction to look for.
+                return fhir_response(operation_outcome(
+                    "transient", f"submitted; not committed within the wait (transaction {exc.data['tx_id']})",
+                    severity="warning"), 202, headers={"x-transaction": exc.data["tx_id"]})
+            raise
         entry = {"empi": params["empi"], "action": "grant" if method == "consent.grant" else "revoke",
                  "grantor": self.state.node.name, "grantee": params["to"], "purposes": params["purposes"],
                  "scope": params["scope"], "until": params.get("until") or None, "time": _now_ms(),
                  "tx_id": result["tx_id"]}
-        return fhir_response(r.consent_resource(entry, _now_ms()), 201,
-                             headers={"location": f"{self.base}/Consent/{result['tx_id']}",
-                                      "x-transaction": result["tx_id"]})
+        return fhir_response(r.consent_resource(entry, _now_ms()), 201, headers={"x-transaction": result["tx_id"]})
 
     async def bundle(self, request: Request, session: Session) -> Response:
         """A batch (each entry on its own) or transaction (all or nothing) of resources to record."""
         self._check_params(request, set())
-        data, body = await self._body(request)
+        # Who may record, before a byte of a large body is read.
+        self.gate.permit(session, BY_NAME["records.add"], {})
+        if self.state.node.records is None:
+            raise FhirFailure(403, "not-supported", f"{self.state.node.name} does not record: it is not an "
+                                                    "institution with records keys")
+        data = await self._body(request, MAX_BODY_BYTES)
+        size = parsed_size(data)
+        if self.state.staged_total + size > MAX_STAGED_TOTAL:
+            raise FhirFailure(429, "throttled", "the node holds as much input as it may; retry shortly",
+                              headers={"retry-after": "5"})
+        self.state.staged_total += size  # held while it is parsed, as records.add counts staged input
+        try:
+            body, items, problems = await trio.to_thread.run_sync(_split_bundle, data, limiter=self._parsers)
+        finally:
+            self.state.staged_total -= size
         if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
             raise FhirFailure(400, "invalid", "POST to the base takes a Bundle of type batch or transaction")
         kind = body.get("type")
         if kind not in ("batch", "transaction"):
-            raise FhirFailure(422, "invalid", f"Bundle.type must be batch or transaction, got {kind!r}")
+            raise FhirFailure(422, "invalid", f"Bundle.type must be batch or transaction, got {str(kind)[:40]!r}")
         entries = body.get("entry")
         if not isinstance(entries, list) or not entries:
             raise FhirFailure(422, "required", "the Bundle has no entries")
-        del body
-        items, problems = fhir.read_bytes(data, "request")
+        count, creates = len(entries), [_creates(entry) for entry in entries]
+        del body, entries
+        problems += [fhir.Problem(f"request entry[{i}]", None, None, f"Bundle.entry[{i}].request", why,
+                                  "not_supported") for i, why in enumerate(creates) if why]
+        refused = {_index(p.source) for p in problems}
+        items = [item for item in items if _index(item.source) not in refused]
         if problems and (kind == "transaction" or not items):
             raise FhirFailure(422, "invalid", "nothing recorded", issues=[
                 issue("invalid", str(p), expression=_expression(p.source)) for p in problems[:100]])
-        session.staged.message_bytes = parsed_size(data)
+        session.staged.message_bytes = size
         del data
         added = await self.gate.invoke(session, "records.add", {
             "items": [{"source": item.source, "resource": item.resource} for item in items],
@@ -370,7 +408,39 @@ class FhirApp:
         return fhir_response({"resourceType": "Bundle", "type": f"{kind}-response", "entry": [
             {"response": answers.get(i, {"status": "422 Unprocessable Entity",
                                          "outcome": operation_outcome("invalid", "not recorded")})}
-            for i in range(len(entries))]})
+            for i in range(count)]})
+
+
+def _creates(entry: Any) -> str | None:
+    """Why an entry is not a plain create this interface carries out (None: it is one)."""
+    request = entry.get("request") if isinstance(entry, dict) else None
+    if request is None:
+        return None
+    if not isinstance(request, dict):
+        return "request must be an object"
+    method = request.get("method", "POST")
+    if method not in ("POST", "PUT"):
+        return f"{str(method)[:10]}: only creates (POST, or PUT of a new resource) are carried out"
+    conditional = sorted(k for k in ("ifNoneExist", "ifMatch", "ifNoneMatch", "ifModifiedSince") if k in request)
+    if conditional:
+        return f"conditional requests ({', '.join(conditional)}) are not supported"
+    return None
+
+
+def _parse(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise FhirFailure(400, "structure", f"the body is not valid JSON: {str(exc)[:200]}") from exc
+
+
+def _split_bundle(data: bytes) -> tuple[Any, list[fhir.Item], list[fhir.Problem]]:
+    """A Bundle's JSON, and its resources as intake reads them (in a worker thread)."""
+    body = _parse(data)
+    if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+        return body, [], []
+    items, problems = fhir.read_value(body, "request")
+    return body, items, problems
 
 
 def _refusal(exc: FhirFailure | RpcError) -> Response:

@@ -3,8 +3,9 @@
 A method-table call's refusal (:class:`~ehrnode.api.rpc.RpcError`) becomes one here by its
 code and reason: bad parameters 400, an unknown credential 401, a role that does not allow the
 call 403, nothing there 404, refused by the chain 409, too large 413, invalid FHIR 422, a full
-mempool 429, an owner or peer that did not answer 503. A pull the owner refused is 403 with its
-reason in ``details.text`` and the access log it was logged under in ``diagnostics``.
+mempool 429, an owner that could not serve or did not answer 503, an answer that did not verify
+502. A pull the owner refused is 403 with its reason in ``details.text`` and the access log it
+was logged under in ``diagnostics``.
 """
 
 from __future__ import annotations
@@ -34,10 +35,23 @@ _BY_REASON: dict[str, tuple[int, str]] = {
     "integrity": (502, "security"),
     "vault_behind": (503, "transient"),
     "io": (503, "transient"),
+    # The owner turned the request away before deciding (nothing on chain).
+    "busy": (503, "transient"),
+    "rate_limited": (429, "throttled"),
+    "stale": (502, "transient"),
+    "replayed": (502, "transient"),
+    "bad_signature": (502, "security"),
+    "malformed": (502, "exception"),
+    "wrong_chain": (502, "exception"),
+    "wrong_owner": (502, "exception"),
+    "unknown_requester": (502, "exception"),
+    "access_log_not_committed": (503, "transient"),
+    "internal": (503, "transient"),
 }
 
-#: Why an owner refuses a pull, as its access log says (403, logged on chain).
-OWNER_REFUSALS = frozenset({"consent", "policy", "erased", "not_owner", "internal", "revoked", "expired"})
+#: Why an owner refuses a pull, as its access log says (403, logged on chain); ``internal`` (the
+#: owner could not read its vault) is logged too, but is the owner's failure: 503.
+OWNER_REFUSALS = frozenset({"consent", "policy", "erased", "not_owner", "revoked", "expired"})
 
 
 class FhirFailure(Exception):
@@ -90,7 +104,9 @@ def from_rpc(exc: RpcError) -> FhirFailure:
         return FhirFailure(404, "not-supported", str(exc))
     if isinstance(access, str):
         # The owner decided, and its decision is on chain: the reason, and where it is logged.
-        return FhirFailure(403, "forbidden", exc.reason or "refused", diagnostics=access)
+        if exc.reason in OWNER_REFUSALS:
+            return FhirFailure(403, "forbidden", exc.reason, diagnostics=access)
+        return FhirFailure(503, "transient", exc.reason or "unavailable", diagnostics=access)
     reason = exc.reason or ""
     if reason in OWNER_REFUSALS:
         return FhirFailure(403, "forbidden", reason, diagnostics=str(exc))

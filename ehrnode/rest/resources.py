@@ -7,7 +7,7 @@ Consent resources for consent entries and back, and the CapabilityStatement.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ..empi.matching import CERTAIN
@@ -24,21 +24,35 @@ FHIR_VERSION = "4.0.1"
 PURPOSE_BY_CODE = {code: purpose for purpose, (code, _) in PURPOSE_OF_USE.items()}
 
 
+#: The last instant a FHIR dateTime can show (9999-12-31T23:59:59.999Z), in milliseconds.
+LAST_MS = 253_402_300_799_999
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
 def instant(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """A FHIR instant (exact to the millisecond); times past the last one a date can show are shown as it."""
+    moment = _EPOCH + min(max(ms, 0), LAST_MS) * _MS
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def parse_instant(text: Any, where: str) -> int:
-    """A FHIR dateTime (with a time zone, or a date) in milliseconds."""
+def parse_end(text: Any, where: str) -> int:
+    """The end of a period in milliseconds: a dateTime, or a date (its whole day, UTC)."""
     if not isinstance(text, str):
         raise FhirFailure(422, "invalid", f"{where} must be a FHIR dateTime")
+    whole_day = len(text) == 10
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError as exc:
-        raise FhirFailure(422, "invalid", f"{where}: {text!r} is not a FHIR dateTime") from exc
+        raise FhirFailure(422, "invalid", f"{where}: {text[:40]!r} is not a FHIR dateTime or date") from exc
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
+    ms = (moment - _EPOCH) // _MS + (86_400_000 - 1 if whole_day else 0)
+    if not 0 < ms <= LAST_MS:
+        raise FhirFailure(422, "invalid", f"{where}: {text[:40]!r} is not between 1970 and 9999")
+    return ms
 
 
 def searchset(entries: list[dict[str, Any]], self_url: str) -> dict[str, Any]:
@@ -129,10 +143,14 @@ def consent_resource(entry: dict[str, Any], now_ms: int) -> dict[str, Any]:
     }
 
 
-def consent_params(consent: dict[str, Any], members: set[str]) -> tuple[str, dict[str, Any]]:
-    """The method (``consent.grant`` or ``consent.revoke``) and parameters a posted Consent asks for."""
+def consent_params(consent: dict[str, Any], members: set[str], now_ms: int) -> tuple[str, dict[str, Any]]:
+    """The method (``consent.grant`` or ``consent.revoke``) and parameters a posted Consent asks for.
+    Anything it says that would not be recorded as it means is refused, not dropped."""
     if consent.get("resourceType") != "Consent":
         raise FhirFailure(400, "invalid", f"expected a Consent, got {_shown(consent.get('resourceType'))}")
+    if consent.get("status") != "active":
+        raise FhirFailure(422, "business-rule", f"Consent.status {_shown(consent.get('status'))}: only an active "
+                                                "Consent is recorded")
     patient = consent.get("patient")
     identifier = patient.get("identifier") if isinstance(patient, dict) else None
     if not isinstance(identifier, dict) or identifier.get("system") != EMPI_SYSTEM:
@@ -154,7 +172,7 @@ def consent_params(consent: dict[str, Any], members: set[str]) -> tuple[str, dic
         text = reference.get("reference") if isinstance(reference, dict) else None
         if not isinstance(text, str) or not text.startswith("Organization/") or text[13:] not in members:
             raise FhirFailure(422, "invalid", "Consent.provision.actor[0].reference must be Organization/<member> "
-                                              f"for a member of the consortium ({', '.join(sorted(members))})")
+                                              "for a member of the consortium")
         to = text[13:]
     purposes = ["*"]
     if "purpose" in provision:
@@ -178,10 +196,13 @@ def consent_params(consent: dict[str, Any], members: set[str]) -> tuple[str, dic
     params: dict[str, Any] = {"empi": identifier.get("value"), "to": to, "purposes": purposes, "scope": scope}
     period = provision.get("period")
     if period is not None:
-        if not isinstance(period, dict) or set(period) - {"start", "end"}:
-            raise FhirFailure(422, "invalid", "Consent.provision.period must be a Period")
+        if not isinstance(period, dict) or set(period) - {"end"}:
+            raise FhirFailure(422, "not-supported", "Consent.provision.period: only end is supported (a consent "
+                                                    "takes effect when it is recorded)")
         if "end" in period:
-            params["until"] = parse_instant(period["end"], "Consent.provision.period.end")
+            params["until"] = parse_end(period["end"], "Consent.provision.period.end")
+            if params["until"] <= now_ms:
+                raise FhirFailure(422, "business-rule", "Consent.provision.period.end is in the past")
     method = "consent.grant" if provision["type"] == "permit" else "consent.revoke"
     return method, params
 

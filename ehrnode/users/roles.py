@@ -5,9 +5,11 @@ Theory of operation
 Every call on the local API is made by a user, and every user has one role.
 A role is a list of permissions, read from a TOML file an institution can
 change (``[users] roles`` in node.toml; the packaged default otherwise). A
-permission is a method (``records.add``), a group (``consent.*``), ``*``, or a
-pull for one purpose of use (``records.pull:treatment``); ``records.pull``
-alone allows every purpose.
+permission is a method (``records.add``), a group (``consent.*``), ``*``, a
+pull for one purpose of use (``records.pull:treatment``; ``records.pull``
+alone allows every purpose), or the audit trail by one key
+(``audit.trail:patient``, ``:record`` or ``:user``; ``audit.trail`` alone allows
+all three).
 
 A role marked ``patient = true`` is bound to one EMPI per user. Only methods
 that name a patient may be allowed to it, and each call must name that
@@ -88,13 +90,17 @@ def load_roles(path: Path | None, catalogue: Catalogue) -> Roles:
     return _build(*load_settings(path, __package__, "default_roles.toml", "roles file"), catalogue)
 
 
+#: The methods a permission may allow for one scope only (``records.pull:treatment``), and the scopes.
+SCOPES: dict[str, tuple[str, ...]] = {"records.pull": PURPOSES, "audit.trail": ("patient", "record", "user")}
+
+
 def _permission_ok(permission: str, methods: frozenset[str]) -> bool:
     if permission == "*" or permission in methods:
         return True
     if permission.endswith(".*"):
         return any(m.startswith(permission[:-1]) for m in methods)
-    method, _, purpose = permission.partition(":")
-    return method == "records.pull" and purpose in PURPOSES
+    method, _, scope = permission.partition(":")
+    return scope in SCOPES.get(method, ())
 
 
 def _build(doc: dict[str, Any], source: str, catalogue: Catalogue) -> Roles:

@@ -10,6 +10,7 @@ import pytest
 import trio
 from fhir.resources.R4B import get_fhir_model_class
 
+from ehrnode.client import ApiError
 from ehrnode.localnet import LocalConsortium
 from ehrnode.net.tls import client_context
 from tests.daemon.cluster import running
@@ -211,14 +212,27 @@ def test_consent_round_trip_and_a_refused_pull_names_its_access_log(members, rec
             "reference": {"reference": "Organization/A"}}],
             "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "TREAT"}]},
     }
-    created = b.post("Consent", consent)
+    # What would not be recorded as it means is refused, and nothing is recorded.
+    for change, why in (({"status": "draft"}, "only an active"),
+                        ({"provision": {**consent["provision"], "period": {"start": "2030-01-01"}}}, "only end"),
+                        ({"provision": {**consent["provision"], "period": {"end": "2001-01-01"}}}, "in the past")):
+        refused = outcome(b.post("Consent", {**consent, **change}), 422)
+        assert why in refused["details"]["text"]
+    # A grant as long as a date can say (to the last day of 9999) is shown as it was recorded; a
+    # later time cannot be recorded at all.
+    lasting = {**consent, "provision": {"type": "permit", "period": {"end": "9999-12-31"}}}
+    assert valid(b.post("Consent", lasting).json())["provision"]["period"]["end"] == "9999-12-31T23:59:59.999Z"
+    with pytest.raises(ApiError) as too_late:
+        trio.run(lambda: b.cluster.call("B", "consent.grant", empi=empi, to="*", until=2**62))
+    assert "9999-12-31" in str(too_late.value)
+    created = b.post("Consent", consent)  # then the withdrawal, for A's treatment: it stands
     assert created.status_code == 201, created.text
     stored = valid(created.json())
-    assert created.headers["location"] == f"{b.base}/Consent/{stored['id']}"
+    assert created.headers["x-transaction"] == stored["id"]
     assert stored["provision"]["type"] == "deny"
 
     listed = valid(a.get("Consent", params={"patient.identifier": f"{EMPI}|{empi}"}).json())
-    shown = [e["resource"] for e in listed["entry"]]
+    shown = [e["resource"] for e in listed["entry"] if e["resource"]["provision"]["type"] == "deny"]
     assert [(c["id"], c["provision"]["type"], c["provision"]["actor"][0]["reference"]["reference"],
              c["provision"]["purpose"][0]["code"]) for c in shown] == [(stored["id"], "deny", "Organization/A",
                                                                         "TREAT")]
@@ -255,6 +269,8 @@ def test_a_patient_sees_only_their_own(members, recorded):
     assert outcome(a.get(recorded["locations"][1], own), 403)["code"] == "forbidden"
     consents = a.get("Consent", own, params={"patient.identifier": f"{EMPI}|{empi}"})
     assert consents.status_code == 200
+    # A patient does not record: refused before the body is read.
+    assert outcome(a.post("", b"{" * 1000, own), 403)["code"] == "forbidden"
 
 
 def test_a_batch_records_the_good_entries_and_answers_each(members):
@@ -270,9 +286,16 @@ def test_a_batch_records_the_good_entries_and_answers_each(members):
     assert first["status"] == "201 Created" and first["location"].startswith("Patient/")
     assert second["status"] == "422 Unprocessable Entity"
     assert "Observation.effectiveDateTime" in second["outcome"]["issue"][0]["details"]["text"]
-    # The same patient again: already recorded, not twice.
-    again = valid(c.post("", transaction([patient], kind="batch")).json())
+    # The same patient again: already recorded, not twice. A delete or a conditional create is not
+    # carried out, and says so.
+    request = transaction([patient], kind="batch")
+    request["entry"] += [{"request": {"method": "DELETE", "url": first["location"]}},
+                         {"resource": bad, "request": {"method": "POST", "url": "Observation",
+                                                       "ifNoneExist": "identifier=x"}}]
+    again = valid(c.post("", request).json())
     assert again["entry"][0]["response"] == {"status": "200 OK", "location": first["location"]}
+    assert [e["response"]["status"] for e in again["entry"][1:]] == ["422 Unprocessable Entity"] * 2
+    assert "conditional" in again["entry"][2]["response"]["outcome"]["issue"][0]["details"]["text"]
     del people
 
 

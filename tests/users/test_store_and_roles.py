@@ -26,6 +26,9 @@ def test_the_packaged_roles_give_each_role_its_permissions():
     auditor, patient, admin = roles.get("auditor"), roles.get("patient"), roles.get("admin")
     assert clinician.permits("records.pull", "treatment") and clinician.permits("records.pull", "emergency")
     assert not clinician.permits("records.pull", "research") and not clinician.permits("users.add")
+    # A patient's or a record's trail, not a colleague's activity.
+    assert clinician.permits("audit.trail", "patient") and clinician.permits("audit.trail", "record")
+    assert not clinician.permits("audit.trail", "user") and not clinician.permits("audit.trace")
     assert clerk.permits("records.add") and not clerk.permits("records.show")
     assert not clerk.permits("records.pull", "treatment")
     assert researcher.permits("records.pull", "research") and not researcher.permits("records.pull", "treatment")
@@ -41,6 +44,8 @@ def test_the_packaged_roles_give_each_role_its_permissions():
 @pytest.mark.parametrize("text,needle", [
     ("[roles.admin]\nallow = ['*']\n[roles.x]\nallow = ['records.delete']\n", "records.delete"),
     ("[roles.admin]\nallow = ['*']\n[roles.x]\nallow = ['records.pull:fun']\n", "records.pull:fun"),
+    ("[roles.admin]\nallow = ['*']\n[roles.x]\nallow = ['audit.trail:everyone']\n", "audit.trail:everyone"),
+    ("[roles.admin]\nallow = ['*']\n[roles.x]\nallow = ['records.add:treatment']\n", "records.add:treatment"),
     ("[roles.admin]\nallow = ['*']\n[roles.p]\npatient = true\nallow = ['records.show']\n", "records.show"),
     ("[roles.admin]\nallow = ['*']\n[roles.p]\npatient = true\nallow = ['consent.*']\n", "consent.*"),
     ("[roles.clinician]\nallow = ['*']\n", "admin"),

@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from ehrnode import synthetic
+from ehrnode.api.gate import scope_of
 from ehrnode.api.methods import ALWAYS, CATALOGUE
 from ehrnode.api.methods import NAMES as METHODS
 from ehrnode.client import ApiClient, ApiError
@@ -122,6 +123,9 @@ def test_each_role_does_what_it_may_and_is_refused_otherwise(cluster, users, rec
     assert "for research" in forbidden(users, "B", "dr.ana", "records.pull", record_id=record["record_id"],
                                        purpose="research")
     forbidden(users, "B", "dr.ana", "audit.whois", pseudonym=users.pseudonym("B", "dr.ana"))
+    # ... reads who saw a record, but not what a colleague did.
+    assert users.run("B", "dr.ana", "audit.trail", record_id=record["record_id"])
+    assert "for user" in forbidden(users, "B", "dr.ana", "audit.trail", user=users.pseudonym("B", "res.cy"))
     # The researcher pulls for research only; the owner then applies consent (none: refused, on chain).
     forbidden(users, "B", "res.cy", "records.pull", record_id=record["record_id"], purpose="treatment")
     with pytest.raises(ApiError) as no_consent:
@@ -158,8 +162,9 @@ def test_every_method_is_refused_exactly_to_the_roles_not_allowed_it(cluster, us
                 return refused
 
         refused = trio.run(sweep)
+        # A call without parameters: a scoped permission (audit.trail:patient) covers what it asks.
         expected = {m for m in METHODS - {"users.revoke", "users.rotate"}
-                    if m not in ALWAYS and (not roles.get(role).permits(m) or role == "patient")}
+                    if m not in ALWAYS and (not roles.get(role).permits(m, scope_of(m, {})) or role == "patient")}
         assert refused == expected, role
 
 
