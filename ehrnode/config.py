@@ -134,6 +134,9 @@ class NodeConfig:
     #: The FHIR R4 REST interface ([fhir] listen; on by default at ``FHIR_FROM_API`` ports above the
     #: API's, on the API's host); None turns it off ([fhir] enabled = false).
     fhir_listen: Address | None = None
+    #: The FHIR base URL clients use ([fhir] base_url), when it is not ``http[s]://listen/fhir``
+    #: (a listener on 0.0.0.0, a host name the certificate or a proxy answers to).
+    fhir_base_url: str | None = None
     #: The institution's own secret behind the vault and de-identification (records off without it).
     master_key_path: Path | None = None
     #: The consortium-wide EMPI pseudonym key (institutions only).
@@ -178,7 +181,9 @@ class NodeConfig:
             "peer": {"listen": str(self.peer_listen)},
             "api": {"listen": str(self.api_listen)},
             **({"metrics": {"listen": str(self.metrics_listen)}} if self.metrics_listen else {}),
-            "fhir": {"listen": str(self.fhir_listen)} if self.fhir_listen else {"enabled": False},
+            "fhir": ({"listen": str(self.fhir_listen),
+                      **({"base_url": self.fhir_base_url} if self.fhir_base_url else {})}
+                     if self.fhir_listen else {"enabled": False}),
             **({"records": {
                 **({"profile": self.deid_profile_path if isinstance(self.deid_profile_path, str)
                     else rel(self.deid_profile_path)} if self.deid_profile_path else {}),
@@ -349,6 +354,7 @@ def load_node_config(path: Path) -> NodeConfig:
         log_level=level,
         metrics_listen=_metrics_address(doc, where),
         fhir_listen=_fhir_address(doc, api, where),
+        fhir_base_url=_fhir_base_url(doc, where),
         master_key_path=_optional_path(keys, "master", f"{where} [keys]", resolve),
         consortium_key_path=_optional_path(keys, "consortium", f"{where} [keys]", resolve),
         deid_profile_path=_profile(_table(doc, "records", where), f"{where} [records]", resolve),
@@ -418,9 +424,9 @@ def _fhir_address(doc: dict[str, Any], api: dict[str, Any], where: str) -> Addre
     enabled = table.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ConfigError(f"{where}: [fhir] enabled must be true or false")
-    unknown = set(table) - {"listen", "enabled"}
+    unknown = set(table) - {"listen", "enabled", "base_url"}
     if unknown:
-        raise ConfigError(f"{where}: [fhir] has no setting {', '.join(sorted(unknown))} (listen, enabled)")
+        raise ConfigError(f"{where}: [fhir] has no setting {', '.join(sorted(unknown))} (listen, base_url, enabled)")
     if not enabled:
         return None
     if "listen" in table:
@@ -430,6 +436,16 @@ def _fhir_address(doc: dict[str, Any], api: dict[str, Any], where: str) -> Addre
         raise ConfigError(f"{where}: [fhir] listen is needed: the API's port {api_address.port} leaves no room for "
                           f"the default (the API's port + {FHIR_FROM_API})")
     return Address(api_address.host, api_address.port + FHIR_FROM_API)
+
+
+def _fhir_base_url(doc: dict[str, Any], where: str) -> str | None:
+    table = _table(doc, "fhir", where)
+    if "base_url" not in table:
+        return None
+    url = _field(table, "base_url", str, f"{where} [fhir]")
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
+        raise ConfigError(f"{where}: [fhir] base_url must be an http:// or https:// URL, got {url!r}")
+    return url.rstrip("/")
 
 
 def _metrics_address(doc: dict[str, Any], where: str) -> Address | None:

@@ -83,8 +83,11 @@ def test_the_fhir_interface_is_on_by_default_and_can_be_moved_or_turned_off(tmp_
     node.write_text(without + '\n[fhir]\nenabled = false\n')
     assert load_node_config(node).fhir_listen is None
     assert "enabled = false" in tomli_w.dumps(load_node_config(node).to_toml_dict())
+    node.write_text(without + '\n[fhir]\nbase_url = "https://hospa.example.org:7400/fhir/"\n')
+    assert load_node_config(node).fhir_base_url == "https://hospa.example.org:7400/fhir"
+    assert "base_url" in tomli_w.dumps(load_node_config(node).to_toml_dict())
     for bad, message in (('listen = "nowhere"', r"\[fhir\] listen"), ('enabled = "yes"', "true or false"),
-                         ('port = 1', "no setting port")):
+                         ('port = 1', "no setting port"), ('base_url = "ftp://x/fhir"', "http:// or https://")):
         node.write_text(without + f"\n[fhir]\n{bad}\n")
         with pytest.raises(ConfigError, match=message):
             load_node_config(node)

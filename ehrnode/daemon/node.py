@@ -623,6 +623,8 @@ class Node:
         address = self.config.fhir_listen
         if address is None:
             return None
+        if self.config.fhir_base_url is not None:
+            return self.config.fhir_base_url
         scheme = "https" if self.config.tls is not None and self.config.tls.api else "http"
         host = f"[{address.host}]" if ":" in address.host else address.host
         return f"{scheme}://{host}:{address.port}/fhir"
