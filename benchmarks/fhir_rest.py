@@ -13,7 +13,7 @@ of member A, for `--seconds` each:
 
 Reported: operations/s, latency p50/p99, errors by status or reason, and the CPU of A.
 
-    python benchmarks/fhir.py [--seconds 10] [--concurrency 32] [--patients 20] [--json]
+    python benchmarks/fhir_rest.py [--seconds 10] [--concurrency 32] [--patients 20] [--json]
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ import httpx
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pull import cpu_seconds, on_fresh_consortium, percentile, record  # the pull benchmark's helpers
+from pull import cpu_seconds, on_fresh_consortium, percentile, record  # the pull benchmark's, beside this one
 
 from ehrnode import synthetic
 from ehrnode.client import ApiClient
