@@ -30,7 +30,7 @@ from typing import Any
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -39,6 +39,7 @@ from ..api.gate import Gate
 from ..api.methods import BY_NAME
 from ..api.rpc import RpcError, parsed_size
 from ..errors import innermost
+from ..limits import Holdings
 from ..records import fhir
 from . import resources as r
 from .outcome import FhirFailure, from_rpc, issue, operation_outcome
@@ -64,6 +65,8 @@ _MATCH_PARAMETERS = {"resource": "a Patient resource", "onlyCertainMatches": "a 
 MAX_MATCHES = 100
 #: Requests handled at once; more are answered 503 at once (counted as the refusal ``fhir_requests``).
 MAX_IN_FLIGHT = 256
+#: Of those, one user's: one client cannot take every slot (429, the refusal ``fhir_user_requests``).
+MAX_IN_FLIGHT_PER_USER = 64
 
 try:
     _VERSION = version("ehrnode")
@@ -87,6 +90,7 @@ class FhirApp:
         self.base = base.rstrip("/")
         self._read_types = fhir.patient_data_types()
         self._in_flight = 0
+        self._by_user = Holdings()
         self._parsers = trio.CapacityLimiter(BUNDLE_PARSERS)
         routes = [
             Route("/fhir/metadata", self._public(self.metadata), methods=["GET"]),
@@ -160,14 +164,24 @@ class FhirApp:
                     headers["retry-after"] = str(int(outcome.delay) + 1)
                 raise FhirFailure(outcome.status, code, outcome.message, headers=headers)
             user = outcome.user.name
-            async with trio.open_nursery() as nursery:
-                session = Session(outcome.user, None, nursery)
-                try:
-                    response = await handler(request, session)
-                except (FhirFailure, RpcError) as exc:  # answered here: a nursery would wrap it in a group
-                    response = _refusal(exc)
-                finally:
-                    self.state.release(session.staged)
+            if self._by_user.of(user) >= MAX_IN_FLIGHT_PER_USER:
+                self.state.node.refusals.refuse("fhir_user_requests", user, trio.current_time(),
+                                                detail=f"{self._by_user.of(user)} requests in flight "
+                                                       f"(at most {MAX_IN_FLIGHT_PER_USER} a user)")
+                raise FhirFailure(429, "throttled", f"user {user} has {MAX_IN_FLIGHT_PER_USER} requests in "
+                                                    "flight; wait for their answers", headers={"retry-after": "1"})
+            self._by_user.take(user)
+            try:
+                async with trio.open_nursery() as nursery:
+                    session = Session(outcome.user, None, nursery)
+                    try:
+                        response = await handler(request, session)
+                    except (FhirFailure, RpcError) as exc:  # answered here: a nursery would wrap it in a group
+                        response = _refusal(exc)
+                    finally:
+                        self.state.release(session.staged)
+            finally:
+                self._by_user.release(user)
         except (FhirFailure, RpcError) as exc:
             response = _refusal(exc)
         except Exception as exc:  # one request's failure must not stop the interface: logged, answered 500
@@ -209,11 +223,14 @@ class FhirApp:
             raise too_large
         chunks, size = [], 0
         with trio.move_on_after(BODY_SECONDS) as waited:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise too_large
-                chunks.append(chunk)
+            try:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large
+                    chunks.append(chunk)
+            except ClientDisconnect as exc:
+                raise FhirFailure(400, "incomplete", "the client went away before its body was sent") from exc
         if waited.cancelled_caught:
             raise FhirFailure(408, "timeout", f"the body was not sent within {BODY_SECONDS} s")
         return b"".join(chunks)

@@ -2,6 +2,8 @@
 as a hospital's systems would, every response checked against the FHIR R4 models."""
 
 import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -333,3 +335,42 @@ def test_bad_input_gets_an_operation_outcome_and_writes_nothing(members, tmp_pat
     assert after == before
     assert trio.run(lambda: c.cluster.status("C")) is not None  # and the node is still up
     assert "fhir.error" not in c.cluster.log("C")
+
+
+def test_one_user_cannot_take_every_request_slot(members):
+    """A client that opens requests and never sends their bodies holds at most its own share:
+    its next request is refused (429), another user's is served, and nothing is left behind."""
+    from urllib.parse import urlsplit
+
+    from ehrnode.rest.app import MAX_IN_FLIGHT_PER_USER
+
+    r = members["R"]
+    auditor = r.user("aud-slots", "auditor")
+    where = urlsplit(r.base)
+    context = client_context(r.cluster.configs["R"].tls.ca)
+    held = []
+    try:
+        for _ in range(MAX_IN_FLIGHT_PER_USER):
+            raw = socket.create_connection((where.hostname, where.port), timeout=30)
+            conn = context.wrap_socket(raw)
+            conn.sendall(f"POST /fhir/Consent HTTP/1.1\r\nHost: {where.netloc}\r\nAuthorization: Bearer {r.admin}\r\n"
+                         "Content-Type: application/fhir+json\r\nContent-Length: 100\r\n\r\n".encode())
+            held.append(conn)
+        deadline = time.monotonic() + 30
+        while True:  # the held requests reach the node in their own time
+            refused = r.get("Consent", params={"patient.identifier": f"{EMPI}|E{'D' * 24}"})
+            if refused.status_code == 429 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert outcome(refused, 429)["code"] == "throttled"
+        assert refused.headers["retry-after"] == "1"
+        assert r.get("Consent", auditor, params={"patient.identifier": f"{EMPI}|E{'D' * 24}"}).status_code == 200
+    finally:
+        for conn in held:
+            conn.close()
+    deadline = time.monotonic() + 30
+    while r.get("Consent", params={"patient.identifier": f"{EMPI}|E{'D' * 24}"}).status_code != 200:
+        assert time.monotonic() < deadline, "the slots were not given back"
+        time.sleep(0.2)
+    assert "fhir.error" not in r.cluster.log("R")
+    assert '"limit": "fhir_user_requests"' in r.cluster.log("R")
