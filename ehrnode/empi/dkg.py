@@ -50,7 +50,7 @@ def share_context(chain_id: str, round_: int, dealer: str, recipient: str) -> by
     return _SHARE_DOMAIN + codec.encode([chain_id, round_, dealer, recipient])
 
 
-def _value_at(coefficients: Sequence[int], x: int) -> int:
+def polynomial_at(coefficients: Sequence[int], x: int) -> int:
     acc = 0
     for a in reversed(coefficients):
         acc = (acc * x + a) % oprf.ORDER
@@ -94,12 +94,19 @@ class Dealing:
 
 def deal(chain_id: str, round_: int, dealer: str, secret: int, threshold: int,
          recipients: Mapping[str, tuple[int, bytes]]) -> Dealing:
-    """A dealing of ``secret`` at ``threshold`` to ``recipients`` (name: (index, sealing key))."""
+    """A dealing of ``secret`` at ``threshold`` to ``recipients`` (name: (index, sealing key)), with
+    the other coefficients random."""
     coefficients = [secret % oprf.ORDER] + [oprf.random_scalar() for _ in range(threshold - 1)]
-    if coefficients[0] == 0:
-        raise CryptoError("cannot deal a zero secret")
+    return deal_polynomial(chain_id, round_, dealer, coefficients, recipients)
+
+
+def deal_polynomial(chain_id: str, round_: int, dealer: str, coefficients: Sequence[int],
+                    recipients: Mapping[str, tuple[int, bytes]]) -> Dealing:
+    """A dealing of the polynomial with ``coefficients`` (constant term first, none zero)."""
+    if any(a % oprf.ORDER == 0 for a in coefficients):
+        raise CryptoError("a dealing's coefficients must not be zero")
     commitments = tuple(oprf.encode_point(oprf.base_multiply(a)) for a in coefficients)
-    shares = {name: crypto.seal_to(sealing_key, oprf.scalar_bytes(_value_at(coefficients, index)),
+    shares = {name: crypto.seal_to(sealing_key, oprf.scalar_bytes(polynomial_at(coefficients, index)),
                                    share_context(chain_id, round_, dealer, name))
               for name, (index, sealing_key) in recipients.items()}
     return Dealing(commitments, shares)
