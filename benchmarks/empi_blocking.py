@@ -37,7 +37,7 @@ def build(directory: Path, block: int, keys: int) -> tuple[EmpiRegistry, sqlite3
                                                             list[tuple[str, Encodings]]]:
     db = open_db(directory / "state.sqlite3", SCHEMA, "benchmark state")
     registry = EmpiRegistry(db)
-    encoder = Encoder(bytes(range(32)))
+    encoder = Encoder(bytes(range(32)), oprf_key=0x5EED)
     people = synthetic.people(64, seed=3)
     base = [encoder.encode(Demographics.from_fhir(synthetic.patient_resources(p, "B")[0])) for p in people]
     crafted = [bytes([0xC0, k]) + bytes(6) for k in range(keys)]

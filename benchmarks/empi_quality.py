@@ -50,6 +50,8 @@ from ehrnode.empi.normalize import Demographics
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "febrl"
 #: The key every run uses, so results are reproducible (any 32 bytes give the same quality).
 TEST_KEY = bytes(range(32))
+#: Stands in for the consortium's OPRF key, which no node holds: the encodings are the same function.
+TEST_OPRF_KEY = 0x5EED
 
 Row = dict[str, str]
 
@@ -99,7 +101,7 @@ class Run:
     """One evaluation: enrolments in, pair decisions and timings out."""
 
     def __init__(self, national_id: bool) -> None:
-        self.encoder = Encoder(TEST_KEY)
+        self.encoder = Encoder(TEST_KEY, oprf_key=TEST_OPRF_KEY)
         self.index = matching.Index()
         self.national_id = national_id
         self.people: dict[str, str] = {}           # enrolment id -> person

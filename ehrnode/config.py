@@ -32,6 +32,9 @@ from .errors import ConfigError
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
 ROLES = ("institution", "regulator")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: OPRF evaluations a member answers per requesting member and day: a few thousand enrolments
+#: and lookups an hour with room to spare; a bulk load spread over days, or the quota raised for it.
+DEFAULT_OPRF_DAILY = 500_000
 DEFAULT_ROTATE_DAYS = 30.0
 #: Without ``[fhir] listen``, the FHIR REST interface listens this many ports above the API.
 FHIR_FROM_API = 200
@@ -156,6 +159,9 @@ class NodeConfig:
     #: Days an epoch key is used before this member rotates it, when it is this member's turn
     #: ([keys] rotate_days; see :mod:`ehrnode.epochs`).
     rotate_days: float = DEFAULT_ROTATE_DAYS
+    #: OPRF evaluations this member answers per requesting member and UTC day ([empi] oprf_daily;
+    #: see :mod:`ehrnode.ledger.oprf_usage`).
+    oprf_daily: int = DEFAULT_OPRF_DAILY
 
     @property
     def next_key_paths(self) -> tuple[Path, Path]:
@@ -193,6 +199,7 @@ class NodeConfig:
             **({"users": {"roles": rel(self.roles_path)}} if self.roles_path else {}),
             **({"tls": {"ca": rel(self.tls.ca), "cert": rel(self.tls.cert), "key": rel(self.tls.key),
                         "api": self.tls.api}} if self.tls else {}),
+            **({"empi": {"oprf_daily": self.oprf_daily}} if self.oprf_daily != DEFAULT_OPRF_DAILY else {}),
         }
 
 
@@ -363,7 +370,18 @@ def load_node_config(path: Path) -> NodeConfig:
         roles_path=_optional_path(_table(doc, "users", where), "roles", f"{where} [users]", resolve),
         tls=_tls(_table(doc, "tls", where), f"{where} [tls]", resolve) if "tls" in doc else None,
         rotate_days=_rotate_days(keys, f"{where} [keys]"),
+        oprf_daily=_oprf_daily(_table(doc, "empi", where), f"{where} [empi]"),
     )
+
+
+def _oprf_daily(table: dict[str, Any], where: str) -> int:
+    unknown = set(table) - {"oprf_daily"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+    value = table.get("oprf_daily", DEFAULT_OPRF_DAILY)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 10**9:
+        raise ConfigError(f"{where}: oprf_daily must be a number of evaluations from 0 to 1000000000")
+    return value
 
 
 def _rotate_days(keys: dict[str, Any], where: str) -> float:

@@ -53,7 +53,7 @@ from ..ledger.mempool import Mempool
 from ..ledger.safety_store import FileSafetyStore
 from ..ledger.state import LedgerState
 from ..ledger.transactions import Transaction
-from ..limits import Refusals
+from ..limits import Holdings, Refusals
 from ..logs import get_logger
 from ..membership import Membership
 from ..metrics import Registry
@@ -62,6 +62,8 @@ from ..net.protocol import (
     AnswerFrame,
     ConsensusFrame,
     Frame,
+    OprfAnswerFrame,
+    OprfRequestFrame,
     PullFrame,
     RoundAnswerFrame,
     RoundQueryFrame,
@@ -81,6 +83,8 @@ from ..users.store import UserStore
 from .commits import BlockFeed, Commits, EventFeed, TxWaiters
 from .driver import Driver
 from .keys import KeyUpkeep, adopt_next_keys, next_keys
+from .oprf_keys import OprfKeyUpkeep
+from .oprf_service import OprfService
 from .restore import Restore
 
 #: A server the node starts before it reports ready (``nursery.start``-able: it takes ``task_status``).
@@ -95,6 +99,9 @@ MAX_EVENT_SUBSCRIBERS = 256
 WHOIS_CATCH_UP = 10.0
 #: A gossip frame's transactions, in bytes (well inside the 8 MiB frame limit).
 GOSSIP_FRAME_BYTES = 2 * 1024 * 1024
+#: OPRF requests from one peer being evaluated or waiting to be; more are dropped (and counted as
+#: the refusal ``oprf_requests``): one member cannot keep this one's evaluator busy for the others.
+MAX_OPRF_REQUESTS_PER_PEER = 8
 DEFAULT_CORE = CoreConfig(
     pacemaker=PacemakerConfig(base_timeout=2.0, backoff=1.5, max_timeout=30.0, resend_interval=1.0),
     max_block_txs=1000,
@@ -222,9 +229,28 @@ class Node:
         if role == "institution" and install_consortium_key(config, self.genesis, self.sealing_key):
             self.log.info("keys.consortium_key_installed", path=str(config.consortium_key_path),
                           detail="opened this institution's sealed copy of the EMPI key from genesis")
+        # An institution takes part in the rounds of the EMPI's OPRF key (dealing, checking, holding a share).
+        self.oprf_keys: OprfKeyUpkeep | None = None
+        self.oprf: OprfService | None = None
+        self._oprf_serving = Holdings()
+        if role == "institution" and config.master_key_path is not None:
+            self.oprf_keys = OprfKeyUpkeep(self.name, self.genesis.chain_id, self.state, lambda: self.sealing_key,
+                                           config.master_key_path, self.submit, self.log)
+            self.commits.subscribe_each("oprf.step_failed",
+                                        lambda tx: tx.kind.startswith(("keys.oprf_", "consortium.")),
+                                        self.oprf_keys.wake)
+            self.oprf = OprfService(
+                self.name, self.genesis.chain_id, self.state, self.oprf_keys, submit=self.submit,
+                wait_committed=self.wait_committed,
+                send_request=lambda peer, data: self.network.send(
+                    peer, encode_frame(OprfRequestFrame(data)), bulk=True),
+                send_answer=lambda peer, data: self.network.send(peer, encode_frame(OprfAnswerFrame(data)), bulk=True),
+                connected=self.network.connected, daily_quota=config.oprf_daily,
+                log=self.log, count=lambda outcome: self.m_oprf[outcome].inc())
         if policy is not None and config.master_key_path and config.consortium_key_path:
             self.records = RecordsService(config, chain_id=self.genesis.chain_id, member=self.keys, hooks=Hooks(
                 submit=self.submit_own, pending=lambda tx_id: tx_id in self.mempool, state=self.state,
+                evaluate=self._evaluate,
             ))
             self.pull_server = PullServer(
                 name=self.name, genesis=self.genesis, state=self.state, records=self.records, policy=policy,
@@ -314,6 +340,11 @@ class Node:
             ("failed", "Pulls by this node that failed: unreachable, timeout, unlogged or unreadable answers."),
             ("integrity", "Records served to this node that did not match their anchors (alarms raised)."),
         )}
+        self.m_oprf = {outcome: r.counter(f"ehrnode_oprf_{outcome}_total", text) for outcome, text in (
+            ("answered", "OPRF batches this member evaluated for other members."),
+            ("refused", "OPRF batches refused: not committed, not the requester's, over its daily quota, ..."),
+            ("malformed", "OPRF requests that did not decode."),
+        )}
         self.m_latency = r.histogram(
             "ehrnode_commit_latency_seconds", "From a block's proposal time to its commit at this node.",
             (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
@@ -344,6 +375,11 @@ class Node:
             self._on_pull(peer, frame.data)
         elif isinstance(frame, AnswerFrame):
             self.puller.on_answer(peer.name, frame.data)
+        elif isinstance(frame, OprfRequestFrame):
+            self._on_oprf_request(peer, frame.data)
+        elif isinstance(frame, OprfAnswerFrame):
+            if self.oprf is not None:
+                self.oprf.on_answer(peer.name, frame.data)
         elif isinstance(frame, RoundQueryFrame):
             self.restore.query(peer, frame.nonce)
         elif isinstance(frame, RoundAnswerFrame):
@@ -377,6 +413,28 @@ class Node:
             server.reject_busy(peer.name, data, limit)
         else:
             self._nursery.start_soon(server.handle, peer.name, data)
+
+    def _on_oprf_request(self, peer: Peer, data: bytes) -> None:
+        if self.oprf is None or self._nursery is None:
+            return                            # holds no share: the requester asks the others
+        if self._oprf_serving.of(peer.name) >= MAX_OPRF_REQUESTS_PER_PEER:
+            self.refusals.refuse("oprf_requests", peer.name, time.monotonic())
+            return
+        self._oprf_serving.take(peer.name)
+
+        async def serve() -> None:
+            try:
+                assert self.oprf is not None
+                await self.oprf.serve(peer.name, data)
+            finally:
+                self._oprf_serving.release(peer.name)
+
+        self._nursery.start_soon(serve)
+
+    async def _evaluate(self, values: Sequence[bytes], actor: bytes) -> dict[bytes, bytes]:
+        if self.oprf is None:
+            raise KeyUnavailable("this node takes no part in the EMPI's OPRF", reason="oprf_unavailable")
+        return await self.oprf.evaluate(values, actor)
 
     def _on_connect(self, name: str) -> None:
         self.restore.connected(name)
@@ -515,6 +573,8 @@ class Node:
                 nursery.start_soon(self.records.run_outbox)
             nursery.start_soon(self._answer_pending_whois)
             nursery.start_soon(self.key_upkeep.run)
+            if self.oprf_keys is not None:
+                nursery.start_soon(self.oprf_keys.run)
             if self.notifier.watchdog_interval is not None:
                 nursery.start_soon(self._watchdog)
             self.log.info(
@@ -615,6 +675,7 @@ class Node:
             "consensus_epoch": self.vset.epoch, "validator": self.index is not None,
             "ledger": {"applied": self.state.applied_height, "stalled_at": self.chain.stalled_at},
             "fhir": self.fhir_base,
+            "oprf": self.oprf_keys.view() if self.oprf_keys is not None else self.state.oprf.view(),
         }
 
     @property

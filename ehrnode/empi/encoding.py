@@ -3,8 +3,14 @@
 Theory of operation
 -------------------
 :class:`Encoder` turns :class:`~ehrnode.empi.normalize.Demographics` into
-:class:`Encodings` under the 32-byte consortium key. Every output is keyed, so
-nobody without the key can test a guess ("is this Smith, born 1950?") against it:
+:class:`Encodings`. Every value that must compare exactly (the national id, each
+blocking code, each token behind a Bloom filter) is first put through the
+consortium's threshold OPRF (:mod:`ehrnode.empi.oprf`), whose key no member holds,
+and then keyed under the 32-byte consortium key. So no member can test a guess ("is
+this SSN enrolled? this Smith, born 1950?") without asking the others, which is
+counted and on the chain; and nobody outside the consortium can either.
+:meth:`Encoder.inputs` names the OPRF inputs an encoding needs; the caller has them
+evaluated and hands the outputs to :meth:`Encoder.encode`:
 
 * Per field, a **balanced Bloom filter** of the value's tokens: padded bigrams
   (Chinese names also single characters), or for dates and phone numbers each
@@ -16,9 +22,10 @@ nobody without the key can test a guess ("is this Smith, born 1950?") against it
   permuted under another derived key, so every published filter has exactly ``L``
   bits set whatever the value's length. Given and family names share one key
   space, so a record with the two swapped can still be compared crosswise.
-* The **national id pseudonym**: HMAC of the scheme and normalized value.
-* The **sex tag**: HMAC of the one-letter sex (compared for equality only).
-* **Blocking keys**: HMACs of coarse codes (a name's Soundex with the birth year,
+* The **national id pseudonym**: HMAC of the OPRF output of the scheme and normalized value.
+* The **sex tag**: HMAC of the one-letter sex (compared for equality only; with two
+  values, an OPRF would hide nothing).
+* **Blocking keys**: HMACs of the OPRF outputs of coarse codes (a name's Soundex with the birth year,
   the postcode or the street; the birth date and sex; ...) that true matches
   almost always share; the matcher only scores records that share one (the rules
   are in ``_blocking_codes``).
@@ -40,9 +47,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CryptoError, SchemaError
+from . import oprf
 from .normalize import Demographics, has_cjk
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 KEY_BYTES = 32
 #: Bytes of the national-id pseudonym, of the sex tag and of one blocking key.
 NATIONAL_ID_BYTES = 16
@@ -265,6 +273,7 @@ def _blocking_codes(demo: Demographics) -> list[tuple[str, str]]:
 class _Space:
     """The hashing of one key space: its key, and per bit position the mask it toggles."""
 
+    name: str
     key: bytes
     bits: int
     k: int
@@ -275,8 +284,21 @@ class _Space:
     values: dict[str, int] = field(default_factory=dict)    # value -> its filter
 
 
+class MissingEvaluation(CryptoError):
+    """An encoding needs OPRF outputs it was not given (``inputs``: which)."""
+
+    def __init__(self, inputs: list[bytes]) -> None:
+        super().__init__(f"{len(inputs)} OPRF evaluation(s) missing", reason="oprf_missing")
+        self.inputs = inputs
+
+
 class Encoder:
-    """Encodes demographics under the consortium key; deterministic, no I/O."""
+    """Encodes demographics under the consortium key and the OPRF; deterministic, no I/O.
+
+    ``oprf_key`` is for tests, benchmarks and the simulator only: with it, missing OPRF outputs
+    are computed here. No node holds that key; a node hands :meth:`encode` the outputs the
+    consortium evaluated.
+    """
 
     #: Entries of the per-space caches of values and of q-grams; a full cache is cleared.
     #: Hashing is most of the cost of encoding, and q-grams (a few thousand bigrams) and
@@ -284,7 +306,7 @@ class Encoder:
     VALUE_CACHE = 1 << 16
     GRAM_CACHE = 1 << 16
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, *, oprf_key: int | None = None) -> None:
         """Raises CryptoError unless ``key`` is 32 bytes."""
         if not isinstance(key, bytes) or len(key) != KEY_BYTES:
             raise CryptoError(f"the EMPI consortium key must be {KEY_BYTES} bytes")
@@ -296,29 +318,51 @@ class Encoder:
         self._national_key = _derive(key, "national-id")
         self._sex_key = _derive(key, "sex")
         self._blocking_key = _derive(key, "blocking")
+        self._oprf_key = oprf_key
 
-    def encode(self, demo: Demographics) -> Encodings:
+    def inputs(self, demo: Demographics) -> list[bytes]:
+        """Every OPRF input :meth:`encode` may need for ``demo`` (it needs fewer when it has cached
+        a value's filter); the same input recurs across patients, so callers cache outputs."""
+        out: list[bytes] = []
+        for spec, space in self._fields:
+            value = getattr(demo, spec.name)
+            if value:
+                out.extend(gram_input(spec.space, g) for g in space.tokens(value))
+        if demo.national_id is not None:
+            out.append(national_input(*demo.national_id))
+        out.extend(blocking_input(kind, code) for kind, code in _blocking_codes(demo))
+        return out
+
+    def encode(self, demo: Demographics, evaluated: Mapping[bytes, bytes] | None = None) -> Encodings:
+        """The encodings of ``demo``; ``evaluated`` maps OPRF inputs (:meth:`inputs`) to their outputs.
+
+        Raises MissingEvaluation naming any input it needs and was not given."""
+        prf = _Outputs(evaluated or {}, self._oprf_key)
         filters = []
         for spec, space in self._fields:
             value = getattr(demo, spec.name)
-            filters.append(self._filter(space, value) if value else None)
+            filters.append(self._filter(space, value, prf) if value else None)
         national = None
         if demo.national_id is not None:
-            scheme, value = demo.national_id
-            national = _mac(self._national_key, f"{scheme}\x1f{value}")[:NATIONAL_ID_BYTES]
+            national = hmac.digest(self._national_key, prf(national_input(*demo.national_id)),
+                                   "sha256")[:NATIONAL_ID_BYTES]
         sex = _mac(self._sex_key, demo.sex)[:SEX_BYTES] if demo.sex else None
-        blocking = sorted({_mac(self._blocking_key, f"{kind}\x1f{code}")[:BLOCKING_KEY_BYTES]
-                           for kind, code in _blocking_codes(demo)})
+        blocking = sorted({hmac.digest(self._blocking_key, prf(blocking_input(kind, code)),
+                                       "sha256")[:BLOCKING_KEY_BYTES] for kind, code in _blocking_codes(demo)})
+        prf.raise_missing()
         return Encodings(tuple(filters), sex, national, tuple(blocking))
 
-    def bits_set(self, field: str, value: str) -> int:
+    def bits_set(self, field: str, value: str, evaluated: Mapping[bytes, bytes] | None = None) -> int:
         """Bits a normalized value sets in the field's underlying L-bit filter (its fill,
         before balancing hides it). Raises KeyError for an unknown field."""
         space = self._spaces[FIELDS[FIELD_INDEX[field]].space]
+        prf = _Outputs(evaluated or {}, self._oprf_key)
+        filter_ = self._filter(space, value, prf)
+        prf.raise_missing()
         # Each underlying bit set toggles two bits of the balanced filter (see _make_space).
-        return (self._filter(space, value) ^ space.complement).bit_count() // 2
+        return (filter_ ^ space.complement).bit_count() // 2
 
-    def _filter(self, space: _Space, value: str) -> int:
+    def _filter(self, space: _Space, value: str, prf: _Outputs) -> int:
         """The balanced filter of a value; values and q-grams recur, so both are cached."""
         values = space.values
         cached = values.get(value)
@@ -326,17 +370,57 @@ class Encoder:
             return cached
         acc = 0
         grams = space.grams
+        complete = True
         for gram in space.tokens(value):
             mask = grams.get(gram)
             if mask is None:
+                output = prf(gram_input(space.name, gram))
+                if not output:
+                    complete = False
+                    continue
                 if len(grams) >= self.GRAM_CACHE:
                     grams.clear()
-                mask = grams[gram] = _gram_mask(space, gram)
+                mask = grams[gram] = _gram_mask(space, output)
             acc |= mask
-        if len(values) >= self.VALUE_CACHE:
-            values.clear()
-        result = values[value] = space.complement ^ acc
+        result = space.complement ^ acc
+        if complete:
+            if len(values) >= self.VALUE_CACHE:
+                values.clear()
+            values[value] = result
         return result
+
+
+def national_input(scheme: str, value: str) -> bytes:
+    return f"national-id\x1f{scheme}\x1f{value}".encode()
+
+
+def blocking_input(kind: str, code: str) -> bytes:
+    return f"blocking\x1f{kind}\x1f{code}".encode()
+
+
+def gram_input(space: str, gram: str) -> bytes:
+    return f"bloom\x1f{space}\x1f{gram}".encode()
+
+
+class _Outputs:
+    """OPRF outputs as :meth:`Encoder.encode` reads them, noting what was missing."""
+
+    def __init__(self, evaluated: Mapping[bytes, bytes], key: int | None) -> None:
+        self._evaluated, self._key = evaluated, key
+        self.missing: list[bytes] = []
+
+    def __call__(self, value: bytes) -> bytes:
+        output = self._evaluated.get(value)
+        if output is None and self._key is not None:
+            output = oprf.evaluate_locally(self._key, value)
+        if output is None:
+            self.missing.append(value)
+            return b""
+        return output
+
+    def raise_missing(self) -> None:
+        if self.missing:
+            raise MissingEvaluation(self.missing)
 
 
 #: How a field's value becomes the tokens its filter holds (q-grams unless named here).
@@ -378,13 +462,14 @@ def _make_space(key: bytes, spec: FieldSpec) -> _Space:
         complement |= 1 << perm[spec.bits + i]
     masks = tuple((1 << perm[i]) | (1 << perm[spec.bits + i]) for i in range(spec.bits))
     tokens = _TOKENS.get(spec.space, _qgram_set)
-    return _Space(hash_key, spec.bits, spec.k, complement, masks, tokens)
+    return _Space(spec.space, hash_key, spec.bits, spec.k, complement, masks, tokens)
 
 
-def _gram_mask(space: _Space, gram: str) -> int:
-    """The bits a q-gram toggles in a balanced filter: its positions and their complements."""
+def _gram_mask(space: _Space, output: bytes) -> int:
+    """The bits a q-gram toggles in a balanced filter (its positions and their complements), from
+    the q-gram's OPRF output."""
     mask = 0
-    for p in _positions(space.key, gram.encode("utf-8"), space.bits, space.k):
+    for p in _positions(space.key, output, space.bits, space.k):
         mask |= space.masks[p]
     return mask
 

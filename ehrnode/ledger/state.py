@@ -41,6 +41,11 @@ from .empi_registry import EmpiRegistry, scoped_enrolment
 from .envelope import PUBLIC_CLASSES, Envelope, kind_class, public_key
 from .governance import SCHEMA as GOVERNANCE_SCHEMA
 from .governance import Governance
+from .oprf_rounds import KINDS as OPRF_KINDS
+from .oprf_rounds import SCHEMA as OPRF_SCHEMA
+from .oprf_rounds import OprfRounds
+from .oprf_usage import SCHEMA as OPRF_USAGE_SCHEMA
+from .oprf_usage import OprfUsage
 from .transactions import Transaction
 from .whois import SCHEMA as WHOIS_SCHEMA
 from .whois import WhoisLog
@@ -77,7 +82,7 @@ CREATE TABLE IF NOT EXISTS key_reseals (
 _INSTITUTIONS = frozenset({"institution"})
 _KIND_ROLES = {kind: _INSTITUTIONS for kind in (
     "record.anchor", "empi.enrol", "empi.link", "empi.not_duplicate", "empi.merge", "empi.unmerge", "empi.split",
-    "empi.accept",
+    "empi.accept", "empi.oprf_batch",
     "consent.grant", "consent.revoke", "access.log", "record.erase", "whois.answer")}
 
 ANCHOR_COLUMNS = ("record", "patient", "institution", "recorded_at", "setting", "resource_type", "commitment",
@@ -97,9 +102,11 @@ class LedgerState:
         genesis = members if isinstance(members, Membership) else _known_by_keys(members, roles or {})
         self.keys = keys or EpochKeys(chain_id, "", None)
         self._db = open_db(path, _SCHEMA + EMPI_SCHEMA + CONSENT_SCHEMA + ACCESS_SCHEMA + WHOIS_SCHEMA
-                           + GOVERNANCE_SCHEMA, "ledger state")
+                           + GOVERNANCE_SCHEMA + OPRF_SCHEMA + OPRF_USAGE_SCHEMA, "ledger state")
         self._read_heights()
         self.governance = Governance(self._db, genesis)
+        self.oprf = OprfRounds(self._db)
+        self.oprf_usage = OprfUsage(self._db)
         #: The members (signing keys) and roles as of the next block the ledger applies; updated
         #: in place, as the access and whois logs read the same maps.
         self.members: dict[str, bytes] = {}
@@ -183,6 +190,8 @@ class LedgerState:
         with transaction(self._db, f"apply block {height} (public part)") as db:
             if height == 1:
                 db.execute("INSERT OR IGNORE INTO epochs VALUES (0, 1, ?, x'', 'genesis', x'')", (block.timestamp,))
+            # A round of the OPRF key opens at genesis and in the first block after the institutions change.
+            self.oprf.sync(db, membership, height)
             decoded = [_decode(data) for data in block.payload]
             publics = [i for i, envelope in enumerate(decoded) if envelope and envelope.kind_class in PUBLIC_CLASSES]
             for position in publics:
@@ -224,6 +233,8 @@ class LedgerState:
     def _apply_public_kind(self, db: sqlite3.Connection, tx: Transaction, height: int, block_time: int) -> str:
         if tx.kind == "keys.epoch":
             return self._apply_epoch(db, tx, height, block_time)
+        if tx.kind in OPRF_KINDS:
+            return self.oprf.apply(db, tx, height)
         if tx.kind in ("keys.request", "keys.reseal"):
             latest = db.execute("SELECT MAX(epoch) FROM epochs").fetchone()[0] or 0
             if tx.body["epoch"] > latest:
@@ -297,6 +308,8 @@ class LedgerState:
                 body["resource_type"], body["commitment"], body["position"], body["entry"], body["epoch"], height,
                 tx.id,
             ))
+        elif tx.kind == "empi.oprf_batch":
+            return self.oprf_usage.apply(db, tx, height, block_time)
         elif tx.kind in self._empi_kinds:
             return self._empi_kinds[tx.kind](db, tx.body, tx.submitter, height, tx.id)
         elif tx.kind in ("consent.grant", "consent.revoke"):

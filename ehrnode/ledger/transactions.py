@@ -319,6 +319,58 @@ def _vote_body(body: Any) -> dict[str, Any]:
     return dict(m)
 
 
+#: The most values one OPRF batch carries.
+MAX_OPRF_BATCH = 4096
+
+
+def _oprf_batch_body(body: Any) -> dict[str, Any]:
+    """A member announces a batch of blinded values it will have the OPRF key's holders evaluate."""
+    m = as_map(body, "empi.oprf_batch", ("round", "size", "digest"))
+    as_uint(m["round"], "empi.oprf_batch.round")
+    if not 0 < as_uint(m["size"], "empi.oprf_batch.size") <= MAX_OPRF_BATCH:
+        raise SchemaError(f"empi.oprf_batch.size: 1 to {MAX_OPRF_BATCH}")
+    as_bytes(m["digest"], "empi.oprf_batch.digest", size=32)
+    return dict(m)
+
+
+def _oprf_deal_body(body: Any) -> dict[str, Any]:
+    """A dealing in a round of the OPRF key (its points and sealed shares are checked against the
+    round when applied: :mod:`.oprf_rounds`)."""
+    m = as_map(body, "keys.oprf_deal", ("round", "commitments", "shares"))
+    as_uint(m["round"], "keys.oprf_deal.round")
+    for i, point in enumerate(as_list(m["commitments"], "keys.oprf_deal.commitments", max_len=64)):
+        as_bytes(point, f"keys.oprf_deal.commitments[{i}]", size=33)
+    shares = m["shares"]
+    if not isinstance(shares, dict) or not 0 < len(shares) <= 64:
+        raise SchemaError("keys.oprf_deal.shares: expected a map of at most 64 members")
+    for name, sealed in shares.items():
+        if not isinstance(name, str) or not _MEMBER_NAME.match(name):
+            raise SchemaError("keys.oprf_deal.shares: keys are member names")
+        as_bytes(sealed, f"keys.oprf_deal.shares[{name}]", max_len=128)
+    return dict(m)
+
+
+def _oprf_verdict_body(body: Any) -> dict[str, Any]:
+    m = as_map(body, "keys.oprf_verdict", ("round", "complaints"))
+    as_uint(m["round"], "keys.oprf_verdict.round")
+    complaints = as_list(m["complaints"], "keys.oprf_verdict.complaints", max_len=64)
+    for name in complaints:
+        if not _MEMBER_NAME.match(as_str(name, "keys.oprf_verdict.complaints[]", max_len=32)):
+            raise SchemaError("keys.oprf_verdict.complaints: member names")
+    if len(set(complaints)) != len(complaints):
+        raise SchemaError("keys.oprf_verdict.complaints: each dealer once")
+    return dict(m)
+
+
+def _oprf_reveal_body(body: Any) -> dict[str, Any]:
+    m = as_map(body, "keys.oprf_reveal", ("round", "complainer", "share"))
+    as_uint(m["round"], "keys.oprf_reveal.round")
+    if not _MEMBER_NAME.match(as_str(m["complainer"], "keys.oprf_reveal.complainer", max_len=32)):
+        raise SchemaError("keys.oprf_reveal.complainer: a member name")
+    as_bytes(m["share"], "keys.oprf_reveal.share", size=32)
+    return dict(m)
+
+
 #: Each kind's body schema: a function that raises SchemaError or returns the checked body.
 KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "note": _note_body, "record.anchor": _anchor_body, "empi.enrol": _enrol_body, "empi.link": _link_body,
@@ -328,7 +380,8 @@ KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "access.log": _access_body, "record.erase": _erase_body, "integrity.alert": _alert_body,
     "whois.request": _whois_request_body, "whois.answer": _whois_answer_body, "keys.epoch": _keys_epoch_body,
     "consortium.propose": _propose_body, "consortium.vote": _vote_body, "keys.request": _keys_request_body,
-    "keys.reseal": _keys_reseal_body,
+    "keys.reseal": _keys_reseal_body, "keys.oprf_deal": _oprf_deal_body, "keys.oprf_verdict": _oprf_verdict_body,
+    "keys.oprf_reveal": _oprf_reveal_body, "empi.oprf_batch": _oprf_batch_body,
 }
 
 

@@ -167,6 +167,38 @@ class AnswerFrame:
 
 
 @dataclass(frozen=True)
+class OprfRequestFrame:
+    """Blinded values to evaluate under the OPRF key, decoded by the EMPI layer."""
+
+    data: bytes
+
+    def to_wire(self) -> bytes:
+        return self.data
+
+    @classmethod
+    def from_wire(cls, value: Any) -> OprfRequestFrame:
+        return cls(as_bytes(value, "oprf?", max_len=OPRF_FRAME_BYTES))
+
+
+@dataclass(frozen=True)
+class OprfAnswerFrame:
+    """An answer to an OPRF request, decoded by the EMPI layer."""
+
+    data: bytes
+
+    def to_wire(self) -> bytes:
+        return self.data
+
+    @classmethod
+    def from_wire(cls, value: Any) -> OprfAnswerFrame:
+        return cls(as_bytes(value, "oprf", max_len=OPRF_FRAME_BYTES))
+
+
+#: An OPRF request or answer: 4096 points and their framing.
+OPRF_FRAME_BYTES = 160 * 1024
+
+
+@dataclass(frozen=True)
 class RoundQueryFrame:
     nonce: bytes
 
@@ -191,10 +223,11 @@ class RoundAnswerFrame:
 
 
 Frame = (Hello | Welcome | Auth | ConsensusFrame | TxFrame | PullFrame | AnswerFrame | RoundQueryFrame
-         | RoundAnswerFrame)
+         | RoundAnswerFrame | OprfRequestFrame | OprfAnswerFrame)
 _BY_NAME: dict[str, Any] = {
     "hello": Hello, "welcome": Welcome, "auth": Auth, "consensus": ConsensusFrame, "txs": TxFrame,
     "pull": PullFrame, "answer": AnswerFrame, "round?": RoundQueryFrame, "round": RoundAnswerFrame,
+    "oprf?": OprfRequestFrame, "oprf": OprfAnswerFrame,
 }
 _NAMES = {cls: name for name, cls in _BY_NAME.items()}
 _PARSERS = {name: cls.from_wire for name, cls in _BY_NAME.items()}

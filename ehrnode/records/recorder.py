@@ -32,7 +32,7 @@ Blocking and CPU-bound: the node runs it in a worker thread, one at a time.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,13 +107,14 @@ class _Patient:
 
 class Recorder:
     def __init__(self, *, vault: Vault, keys: RecordKeys, deidentifier: Deidentifier, institution: str,
-                 chain_id: str, member: crypto.MemberKeys, epoch: int = 0, preparer: Preparer | None = None) -> None:
+                 chain_id: str, member: crypto.MemberKeys, epoch: int = 0, preparer: Preparer | None = None,
+                 encoder: Encoder | None = None) -> None:
         self.vault = vault
         self.keys = keys
         self.deid = deidentifier
         # Validation and de-identification; in this thread unless a pool of processes is given.
         self.preparer = preparer or Preparer(deidentifier, None, b"", workers=0)
-        self.encoder = Encoder(keys.consortium)
+        self.encoder = encoder or Encoder(keys.consortium)
         self.institution = institution
         self.chain_id = chain_id
         self.member = member
@@ -122,8 +123,11 @@ class Recorder:
     # --- the pipeline -------------------------------------------------------------------
 
     def record(self, items: Sequence[fhir.Item], *, skip_invalid: bool = False, now_ms: int,
-               actor: bytes = b"") -> Outcome:
+               actor: bytes = b"", evaluated: Mapping[bytes, bytes] | None = None) -> Outcome:
         """Record ``items`` atomically; raises FhirError (nothing written) on invalid input.
+
+        ``evaluated``: the OPRF outputs the enrolments of the Patients among ``items`` need
+        (:meth:`oprf_inputs`); MissingEvaluation if one is not there.
 
         In stages: validate the input and find each resource's patient; set aside content
         recorded before; de-identify what is left; refuse the whole input if anything failed
@@ -148,7 +152,7 @@ class Recorder:
             if c.problem is None and c.patient_id in unreleased:
                 c.problem = _problem(c.item, f"belongs to Patient/{c.patient_id}, which was not recorded")
                 outcome.skipped.append(_skip_problem(c.problem))
-        self._write([c for c in candidates if c.problem is None], patients, outcome, now_ms, actor)
+        self._write([c for c in candidates if c.problem is None], patients, outcome, now_ms, actor, evaluated)
         return outcome
 
     def _validate(self, items: Sequence[fhir.Item], outcome: Outcome,
@@ -210,7 +214,7 @@ class Recorder:
                 c.release = release
 
     def _write(self, candidates: list[_Candidate], patients: dict[str, _Patient], outcome: Outcome, now_ms: int,
-               actor: bytes) -> None:
+               actor: bytes, evaluated: Mapping[bytes, bytes] | None) -> None:
         """Append the released candidates to the vault with their anchors (and enrolments), in one write."""
         settings = self._settings([c.item for c in candidates])
         write = Write()
@@ -233,7 +237,7 @@ class Recorder:
                 write.patients.append(PatientRow(
                     patient.lookup, patient.enrolment, resource, tuple(deid_module.released_quasi(released)),
                 ))
-                enrol = self._enrolment(patient, now_ms, actor)
+                enrol = self._enrolment(patient, now_ms, actor, evaluated)
                 write.before.append((enrol.id, enrol.id, enrol.encoded))
                 outcome.transactions.append(enrol)
             pending.append((item, patient, record_id))
@@ -290,9 +294,24 @@ class Recorder:
         """This institution's pseudonym for one of its patients: stable, and meaningless elsewhere."""
         return self.keys.lookup("enrolment", patient_id)[:ENROLMENT_SIZE]
 
-    def _enrolment(self, patient: _Patient, now_ms: int, actor: bytes) -> Transaction:
+    def oprf_inputs(self, items: Sequence[fhir.Item]) -> list[bytes]:
+        """The OPRF inputs enrolling the Patients among ``items`` may need (an item that is no
+        Patient one can read demographics from adds nothing: it is refused later, or not enrolled)."""
+        inputs: list[bytes] = []
+        for item in items:
+            resource = item.resource
+            if isinstance(resource, dict) and resource.get("resourceType") == "Patient":
+                try:
+                    demo = Demographics.from_fhir(resource)
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    continue
+                inputs.extend(self.encoder.inputs(demo))
+        return inputs
+
+    def _enrolment(self, patient: _Patient, now_ms: int, actor: bytes,
+                   evaluated: Mapping[bytes, bytes] | None) -> Transaction:
         """The ``empi.enrol`` transaction of a Patient being recorded: keyed encodings only."""
-        encodings = self.encoder.encode(Demographics.from_fhir(patient.resource))
+        encodings = self.encoder.encode(Demographics.from_fhir(patient.resource), evaluated)
         return Transaction.create("empi.enrol", {
             "epoch": self.epoch, "enrolment": patient.enrolment, "institution": self.institution,
             "encodings": encodings.to_wire(),

@@ -11,7 +11,7 @@ has it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ class Hooks:
     submit: Callable[[Transaction], None]  # admit and gossip; raises AdmissionError
     pending: Callable[[bytes], bool]  # in the mempool
     state: LedgerState
+    #: OPRF outputs of values (:class:`~ehrnode.daemon.oprf_service.OprfService`), as user ``actor``.
+    evaluate: Callable[[Sequence[bytes], bytes], Awaitable[dict[bytes, bytes]]]
 
 
 class RecordsService:
@@ -87,8 +89,11 @@ class RecordsService:
             self.log.error("vault.behind_chain", anchored=anchored, vault_head=head)
             raise IntegrityError(f"the vault ends at position {head} but the chain holds anchors up to {anchored}: "
                                  "restore the latest vault backup before recording", reason="vault_behind")
+        inputs = self.recorder.oprf_inputs(items)
+        evaluated = await self.hooks.evaluate(inputs, actor) if inputs else {}
         outcome: Outcome = await self._blocking(
-            self.recorder.record, items, skip_invalid=skip_invalid, now_ms=int(time.time() * 1000), actor=actor)
+            self.recorder.record, items, skip_invalid=skip_invalid, now_ms=int(time.time() * 1000), actor=actor,
+            evaluated=evaluated)
         if any(r.status == "already_recorded" for r in outcome.records):
             pending = {record.hex(): tx_id.hex() for record, tx_id, _ in await self._blocking(self.vault.outbox)}
             for i, r in enumerate(outcome.records):
@@ -190,7 +195,9 @@ class RecordsService:
 
     async def lookup(self, patient: dict[str, Any]) -> dict[str, Any]:
         """The EMPI a FHIR Patient would get (certain / probable / possible), without enrolling it."""
-        encodings = self.recorder.encoder.encode(Demographics.from_fhir(patient))
+        demo = Demographics.from_fhir(patient)
+        encodings = self.recorder.encoder.encode(demo, await self.hooks.evaluate(self.recorder.encoder.inputs(demo),
+                                                                                 b""))
         return self.hooks.state.empi.lookup(encodings)
 
     async def kanon_report(self) -> dict[str, Any]:

@@ -14,13 +14,16 @@ import sys
 import pytest
 
 from ehrnode import codec
+from ehrnode.empi import oprf
 from ehrnode.empi.encoding import (
     BLOCKING_KEY_BYTES,
     FIELDS,
     MAX_BLOCKING_KEYS,
     Encoder,
     Encodings,
+    MissingEvaluation,
     date_tokens,
+    national_input,
     qgrams,
     soundex,
 )
@@ -32,6 +35,7 @@ from ..datasets import FEBRL
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
+OPRF_KEY = 0x5EED
 
 DEMO = Demographics(
     given="sumiko", family="medhurst", birth_date="19270521", sex="f", street_number="633",
@@ -42,7 +46,7 @@ DEMO = Demographics(
 
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
-    return Encoder(KEY)
+    return Encoder(KEY, oprf_key=OPRF_KEY)
 
 
 def test_key_must_be_32_bytes():
@@ -71,11 +75,11 @@ def test_soundex(name, code):
 
 
 def test_encoding_is_deterministic_under_a_key(encoder):
-    assert encoder.encode(DEMO) == Encoder(KEY).encode(DEMO)
+    assert encoder.encode(DEMO) == Encoder(KEY, oprf_key=OPRF_KEY).encode(DEMO)
 
 
 def test_encodings_under_another_key_are_unrelated(encoder):
-    a, b = encoder.encode(DEMO), Encoder(OTHER_KEY).encode(DEMO)
+    a, b = encoder.encode(DEMO), Encoder(OTHER_KEY, oprf_key=OPRF_KEY).encode(DEMO)
     assert a.national_id != b.national_id and a.sex != b.sex
     assert not set(a.blocking) & set(b.blocking)
     for spec, x, y in zip(FIELDS, a.filters, b.filters, strict=False):
@@ -141,7 +145,7 @@ def test_wire_form_is_stable(encoder):
     assert digest == EXPECTED_DIGEST
 
 
-EXPECTED_DIGEST = "2f32dbd9d04b0ccbc0f45000fdf43be26a7c00799115389e56e7ec8e603baf1d"
+EXPECTED_DIGEST = "b19d673397fb4e8d8393a7e97f1f1e3a137b8eeaefd17b8a74655c32d6173ee8"
 
 
 _IN_A_SUBPROCESS = """
@@ -151,7 +155,7 @@ from ehrnode.empi.encoding import Encoder
 from ehrnode.empi.normalize import Demographics
 fields = json.loads(sys.argv[1])
 fields["national_id"] = tuple(fields["national_id"])
-enc = Encoder(bytes(range(32))).encode(Demographics(**fields))
+enc = Encoder(bytes(range(32)), oprf_key=0x5EED).encode(Demographics(**fields))
 print(hashlib.sha256(codec.encode(enc.to_wire())).hexdigest())
 """
 
@@ -172,7 +176,7 @@ def _wire(encoder: Encoder) -> dict:
 @pytest.mark.parametrize("change, field", [
     (lambda w: w.update(extra=b"x"), "extra"),
     (lambda w: w.pop("v"), "encodings.v"),
-    (lambda w: w.update(v=2), "encodings.v"),
+    (lambda w: w.update(v=1), "encodings.v"),
     (lambda w: w.update(v=True), "encodings.v"),
     (lambda w: w.update(given=w["given"][:-1]), "encodings.given"),
     (lambda w: w.update(given="text"), "encodings.given"),
@@ -199,3 +203,21 @@ def test_decoding_refuses_what_is_not_a_map():
         Encodings.from_wire([1, 2])
     with pytest.raises(SchemaError):
         Encodings.from_wire({1: b""})
+
+
+def test_exact_values_go_through_the_oprf_and_nothing_encodes_without_its_outputs():
+    # The consortium key alone encodes nothing: every exact value needs the OPRF's output.
+    bare = Encoder(KEY)
+    with pytest.raises(MissingEvaluation) as caught:
+        bare.encode(DEMO)
+    inputs = bare.inputs(DEMO)
+    assert set(caught.value.inputs) <= set(inputs)
+    assert national_input(*DEMO.national_id) in inputs
+    # Given the outputs (as the consortium evaluates them), it is the same encoding.
+    evaluated = {value: oprf.evaluate_locally(OPRF_KEY, value) for value in inputs}
+    assert bare.encode(DEMO, evaluated) == Encoder(KEY, oprf_key=OPRF_KEY).encode(DEMO)
+    # Under another OPRF key (another consortium), nothing exact is shared, even with the same key.
+    other = Encoder(KEY, oprf_key=OPRF_KEY + 1).encode(DEMO)
+    mine = Encoder(KEY, oprf_key=OPRF_KEY).encode(DEMO)
+    assert other.national_id != mine.national_id and not set(other.blocking) & set(mine.blocking)
+    assert other.sex == mine.sex          # two values: not worth an evaluation

@@ -19,7 +19,7 @@ F = Factory()
 KEYS = {name: crypto.Identity.generate() for name in ("A", "B", "R")}
 MEMBERS = {name: key.public_key for name, key in KEYS.items()}
 ROLES = {"A": "institution", "B": "institution", "R": "regulator"}
-ENCODER = Encoder(b"k" * 32)
+ENCODER = Encoder(b"k" * 32, oprf_key=0x5EED)
 EPOCHS = keyring(F.vset.chain_id)
 
 

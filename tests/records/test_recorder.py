@@ -5,6 +5,7 @@ import json
 import pytest
 
 from ehrnode import crypto, synthetic
+from ehrnode.empi.encoding import Encoder
 from ehrnode.errors import FhirError
 from ehrnode.records import fhir
 from ehrnode.records.deid import Deidentifier, load_profile
@@ -21,8 +22,9 @@ MEMBER = crypto.MemberKeys(IDENTITY, crypto.SealingKey.generate())
 def recorder(tmp_path, name="A", profile=None):
     keys = RecordKeys.derive(name.encode() * 32, CONSORTIUM)
     vault = Vault(tmp_path / f"{name}.sqlite3", keys, MEMBER)
+    # The consortium's OPRF evaluated in-process, under a key of the test's own.
     return Recorder(vault=vault, keys=keys, deidentifier=Deidentifier(profile or load_profile(), keys.deid),
-                    institution=name, chain_id="chain", member=MEMBER)
+                    institution=name, chain_id="chain", member=MEMBER, encoder=Encoder(CONSORTIUM, oprf_key=0x5EED))
 
 
 def items(resources, name="input.ndjson"):

@@ -1,0 +1,258 @@
+"""Evaluating values under the OPRF key: asking the other holders, and answering them.
+
+As a **requester**, an institution blinds the values, commits an ``empi.oprf_batch``
+(round, count, digest of the points: :mod:`ehrnode.ledger.oprf_usage`), sends the points
+to the other holders of the current round, checks each answer's proof against the
+answering member's public share, and combines the first ``t - 1`` good answers with its
+own share's evaluation. Outputs are cached: q-grams and blocking codes recur across
+patients, and every value evaluated once costs nothing again.
+
+As an **evaluator**, it answers a batch only if the batch is committed, was committed by
+the peer asking, carries exactly the points sent, is for the round this member holds a
+share of, and keeps the requester within this member's daily quota
+(``[limits] oprf_daily``). Everything else is refused, counted and logged; the requester
+sees why. The arithmetic runs in a worker thread, one batch at a time, so the event loop
+stays free.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ..empi import oprf
+from ..empi.oprf_messages import EvaluationAnswer, EvaluationRequest, points_digest, proof_context
+from ..errors import AdmissionError, CodecError, CryptoError, KeyUnavailable
+from ..ledger.oprf_rounds import Round
+from ..ledger.state import LedgerState
+from ..ledger.transactions import MAX_OPRF_BATCH, Transaction
+from .oprf_keys import OprfKeyUpkeep
+
+#: How long a request waits for the key to exist and enough of its holders to be reachable.
+READY_TIMEOUT = 30.0
+#: How long a requester waits for the holders' answers to one batch.
+ANSWER_TIMEOUT = 10.0
+#: How long a batch may take to commit before the request is given up.
+COMMIT_TIMEOUT = 15.0
+#: How long an evaluator waits for a batch it is asked about to commit here.
+BATCH_LAG = 3.0
+#: Cached outputs (value -> output), least recently used dropped first.
+CACHE_ENTRIES = 1 << 18
+#: How many times one batch is answered (a lost answer may be asked again; no more).
+ANSWERS_PER_BATCH = 3
+
+
+@dataclass
+class _Pending:
+    holders: dict[str, bytes]          # who was asked -> their public share
+    channel: trio.MemorySendChannel[tuple[str, EvaluationAnswer]]
+    refusals: dict[str, str] = field(default_factory=dict)
+
+
+class OprfService:
+    def __init__(self, name: str, chain_id: str, state: LedgerState, keys: OprfKeyUpkeep, *,
+                 submit: Callable[..., Transaction], wait_committed: Callable[[bytes, float], Any],
+                 send_request: Callable[[str, bytes], bool], send_answer: Callable[[str, bytes], bool],
+                 connected: Callable[[], list[str]],
+                 daily_quota: int, log: Any, count: Callable[[str], None] = lambda outcome: None) -> None:
+        self.name, self._chain_id, self._state, self._keys = name, chain_id, state, keys
+        self._submit, self._wait_committed, self._connected = submit, wait_committed, connected
+        self._send_request, self._send_answer = send_request, send_answer
+        self.daily_quota = daily_quota
+        self._log, self._count = log, count
+        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._pending: dict[bytes, _Pending] = {}
+        self._answered: OrderedDict[bytes, int] = OrderedDict()
+        self._cpu = trio.CapacityLimiter(1)
+
+    # -- requesting ----------------------------------------------------------------------------------
+
+    async def evaluate(self, values: Sequence[bytes], actor: bytes = b"") -> dict[bytes, bytes]:
+        """The OPRF outputs of ``values`` (raises KeyUnavailable when the holders cannot be reached
+        or there is no key yet, AdmissionError when a batch is refused)."""
+        out: dict[bytes, bytes] = {}
+        missing = []
+        for value in dict.fromkeys(values):
+            cached = self._cache.get(value)
+            if cached is None:
+                missing.append(value)
+            else:
+                self._cache.move_to_end(value)
+                out[value] = cached
+        for start in range(0, len(missing), MAX_OPRF_BATCH):
+            chunk = missing[start:start + MAX_OPRF_BATCH]
+            outputs = await self._batch(chunk, actor)
+            for value, output in zip(chunk, outputs, strict=True):
+                out[value] = output
+                self._cache[value] = output
+        while len(self._cache) > CACHE_ENTRIES:
+            self._cache.popitem(last=False)
+        return out
+
+    async def _holders(self) -> tuple[Round, int | None, dict[str, bytes], int]:
+        """The current round, this member's share of it, the reachable other holders (their public
+        shares) and how many of them must answer; waits up to ``READY_TIMEOUT`` for a key (at a
+        consortium's first start it is being generated) and for enough holders to be connected."""
+        deadline = trio.current_time() + READY_TIMEOUT
+        while True:
+            r = self._state.oprf.current()
+            if r is not None:
+                mine = self._keys.held[1] if self._keys.held and self._keys.held[0] == r.number else None
+                needed = r.threshold - (1 if mine is not None else 0)
+                connected = set(self._connected())
+                holders = {n: r.public_shares[n] for n in r.names if n != self.name and n in connected}
+                if len(holders) >= needed:
+                    return r, mine, holders, needed
+            if trio.current_time() >= deadline:
+                break
+            await trio.sleep(0.2)
+        if r is None:
+            raise KeyUnavailable("the EMPI's OPRF key is not generated yet: every institution must be running to "
+                                 "generate it (see `ehrnode status`: oprf.waiting_for)", reason="oprf_not_ready")
+        raise KeyUnavailable(f"{needed} other holder(s) of the EMPI's OPRF key must be reachable; "
+                             f"{len(holders)} are", reason="oprf_unavailable")
+
+    async def _batch(self, values: list[bytes], actor: bytes) -> list[bytes]:
+        r, mine, holders, needed = await self._holders()
+        blinded = await trio.to_thread.run_sync(lambda: [oprf.blind(v) for v in values], limiter=self._cpu)
+        points = [oprf.encode_point(b.point) for b in blinded]
+        tx = self._submit("empi.oprf_batch", {"round": r.number, "size": len(points),
+                                              "digest": points_digest(points)}, actor)
+        if await self._wait_committed(tx.id, COMMIT_TIMEOUT) is None:
+            raise KeyUnavailable("an OPRF batch did not commit in time", reason="commit_timeout")
+        status = self._state.tx_status(tx.id)
+        if status != "ok":
+            raise AdmissionError(f"the OPRF batch was refused: {status}", reason="oprf_batch_refused")
+        answers: dict[int, list[oprf.PublicKey]] = {}
+        if mine is not None:
+            own = await trio.to_thread.run_sync(lambda: [oprf.multiply(b.point, mine) for b in blinded],
+                                                limiter=self._cpu)
+            answers[r.index(self.name)] = own
+        if needed:
+            answers.update(await self._ask(tx.id, r.number, points, holders, needed,
+                                           [b.point for b in blinded], {n: r.index(n) for n in holders}))
+        return await trio.to_thread.run_sync(lambda: oprf.combine(blinded, answers), limiter=self._cpu)
+
+    async def _ask(self, batch: bytes, round_: int, points: list[bytes], holders: dict[str, bytes], needed: int,
+                   decoded: list[oprf.PublicKey], index: dict[str, int]) -> dict[int, list[oprf.PublicKey]]:
+        send, receive = trio.open_memory_channel[tuple[str, EvaluationAnswer]](len(holders))
+        self._pending[batch] = pending = _Pending(holders, send)
+        request = EvaluationRequest(batch, tuple(points)).encode()
+        good: dict[int, list[oprf.PublicKey]] = {}
+        try:
+            asked = [n for n in holders if self._send_request(n, request)]
+            with trio.move_on_after(ANSWER_TIMEOUT):
+                async for peer, answer in receive:
+                    if answer.status != "ok":
+                        pending.refusals[peer] = answer.reason
+                    elif answer.round != round_:
+                        pending.refusals[peer] = f"answered for round {answer.round}"
+                    else:
+                        checked = await trio.to_thread.run_sync(
+                            self._check, peer, holders[peer], decoded, answer, batch, limiter=self._cpu)
+                        if checked is None:
+                            pending.refusals[peer] = "proof_failed"
+                            self._log.error("oprf.bad_answer", peer=peer, batch=batch.hex()[:16],
+                                            detail="an evaluation did not match the member's public share")
+                        else:
+                            good[index[peer]] = checked
+                    if len(good) >= needed or len(good) + len(pending.refusals) >= len(asked):
+                        break
+        finally:
+            del self._pending[batch]
+        if len(good) < needed:
+            raise KeyUnavailable(
+                f"{len(good)} of the {needed} evaluation(s) needed came back "
+                f"(refused: {pending.refusals or 'none'}; asked: {sorted(holders)})", reason="oprf_unavailable")
+        return dict(list(good.items())[:needed])
+
+    def _check(self, peer: str, public: bytes, points: list[oprf.PublicKey], answer: EvaluationAnswer,
+               batch: bytes) -> list[oprf.PublicKey] | None:
+        try:
+            evaluated = [oprf.decode_point(p) for p in answer.evaluated]
+            ok = oprf.verify(oprf.decode_point(public), points, evaluated, answer.proof,
+                             proof_context(self._chain_id, batch, peer))
+        except CryptoError:
+            return None
+        return evaluated if ok else None
+
+    def on_answer(self, peer: str, data: bytes) -> None:
+        try:
+            answer = EvaluationAnswer.decode(data)
+        except CodecError as exc:
+            self._log.warning("oprf.bad_message", peer=peer, error=str(exc))
+            return
+        pending = self._pending.get(answer.batch)
+        if pending is None or peer not in pending.holders:
+            return                          # late, or not asked
+        try:
+            pending.channel.send_nowait((peer, answer))
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            pass
+
+    # -- answering -----------------------------------------------------------------------------------
+
+    async def serve(self, peer: str, data: bytes) -> None:
+        """Answer one request from ``peer`` (refusals are answered too, with the reason)."""
+        try:
+            request = EvaluationRequest.decode(data)
+        except CodecError as exc:
+            self._log.warning("oprf.bad_message", peer=peer, error=str(exc))
+            self._count("malformed")
+            return
+        reason, answer = await self._evaluate(peer, request)
+        if answer is None:
+            self._count("refused")
+            self._log.warning("oprf.refused", peer=peer, batch=request.batch.hex()[:16], reason=reason,
+                              size=len(request.points))
+            answer = EvaluationAnswer(request.batch, "refused", reason)
+        else:
+            self._count("answered")
+        self._send_answer(peer, answer.encode())
+
+    async def _evaluate(self, peer: str, request: EvaluationRequest) -> tuple[str, EvaluationAnswer | None]:
+        batch = self._state.oprf_usage.batch(request.batch)
+        if batch is None:
+            await self._wait_committed(request.batch, BATCH_LAG)
+            batch = self._state.oprf_usage.batch(request.batch)
+        if batch is None:
+            return "batch_not_committed", None
+        if batch["requester"] != peer:
+            return "not_the_requester", None
+        if batch["size"] != len(request.points) or batch["digest"] != points_digest(request.points):
+            return "points_differ", None
+        held = self._keys.held
+        if held is None or held[0] != batch["round"]:
+            return f"no_share_of_round_{batch['round']}", None
+        if batch["cumulative"] > self.daily_quota:
+            return f"over_quota ({batch['cumulative']} of {self.daily_quota} today)", None
+        answered = self._answered.get(request.batch, 0)
+        if answered >= ANSWERS_PER_BATCH:
+            return "answered_already", None
+        self._answered[request.batch] = answered + 1
+        while len(self._answered) > 4096:
+            self._answered.popitem(last=False)
+        share = held[1]
+        context = proof_context(self._chain_id, request.batch, self.name)
+
+        def work() -> EvaluationAnswer | None:
+            try:
+                points = [oprf.decode_point(p) for p in request.points]
+                evaluated, proof = oprf.evaluate(share, points, context)
+            except CryptoError:
+                return None
+            return EvaluationAnswer(request.batch, "ok", "", held[0], tuple(oprf.encode_point(e) for e in evaluated),
+                                    proof)
+
+        started = time.monotonic()
+        answer = await trio.to_thread.run_sync(work, limiter=self._cpu)
+        if answer is None:
+            return "not_points", None
+        self._log.debug("oprf.answered", peer=peer, batch=request.batch.hex()[:16], size=len(request.points),
+                        seconds=round(time.monotonic() - started, 4))
+        return "", answer
