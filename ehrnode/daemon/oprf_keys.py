@@ -30,6 +30,9 @@ from ..records.keys import load_secret
 _POLYNOMIAL_DOMAIN = b"ehrnode/oprf-dealing/v1"
 #: How long a step this node submitted may stay uncommitted before it is submitted again.
 RESUBMIT_AFTER = 30.0
+#: A phase is closed this long after the window passed by this node's clock, so that the block's
+#: time (the leader's clock) has passed it too.
+CLOSE_MARGIN_MS = 5_000
 #: How often the rounds are looked at without a commit waking this up.
 POLL_INTERVAL = 5.0
 
@@ -88,6 +91,12 @@ class OprfKeyUpkeep:
             for complaint in rounds.complaints(r.number):
                 if complaint["dealer"] == self.name and complaint["status"] == "open":
                     self._reveal(r, complaint["complainer"])
+        if (r.status in ("dealing", "verifying") and self.name in r.names
+                and rounds.closable(r, int(time.time() * 1000) - CLOSE_MARGIN_MS)):
+            # Someone has not taken part for a whole window: go on with those who did.
+            self._log.warning("oprf.closing", round=r.number, phase=r.status,
+                              waiting_for=(rounds.view() or {}).get("waiting_for"))
+            self._once(("close", r.number, r.status), "keys.oprf_close", {"round": r.number})
 
     def _polynomial(self, r: Round) -> list[int] | None:
         """This member's dealing polynomial in a round: derived, so it is the same after a restart."""

@@ -58,7 +58,7 @@ _CLASSES = {"note": "chain", "record.anchor": "record", "record.erase": "record"
             "whois.request": "whois", "whois.answer": "whois", "keys.epoch": "consortium",
             "consortium.propose": "consortium", "consortium.vote": "consortium", "keys.request": "consortium",
             "keys.reseal": "consortium", "keys.oprf_deal": "consortium", "keys.oprf_verdict": "consortium",
-            "keys.oprf_reveal": "consortium"}
+            "keys.oprf_reveal": "consortium", "keys.oprf_close": "consortium"}
 #: Classes sealed under a key every holder of the genesis file can derive: what a member that
 #: joins later, and holds no epoch key yet, must read to follow the consortium (who its members
 #: are, and the epoch keys sealed to each). Nothing in them is about patients or users.

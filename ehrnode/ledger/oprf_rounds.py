@@ -32,10 +32,13 @@ A round's life
   fewer than its predecessor's ``t``, *fails*; the next membership change opens
   another.
 
-A round that waits for a participant that never speaks (a member down for good, a
-dealer that will not reveal) waits until a membership change removes it; the
-waiting, and who it waits for, is in ``ehrnode status``. Evaluations use the latest
-completed round meanwhile.
+* **Closed early** (``keys.oprf_close``): a phase that has waited ``PHASE_WINDOW_MS`` of block
+  time for a participant that does not speak (a member down, for maintenance or for good) may be
+  closed by any participant with those who took part: a dealing phase if enough dealt to reach
+  the threshold the key needs (they become the round's dealers), a verifying phase if a
+  threshold of participants gave verdicts and no complaint is open. A dealer that will not
+  answer a complaint still holds the round until a membership change removes it. Who a round
+  waits for is in ``ehrnode status``; evaluations use the latest completed round meanwhile.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS oprf_rounds (
     round INTEGER PRIMARY KEY, mode TEXT NOT NULL, participants BLOB NOT NULL, threshold INTEGER NOT NULL,
     dealers BLOB NOT NULL, reshares INTEGER, opened INTEGER NOT NULL, status TEXT NOT NULL, closed INTEGER,
-    qualified BLOB, public_shares BLOB, public_key BLOB);
+    qualified BLOB, public_shares BLOB, public_key BLOB, phase_time INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS oprf_dealings (
     round INTEGER NOT NULL, dealer TEXT NOT NULL, body BLOB NOT NULL, height INTEGER NOT NULL, tx_id BLOB NOT NULL,
     PRIMARY KEY (round, dealer));
@@ -67,7 +70,10 @@ CREATE TABLE IF NOT EXISTS oprf_complaints (
     PRIMARY KEY (round, dealer, complainer));
 """
 
-KINDS = ("keys.oprf_deal", "keys.oprf_verdict", "keys.oprf_reveal")
+KINDS = ("keys.oprf_deal", "keys.oprf_verdict", "keys.oprf_reveal", "keys.oprf_close")
+#: How long (block time) a phase waits for everyone before a participant may close it with whoever
+#: took part: a member down, for maintenance or for good, does not hold up the key.
+PHASE_WINDOW_MS = 120_000
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class Round:
     qualified: tuple[str, ...]
     public_shares: Mapping[str, bytes]
     public_key: bytes | None
+    phase_time: int                             # block time the current phase started
 
     @property
     def names(self) -> list[str]:
@@ -100,14 +107,16 @@ class Round:
 
 
 _ROUND_COLUMNS = ("round, mode, participants, threshold, dealers, reshares, opened, status, closed, qualified, "
-                  "public_shares, public_key")
+                  "public_shares, public_key, phase_time")
 
 
 def _round(row: Sequence[Any]) -> Round:
-    number, mode, participants, threshold, dealers, reshares, opened, status, closed, qualified, shares, key = row
+    number, mode, participants, threshold, dealers, reshares, opened, status, closed, qualified, shares, key, \
+        phase_time = row
     return Round(number, mode, tuple((n, k) for n, k in codec.decode(participants)), threshold,
                  tuple(codec.decode(dealers)), reshares, opened, status, closed,
-                 tuple(codec.decode(qualified)) if qualified else (), codec.decode(shares) if shares else {}, key)
+                 tuple(codec.decode(qualified)) if qualified else (), codec.decode(shares) if shares else {}, key,
+                 phase_time)
 
 
 class OprfRounds:
@@ -175,7 +184,7 @@ class OprfRounds:
 
     # -- applying ------------------------------------------------------------------------------------
 
-    def sync(self, db: sqlite3.Connection, membership: Membership, height: int) -> Round | None:
+    def sync(self, db: sqlite3.Connection, membership: Membership, height: int, block_time: int) -> Round | None:
         """Open a round if the institutions of ``membership`` (in force from ``height``) are not the
         latest round's participants; the round opened, if any."""
         institutions = tuple(sorted((m.name, m.sealing_key) for m in membership if m.role == "institution"))
@@ -195,12 +204,12 @@ class OprfRounds:
             mode, dealers, reshares = "reshare", staying, current.number
         else:
             mode, dealers, reshares = "fresh", [n for n, _ in institutions], None
-        db.execute("INSERT INTO oprf_rounds VALUES (?, ?, ?, ?, ?, ?, ?, 'dealing', NULL, NULL, NULL, NULL)", (
+        db.execute("INSERT INTO oprf_rounds VALUES (?, ?, ?, ?, ?, ?, ?, 'dealing', NULL, NULL, NULL, NULL, ?)", (
             number, mode, codec.encode([list(p) for p in institutions]), dkg.threshold_for(len(institutions)),
-            codec.encode(dealers), reshares, height))
+            codec.encode(dealers), reshares, height, block_time))
         return self.get(number)
 
-    def apply(self, db: sqlite3.Connection, tx: Transaction, height: int) -> str:
+    def apply(self, db: sqlite3.Connection, tx: Transaction, height: int, block_time: int) -> str:
         """Apply one round transaction; its status (``ok`` or ``invalid:<reason>``)."""
         r = self.get(tx.body["round"])
         if r is None:
@@ -209,11 +218,48 @@ class OprfRounds:
             status = self._deal(db, r, tx, height)
         elif tx.kind == "keys.oprf_verdict":
             status = self._verdict(db, r, tx, height)
-        else:
+        elif tx.kind == "keys.oprf_reveal":
             status = self._reveal(db, r, tx)
+        else:
+            status = self._close(db, r, tx, block_time)
         if status == "ok":
-            self._advance(db, r.number, height)
+            self._advance(db, r.number, height, block_time)
         return status
+
+    def closable(self, r: Round, now_ms: int) -> bool:
+        """Whether a participant may close the round's phase at ``now_ms`` (block time): the window
+        has passed and enough took part (dealers to reach the threshold the key needs; verdicts from
+        a threshold of participants, with no complaint open)."""
+        if now_ms - r.phase_time < PHASE_WINDOW_MS:
+            return False
+        if r.status == "dealing":
+            return len(self.dealings(r.number)) >= self._dealers_needed(r)
+        if r.status == "verifying":
+            return (len(self.verdicts(r.number)) >= r.threshold
+                    and not any(c["status"] == "open" for c in self.complaints(r.number)))
+        return False
+
+    def _dealers_needed(self, r: Round) -> int:
+        if r.mode == "reshare":
+            previous = self.get(r.reshares or 0)
+            return previous.threshold if previous is not None else r.threshold
+        return r.threshold
+
+    def _close(self, db: sqlite3.Connection, r: Round, tx: Transaction, block_time: int) -> str:
+        if tx.submitter not in r.names:
+            return "invalid:not_a_participant"
+        if r.status not in ("dealing", "verifying"):
+            return "invalid:not_open"
+        if not self.closable(r, block_time):
+            return "invalid:not_closable"
+        if r.status == "dealing":
+            # The round goes on with the dealers that dealt; the others' shares are not in it.
+            dealt = [d for d in r.dealers if d in self.dealings(r.number)]
+            db.execute("UPDATE oprf_rounds SET dealers = ?, status = 'verifying', phase_time = ? WHERE round = ?",
+                       (codec.encode(dealt), block_time, r.number))
+        else:
+            db.execute("UPDATE oprf_rounds SET status = 'closing' WHERE round = ?", (r.number,))
+        return "ok"
 
     def _deal(self, db: sqlite3.Connection, r: Round, tx: Transaction, height: int) -> str:
         if r.status != "dealing":
@@ -271,17 +317,19 @@ class OprfRounds:
                     tx.body["complainer"]))
         return "ok"
 
-    def _advance(self, db: sqlite3.Connection, number: int, height: int) -> None:
+    def _advance(self, db: sqlite3.Connection, number: int, height: int, block_time: int) -> None:
         r = self.get(number)
         assert r is not None
         if r.status == "dealing":
             if set(self.dealings(number)) >= set(r.dealers):
-                db.execute("UPDATE oprf_rounds SET status = 'verifying' WHERE round = ?", (number,))
-            return
-        if r.status != "verifying":
+                db.execute("UPDATE oprf_rounds SET status = 'verifying', phase_time = ? WHERE round = ?",
+                           (block_time, number))
             return
         complaints = self.complaints(number)
-        if set(self.verdicts(number)) < set(r.names) or any(c["status"] == "open" for c in complaints):
+        if r.status == "closing":            # closed with the verdicts given (checked by _close)
+            pass
+        elif r.status != "verifying" or set(self.verdicts(number)) < set(r.names) or any(
+                c["status"] == "open" for c in complaints):
             return
         failed = {c["dealer"] for c in complaints if c["status"] == "failed"}
         qualified = [d for d in sorted(r.dealers, key=self._dealer_order(r)) if d not in failed]

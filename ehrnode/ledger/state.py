@@ -191,7 +191,7 @@ class LedgerState:
             if height == 1:
                 db.execute("INSERT OR IGNORE INTO epochs VALUES (0, 1, ?, x'', 'genesis', x'')", (block.timestamp,))
             # A round of the OPRF key opens at genesis and in the first block after the institutions change.
-            self.oprf.sync(db, membership, height)
+            self.oprf.sync(db, membership, height, block.timestamp)
             decoded = [_decode(data) for data in block.payload]
             publics = [i for i, envelope in enumerate(decoded) if envelope and envelope.kind_class in PUBLIC_CLASSES]
             for position in publics:
@@ -234,7 +234,7 @@ class LedgerState:
         if tx.kind == "keys.epoch":
             return self._apply_epoch(db, tx, height, block_time)
         if tx.kind in OPRF_KINDS:
-            return self.oprf.apply(db, tx, height)
+            return self.oprf.apply(db, tx, height, block_time)
         if tx.kind in ("keys.request", "keys.reseal"):
             latest = db.execute("SELECT MAX(epoch) FROM epochs").fetchone()[0] or 0
             if tx.body["epoch"] > latest:

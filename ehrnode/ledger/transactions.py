@@ -371,6 +371,12 @@ def _oprf_reveal_body(body: Any) -> dict[str, Any]:
     return dict(m)
 
 
+def _oprf_close_body(body: Any) -> dict[str, Any]:
+    m = as_map(body, "keys.oprf_close", ("round",))
+    as_uint(m["round"], "keys.oprf_close.round")
+    return dict(m)
+
+
 #: Each kind's body schema: a function that raises SchemaError or returns the checked body.
 KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "note": _note_body, "record.anchor": _anchor_body, "empi.enrol": _enrol_body, "empi.link": _link_body,
@@ -382,6 +388,7 @@ KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "consortium.propose": _propose_body, "consortium.vote": _vote_body, "keys.request": _keys_request_body,
     "keys.reseal": _keys_reseal_body, "keys.oprf_deal": _oprf_deal_body, "keys.oprf_verdict": _oprf_verdict_body,
     "keys.oprf_reveal": _oprf_reveal_body, "empi.oprf_batch": _oprf_batch_body,
+    "keys.oprf_close": _oprf_close_body,
 }
 
 

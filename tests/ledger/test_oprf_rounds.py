@@ -10,7 +10,7 @@ import pytest
 from ehrnode import crypto
 from ehrnode.config import Address, Member
 from ehrnode.empi import dkg, oprf
-from ehrnode.ledger.oprf_rounds import SCHEMA, OprfRounds
+from ehrnode.ledger.oprf_rounds import PHASE_WINDOW_MS, SCHEMA, OprfRounds
 from ehrnode.ledger.transactions import Transaction
 from ehrnode.membership import Membership
 
@@ -38,12 +38,14 @@ class Chain:
         self.db.executescript(SCHEMA)
         self.rounds = OprfRounds(self.db)
         self.height = 1
+        self.time = 1_000_000
         self.polynomials: dict[tuple[int, str], list[int]] = {}
-        self.rounds.sync(self.db, membership(names), self.height)
+        self.rounds.sync(self.db, membership(names), self.height, self.time)
 
     def apply(self, kind, body, submitter):
         self.height += 1
-        return self.rounds.apply(self.db, tx(kind, body, submitter), self.height)
+        self.time += 1000
+        return self.rounds.apply(self.db, tx(kind, body, submitter), self.height, self.time)
 
     def deal(self, dealer, *, secret=None, tamper=None, threshold=None):
         r = self.rounds.latest()
@@ -157,7 +159,7 @@ def test_a_reshare_keeps_the_key_and_refuses_a_dealing_not_from_the_dealers_shar
     shares = {n: chain.share_of(n, 0) for n in "ABC"}
     # C leaves, D joins: A and B (2 of the old threshold 2) reshare to A, B, D.
     chain.height += 1
-    opened = chain.rounds.sync(chain.db, membership(("A", "B", "D", "R"), epoch=1), chain.height)
+    opened = chain.rounds.sync(chain.db, membership(("A", "B", "D", "R"), epoch=1), chain.height, chain.time)
     assert (opened.number, opened.mode, opened.dealers, opened.names) == (1, "reshare", ("A", "B"), ["A", "B", "D"])
     assert chain.deal("D") == "invalid:not_a_dealer"
     assert chain.deal("A", secret=oprf.random_scalar()) == "invalid:not_the_dealers_share"
@@ -181,12 +183,43 @@ def test_a_round_not_finished_when_the_members_change_is_superseded():
     chain = Chain(("A", "B", "C", "R"))
     chain.deal("A")
     chain.height += 1
-    opened = chain.rounds.sync(chain.db, membership(("A", "B", "R"), epoch=1), chain.height)
+    opened = chain.rounds.sync(chain.db, membership(("A", "B", "R"), epoch=1), chain.height, chain.time)
     assert opened.mode == "fresh" and opened.number == 1
     assert chain.rounds.get(0).status == "superseded"
     assert chain.deal("B") == "ok" and chain.rounds.latest().number == 1
     # Nothing changes while the membership stays the same (a regulator leaving is not a change of holders).
-    assert chain.rounds.sync(chain.db, membership(("A", "B")), chain.height + 1) is None
+    assert chain.rounds.sync(chain.db, membership(("A", "B")), chain.height + 1, chain.time) is None
+
+
+def test_a_member_that_never_takes_part_holds_up_the_key_for_one_window_only():
+    chain = Chain(("A", "B", "C", "R"))          # C's node never starts
+    chain.deal("A")
+    chain.deal("B")
+    assert chain.apply("keys.oprf_close", {"round": 0}, "A") == "invalid:not_closable"     # too early
+    chain.time += PHASE_WINDOW_MS
+    assert chain.apply("keys.oprf_close", {"round": 0}, "R") == "invalid:not_a_participant"
+    assert chain.apply("keys.oprf_close", {"round": 0}, "B") == "ok"
+    r = chain.rounds.latest()
+    assert r.status == "verifying" and r.dealers == ("A", "B")
+    assert chain.deal("C") == "invalid:not_dealing"      # too late to deal
+    chain.apply("keys.oprf_verdict", {"round": 0, "complaints": []}, "A")
+    assert chain.rounds.view()["waiting_for"] == ["B", "C"]
+    chain.apply("keys.oprf_verdict", {"round": 0, "complaints": []}, "B")
+    assert chain.apply("keys.oprf_close", {"round": 0}, "A") == "invalid:not_closable"     # a new window
+    chain.time += PHASE_WINDOW_MS
+    assert chain.apply("keys.oprf_close", {"round": 0}, "A") == "ok"
+    done = chain.rounds.current()
+    assert done.qualified == ("A", "B") and done.names == ["A", "B", "C"]
+    # C, when it starts, opens the shares dealt to it from the chain: it holds its share too.
+    for name in "ABC":
+        assert done.public_shares[name] == oprf.encode_point(oprf.base_multiply(chain.share_of(name)))
+
+
+def test_a_phase_is_not_closed_short_of_the_threshold():
+    chain = Chain(("A", "B", "C", "R"))
+    chain.deal("A")
+    chain.time += PHASE_WINDOW_MS
+    assert chain.apply("keys.oprf_close", {"round": 0}, "A") == "invalid:not_closable"   # 1 dealer of 2 needed
 
 
 @pytest.mark.parametrize("body", [
