@@ -17,6 +17,7 @@ stays free.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -35,12 +36,15 @@ from .oprf_keys import OprfKeyUpkeep
 
 #: How long a request waits for the key to exist and enough of its holders to be reachable.
 READY_TIMEOUT = 30.0
-#: How long a requester waits for the holders' answers to one batch.
-ANSWER_TIMEOUT = 10.0
+#: How long a requester waits for the holders' answers to one batch (its commit included).
+ANSWER_TIMEOUT = 20.0
+#: How long a requester waits for a holder it asked before asking another as well.
+HEDGE_AFTER = 5.0
 #: How long a batch may take to commit before the request is given up.
 COMMIT_TIMEOUT = 15.0
-#: How long an evaluator waits for a batch it is asked about to commit here.
-BATCH_LAG = 3.0
+#: How long an evaluator waits for a batch it is asked about to commit here (requesters ask as
+#: soon as they submit the batch).
+BATCH_LAG = 10.0
 #: Cached outputs (value -> output), least recently used dropped first.
 CACHE_ENTRIES = 1 << 18
 #: How many times one batch is answered (a lost answer may be asked again; no more).
@@ -123,31 +127,58 @@ class OprfService:
         points = [oprf.encode_point(b.point) for b in blinded]
         tx = self._submit("empi.oprf_batch", {"round": r.number, "size": len(points),
                                               "digest": points_digest(points)}, actor)
-        if await self._wait_committed(tx.id, COMMIT_TIMEOUT) is None:
-            raise KeyUnavailable("an OPRF batch did not commit in time", reason="commit_timeout")
-        status = self._state.tx_status(tx.id)
-        if status != "ok":
-            raise AdmissionError(f"the OPRF batch was refused: {status}", reason="oprf_batch_refused")
         answers: dict[int, list[oprf.PublicKey]] = {}
-        if mine is not None:
-            own = await trio.to_thread.run_sync(lambda: [oprf.multiply(b.point, mine) for b in blinded],
-                                                limiter=self._cpu)
-            answers[r.index(self.name)] = own
         if needed:
-            answers.update(await self._ask(tx.id, r.number, points, holders, needed,
-                                           [b.point for b in blinded], {n: r.index(n) for n in holders}))
-        return await trio.to_thread.run_sync(lambda: oprf.combine(blinded, answers), limiter=self._cpu)
+            # Asked at once: each holder waits for the batch to commit on its side before it answers.
+            try:
+                answers = await self._ask(tx.id, r.number, points, holders, needed, [b.point for b in blinded],
+                                          {n: r.index(n) for n in holders})
+            except KeyUnavailable:
+                status = self._state.tx_status(tx.id)
+                if status is not None and status != "ok":
+                    raise AdmissionError(f"the OPRF batch was refused: {status}", reason="oprf_batch_refused") from None
+                raise
+        elif await self._wait_committed(tx.id, COMMIT_TIMEOUT) is None:
+            raise KeyUnavailable("an OPRF batch did not commit in time", reason="commit_timeout")
+        own = (r.index(self.name), mine) if mine is not None else None
+        return await trio.to_thread.run_sync(lambda: oprf.combine(blinded, answers, own), limiter=self._cpu)
 
     async def _ask(self, batch: bytes, round_: int, points: list[bytes], holders: dict[str, bytes], needed: int,
                    decoded: list[oprf.PublicKey], index: dict[str, int]) -> dict[int, list[oprf.PublicKey]]:
+        """Verified evaluations from ``needed`` holders: asks that many (which ones varies with the
+        batch, so the work spreads), and another whenever one refuses, fails its proof or has not
+        answered within ``HEDGE_AFTER``."""
         send, receive = trio.open_memory_channel[tuple[str, EvaluationAnswer]](len(holders))
         self._pending[batch] = pending = _Pending(holders, send)
         request = EvaluationRequest(batch, tuple(points)).encode()
+        queue = sorted(holders, key=lambda n: hashlib.sha256(batch + n.encode()).digest())
+        asked: list[str] = []
+        answered: set[str] = set()
         good: dict[int, list[oprf.PublicKey]] = {}
+
+        def ask(count: int) -> None:
+            while count > 0 and queue:
+                name = queue.pop(0)
+                if self._send_request(name, request):
+                    asked.append(name)
+                    count -= 1
+
         try:
-            asked = [n for n in holders if self._send_request(n, request)]
+            ask(needed)
             with trio.move_on_after(ANSWER_TIMEOUT):
-                async for peer, answer in receive:
+                while len(good) < needed:
+                    outstanding = len(asked) - len(answered)
+                    if outstanding < needed - len(good):
+                        ask(needed - len(good) - outstanding)
+                        outstanding = len(asked) - len(answered)
+                    if outstanding == 0:
+                        break                       # everyone asked has answered, and no one is left
+                    with trio.move_on_after(HEDGE_AFTER) as hedge:
+                        peer, answer = await receive.receive()
+                    if hedge.cancelled_caught:
+                        ask(1)                      # slow: ask one more besides
+                        continue
+                    answered.add(peer)
                     if answer.status != "ok":
                         pending.refusals[peer] = answer.reason
                     elif answer.round != round_:
@@ -161,15 +192,13 @@ class OprfService:
                                             detail="an evaluation did not match the member's public share")
                         else:
                             good[index[peer]] = checked
-                    if len(good) >= needed or len(good) + len(pending.refusals) >= len(asked):
-                        break
         finally:
             del self._pending[batch]
         if len(good) < needed:
             raise KeyUnavailable(
                 f"{len(good)} of the {needed} evaluation(s) needed came back "
-                f"(refused: {pending.refusals or 'none'}; asked: {sorted(holders)})", reason="oprf_unavailable")
-        return dict(list(good.items())[:needed])
+                f"(refused: {pending.refusals or 'none'}; asked: {sorted(asked)})", reason="oprf_unavailable")
+        return good
 
     def _check(self, peer: str, public: bytes, points: list[oprf.PublicKey], answer: EvaluationAnswer,
                batch: bytes) -> list[oprf.PublicKey] | None:

@@ -163,21 +163,26 @@ def lagrange_at_zero(indices: Iterable[int], i: int) -> int:
     return numerator * pow(denominator, -1, ORDER) % ORDER
 
 
-def combine(blinded: Sequence[Blinded], answers: Mapping[int, Sequence[PublicKey]]) -> list[bytes]:
+def combine(blinded: Sequence[Blinded], answers: Mapping[int, Sequence[PublicKey]],
+            own: tuple[int, int] | None = None) -> list[bytes]:
     """The OPRF outputs of blinded values, from ``t`` members' evaluations keyed by share index.
 
     The answers must already be verified (:func:`verify`); each is the list of ``k_i * B`` in
-    the order of ``blinded``. Interpolation and unblinding are one multiplication per answer.
+    the order of ``blinded``. ``own`` is the requester's (index, share) when it holds one: its
+    part is computed here, folded into the same multiplication. Interpolation and unblinding
+    are one multiplication per share.
     """
-    indices = sorted(answers)
+    indices = sorted(set(answers) | ({own[0]} if own else set()))
     if not indices:
         raise CryptoError("no evaluations to combine")
     weights = {i: lagrange_at_zero(indices, i) for i in indices}
     out = []
     for n, item in enumerate(blinded):
         inverse = pow(item.r, -1, ORDER)
-        total = add([multiply(answers[i][n], weights[i] * inverse) for i in indices])
-        out.append(output(item.value, total))
+        terms = [multiply(answers[i][n], weights[i] * inverse) for i in indices if i in answers]
+        if own is not None:
+            terms.append(multiply(item.point, weights[own[0]] * own[1] % ORDER * inverse))
+        out.append(output(item.value, add(terms)))
     return out
 
 
@@ -186,16 +191,22 @@ def combine(blinded: Sequence[Blinded], answers: Mapping[int, Sequence[PublicKey
 PROOF_BYTES = 2 * SCALAR_BYTES
 
 
-def _composites(public: PublicKey, points: Sequence[PublicKey], evaluated: Sequence[PublicKey],
-                context: bytes) -> tuple[PublicKey, PublicKey] | None:
-    """Random linear combinations ``M = sum d_n B_n``, ``Z = sum d_n E_n`` with the weights
-    ``d_n`` hashed from everything, so a proof for (M, Z) covers every pair (or None: empty)."""
-    if not points:
-        return None
+def _weights(public: PublicKey, points: Sequence[PublicKey], evaluated: Sequence[PublicKey],
+             context: bytes) -> list[int]:
+    """The weights ``d_n`` of the random linear combinations, hashed from everything, so a proof
+    for the combination covers every pair."""
     seed = hash_to_scalar(_DOMAIN + b"composite", context, encode_point(public),
                           *(encode_point(p) for p in points), *(encode_point(e) for e in evaluated))
-    weights = [hash_to_scalar(seed.to_bytes(SCALAR_BYTES, "big"), n.to_bytes(4, "big")) or 1
-               for n in range(len(points))]
+    return [hash_to_scalar(seed.to_bytes(SCALAR_BYTES, "big"), n.to_bytes(4, "big")) or 1
+            for n in range(len(points))]
+
+
+def _composites(public: PublicKey, points: Sequence[PublicKey], evaluated: Sequence[PublicKey],
+                context: bytes) -> tuple[PublicKey, PublicKey] | None:
+    """``M = sum d_n B_n`` and ``Z = sum d_n E_n`` (or None: nothing to prove)."""
+    if not points:
+        return None
+    weights = _weights(public, points, evaluated, context)
     m = add([multiply(p, d) for p, d in zip(points, weights, strict=True)])
     z = add([multiply(e, d) for e, d in zip(evaluated, weights, strict=True)])
     return m, z
@@ -215,10 +226,12 @@ def evaluate(share: int, points: Sequence[PublicKey], context: bytes) -> tuple[l
     """
     evaluated = [multiply(p, share) for p in points]
     public = base_multiply(share)
-    composites = _composites(public, points, evaluated, context)
-    if composites is None:
+    if not points:
         return evaluated, b""
-    m, z = composites
+    # The prover knows k_i: Z = k_i * M, one multiplication instead of one per value.
+    weights = _weights(public, points, evaluated, context)
+    m = add([multiply(p, d) for p, d in zip(points, weights, strict=True)])
+    z = multiply(m, share)
     while True:
         nonce = random_scalar()
         t1, t2 = base_multiply(nonce), multiply(m, nonce)

@@ -156,3 +156,13 @@ def test_malformed_points_and_dealings_are_refused():
 def test_threshold_is_a_majority(count):
     t = dkg.threshold_for(count)
     assert t > count / 2 and t <= count
+
+
+def test_the_requesters_own_share_folds_into_the_combination():
+    names = ["A", "B", "C", "D"]
+    shares, public, key = _fresh_round(names, 3)
+    blinded = [oprf.blind(v) for v in (SSN, b"other")]
+    points = [b.point for b in blinded]
+    answers = {i: oprf.evaluate(shares[n], points, b"x")[0] for i, n in ((2, "B"), (4, "D"))}
+    assert oprf.combine(blinded, answers, own=(1, shares["A"])) == [oprf.evaluate_locally(key, v)
+                                                                       for v in (SSN, b"other")]
