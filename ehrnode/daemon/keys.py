@@ -166,6 +166,19 @@ def adopt_next_keys(config: NodeConfig, keys: crypto.MemberKeys,
     return True
 
 
+def retired_sealing_keys(config: NodeConfig) -> list[crypto.SealingKey]:
+    """The member's earlier sealing keys, kept renamed beside its key when replaced (newest first;
+    one that does not load is left out)."""
+    path = config.sealing_key_path
+    keys = []
+    for retired in sorted(path.parent.glob(f"{path.stem}.retired-*{path.suffix}"), reverse=True):
+        try:
+            keys.append(crypto.SealingKey.load(retired))
+        except (CryptoError, ConfigError, OSError):
+            continue
+    return keys
+
+
 def _take_next_keys(config: NodeConfig) -> list[Path]:
     """Make the replacement keys the member's keys; the old ones are kept, renamed, and returned."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -82,7 +82,7 @@ from ..sharing.whois import WhoisDesk, WhoisHooks
 from ..users.store import UserStore
 from .commits import BlockFeed, Commits, EventFeed, TxWaiters
 from .driver import Driver
-from .keys import KeyUpkeep, adopt_next_keys, next_keys
+from .keys import KeyUpkeep, adopt_next_keys, next_keys, retired_sealing_keys
 from .oprf_keys import OprfKeyUpkeep
 from .oprf_service import OprfService
 from .restore import Restore
@@ -234,8 +234,10 @@ class Node:
         self.oprf: OprfService | None = None
         self._oprf_serving = Holdings()
         if role == "institution" and config.master_key_path is not None:
-            self.oprf_keys = OprfKeyUpkeep(self.name, self.genesis.chain_id, self.state, lambda: self.sealing_key,
-                                           config.master_key_path, self.submit, self.log)
+            self.oprf_keys = OprfKeyUpkeep(
+                self.name, self.genesis.chain_id, self.state,
+                lambda: [self.sealing_key, *retired_sealing_keys(config)], config.master_key_path, self.submit,
+                self.log)
             self.commits.subscribe_each("oprf.step_failed",
                                         lambda tx: tx.kind.startswith(("keys.oprf_", "consortium.")),
                                         self.oprf_keys.wake)

@@ -40,7 +40,8 @@ Submit = Callable[..., Transaction]
 
 
 class OprfKeyUpkeep:
-    def __init__(self, name: str, chain_id: str, state: LedgerState, sealing: Callable[[], crypto.SealingKey],
+    def __init__(self, name: str, chain_id: str, state: LedgerState,
+                 sealing: Callable[[], list[crypto.SealingKey]],
                  master_key_path: Path, submit: Submit, log: Any) -> None:
         self.name, self._chain_id, self._state = name, chain_id, state
         self._sealing, self._master_path = sealing, master_key_path
@@ -159,12 +160,19 @@ class OprfKeyUpkeep:
     def _opened(self, r: Round, dealer: str, body: dict[str, Any]) -> int | None:
         """The share ``dealer`` dealt this member in ``r``, if it opens and matches the commitments."""
         try:
-            share = dkg.open_share(self._sealing(), self._chain_id, r.number, dealer, self.name,
-                                   body["shares"][self.name])
+            sealed = body["shares"][self.name]
             points = [oprf.decode_point(c) for c in body["commitments"]]
         except (CryptoError, KeyError):
             return None
-        return share if dkg.check_share(points, r.index(self.name), share) else None
+        # The member's current sealing key, then its retired ones: a round before a key
+        # replacement sealed its shares to the key of the time.
+        for sealing in self._sealing():
+            try:
+                share = dkg.open_share(sealing, self._chain_id, r.number, dealer, self.name, sealed)
+            except CryptoError:
+                continue
+            return share if dkg.check_share(points, r.index(self.name), share) else None
+        return None
 
     def share_of(self, r: Round) -> int | None:
         """This member's share of a completed round (None: it cannot be worked out, which is logged)."""

@@ -53,9 +53,10 @@ ANSWERS_PER_BATCH = 3
 
 @dataclass
 class _Pending:
-    holders: dict[str, bytes]          # who was asked -> their public share
+    holders: dict[str, bytes]          # who may be asked -> their public share
     channel: trio.MemorySendChannel[tuple[str, EvaluationAnswer]]
     refusals: dict[str, str] = field(default_factory=dict)
+    received: set[str] = field(default_factory=set)   # one answer per holder is taken
 
 
 class OprfService:
@@ -217,8 +218,9 @@ class OprfService:
             self._log.warning("oprf.bad_message", peer=peer, error=str(exc))
             return
         pending = self._pending.get(answer.batch)
-        if pending is None or peer not in pending.holders:
-            return                          # late, or not asked
+        if pending is None or peer not in pending.holders or peer in pending.received:
+            return                          # late, not asked, or answered already
+        pending.received.add(peer)
         try:
             pending.channel.send_nowait((peer, answer))
         except (trio.WouldBlock, trio.ClosedResourceError):

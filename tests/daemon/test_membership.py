@@ -287,3 +287,9 @@ async def test_rotate_key_replaces_a_members_keys_by_vote(cluster):
     assert keys["unreadable"] == {}
     chains = {name: await cluster.chain(name, later[-1]) for name in ("A", "B", "C", "R")}
     assert len({tuple(c) for c in chains.values()}) == 1
+    # The EMPI's OPRF key was reshared to B's new sealing key, the key itself unchanged.
+    async def reshared():
+        view = (await cluster.call("B", "status"))["oprf"]
+        return view if view["current"] == 1 and view["held"] == 1 else None
+    view = await wait_for(reshared, timeout=60)
+    assert view["mode"] == "reshare" and view["participants"] == ["A", "B", "C"]
