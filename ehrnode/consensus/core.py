@@ -146,6 +146,9 @@ class CoreConfig:
     #: fsyncs) is shared by more transactions. The first block after a quiet spell goes at once;
     #: a lone transaction commits up to this much later than it would otherwise.
     min_block_interval: float = 0.0
+    #: How far ahead of this validator's clock a block's time may be for it to vote for the block
+    #: (seconds); members' clocks are kept by NTP well within it.
+    max_clock_drift: float = 30.0
     #: ``min_block_interval`` applies only while at least this many transactions wait: a light
     #: stream is proposed as it comes (each transaction commits as fast as the network allows),
     #: a backlog is carried in fewer, fuller blocks.
@@ -535,6 +538,16 @@ class ConsensusCore:
     def _vote_for(self, block: Block, tc: TimeoutCert | None, now: float, actions: list[Action]) -> None:
         if block.round != self.round or self.index is None:
             return
+        # Block times are what ledger rules count by (a day's quota, a phase's window): an honest
+        # validator does not vote for a time before the parent's or past its own clock by more
+        # than the drift it allows, so a Byzantine leader cannot move the chain's time at will.
+        parent = self.tree.get(block.parent)
+        if parent is not None and block.timestamp < parent.timestamp:
+            actions.append(Log("vote.refused", {"round": block.round, "reason": "time_before_parent"}))
+            return
+        if block.timestamp > now * 1000 + self.config.max_clock_drift * 1000:
+            actions.append(Log("vote.refused", {"round": block.round, "reason": "time_in_future"}))
+            return
         try:
             vote = self.safety.vote(block, tc)
         except SafetyViolation as exc:
@@ -678,8 +691,10 @@ class ConsensusCore:
             payload = self.config.order_payload(payload, self.high_qc.block_id)
         try:
             block = self.safety.propose(Block.unsigned(
-                epoch=self.vset.epoch, round=round_, qc=self.high_qc, author=index, timestamp=int(now * 1000),
-                payload=payload,
+                epoch=self.vset.epoch, round=round_, qc=self.high_qc, author=index,
+                # Never before the parent's time, which voters require (a clock a little behind
+                # the previous leader's must not cost the round).
+                timestamp=max(int(now * 1000), parent.timestamp if parent else 0), payload=payload,
             ))
         except SafetyViolation as exc:
             actions.append(Log("proposal.refused", {"round": round_, "reason": exc.reason}))

@@ -258,6 +258,8 @@ class Node:
                 name=self.name, genesis=self.genesis, state=self.state, records=self.records, policy=policy,
                 hooks=OwnerHooks(submit=self.submit, wait_committed=self.wait_committed,
                                  send=self._send_answer, counters=self._count_pull), refusals=self.refusals)
+            if self.oprf is not None:
+                self.oprf.key_listeners.append(self.records.recorder.encoder.clear_caches)
         self.puller = Puller(
             name=self.name, genesis=self.genesis, member=self.keys,
             state=self.state, hooks=RequesterHooks(

@@ -52,6 +52,7 @@ class OprfKeyUpkeep:
         self.held: tuple[int, int] | None = None
         self._shares: dict[int, int] = {}  # round -> this member's share (rounds it completed in)
         self._failed: set[int] = set()
+        self._cannot_deal: set[int] = set()
 
     def wake(self, _tx: Transaction | None = None) -> None:
         self._wake.set()
@@ -75,6 +76,12 @@ class OprfKeyUpkeep:
         """Take whatever step of the latest round is this member's and not taken yet."""
         rounds = self._state.oprf
         current = rounds.current()
+        if self.held is not None and (current is None or current.number != self.held[0]) and (
+                current is None or self.name not in current.names):
+            self._log.warning("oprf.share_retired", round=self.held[0],
+                              detail="this institution holds no share of the current round")
+            self.held = None
+        self._shares = {n: v for n, v in self._shares.items() if current is None or n >= current.number - 1}
         if current is not None and self.name in current.names and (self.held is None or self.held[0] != current.number):
             share = self.share_of(current)
             if share is not None:
@@ -115,8 +122,10 @@ class OprfKeyUpkeep:
     def _deal(self, r: Round) -> None:
         coefficients = self._polynomial(r)
         if coefficients is None:
-            self._log.error("oprf.cannot_deal", round=r.number, reshares=r.reshares,
-                            detail="this member does not hold its share of the round being reshared")
+            if r.number not in self._cannot_deal:
+                self._cannot_deal.add(r.number)
+                self._log.error("oprf.cannot_deal", round=r.number, reshares=r.reshares,
+                                detail="this member does not hold its share of the round being reshared")
             return
         dealing = dkg.deal_polynomial(self._chain_id, r.number, self.name, coefficients,
                                       {n: (r.index(n), k) for n, k in r.participants})

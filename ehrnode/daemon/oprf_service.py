@@ -47,6 +47,8 @@ COMMIT_TIMEOUT = 15.0
 BATCH_LAG = 10.0
 #: Cached outputs (value -> output), least recently used dropped first.
 CACHE_ENTRIES = 1 << 18
+#: A batch is answered only this many blocks after it committed: requesters ask at once.
+FRESH_BLOCKS = 1000
 #: How many times one batch is answered (a lost answer may be asked again; no more).
 ANSWERS_PER_BATCH = 3
 
@@ -73,13 +75,27 @@ class OprfService:
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._pending: dict[bytes, _Pending] = {}
         self._answered: OrderedDict[bytes, int] = OrderedDict()
-        self._cpu = trio.CapacityLimiter(1)
+        self._cpu = trio.CapacityLimiter(1)         # this member's own requests
+        self._serving_cpu = trio.CapacityLimiter(1)  # answering others: one member's load cannot stall ours
+        #: The group key the cached outputs are under; a new key (a fresh round) empties the cache.
+        self._cache_key: bytes | None = None
+        #: Called when the key changes, so caches built on outputs (the encoder's) are emptied too.
+        self.key_listeners: list[Callable[[], None]] = []
 
     # -- requesting ----------------------------------------------------------------------------------
 
     async def evaluate(self, values: Sequence[bytes], actor: bytes = b"") -> dict[bytes, bytes]:
         """The OPRF outputs of ``values`` (raises KeyUnavailable when the holders cannot be reached
         or there is no key yet, AdmissionError when a batch is refused)."""
+        current = self._state.oprf.current()
+        if current is not None and current.public_key != self._cache_key:
+            if self._cache_key is not None:
+                self._log.warning("oprf.key_changed", round=current.number,
+                                  detail="a fresh OPRF key: cached evaluations are dropped")
+            self._cache.clear()
+            for listener in self.key_listeners:
+                listener()
+            self._cache_key = current.public_key
         out: dict[bytes, bytes] = {}
         missing = []
         for value in dict.fromkeys(values):
@@ -179,6 +195,8 @@ class OprfService:
                     if hedge.cancelled_caught:
                         ask(1)                      # slow: ask one more besides
                         continue
+                    if peer not in asked:
+                        continue                    # not asked: its answer does not count
                     answered.add(peer)
                     if answer.status != "ok":
                         pending.refusals[peer] = answer.reason
@@ -262,11 +280,13 @@ class OprfService:
             return f"no_share_of_round_{batch['round']}", None
         if batch["cumulative"] > self.daily_quota:
             return f"over_quota ({batch['cumulative']} of {self.daily_quota} today)", None
+        if self._state.applied_height - batch["height"] > FRESH_BLOCKS:
+            return "batch_too_old", None
         answered = self._answered.get(request.batch, 0)
         if answered >= ANSWERS_PER_BATCH:
             return "answered_already", None
         self._answered[request.batch] = answered + 1
-        while len(self._answered) > 4096:
+        while len(self._answered) > 65536:
             self._answered.popitem(last=False)
         share = held[1]
         context = proof_context(self._chain_id, request.batch, self.name)
@@ -281,7 +301,7 @@ class OprfService:
                                     proof)
 
         started = time.monotonic()
-        answer = await trio.to_thread.run_sync(work, limiter=self._cpu)
+        answer = await trio.to_thread.run_sync(work, limiter=self._serving_cpu)
         if answer is None:
             return "not_points", None
         self._log.debug("oprf.answered", peer=peer, batch=request.batch.hex()[:16], size=len(request.points),

@@ -320,6 +320,12 @@ class Encoder:
         self._blocking_key = _derive(key, "blocking")
         self._oprf_key = oprf_key
 
+    def clear_caches(self) -> None:
+        """Forget cached filters and q-gram masks: they were made from another OPRF key's outputs."""
+        for space in self._spaces.values():
+            space.grams.clear()
+            space.values.clear()
+
     def inputs(self, demo: Demographics) -> list[bytes]:
         """Every OPRF input :meth:`encode` may need for ``demo`` (it needs fewer when it has cached
         a value's filter); the same input recurs across patients, so callers cache outputs."""

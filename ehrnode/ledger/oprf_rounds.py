@@ -36,8 +36,8 @@ A round's life
   time for a participant that does not speak (a member down, for maintenance or for good) may be
   closed by any participant with those who took part: a dealing phase if enough dealt to reach
   the threshold the key needs (they become the round's dealers), a verifying phase if a
-  threshold of participants gave verdicts and no complaint is open. A dealer that will not
-  answer a complaint still holds the round until a membership change removes it. Who a round
+  threshold of participants gave verdicts and no complaint is open. A complaint left
+  unanswered for a window counts as a failed reveal: closing then disqualifies its dealer. Who a round
   waits for is in ``ehrnode status``; evaluations use the latest completed round meanwhile.
 """
 
@@ -67,7 +67,7 @@ CREATE TABLE IF NOT EXISTS oprf_verdicts (
     PRIMARY KEY (round, member));
 CREATE TABLE IF NOT EXISTS oprf_complaints (
     round INTEGER NOT NULL, dealer TEXT NOT NULL, complainer TEXT NOT NULL, status TEXT NOT NULL, share BLOB,
-    PRIMARY KEY (round, dealer, complainer));
+    filed INTEGER NOT NULL, PRIMARY KEY (round, dealer, complainer));
 """
 
 KINDS = ("keys.oprf_deal", "keys.oprf_verdict", "keys.oprf_reveal", "keys.oprf_close")
@@ -150,9 +150,10 @@ class OprfRounds:
             "SELECT member, complaints FROM oprf_verdicts WHERE round = ?", (number,))}
 
     def complaints(self, number: int) -> list[dict[str, Any]]:
-        return [{"dealer": d, "complainer": c, "status": s, "share": share} for d, c, s, share in self._db.execute(
-            "SELECT dealer, complainer, status, share FROM oprf_complaints WHERE round = ? ORDER BY dealer, complainer",
-            (number,))]
+        return [{"dealer": d, "complainer": c, "status": s, "share": share, "filed": filed}
+                for d, c, s, share, filed in self._db.execute(
+                    "SELECT dealer, complainer, status, share, filed FROM oprf_complaints WHERE round = ? "
+                    "ORDER BY dealer, complainer", (number,))]
 
     def weights(self, r: Round) -> dict[str, int]:
         """Each qualified dealer's weight in a completed round: 1 in a fresh round, its Lagrange
@@ -217,7 +218,7 @@ class OprfRounds:
         if tx.kind == "keys.oprf_deal":
             status = self._deal(db, r, tx, height)
         elif tx.kind == "keys.oprf_verdict":
-            status = self._verdict(db, r, tx, height)
+            status = self._verdict(db, r, tx, height, block_time)
         elif tx.kind == "keys.oprf_reveal":
             status = self._reveal(db, r, tx)
         else:
@@ -235,8 +236,11 @@ class OprfRounds:
         if r.status == "dealing":
             return len(self.dealings(r.number)) >= self._dealers_needed(r)
         if r.status == "verifying":
+            # A complaint left unanswered for a window counts against its dealer: a dealer that
+            # will not reveal cannot hold the round up.
             return (len(self.verdicts(r.number)) >= r.threshold
-                    and not any(c["status"] == "open" for c in self.complaints(r.number)))
+                    and not any(c["status"] == "open" and now_ms - c["filed"] < PHASE_WINDOW_MS
+                                for c in self.complaints(r.number)))
         return False
 
     def _dealers_needed(self, r: Round) -> int:
@@ -258,6 +262,8 @@ class OprfRounds:
             db.execute("UPDATE oprf_rounds SET dealers = ?, status = 'verifying', phase_time = ? WHERE round = ?",
                        (codec.encode(dealt), block_time, r.number))
         else:
+            db.execute("UPDATE oprf_complaints SET status = 'unanswered' WHERE round = ? AND status = 'open'",
+                       (r.number,))
             db.execute("UPDATE oprf_rounds SET status = 'closing' WHERE round = ?", (r.number,))
         return "ok"
 
@@ -271,7 +277,12 @@ class OprfRounds:
             return "invalid:dealt"
         try:
             dkg.check_dealing_body(tx.body, r.threshold, r.names)
-        except SchemaError:
+            points = [oprf.decode_point(c) for c in tx.body["commitments"]]
+            # A polynomial that is zero at some participant's index would give that participant
+            # no share (and a public share with no encoding): refused, whoever it is zero at.
+            for name in r.names:
+                dkg.committed_value(points, r.index(name))
+        except (SchemaError, CryptoError):
             return "invalid:malformed_dealing"
         if r.mode == "reshare":
             previous = self.get(r.reshares or 0)
@@ -281,7 +292,7 @@ class OprfRounds:
                    (r.number, tx.submitter, codec.encode(tx.body), height, tx.id))
         return "ok"
 
-    def _verdict(self, db: sqlite3.Connection, r: Round, tx: Transaction, height: int) -> str:
+    def _verdict(self, db: sqlite3.Connection, r: Round, tx: Transaction, height: int, block_time: int) -> str:
         if r.status != "verifying":
             return "invalid:not_verifying"
         if tx.submitter not in r.names:
@@ -295,7 +306,8 @@ class OprfRounds:
         db.execute("INSERT INTO oprf_verdicts VALUES (?, ?, ?, ?)",
                    (r.number, tx.submitter, codec.encode(sorted(complaints)), height))
         for dealer in complaints:
-            db.execute("INSERT INTO oprf_complaints VALUES (?, ?, ?, 'open', NULL)", (r.number, dealer, tx.submitter))
+            db.execute("INSERT INTO oprf_complaints VALUES (?, ?, ?, 'open', NULL, ?)",
+                       (r.number, dealer, tx.submitter, block_time))
         return "ok"
 
     def _reveal(self, db: sqlite3.Connection, r: Round, tx: Transaction) -> str:
@@ -331,7 +343,7 @@ class OprfRounds:
         elif r.status != "verifying" or set(self.verdicts(number)) < set(r.names) or any(
                 c["status"] == "open" for c in complaints):
             return
-        failed = {c["dealer"] for c in complaints if c["status"] == "failed"}
+        failed = {c["dealer"] for c in complaints if c["status"] in ("failed", "unanswered")}
         qualified = [d for d in sorted(r.dealers, key=self._dealer_order(r)) if d not in failed]
         if r.mode == "reshare":
             previous = self.get(r.reshares or 0)
@@ -349,8 +361,15 @@ class OprfRounds:
         dealings = self.dealings(number)
         by_index = {i: [oprf.decode_point(c) for c in dealings[d]["commitments"]]
                     for i, d in enumerate(qualified)}
-        public, key = dkg.round_result(by_index, {i: weights[d] for i, d in enumerate(qualified)},
-                                       [r.index(n) for n in r.names])
+        try:
+            public, key = dkg.round_result(by_index, {i: weights[d] for i, d in enumerate(qualified)},
+                                           [r.index(n) for n in r.names])
+        except CryptoError:
+            # A share or the key would be the identity: cancelled dealings (a colluding choice of
+            # polynomials). The round fails, every node alike; the next change opens another.
+            db.execute("UPDATE oprf_rounds SET status = 'failed', closed = ?, qualified = ? WHERE round = ?",
+                       (height, codec.encode(qualified), number))
+            return
         shares = {n: oprf.encode_point(public[r.index(n)]) for n in r.names}
         db.execute("UPDATE oprf_rounds SET status = 'complete', closed = ?, qualified = ?, public_shares = ?, "
                    "public_key = ? WHERE round = ?", (height, codec.encode(qualified), codec.encode(shares),

@@ -32,9 +32,9 @@ class OprfUsage:
 
     def apply(self, db: sqlite3.Connection, tx: Transaction, height: int, block_time: int) -> str:
         body = tx.body
-        row = db.execute("SELECT status FROM oprf_rounds WHERE round = ?", (body["round"],)).fetchone()
-        if row is None or row[0] != "complete":
-            return "invalid:round_not_complete"
+        row = db.execute("SELECT MAX(round) FROM oprf_rounds WHERE status = 'complete'").fetchone()
+        if row[0] is None or row[0] != body["round"]:
+            return "invalid:not_the_current_round"   # only the latest key's holders answer
         day = block_time - block_time % DAY_MS
         used = db.execute("SELECT COALESCE(MAX(cumulative), 0) FROM oprf_batches WHERE requester = ? AND day = ?",
                           (tx.submitter, day)).fetchone()[0]

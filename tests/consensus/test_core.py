@@ -472,3 +472,36 @@ def test_under_load_blocks_wait_for_the_minimum_interval_unless_full():
     c.run(until=c.now + 0.001, done=lambda: store.committed_height() > before and any(
         store.block_at(h).payload[:1] == (full[0],) for h in range(before + 1, store.committed_height() + 1)))
     assert c.now - start < 0.001
+
+
+def test_no_vote_for_a_block_timed_before_its_parent_or_past_the_allowed_drift():
+    from ehrnode.consensus.core import Log
+    from ehrnode.consensus.types import Block
+
+    f = Factory(4)
+    voter = next(i for i in range(4) if i not in (f.vset.leader(1), f.vset.leader(2)))
+    core = ConsensusCore(f.vset, voter, f.identities[voter], MemorySafetyStore(), config=CONFIG)
+    core.start(0.0)
+
+    def proposal(round_, qc, timestamp):
+        author = f.vset.leader(round_)
+        return Proposal(Block.propose(epoch=0, round=round_, qc=qc, author=author, timestamp=timestamp, payload=(),
+                                      identity=f.identities[author], chain_id=f.vset.chain_id))
+
+    def voted(actions):
+        return any(isinstance(a, Send) and isinstance(a.message, VoteMsg) for a in actions)
+
+    def refusal(actions):
+        return [a.fields["reason"] for a in actions if isinstance(a, Log) and a.event == "vote.refused"]
+
+    now = 100.0
+    ahead = proposal(1, f.genesis_qc, int((now + CONFIG.max_clock_drift + 5) * 1000))
+    actions = core.on_message(f.vset.leader(1), ahead, now)
+    assert not voted(actions) and refusal(actions) == ["time_in_future"]
+    # The same round's block at a sane time is voted for (a second proposal in the round).
+    b1 = proposal(1, f.genesis_qc, int(now * 1000))
+    assert voted(core.on_message(f.vset.leader(1), b1, now))
+    # Its child stamped before it: no vote.
+    early = proposal(2, f.qc(b1.block), int(now * 1000) - 1)
+    actions = core.on_message(f.vset.leader(2), early, now)
+    assert not voted(actions) and refusal(actions) == ["time_before_parent"]

@@ -222,6 +222,35 @@ def test_a_phase_is_not_closed_short_of_the_threshold():
     assert chain.apply("keys.oprf_close", {"round": 0}, "A") == "invalid:not_closable"   # 1 dealer of 2 needed
 
 
+def test_a_dealing_that_gives_one_participant_no_share_is_refused():
+    # f(x) = a1 * (x - i): zero at participant i's index, so it would have no share and the
+    # round's sums could reach the identity, which has no encoding. Every coefficient is nonzero.
+    chain = Chain()
+    r = chain.rounds.latest()
+    a1 = oprf.random_scalar()
+    coefficients = [(-a1 * r.index("B")) % oprf.ORDER, a1]
+    dealing = dkg.deal_polynomial(CHAIN, 0, "A", coefficients, {n: (r.index(n), k) for n, k in r.participants})
+    assert chain.apply("keys.oprf_deal", dealing.body(0), "A") == "invalid:malformed_dealing"
+
+
+def test_a_dealer_that_never_answers_a_complaint_is_disqualified_after_a_window():
+    chain = Chain()
+    chain.deal("A", tamper="B")
+    chain.deal("B")
+    chain.deal("C")
+    chain.apply("keys.oprf_verdict", {"round": 0, "complaints": ["A"]}, "B")
+    chain.apply("keys.oprf_verdict", {"round": 0, "complaints": []}, "A")
+    chain.apply("keys.oprf_verdict", {"round": 0, "complaints": []}, "C")
+    assert chain.apply("keys.oprf_close", {"round": 0}, "B") == "invalid:not_closable"   # A may still answer
+    chain.time += PHASE_WINDOW_MS
+    assert chain.apply("keys.oprf_close", {"round": 0}, "B") == "ok"
+    done = chain.rounds.current()
+    assert done.qualified == ("B", "C")
+    assert [c["status"] for c in chain.rounds.complaints(0)] == ["unanswered"]
+    for name in "ABC":
+        assert done.public_shares[name] == oprf.encode_point(oprf.base_multiply(chain.share_of(name)))
+
+
 @pytest.mark.parametrize("body", [
     {"round": 0, "complaints": ["A", "A"]},
     {"round": 0, "complaints": ["bad name!"]},
