@@ -6,9 +6,12 @@ Theory of operation
 :class:`Encodings`. Every value that must compare exactly (the national id, each
 blocking code, each token behind a Bloom filter) is first put through the
 consortium's threshold OPRF (:mod:`ehrnode.empi.oprf`), whose key no member holds,
-and then keyed under the 32-byte consortium key. So no member can test a guess ("is
-this SSN enrolled? this Smith, born 1950?") without asking the others, which is
-counted and on the chain; and nobody outside the consortium can either.
+and then keyed under the 32-byte consortium key. So no member can test a guess of a
+whole value ("is this SSN enrolled? anyone born on this day?") without asking the
+others, which is counted and on the chain; and nobody outside the consortium can
+test anything. A filter's tokens are few, though (bigrams, digits with their
+position): a member that has had them all evaluated, as its own enrolments do,
+can compute field filters offline (docs/empi.md, "The OPRF key", limits).
 :meth:`Encoder.inputs` names the OPRF inputs an encoding needs; the caller has them
 evaluated and hands the outputs to :meth:`Encoder.encode`:
 
