@@ -146,8 +146,8 @@ class CoreConfig:
     #: fsyncs) is shared by more transactions. The first block after a quiet spell goes at once;
     #: a lone transaction commits up to this much later than it would otherwise.
     min_block_interval: float = 0.0
-    #: How far ahead of this validator's clock a block's time may be for it to vote for the block
-    #: (seconds); members' clocks are kept by NTP well within it.
+    #: How far a block's time may be from this validator's clock, ahead or behind, for it to vote
+    #: for the block (seconds); members' clocks are kept by NTP well within it.
     max_clock_drift: float = 30.0
     #: ``min_block_interval`` applies only while at least this many transactions wait: a light
     #: stream is proposed as it comes (each transaction commits as fast as the network allows),
@@ -548,6 +548,11 @@ class ConsensusCore:
         if block.timestamp > now * 1000 + self.config.max_clock_drift * 1000:
             actions.append(Log("vote.refused", {"round": block.round, "reason": "time_in_future"}))
             return
+        if block.timestamp < now * 1000 - self.config.max_clock_drift * 1000:
+            # Not backdated either: a leader stamping its parent's time after a quiet spell would
+            # make a window counted in block time look already passed.
+            actions.append(Log("vote.refused", {"round": block.round, "reason": "time_in_past"}))
+            return
         try:
             vote = self.safety.vote(block, tc)
         except SafetyViolation as exc:
@@ -670,7 +675,8 @@ class ConsensusCore:
             tc = self.high_tc
         parent = self.tree.get(self.high_qc.block_id)
         if not self._pending_txs and self.config.empty_block_delay > 0 and not self._recent_payload(parent):
-            ready_at = (parent.timestamp / 1000 if parent else 0.0) + self.config.empty_block_delay
+            # A parent stamped ahead of this clock (within the drift voters allow) does not hold us up.
+            ready_at = (min(parent.timestamp / 1000, now) if parent else 0.0) + self.config.empty_block_delay
             if now < ready_at:
                 self._propose_at = ready_at
                 return

@@ -153,8 +153,9 @@ class OprfKeyUpkeep:
         """Submit a step unless it was submitted and may still commit."""
         asked = self._asked.get(step)
         if asked is not None:
-            status = self._state.tx_status(asked[0])
-            if status == "ok" or (status is None and time.monotonic() - asked[1] < RESUBMIT_AFTER):
+            # Done, or asked recently: an invalid step (a close this node's clock thought due
+            # before the chain's did) is tried again after a pause, not at every block.
+            if self._state.tx_status(asked[0]) == "ok" or time.monotonic() - asked[1] < RESUBMIT_AFTER:
                 return
         try:
             tx = self._submit(kind, body)

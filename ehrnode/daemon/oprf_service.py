@@ -96,6 +96,7 @@ class OprfService:
             for listener in self.key_listeners:
                 listener()
             self._cache_key = current.public_key
+        key = self._cache_key
         out: dict[bytes, bytes] = {}
         missing = []
         for value in dict.fromkeys(values):
@@ -110,7 +111,8 @@ class OprfService:
             outputs = await self._batch(chunk, actor)
             for value, output in zip(chunk, outputs, strict=True):
                 out[value] = output
-                self._cache[value] = output
+                if self._cache_key == key:      # not if the key changed while this was asked
+                    self._cache[value] = output
         while len(self._cache) > CACHE_ENTRIES:
             self._cache.popitem(last=False)
         return out

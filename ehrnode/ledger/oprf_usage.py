@@ -32,7 +32,10 @@ class OprfUsage:
 
     def apply(self, db: sqlite3.Connection, tx: Transaction, height: int, block_time: int) -> str:
         body = tx.body
-        row = db.execute("SELECT MAX(round) FROM oprf_rounds WHERE status = 'complete'").fetchone()
+        # Rounds completed by this block: whether the public parts of later blocks were applied
+        # already (a node catching up applies them first) must not change the answer.
+        row = db.execute("SELECT MAX(round) FROM oprf_rounds WHERE status = 'complete' AND closed <= ?",
+                         (height,)).fetchone()
         if row[0] is None or row[0] != body["round"]:
             return "invalid:not_the_current_round"   # only the latest key's holders answer
         day = block_time - block_time % DAY_MS

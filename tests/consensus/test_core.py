@@ -480,7 +480,8 @@ def test_no_vote_for_a_block_timed_before_its_parent_or_past_the_allowed_drift()
 
     f = Factory(4)
     voter = next(i for i in range(4) if i not in (f.vset.leader(1), f.vset.leader(2)))
-    core = ConsensusCore(f.vset, voter, f.identities[voter], MemorySafetyStore(), config=CONFIG)
+    core = ConsensusCore(f.vset, voter, f.identities[voter], MemorySafetyStore(),
+                         config=replace(CONFIG, max_proposals_per_round=3))
     core.start(0.0)
 
     def proposal(round_, qc, timestamp):
@@ -498,6 +499,10 @@ def test_no_vote_for_a_block_timed_before_its_parent_or_past_the_allowed_drift()
     ahead = proposal(1, f.genesis_qc, int((now + CONFIG.max_clock_drift + 5) * 1000))
     actions = core.on_message(f.vset.leader(1), ahead, now)
     assert not voted(actions) and refusal(actions) == ["time_in_future"]
+    # Backdated past the drift: no vote either.
+    behind = proposal(1, f.genesis_qc, int((now - CONFIG.max_clock_drift - 5) * 1000))
+    actions = core.on_message(f.vset.leader(1), behind, now)
+    assert not voted(actions) and refusal(actions) == ["time_in_past"]
     # The same round's block at a sane time is voted for (a second proposal in the round).
     b1 = proposal(1, f.genesis_qc, int(now * 1000))
     assert voted(core.on_message(f.vset.leader(1), b1, now))

@@ -251,6 +251,30 @@ def test_a_dealer_that_never_answers_a_complaint_is_disqualified_after_a_window(
         assert done.public_shares[name] == oprf.encode_point(oprf.base_multiply(chain.share_of(name)))
 
 
+def test_a_batch_is_judged_by_the_rounds_completed_by_its_own_block():
+    # A node catching up applies the public part of later blocks first: a round completed in a
+    # later block must not make a batch for the round before it invalid there and valid elsewhere.
+    from ehrnode.ledger.oprf_usage import SCHEMA as USAGE_SCHEMA
+    from ehrnode.ledger.oprf_usage import OprfUsage
+
+    chain = Chain()
+    chain.db.executescript(USAGE_SCHEMA)
+    usage = OprfUsage(chain.db)
+    for name in "ABC":
+        chain.deal(name)
+    for name in "ABC":
+        chain.apply("keys.oprf_verdict", {"round": 0, "complaints": []}, name)
+    batch_height = chain.height + 1
+    # Round 1 (a reshare) completes at a later height, applied before the batch.
+    chain.db.execute("INSERT INTO oprf_rounds SELECT 1, mode, participants, threshold, dealers, reshares, opened, "
+                     "status, ?, qualified, public_shares, public_key, phase_time FROM oprf_rounds WHERE round = 0",
+                     (batch_height + 1,))
+    body = {"round": 0, "size": 3, "digest": bytes(32)}
+    assert usage.apply(chain.db, tx("empi.oprf_batch", body, "A"), batch_height, chain.time) == "ok"
+    assert usage.apply(chain.db, tx("empi.oprf_batch", body, "A"), batch_height + 1, chain.time) == \
+        "invalid:not_the_current_round"
+
+
 @pytest.mark.parametrize("body", [
     {"round": 0, "complaints": ["A", "A"]},
     {"round": 0, "complaints": ["bad name!"]},
