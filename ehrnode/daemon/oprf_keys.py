@@ -91,7 +91,7 @@ class OprfKeyUpkeep:
         r = rounds.latest()
         if r is None:
             return
-        if r.status == "dealing" and self.name in r.dealers and self.name not in rounds.dealings(r.number):
+        if r.status == "dealing" and self.name in r.dealers and self.name not in rounds.dealt(r.number):
             self._deal(r)
         elif r.status == "verifying":
             if self.name in r.names and self.name not in rounds.verdicts(r.number):

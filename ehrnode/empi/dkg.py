@@ -121,15 +121,17 @@ def open_share(sealing: crypto.SealingKey, chain_id: str, round_: int, dealer: s
     return int.from_bytes(raw, "big")
 
 
-def check_dealing_body(body: Any, threshold: int, participants: Sequence[str]) -> None:
-    """The shape a dealing must have in a round (SchemaError otherwise): ``threshold`` points,
-    one sealed share for each participant and no one else."""
+def check_dealing_body(body: Any, threshold: int, participants: Sequence[str]) -> list[oprf.PublicKey]:
+    """The commitments of a dealing, decoded, if it has the shape a dealing must have in a round
+    (SchemaError otherwise): ``threshold`` points, one sealed share for each participant and no
+    one else."""
     commitments, shares = body.get("commitments"), body.get("shares")
     if not isinstance(commitments, list) or len(commitments) != threshold:
         raise SchemaError(f"keys.oprf_deal.commitments: expected {threshold} points")
+    points = []
     for i, c in enumerate(commitments):
         try:
-            oprf.decode_point(c)
+            points.append(oprf.decode_point(c))
         except CryptoError as exc:
             raise SchemaError(f"keys.oprf_deal.commitments[{i}]: {exc}") from exc
     if not isinstance(shares, dict) or set(shares) != set(participants):
@@ -137,6 +139,7 @@ def check_dealing_body(body: Any, threshold: int, participants: Sequence[str]) -
     for name, sealed in shares.items():
         if not isinstance(sealed, bytes) or not crypto.SEAL_OVERHEAD < len(sealed) <= crypto.SEAL_OVERHEAD + 32:
             raise SchemaError(f"keys.oprf_deal.shares[{name}]: expected a sealed 32-byte share")
+    return points
 
 
 def round_result(dealings: Mapping[int, Sequence[oprf.PublicKey]], weights: Mapping[int, int],

@@ -141,6 +141,15 @@ class OprfRounds:
                                "ORDER BY round DESC LIMIT 1").fetchone()
         return _round(row) if row else None
 
+    def dealt(self, number: int) -> set[str]:
+        """Who has dealt in a round (without reading their dealings)."""
+        return {d for (d,) in self._db.execute("SELECT dealer FROM oprf_dealings WHERE round = ?", (number,))}
+
+    def dealing(self, number: int, dealer: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT body FROM oprf_dealings WHERE round = ? AND dealer = ?",
+                               (number, dealer)).fetchone()
+        return codec.decode(row[0]) if row else None
+
     def dealings(self, number: int) -> dict[str, dict[str, Any]]:
         return {dealer: codec.decode(body) for dealer, body in self._db.execute(
             "SELECT dealer, body FROM oprf_dealings WHERE round = ?", (number,))}
@@ -170,7 +179,7 @@ class OprfRounds:
         r = self.latest()
         if r is None:
             return None
-        dealt, verdicts = set(self.dealings(r.number)), self.verdicts(r.number)
+        dealt, verdicts = self.dealt(r.number), self.verdicts(r.number)
         waiting: list[str] = []
         if r.status == "dealing":
             waiting = [d for d in r.dealers if d not in dealt]
@@ -234,7 +243,7 @@ class OprfRounds:
         if now_ms - r.phase_time < PHASE_WINDOW_MS:
             return False
         if r.status == "dealing":
-            return len(self.dealings(r.number)) >= self._dealers_needed(r)
+            return len(self.dealt(r.number)) >= self._dealers_needed(r)
         if r.status == "verifying":
             # A complaint left unanswered for a window counts against its dealer: a dealer that
             # will not reveal cannot hold the round up.
@@ -258,9 +267,9 @@ class OprfRounds:
             return "invalid:not_closable"
         if r.status == "dealing":
             # The round goes on with the dealers that dealt; the others' shares are not in it.
-            dealt = [d for d in r.dealers if d in self.dealings(r.number)]
+            dealt = self.dealt(r.number)
             db.execute("UPDATE oprf_rounds SET dealers = ?, status = 'verifying', phase_time = ? WHERE round = ?",
-                       (codec.encode(dealt), block_time, r.number))
+                       (codec.encode([d for d in r.dealers if d in dealt]), block_time, r.number))
         else:
             db.execute("UPDATE oprf_complaints SET status = 'unanswered' WHERE round = ? AND status = 'open'",
                        (r.number,))
@@ -272,12 +281,10 @@ class OprfRounds:
             return "invalid:not_dealing"
         if tx.submitter not in r.dealers:
             return "invalid:not_a_dealer"
-        if db.execute("SELECT 1 FROM oprf_dealings WHERE round = ? AND dealer = ?",
-                      (r.number, tx.submitter)).fetchone():
+        if tx.submitter in self.dealt(r.number):
             return "invalid:dealt"
         try:
-            dkg.check_dealing_body(tx.body, r.threshold, r.names)
-            points = [oprf.decode_point(c) for c in tx.body["commitments"]]
+            points = dkg.check_dealing_body(tx.body, r.threshold, r.names)
             # A polynomial that is zero at some participant's index would give that participant
             # no share (and a public share with no encoding): refused, whoever it is zero at.
             for name in r.names:
@@ -317,7 +324,8 @@ class OprfRounds:
                          (r.number, tx.submitter, tx.body["complainer"])).fetchone()
         if row is None or row[0] != "open":
             return "invalid:no_open_complaint"
-        dealing = self.dealings(r.number)[tx.submitter]
+        dealing = self.dealing(r.number, tx.submitter)
+        assert dealing is not None  # a complaint names a dealer that dealt
         share = int.from_bytes(tx.body["share"], "big")
         try:
             points = [oprf.decode_point(c) for c in dealing["commitments"]]
@@ -333,7 +341,7 @@ class OprfRounds:
         r = self.get(number)
         assert r is not None
         if r.status == "dealing":
-            if set(self.dealings(number)) >= set(r.dealers):
+            if self.dealt(number) >= set(r.dealers):
                 db.execute("UPDATE oprf_rounds SET status = 'verifying', phase_time = ? WHERE round = ?",
                            (block_time, number))
             return

@@ -89,7 +89,8 @@ class RecordsService:
             self.log.error("vault.behind_chain", anchored=anchored, vault_head=head)
             raise IntegrityError(f"the vault ends at position {head} but the chain holds anchors up to {anchored}: "
                                  "restore the latest vault backup before recording", reason="vault_behind")
-        inputs = self.recorder.oprf_inputs(items)
+        # Reading every Patient's demographics is CPU work a large input must not do on the loop.
+        inputs = await trio.to_thread.run_sync(self.recorder.oprf_inputs, items)
         evaluated = await self.hooks.evaluate(inputs, actor) if inputs else {}
         outcome: Outcome = await self._blocking(
             self.recorder.record, items, skip_invalid=skip_invalid, now_ms=int(time.time() * 1000), actor=actor,
