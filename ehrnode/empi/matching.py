@@ -9,10 +9,14 @@ typo apart", "different"); each level carries a Fellegi-Sunter weight,
 log2(m/u) in hundredths of a bit, where m is how often true matches show that
 level and u how often non-matches do. The weights were fitted once on FEBRL
 and are constants here (``python benchmarks/empi_quality.py --fit`` reproduces
-them). A field unknown on either side weighs nothing. Two departures from
-textbook Fellegi-Sunter: names are also compared crosswise (given against
-family), for records that swap them; and the area fields (locality, postcode,
-state) describe one place, so their agreement counts once, not three times.
+them). A field unknown on either side weighs nothing. Three departures from
+textbook Fellegi-Sunter, all where its independence assumption fails: names are
+also compared crosswise (given against family), for records that swap them; the
+fields of one dwelling (number, street, extra line, phone), and those of one area
+(locality, postcode, state), agree together, so each group's agreement counts
+once; and a move changes every place field at once, so when the person fields
+(names, birth date, sex) all agree the place fields may be read as one event,
+"moved", instead of six or seven disagreements.
 
 The total weight decides: at or above ``UPPER`` the enrolment links to the
 candidate, at or above ``LOWER`` the pair goes to review as a potential
@@ -75,6 +79,17 @@ SEX_WEIGHTS = (97, -464)
 NATIONAL_ID_DIFFERENT = -1000
 #: Taken off a comparison that pairs each name with the other's other name.
 SWAP_PENALTY = 100
+#: A patient who moved between two registrations has every place field (street, number,
+#: area, phone) different at once, and the place fields' weights, fitted as if independent,
+#: count that one event six or seven times (about -17 bits). When the person fields all agree
+#: (both names at least ``NAME_FUZZY``, the birth date identical, the sex known and equal),
+#: the place fields are also read as one event, "moved", which weighs ``MOVED`` (calibrated,
+#: not in FEBRL: m = 0.1, one patient in ten registered at two institutions moved between;
+#: u = 1, different people live apart). The total is the better of the two readings.
+MOVED = -332
+#: Dice (per mille) each name needs for the "moved" reading: one typo in a short name keeps
+#: 620-700, two unrelated names fall below 650 in 98% of pairs.
+NAME_FUZZY = 650
 
 #: A demographic blocking key shared by more enrolments than this is too common to use (the
 #: ledger's registry applies the same rule); national-id keys are always used.
@@ -95,6 +110,15 @@ _GIVEN, _FAMILY = FIELD_INDEX["given"], FIELD_INDEX["family"]
 _OTHER_FIELDS = tuple(i for i in range(len(FIELDS)) if i not in (_GIVEN, _FAMILY))
 #: Fields that describe the same area, whose agreements are not independent evidence.
 _AREA = frozenset(FIELD_INDEX[name] for name in ("locality", "postcode", "state"))
+#: Fields about where the patient lives, which a move changes together.
+_PLACE = frozenset(FIELD_INDEX[name] for name in
+                   ("street_number", "street", "address_extra", "locality", "postcode", "state", "phone"))
+#: Fields that describe one dwelling: everyone living there shares them (the phone too, when
+#: it is the home's).
+_DWELLING = frozenset(FIELD_INDEX[name] for name in ("street_number", "street", "address_extra", "phone"))
+#: Groups whose agreements count once, the strongest (``score``).
+_GROUPS = (tuple(sorted(_DWELLING)), tuple(sorted(_AREA)))
+_BIRTH_DATE = FIELD_INDEX["birth_date"]
 _MODEL_BY_NAME = {m.name: m for m in MODEL}
 
 Decision = Literal["link", "review", "new"]
@@ -115,6 +139,8 @@ def _compile() -> tuple[tuple[tuple[int, ...], tuple[int, ...], int], ...]:
 
 
 _COMPILED = _compile()
+#: The birth date's level for identical filters.
+_TOP_BIRTH_DATE_LEVEL = len(_COMPILED[_BIRTH_DATE][0])
 
 
 @dataclass(frozen=True)
@@ -123,7 +149,8 @@ class FieldEvidence:
 
     ``dice`` (per mille) and ``level`` are None when the field is unknown on either
     side. ``weight`` is the level's weight; ``counted`` what went into the total
-    (it differs only for area fields, whose agreement counts once).
+    (0 for a dwelling or area field whose group's agreement was counted on another
+    field, and for every place field when the pair was read as "moved").
     """
 
     field: str
@@ -138,9 +165,12 @@ class Score:
     """The comparison of two encodings; weights in hundredths of a bit.
 
     ``national_id`` is "same", "different" or "absent" (not on both sides);
-    ``names_swapped`` says the names agreed better crosswise (given against family).
+    ``names_swapped`` says the names agreed better crosswise (given against family);
+    ``moved`` that the place fields were read as one move (``MOVED``), their ``counted`` 0;
+    ``household`` that the given name and the birth date both disagree where the dwelling
+    agrees: maybe someone else living there, so never linked on demographics (``classify``).
     ``total`` is the sum of the fields' ``counted``, ``sex_weight``,
-    ``national_id_weight`` and ``swap_weight``.
+    ``national_id_weight``, ``swap_weight`` and ``moved_weight``.
     """
 
     total: int
@@ -150,6 +180,9 @@ class Score:
     sex_weight: int = 0
     national_id_weight: int = 0
     swap_weight: int = 0
+    moved: bool = False
+    moved_weight: int = 0
+    household: bool = False
 
 
 def dice(a: int, b: int, bits: int) -> int:
@@ -200,30 +233,47 @@ def score(a: Encodings, b: Encodings) -> Score:
     evidence[_GIVEN] = FieldEvidence("given", g[0], g[1], g[2], g[2])
     evidence[_FAMILY] = FieldEvidence("family", f[0], f[1], f[2], f[2])
 
-    # Area fields describe one place (a postcode implies its locality and state): their
-    # agreement is counted once, the strongest; every disagreement still counts.
-    area_best = None
     for i in _OTHER_FIELDS:
         d, level, weight = _compare(i, fa[i], fb[i])
         evidence[i] = FieldEvidence(FIELDS[i].name, d, level, weight, weight)
-        if i in _AREA and weight > 0:
-            best = evidence[area_best] if area_best is not None else None
-            if best is None or weight > best.weight:
-                area_best = i
-    for i in _AREA:
-        e = evidence[i]
-        assert e is not None  # every field was compared above
-        if e.weight > 0 and i != area_best:
-            evidence[i] = FieldEvidence(e.field, e.dice, e.level, e.weight, 0)
-    fields = tuple(e for e in evidence if e is not None)
+    compared = [e for e in evidence if e is not None]
+    assert len(compared) == len(FIELDS)  # every field was compared above
+    # The fields of one dwelling (number, street, extra line, a home phone) are shared by
+    # everyone living there, and those of one area (locality, postcode, state) imply each
+    # other: within each group the agreement counts once, the strongest; every disagreement
+    # still counts.
+    for group in _GROUPS:
+        agreeing = [i for i in group if compared[i].weight > 0]
+        best = max(agreeing, key=lambda i: (compared[i].weight, -i), default=None)
+        for i in agreeing:
+            if i != best:
+                compared[i] = _uncounted(compared[i])
     swap_w = -SWAP_PENALTY if swapped else 0
-    total = sum(e.counted for e in fields) + sex_w + national_w + swap_w
-    return Score(total, national, swapped, fields, sex_w, national_w, swap_w)
+    total = sum(e.counted for e in compared) + sex_w + national_w + swap_w
+    birth = compared[_BIRTH_DATE]
+    if compared[_GIVEN].level == 0 and birth.level == 0 and any(compared[i].weight > 0 for i in _DWELLING):
+        return Score(total, national, swapped, tuple(compared), sex_w, national_w, swap_w, household=True)
+    # A move changes every place field at once; read so, it is one event (see MOVED).
+    if (sex_w > 0 and birth.level == _TOP_BIRTH_DATE_LEVEL and g[0] is not None and f[0] is not None
+            and min(g[0], f[0]) >= NAME_FUZZY):
+        place = sum(compared[i].counted for i in _PLACE)
+        if MOVED > place:
+            moved = tuple(_uncounted(e) if i in _PLACE else e for i, e in enumerate(compared))
+            return Score(total - place + MOVED, national, swapped, moved, sex_w, national_w, swap_w, True, MOVED)
+    return Score(total, national, swapped, tuple(compared), sex_w, national_w, swap_w)
+
+
+def _uncounted(e: FieldEvidence) -> FieldEvidence:
+    return FieldEvidence(e.field, e.dice, e.level, e.weight, 0)
 
 
 def classify(s: Score) -> Decision:
-    """"link" (same patient), "review" (potential duplicate) or "new" (another patient)."""
-    if s.national_id == "same" or s.total >= UPPER:
+    """"link" (same patient), "review" (potential duplicate) or "new" (another patient).
+
+    A ``household`` pair (another given name and birth date at the same dwelling) is at most
+    reviewed: a mother and her daughter share a family name, an address and a phone, which
+    outweigh two disagreements, and linking them would give each the other's records."""
+    if s.national_id == "same" or (s.total >= UPPER and not s.household):
         return "link"
     return "review" if s.total >= LOWER else "new"
 
@@ -231,9 +281,11 @@ def classify(s: Score) -> Decision:
 def match_grade(s: Score) -> Grade | None:
     """FHIR match grade: certain (equal national id, or total >= CERTAIN), probable (a link
     on demographics), possible (review), or None for a different patient."""
-    if s.national_id == "same" or s.total >= CERTAIN:
+    if s.national_id == "same":
         return "certain"
-    if s.total >= UPPER:
+    if s.total >= CERTAIN and not s.household:
+        return "certain"
+    if s.total >= UPPER and not s.household:
         return "probable"
     return "possible" if s.total >= LOWER else None
 
@@ -312,7 +364,9 @@ class Index:
         return sorted(found)
 
     def ranked(self, enc: Encodings) -> list[tuple[str, Score]]:
-        """Every candidate with its score, best first: an equal national id, then by total, ties by id."""
+        """Every candidate with its score, best first: an equal national id, then those that link
+        (a household pair may score higher and not link), then by total, ties by id."""
         scored = [(cid, score(enc, self._entries[cid])) for cid in self.candidates(enc)]
-        scored.sort(key=lambda item: (item[1].national_id != "same", -item[1].total, item[0]))
+        scored.sort(key=lambda item: (item[1].national_id != "same", classify(item[1]) != "link",
+                                      -item[1].total, item[0]))
         return scored

@@ -194,7 +194,7 @@ class EmpiRegistry:
                   for other in self.candidates(db, encodings)]
         if not scored:
             return None, "new", []
-        scored.sort(key=lambda s: (-s[0].total, s[1]))
+        scored.sort(key=_best_first)
         best, best_id = scored[0]
         if matching.classify(best) == "link":
             empi = db.execute("SELECT empi FROM enrolments WHERE id = ?", (best_id,)).fetchone()[0]
@@ -214,7 +214,7 @@ class EmpiRegistry:
             s = matching.score(encodings, self._encodings(other))
             if matching.match_grade(s) is not None:
                 scored.append((s, other))
-        scored.sort(key=lambda s: (-s[0].total, s[1]))
+        scored.sort(key=_best_first)
         candidates = [{"empi": self.empi_of(other), "enrolment": other.hex(), "grade": matching.match_grade(s),
                        "evidence": evidence_view(s)} for s, other in scored[:10]]
         if scored and matching.classify(scored[0][0]) == "link":
@@ -542,11 +542,19 @@ class EmpiRegistry:
         return [{"empi": e, "height": h, "tx_id": t.hex(), "event": ev, "detail": d} for e, h, t, ev, d in rows]
 
 
+def _best_first(scored: tuple[matching.Score, bytes]) -> tuple[bool, int, bytes]:
+    """Candidates that link first (a household pair may score higher and still not link),
+    then by total, then by id."""
+    score, other = scored
+    return matching.classify(score) != "link", -score.total, other
+
+
 def evidence_view(score: matching.Score) -> dict[str, Any]:
     """A score as a curator reads it: per field, Dice (per mille), agreement level and weight."""
     return {
         "total": score.total, "grade": matching.match_grade(score), "decision": matching.classify(score),
         "national_id": score.national_id, "names_swapped": score.names_swapped, "sex_weight": score.sex_weight,
+        "moved": score.moved, "moved_weight": score.moved_weight, "household": score.household,
         "fields": [{"field": f.field, "dice": f.dice, "level": f.level, "weight": f.weight, "counted": f.counted}
                    for f in score.fields],
     }

@@ -116,6 +116,80 @@ def test_area_agreement_counts_once(encoder):
     assert max(e.counted for e in area.values()) == max(e.weight for e in area.values())
 
 
+def test_dwelling_agreement_counts_once(encoder):
+    other_line = dataclasses.replace(SUMIKO, address_extra="unit 4")
+    s = linked(encoder, other_line, other_line)
+    dwelling = {e.field: e for e in s.fields if e.field in ("street_number", "street", "address_extra", "phone")}
+    assert all(e.weight > 0 for e in dwelling.values())
+    assert sorted(e.counted for e in dwelling.values())[:2] == [0, 0]
+    assert max(e.counted for e in dwelling.values()) == max(e.weight for e in dwelling.values())
+
+
+def test_someone_else_at_the_same_address_does_not_link(encoder):
+    """A household: one dwelling, another person (other names, birth date and sex)."""
+    husband = dataclasses.replace(SUMIKO, given="harold", family="baxter", birth_date="19250302", sex="m",
+                                  address_extra="unit 4")
+    s = linked(encoder, dataclasses.replace(SUMIKO, address_extra="unit 4"), husband)
+    assert classify(s) == "new", (s.total, s.fields)
+
+
+#: Her daughter, living with her: the family name, address and phone are hers too.
+DAUGHTER = dataclasses.replace(SUMIKO, given="dorothy", birth_date="19530814")
+
+
+def test_a_housemate_with_the_family_name_is_reviewed_not_linked(encoder):
+    s = linked(encoder, SUMIKO, DAUGHTER)
+    assert s.household and s.total >= matching.UPPER     # the address and the name outweigh the rest
+    assert classify(s) == "review" and match_grade(s) == "possible"
+
+
+def test_the_same_person_at_the_same_address_is_not_a_household(encoder):
+    s = linked(encoder, SUMIKO, dataclasses.replace(SUMIKO, given="sumko"))
+    assert not s.household and classify(s) == "link"
+
+
+def test_a_link_ranks_before_a_household_pair_that_scores_higher(encoder):
+    index = Index()
+    # The daughter's own record elsewhere: after a move, with a typo in each name.
+    elsewhere = dataclasses.replace(DAUGHTER, given="dorthy", family="medhrust", street_number="12",
+                                    street="harbour view road", locality="fremantle", postcode="6160", state="wa",
+                                    phone="0893351122")
+    index.add("mother", encoder.encode(SUMIKO))
+    index.add("daughter", encoder.encode(elsewhere))
+    enc = encoder.encode(DAUGHTER)
+    assert score(enc, index.get("mother")).total > score(enc, index.get("daughter")).total
+    (best, s), (second, t) = index.ranked(enc)
+    assert (best, classify(s)) == ("daughter", "link") and (second, classify(t)) == ("mother", "review")
+
+
+#: The same woman, registered elsewhere after a move to another state, with a typo in each name.
+MOVED_SUMIKO = dataclasses.replace(SUMIKO, given="sumikko", family="medhrust", street_number="12",
+                                   street="harbour view road", address_extra="flat 2", locality="fremantle",
+                                   postcode="6160", state="wa", phone="0893351122")
+
+
+def test_a_patient_who_moved_links_as_one_move(encoder):
+    s = linked(encoder, SUMIKO, MOVED_SUMIKO)
+    assert s.moved and s.moved_weight == matching.MOVED
+    assert classify(s) == "link", (s.total, s.fields)
+    place = [e for e in s.fields if e.field not in ("given", "family", "birth_date")]
+    assert place and all(e.counted == 0 and e.weight < 0 for e in place if e.dice is not None)
+    person = sum(e.counted for e in s.fields if e.field in ("given", "family", "birth_date"))
+    assert s.total == person + s.sex_weight + matching.MOVED
+
+
+@pytest.mark.parametrize("change", [
+    {"sex": ""},                              # the sex unknown on one side
+    {"sex": "m"},                             # a different sex
+    {"birth_date": "19270512"},               # a birth date off by a typo
+    {"given": "harold"},                      # another given name
+])
+def test_the_moved_reading_needs_every_person_field_to_agree(encoder, change):
+    s = linked(encoder, SUMIKO, dataclasses.replace(MOVED_SUMIKO, **change))
+    assert not s.moved and s.moved_weight == 0
+    assert classify(s) != "link", (s.total, s.fields)
+
+
 def test_unknown_fields_weigh_nothing(encoder):
     s = linked(encoder, SUMIKO, Demographics(given="sumiko", family="medhurst"))
     unknown = [e for e in s.fields if e.field not in ("given", "family")]
@@ -132,7 +206,8 @@ def test_score_is_symmetric_and_adds_up(encoder):
         for b in encs:
             s, t = score(a, b), score(b, a)
             assert s.total == t.total and s.names_swapped == t.names_swapped
-            assert s.total == sum(e.counted for e in s.fields) + s.sex_weight + s.national_id_weight + s.swap_weight
+            assert s.total == (sum(e.counted for e in s.fields) + s.sex_weight + s.national_id_weight + s.swap_weight
+                               + s.moved_weight)
 
 
 def test_index_answers_do_not_depend_on_insertion_order(encoder):
