@@ -452,7 +452,9 @@ class ConsensusCore:
                 # the committed blocks; the last of this epoch comes with its proof.
                 if self._range_wanted is None:
                     actions.append(Log("epoch.behind", {"epoch": self.vset.epoch, "seen": epoch, "from": sender}))
-                self._request_range(now, actions)
+                # Ask the sender first: it is in a later epoch, so it committed the end of ours (a
+                # peer picked in turn may be as far behind as we are, and costs a retry each).
+                self._request_range(now, actions, peer=sender)
             elif not isinstance(message, EpochHint):
                 # The sender is still in an epoch this validator has left: tell it, so it fetches
                 # the end of its epoch (perhaps from us) rather than wait for messages of the new
@@ -867,7 +869,8 @@ class ConsensusCore:
         self._retry_waiting(now, actions)
 
     def _request_range(
-        self, now: float, actions: list[Action], *, start: int | None = None, retry: bool = False
+        self, now: float, actions: list[Action], *, start: int | None = None, retry: bool = False,
+        peer: int | None = None,
     ) -> None:
         if start is None:
             start = self._range_wanted[0] if retry and self._range_wanted is not None else self.root.height + 1
@@ -877,9 +880,12 @@ class ConsensusCore:
         if attempts > 2 * self.vset.n and not self._catching_up:
             self._range_wanted = None  # a hint of a later epoch nobody could back with blocks
             return
-        self._sync_peer = (self._sync_peer + 1) % self.vset.n
-        if self._sync_peer == self.index:
+        if peer is not None and peer != self.index:
+            self._sync_peer = peer  # asked first; a retry goes on to the next one
+        else:
             self._sync_peer = (self._sync_peer + 1) % self.vset.n
+            if self._sync_peer == self.index:
+                self._sync_peer = (self._sync_peer + 1) % self.vset.n
         self._range_wanted = (start, now + self.config.sync_retry, attempts)
         actions.append(Send(self._sync_peer, RangeRequest(start, MAX_SYNC_BLOCKS)))
 
