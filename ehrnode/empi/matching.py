@@ -81,7 +81,7 @@ NATIONAL_ID_DIFFERENT = -1000
 SWAP_PENALTY = 100
 #: A patient who moved between two registrations has every place field (street, number,
 #: area, phone) different at once, and the place fields' weights, fitted as if independent,
-#: count that one event six or seven times (about -17 bits). When the person fields all agree
+#: count that one event six or seven times (-17 to -20 bits). When the person fields all agree
 #: (both names at least ``NAME_FUZZY``, the birth date identical, the sex known and equal),
 #: the place fields are also read as one event, "moved", which weighs ``MOVED`` (calibrated,
 #: not in FEBRL: m = 0.1, one patient in ten registered at two institutions moved between;
@@ -225,10 +225,14 @@ def score(a: Encodings, b: Encodings) -> Score:
     g, f = _compare(_GIVEN, fa[_GIVEN], fb[_GIVEN]), _compare(_FAMILY, fa[_FAMILY], fb[_FAMILY])
     p_given, q_family = _compare(_GIVEN, fa[_GIVEN], fb[_FAMILY]), _compare(_FAMILY, fa[_FAMILY], fb[_GIVEN])
     q_given, p_family = _compare(_GIVEN, fa[_FAMILY], fb[_GIVEN]), _compare(_FAMILY, fa[_GIVEN], fb[_FAMILY])
-    crossed = min((p_given[2] + q_family[2], 0, p_given, q_family), (q_given[2] + p_family[2], 1, q_given, p_family))
-    swapped = crossed[0] - SWAP_PENALTY > g[2] + f[2]
+    # On a tie the option is chosen by what it holds, not by which side listed it first (the
+    # other side lists the same two in the other order), so every flag below stays symmetric.
+    crossed_total, _, crossed_given, crossed_family = min(
+        (p_given[2] + q_family[2], (p_given[2], _dice(p_given), _dice(q_family)), p_given, q_family),
+        (q_given[2] + p_family[2], (q_given[2], _dice(q_given), _dice(p_family)), q_given, p_family))
+    swapped = crossed_total - SWAP_PENALTY > g[2] + f[2]
     if swapped:
-        g, f = crossed[2], crossed[3]
+        g, f = crossed_given, crossed_family
     evidence: list[FieldEvidence | None] = [None] * len(FIELDS)
     evidence[_GIVEN] = FieldEvidence("given", g[0], g[1], g[2], g[2])
     evidence[_FAMILY] = FieldEvidence("family", f[0], f[1], f[2], f[2])
@@ -263,6 +267,16 @@ def score(a: Encodings, b: Encodings) -> Score:
     return Score(total, national, swapped, tuple(compared), sex_w, national_w, swap_w)
 
 
+def _person_agrees(s: Score) -> bool:
+    """The given name and the birth date are known on both sides and above their lowest level."""
+    levels = {e.field: e.level for e in s.fields}
+    return all((levels[name] or 0) > 0 for name in ("given", "birth_date"))
+
+
+def _dice(compared: tuple[int | None, int | None, int]) -> int:
+    return -1 if compared[0] is None else compared[0]
+
+
 def _uncounted(e: FieldEvidence) -> FieldEvidence:
     return FieldEvidence(e.field, e.dice, e.level, e.weight, 0)
 
@@ -280,10 +294,17 @@ def classify(s: Score) -> Decision:
 
 def match_grade(s: Score) -> Grade | None:
     """FHIR match grade: certain (equal national id, or total >= CERTAIN), probable (a link
-    on demographics), possible (review), or None for a different patient."""
+    on demographics), possible (review), or None for a different patient.
+
+    "Certain" on demographics is what lets a link join another institution's EMPI without its
+    agreement, so it also needs the given name and the birth date known and agreeing (a record
+    without them, at a relative's address, can score high on the family name and the place)
+    and the pair not read as ``moved`` (which rests on the names, birth date and sex alone,
+    which twins with similar names, or namesakes born the same day, can share). A
+    ``household`` pair is possible at most (``classify``)."""
     if s.national_id == "same":
         return "certain"
-    if s.total >= CERTAIN and not s.household:
+    if s.total >= CERTAIN and not s.household and not s.moved and _person_agrees(s):
         return "certain"
     if s.total >= UPPER and not s.household:
         return "probable"
@@ -325,7 +346,8 @@ class Index:
     """In-memory blocking index of enrolments: candidates for a new one, best first.
 
     Its answers depend only on which enrolments it holds, never on the order they
-    were added: candidates are sorted by id, rankings by weight then id. A
+    were added: candidates are sorted by id, rankings (:meth:`ranked`) by national id, then
+    those that link, then weight, then id. A
     demographic block holding more than ``MAX_BLOCK`` enrolments is too common to
     discriminate (a placeholder birth date, a big city's main street) and is
     skipped, and at most ``MAX_CANDIDATES`` are taken from demographic blocks;

@@ -11,10 +11,11 @@ over the same committed data:
 1. an enrolment whose national-id pseudonym equals an earlier one's joins that
    enrolment's EMPI (certain);
 2. otherwise the earlier enrolments sharing a blocking key are scored
-   (``ehrnode.empi.matching``); the best one (highest score, then lowest
-   enrolment id) decides: above the upper threshold the enrolment joins its
-   EMPI; otherwise it gets a new EMPI, and every candidate between the
-   thresholds goes to the review queue as a potential duplicate.
+   (``ehrnode.empi.matching``); the best one (one that links before one that
+   does not, such as a possible housemate; then highest score, then lowest
+   enrolment id) decides: if it links, the enrolment joins its EMPI; otherwise it
+   gets a new EMPI, and every candidate between the thresholds goes to the review
+   queue as a potential duplicate.
 
 A new EMPI is derived from the enrolment transaction's id, so it is the same on
 every node. Records never carry an EMPI, only their enrolment: a merge or

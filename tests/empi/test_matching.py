@@ -178,6 +178,21 @@ def test_a_patient_who_moved_links_as_one_move(encoder):
     assert s.total == person + s.sex_weight + matching.MOVED
 
 
+def test_a_moved_pair_is_probable_at_most(encoder):
+    s = linked(encoder, SUMIKO, dataclasses.replace(MOVED_SUMIKO, given="sumiko", family="medhurst"))
+    assert s.moved and s.total >= matching.CERTAIN
+    assert classify(s) == "link" and match_grade(s) == "probable"
+
+
+@pytest.mark.parametrize("unknown", ["given", "birth_date"])
+def test_certain_on_demographics_needs_the_given_name_and_birth_date(encoder, unknown):
+    """A record without them at a relative's address scores high on the family name and place."""
+    s = linked(encoder, SUMIKO, dataclasses.replace(DAUGHTER, **{unknown: ""}))
+    assert s.total >= matching.CERTAIN and not s.household
+    assert match_grade(s) == "probable"
+    assert match_grade(linked(encoder, SUMIKO, SUMIKO)) == "certain"
+
+
 @pytest.mark.parametrize("change", [
     {"sex": ""},                              # the sex unknown on one side
     {"sex": "m"},                             # a different sex
