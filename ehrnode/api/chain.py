@@ -16,6 +16,8 @@ from .commit import committed
 from .rpc import MAX_WAIT, RpcError, hex_param, refused
 
 MAX_BATCH = 1000
+#: Notes of a batch signed and admitted before the call lets other tasks run (about 4 ms of work).
+BATCH_TURN = 10
 
 
 async def status(call: Call) -> Any:
@@ -64,6 +66,8 @@ async def tx_submit_batch(call: Call) -> Any:
     tx_ids: list[str | None] = []
     errors = []
     for index, note in enumerate(notes):
+        if index and index % BATCH_TURN == 0:
+            await trio.sleep(0)  # let consensus run between chunks: signing a batch takes tens of ms
         try:
             tx_ids.append(call.node.submit_note(note, call.user.pseudonym).id.hex())
         except AdmissionError as exc:

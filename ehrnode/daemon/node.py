@@ -505,6 +505,7 @@ class Node:
         Raises SchemaError for a body that does not fit the kind, AdmissionError if the
         mempool will not take it.
         """
+        self.mempool.check_room(self.name)
         tx = Transaction.create(kind, body, chain_id=self.genesis.chain_id, submitter=self.name,
                                 identity=self.identity, time_ms=int(time.time() * 1000), actor=actor)
         self.submit_own(tx)

@@ -101,6 +101,15 @@ class Mempool:
         self._hold(envelope.id, tx)
         return tx
 
+    def check_room(self, submitter: str) -> None:
+        """Raise AdmissionError now if a transaction of ``submitter`` would not fit: a node checks
+        before it builds and signs one, so a full pool costs a submitter nothing but the refusal."""
+        if len(self._pending) >= self.capacity:
+            raise AdmissionError(f"mempool full ({self.capacity} transactions pending)", reason="mempool_full")
+        if self._held_by.of(submitter) >= self.member_quota:
+            raise AdmissionError(f"{submitter} has {self.member_quota} transactions pending, its share of the "
+                                 "mempool", reason="member_quota")
+
     def _check_new(self, tx: Transaction) -> None:
         if tx.id in self._by_tx or self._is_committed(tx.id):
             raise AdmissionError(f"transaction {tx.id.hex()[:16]} is already known", reason="duplicate")
