@@ -56,7 +56,16 @@ def test_admission_checks_and_their_reasons(tmp_path):
     for text in ("b1", "b2"):
         pool.admit(sealed(note(text, submitter="B"), EPOCHS))
     assert refused(pool, sealed(note("b3", submitter="B"), EPOCHS)) == "mempool_full"
+    # A node asks before it builds and signs a transaction of its own: no room, no work.
+    for submitter in ("A", "B"):
+        with pytest.raises(AdmissionError) as err:
+            pool.check_room(submitter)
+        assert err.value.reason == "mempool_full"
     pool.remove([crypto.sha256(second)])
+    with pytest.raises(AdmissionError) as err:
+        pool.check_room("B")
+    assert err.value.reason == "member_quota"
+    pool.check_room("A")
     pool.admit(sealed(note("third"), EPOCHS))
 
 
