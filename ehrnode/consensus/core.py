@@ -169,11 +169,6 @@ class CoreConfig:
     leader_window: int | None = None
 
 
-#: What leader reputation reads of a block: its parent's id, its epoch, its round, the validators
-#: that took part in it (its author and its certificate's signers), and its author.
-_Entry = tuple[bytes, int, int, frozenset[int], int]
-
-
 class ConsensusCore:
     def __init__(
         self,
@@ -248,7 +243,7 @@ class ConsensusCore:
         self._leaders: OrderedDict[bytes, int] = OrderedDict()  # block id -> leader of the round after it
         # What leader reputation reads of recent blocks, kept as they leave the tree on commit, so
         # a window is not read back from the block store: id -> (parent, epoch, round, who took part).
-        self._recent: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._recent: OrderedDict[bytes, tuple[bytes, int, int, frozenset[int]]] = OrderedDict()
 
     # --- introspection ----------------------------------------------------------------
 
@@ -319,60 +314,27 @@ class ConsensusCore:
         # An epoch's first round follows its root certificate (round 0), whatever the round of the
         # previous epoch's last block.
         round_ = block.round + 1 if block.epoch == self.vset.epoch else 1
-        if self._leader_window == 0:
-            return self.vset.leader(round_)  # plain round robin
         active: set[int] = set()
-        authored: set[int] = set()  # authors of the blocks walked so far (the newer ones)
-        failed: set[int] = set()
-        full = True
-        current = self._took_part(block)
+        current: tuple[bytes, int, int, frozenset[int]] | None = self._took_part(block)
         for _ in range(self._leader_window):
             if current is None or current[1] != self.vset.epoch or current[2] == 0:
-                full = False  # not enough of this epoch's history yet
-                break
+                return self.vset.leader(round_)  # not enough of this epoch's history yet
             active |= current[3]
-            authored.add(current[4])
-            parent = self._entry(current[0])
-            if parent is not None and parent[1] == self.vset.epoch and current[2] > parent[2] + 1:
-                # Rounds between the parent's and this block's made no block of this chain: their
-                # leaders failed (the first as reputation named it then, the rest, entered by
-                # timeout certificates, round robin). Not held against one that authored since.
-                blamed = {self._plain_leader(parent)}
-                blamed.update(self.vset.leader(r) for r in range(parent[2] + 2, current[2]))
-                failed |= blamed - authored
-            current = parent
-        if not full and not failed:
-            return self.vset.leader(round_)
-        pool = active if full else set(range(self.vset.n))
-        candidates = sorted(pool - failed) or sorted(pool)
+            current = self._recent.get(current[0]) or self._took_part(self.get_block(current[0]))
+        if not active:
+            return self.vset.leader(round_)  # leader_window = 0: round robin
+        candidates = sorted(active)
         return candidates[round_ % len(candidates)]
 
-    def _plain_leader(self, entry: _Entry) -> int:
-        """The leader after the block of ``entry`` by participation alone (who authored or signed in
-        the last window), without the failures: whom a failed round is held against."""
-        round_ = entry[2] + 1
-        active: set[int] = set()
-        current: _Entry | None = entry
-        for _ in range(self._leader_window):
-            if current is None or current[1] != self.vset.epoch or current[2] == 0:
-                return self.vset.leader(round_)
-            active |= current[3]
-            current = self._entry(current[0])
-        candidates = sorted(active)
-        return candidates[round_ % len(candidates)] if candidates else self.vset.leader(round_)
-
-    def _entry(self, block_id: bytes) -> _Entry | None:
-        return self._recent.get(block_id) or self._took_part(self.get_block(block_id))
-
-    def _took_part(self, block: Block | None) -> _Entry | None:
-        """A block's parent, epoch and round, the validators that took part in it (its author and
-        the signers of the certificate it carries), and its author."""
+    def _took_part(self, block: Block | None) -> tuple[bytes, int, int, frozenset[int]] | None:
+        """A block's parent, epoch and round, and the validators that took part in it: its author
+        and the signers of the certificate it carries."""
         if block is None:
             return None
         entry = self._recent.get(block.id)
         if entry is None:
             signers = () if block.qc is None else (signer for signer, _ in block.qc.signatures)
-            entry = (block.parent, block.epoch, block.round, frozenset((block.author, *signers)), block.author)
+            entry = (block.parent, block.epoch, block.round, frozenset((block.author, *signers)))
             self._recent[block.id] = entry
             if len(self._recent) > 4 * self._leader_window + 64:
                 self._recent.popitem(last=False)

@@ -161,32 +161,6 @@ def test_a_round_entered_by_a_timeout_certificate_is_led_round_robin():
     assert core.leader_of(late) == f.vset.leader(5)
 
 
-def test_a_leader_that_failed_its_round_is_skipped_until_it_authors_again():
-    # Rounds 1-8 made blocks, round 9 none, round 10 one extending round 8's: round 9's leader
-    # (validator 1, by participation) failed. It is still active in the window (it authored and
-    # signed), but is not chosen again until it authors a block: a validator that is down costs
-    # one timeout, not one every few rounds until the window forgets it.
-    f = Factory(4)
-    core = ConsensusCore(f.vset, 0, f.identities[0], MemorySafetyStore(), config=CONFIG)
-    core.start(0.0)
-    blocks = f.chain(list(range(1, 9)))
-    assert {b.author for b in blocks} == {0, 1, 2, 3}
-    for block in blocks:
-        core.tree.insert(block)
-    assert core.leader_after(blocks[-1]) == 1  # whom round 9 was for
-    head = f.block(10, f.qc(blocks[-1]), author=2)
-    leaders = []
-    for round_ in range(11, 15):  # four rounds in turn: round robin among four would pick 1 once
-        core.tree.insert(head)
-        leaders.append(core.leader_after(head))
-        head = f.block(round_, f.qc(head), author=leaders[-1])
-    assert 1 not in leaders and set(leaders) == {0, 2, 3}
-    core.tree.insert(head)
-    back = f.block(15, f.qc(head), author=1)  # it authors again (as the leader of a round after a timeout can)
-    core.tree.insert(back)
-    assert core.leader_after(back) == 16 % 4  # a candidate again, with all four
-
-
 def test_leader_window_zero_is_round_robin():
     c = Cluster(down={1}, config=replace(CONFIG, leader_window=0))
     c.start()
