@@ -73,16 +73,6 @@ def febrl_patients() -> list[dict]:
     return out
 
 
-async def _key_ready(cluster) -> float:
-    started = time.monotonic()
-    with trio.fail_after(120):
-        while True:
-            views = [(await cluster.call(n, "status"))["oprf"] for n in INSTITUTIONS]
-            if all(v and v.get("held") == 0 for v in views):
-                return time.monotonic() - started
-            await trio.sleep(0.1)
-
-
 def _patients(member: str, people) -> list[fhir.Item]:
     return [fhir.Item(f"{member}:{p['id']}", p) if isinstance(p, dict)
             else fhir.Item(f"{member}:{p.key}", synthetic.patient_resources(p, member, visits=0)[0]) for p in people]
@@ -90,7 +80,7 @@ def _patients(member: str, people) -> list[fhir.Item]:
 
 async def measure(cluster, args) -> dict:
     await cluster.wait_ready()
-    generated = await _key_ready(cluster)
+    generated = await cluster.wait_oprf_key(list(INSTITUTIONS))
     people = febrl_patients() if args.people == "febrl" else synthetic.people(args.latency + 30_000, seed=7)
     latencies = []
     async with ApiClient.connect(cluster.configs["A"]) as client:

@@ -70,25 +70,12 @@ def pieces(items: list[fhir.Item]) -> dict[str, float]:
     return {"validate_per_s": round(len(items) / validate_s), "deidentify_per_s": round(len(patient_items) / deid_s)}
 
 
-async def _oprf_key_ready(cluster: LocalConsortium) -> float:
-    """Wait until every institution holds its share of the consortium's first OPRF key (generated
-    once, when a consortium first starts; recording waits for it), and say how long that took, so
-    the records/s measured are recording's own."""
-    started = time.monotonic()
-    with trio.fail_after(120):
-        while True:
-            views = [(await cluster.call(n, "status"))["oprf"] for n in INSTITUTIONS]
-            if all(v and v.get("held") == 0 for v in views):
-                return time.monotonic() - started
-            await trio.sleep(0.1)
-
-
 async def end_to_end(root: Path, items: list[fhir.Item]) -> dict[str, float]:
     cluster = LocalConsortium(root)
     cluster.start_all()
     try:
         await cluster.wait_ready()
-        key_wait = await _oprf_key_ready(cluster)
+        key_wait = await cluster.wait_oprf_key(list(INSTITUTIONS))
         async with ApiClient.connect(cluster.configs["A"]) as client:
             start = time.perf_counter()
             marks: dict[str, float] = {}

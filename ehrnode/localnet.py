@@ -173,6 +173,17 @@ class LocalConsortium:
             await trio.sleep(0.2)
         raise EhrnodeError(f"members {names} not connected to each other within {timeout:.0f} s", reason="timeout")
 
+    async def wait_oprf_key(self, names: list[str], timeout: float = 120.0) -> float:
+        """Wait until each of ``names`` holds its share of the consortium's first OPRF key (made when
+        a consortium first starts; recording waits for it); returns the seconds waited."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            views = [(await self.call(n, "status"))["oprf"] for n in names]
+            if all(v and v.get("held") == 0 for v in views):
+                return time.monotonic() - started
+            await trio.sleep(0.1)
+        raise EhrnodeError(f"members {names} hold no OPRF key share after {timeout:.0f} s", reason="timeout")
+
     async def wait_height(self, names: list[str], height: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
