@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from .encoding import FIELD_INDEX, FIELDS, NATIONAL_ID_BYTES, Encodings
 
@@ -122,6 +122,7 @@ _BIRTH_DATE = FIELD_INDEX["birth_date"]
 _MODEL_BY_NAME = {m.name: m for m in MODEL}
 
 Decision = Literal["link", "review", "new"]
+_Id = TypeVar("_Id", str, bytes)
 Grade = Literal["certain", "probable", "possible"]
 
 
@@ -311,6 +312,12 @@ def match_grade(s: Score) -> Grade | None:
     return "possible" if s.total >= LOWER else None
 
 
+def best_first(s: Score, candidate: _Id) -> tuple[bool, int, _Id]:
+    """Sort key of scored candidates, best first: those that link (a household pair may score
+    higher and not link), then by total, ties by id. The ledger's registry ranks by it too."""
+    return classify(s) != "link", -s.total, candidate
+
+
 def blocking_keys(enc: Encodings) -> list[bytes]:
     """The keys under which an enrolment is indexed and looks for candidates, sorted.
 
@@ -389,6 +396,5 @@ class Index:
         """Every candidate with its score, best first: an equal national id, then those that link
         (a household pair may score higher and not link), then by total, ties by id."""
         scored = [(cid, score(enc, self._entries[cid])) for cid in self.candidates(enc)]
-        scored.sort(key=lambda item: (item[1].national_id != "same", classify(item[1]) != "link",
-                                      -item[1].total, item[0]))
+        scored.sort(key=lambda item: (item[1].national_id != "same", *best_first(item[1], item[0])))
         return scored

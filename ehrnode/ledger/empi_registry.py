@@ -195,7 +195,7 @@ class EmpiRegistry:
                   for other in self.candidates(db, encodings)]
         if not scored:
             return None, "new", []
-        scored.sort(key=_best_first)
+        scored.sort(key=lambda item: matching.best_first(*item))
         best, best_id = scored[0]
         if matching.classify(best) == "link":
             empi = db.execute("SELECT empi FROM enrolments WHERE id = ?", (best_id,)).fetchone()[0]
@@ -215,7 +215,7 @@ class EmpiRegistry:
             s = matching.score(encodings, self._encodings(other))
             if matching.match_grade(s) is not None:
                 scored.append((s, other))
-        scored.sort(key=_best_first)
+        scored.sort(key=lambda item: matching.best_first(*item))
         candidates = [{"empi": self.empi_of(other), "enrolment": other.hex(), "grade": matching.match_grade(s),
                        "evidence": evidence_view(s)} for s, other in scored[:10]]
         if scored and matching.classify(scored[0][0]) == "link":
@@ -541,13 +541,6 @@ class EmpiRegistry:
         rows = self._db.execute(
             "SELECT empi, height, tx_id, event, detail FROM empi_history WHERE empi = ? ORDER BY seq", (empi,))
         return [{"empi": e, "height": h, "tx_id": t.hex(), "event": ev, "detail": d} for e, h, t, ev, d in rows]
-
-
-def _best_first(scored: tuple[matching.Score, bytes]) -> tuple[bool, int, bytes]:
-    """Candidates that link first (a household pair may score higher and still not link),
-    then by total, then by id."""
-    score, other = scored
-    return matching.classify(score) != "link", -score.total, other
 
 
 def evidence_view(score: matching.Score) -> dict[str, Any]:

@@ -113,11 +113,7 @@ class Mempool:
     def _check_new(self, tx: Transaction) -> None:
         if tx.id in self._by_tx or self._is_committed(tx.id):
             raise AdmissionError(f"transaction {tx.id.hex()[:16]} is already known", reason="duplicate")
-        if len(self._pending) >= self.capacity:
-            raise AdmissionError(f"mempool full ({self.capacity} transactions pending)", reason="mempool_full")
-        if self._held_by.of(tx.submitter) >= self.member_quota:
-            raise AdmissionError(f"{tx.submitter} has {self.member_quota} transactions pending, its share of the "
-                                 "mempool", reason="member_quota")
+        self.check_room(tx.submitter)
 
     def _hold(self, envelope_id: bytes, tx: Transaction) -> None:
         self._pending[envelope_id] = tx
