@@ -35,6 +35,77 @@ def test_decoding_random_bytes_raises_only_codec_error(data):
         pass
 
 
+def _by_encoding_again(data):
+    """What strict decoding means, said the slow way: ``[value]`` if ``data`` is exactly the
+    canonical encoding of a value of the data model, else None."""
+    try:
+        value = cbor2.loads(data)
+    except Exception:  # noqa: BLE001 - anything cbor2 cannot read is refused either way
+        return None
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            if not all(isinstance(k, str) for k in item):
+                return None
+            stack.extend(item.values())
+        elif not isinstance(item, (int, bytes, str, bool, type(None))):
+            return None
+    try:
+        again = cbor2.dumps(value, canonical=True)
+    except Exception:  # noqa: BLE001
+        return None
+    return [value] if again == data else None
+
+
+@given(values, st.lists(st.tuples(st.integers(0, 2), st.integers(0, 10**6), st.integers(0, 255)), max_size=3))
+@settings(max_examples=3000)
+def test_decode_accepts_exactly_the_canonical_encodings_of_the_data_model(value, edits):
+    """The header scan stands in for encoding the value again: on encodings and on encodings
+    with bytes changed, inserted or deleted, both accept the same inputs, to the same value."""
+    data = bytearray(codec.encode(value))
+    for op, where, byte in edits:
+        where %= len(data) + 1
+        if op == 0 and where < len(data):
+            data[where] = byte
+        elif op == 1:
+            data.insert(where, byte)
+        elif where < len(data):
+            del data[where]
+    expected = _by_encoding_again(bytes(data))
+    try:
+        got = codec.decode(bytes(data))
+    except CodecError:
+        assert expected is None
+    else:
+        assert expected is not None and got == expected[0] and type(got) is type(expected[0])
+
+
+@pytest.mark.parametrize("data", [
+    b"\xa2\x61\x61\x01\x61\x62\x02",  # {"a": 1, "b": 2}
+    b"\xa2\x61\x62\x01\x62\x61\x61\x02",  # {"b": 1, "aa": 2}: the shorter key first
+    b"\x18\x18", b"\x19\x01\x00", b"\x1a\x00\x01\x00\x00", b"\x1b\x00\x00\x00\x01\x00\x00\x00\x00",
+    b"\x38\x18", b"\x58\x18" + b"x" * 24, b"\x98\x18" + b"\x00" * 24, b"\xf4", b"\xf5", b"\xf6",
+])
+def test_decode_accepts_canonical_edge_cases(data):
+    assert codec.decode(data) == cbor2.loads(data)
+
+
+@pytest.mark.parametrize("data", [
+    b"\x19\x00\xff", b"\x1a\x00\x00\xff\xff", b"\x1b\x00\x00\x00\x00\xff\xff\xff\xff",  # longer than needed
+    b"\x38\x17", b"\x58\x01x", b"\x78\x01x", b"\x98\x01\x00", b"\xb8\x01\x61\x61\x00",
+    b"\xa1\x78\x01\x61\x00",  # a key whose length is not in its shortest form
+    b"\xa2\x62\x61\x61\x01\x61\x62\x02",  # {"aa": 1, "b": 2}: the longer key first
+])
+def test_decode_refuses_arguments_and_keys_not_in_canonical_form(data):
+    with pytest.raises(CodecError) as err:
+        codec.decode(data)
+    assert err.value.reason == "not_canonical"
+    assert _by_encoding_again(data) is None
+
+
 @pytest.mark.parametrize(
     "data, reason",
     [

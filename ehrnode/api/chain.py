@@ -46,7 +46,10 @@ async def tx_submit(call: Call) -> Any:
     if not isinstance(note, str):
         raise RpcError(-32602, "note must be a string")
     timeout = call.timeout()
+    started = trio.current_time()
     try:
+        await call.node.wait_room(timeout)
+        timeout = max(0.001, timeout - (trio.current_time() - started))
         tx = call.node.submit_note(note, call.user.pseudonym)
     except AdmissionError as exc:
         raise refused(exc) from exc
@@ -65,10 +68,14 @@ async def tx_submit_batch(call: Call) -> Any:
         raise RpcError(-32602, f"notes must be a list of 1..{MAX_BATCH} strings")
     tx_ids: list[str | None] = []
     errors = []
+    deadline = trio.current_time() + call.timeout()
     for index, note in enumerate(notes):
         if index and index % BATCH_TURN == 0:
             await trio.sleep(0)  # let consensus run between chunks: signing a batch takes tens of ms
         try:
+            # Past the node's backlog each note waits for commits; once the call's time is up the
+            # rest are refused at once.
+            await call.node.wait_room(max(0.0, deadline - trio.current_time()))
             tx_ids.append(call.node.submit_note(note, call.user.pseudonym).id.hex())
         except AdmissionError as exc:
             tx_ids.append(None)

@@ -13,6 +13,7 @@ from .rpc import RpcError, refused
 async def submit_and_wait(call: Call, kind: str, body: dict[str, Any]) -> dict[str, Any]:
     """Sign ``body`` as a ``kind`` transaction by the caller; answer once it is committed."""
     try:
+        await call.node.wait_room(call.timeout())
         tx = call.node.submit(kind, body, call.user.pseudonym)
     except AdmissionError as exc:
         raise refused(exc) from exc

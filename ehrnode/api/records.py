@@ -7,7 +7,7 @@ from typing import Any
 
 import trio
 
-from ..errors import EhrnodeError, FhirError, IntegrityError
+from ..errors import AdmissionError, EhrnodeError, FhirError, IntegrityError
 from ..ledger.empi_registry import scoped_enrolment
 from ..records import fhir
 from .call import MAX_STAGED, MAX_STAGED_BYTES, MAX_STAGED_TOTAL, Call
@@ -28,6 +28,11 @@ async def records_stage(call: Call) -> Any:
 
 async def records_add(call: Call) -> Any:
     records = call.recording()
+    try:
+        # Before anything is staged or written: refused, the caller still holds all of its input.
+        await call.node.wait_room(call.timeout(60.0))
+    except AdmissionError as exc:
+        raise refused(exc) from exc
     _stage(call)
     staged = call.session.staged
     batch = list(staged.items)

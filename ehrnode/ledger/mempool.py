@@ -67,6 +67,10 @@ class Mempool:
         """Whether the transaction ``tx_id`` is pending (under whichever envelope)."""
         return tx_id in self._by_tx
 
+    def pending_of(self, submitter: str) -> int:
+        """How many of ``submitter``'s transactions are pending."""
+        return self._held_by.of(submitter)
+
     def get(self, envelope_id: bytes) -> Transaction | None:
         """The transaction in this envelope if it came in through :meth:`admit`: opened from
         exactly these bytes and its signature checked (own transactions: None)."""

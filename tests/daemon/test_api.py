@@ -102,6 +102,43 @@ async def test_api_and_cli(cluster):
     assert float(samples["ehrnode_commit_latency_seconds_count"]) >= 1
 
 
+async def test_a_submitter_faster_than_the_consortium_commits_is_held_to_its_pace(cluster):
+    """Past OWN_BACKLOG transactions of its own waiting, a node's client submissions wait for
+    commits: refused with ``backlog`` once their time is up, taken as soon as blocks commit."""
+    from ehrnode.daemon.node import OWN_BACKLOG
+
+    for name in ("A", "B"):  # two of four: no quorum, nothing commits
+        cluster.start(name)
+    await cluster.wait_ready(["A", "B"])
+    async with ApiClient.connect(cluster.configs["A"]) as client:
+        batch = await client.call("tx.submit_batch", notes=[f"n{i}" for i in range(OWN_BACKLOG)])
+        assert batch["errors"] == [] and all(batch["tx_ids"])
+        with pytest.raises(ApiError) as held:
+            await client.call("tx.submit", note="one more", timeout=0.5)
+        assert held.value.reason == "backlog" and f"at most {OWN_BACKLOG}" in str(held.value)
+        late = await client.call("tx.submit_batch", notes=["x", "y"], timeout=0.5)
+        assert late["tx_ids"] == [None, None]
+        assert late["errors"] == [{"index": 0, "reason": "backlog"}, {"index": 1, "reason": "backlog"}]
+        assert (await client.call("status"))["mempool"] == OWN_BACKLOG  # nothing refused was signed
+
+        async with trio.open_nursery() as nursery:
+            answer = {}
+
+            async def submit() -> None:
+                answer.update(await client.call("tx.submit", note="after the backlog", wait=True, timeout=60))
+
+            nursery.start_soon(submit)
+            cluster.start("C")  # a quorum: blocks commit, room is made, the waiting call goes on
+        assert answer["height"] is not None
+    heights = await client_heights(cluster, batch["tx_ids"])
+    assert all(h is not None for h in heights)
+
+
+async def client_heights(cluster, tx_ids):
+    async with ApiClient.connect(cluster.configs["B"]) as client:
+        return list((await client.call("txs.wait", tx_ids=tx_ids, timeout=60))["heights"].values())
+
+
 def test_run_with_a_bad_config_is_one_line_and_exit_2(tmp_path):
     missing = cli("run", "--config", str(tmp_path / "nope.toml"))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "does not exist" in missing.stderr
