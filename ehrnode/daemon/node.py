@@ -641,7 +641,7 @@ class Node:
         self.log.info("node.stopped", height=self.head.height)
 
     def _commit(self, action: CommitBlocks) -> None:
-        committed = self.chain.commit(action.blocks, action.proof, self.vset.epoch, self.mempool.get)
+        committed = self.chain.commit(action.blocks, action.proof, self.vset.epoch, self.mempool)
         for applied in committed.blocks:
             block, txs = applied.block, applied.txs
             self.m_commits.inc()

@@ -23,11 +23,8 @@ from typing import Any
 from ..consensus.types import Block, EpochEnd, QuorumCert
 from ..errors import KeyUnavailable
 from .block_store import SqliteBlockStore
-from .state import LedgerState
+from .state import Admitted, LedgerState
 from .transactions import Transaction
-
-#: The mempool's view of a block's envelopes: the transaction already checked when admitted, if any.
-Admitted = Callable[[bytes], Transaction | None]
 
 
 @dataclass(frozen=True)
@@ -80,7 +77,7 @@ class Chain:
         """Store and apply ``blocks``, committed by ``proof`` in consensus epoch ``epoch``."""
         ended = None
         for i, block in enumerate(blocks):
-            self.state.apply_public(block)
+            self.state.apply_public(block, admitted)
             following = self.state.membership_at(block.height + 1)
             if following.epoch > epoch and following.starts == block.height + 1:
                 blocks, ended = blocks[:i + 1], EpochEnd(block, tuple(blocks[i + 1:]), proof)

@@ -46,6 +46,7 @@ class Mempool:
         self._pending: OrderedDict[bytes, Transaction] = OrderedDict()  # envelope id -> transaction
         self._by_tx: dict[bytes, bytes] = {}  # transaction id -> envelope id
         self._checked: set[bytes] = set()  # envelope ids admitted from the wire (opened and verified here)
+        self._envelopes: dict[bytes, Envelope] = {}  # envelope id -> the envelope, decoded or sealed here
         self._held_by = Holdings()  # submitter -> its transactions pending
         # Envelopes committed lately: gossip still queued when a block carried them is refused
         # before it is opened and its signature checked again (the same bytes, the same transaction).
@@ -76,6 +77,10 @@ class Mempool:
         exactly these bytes and its signature checked (own transactions: None)."""
         return self._pending.get(envelope_id) if envelope_id in self._checked else None
 
+    def envelope(self, envelope_id: bytes) -> Envelope | None:
+        """The pending envelope ``envelope_id``, as decoded when admitted (or as sealed here)."""
+        return self._envelopes.get(envelope_id)
+
     def admit(self, data: bytes) -> Transaction:
         """Check and hold the envelope ``data``; raises AdmissionError with a reason a submitter can act on."""
         if len(data) > MAX_ENVELOPE_BYTES:
@@ -94,7 +99,7 @@ class Mempool:
             raise AdmissionError(f"submitter {tx.submitter!r} is not a consortium member", reason="unknown_submitter")
         self._check_new(tx)
         tx.check_signature(key)
-        self._hold(envelope.id, tx)
+        self._hold(envelope, tx)
         self._checked.add(envelope.id)
         return tx
 
@@ -102,7 +107,7 @@ class Mempool:
         """Hold a transaction this node just built, signed and sealed itself: no opening or
         signature check (it cannot fail them), only the duplicate and capacity checks."""
         self._check_new(tx)
-        self._hold(envelope.id, tx)
+        self._hold(envelope, tx)
         return tx
 
     def check_room(self, submitter: str) -> None:
@@ -119,9 +124,10 @@ class Mempool:
             raise AdmissionError(f"transaction {tx.id.hex()[:16]} is already known", reason="duplicate")
         self.check_room(tx.submitter)
 
-    def _hold(self, envelope_id: bytes, tx: Transaction) -> None:
-        self._pending[envelope_id] = tx
-        self._by_tx[tx.id] = envelope_id
+    def _hold(self, envelope: Envelope, tx: Transaction) -> None:
+        self._pending[envelope.id] = tx
+        self._envelopes[envelope.id] = envelope
+        self._by_tx[tx.id] = envelope.id
         self._held_by.take(tx.submitter)
 
     def remove(self, envelope_ids: Iterable[bytes]) -> None:
@@ -131,6 +137,7 @@ class Mempool:
             if len(self._committed) > self.capacity:
                 self._committed.popitem(last=False)
             tx = self._pending.pop(envelope_id, None)
+            self._envelopes.pop(envelope_id, None)
             self._checked.discard(envelope_id)
             if tx is not None:
                 self._by_tx.pop(tx.id, None)

@@ -19,9 +19,9 @@ not applied.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -172,12 +172,13 @@ class LedgerState:
             self.roles.clear()
             self.roles.update(membership.roles)
 
-    def apply_public(self, block: Block) -> None:
+    def apply_public(self, block: Block, admitted: Admitted | None = None) -> None:
         """Apply the public-class transactions of one committed block (the next after
         :attr:`public_height`): proposals, votes, epoch key grants.
 
         This part needs no epoch key, so every member, even one that cannot read an epoch
-        yet, follows who the members are and which keys were sealed to it.
+        yet, follows who the members are and which keys were sealed to it. Envelopes
+        ``admitted`` holds are not decoded again.
         """
         height = block.height
         if height <= self.public_height:
@@ -192,7 +193,8 @@ class LedgerState:
                 db.execute("INSERT OR IGNORE INTO epochs VALUES (0, 1, ?, x'', 'genesis', x'')", (block.timestamp,))
             # A round of the OPRF key opens at genesis and in the first block after the institutions change.
             self.oprf.sync(db, membership, height, block.timestamp)
-            decoded = [_decode(data) for data in block.payload]
+            decoded = [(admitted.envelope(crypto.sha256(data)) if admitted else None) or _decode(data)
+                       for data in block.payload]
             publics = [i for i, envelope in enumerate(decoded) if envelope and envelope.kind_class in PUBLIC_CLASSES]
             for position in publics:
                 tx_id, status, tx = self._classify(block.payload[position], height, None, membership.signing_keys,
@@ -249,18 +251,18 @@ class LedgerState:
         key_epochs = db.execute("SELECT COUNT(*) FROM epochs").fetchone()[0]
         return self.governance.apply(db, tx, height, key_epochs)
 
-    def apply(self, block: Block, admitted: Callable[[bytes], Transaction | None] | None = None) -> list[Transaction]:
+    def apply(self, block: Block, admitted: Admitted | None = None) -> list[Transaction]:
         """Apply one committed block (the next height); returns its valid transactions.
 
-        Its public part is applied first if it is not yet. ``admitted(tx_id)`` may return the
-        transaction this node already decoded and whose signature it checked when admitting it
-        (same id, so the very same bytes): it is not decoded or checked again. Raises
+        Its public part is applied first if it is not yet. ``admitted.get(envelope_id)`` may
+        return the transaction this node already decoded and whose signature it checked when
+        admitting it (same id, so the very same bytes): it is not decoded or checked again. Raises
         KeyUnavailable (applying nothing of the sealed part) if this member lacks a key the
         block needs.
         """
         if block.height != self.applied_height + 1:
             raise StoreError(f"block {block.height} applied after height {self.applied_height}", reason="apply_gap")
-        self.apply_public(block)
+        self.apply_public(block, admitted)
         self._use_membership(block.height)
         valid: list[Transaction] = []
         seen: set[bytes] = set()
@@ -328,13 +330,13 @@ class LedgerState:
             return self.whois.apply_answer(db, tx.body, tx.submitter, height, tx.id)
         return "ok"
 
-    def _classify(self, data: bytes, height: int, admitted: Callable[[bytes], Transaction | None] | None,
+    def _classify(self, data: bytes, height: int, admitted: Admitted | None,
                   members: Mapping[str, bytes], envelope: Envelope | None = None,
                   ) -> tuple[bytes, str, Transaction | None]:
         """(transaction id, status, transaction) of one payload entry; the id is the envelope's
         when what is inside cannot be read."""
         envelope_id = crypto.sha256(data)
-        known = admitted(envelope_id) if admitted else None
+        known = admitted.get(envelope_id) if admitted else None
         try:
             envelope, tx = self.open_envelope(data, height, opened=known, envelope=envelope)
         except AdmissionError as exc:
@@ -522,6 +524,17 @@ class LedgerState:
     def tx_count(self) -> int:
         count: int = self._db.execute("SELECT COUNT(*) FROM txs WHERE status = 'ok'").fetchone()[0]
         return count
+
+
+class Admitted(Protocol):
+    """The mempool's view of a committed block's entries, by envelope id: what it already holds
+    need not be decoded, opened or checked again."""
+
+    def get(self, envelope_id: bytes) -> Transaction | None:
+        """The transaction inside, if it was opened from exactly these bytes and its signature checked."""
+
+    def envelope(self, envelope_id: bytes) -> Envelope | None:
+        """The envelope, decoded (or sealed) from exactly these bytes."""
 
 
 def _decode(data: bytes) -> Envelope | None:

@@ -129,7 +129,7 @@ def test_transactions_the_mempool_checked_apply_exactly_as_decoded_ones(tmp_path
     assert plain.apply(*txs) == ["ok", "ok", "ok", "invalid:bad_request_signature"]
     block = Block.propose(epoch=0, round=1, qc=F.genesis_qc, author=1, timestamp=0,
                           payload=tuple(envelopes), identity=F.identities[1], chain_id=F.vset.chain_id)
-    fast.state.apply(dataclasses.replace(block, height=1), pool.get)
+    fast.state.apply(dataclasses.replace(block, height=1), pool)
     assert [fast.state.tx_status(t.id) for t in txs] == [plain.state.tx_status(t.id) for t in txs]
     # Own transactions (never decoded from the wire) are not taken on trust.
     own = Mempool(F.vset.chain_id, MEMBERS, opener=fast.state.open_envelope)
