@@ -80,7 +80,7 @@ class Load:
             async for note in sub.notifications():
                 now = time.perf_counter()
                 if note["params"]["txs"]:
-                    block = await fetch.call("block.get", height=note["params"]["height"])
+                    block = await fetch.call("block.get", height=note["params"]["height"], ids=True)
                     for tx in block["txs"]:
                         self.committed.setdefault(tx["id"], now)
 

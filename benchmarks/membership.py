@@ -50,7 +50,7 @@ async def block_time(cluster: Cluster, member: str, height: int, timeout: float 
     with trio.fail_after(timeout):
         while True:
             try:
-                return (await cluster.call(member, "block.get", height=height))["time"]
+                return (await cluster.call(member, "block.get", height=height, ids=True))["time"]
             except Exception:  # noqa: BLE001 - not committed yet
                 await trio.sleep(0.05)
 

@@ -89,7 +89,7 @@ class Demo:
         assert self.net is not None
         heads = {}
         for name in names:
-            heads[name] = (await self.net.call(name, "block.get", height=height))["id"]
+            heads[name] = (await self.net.call(name, "block.get", height=height, ids=True))["id"]
         if len(set(heads.values())) != 1:
             raise DemoFailed(f"members disagree on block {height}: {heads}")
         return next(iter(heads.values()))

@@ -30,7 +30,10 @@ async def block_get(call: Call) -> Any:
         raise RpcError(-32602, "height must be a non-negative integer")
     if height is not None and height > MAX_UINT:
         raise RpcError(-32602, "height out of range")
-    block = call.node.block_view(height)
+    ids = call.params.get("ids", False)
+    if not isinstance(ids, bool):
+        raise RpcError(-32602, "ids must be true or false")
+    block = call.node.block_view(height, ids_only=ids)
     if block is None:
         raise RpcError(-32000, f"no committed block at height {height}", reason="not_found")
     return block

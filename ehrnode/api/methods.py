@@ -46,8 +46,9 @@ TABLE: tuple[Method, ...] = (
     # The chain.
     Method("status", chain.status, '-> `{"node", "height", "head", "round", "peers", "mempool", ...}`'),
     Method("block.get", chain.block_get,
-           '`{"height"}` (default: the head) -> `{"height", "id", "parent", "round", "time", "epoch", "author", '
-           '"txs"}`'),
+           '`{"height", "ids"}` (default: the head) -> `{"height", "id", "parent", "round", "time", "epoch", '
+           '"author", "txs"}`; with `"ids": true` each of `txs` is only `{"id", "status"}`, read from the ledger '
+           'without opening the envelopes'),
     Method("blocks.subscribe", chain.blocks_subscribe, "then one `block.committed` notification per committed block"),
     Method("tx.submit", chain.tx_submit, '`{"note", "wait", "timeout"}` -> `{"tx_id", "height"}` (a test note)'),
     Method("tx.submit_batch", chain.tx_submit_batch, '`{"notes": [...]}` -> `{"tx_ids", "errors": [{"index", '

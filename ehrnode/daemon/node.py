@@ -725,11 +725,29 @@ class Node:
         """Every committed anchor for ``empi`` across the consortium (any member can answer)."""
         return [anchor_view(a) for a in self.state.anchors(empi=empi)]
 
-    def block_view(self, height: int | None) -> dict[str, Any] | None:
+    def block_view(self, height: int | None, *, ids_only: bool = False) -> dict[str, Any] | None:
+        """A committed block as the API shows it: each transaction opened and summarized, or with
+        ``ids_only`` only each one's id and status, as the ledger recorded them when it applied the
+        block (when it has not, or recorded an entry under an earlier block, as a transaction
+        committed twice is, the entries are opened to tell)."""
         height = self.head.height if height is None else height
         block = self.block_store.block_at(height)
         if block is None:
             return None
+        recorded = self.state.block_txs(block.height) if ids_only else []
+        if ids_only and len(recorded) == len(block.payload):
+            txs = [{"id": tx_id.hex(), "status": status} for tx_id, status in recorded]
+        else:
+            txs = self._opened_txs(block)
+        view: dict[str, Any] = {
+            "height": block.height, "id": block.id.hex(), "parent": block.parent.hex(), "round": block.round,
+            "time": block.timestamp, "epoch": block.epoch,
+            "author": self.state.governance.of_epoch(block.epoch).members[block.author].name if block.height else None,
+            "txs": txs,
+        }
+        return view
+
+    def _opened_txs(self, block: Block) -> list[dict[str, Any]]:
         txs: list[dict[str, Any]] = []
         for data in block.payload:
             try:
@@ -738,12 +756,6 @@ class Node:
                 txs.append({"id": crypto.sha256(data).hex(), "kind": "unreadable", "reason": exc.reason})
             else:
                 txs.append({**tx.summary(), "epoch": envelope.epoch, "envelope": envelope.id.hex()})
-        view: dict[str, Any] = {
-            "height": block.height, "id": block.id.hex(), "parent": block.parent.hex(), "round": block.round,
-            "time": block.timestamp, "epoch": block.epoch,
-            "author": self.state.governance.of_epoch(block.epoch).members[block.author].name if block.height else None,
-            "txs": txs,
-        }
-        return view
+        return txs
 
 

@@ -464,6 +464,11 @@ class LedgerState:
         row = self._db.execute("SELECT height FROM txs WHERE id = ? AND status = 'ok'", (tx_id,)).fetchone()
         return row[0] if row else None
 
+    def block_txs(self, height: int) -> list[tuple[bytes, str]]:
+        """(transaction id, status) of each entry of the applied block ``height``, in block order
+        (an entry that could not be read is known by its envelope's id)."""
+        return self._db.execute("SELECT id, status FROM txs WHERE height = ? ORDER BY position", (height,)).fetchall()
+
     def is_committed(self, tx_id: bytes) -> bool:
         return self.tx_height(tx_id) is not None
 

@@ -71,6 +71,12 @@ async def test_api_and_cli(cluster):
                     if submitted["tx_id"] in [tx["id"] for tx in block["txs"]]:
                         break
         assert announced == list(range(announced[0], announced[-1] + 1))  # every block, in order
+        # The same block's ids and statuses, read from the ledger without opening anything.
+        light = await client.call("block.get", height=block["height"], ids=True)
+        assert light["txs"] == [{"id": tx["id"], "status": "ok"} for tx in block["txs"]]
+        assert {k: v for k, v in light.items() if k != "txs"} == {k: v for k, v in block.items() if k != "txs"}
+        with pytest.raises(ApiError, match="ids must be"):
+            await client.call("block.get", height=block["height"], ids="yes")
 
     # The CLI, per the command-line contract.
     path = str(config.path)
