@@ -73,80 +73,84 @@ def decode(
         raise CodecError(f"malformed CBOR: {exc}", reason="malformed") from exc
 
 
-_ARG_BYTES = {24: 1, 25: 2, 26: 4, 27: 8}
-#: The smallest argument each header size may carry: anything smaller has a shorter encoding.
-_SHORTEST = {24: 24, 25: 1 << 8, 26: 1 << 16, 27: 1 << 32}
+#: Header sizes past the initial byte, with the smallest argument each may carry: anything
+#: smaller has a shorter encoding.
+_HEADS = {24: (1, 24), 25: (2, 1 << 8), 26: (4, 1 << 16), 27: (8, 1 << 32)}
 _SIMPLE_OK = {20, 21, 22}  # false, true, null
 
 
 def _scan(data: bytes, max_depth: int, max_items: int) -> None:
     """Walk the item headers without building anything and refuse what is not canonical CBOR
-    of the data model: count items, bound depth, refuse indefinite lengths, tags, floats and
-    simple values outside false/true/null, arguments not in their shortest form, map keys that
-    are not text or not in canonical order (length first, then bytewise; a repeated key is out
-    of order), and make sure the message ends exactly where its last item does."""
-    pos, end, items = 0, len(data), 0
-    # Per open level: items still expected, and for a map the previous key's bytes (b"" before the
-    # first key; None for an array).
-    pending = [1]
+    of the data model: bound the items (counted as containers declare them) and the depth,
+    refuse indefinite lengths, tags, floats and simple values outside false/true/null,
+    arguments not in their shortest form, map keys that are not text or not in canonical order
+    (length first, then bytewise; a repeated key is out of order), and make sure the message
+    ends exactly where its last item does."""
+    pos, end, items = 0, len(data), 1
+    # Per open level, and for the innermost in ``remaining`` and ``previous``: the items still
+    # expected, and for a map the previous key's bytes (b"" before the first; None for an array).
+    pending: list[int] = [1]
     keys: list[bytes | None] = [None]
-    while pending:
-        if pending[-1] == 0:
+    remaining, previous = 1, None
+    while True:
+        if remaining == 0:
             pending.pop()
             keys.pop()
+            if not pending:
+                break
+            remaining, previous = pending[-1], keys[-1]
             continue
-        remaining = pending[-1]
-        pending[-1] = remaining - 1
         if pos >= end:
             raise CodecError("message ends inside an item", reason="malformed")
-        items += 1
-        if items > max_items:
-            raise CodecError(f"more than {max_items} data items", reason="too_many_items")
         start = pos
         initial = data[pos]
         pos += 1
         major, info = initial >> 5, initial & 0x1F
         if info < 24:
             arg = info
-        elif info in _ARG_BYTES:
-            size = _ARG_BYTES[info]
+        else:
+            head = _HEADS.get(info)
+            if head is None:
+                if info == 31:
+                    raise CodecError("indefinite-length item", reason="malformed")
+                raise CodecError(f"reserved additional information {info}", reason="malformed")
+            size, least = head
             if pos + size > end:
                 raise CodecError("message ends inside an item header", reason="malformed")
             arg = int.from_bytes(data[pos:pos + size], "big")
             pos += size
-            if arg < _SHORTEST[info] and major != 7:
+            if arg < least and major != 7:
                 raise CodecError("an argument not in its shortest form", reason="not_canonical")
-        elif info == 31:
-            raise CodecError("indefinite-length item", reason="malformed")
-        else:
-            raise CodecError(f"reserved additional information {info}", reason="malformed")
-        previous = keys[-1]
-        if previous is not None and remaining % 2 == 0:  # a map's key
-            if major != 3:
-                raise CodecError("a map key that is not text", reason="malformed")
+        is_key = previous is not None and not remaining & 1  # a map's items alternate key, value
+        remaining -= 1
+        if major == 2 or major == 3:
             if arg > end - pos:
                 raise CodecError("string longer than the message", reason="malformed")
             pos += arg
-            key = data[start:pos]
-            if previous and (len(key), key) <= (len(previous), previous):
-                reason = "malformed" if key == previous else "not_canonical"
-                raise CodecError("map keys repeated or not in canonical order", reason=reason)
-            keys[-1] = key
+            if is_key:
+                if major != 3:
+                    raise CodecError("a map key that is not text", reason="malformed")
+                key = data[start:pos]
+                if previous and (len(key) < len(previous) or (len(key) == len(previous) and key <= previous)):
+                    reason = "malformed" if key == previous else "not_canonical"
+                    raise CodecError("map keys repeated or not in canonical order", reason=reason)
+                previous = key
             continue
-        if major in (0, 1):
+        if is_key:
+            raise CodecError("a map key that is not text", reason="malformed")
+        if major < 2:
             continue
-        if major in (2, 3):
-            if arg > end - pos:
-                raise CodecError("string longer than the message", reason="malformed")
-            pos += arg
-        elif major in (4, 5):
-            count = arg * (2 if major == 5 else 1)
-            if count > max_items:
+        if major == 4 or major == 5:
+            count = arg << 1 if major == 5 else arg
+            items += count
+            if items > max_items:
                 raise CodecError(f"more than {max_items} data items", reason="too_many_items")
             if len(pending) > max_depth:
                 raise CodecError(f"nesting deeper than {max_depth}", reason="too_deep")
-            pending.append(count)
-            keys.append(b"" if major == 5 else None)
+            pending[-1], keys[-1] = remaining, previous
+            remaining, previous = count, (b"" if major == 5 else None)
+            pending.append(remaining)
+            keys.append(previous)
         elif major == 6:
             raise CodecError(f"tag {arg}: tags are not used", reason="unsupported_type")
         elif info >= 24 or arg not in _SIMPLE_OK:

@@ -51,6 +51,8 @@ def _by_encoding_again(data):
             if not all(isinstance(k, str) for k in item):
                 return None
             stack.extend(item.values())
+        elif isinstance(item, int) and not -(2**64) <= item < 2**64:
+            return None  # a bignum: a tag, which the data model has not
         elif not isinstance(item, (int, bytes, str, bool, type(None))):
             return None
     try:

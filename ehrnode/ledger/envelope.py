@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -132,6 +132,12 @@ def public_key(chain_id: str, epoch: int) -> AESGCM:
     return aead_key(crypto.sha256(_PUBLIC_DOMAIN + chain_id.encode()), chain_id, epoch)
 
 
+@lru_cache(maxsize=1024)
+def _associated(chain_id: str, kind_class: str, epoch: int, signer: str) -> bytes:
+    """The clear fields an envelope's AEAD binds in (a handful of signers, classes and epochs)."""
+    return codec.encode([ENVELOPE_DOMAIN, chain_id, kind_class, epoch, signer])
+
+
 @dataclass(frozen=True)
 class Envelope:
     kind_class: str
@@ -150,7 +156,7 @@ class Envelope:
         return crypto.sha256(self.encoded)
 
     def _associated(self, chain_id: str) -> bytes:
-        return codec.encode([ENVELOPE_DOMAIN, chain_id, self.kind_class, self.epoch, self.signer])
+        return _associated(chain_id, self.kind_class, self.epoch, self.signer)
 
     @classmethod
     def seal(cls, tx: Transaction, *, epoch: int, key: AESGCM, chain_id: str) -> Envelope:

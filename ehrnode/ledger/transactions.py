@@ -377,6 +377,12 @@ def _oprf_close_body(body: Any) -> dict[str, Any]:
     return dict(m)
 
 
+#: How a transaction's encoding starts after the map's header: the key ``sig`` and the header of
+#: its 64 bytes. What precedes the unsigned map in the bytes a submitter signs: an array of two,
+#: and the domain.
+_SIG_ENTRY = b"\x63sig\x58\x40"
+_SIGNED_PREFIX = b"\x82" + codec.encode(TX_DOMAIN)
+
 #: Each kind's body schema: a function that raises SchemaError or returns the checked body.
 KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "note": _note_body, "record.anchor": _anchor_body, "empi.enrol": _enrol_body, "empi.link": _link_body,
@@ -464,8 +470,17 @@ class Transaction:
         tx.__dict__["encoded"] = data
         return tx
 
+    def signed_bytes(self) -> bytes:
+        """What the signature covers: :func:`crypto.signing_bytes` of the transaction without
+        ``sig``. Cut from the encoding rather than encoded again: ``sig`` is the one key of three
+        letters, so canonical order puts it first, and the rest of the map is the unsigned one."""
+        encoded = self.encoded
+        if encoded[1:7] == _SIG_ENTRY and 0xA1 <= encoded[0] <= 0xB7:
+            return _SIGNED_PREFIX + bytes((encoded[0] - 1,)) + encoded[7 + crypto.SIGNATURE_SIZE:]
+        return crypto.signing_bytes(TX_DOMAIN, self._unsigned())
+
     def check_signature(self, public_key: bytes) -> None:
-        if not crypto.verify(public_key, crypto.signing_bytes(TX_DOMAIN, self._unsigned()), self.signature):
+        if not crypto.verify(public_key, self.signed_bytes(), self.signature):
             raise AdmissionError(f"transaction {self.id.hex()[:16]}: bad signature", reason="bad_signature")
 
     def summary(self) -> dict[str, Any]:

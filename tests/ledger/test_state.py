@@ -92,3 +92,16 @@ def test_anchor_schema_refuses_extra_fields():
     body = dict(anchor().body, name="Jane Doe")
     with pytest.raises(SchemaError):
         Transaction.create("record.anchor", body, chain_id="chain", submitter="A", identity=KEYS["A"], time_ms=1)
+
+
+@pytest.mark.parametrize("actor", [b"", b"u" * 15])
+@pytest.mark.parametrize("body", [{"text": ""}, {"text": "x" * 300}, {"text": "病" * 40}])
+def test_the_signed_bytes_cut_from_the_encoding_are_the_signing_bytes(actor, body):
+    identity = crypto.Identity.generate()
+    tx = Transaction.create("note", body, chain_id="chain-x", submitter="Hospital-B", identity=identity,
+                            time_ms=2**40, actor=actor)
+    decoded = Transaction.decode(tx.encoded)
+    assert decoded.signed_bytes() == crypto.signing_bytes("ehrnode/tx/v1", decoded._unsigned())
+    decoded.check_signature(identity.public_key)
+    with pytest.raises(Exception, match="bad signature"):
+        decoded.check_signature(crypto.Identity.generate().public_key)
