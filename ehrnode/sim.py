@@ -20,6 +20,11 @@ scenario has two phases:
 * **stable** (from ``stable_at``): every honest validator is up and the
   network delivers everything within a bound.
 
+Each validator also learns which of the others it cannot reach (crashed, or
+across a partition), a little after each change, as a node learns that a
+connection closed (:meth:`ConsensusCore.set_unreachable`); before ``stable_at``
+what it learns is now and then wrong, naming a validator it can reach.
+
 Epochs change too: at a few drawn moments (some with a validator crashing
 right after), every validator up submits a marker naming its epoch and the next
 epoch's validators; the first committed block of epoch e carrying a marker for
@@ -230,6 +235,8 @@ class Scenario:
         self.seed = seed
         self.config = config
         self.rng = random.Random(seed)
+        # What each validator learns of its links (apart, so the faults drawn stay what they were).
+        self.link_rng = random.Random(seed ^ 0x11A5)
         n = config.validators
         self.identities = [crypto.Identity.from_seed(crypto.sha256(f"sim-{n}-{i}".encode()))
                            for i in range(n + config.spares)]
@@ -329,6 +336,27 @@ class Scenario:
                     self._at(start, "crash", index)
                     self._at(start + rng.uniform(0.05, 0.5), "restart", index, True)
 
+    # --- links ---------------------------------------------------------------------------
+
+    def _links_changed(self) -> None:
+        """Links went up or down (a crash, a restart, a partition or its end): each validator up
+        learns whom it can reach a little later, as a node learns of a connection closed."""
+        for node in self.nodes:
+            if node.up:
+                self._at(self.now + self.link_rng.uniform(0.001, 0.3), "links", node.node_id, node.epoch)
+
+    def _reachable(self, a: int, b: int) -> bool:
+        if not self.nodes[b].up:
+            return False
+        return not self.partition or any(a in g and b in g for g in self.partition)
+
+    def _report_links(self, node: _Node) -> None:
+        down = [k for k, other in enumerate(node.members)
+                if other != node.node_id and not self._reachable(node.node_id, other)]
+        if self.now < self.config.stable_at and self.link_rng.random() < 0.1:
+            down.append(self.link_rng.randrange(len(node.members)))  # a detector wrong for a while
+        self._apply(node, node.core.set_unreachable(down, self.now))
+
     # --- network -----------------------------------------------------------------------
 
     def _send(self, src: int, dst: int, message: Message, data: bytes | None = None) -> None:
@@ -404,6 +432,7 @@ class Scenario:
                     following = _next_members(blocks[end])
                     assert following is not None
                     self._apply(node, node.end_epoch(blocks[end], blocks[end + 1:], action.proof, following))
+                    self._at(self.now + self.link_rng.uniform(0.0, 0.05), "links", node.node_id, node.epoch)
             elif isinstance(action, Log):
                 pass
 
@@ -677,20 +706,30 @@ class Scenario:
                 self._apply(node, node.core.tick(self.now))
         elif kind == "crash":
             self.nodes[args[0]].crash()
+            self._links_changed()
         elif kind == "restart":
             index, forget = args
             node = self.nodes[index]
             if not node.up:
                 self._apply(node, node.restart(forget=forget))
+                self._links_changed()
         elif kind == "partition":
             self.partition = args[0]
+            self._links_changed()
         elif kind == "heal":
             self.partition = None
+            self._links_changed()
+        elif kind == "links":
+            index, epoch = args
+            node = self.nodes[index]
+            if node.up and node.epoch == epoch:
+                self._report_links(node)
         elif kind == "stable":
             self.partition = None
             for node in self.nodes:
                 if not node.up and node.behaviour is None:
                     self._apply(node, node.restart(forget=False))
+            self._links_changed()
             self.stable_round = self._honest_progress()
         elif kind == "epoch":
             for node in self.nodes:

@@ -244,6 +244,9 @@ class ConsensusCore:
         # What leader reputation reads of recent blocks, kept as they leave the tree on commit, so
         # a window is not read back from the block store: id -> (parent, epoch, round, who took part).
         self._recent: OrderedDict[bytes, tuple[bytes, int, int, frozenset[int]]] = OrderedDict()
+        # Validators this node has no link to now (set_unreachable): a round waiting on one of them
+        # is given up at once rather than at its timeout.
+        self._unreachable: frozenset[int] = frozenset()
 
     # --- introspection ----------------------------------------------------------------
 
@@ -374,7 +377,7 @@ class ConsensusCore:
         round_ = max(round_, self.safety.data.last_voted_round)
         self._proposed_round = saved.last_proposed_round
         self._enter_round(round_, now, actions)
-        self._timer(actions)
+        self._end(now, actions)
         return actions
 
     def submit(self, txs: Iterable[bytes], now: float) -> list[Action]:
@@ -390,7 +393,7 @@ class ConsensusCore:
                    and len(self._pending_txs) < self.config.max_block_txs)
         if self._is_leader(self.round) and self._proposed_round < self.round and not waiting:
             self._maybe_propose(now, actions)
-        self._timer(actions)
+        self._end(now, actions)
         return actions
 
     def tick(self, now: float) -> list[Action]:
@@ -407,7 +410,7 @@ class ConsensusCore:
                 self._request_sync(block_id, now, actions, retry=True)
         if self._range_wanted is not None and now >= self._range_wanted[1]:
             self._request_range(now, actions, retry=True)
-        self._timer(actions)
+        self._end(now, actions)
         return actions
 
     def learn_certificates(self, qc: QuorumCert, tc: TimeoutCert | None, now: float) -> list[Action]:
@@ -416,7 +419,21 @@ class ConsensusCore:
         self._process_qc(qc, now, actions)
         if tc is not None:
             self._process_tc(tc, now, actions)
-        self._timer(actions)
+        self._end(now, actions)
+        return actions
+
+    def set_unreachable(self, validators: Iterable[int], now: float) -> list[Action]:
+        """The validators this node has no link to now (its connections to them are down).
+
+        A round that cannot end well for want of one of them is given up at once, as its timeout
+        would give it up later: the round's leader is unreachable and its proposal has not come,
+        or this node voted and the vote's aggregator (the next round's leader) is unreachable.
+        Safety never rests on when a validator times out; a link wrongly reported down costs
+        this node its part in one round, which the others finish without it if they can.
+        """
+        self._unreachable = frozenset(validators) - {self.index}
+        actions: list[Action] = []
+        self._end(now, actions)
         return actions
 
     def on_peer_connected(self, peer: int, now: float) -> list[Action]:
@@ -438,7 +455,7 @@ class ConsensusCore:
         timeout = data.last_timeout
         if timeout is not None and timeout.round == self.round:
             actions.append(Send(peer, TimeoutMsg(timeout, self.high_tc)))
-        self._timer(actions)
+        self._end(now, actions)
         return actions
 
     def on_message(self, sender: int, message: Message, now: float) -> list[Action]:
@@ -460,7 +477,7 @@ class ConsensusCore:
                 # the end of its epoch (perhaps from us) rather than wait for messages of the new
                 # one, which may never come (the validators it waits for may have left).
                 actions.append(Send(sender, EpochHint(self.vset.epoch)))
-            self._timer(actions)
+            self._end(now, actions)
             return actions
         if isinstance(message, Proposal):
             self._on_proposal(sender, message, now, actions)
@@ -480,7 +497,7 @@ class ConsensusCore:
             pass  # the sender is in this epoch too: nothing to catch up on
         else:
             raise InvalidMessage(f"not a consensus message: {type(message).__name__}", reason="unknown_type")
-        self._timer(actions)
+        self._end(now, actions)
         return actions
 
     # --- proposals and votes ----------------------------------------------------------
@@ -973,6 +990,34 @@ class ConsensusCore:
             self._maybe_propose(now, actions)
 
     # --- timers ---------------------------------------------------------------------------
+
+    def _end(self, now: float, actions: list[Action]) -> None:
+        """What every input ends with: give up a round an unreachable validator holds, and set
+        the timer."""
+        if self._unreachable:
+            self._skip_unreachable(now, actions)
+        self._timer(actions)
+
+    def _skip_unreachable(self, now: float, actions: list[Action]) -> None:
+        round_ = self.round
+        if self.index is None or self.pacemaker.timed_out or round_ == 0:
+            return
+        vote = self.safety.data.last_vote
+        if vote is not None and vote.round == round_:
+            voted = self.tree.get(vote.block_id)
+            if voted is None:
+                return
+            waits_on: int | None = self.leader_after(voted)  # where our vote went
+        elif self._proposal_counts.get(round_) or any(
+                p.block.round == round_ for _, p in self._waiting_proposals.values()):
+            return  # this round's proposal is here: it is voted on (or refused) as usual
+        else:
+            waits_on = self._leader(round_)
+        if waits_on is None or waits_on == self.index or waits_on not in self._unreachable:
+            return
+        actions.append(Log("round.skipped", {"round": round_, "unreachable": waits_on}))
+        self.pacemaker.give_up(now)
+        self._local_timeout(now, actions)
 
     def _timer(self, actions: list[Action]) -> None:
         range_at = self._range_wanted[1] if self._range_wanted is not None else float("inf")

@@ -50,8 +50,8 @@ MESSAGES_PER_TURN = 512
 TXS_PER_TURN = 64
 TXS_TURN_SECONDS = 0.003
 #: Core events an operator wants at info level (the rest are debug).
-INFO_EVENTS = frozenset({"round.timeout", "tc.formed", "vote.equivocation", "vote.refused", "timeout.refused",
-                         "proposal.refused", "sync.started", "sync.finished"})
+INFO_EVENTS = frozenset({"round.timeout", "round.skipped", "tc.formed", "vote.equivocation", "vote.refused",
+                         "timeout.refused", "proposal.refused", "sync.started", "sync.finished"})
 
 
 class Counts:
@@ -77,6 +77,7 @@ class Driver:
         self._ahead: deque[tuple[Peer, bytes]] = deque(maxlen=AHEAD_KEPT)
         self._txs_in: deque[tuple[Peer | None, bytes]] = deque()
         self._connected: list[str] = []  # peers that (re)connected since the driver last looked
+        self._links_changed = True  # a peer connected or left since the core last heard who is reachable
         self._wake = trio.Event()
         self._deadline = float("inf")
 
@@ -103,7 +104,19 @@ class Driver:
 
     def connected(self, name: str) -> None:
         self._connected.append(name)
+        self.links_changed()
+
+    def links_changed(self) -> None:
+        """A peer connected or its connection closed: tell the core whom it can reach."""
+        self._links_changed = True
         self._wake.set()
+
+    def _report_links(self) -> None:
+        self._links_changed = False
+        connected = set(self._network.connected())
+        down = [i for i, member in enumerate(self.membership.members)
+                if i != self.core.index and member.name not in connected]
+        self.apply(self.core.set_unreachable(down, time.time()))
 
     def learn_certificates(self, high_qc: QuorumCert, high_tc: TimeoutCert | None) -> None:
         """The other validators said how far the chain got (after a restore)."""
@@ -113,6 +126,7 @@ class Driver:
         """Run the next consensus epoch with ``core``; the early messages kept for it go first."""
         self.core, self.membership = core, membership
         self.apply(core.start(time.time()))
+        self._links_changed = True  # the new epoch's validators, by their new indices
         ahead, self._ahead = self._ahead, deque(maxlen=AHEAD_KEPT)
         self._consensus_in.extendleft(reversed(ahead))
         self._wake.set()
@@ -123,7 +137,7 @@ class Driver:
         self.apply(self.core.start(time.time()))
         self.started = True
         while True:
-            if not self._consensus_in and not self._txs_in and not self._connected:
+            if not self._consensus_in and not self._txs_in and not self._connected and not self._links_changed:
                 with trio.move_on_at(self._deadline):
                     await self._wake.wait()
                 self._wake = trio.Event()
@@ -133,6 +147,8 @@ class Driver:
                 index = self.membership.index_of(self._connected.pop())
                 if index is not None:
                     self.apply(self.core.on_peer_connected(index, time.time()))
+            if self._links_changed:
+                self._report_links()
             # Consensus first, then one batch of transactions, then let other tasks run.
             for _ in range(min(len(self._consensus_in), MESSAGES_PER_TURN)):
                 peer, data = self._consensus_in.popleft()
@@ -209,7 +225,7 @@ class Driver:
                 self._log_core(action)
 
     def _log_core(self, action: Log) -> None:
-        if action.event == "round.timeout":
+        if action.event in ("round.timeout", "round.skipped"):
             self.counts.timeouts += 1
         if action.event == "proposal.invalid":
             self._log.error(action.event, **action.fields)

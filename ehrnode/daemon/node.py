@@ -198,7 +198,8 @@ class Node:
         #: Every per-peer and per-source limit counts and logs its refusals here.
         self.refusals = Refusals(self.name)
         self.network = PeerNetwork(self.genesis, self.name, self.identity, self._on_frame,
-                                   on_connect=self._on_connect, tls=self.tls, membership=membership,
+                                   on_connect=self._on_connect, on_disconnect=self._on_disconnect, tls=self.tls,
+                                   membership=membership,
                                    refusals=self.refusals,
                                    # peers that adopted this member's next keys accept only them
                                    fallback=following[0] if following and self.identity is not following[0] else None)
@@ -451,6 +452,9 @@ class Node:
     def _on_connect(self, name: str) -> None:
         self.restore.connected(name)
         self.driver.connected(name)
+
+    def _on_disconnect(self, name: str) -> None:
+        self.driver.links_changed()
 
     # --- governance ---------------------------------------------------------------------
 

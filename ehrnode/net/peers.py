@@ -144,7 +144,8 @@ class Peer:
 class PeerNetwork:
     def __init__(
         self, genesis: Genesis, name: str, identity: crypto.Identity, on_frame: FrameHandler,
-        *, on_connect: Callable[[str], None] = lambda _n: None, tls: TlsContexts | None = None,
+        *, on_connect: Callable[[str], None] = lambda _n: None,
+        on_disconnect: Callable[[str], None] = lambda _n: None, tls: TlsContexts | None = None,
         membership: Membership | None = None, refusals: Refusals | None = None,
         fallback: crypto.Identity | None = None,
     ) -> None:
@@ -163,6 +164,7 @@ class PeerNetwork:
         self._use_fallback: set[str] = set()  # peers that refused the current key
         self.on_frame = on_frame
         self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
         self.peers: dict[str, Peer] = {}
         self.rejected = 0
         self.dropped_closed = 0  # frames dropped by connections that are gone now
@@ -465,6 +467,7 @@ class PeerNetwork:
         finally:
             if self.peers.get(peer.name) is peer:
                 del self.peers[peer.name]
+                self.on_disconnect(peer.name)
             self.dropped_closed += peer.dropped
             with trio.CancelScope(shield=True):
                 if peer.kicked is not None:

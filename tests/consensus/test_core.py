@@ -136,6 +136,38 @@ def test_a_crashed_validator_stops_being_chosen_to_lead():
     assert {b.author for b in recent} == {0, 2, 3}
 
 
+def test_rounds_that_wait_on_a_validator_whose_link_is_down_are_given_up_at_once():
+    # Without the links: round 1's leader is the crashed validator, and nothing moves before the
+    # first timeout (1 s).
+    slow = Cluster(down={1})
+    slow.start()
+    slow.run(until=0.5, max_steps=20_000)
+    assert max(slow.cores[i].committed_height for i in (0, 2, 3)) == 0
+    # Told the link is down, the others give up its rounds (and the rounds whose votes go to it)
+    # as they come: many blocks commit before any timer fires.
+    c = Cluster(down={1})
+    c.start()
+    for i in (0, 2, 3):
+        c.apply(i, c.cores[i].set_unreachable([1], c.now))
+    c.run(until=0.5, max_steps=50_000, done=lambda: min(c.cores[i].committed_height for i in (0, 2, 3)) >= 20)
+    assert min(c.cores[i].committed_height for i in (0, 2, 3)) >= 20
+    assert c.now < 1.0
+    shortest = min(len(c.committed[i]) for i in (0, 2, 3))
+    assert all(c.committed[i][:shortest] == c.committed[0][:shortest] for i in (2, 3))
+
+
+def test_a_link_wrongly_reported_down_costs_no_commits():
+    c = Cluster()
+    c.start()
+    c.apply(0, c.cores[0].set_unreachable([1, 2], c.now))  # only validator 0 believes it, and wrongly
+    c.run(until=5.0, max_steps=50_000, done=lambda: min(core.committed_height for core in c.cores) >= 20)
+    assert min(core.committed_height for core in c.cores) >= 20
+    c.apply(0, c.cores[0].set_unreachable([], c.now))
+    height = c.cores[0].committed_height
+    c.run(until=c.now + 5.0, max_steps=50_000, done=lambda: c.cores[0].committed_height >= height + 10)
+    assert c.cores[0].committed_height >= height + 10
+
+
 def test_every_validator_chooses_the_same_leader_and_a_proposal_by_another_is_refused():
     c = Cluster(down={1})
     c.start()

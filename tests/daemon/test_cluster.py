@@ -1,5 +1,6 @@
 """Four real node processes on loopback, driven through their local APIs."""
 
+import json
 from itertools import pairwise
 
 import trio
@@ -112,6 +113,10 @@ async def test_a_validator_that_is_down_stops_being_handed_rounds(cluster):
     gaps = [b["round"] for a, b in pairwise(blocks) if b["round"] != a["round"] + 1]
     assert len(gaps) <= 1, f"rounds handed to a validator that is down: {gaps}"
     assert "C" not in {b["author"] for b in blocks}
+    # Until then, its rounds were given up as soon as they came, its connections being closed.
+    skipped = [json.loads(line) for name in live for line in cluster.log(name).splitlines()
+               if '"round.skipped"' in line]
+    assert 2 in {event["unreachable"] for event in skipped}  # C, the third validator
 
 
 async def test_two_of_four_down_stalls_without_crashing_and_resumes(cluster):
