@@ -23,7 +23,10 @@ scenario has two phases:
 Each validator also learns which of the others it cannot reach (crashed, or
 across a partition), a little after each change, as a node learns that a
 connection closed (:meth:`ConsensusCore.set_unreachable`); before ``stable_at``
-what it learns is now and then wrong, naming a validator it can reach.
+what it learns is now and then wrong, naming a validator it can reach; after it,
+an honest validator's link to another still drops for a moment now and then; and
+some Byzantine validators report every other validator unreachable, giving up
+every round they can at once.
 
 Epochs change too: at a few drawn moments (some with a validator crashing
 right after), every validator up submits a marker naming its epoch and the next
@@ -262,6 +265,12 @@ class Scenario:
         self.partition: list[set[int]] | None = None
         self.faults: list[str] = [f"drop={self.drop_rate} dup={self.dup_rate} spikes={self.spike_rate}"]
         self.faults += [f"byzantine {i}: {b}" for i, b in sorted(self.byzantine.items())]
+        # Byzantine validators that also give up every round they can at once (they report every
+        # other validator unreachable): their early timeouts add to any an honest one makes.
+        self.eager = {i for i in sorted(self.byzantine) if self.link_rng.random() < 0.3}
+        self.faults += [f"byzantine {i}: also times out at once" for i in sorted(self.eager)]
+        # Honest validators' links that drop for a moment after GST too (reported down, then up).
+        self.blips: dict[int, dict[int, float]] = {}  # node id -> {node id it misses: until}
         # Safety bookkeeping.
         self.committed: dict[int, tuple[bytes, int]] = {}
         self.chains: dict[int, list[bytes]] = {i: [] for i in range(len(self.nodes))}
@@ -351,11 +360,21 @@ class Scenario:
         return not self.partition or any(a in g and b in g for g in self.partition)
 
     def _report_links(self, node: _Node) -> None:
+        blips = self.blips.get(node.node_id, {})
         down = [k for k, other in enumerate(node.members)
-                if other != node.node_id and not self._reachable(node.node_id, other)]
+                if other != node.node_id and (not self._reachable(node.node_id, other)
+                                              or node.node_id in self.eager or blips.get(other, 0.0) > self.now)]
         if self.now < self.config.stable_at and self.link_rng.random() < 0.1:
             down.append(self.link_rng.randrange(len(node.members)))  # a detector wrong for a while
         self._apply(node, node.core.set_unreachable(down, self.now))
+
+    def _plan_blips(self) -> None:
+        """After GST, now and then an honest validator's link to another drops for a moment."""
+        rng, stable = self.link_rng, self.config.stable_at
+        for node_id in self.honest:
+            for _ in range(rng.randint(0, 3)):
+                at, length = rng.uniform(stable, stable + 10.0), rng.uniform(0.05, 0.6)
+                self._at(at, "blip", node_id, rng.randrange(len(self.nodes)), at + length)
 
     # --- network -----------------------------------------------------------------------
 
@@ -624,6 +643,7 @@ class Scenario:
         config = self.config
         liveness_rounds = config.liveness_rounds or 3 * self.vset.n + 10
         self._plan_faults()
+        self._plan_blips()
         for node in self.nodes:
             self._apply(node, node.core.start(0.0))
         self._at(config.stable_at, "stable")
@@ -724,6 +744,13 @@ class Scenario:
             node = self.nodes[index]
             if node.up and node.epoch == epoch:
                 self._report_links(node)
+        elif kind == "blip":
+            index, other, until = args
+            node = self.nodes[index]
+            if node.up and other != index:
+                self.blips.setdefault(index, {})[other] = until
+                self._report_links(node)
+                self._at(until, "links", index, node.epoch)
         elif kind == "stable":
             self.partition = None
             for node in self.nodes:

@@ -995,7 +995,11 @@ class ConsensusCore:
         """What every input ends with: give up a round an unreachable validator holds, and set
         the timer."""
         if self._unreachable:
-            self._skip_unreachable(now, actions)
+            for _ in range(self.vset.n + 1):
+                round_ = self.round
+                self._skip_unreachable(now, actions)
+                if self.round == round_:
+                    break  # else our timeout completed a TC: the next round may wait on one too
         self._timer(actions)
 
     def _skip_unreachable(self, now: float, actions: list[Action]) -> None:
@@ -1012,7 +1016,19 @@ class ConsensusCore:
                 p.block.round == round_ for _, p in self._waiting_proposals.values()):
             return  # this round's proposal is here: it is voted on (or refused) as usual
         else:
-            waits_on = self._leader(round_)
+            # Who may propose: by reputation after our highest QC, and round robin after our
+            # highest TC, when each is for the round before; the round is lost only if all are.
+            leaders = set()
+            if self.high_qc.round + 1 == round_:
+                parent = self.get_block(self.high_qc.block_id)
+                if parent is None:
+                    return
+                leaders.add(self.leader_after(parent))
+            if self.high_tc is not None and self.high_tc.round + 1 == round_:
+                leaders.add(self.vset.leader(round_))
+            if not leaders or not leaders <= self._unreachable:
+                return
+            waits_on = min(leaders)
         if waits_on is None or waits_on == self.index or waits_on not in self._unreachable:
             return
         actions.append(Log("round.skipped", {"round": round_, "unreachable": waits_on}))

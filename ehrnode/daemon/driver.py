@@ -49,6 +49,13 @@ MESSAGES_PER_TURN = 512
 #: take one TLS record per turn) and consensus messages never wait long behind a backlog of gossip.
 TXS_PER_TURN = 64
 TXS_TURN_SECONDS = 0.003
+#: A peer whose connection closed counts as unreachable for consensus only after this long without
+#: a new one: a link that drops and comes back (a redial takes about 0.1 s) costs no round, and a
+#: member whose process stopped, which refuses the redial, is given up this much later.
+LINK_GRACE = 0.5
+#: After the node starts, peers not connected yet count as reachable this long (connecting takes
+#: a moment, and a round given up for want of a link is lost to this node).
+START_GRACE = 3.0
 #: Core events an operator wants at info level (the rest are debug).
 INFO_EVENTS = frozenset({"round.timeout", "round.skipped", "tc.formed", "vote.equivocation", "vote.refused",
                          "timeout.refused", "proposal.refused", "sync.started", "sync.finished"})
@@ -78,6 +85,8 @@ class Driver:
         self._txs_in: deque[tuple[Peer | None, bytes]] = deque()
         self._connected: list[str] = []  # peers that (re)connected since the driver last looked
         self._links_changed = True  # a peer connected or left since the core last heard who is reachable
+        self._down_since: dict[str, float] = {}  # peer -> since when it has had no connection (trio clock)
+        self._links_due = float("inf")  # when a peer's grace runs out and the core must hear of it
         self._wake = trio.Event()
         self._deadline = float("inf")
 
@@ -106,6 +115,11 @@ class Driver:
         self._connected.append(name)
         self.links_changed()
 
+    def disconnected(self, name: str) -> None:
+        """The connection to ``name`` closed: unreachable once LINK_GRACE passes without another."""
+        self._down_since[name] = trio.current_time()
+        self.links_changed()
+
     def links_changed(self) -> None:
         """A peer connected or its connection closed: tell the core whom it can reach."""
         self._links_changed = True
@@ -113,9 +127,19 @@ class Driver:
 
     def _report_links(self) -> None:
         self._links_changed = False
+        now = trio.current_time()
         connected = set(self._network.connected())
-        down = [i for i, member in enumerate(self.membership.members)
-                if i != self.core.index and member.name not in connected]
+        down, due = [], float("inf")
+        for i, member in enumerate(self.membership.members):
+            if i == self.core.index or member.name in connected:
+                self._down_since.pop(member.name, None)
+                continue
+            since = self._down_since.setdefault(member.name, now)
+            if now - since >= LINK_GRACE:
+                down.append(i)
+            else:
+                due = min(due, since + LINK_GRACE)
+        self._links_due = due
         self.apply(self.core.set_unreachable(down, time.time()))
 
     def learn_certificates(self, high_qc: QuorumCert, high_tc: TimeoutCert | None) -> None:
@@ -136,23 +160,30 @@ class Driver:
     async def run(self) -> None:
         self.apply(self.core.start(time.time()))
         self.started = True
+        begun = trio.current_time()
+        for member in self.membership.members:  # not connected yet: reachable for START_GRACE
+            self._down_since.setdefault(member.name, begun + START_GRACE - LINK_GRACE)
         while True:
             if not self._consensus_in and not self._txs_in and not self._connected and not self._links_changed:
-                with trio.move_on_at(self._deadline):
+                with trio.move_on_at(min(self._deadline, self._links_due)):
                     await self._wake.wait()
                 self._wake = trio.Event()
             if trio.current_time() >= self._deadline:
                 self.apply(self.core.tick(time.time()))
+            if trio.current_time() >= self._links_due:
+                self._links_changed = True
             while self._connected:
                 index = self.membership.index_of(self._connected.pop())
                 if index is not None:
                     self.apply(self.core.on_peer_connected(index, time.time()))
-            if self._links_changed:
-                self._report_links()
             # Consensus first, then one batch of transactions, then let other tasks run.
             for _ in range(min(len(self._consensus_in), MESSAGES_PER_TURN)):
                 peer, data = self._consensus_in.popleft()
                 self._message(peer, data)
+            if self._links_changed:
+                # After the messages already queued: a leader's proposal that came before its
+                # connection closed is voted on, not given up.
+                self._report_links()
             if self._txs_in:
                 self._transactions()
             await trio.sleep(0)

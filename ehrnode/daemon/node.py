@@ -454,7 +454,7 @@ class Node:
         self.driver.connected(name)
 
     def _on_disconnect(self, name: str) -> None:
-        self.driver.links_changed()
+        self.driver.disconnected(name)
 
     # --- governance ---------------------------------------------------------------------
 
