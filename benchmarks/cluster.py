@@ -19,7 +19,11 @@ It also measures this machine's Ed25519 verifications per second and prints the 
 `cores x verify_per_s / validators` (each transaction is verified at least once per
 validator) and the fraction of it reached.
 
-    python benchmarks/cluster.py [--duration 10] [--rates 200,500] [--down 1] [--json]
+With ``--down 1 --from-start`` the validator is killed as soon as the members are connected,
+before the first commit, and only that is measured, saturation first: leader reputation has no
+history then.
+
+    python benchmarks/cluster.py [--duration 10] [--rates 200,500] [--down 1 [--from-start]] [--json]
 """
 
 from __future__ import annotations
@@ -133,8 +137,12 @@ async def sequential(load: Load, count: int) -> dict:
             "p90_ms": round(times[int(0.9 * (len(times) - 1))], 1)}
 
 
-async def phase(cluster: Cluster, load: Load, rates: list[float], seconds: float, waits: int) -> dict:
-    results: dict = {"fixed": [], "sequential": await sequential(load, waits)}
+async def phase(cluster: Cluster, load: Load, rates: list[float], seconds: float, waits: int,
+                *, saturation_first: bool = False) -> dict:
+    results: dict = {"fixed": []}
+    if saturation_first:
+        results["saturation"] = await saturation(cluster, load, seconds)
+    results["sequential"] = await sequential(load, waits)
     for rate in rates:
         load.submitted.clear()
         elapsed = await load.offer(rate, seconds, workers=8)
@@ -147,6 +155,12 @@ async def phase(cluster: Cluster, load: Load, rates: list[float], seconds: float
             "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
             "p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))], 1) if latencies else None,
         })
+    if not saturation_first:
+        results["saturation"] = await saturation(cluster, load, seconds)
+    return results
+
+
+async def saturation(cluster: Cluster, load: Load, seconds: float) -> dict:
     load.submitted.clear()
     load.refused = 0
     procs = {n: p for n, p in cluster.procs.items() if n in load.names}
@@ -160,14 +174,33 @@ async def phase(cluster: Cluster, load: Load, rates: list[float], seconds: float
     # (the backlog left when the load stops does not count).
     ids = [i for i in load.submitted if i in load.committed and load.committed[i] <= end]
     latencies = sorted(1000 * (load.committed[i] - load.submitted[i]) for i in ids)
-    results["saturation"] = {
+    return {
         "submitted": len(load.submitted), "committed": len(ids), "refused": load.refused,
         "committed_tps": round(len(ids) / elapsed, 1),
         "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
         "p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))], 1) if latencies else None,
         "cpu_per_node": {n: round((cpu_after[n] - cpu_before[n]) / elapsed, 2) for n in cpu_after},
     }
-    return results
+
+
+async def measure_young(cluster: Cluster, rates: list[float], seconds: float, down: int, waits: int) -> dict:
+    """The same with the last ``down`` validators killed as soon as the members are connected,
+    before the first commit: the chain is young, and leader reputation has no history yet."""
+    killed = cluster.names[-down:]
+    for name in killed:
+        cluster.kill9(name)
+    load = Load(cluster)
+    load.names = [n for n in cluster.names if n not in killed]
+    started = time.perf_counter()
+    await cluster.call("A", "tx.submit", note="first", wait=True, timeout=120)
+    first = time.perf_counter() - started
+    async with trio.open_nursery() as nursery:
+        await nursery.start(load.watch)
+        # Saturation first, while the chain is still young.
+        results = {"killed": killed, "first_commit_s": round(first, 2),
+                   **await phase(cluster, load, rates, seconds, waits, saturation_first=True)}
+        nursery.cancel_scope.cancel()
+    return {"young": results}
 
 
 async def measure(cluster: Cluster, rates: list[float], seconds: float, down: int, waits: int) -> dict:
@@ -219,6 +252,8 @@ def main() -> None:
     parser.add_argument("--rates", default="200,500", help="fixed offered rates, tx/s, comma-separated")
     parser.add_argument("--down", type=int, default=0, choices=(0, 1), help="validators to kill for a second pass")
     parser.add_argument("--waits", type=int, default=30, help="sequential transactions waited for, per pass")
+    parser.add_argument("--from-start", action="store_true",
+                        help="with --down: kill them before the first commit and measure only that (a young chain)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r]
@@ -230,10 +265,22 @@ def main() -> None:
         cluster.start_all()
         try:
             trio.run(cluster.wait_ready)
-            results = trio.run(measure, cluster, rates, args.duration, args.down, args.waits)
+            young = args.from_start and args.down
+            results = trio.run(measure_young if young else measure, cluster, rates, args.duration, args.down,
+                               args.waits)
         finally:
             cluster.stop_all()
     bound = cores * verify_per_s / len(cluster.names)
+    if "young" in results:
+        summary = {"verify_per_s": round(verify_per_s), "cores": cores, "verify_bound_tps": round(bound),
+                   "first_commit_s": results["young"]["first_commit_s"], **summarize(results["young"], bound)}
+        if args.json:
+            print(json.dumps(summary))
+            return
+        print(f"cluster: 4 members on loopback, {cores} cores; {', '.join(results['young']['killed'])} killed before "
+              f"the first commit; the first commit came {summary['first_commit_s']} s after")
+        report("young chain, one down from the start:", results["young"], summary)
+        return
     summary = {"verify_per_s": round(verify_per_s), "cores": cores, "verify_bound_tps": round(bound),
                **summarize(results["all_up"], bound)}
     if "down" in results:
