@@ -265,24 +265,18 @@ def main() -> None:
         cluster.start_all()
         try:
             trio.run(cluster.wait_ready)
-            young = args.from_start and args.down
-            results = trio.run(measure_young if young else measure, cluster, rates, args.duration, args.down,
+            from_start = args.from_start and args.down
+            results = trio.run(measure_young if from_start else measure, cluster, rates, args.duration, args.down,
                                args.waits)
         finally:
             cluster.stop_all()
     bound = cores * verify_per_s / len(cluster.names)
-    if "young" in results:
-        summary = {"verify_per_s": round(verify_per_s), "cores": cores, "verify_bound_tps": round(bound),
-                   "first_commit_s": results["young"]["first_commit_s"], **summarize(results["young"], bound)}
-        if args.json:
-            print(json.dumps(summary))
-            return
-        print(f"cluster: 4 members on loopback, {cores} cores; {', '.join(results['young']['killed'])} killed before "
-              f"the first commit; the first commit came {summary['first_commit_s']} s after")
-        report("young chain, one down from the start:", results["young"], summary)
-        return
-    summary = {"verify_per_s": round(verify_per_s), "cores": cores, "verify_bound_tps": round(bound),
-               **summarize(results["all_up"], bound)}
+    summary = {"verify_per_s": round(verify_per_s), "cores": cores, "verify_bound_tps": round(bound)}
+    young = results.get("young")
+    if young is not None:
+        summary.update(first_commit_s=young["first_commit_s"], **summarize(young, bound))
+    else:
+        summary.update(summarize(results["all_up"], bound))
     if "down" in results:
         down = summarize(results["down"], bound)
         summary["down"] = {
@@ -292,15 +286,18 @@ def main() -> None:
         }
     if args.json:
         print(json.dumps(summary))
-        return
-    print(f"cluster: 4 members on loopback, {cores} cores, ~256-byte signed note transactions; Ed25519 verify "
-          f"{verify_per_s:,.0f}/s per core, bound {cores} x {verify_per_s:,.0f} / 4 = {bound:,.0f} tx/s")
-    report("all up:", results["all_up"], summary)
-    if "down" in results:
-        report(f"{', '.join(results['down']['killed'])} down:", results["down"], summary["down"])
-        print(f"  with {args.down} down: {summary['down']['tps_vs_all_up']:.0%} of the all-up committed tx/s, "
-              f"sequential median x{summary['down']['sequential_vs_all_up']}")
-
+    elif young is not None:
+        print(f"cluster: 4 members on loopback, {cores} cores; {', '.join(young['killed'])} killed before the first "
+              f"commit; the first commit came {summary['first_commit_s']} s after")
+        report("young chain, one down from the start:", young, summary)
+    else:
+        print(f"cluster: 4 members on loopback, {cores} cores, ~256-byte signed note transactions; Ed25519 verify "
+              f"{verify_per_s:,.0f}/s per core, bound {cores} x {verify_per_s:,.0f} / 4 = {bound:,.0f} tx/s")
+        report("all up:", results["all_up"], summary)
+        if "down" in results:
+            report(f"{', '.join(results['down']['killed'])} down:", results["down"], summary["down"])
+            print(f"  with {args.down} down: {summary['down']['tps_vs_all_up']:.0%} of the all-up committed tx/s, "
+                  f"sequential median x{summary['down']['sequential_vs_all_up']}")
 
 if __name__ == "__main__":
     main()

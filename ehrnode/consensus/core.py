@@ -1007,31 +1007,29 @@ class ConsensusCore:
         if self.index is None or self.pacemaker.timed_out or round_ == 0:
             return
         vote = self.safety.data.last_vote
+        waits_on: set[int] = set()  # the round is lost if every one of them is unreachable
         if vote is not None and vote.round == round_:
             voted = self.tree.get(vote.block_id)
             if voted is None:
                 return
-            waits_on: int | None = self.leader_after(voted)  # where our vote went
+            waits_on.add(self.leader_after(voted))  # where our vote went
         elif self._proposal_counts.get(round_) or any(
                 p.block.round == round_ for _, p in self._waiting_proposals.values()):
             return  # this round's proposal is here: it is voted on (or refused) as usual
         else:
             # Who may propose: by reputation after our highest QC, and round robin after our
-            # highest TC, when each is for the round before; the round is lost only if all are.
-            leaders = set()
+            # highest TC, when each is for the round before.
             if self.high_qc.round + 1 == round_:
                 parent = self.get_block(self.high_qc.block_id)
                 if parent is None:
                     return
-                leaders.add(self.leader_after(parent))
+                waits_on.add(self.leader_after(parent))
             if self.high_tc is not None and self.high_tc.round + 1 == round_:
-                leaders.add(self.vset.leader(round_))
-            if not leaders or not leaders <= self._unreachable:
-                return
-            waits_on = min(leaders)
-        if waits_on is None or waits_on == self.index or waits_on not in self._unreachable:
+                waits_on.add(self.vset.leader(round_))
+        # This node is never in ``_unreachable``: a round it leads or aggregates is never given up.
+        if not waits_on or not waits_on <= self._unreachable:
             return
-        actions.append(Log("round.skipped", {"round": round_, "unreachable": waits_on}))
+        actions.append(Log("round.skipped", {"round": round_, "unreachable": min(waits_on)}))
         self.pacemaker.give_up(now)
         self._local_timeout(now, actions)
 
