@@ -19,7 +19,7 @@ from ..consensus.types import Block
 from ..errors import AdmissionError, StoreError
 from ..ledger.state import LedgerState
 from ..ledger.transactions import Transaction
-from ..sharing.events import Subscription, event_of
+from ..sharing.events import Subscription, events_of
 
 #: ``subscriber(block, txs)``: ``txs`` are the block's valid transactions, in order.
 Subscriber = Callable[[Block, Sequence[Transaction]], None]
@@ -149,10 +149,7 @@ class EventFeed:
         if not self._subscriptions:
             return
         self._prune()
-        for tx in txs:
-            event = event_of(self.state, tx, block.height)
-            if event is None:
-                continue
+        for event in (e for tx in txs for e in events_of(self.state, tx, block.height)):
             # Once per event, not per subscriber: every EMPI that stands for this patient now.
             aliases = frozenset(self.state.empi.aliases(event.empi)) if event.empi else frozenset()
             for subscription, channel in list(self._subscriptions):

@@ -53,7 +53,8 @@ SIZE_BUCKETS = tuple(256 << i for i in range(8)) + (MAX_TX_BYTES + 1,)
 #: Bucket, tag and the clear fields: within the 64 KiB a block or gossip frame allows per entry.
 MAX_ENVELOPE_BYTES = 64 * 1024
 
-_CLASSES = {"note": "chain", "record.anchor": "record", "record.erase": "record", "integrity.alert": "record",
+_CLASSES = {"note": "chain", "record.anchor": "record", "record.anchors": "record", "record.erase": "record",
+            "integrity.alert": "record",
             "consent.grant": "consent", "consent.revoke": "consent", "access.log": "access",
             "whois.request": "whois", "whois.answer": "whois", "keys.epoch": "consortium",
             "consortium.propose": "consortium", "consortium.vote": "consortium", "keys.request": "consortium",

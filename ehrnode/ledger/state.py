@@ -46,7 +46,7 @@ from .oprf_rounds import SCHEMA as OPRF_SCHEMA
 from .oprf_rounds import OprfRounds
 from .oprf_usage import SCHEMA as OPRF_USAGE_SCHEMA
 from .oprf_usage import OprfUsage
-from .transactions import Transaction
+from .transactions import Transaction, anchors_of
 from .whois import SCHEMA as WHOIS_SCHEMA
 from .whois import WhoisLog
 
@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS anchors (
     UNIQUE (institution, position));
 CREATE INDEX IF NOT EXISTS anchors_patient ON anchors(patient);
 CREATE INDEX IF NOT EXISTS anchors_commitment ON anchors(commitment);
+CREATE INDEX IF NOT EXISTS anchors_tx ON anchors(tx_id);
 CREATE TABLE IF NOT EXISTS actions (
     tx_id BLOB PRIMARY KEY, actor BLOB NOT NULL, submitter TEXT NOT NULL, kind TEXT NOT NULL, time INTEGER NOT NULL,
     height INTEGER NOT NULL);
@@ -81,7 +82,8 @@ CREATE TABLE IF NOT EXISTS key_reseals (
 #: Roles allowed to submit each kind (kinds not listed: any member).
 _INSTITUTIONS = frozenset({"institution"})
 _KIND_ROLES = {kind: _INSTITUTIONS for kind in (
-    "record.anchor", "empi.enrol", "empi.link", "empi.not_duplicate", "empi.merge", "empi.unmerge", "empi.split",
+    "record.anchor", "record.anchors", "empi.enrol", "empi.link", "empi.not_duplicate", "empi.merge", "empi.unmerge",
+    "empi.split",
     "empi.accept", "empi.oprf_batch",
     "consent.grant", "consent.revoke", "access.log", "record.erase", "whois.answer")}
 
@@ -296,20 +298,8 @@ class LedgerState:
         allowed = _KIND_ROLES.get(tx.kind)
         if allowed is not None and self.roles.get(tx.submitter) not in allowed:
             return "invalid:role"
-        if tx.kind == "record.anchor":
-            body = tx.body
-            if body["institution"] != tx.submitter:
-                return "invalid:not_owner"  # an institution anchors only its own records
-            if db.execute("SELECT 1 FROM anchors WHERE record = ? OR (institution = ? AND position = ?)",
-                          (body["record"], body["institution"], body["position"])).fetchone():
-                return "invalid:duplicate_record"
-            db.execute(f"INSERT INTO anchors VALUES ({', '.join('?' * len(ANCHOR_COLUMNS))})", (
-                # An institution's records can only name its own enrolments.
-                body["record"], scoped_enrolment(body["institution"], body["patient"]), body["institution"],
-                body["recorded_at"], body["setting"],
-                body["resource_type"], body["commitment"], body["position"], body["entry"], body["epoch"], height,
-                tx.id,
-            ))
+        if tx.kind in ("record.anchor", "record.anchors"):
+            return self._anchor(db, tx, height)
         elif tx.kind == "empi.oprf_batch":
             return self.oprf_usage.apply(db, tx, height, block_time)
         elif tx.kind in self._empi_kinds:
@@ -328,6 +318,24 @@ class LedgerState:
             return self.whois.apply_request(db, tx.body, tx.submitter, tx.actor, height, tx.time, tx.id)
         elif tx.kind == "whois.answer":
             return self.whois.apply_answer(db, tx.body, tx.submitter, height, tx.id)
+        return "ok"
+
+    @staticmethod
+    def _anchor(db: sqlite3.Connection, tx: Transaction, height: int) -> str:
+        """Every anchor of the transaction, or none: a record or vault position already anchored
+        (by any transaction) refuses the whole of it."""
+        if tx.body["institution"] != tx.submitter:
+            return "invalid:not_owner"  # an institution anchors only its own records
+        anchors = anchors_of(tx)
+        for anchor in anchors:
+            if db.execute("SELECT 1 FROM anchors WHERE record = ? OR (institution = ? AND position = ?)",
+                          (anchor["record"], tx.submitter, anchor["position"])).fetchone():
+                return "invalid:duplicate_record"
+        db.executemany(f"INSERT INTO anchors VALUES ({', '.join('?' * len(ANCHOR_COLUMNS))})", [(
+            # An institution's records can only name its own enrolments.
+            a["record"], scoped_enrolment(tx.submitter, a["patient"]), tx.submitter, a["recorded_at"], a["setting"],
+            a["resource_type"], a["commitment"], a["position"], a["entry"], a["epoch"], height, tx.id,
+        ) for a in anchors])
         return "ok"
 
     def _classify(self, data: bytes, height: int, admitted: Admitted | None,

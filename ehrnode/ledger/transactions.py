@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -52,27 +52,70 @@ def recorded_day(time_ms: int) -> int:
 _SETTING = re.compile(r"^[A-Za-z0-9_.-]{1,32}\Z")
 
 
+_ANCHOR_FIELDS = ("record", "patient", "recorded_at", "setting", "resource_type", "commitment", "position", "entry")
+#: The most anchors one ``record.anchors`` transaction carries (about 220 bytes each, so a full
+#: one is sealed in the 32 KiB envelope bucket).
+MAX_ANCHORS = 128
+
+
+def _check_anchor(m: Mapping[str, Any], what: str) -> None:
+    """The fields every anchor has, whether alone in ``record.anchor`` or one of ``record.anchors``."""
+    as_bytes(m["record"], f"{what}.record", size=16)
+    as_bytes(m["patient"], f"{what}.patient", size=ENROLMENT_SIZE)
+    if as_uint(m["recorded_at"], f"{what}.recorded_at") % DAY_MS:
+        raise SchemaError(f"{what}.recorded_at: a whole UTC day (milliseconds at midnight)")
+    if not _SETTING.match(as_str(m["setting"], f"{what}.setting", max_len=32)):
+        raise SchemaError(f"{what}.setting: expected a short code")
+    if not _RESOURCE_TYPE.match(as_str(m["resource_type"], f"{what}.resource_type", max_len=64)):
+        raise SchemaError(f"{what}.resource_type: expected a FHIR resource type name")
+    as_bytes(m["commitment"], f"{what}.commitment", size=32)
+    if as_uint(m["position"], f"{what}.position") == 0:
+        raise SchemaError(f"{what}.position: vault positions start at 1")
+    as_bytes(m["entry"], f"{what}.entry", size=32)
+
+
 def _anchor_body(body: Any) -> dict[str, Any]:
     """A record anchor: pseudonymous and salted; nothing in it names or describes the patient."""
-    m = as_map(body, "record.anchor", (
-        "epoch", "record", "patient", "institution", "recorded_at", "setting", "resource_type", "commitment",
-        "position", "entry",
-    ))
+    m = as_map(body, "record.anchor", ("epoch", "institution", *_ANCHOR_FIELDS))
     as_uint(m["epoch"], "record.anchor.epoch")
-    as_bytes(m["record"], "record.anchor.record", size=16)
-    as_bytes(m["patient"], "record.anchor.patient", size=ENROLMENT_SIZE)
     as_str(m["institution"], "record.anchor.institution", max_len=32)
-    if as_uint(m["recorded_at"], "record.anchor.recorded_at") % DAY_MS:
-        raise SchemaError("record.anchor.recorded_at: a whole UTC day (milliseconds at midnight)")
-    if not _SETTING.match(as_str(m["setting"], "record.anchor.setting", max_len=32)):
-        raise SchemaError("record.anchor.setting: expected a short code")
-    if not _RESOURCE_TYPE.match(as_str(m["resource_type"], "record.anchor.resource_type", max_len=64)):
-        raise SchemaError("record.anchor.resource_type: expected a FHIR resource type name")
-    as_bytes(m["commitment"], "record.anchor.commitment", size=32)
-    if as_uint(m["position"], "record.anchor.position") == 0:
-        raise SchemaError("record.anchor.position: vault positions start at 1")
-    as_bytes(m["entry"], "record.anchor.entry", size=32)
+    _check_anchor(m, "record.anchor")
     return dict(m)
+
+
+def _anchors_body(body: Any) -> dict[str, Any]:
+    """Anchors of up to ``MAX_ANCHORS`` records of one institution, recorded together: each as a
+    ``record.anchor`` says it, without the epoch and institution they share. Distinct records at
+    distinct vault positions, ascending (the order the vault wrote them)."""
+    m = as_map(body, "record.anchors", ("epoch", "institution", "anchors"))
+    as_uint(m["epoch"], "record.anchors.epoch")
+    as_str(m["institution"], "record.anchors.institution", max_len=32)
+    anchors = as_list(m["anchors"], "record.anchors.anchors", max_len=MAX_ANCHORS)
+    if not anchors:
+        raise SchemaError("record.anchors.anchors: at least one anchor")
+    records: set[bytes] = set()
+    last = 0
+    for i, anchor in enumerate(anchors):
+        what = f"record.anchors.anchors[{i}]"
+        _check_anchor(as_map(anchor, what, _ANCHOR_FIELDS), what)
+        if anchor["position"] <= last:
+            raise SchemaError(f"{what}.position: positions must ascend")
+        if anchor["record"] in records:
+            raise SchemaError(f"{what}.record: a record anchored twice")
+        last = anchor["position"]
+        records.add(anchor["record"])
+    return dict(m)
+
+
+def anchors_of(tx: Transaction) -> list[dict[str, Any]]:
+    """Every anchor a ``record.anchor`` or ``record.anchors`` transaction carries, each with the
+    epoch and institution (empty for any other kind)."""
+    if tx.kind == "record.anchor":
+        return [tx.body]
+    if tx.kind == "record.anchors":
+        shared = {"epoch": tx.body["epoch"], "institution": tx.body["institution"]}
+        return [{**shared, **anchor} for anchor in tx.body["anchors"]]
+    return []
 
 
 #: An institution's pseudonym for one of its patients (its EMPI enrolment id).
@@ -385,7 +428,8 @@ _SIGNED_PREFIX = b"\x82" + codec.encode(TX_DOMAIN)
 
 #: Each kind's body schema: a function that raises SchemaError or returns the checked body.
 KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
-    "note": _note_body, "record.anchor": _anchor_body, "empi.enrol": _enrol_body, "empi.link": _link_body,
+    "note": _note_body, "record.anchor": _anchor_body, "record.anchors": _anchors_body, "empi.enrol": _enrol_body,
+    "empi.link": _link_body,
     "empi.not_duplicate": _not_duplicate_body, "empi.merge": _merge_body, "empi.unmerge": _unmerge_body,
     "empi.accept": _accept_body,
     "empi.split": _split_body, "consent.grant": _consent_body, "consent.revoke": _consent_body,

@@ -33,7 +33,10 @@ from ..codec import as_bytes, as_list, as_map, as_str, as_uint
 from ..config import Genesis
 from ..errors import CodecError, ProtocolError
 
-PROTOCOL_VERSION = 1
+#: Peers of another version are refused at the handshake, logged with both versions. A version
+#: changes when the ledger's rules do: nodes applying the same blocks by different rules would
+#: hold different ledgers without noticing. Version 2 adds ``record.anchors``.
+PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 8 * 1024 * 1024
 #: Handshake frames come from peers not yet authenticated: a small cap, checked before decoding.
 MAX_HANDSHAKE_FRAME = 4096

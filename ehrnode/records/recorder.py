@@ -19,7 +19,8 @@ user named) and either records all of it or nothing:
 5. de-identify each resource, salt it and commit to it (validation and
    de-identification of a large input run in worker processes: workers.py);
 6. append everything to the vault in one transaction, with the enrolments and
-   one signed ``record.anchor`` transaction per entry in the vault's outbox.
+   signed ``record.anchors`` transactions in the vault's outbox, each anchoring up
+   to ``MAX_ANCHORS`` entries.
 
 A resource recorded before with identical content is not recorded again (so
 re-running an ingest after a failure is harmless); changed content is a new
@@ -40,14 +41,14 @@ from .. import codec, crypto
 from ..empi.encoding import Encoder
 from ..empi.normalize import Demographics
 from ..errors import FhirError
-from ..ledger.transactions import ENROLMENT_SIZE, Transaction, recorded_day
+from ..ledger.transactions import ENROLMENT_SIZE, MAX_ANCHORS, Transaction, recorded_day
 from . import deid as deid_module
 from . import fhir
 from .canonical import canonical_json, commitment, new_salt
 from .deid import Deidentifier
 from .deid.notes import PatientFacts
 from .keys import RecordKeys
-from .vault import RECORD_ID_SIZE, EntryHeader, NewEntry, PatientRow, Vault, Write
+from .vault import RECORD_ID_SIZE, NewEntry, PatientRow, StoredEntry, Vault, Write
 from .workers import Preparer
 
 #: Shown problems per failed ingest; the rest are counted.
@@ -238,31 +239,36 @@ class Recorder:
                     patient.lookup, patient.enrolment, resource, tuple(deid_module.released_quasi(released)),
                 ))
                 enrol = self._enrolment(patient, now_ms, actor, evaluated)
-                write.before.append((enrol.id, enrol.id, enrol.encoded))
+                write.before.append((enrol.id, enrol.encoded))
                 outcome.transactions.append(enrol)
             pending.append((item, patient, record_id))
 
-        anchors: dict[bytes, Transaction] = {}
+        anchors: dict[bytes, Transaction] = {}  # record -> the transaction anchoring it
 
-        def make_anchor(header: EntryHeader, entry_hash: bytes) -> tuple[bytes, bytes]:
-            tx = Transaction.create("record.anchor", {
-                "epoch": self.epoch, "record": header.record_id, "patient": header.patient,
-                "institution": self.institution, "recorded_at": header.recorded_at, "setting": header.setting,
-                "resource_type": header.resource_type, "commitment": header.commitment,
-                "position": header.position, "entry": entry_hash,
-            }, chain_id=self.chain_id, submitter=self.institution, identity=self.member.identity, time_ms=now_ms,
-                actor=actor)
-            anchors[header.record_id] = tx
-            return tx.id, tx.encoded
+        def make_anchors(stored: list[StoredEntry]) -> list[tuple[bytes, bytes]]:
+            made = []
+            for start in range(0, len(stored), MAX_ANCHORS):
+                chunk = [entry.header for entry in stored[start:start + MAX_ANCHORS]]
+                tx = Transaction.create("record.anchors", {
+                    "epoch": self.epoch, "institution": self.institution, "anchors": [{
+                        "record": h.record_id, "patient": h.patient, "recorded_at": h.recorded_at,
+                        "setting": h.setting, "resource_type": h.resource_type, "commitment": h.commitment,
+                        "position": h.position, "entry": entry.hash,
+                    } for h, entry in zip(chunk, stored[start:start + MAX_ANCHORS], strict=True)],
+                }, chain_id=self.chain_id, submitter=self.institution, identity=self.member.identity,
+                    time_ms=now_ms, actor=actor)
+                anchors.update((h.record_id, tx) for h in chunk)
+                made.append((tx.id, tx.encoded))
+            return made
 
-        stored = self.vault.append(write, make_anchor) if write.entries else []
+        stored = self.vault.append(write, make_anchors) if write.entries else []
         for (item, patient, record_id), entry in zip(pending, stored, strict=True):
             tx = anchors[record_id]
             outcome.records.append(Recorded(
                 record_id.hex(), patient.enrolment.hex(), item.resource["resourceType"], item.source,
                 entry.header.position, tx.id.hex(), "recorded",
             ))
-            outcome.transactions.append(tx)
+        outcome.transactions.extend({tx.id: tx for tx in anchors.values()}.values())
 
     def _resolve_patients(self, candidates: list[_Candidate], problems: list[fhir.Problem],
                           invalid_patients: set[str]) -> dict[str, _Patient]:

@@ -24,7 +24,7 @@ from ..empi.normalize import Demographics
 from ..errors import AdmissionError, ConfigError, IntegrityError
 from ..ledger.empi_registry import scoped_enrolment
 from ..ledger.state import LedgerState
-from ..ledger.transactions import Transaction
+from ..ledger.transactions import Transaction, anchors_of
 from ..logs import get_logger
 from . import deid as deid_module
 from . import fhir
@@ -96,7 +96,8 @@ class RecordsService:
             self.recorder.record, items, skip_invalid=skip_invalid, now_ms=int(time.time() * 1000), actor=actor,
             evaluated=evaluated)
         if any(r.status == "already_recorded" for r in outcome.records):
-            pending = {record.hex(): tx_id.hex() for record, tx_id, _ in await self._blocking(self.vault.outbox)}
+            pending = {anchor["record"].hex(): tx_id.hex() for tx_id, data in await self._blocking(self.vault.outbox)
+                       for anchor in anchors_of(Transaction.decode(data))}
             for i, r in enumerate(outcome.records):
                 if r.status == "already_recorded":
                     anchors = self.hooks.state.anchors(record=bytes.fromhex(r.record_id))
@@ -121,19 +122,20 @@ class RecordsService:
         return deferred
 
     async def run_outbox(self) -> None:
-        """Offer outbox anchors again until each is committed; runs for the node's lifetime."""
+        """Offer outbox transactions again until each is committed; runs for the node's lifetime."""
         while True:
             await trio.sleep(OUTBOX_INTERVAL)
             rows = await self._blocking(self.vault.outbox)
             done, again = [], []
-            for record, tx_id, data in rows:
+            for tx_id, data in rows:
                 status = self.hooks.state.tx_status(tx_id)
                 if status is not None:
-                    done.append(record)
+                    done.append(tx_id)
                     if status != "ok":
                         # Refused on chain (by every node alike): offering it again cannot help.
-                        self.log.error("records.anchor_refused", record_id=record.hex(), status=status,
-                                       kind=Transaction.decode(data).kind)
+                        tx = Transaction.decode(data)
+                        self.log.error("records.anchor_refused", tx_id=tx_id.hex(), status=status, kind=tx.kind,
+                                       records=[a["record"].hex() for a in anchors_of(tx)] or None)
                 elif not self.hooks.pending(tx_id):
                     again.append(Transaction.decode(data))
             if again:

@@ -85,13 +85,14 @@ async def add_items(client: Any, items: list[fhir.Item], *, skip_invalid: bool =
     progress(f"recorded {len(tx_ids)} new records; waiting for their anchors" if wait else "recorded")
     if wait and tx_ids:
         deadline = trio.current_time() + timeout
-        waiting = tx_ids
+        waiting = list(dict.fromkeys(tx_ids))  # one transaction anchors many records
         while waiting and trio.current_time() < deadline:
             step = max(0.1, min(deadline - trio.current_time(), 60.0))
             heights = (await client.call("txs.wait", tx_ids=waiting, timeout=step))["heights"]
             result.heights.update(heights)
             waiting = [t for t in waiting if heights.get(t) is None]
-            progress(f"{len(tx_ids) - len(waiting)}/{len(tx_ids)} anchors committed")
+            anchored = sum(1 for t in tx_ids if result.heights.get(t) is not None)
+            progress(f"{anchored}/{len(tx_ids)} anchors committed")
         await _fill_empis(client, result, deadline)
     return result
 

@@ -28,8 +28,9 @@ Besides the entries, the vault file holds the node's *patient table* (each
 patient's raw Patient resource and released quasi-identifiers, sealed under
 the ``patients`` key, found by a keyed lookup value rather than by local id),
 the setting of each encounter recorded, which resource versions are already
-recorded (so re-running an ingest is harmless), and the *outbox* of anchor
-transactions not yet seen committed.
+recorded (so re-running an ingest is harmless), and the *outbox*: the
+transactions this node wrote with its records (enrolments, anchors, erasures) not
+yet seen committed.
 
 The vault is written with ``synchronous=FULL``: unlike blocks, which peers can
 send again, a record exists nowhere else.
@@ -39,7 +40,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ CREATE TABLE IF NOT EXISTS data_keys (record BLOB PRIMARY KEY, raw BLOB NOT NULL
 CREATE TABLE IF NOT EXISTS patients (lookup BLOB PRIMARY KEY, enrolment BLOB NOT NULL, sealed BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS encounters (lookup BLOB PRIMARY KEY, setting TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS versions (lookup BLOB PRIMARY KEY, digest BLOB NOT NULL, record BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS outbox (record BLOB PRIMARY KEY, tx_id BLOB NOT NULL, tx BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox_txs (tx_id BLOB PRIMARY KEY, tx BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS erasures (record BLOB PRIMARY KEY, reason TEXT NOT NULL, erased_at INTEGER NOT NULL,
     tx_id BLOB NOT NULL);
 """
@@ -151,10 +152,8 @@ class Write:
     patients: list[PatientRow] = field(default_factory=list)
     encounters: dict[bytes, str] = field(default_factory=dict)
     versions: dict[bytes, tuple[bytes, bytes]] = field(default_factory=dict)  # lookup -> (digest, record)
-    #: Transactions that must reach the chain before the anchors (EMPI enrolments): (key, tx_id, tx).
-    before: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
-    #: Built once the entries have positions: (record, tx_id, tx bytes).
-    anchors: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
+    #: Transactions that must reach the chain before the anchors (EMPI enrolments): (tx_id, tx).
+    before: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -171,6 +170,7 @@ class Vault:
         self._keys = keys
         self._member = member  # signs each entry with the member's current key
         self._db = open_db(self.path, _SCHEMA, "vault", durable=True, any_thread=True)
+        self._migrate_outbox()
         # Erasure deletes data keys: overwrite their bytes rather than leave them in free pages.
         self._db.execute("PRAGMA secure_delete=ON")
 
@@ -183,16 +183,26 @@ class Vault:
         row = self._db.execute("SELECT position, hash FROM entries ORDER BY position DESC LIMIT 1").fetchone()
         return (row[0], row[1]) if row else (0, GENESIS_PREV)
 
-    def append(self, write: Write, make_anchor: Any) -> list[StoredEntry]:
+    def _migrate_outbox(self) -> None:
+        """A vault written before anchors were batched kept its outbox one row per record (or
+        enrolment), each with its transaction: move the transactions, in order, to ``outbox_txs``."""
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox'").fetchone():
+            return
+        with transaction(self._db, "move the vault's outbox") as db:
+            db.execute("INSERT OR IGNORE INTO outbox_txs SELECT tx_id, tx FROM outbox ORDER BY rowid")
+            db.execute("DROP TABLE outbox")
+
+    def append(self, write: Write, make_anchors: Callable[[list[StoredEntry]], list[tuple[bytes, bytes]]],
+               ) -> list[StoredEntry]:
         """Append ``write.entries`` in order and store the rest of ``write``, atomically.
 
-        ``make_anchor(header, entry_hash) -> (tx_id, tx_bytes)`` builds each entry's anchor
-        transaction once its position is known; anchors go to the outbox in the same
+        ``make_anchors(stored) -> [(tx_id, tx_bytes), ...]`` builds the anchor transactions of
+        the entries once their positions are known; they go to the outbox in the same
         transaction, so a record is never written without the anchor that announces it.
         """
         stored = []
         with transaction(self._db, "append to the vault") as db:
-            db.executemany("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?)", write.before)
+            db.executemany("INSERT OR IGNORE INTO outbox_txs VALUES (?, ?)", write.before)
             position, prev = self.head()
             for entry in write.entries:
                 position += 1
@@ -213,10 +223,9 @@ class Vault:
                     entry.record_id, seal(self._keys.wrap, raw_key, entry.record_id + b"raw-key"),
                     seal(self._keys.wrap, deid_key, entry.record_id + b"deid-key"),
                 ))
-                tx_id, tx = make_anchor(header, entry_hash)
-                db.execute("INSERT INTO outbox VALUES (?, ?, ?)", (entry.record_id, tx_id, tx))
                 stored.append(StoredEntry(header, entry_hash))
                 prev = entry_hash
+            db.executemany("INSERT INTO outbox_txs VALUES (?, ?)", make_anchors(stored))
             for patient in write.patients:
                 db.execute("INSERT OR REPLACE INTO patients VALUES (?, ?, ?)",
                            (patient.lookup, patient.enrolment, self._seal_patient(patient)))
@@ -310,7 +319,7 @@ class Vault:
         with transaction(self._db, "erase a record") as db:
             db.execute("DELETE FROM data_keys WHERE record = ?", (record_id,))
             db.execute("INSERT INTO erasures VALUES (?, ?, ?, ?)", (record_id, reason, erased_at, tx_id))
-            db.execute("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?)", (record_id, tx_id, tx))
+            db.execute("INSERT OR IGNORE INTO outbox_txs VALUES (?, ?)", (tx_id, tx))
         try:
             # Old pages of the key row may linger in the write-ahead log until a checkpoint.
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -330,12 +339,13 @@ class Vault:
     def count(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
 
-    def outbox(self) -> list[tuple[bytes, bytes, bytes]]:
-        return self._db.execute("SELECT record, tx_id, tx FROM outbox ORDER BY rowid").fetchall()
+    def outbox(self) -> list[tuple[bytes, bytes]]:
+        """(tx_id, tx) of every transaction written here and not yet seen committed, oldest first."""
+        return self._db.execute("SELECT tx_id, tx FROM outbox_txs ORDER BY rowid").fetchall()
 
-    def clear_outbox(self, records: Iterable[bytes]) -> None:
-        with transaction(self._db, "clear the anchor outbox") as db:
-            db.executemany("DELETE FROM outbox WHERE record = ?", [(r,) for r in records])
+    def clear_outbox(self, tx_ids: Iterable[bytes]) -> None:
+        with transaction(self._db, "clear the outbox") as db:
+            db.executemany("DELETE FROM outbox_txs WHERE tx_id = ?", [(t,) for t in tx_ids])
 
     # --- verifying ---------------------------------------------------------------------
 

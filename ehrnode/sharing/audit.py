@@ -118,10 +118,10 @@ def _user_events(state: LedgerState, user: bytes, institution: str | None) -> li
     for action in state.actions(user):
         if institution is not None and action["submitter"] != institution:
             continue
-        if action["kind"] == "record.anchor":
-            anchor = state.anchors(tx_id=action["tx_id"])
-            if anchor:
-                events.append(_recorded_event(anchor[0], action["actor"]))
+        if action["kind"] in ("record.anchor", "record.anchors"):
+            anchors = state.anchors(tx_id=action["tx_id"])
+            if anchors:
+                events.extend(_recorded_event(anchor, action["actor"]) for anchor in anchors)
                 continue
         events.append({
             "event": "action", "kind": action["kind"], "who": action["submitter"], "user": actor_text(action["actor"]),
@@ -212,6 +212,14 @@ def _member(name: str, requestor: bool, user: str | None = None) -> dict[str, An
     return agent
 
 
+def _event_id(event: dict[str, Any]) -> str:
+    """An AuditEvent's id: its transaction's id, unique in a trail but for records anchored by one
+    transaction, whose ids are the transaction's first 32 hex digits and the record id (64 in all)."""
+    if event["event"] == "recorded":
+        return event["tx_id"][:32] + event["record_id"]
+    return str(event["tx_id"][:64])
+
+
 def audit_event(event: dict[str, Any], observer: str) -> dict[str, Any]:
     """One trail event as a FHIR R4 AuditEvent."""
     action, subtype = _ACTIONS[event["event"]]
@@ -223,7 +231,7 @@ def audit_event(event: dict[str, Any], observer: str) -> dict[str, Any]:
                 "display": "RESTful Operation"}
     refused = event.get("decision") == "refused"
     resource: dict[str, Any] = {
-        "resourceType": "AuditEvent", "id": event["tx_id"][:64],
+        "resourceType": "AuditEvent", "id": _event_id(event),
         "type": kind,
         "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": subtype}],
         "action": action, "recorded": _instant(event["time"]),

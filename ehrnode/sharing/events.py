@@ -1,6 +1,7 @@
 """Events for subscribers: what a committed transaction means to a patient's institutions.
 
-Each committed transaction of a sharing kind becomes one event, with the
+Each committed transaction of a sharing kind becomes one event (a
+``record.anchors`` one per record it anchors), with the
 patient's EMPI (as it stands when the block is applied) and the set of
 institutions it concerns. A subscriber asks for events of given EMPIs, or for
 its own (``own``): new records and consent changes of patients it has
@@ -22,7 +23,7 @@ from typing import Any
 from ..ledger.empi_registry import scoped_enrolment
 from ..ledger.requests import PullRequest
 from ..ledger.state import LedgerState
-from ..ledger.transactions import Transaction
+from ..ledger.transactions import Transaction, anchors_of
 
 
 @dataclass(frozen=True)
@@ -40,16 +41,26 @@ def _record(state: LedgerState, record: bytes) -> tuple[str | None, str | None, 
     return anchors[0]["empi"], anchors[0]["institution"], anchors[0]["resource_type"]
 
 
-def event_of(state: LedgerState, tx: Transaction, height: int) -> Event | None:
-    """The event a committed, valid transaction stands for (None: not a sharing event)."""
+def events_of(state: LedgerState, tx: Transaction, height: int) -> list[Event]:
+    """The events a committed, valid transaction stands for (none: not a sharing event)."""
+    if tx.kind in ("record.anchor", "record.anchors"):
+        common = {"height": height, "tx_id": tx.id.hex(), "time": tx.time}
+        events = []
+        for anchor in anchors_of(tx):
+            empi = state.empi.empi_of(scoped_enrolment(anchor["institution"], anchor["patient"]))
+            concerns = state.empi.institutions_of(empi) if empi else set()
+            events.append(Event({"event": "record.new", "empi": empi, "record_id": anchor["record"].hex(),
+                                 "institution": anchor["institution"], "resource_type": anchor["resource_type"],
+                                 "setting": anchor["setting"], **common},
+                                empi, frozenset(concerns | {anchor["institution"]})))
+        return events
+    event = _event_of(state, tx, height)
+    return [] if event is None else [event]
+
+
+def _event_of(state: LedgerState, tx: Transaction, height: int) -> Event | None:
     body = tx.body
     common = {"height": height, "tx_id": tx.id.hex(), "time": tx.time}
-    if tx.kind == "record.anchor":
-        empi = state.empi.empi_of(scoped_enrolment(body["institution"], body["patient"]))
-        concerns = state.empi.institutions_of(empi) if empi else set()
-        return Event({"event": "record.new", "empi": empi, "record_id": body["record"].hex(),
-                      "institution": body["institution"], "resource_type": body["resource_type"],
-                      "setting": body["setting"], **common}, empi, frozenset(concerns | {body["institution"]}))
     if tx.kind == "access.log":
         request = PullRequest.decode(body["request"])
         empi, owner, resource_type = _record(state, request.record)

@@ -19,12 +19,15 @@ ROLES = {"A": "institution", "B": "institution", "R": "regulator"}
 EPOCHS = keyring("chain")
 
 
-def anchor(submitter="A", *, institution=None, record=1, position=1, patient=b"q" * 16, **fields):
-    body = {
-        "epoch": 0, "record": record.to_bytes(16, "big"), "patient": patient, "institution": institution or submitter,
-        "recorded_at": 1_699_920_000_000, "setting": "AMB", "resource_type": "Condition",
-        "commitment": bytes([record]) * 32, "position": position, "entry": bytes(32),
+def anchor_fields(*, record=1, position=1, patient=b"q" * 16, **fields):
+    return {
+        "record": record.to_bytes(16, "big"), "patient": patient, "recorded_at": 1_699_920_000_000, "setting": "AMB",
+        "resource_type": "Condition", "commitment": bytes([record]) * 32, "position": position, "entry": bytes(32),
     } | fields
+
+
+def anchor(submitter="A", *, institution=None, **fields):
+    body = {"epoch": 0, "institution": institution or submitter} | anchor_fields(**fields)
     return Transaction.create("record.anchor", body, chain_id="chain", submitter=submitter,
                               identity=KEYS[submitter], time_ms=1)
 
@@ -92,6 +95,61 @@ def test_anchor_schema_refuses_extra_fields():
     body = dict(anchor().body, name="Jane Doe")
     with pytest.raises(SchemaError):
         Transaction.create("record.anchor", body, chain_id="chain", submitter="A", identity=KEYS["A"], time_ms=1)
+
+
+def anchors(submitter="A", *entries, institution=None):
+    """A ``record.anchors`` of ``(record, position)`` pairs (or dicts of fields to change)."""
+    body = [anchor_fields(**(entry if isinstance(entry, dict) else {"record": entry[0], "position": entry[1]}))
+            for entry in entries]
+    return Transaction.create("record.anchors", {"epoch": 0, "institution": institution or submitter,
+                                                 "anchors": body},
+                              chain_id="chain", submitter=submitter, identity=KEYS[submitter], time_ms=1)
+
+
+def test_a_batch_of_anchors_is_applied_whole_or_not_at_all(tmp_path):
+    txs = [
+        anchor("A", record=1, position=1),
+        anchors("A", (2, 2), (3, 3), (4, 4)),
+        anchors("B", (5, 1), (6, 2)),
+        anchors("A", (7, 5), (1, 6)),  # record 1 is anchored: none of the two is
+        anchors("A", (8, 4), (9, 7)),  # position 4 is taken: none of the two
+        anchors("R", (10, 1)),  # the regulator does not record
+        anchors("A", (11, 1), institution="B"),  # A cannot anchor for B
+        anchors("A", (12, 5)),  # position 5 is still free: the refused batches took nothing
+    ]
+    expected = ["ok", "ok", "ok", "invalid:duplicate_record", "invalid:duplicate_record", "invalid:role",
+                "invalid:not_owner", "ok"]
+    state = LedgerState(tmp_path / "n.db", F.vset.chain_id, MEMBERS, roles=ROLES, keys=EPOCHS)
+    state.chain_id = "chain"
+    valid = state.apply(block(1, *txs))
+    assert statuses(state, txs) == expected
+    assert [tx.id for tx in valid] == [txs[i].id for i, s in enumerate(expected) if s == "ok"]
+    assert [int.from_bytes(a["record"], "big") for a in state.anchors()] == [1, 2, 3, 4, 5, 6, 12]
+    assert [a["position"] for a in state.anchors(tx_id=txs[1].id)] == [2, 3, 4]
+    assert {a["institution"] for a in state.anchors(tx_id=txs[2].id)} == {"B"}
+    assert sorted(state.anchored_positions("A")) == [1, 2, 3, 4, 5]
+    state.close()
+
+
+@pytest.mark.parametrize("entries,message", [
+    ([], "at least one anchor"),
+    ([(1, 2), (2, 2)], "positions must ascend"),
+    ([(1, 3), (2, 2)], "positions must ascend"),
+    ([(1, 1), (1, 2)], "anchored twice"),
+    ([(i, i) for i in range(1, 130)], "exceeds 128"),
+    ([(1, 1), {"record": 2, "position": 2, "setting": "Ward 7, Dr Smith"}], r"anchors\[1\].setting"),
+    ([{"record": 1, "position": 1, "recorded_at": 1_699_920_000_001}], "whole UTC day"),
+])
+def test_anchors_schema_refuses_bad_batches(entries, message):
+    with pytest.raises(SchemaError, match=message):
+        anchors("A", *entries)
+
+
+def test_anchors_schema_refuses_extra_fields_in_an_anchor():
+    tx = anchors("A", (1, 1))
+    body = dict(tx.body, anchors=[dict(tx.body["anchors"][0], name="Jane Doe")])
+    with pytest.raises(SchemaError, match="unexpected fields"):
+        Transaction.create("record.anchors", body, chain_id="chain", submitter="A", identity=KEYS["A"], time_ms=1)
 
 
 @pytest.mark.parametrize("actor", [b"", b"u" * 15])

@@ -13,6 +13,7 @@ from ehrnode.consortium import init_consortium
 from ehrnode.errors import ProtocolError
 from ehrnode.net.peers import PeerNetwork
 from ehrnode.net.protocol import (
+    PROTOCOL_VERSION,
     Auth,
     ConsensusFrame,
     Hello,
@@ -81,7 +82,7 @@ def test_hello_checks_chain_genesis_version_and_membership(consortium, name, sam
     genesis, _ = consortium
     hello = Hello(version, genesis.chain_id if same_chain else "other", genesis.hash if same_genesis else bytes(32),
                   name, os.urandom(32))
-    valid = version == 1 and same_chain and same_genesis and name in {"A", "B", "C", "R"}
+    valid = version == PROTOCOL_VERSION and same_chain and same_genesis and name in {"A", "B", "C", "R"}
     if valid:
         hello.check_against(genesis)
     else:

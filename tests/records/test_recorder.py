@@ -7,6 +7,7 @@ import pytest
 from ehrnode import crypto, synthetic
 from ehrnode.empi.encoding import Encoder
 from ehrnode.errors import FhirError
+from ehrnode.ledger.transactions import anchors_of
 from ehrnode.records import fhir
 from ehrnode.records.deid import Deidentifier, load_profile
 from ehrnode.records.kanon import kanon_report
@@ -64,13 +65,29 @@ def test_later_records_inherit_their_encounters_setting_and_the_patient(tmp_path
     first = rec.record(items(resources[:2]), now_ms=1)  # Patient and Encounter
     second = rec.record(items(resources[2:]), now_ms=2)  # Condition and Observation, later
     encounter_class = resources[1]["class"]["code"]
-    # The Patient's enrolment goes first, then one anchor per record.
-    assert [tx.kind for tx in first.transactions] == ["empi.enrol", "record.anchor", "record.anchor"]
-    assert [a.body["setting"] for a in first.transactions[1:]] == ["unknown", encounter_class]
-    assert [a.body["setting"] for a in second.transactions] == [encounter_class, encounter_class]
+    # The Patient's enrolment goes first, then the anchors of the input's records, together.
+    assert [tx.kind for tx in first.transactions] == ["empi.enrol", "record.anchors"]
+    assert [tx.kind for tx in second.transactions] == ["record.anchors"]
+    anchors = [a for tx in first.transactions + second.transactions for a in anchors_of(tx)]
+    assert [a["setting"] for a in anchors] == ["unknown", encounter_class, encounter_class, encounter_class]
     assert {r.patient for r in first.records + second.records} == {first.transactions[0].body["enrolment"].hex()}
-    assert [a.body["position"] for a in first.transactions[1:] + second.transactions] == [1, 2, 3, 4]
-    assert [row[1] for row in rec.vault.outbox()] == [tx.id for tx in first.transactions + second.transactions]
+    assert [a["position"] for a in anchors] == [1, 2, 3, 4]
+    assert [a["record"].hex() for a in anchors] == [r.record_id for r in first.records + second.records]
+    assert [r.tx_id for r in first.records] == [first.transactions[1].id.hex()] * 2
+    assert [row[0] for row in rec.vault.outbox()] == [tx.id for tx in first.transactions + second.transactions]
+
+
+def test_a_large_input_is_anchored_in_transactions_of_at_most_max_anchors(tmp_path, monkeypatch):
+    monkeypatch.setattr("ehrnode.records.recorder.MAX_ANCHORS", 3)
+    rec = recorder(tmp_path)
+    resources = [r for person in PEOPLE[:2] for r in synthetic.patient_resources(person, "A", visits=1)]
+    outcome = rec.record(items(resources), now_ms=1)
+    batches = [tx for tx in outcome.transactions if tx.kind == "record.anchors"]
+    assert [len(tx.body["anchors"]) for tx in batches] == [3, 3, 2]
+    anchored = {a["record"].hex(): tx.id.hex() for tx in batches for a in tx.body["anchors"]}
+    assert anchored == {r.record_id: r.tx_id for r in outcome.records}
+    assert [a["position"] for tx in batches for a in tx.body["anchors"]] == list(range(1, 9))
+    assert rec.vault.verify(IDENTITY.public_key)["ok"]
 
 
 def test_enrolments_carry_keyed_encodings_and_nothing_in_clear(tmp_path):

@@ -27,8 +27,8 @@ def _entry(n: int) -> NewEntry:
     )
 
 
-def _no_anchor(header, entry_hash):
-    return entry_hash, b"tx"
+def _no_anchor(stored):
+    return [(entry.hash, b"tx") for entry in stored]
 
 
 @pytest.fixture
@@ -144,15 +144,32 @@ def test_appends_continue_the_chain_and_patients_round_trip(vault):
 
 
 def test_a_failed_append_writes_nothing(vault):
-    def failing(header, entry_hash):
-        if header.position == 8:
+    def failing(stored):
+        if any(entry.header.position == 8 for entry in stored):
             raise StoreError("disk full")
-        return entry_hash, b"tx"
+        return _no_anchor(stored)
 
     with pytest.raises(StoreError):
         vault.append(Write(entries=[_entry(7), _entry(8)]), failing)
     assert vault.count() == 6
     assert vault.verify(IDENTITY.public_key)["ok"]
+
+
+def test_an_outbox_from_before_batched_anchors_is_moved_in_order(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("CREATE TABLE outbox (record BLOB PRIMARY KEY, tx_id BLOB NOT NULL, tx BLOB NOT NULL)")
+    rows = [(b"enrolment", b"t1", b"enrol"), (b"r2", b"t2", b"anchor 2"), (b"r1", b"t3", b"anchor 1"),
+            (b"r3", b"t1", b"enrol")]  # one transaction under two keys is kept once
+    db.executemany("INSERT INTO outbox VALUES (?, ?, ?)", rows)
+    db.close()
+    vault = Vault(path, KEYS, MEMBER)
+    assert vault.outbox() == [(b"t1", b"enrol"), (b"t2", b"anchor 2"), (b"t3", b"anchor 1")]
+    vault.clear_outbox([b"t2"])
+    vault.close()
+    vault = Vault(path, KEYS, MEMBER)  # opened again: nothing left to move
+    assert vault.outbox() == [(b"t1", b"enrol"), (b"t3", b"anchor 1")]
+    vault.close()
 
 
 def test_missing_data_keys_are_a_problem_unless_erased(vault):

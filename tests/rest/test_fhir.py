@@ -185,6 +185,9 @@ def test_match_list_pull_and_audit_across_the_consortium(members, recorded):
     assert reads[0]["purposeOfEvent"][0]["coding"][0]["code"] == "TREAT"
     by_patient = valid(members["R"].get("AuditEvent", params={"patient.identifier": f"{EMPI}|{empi}"}).json())
     assert access in {e["resource"]["id"] for e in by_patient["entry"]}
+    ids = [e["resource"]["id"] for e in by_patient["entry"]]
+    assert len(ids) == len(set(ids))  # records anchored by one transaction are events of their own
+    assert sum(e["resource"]["action"] == "C" for e in by_patient["entry"]) > 1
 
     # The clinician's role allows treatment and emergency pulls only.
     research = a.http.get(url, headers={"authorization": f"Bearer {clinician}", "x-purpose-of-use": "HRESCH"})

@@ -353,9 +353,11 @@ def test_watch_receives_every_kind_of_event(cluster, recorded):
 
         async def record_at_a():
             async with ApiClient.connect(cluster.configs["A"]) as client:
-                await add_items(client, [Item(f"a:{i}", r) for i, r in enumerate(more)], timeout=60)
+                return await add_items(client, [Item(f"a:{i}", r) for i, r in enumerate(more)], timeout=60)
 
-        trio.run(record_at_a)  # the same person, registered at A: a new record for that EMPI elsewhere
+        # The same person, registered at A: new records for that EMPI elsewhere, anchored together.
+        at_a = trio.run(record_at_a)
+        assert len({r["tx_id"] for r in at_a.records}) == 1
         call(cluster, "C", "consent.grant", empi=empi, to="B", purposes=["treatment"], scope=["*"], until=0)
         call(cluster, "B", "records.pull", record_id=row["record_id"], purpose="treatment")
         call(cluster, "C", "records.erase", record_id=row["record_id"], reason="duplicate entry")
@@ -373,7 +375,9 @@ def test_watch_receives_every_kind_of_event(cluster, recorded):
     own_seen = [json.loads(line) for line in own.communicate(timeout=10)[0].splitlines()]
     kinds = {e["event"] for e in seen}
     assert kinds >= {"record.new", "consent.changed", "record.accessed", "record.erased", "integrity.alarm"}, kinds
-    assert any(e["event"] == "record.new" and e["institution"] == "A" for e in seen)
+    # One event per record, though one transaction anchored them all.
+    assert sorted(e["record_id"] for e in seen if e["event"] == "record.new" and e["institution"] == "A") == sorted(
+        r["record_id"] for r in at_a.records)
     assert all(e["empi"] == empi for e in seen)
     own_kinds = {e["event"] for e in own_seen}
     # C's own feed: A recorded one of C's patients; accesses, erasures and alarms of C's records.
