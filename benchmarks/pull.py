@@ -97,6 +97,7 @@ async def record(cluster: LocalConsortium, name: str, items: list[fhir.Item]) ->
 async def throughput(cluster: LocalConsortium, owned: dict[str, list[str]], concurrency: int,
                      seconds: float, pulls: int | None) -> dict:
     latencies: list[float] = []
+    access_txs: set[str] = set()
     errors: Counter[str] = Counter()
     tickets = iter(range(pulls)) if pulls else None
     deadline = time.perf_counter() + seconds
@@ -121,6 +122,7 @@ async def throughput(cluster: LocalConsortium, owned: dict[str, list[str]], conc
                     continue
                 if pulled.get("verified"):
                     latencies.append(1000 * (time.perf_counter() - sent))
+                    access_txs.add(pulled["access_tx"])
                 else:
                     errors["unverified"] += 1
 
@@ -140,6 +142,7 @@ async def throughput(cluster: LocalConsortium, owned: dict[str, list[str]], conc
         "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
         "p99_ms": percentile(latencies, 0.99), "max_ms": round(latencies[-1], 1) if latencies else None,
         "errors": dict(errors),
+        "decisions_per_access_tx": round(len(latencies) / len(access_txs), 2) if access_txs else None,
         "cpu_per_node": {n: round((cpu_after[n] - cpu_before[n]) / elapsed, 2) for n in cpu_after},
     }
 
@@ -230,7 +233,8 @@ def main() -> None:
           f"(recorded in {s['seconds']} s)")
     print(f"verified pulls  {t['pulls_per_s']:>8} pulls/s ({t['verified']} in {t['seconds']} s, "
           f"{t['concurrency']} requesters), latency p50 {t['p50_ms']} ms, p99 {t['p99_ms']} ms, max {t['max_ms']} ms")
-    print(f"                errors {t['errors'] or 'none'}; CPU per node {t['cpu_per_node']}")
+    print(f"                errors {t['errors'] or 'none'}; CPU per node {t['cpu_per_node']}; "
+          f"{t['decisions_per_access_tx']} decisions per access log transaction")
     if "large" in figures:
         g = figures["large"]
         released = f"{g['release_bytes'] / 1e6:.2f} MB" if g["release_bytes"] else "nothing"

@@ -3,8 +3,10 @@
 Theory of operation
 -------------------
 An owner decides every pull request for one of its records and commits the
-decision as an ``access.log`` transaction before it serves anything; refusals
-are committed too, with their reason. The transaction carries the signed
+decision before it serves anything, in an ``access.logs`` transaction with the
+other decisions it made within a few milliseconds (``access.log``, one decision,
+is what owners wrote before); refusals are committed too, with their reason. A
+transaction's decisions are applied all together or not at all. The transaction carries the signed
 request, and the chain checks what any node can check: the requester is a
 member and signed the request (so no owner can log an access nobody asked
 for), the request is addressed to the submitter and is for this chain, a
@@ -15,8 +17,9 @@ each request is decided once (its id is unique).
 keys; the anchor stays, so the record's history (and any leaked copy) can
 still be checked against its commitment. ``integrity.alert`` is a requester's
 statement that what an owner served under a committed access did not match
-the anchor; it names the access, so only the member that was served can
-raise it, once per access.
+the anchor; it names the access (by its request id, or by the ``access.log``
+that logged it alone), so only the member that was served can raise it, once
+per access.
 
 These tables are the audit trail: who read which record (the member, and its
 pseudonym for the user who asked, with their role), when, for what, and on
@@ -30,16 +33,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import crypto
+from ..storage import transaction
 from .requests import PullRequest
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS accesses (
+_ACCESSES = """ (
     request BLOB PRIMARY KEY, signed BLOB NOT NULL, record BLOB NOT NULL, owner TEXT NOT NULL, requester TEXT NOT NULL,
     user BLOB NOT NULL, user_role TEXT NOT NULL, purpose TEXT NOT NULL, decision TEXT NOT NULL, reason TEXT NOT NULL,
     consent BLOB NOT NULL,
-    requested_at INTEGER NOT NULL, time INTEGER NOT NULL, height INTEGER NOT NULL, tx_id BLOB NOT NULL UNIQUE);
+    requested_at INTEGER NOT NULL, time INTEGER NOT NULL, height INTEGER NOT NULL, tx_id BLOB NOT NULL)"""
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS accesses{_ACCESSES};
 CREATE INDEX IF NOT EXISTS accesses_record ON accesses(record);
 CREATE INDEX IF NOT EXISTS accesses_requester ON accesses(requester);
+CREATE INDEX IF NOT EXISTS accesses_tx ON accesses(tx_id);
 CREATE TABLE IF NOT EXISTS erasures (
     record BLOB PRIMARY KEY, owner TEXT NOT NULL, reason BLOB NOT NULL, time INTEGER NOT NULL,
     height INTEGER NOT NULL, tx_id BLOB NOT NULL);
@@ -70,8 +76,38 @@ class AccessLog:
         if "user_role" not in columns:
             db.execute("ALTER TABLE accesses ADD COLUMN user_role TEXT NOT NULL DEFAULT ''")
         db.execute("CREATE INDEX IF NOT EXISTS accesses_user ON accesses(user)")
+        self._migrate_unique_tx(db)
+
+    @staticmethod
+    def _migrate_unique_tx(db: sqlite3.Connection) -> None:
+        """State written before decisions were batched holds at most one access per transaction
+        (``tx_id`` UNIQUE): rebuild the table without that, rows in the same order."""
+        sql = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'accesses'").fetchone()[0]
+        if "UNIQUE" not in sql:
+            return
+        columns = ", ".join(("request", "signed", *ACCESS_COLUMNS))
+        with transaction(db, "rebuild the access log without one access per transaction"):
+            db.execute(f"CREATE TABLE accesses_batched{_ACCESSES}")
+            db.execute(f"INSERT INTO accesses_batched ({columns}) SELECT {columns} FROM accesses ORDER BY rowid")
+            db.execute("DROP TABLE accesses")
+            db.execute("ALTER TABLE accesses_batched RENAME TO accesses")
+            for name, column in (("record", "record"), ("requester", "requester"), ("user", "user"), ("tx", "tx_id")):
+                db.execute(f"CREATE INDEX accesses_{name} ON accesses({column})")
 
     # --- applying (inside the block's transaction) ---------------------------------------
+
+    def apply_decisions(self, db: sqlite3.Connection, decisions: list[dict[str, Any]], submitter: str, height: int,
+                        time_ms: int, tx_id: bytes, block_time: int) -> str:
+        """Every decision of one transaction, or none: the first refused refuses the whole of it."""
+        status = "ok"
+        db.execute("SAVEPOINT decisions")
+        for body in decisions:
+            status = self.apply_access(db, body, submitter, height, time_ms, tx_id, block_time)
+            if status != "ok":
+                db.execute("ROLLBACK TO decisions")
+                break
+        db.execute("RELEASE decisions")
+        return status
 
     def apply_access(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int, time_ms: int,
                      tx_id: bytes, block_time: int) -> str:
@@ -119,17 +155,19 @@ class AccessLog:
 
     def apply_alert(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int, time_ms: int,
                     tx_id: bytes) -> str:
-        access = db.execute("SELECT record, owner, requester, decision FROM accesses WHERE tx_id = ?",
-                            (body["access"],)).fetchone()
-        if access is None or access[3] != "granted":
+        # The access by its request id, or by the id of an access.log that logged it alone.
+        columns = "request, tx_id, record, owner, requester, decision"
+        found = db.execute(f"SELECT {columns} FROM accesses WHERE request = ?", (body["access"],)).fetchall() or \
+            db.execute(f"SELECT {columns} FROM accesses WHERE tx_id = ?", (body["access"],)).fetchall()
+        if len(found) != 1 or found[0][5] != "granted":
             return "invalid:unknown_access"
-        record, owner, requester, _ = access
+        request_id, access_tx, record, owner, requester, _ = found[0]
         if requester != submitter:
             return "invalid:not_requester"  # only the member that was served can say what it received
         if record != body["record"] or owner != body["owner"]:
             return "invalid:mismatch"
-        if db.execute("SELECT 1 FROM alerts WHERE access = ?", (body["access"],)).fetchone():
-            return "invalid:duplicate_alert"
+        if db.execute("SELECT 1 FROM alerts WHERE access IN (?, ?)", (request_id, access_tx)).fetchone():
+            return "invalid:duplicate_alert"  # one alarm per access, whichever way it was named
         db.execute("INSERT INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                    (body["access"], record, owner, submitter, body["received"], time_ms, height, tx_id))
         return "ok"
@@ -159,6 +197,12 @@ class AccessLog:
         """Committed access decisions matching every filter given, in chain order."""
         return self._select("accesses", ("request", *ACCESS_COLUMNS), records, request=request, requester=requester,
                             owner=owner, user=user, decision=decision)
+
+    def named(self, access: bytes) -> dict[str, Any] | None:
+        """The access an alert names: by its request id, or by the access.log that logged it alone."""
+        found = self.accesses(request=access) or self._select("accesses", ("request", *ACCESS_COLUMNS), None,
+                                                               tx_id=access)
+        return found[0] if len(found) == 1 else None
 
     def erasure(self, record: bytes) -> dict[str, Any] | None:
         found = self.erasures(records=[record])

@@ -55,7 +55,7 @@ MAX_ENVELOPE_BYTES = 64 * 1024
 
 _CLASSES = {"note": "chain", "record.anchor": "record", "record.anchors": "record", "record.erase": "record",
             "integrity.alert": "record",
-            "consent.grant": "consent", "consent.revoke": "consent", "access.log": "access",
+            "consent.grant": "consent", "consent.revoke": "consent", "access.log": "access", "access.logs": "access",
             "whois.request": "whois", "whois.answer": "whois", "keys.epoch": "consortium",
             "consortium.propose": "consortium", "consortium.vote": "consortium", "keys.request": "consortium",
             "keys.reseal": "consortium", "keys.oprf_deal": "consortium", "keys.oprf_verdict": "consortium",

@@ -46,7 +46,7 @@ from .oprf_rounds import SCHEMA as OPRF_SCHEMA
 from .oprf_rounds import OprfRounds
 from .oprf_usage import SCHEMA as OPRF_USAGE_SCHEMA
 from .oprf_usage import OprfUsage
-from .transactions import Transaction, anchors_of
+from .transactions import Transaction, anchors_of, decisions_of
 from .whois import SCHEMA as WHOIS_SCHEMA
 from .whois import WhoisLog
 
@@ -85,7 +85,7 @@ _KIND_ROLES = {kind: _INSTITUTIONS for kind in (
     "record.anchor", "record.anchors", "empi.enrol", "empi.link", "empi.not_duplicate", "empi.merge", "empi.unmerge",
     "empi.split",
     "empi.accept", "empi.oprf_batch",
-    "consent.grant", "consent.revoke", "access.log", "record.erase", "whois.answer")}
+    "consent.grant", "consent.revoke", "access.log", "access.logs", "record.erase", "whois.answer")}
 
 ANCHOR_COLUMNS = ("record", "patient", "institution", "recorded_at", "setting", "resource_type", "commitment",
                   "position", "entry", "epoch", "height", "tx_id")
@@ -308,8 +308,9 @@ class LedgerState:
             if tx.body["grantee"] != "*" and tx.body["grantee"] not in self.members:
                 return "invalid:unknown_grantee"
             return self.consent.apply(db, tx.kind.partition(".")[2], tx.body, tx.submitter, height, tx.time, tx.id)
-        elif tx.kind == "access.log":
-            return self.access.apply_access(db, tx.body, tx.submitter, height, tx.time, tx.id, block_time)
+        elif tx.kind in ("access.log", "access.logs"):
+            return self.access.apply_decisions(db, decisions_of(tx), tx.submitter, height, tx.time, tx.id,
+                                               block_time)
         elif tx.kind == "record.erase":
             return self.access.apply_erase(db, tx.body, tx.submitter, height, tx.time, tx.id)
         elif tx.kind == "integrity.alert":

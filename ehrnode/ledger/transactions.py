@@ -208,24 +208,61 @@ ACCESS_REASONS = ("granted", "consent", "emergency_override", "policy", "not_fou
                   "internal")
 
 
+def _check_decision(m: Mapping[str, Any], what: str) -> None:
+    """The fields of one decision, whether alone in ``access.log`` or one of ``access.logs``."""
+    PullRequest.decode(as_bytes(m["request"], f"{what}.request", max_len=MAX_REQUEST_BYTES))
+    if as_str(m["decision"], f"{what}.decision", max_len=8) not in ("granted", "refused"):
+        raise SchemaError(f"{what}.decision: granted or refused")
+    if as_str(m["reason"], f"{what}.reason", max_len=32) not in ACCESS_REASONS:
+        raise SchemaError(f"{what}.reason: one of {', '.join(ACCESS_REASONS)}")
+    if (m["decision"] == "granted") != (m["reason"] in ("granted", "emergency_override")):
+        raise SchemaError(f"{what}.reason: does not fit the decision")
+    if len(as_bytes(m["consent"], f"{what}.consent", max_len=32)) not in (0, 32):
+        raise SchemaError(f"{what}.consent: a consent transaction id, or empty for the default")
+
+
+_DECISION_FIELDS = ("request", "decision", "reason", "consent")
+MAX_REQUEST_BYTES = 1024
+#: The most decisions one ``access.logs`` transaction carries: at most 1 KiB of request each, so a
+#: full one stays within a transaction's size.
+MAX_DECISIONS = 32
+
+
 def _access_body(body: Any) -> dict[str, Any]:
     """One decision on one signed pull request, by the record's owner, committed before anything is served.
 
     The request itself is carried (and decoded strictly here), so every node can check that the
     requester asked: the ledger verifies its signature when it applies the decision.
     """
-    m = as_map(body, "access.log", ("epoch", "request", "decision", "reason", "consent"))
+    m = as_map(body, "access.log", ("epoch", *_DECISION_FIELDS))
     as_uint(m["epoch"], "access.log.epoch")
-    PullRequest.decode(as_bytes(m["request"], "access.log.request", max_len=1024))
-    if as_str(m["decision"], "access.log.decision", max_len=8) not in ("granted", "refused"):
-        raise SchemaError("access.log.decision: granted or refused")
-    if as_str(m["reason"], "access.log.reason", max_len=32) not in ACCESS_REASONS:
-        raise SchemaError(f"access.log.reason: one of {', '.join(ACCESS_REASONS)}")
-    if (m["decision"] == "granted") != (m["reason"] in ("granted", "emergency_override")):
-        raise SchemaError("access.log.reason: does not fit the decision")
-    if len(as_bytes(m["consent"], "access.log.consent", max_len=32)) not in (0, 32):
-        raise SchemaError("access.log.consent: a consent transaction id, or empty for the default")
+    _check_decision(m, "access.log")
     return dict(m)
+
+
+def _accesses_body(body: Any) -> dict[str, Any]:
+    """Decisions on up to ``MAX_DECISIONS`` distinct pull requests, each as an ``access.log`` says
+    it: what an owner decided within a few milliseconds, logged together."""
+    m = as_map(body, "access.logs", ("epoch", "decisions"))
+    as_uint(m["epoch"], "access.logs.epoch")
+    decisions = as_list(m["decisions"], "access.logs.decisions", max_len=MAX_DECISIONS)
+    if not decisions:
+        raise SchemaError("access.logs.decisions: at least one decision")
+    for i, decision in enumerate(decisions):
+        _check_decision(as_map(decision, f"access.logs.decisions[{i}]", _DECISION_FIELDS),
+                        f"access.logs.decisions[{i}]")
+    if len({d["request"] for d in decisions}) != len(decisions):
+        raise SchemaError("access.logs.decisions: a request decided twice")
+    return dict(m)
+
+
+def decisions_of(tx: Transaction) -> list[dict[str, Any]]:
+    """Every decision an ``access.log`` or ``access.logs`` transaction carries (empty for any other kind)."""
+    if tx.kind == "access.log":
+        return [tx.body]
+    if tx.kind == "access.logs":
+        return list(tx.body["decisions"])
+    return []
 
 
 def _erase_body(body: Any) -> dict[str, Any]:
@@ -238,7 +275,8 @@ def _erase_body(body: Any) -> dict[str, Any]:
 
 
 def _alert_body(body: Any) -> dict[str, Any]:
-    """A requester received a record that does not match its anchor."""
+    """A requester received a record that does not match its anchor. ``access`` names the access:
+    its request's id, or the id of an ``access.log`` that logged it alone."""
     m = as_map(body, "integrity.alert", ("epoch", "record", "owner", "access", "received"))
     as_uint(m["epoch"], "integrity.alert.epoch")
     as_bytes(m["record"], "integrity.alert.record", size=16)
@@ -433,7 +471,8 @@ KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "empi.not_duplicate": _not_duplicate_body, "empi.merge": _merge_body, "empi.unmerge": _unmerge_body,
     "empi.accept": _accept_body,
     "empi.split": _split_body, "consent.grant": _consent_body, "consent.revoke": _consent_body,
-    "access.log": _access_body, "record.erase": _erase_body, "integrity.alert": _alert_body,
+    "access.log": _access_body, "access.logs": _accesses_body, "record.erase": _erase_body,
+    "integrity.alert": _alert_body,
     "whois.request": _whois_request_body, "whois.answer": _whois_answer_body, "keys.epoch": _keys_epoch_body,
     "consortium.propose": _propose_body, "consortium.vote": _vote_body, "keys.request": _keys_request_body,
     "keys.reseal": _keys_reseal_body, "keys.oprf_deal": _oprf_deal_body, "keys.oprf_verdict": _oprf_verdict_body,

@@ -35,7 +35,7 @@ from ..errors import CodecError, ProtocolError
 
 #: Peers of another version are refused at the handshake, logged with both versions. A version
 #: changes when the ledger's rules do: nodes applying the same blocks by different rules would
-#: hold different ledgers without noticing. Version 2 adds ``record.anchors``.
+#: hold different ledgers without noticing. Version 2 adds ``record.anchors`` and ``access.logs``.
 PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 8 * 1024 * 1024
 #: Handshake frames come from peers not yet authenticated: a small cap, checked before decoding.

@@ -65,11 +65,14 @@ def _record_events(state: LedgerState, anchors: list[dict[str, Any]]) -> list[di
             "height": e["height"], "tx_id": e["tx_id"].hex(),
         })
     for alert in state.access.alerts(records=records):
+        named = state.access.named(alert["access"])
         events.append({
             "event": "integrity_alarm", "who": alert["reporter"], "user": actor_text(state.actor_of(alert["tx_id"])),
             "owner": alert["owner"],
             "record_id": alert["record"].hex(), "resource_type": types.get(alert["record"]),
-            "access_tx": alert["access"].hex(), "received": alert["received"].hex(), "time": alert["time"],
+            "access_tx": named["tx_id"].hex() if named else alert["access"].hex(),
+            "request": named["request"].hex() if named else None,
+            "received": alert["received"].hex(), "time": alert["time"],
             "height": alert["height"], "tx_id": alert["tx_id"].hex(),
         })
     return events
@@ -213,10 +216,13 @@ def _member(name: str, requestor: bool, user: str | None = None) -> dict[str, An
 
 
 def _event_id(event: dict[str, Any]) -> str:
-    """An AuditEvent's id: its transaction's id, unique in a trail but for records anchored by one
-    transaction, whose ids are the transaction's first 32 hex digits and the record id (64 in all)."""
+    """An AuditEvent's id: its transaction's id, unique in a trail but for records anchored and
+    accesses logged by one transaction: theirs are the transaction's first 32 hex digits and the
+    record id, or the first 32 of the request id (64 in all)."""
     if event["event"] == "recorded":
         return event["tx_id"][:32] + event["record_id"]
+    if event["event"] == "access":
+        return event["tx_id"][:32] + event["request"][:32]
     return str(event["tx_id"][:64])
 
 

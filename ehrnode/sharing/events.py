@@ -1,7 +1,8 @@
 """Events for subscribers: what a committed transaction means to a patient's institutions.
 
 Each committed transaction of a sharing kind becomes one event (a
-``record.anchors`` one per record it anchors), with the
+``record.anchors`` one per record it anchors, an ``access.logs`` one per
+decision), with the
 patient's EMPI (as it stands when the block is applied) and the set of
 institutions it concerns. A subscriber asks for events of given EMPIs, or for
 its own (``own``): new records and consent changes of patients it has
@@ -23,7 +24,7 @@ from typing import Any
 from ..ledger.empi_registry import scoped_enrolment
 from ..ledger.requests import PullRequest
 from ..ledger.state import LedgerState
-from ..ledger.transactions import Transaction, anchors_of
+from ..ledger.transactions import Transaction, anchors_of, decisions_of
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,8 @@ def _record(state: LedgerState, record: bytes) -> tuple[str | None, str | None, 
 
 def events_of(state: LedgerState, tx: Transaction, height: int) -> list[Event]:
     """The events a committed, valid transaction stands for (none: not a sharing event)."""
+    common = {"height": height, "tx_id": tx.id.hex(), "time": tx.time}
     if tx.kind in ("record.anchor", "record.anchors"):
-        common = {"height": height, "tx_id": tx.id.hex(), "time": tx.time}
         events = []
         for anchor in anchors_of(tx):
             empi = state.empi.empi_of(scoped_enrolment(anchor["institution"], anchor["patient"]))
@@ -54,21 +55,23 @@ def events_of(state: LedgerState, tx: Transaction, height: int) -> list[Event]:
                                  "setting": anchor["setting"], **common},
                                 empi, frozenset(concerns | {anchor["institution"]})))
         return events
-    event = _event_of(state, tx, height)
+    if tx.kind in ("access.log", "access.logs"):
+        events = []
+        for decision in decisions_of(tx):
+            request = PullRequest.decode(decision["request"])
+            empi, owner, resource_type = _record(state, request.record)
+            events.append(Event({
+                "event": "record.accessed", "empi": empi, "record_id": request.record.hex(),
+                "owner": tx.submitter, "requester": request.requester, "purpose": request.purpose,
+                "resource_type": resource_type, "decision": decision["decision"], "reason": decision["reason"],
+                "emergency": decision["reason"] == "emergency_override", **common}, empi, frozenset({tx.submitter})))
+        return events
+    event = _event_of(state, tx, common)
     return [] if event is None else [event]
 
 
-def _event_of(state: LedgerState, tx: Transaction, height: int) -> Event | None:
+def _event_of(state: LedgerState, tx: Transaction, common: dict[str, Any]) -> Event | None:
     body = tx.body
-    common = {"height": height, "tx_id": tx.id.hex(), "time": tx.time}
-    if tx.kind == "access.log":
-        request = PullRequest.decode(body["request"])
-        empi, owner, resource_type = _record(state, request.record)
-        return Event({"event": "record.accessed", "empi": empi, "record_id": request.record.hex(),
-                      "owner": tx.submitter, "requester": request.requester, "purpose": request.purpose,
-                      "resource_type": resource_type, "decision": body["decision"], "reason": body["reason"],
-                      "emergency": body["reason"] == "emergency_override", **common},
-                     empi, frozenset({tx.submitter}))
     if tx.kind in ("consent.grant", "consent.revoke"):
         empi = body["empi"]
         return Event({"event": "consent.changed", "empi": empi, "action": tx.kind.partition(".")[2],
@@ -82,9 +85,11 @@ def _event_of(state: LedgerState, tx: Transaction, height: int) -> Event | None:
                      frozenset({tx.submitter}))
     if tx.kind == "integrity.alert":
         empi, owner, resource_type = _record(state, body["record"])
+        access = state.access.named(body["access"])
         return Event({"event": "integrity.alarm", "empi": empi, "record_id": body["record"].hex(),
                       "owner": body["owner"], "reporter": tx.submitter, "resource_type": resource_type,
-                      "access_tx": body["access"].hex(), **common}, empi,
+                      "access_tx": access["tx_id"].hex() if access else body["access"].hex(),
+                      "request": access["request"].hex() if access else None, **common}, empi,
                      frozenset({body["owner"], tx.submitter}))
     return None
 

@@ -50,10 +50,11 @@ from ..config import Genesis
 from ..errors import AdmissionError, CodecError, EhrnodeError
 from ..ledger.consent import Decision
 from ..ledger.state import LedgerState
-from ..ledger.transactions import Transaction, actor_text
+from ..ledger.transactions import Transaction, actor_text, decisions_of
 from ..limits import Holdings, Quota, Refusals
 from ..logs import get_logger
 from ..records.service import RecordsService
+from .decisions import Deciding, DecisionBatcher
 from .messages import PullAnswer, PullRequest, release_payload, request_id, split_served
 from .policy import AccessPolicy
 
@@ -95,6 +96,7 @@ class PullServer:
         self._refusal_logs = Quota(REFUSAL_LOGS_PER_MINUTE, REFUSAL_LOGS_BURST)
         # Requests seen recently, whether decided yet or not: id -> time seen (ms).
         self._seen: OrderedDict[bytes, int] = OrderedDict()
+        self.decisions = DecisionBatcher(hooks.submit)
 
     def busy(self, peer: str) -> str | None:
         """The limit a pull from ``peer`` meets, if it finds no slot: all of its share taken
@@ -175,6 +177,11 @@ class PullServer:
         request = self._authentic(peer, rid, data, now)
         if isinstance(request, list):
             return request
+        with self.decisions.deciding() as pull:
+            return await self._decide_and_answer(peer, rid, data, request, now, pull)
+
+    async def _decide_and_answer(self, peer: str, rid: bytes, data: bytes, request: PullRequest, now: int,
+                                 pull: Deciding) -> list[PullAnswer]:
         started = time.monotonic()
         reason, consent, resource_type = await self._decide(request, now)
         if reason not in ("granted", "emergency_override") and not self._refusal_logs.take(peer, started):
@@ -207,25 +214,31 @@ class PullServer:
                                    error=repr(exc), **fields)
         self.held_bytes += len(sealed)
         try:
-            return await self._log_and_answer(peer, rid, data, reason, consent, sealed, size, started, fields)
+            return await self._log_and_answer(peer, rid, data, reason, consent, sealed, size, started, fields, pull)
         finally:
             self.held_bytes -= len(sealed)
 
     async def _log_and_answer(self, peer: str, rid: bytes, data: bytes, reason: str, consent: bytes,
-                              sealed: bytes, size: int, started: float, fields: dict[str, Any]) -> list[PullAnswer]:
+                              sealed: bytes, size: int, started: float, fields: dict[str, Any],
+                              pull: Deciding) -> list[PullAnswer]:
         granted = reason in ("granted", "emergency_override")
+        decision = {"request": data, "decision": "granted" if granted else "refused", "reason": reason,
+                    "consent": consent}
         try:
-            tx = self.hooks.submit("access.log", {
-                "epoch": 0, "request": data, "decision": "granted" if granted else "refused", "reason": reason,
-                "consent": consent,
-            })
+            tx = await self.decisions.log(decision, pull)
+            await self.hooks.wait_committed(tx.id, COMMIT_TIMEOUT)
+            status = self.state.tx_status(tx.id)
+            if status is not None and status != "ok" and len(decisions_of(tx)) > 1:
+                # The chain refused the batch, so none of it: this decision may not be why.
+                self.log.warning("pull.relogged", request=rid.hex()[:16], tx_id=tx.id.hex(), status=status)
+                tx = await self.decisions.log(decision, None)
+                await self.hooks.wait_committed(tx.id, COMMIT_TIMEOUT)
+                status = self.state.tx_status(tx.id)
         except AdmissionError as exc:
             self._seen.pop(rid, None)  # nothing decided: the same request may come again
             self.hooks.counters("unavailable")
             self.log.warning("pull.unavailable", peer=peer, request=rid.hex()[:16], reason=exc.reason)
             return [PullAnswer(rid, "unavailable", exc.reason, f"the access log cannot be submitted: {exc}")]
-        await self.hooks.wait_committed(tx.id, COMMIT_TIMEOUT)
-        status = self.state.tx_status(tx.id)
         if status != "ok":
             self.hooks.counters("unavailable")
             self.log.error("pull.unavailable", peer=peer, request=rid.hex()[:16], tx_id=tx.id.hex(),

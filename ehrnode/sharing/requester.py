@@ -173,7 +173,7 @@ class Puller:
         access = await self._check_logged(rid, first.access, "granted", fields)
         received = commitment(salt, canonical)
         if got_record != record or received != anchor["commitment"]:
-            await self._alarm(anchor, first.access, received, fields, user)
+            await self._alarm(anchor, rid, first.access, received, fields, user)
         try:
             resource = json.loads(canonical)
         except ValueError as exc:  # matched the commitment, so the owner anchored it like this
@@ -196,15 +196,16 @@ class Puller:
                             "nothing is accepted", reason="unlogged")
         return logged[0]
 
-    async def _alarm(self, anchor: dict[str, Any], access_tx: bytes, received: bytes, fields: dict[str, Any],
-                     user: bytes) -> None:
+    async def _alarm(self, anchor: dict[str, Any], rid: bytes, access_tx: bytes, received: bytes,
+                     fields: dict[str, Any], user: bytes) -> None:
         self.hooks.counters("integrity")
         self.log.error("integrity.mismatch", expected=anchor["commitment"].hex(), received=received.hex(),
                        access_tx=access_tx.hex(), **fields)
         alert_id = None
         try:
             tx = self.hooks.submit("integrity.alert", {
-                "epoch": 0, "record": anchor["record"], "owner": anchor["institution"], "access": access_tx,
+                # The access by its request: the access log may have logged other decisions too.
+                "epoch": 0, "record": anchor["record"], "owner": anchor["institution"], "access": rid,
                 "received": received,
             }, user)
             alert_id = tx.id

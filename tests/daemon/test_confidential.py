@@ -73,7 +73,7 @@ def test_a_copied_block_store_shows_no_patient_record_or_link(cluster):
     # Through its own API a member sees what each envelope holds.
     block = trio.run(lambda: cluster.call("R", "block.get", height=pulled["height"]))
     access = next(tx for tx in block["txs"] if tx["id"] == pulled["access_tx"])
-    assert access["kind"] == "access.log" and access["epoch"] == 0 and access["submitter"] == "A"
+    assert access["kind"] == "access.logs" and access["epoch"] == 0 and access["submitter"] == "A"
 
 
 def test_keys_rotate_under_load_loses_no_transaction(cluster):

@@ -99,6 +99,103 @@ def test_only_the_served_requester_raises_one_alarm_per_access(chain):
     assert [(a["reporter"], a["owner"]) for a in chain.state.access.alerts(records=[record])] == [("B", "A")]
 
 
+def accesses(*decisions, submitter="A"):
+    """An ``access.logs`` of ``(record, decision, reason[, requester])`` decisions."""
+    body = []
+    for record, decision, reason, *requester in decisions:
+        body.append({"request": signed(record, *requester, owner=submitter), "decision": decision, "reason": reason,
+                     "consent": b""})
+    return tx("access.logs", {"epoch": 0, "decisions": body}, submitter)
+
+
+def test_a_batch_of_decisions_is_applied_whole_or_not_at_all(chain):
+    mine, erased = b"1" * 16, b"2" * 16
+    chain.apply(anchor(mine, 1), anchor(erased, 2))
+    chain.apply(tx("record.erase", {"epoch": 0, "record": erased, "reason": b"x" * 32}))
+    good = accesses((mine, "granted", "granted"), (mine, "refused", "consent"), (b"3" * 16, "refused", "not_found"))
+    bad = accesses((mine, "granted", "granted"), (erased, "granted", "granted"))  # the second one cannot be
+    strangers = accesses((mine, "granted", "granted"), (mine, "granted", "granted", "Mallory"))
+    assert chain.apply(good, bad, strangers, accesses((mine, "granted", "granted"), submitter="R")) == [
+        "ok", "invalid:erased", "invalid:unknown_requester", "invalid:role"]
+    log = chain.state.access
+    assert [a["tx_id"] for a in log.accesses(records=[mine, erased])] == [good.id, good.id]
+    assert log.accesses(request=crypto.sha256(bad.body["decisions"][0]["request"])) == []
+    # Decided alone later, the good half of the refused batch is logged.
+    alone = tx("access.logs", {"epoch": 0, "decisions": bad.body["decisions"][:1]})
+    assert chain.apply(alone) == ["ok"]
+    # A request decided in one batch cannot be decided again in another.
+    assert chain.apply(tx("access.logs", {"epoch": 0, "decisions": good.body["decisions"][1:2]})) == [
+        "invalid:duplicate_request"]
+
+
+def test_an_alarm_names_a_batched_access_by_its_request_once(chain):
+    record = b"s" * 16
+    chain.apply(anchor(record, 1))
+    batch = accesses((record, "granted", "granted"), (record, "granted", "granted"))
+    single = access(record)
+    chain.apply(batch, single)
+    first, second = (crypto.sha256(d["request"]) for d in batch.body["decisions"])
+
+    def alert(access_id):
+        return tx("integrity.alert", {"epoch": 0, "record": record, "owner": "A", "access": access_id,
+                                      "received": b"z" * 32}, "B")
+
+    # The batch's id names two accesses: not which one.
+    assert chain.apply(alert(batch.id)) == ["invalid:unknown_access"]
+    assert chain.apply(alert(first), alert(second), alert(first)) == ["ok", "ok", "invalid:duplicate_alert"]
+    # An access logged alone can be named either way, but raised only once.
+    assert chain.apply(alert(single.id), alert(crypto.sha256(single.body["request"]))) == [
+        "ok", "invalid:duplicate_alert"]
+    assert [a["access"] for a in chain.state.access.alerts(records=[record])] == [first, second, single.id]
+    assert chain.state.access.named(second)["tx_id"] == batch.id
+    assert chain.state.access.named(batch.id) is None
+
+
+def test_access_log_state_from_before_batches_is_rebuilt_in_order(tmp_path):
+    import sqlite3
+
+    from ehrnode.ledger.access import ACCESS_COLUMNS, AccessLog
+    db = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
+    db.execute("CREATE TABLE accesses (request BLOB PRIMARY KEY, signed BLOB NOT NULL, record BLOB NOT NULL, "
+               "owner TEXT NOT NULL, requester TEXT NOT NULL, purpose TEXT NOT NULL, decision TEXT NOT NULL, "
+               "reason TEXT NOT NULL, consent BLOB NOT NULL, requested_at INTEGER NOT NULL, time INTEGER NOT NULL, "
+               "height INTEGER NOT NULL, tx_id BLOB NOT NULL UNIQUE)")  # from before users, too
+    for n in (3, 1, 2):
+        db.execute("INSERT INTO accesses VALUES (?, x'00', x'01', 'A', 'B', 'treatment', 'granted', 'granted', x'', "
+                   "1, 1, 5, ?)", (bytes([n]) * 32, bytes([n + 10]) * 32))
+    log = AccessLog(db, "chain", {})
+    rows = log.accesses()
+    assert [r["request"] for r in rows] == [bytes([n]) * 32 for n in (3, 1, 2)]
+    assert all(r["user"] == b"" and r["user_role"] == "" for r in rows)
+    assert set(ACCESS_COLUMNS) <= set(rows[0])
+    assert "UNIQUE" not in db.execute("SELECT sql FROM sqlite_master WHERE name = 'accesses'").fetchone()[0]
+    columns = ", ".join(ACCESS_COLUMNS)
+    # Another access of the same transaction: allowed now.
+    db.execute(f"INSERT INTO accesses (request, signed, {columns}) SELECT x'09', signed, {columns} FROM accesses "
+               "LIMIT 1")
+    AccessLog(db, "chain", {})  # opened again: nothing left to rebuild
+    assert len(log.accesses()) == 4
+
+
+@pytest.mark.parametrize("decisions,message", [
+    ([], "at least one decision"),
+    ([{"decision": "maybe"}], "granted or refused"),
+    ([{}, {"reason": "policy"}], r"decisions\[1\].reason: does not fit"),
+    ([{}, {"request": "same"}], "decided twice"),
+    ([{}] * 33, "exceeds 32"),
+])
+def test_access_logs_schema_refuses_bad_batches(decisions, message):
+    request = signed(b"r" * 16)
+    body = []
+    for i, change in enumerate(decisions):
+        fields = {"request": signed(bytes([i]) * 16), "decision": "granted", "reason": "granted", "consent": b""}
+        body.append(dict(fields, **{k: (request if v == "same" else v) for k, v in change.items()}))
+    if decisions and decisions[-1].get("request") == "same":
+        body[0]["request"] = request
+    with pytest.raises(CodecError, match=message):
+        tx("access.logs", {"epoch": 0, "decisions": body})
+
+
 @pytest.mark.parametrize("field,value", [
     ("decision", "maybe"), ("reason", "because"), ("consent", b"x" * 5), ("request", b"short"),
     ("request", signed(b"r" * 16)[:-1]),

@@ -181,10 +181,14 @@ def test_match_list_pull_and_audit_across_the_consortium(members, recorded):
     trail = a.get("AuditEvent", clinician, params={"entity": condition["masterIdentifier"]["value"]})
     events = valid(trail.json())["entry"]
     reads = [e["resource"] for e in events if e["resource"]["action"] == "R"]
-    assert [e["id"] for e in reads] == [access]
+    def access_tx(event):
+        return next(e["what"]["identifier"]["value"] for e in event["entity"]
+                    if e["what"]["identifier"]["system"] == "urn:ehrnode:tx")
+
+    assert [access_tx(e) for e in reads] == [access]
     assert reads[0]["purposeOfEvent"][0]["coding"][0]["code"] == "TREAT"
     by_patient = valid(members["R"].get("AuditEvent", params={"patient.identifier": f"{EMPI}|{empi}"}).json())
-    assert access in {e["resource"]["id"] for e in by_patient["entry"]}
+    assert access in {access_tx(e["resource"]) for e in by_patient["entry"]}
     ids = [e["resource"]["id"] for e in by_patient["entry"]]
     assert len(ids) == len(set(ids))  # records anchored by one transaction are events of their own
     assert sum(e["resource"]["action"] == "C" for e in by_patient["entry"]) > 1

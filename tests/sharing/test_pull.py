@@ -115,6 +115,30 @@ def test_pull_across_institutions_is_verified_logged_and_deidentified(cluster, r
         assert call(cluster, name, "audit.trail", record_id=rows[0]["record_id"]) == trail
 
 
+def test_concurrent_pulls_are_each_logged_once_under_the_access_log_they_were_served_by(cluster, recorded):
+    rows, _, _ = recorded
+    wanted = [(name, row["record_id"]) for name, row in zip(("A", "B") * 5, rows[2:12], strict=True)]
+    pulled = {}
+
+    async def pull(name, record_id):
+        async with ApiClient.connect(cluster.configs[name]) as client:
+            pulled[(name, record_id)] = await client.call("records.pull", record_id=record_id, purpose="treatment",
+                                                          timeout=60)
+
+    async def all_at_once():
+        async with trio.open_nursery() as nursery:
+            for name, record_id in wanted:
+                nursery.start_soon(pull, name, record_id)
+
+    trio.run(all_at_once)
+    assert all(p["verified"] for p in pulled.values()) and len(pulled) == len(wanted)
+    for (name, record_id), p in pulled.items():
+        # Decisions made together may share a transaction; each is on chain once, under the one it was served by.
+        logged = [e for e in call(cluster, "R", "audit.trail", record_id=record_id)
+                  if e["event"] == "access" and e["who"] == name and e["tx_id"] == p["access_tx"]]
+        assert len(logged) == 1 and logged[0]["height"] == p["height"]
+
+
 def test_revoked_consent_is_refused_on_chain_and_emergency_overrides_missing_consent(cluster, recorded):
     row = _records_of(recorded, 1)
     empi = row["empi"]

@@ -1,0 +1,133 @@
+"""An owner's access decisions logged together: several pulls in one ``access.logs`` transaction.
+
+Theory of operation
+-------------------
+Every decision an owner makes goes on chain before anything is served, and
+each transaction costs every node a signature check, an envelope to open and
+a round of admission. So decisions made close together share a transaction:
+
+- a pull is *deciding* from the moment its request is found authentic until
+  its decision joins a batch, or it leaves without one (rate-limited, busy);
+- a batch is signed and submitted as soon as every deciding pull has joined
+  it, when it holds ``MAX_DECISIONS``, or ``WINDOW`` seconds after its first
+  decision joined, whichever comes first. A pull decided while no other is
+  goes out at once: batching adds no wait at light load.
+
+The ledger applies a transaction's decisions all together or none
+(``ledger/access.py``), so one decision the chain refuses (its record erased
+in the meantime, say) refuses the others with it; the owner then logs each of
+those again on its own (``alone``), once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import trio
+
+from ..errors import AdmissionError
+from ..ledger.transactions import MAX_DECISIONS, Transaction
+
+#: The longest a decision waits for others to join it.
+WINDOW = 0.005
+
+
+class _Slot:
+    __slots__ = ("decision", "done", "tx", "error")
+
+    def __init__(self, decision: dict[str, Any]) -> None:
+        self.decision = decision
+        self.done = trio.Event()
+        self.tx: Transaction | None = None
+        self.error: AdmissionError | None = None
+
+
+class Deciding:
+    """One pull deciding (see :meth:`DecisionBatcher.deciding`)."""
+
+    def __init__(self, batcher: DecisionBatcher) -> None:
+        self._batcher = batcher
+        self.open = True
+
+    def close(self) -> None:
+        """It stops deciding: its decision joined a batch, or it has none to log."""
+        if self.open:
+            self.open = False
+            self._batcher._left()
+
+
+class DecisionBatcher:
+    """One per owner, on the event loop. ``submit(kind, body)`` signs, admits and gossips a
+    transaction, or raises AdmissionError."""
+
+    def __init__(self, submit: Callable[[str, dict[str, Any]], Transaction]) -> None:
+        self._submit = submit
+        self._batch: list[_Slot] = []
+        self._deciding = 0
+
+    @contextmanager
+    def deciding(self) -> Iterator[Deciding]:
+        """Around deciding one pull: the batch being gathered waits for it (up to ``WINDOW``)
+        until it logs its decision or leaves without one."""
+        self._deciding += 1
+        pull = Deciding(self)
+        try:
+            yield pull
+        finally:
+            pull.close()
+
+    def _left(self) -> None:
+        self._deciding -= 1
+        self._ready()
+
+    async def log(self, decision: dict[str, Any], pull: Deciding | None) -> Transaction:
+        """The transaction that carries ``decision``, once submitted (raises AdmissionError).
+
+        ``pull`` joins the batch being gathered and stops deciding; with None, the decision
+        goes out on its own at once (logged again after its batch was refused).
+        """
+        slot = _Slot(decision)
+        if pull is None or not pull.open:
+            self._send([slot])
+        else:
+            self._batch.append(slot)
+            opened = len(self._batch) == 1
+            pull.close()  # may send the batch: every deciding pull has joined
+            if opened and not slot.done.is_set():
+                try:
+                    with trio.move_on_after(WINDOW):
+                        await slot.done.wait()
+                finally:
+                    if not slot.done.is_set():  # the window closed (or this pull was cancelled)
+                        self._flush()
+        await slot.done.wait()
+        if slot.error is not None:
+            raise slot.error
+        assert slot.tx is not None
+        return slot.tx
+
+    def _ready(self) -> None:
+        if self._batch and (self._deciding <= 0 or len(self._batch) >= MAX_DECISIONS):
+            self._flush()
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        if batch:
+            self._send(batch)
+
+    def _send(self, slots: list[_Slot]) -> None:
+        try:
+            tx = self._submit("access.logs", {"epoch": 0, "decisions": [s.decision for s in slots]})
+        except Exception as exc:  # noqa: BLE001 - every waiter must hear of it, whatever it is
+            error = exc if isinstance(exc, AdmissionError) else AdmissionError(
+                f"the access log cannot be submitted: {exc!r}", reason="internal")
+            for s in slots:
+                s.error = error
+        else:
+            for s in slots:
+                s.tx = tx
+        finally:
+            for s in slots:
+                s.done.set()
