@@ -6,12 +6,20 @@ Every decision an owner makes goes on chain before anything is served, and
 each transaction costs every node a signature check, an envelope to open and
 a round of admission. So decisions made close together share a transaction:
 
+- an owner sends at most one batch every ``GAP`` seconds, unless it is full
+  (``MAX_DECISIONS``): under load, decisions gather for up to ``GAP`` after
+  the last batch and go out together, one transaction where there would have
+  been several;
 - a pull is *deciding* from the moment its request is found authentic until
-  its decision joins a batch, or it leaves without one (rate-limited, busy);
-- a batch is signed and submitted as soon as every deciding pull has joined
-  it, when it holds ``MAX_DECISIONS``, or ``WINDOW`` seconds after its first
-  decision joined, whichever comes first. A pull decided while no other is
-  goes out at once: batching adds no wait at light load.
+  its decision joins a batch, or it leaves without one (rate-limited, busy).
+  Once ``GAP`` has passed, a batch goes as soon as every deciding pull has
+  joined it, or ``WINDOW`` after its first decision joined.
+
+A decision made when no batch went out in the last ``GAP`` and no other pull is
+being decided goes out at once: batching adds no wait at light load. Measured
+on two cores with four members (``benchmarks/pull.py``): without the gap, pulls
+seldom overlap and batches held 1.08 decisions; with 25 ms, about five, for 12%
+more verified pulls a second.
 
 The ledger applies a transaction's decisions all together or none
 (``ledger/access.py``), so one decision the chain refuses (its record erased
@@ -30,7 +38,9 @@ import trio
 from ..errors import AdmissionError
 from ..ledger.transactions import MAX_DECISIONS, Transaction
 
-#: The longest a decision waits for others to join it.
+#: The least time between two batches of one owner (unless the first was full).
+GAP = 0.025
+#: Past the gap, the longest a decision waits for the pulls being decided to join it.
 WINDOW = 0.005
 
 
@@ -66,6 +76,7 @@ class DecisionBatcher:
         self._submit = submit
         self._batch: list[_Slot] = []
         self._deciding = 0
+        self._last = -GAP  # when the last batch went out
 
     @contextmanager
     def deciding(self) -> Iterator[Deciding]:
@@ -97,7 +108,7 @@ class DecisionBatcher:
             pull.close()  # may send the batch: every deciding pull has joined
             if opened and not slot.done.is_set():
                 try:
-                    with trio.move_on_after(WINDOW):
+                    with trio.move_on_at(max(self._last + GAP, trio.current_time() + WINDOW)):
                         await slot.done.wait()
                 finally:
                     if not slot.done.is_set():  # the window closed (or this pull was cancelled)
@@ -109,12 +120,14 @@ class DecisionBatcher:
         return slot.tx
 
     def _ready(self) -> None:
-        if self._batch and (self._deciding <= 0 or len(self._batch) >= MAX_DECISIONS):
+        if self._batch and (len(self._batch) >= MAX_DECISIONS or (
+                self._deciding <= 0 and trio.current_time() >= self._last + GAP)):
             self._flush()
 
     def _flush(self) -> None:
         batch, self._batch = self._batch, []
         if batch:
+            self._last = trio.current_time()
             self._send(batch)
 
     def _send(self, slots: list[_Slot]) -> None:

@@ -8,7 +8,7 @@ import trio
 from ehrnode import crypto
 from ehrnode.errors import AdmissionError
 from ehrnode.ledger.transactions import MAX_DECISIONS, Transaction
-from ehrnode.sharing.decisions import WINDOW, DecisionBatcher
+from ehrnode.sharing.decisions import GAP, WINDOW, DecisionBatcher
 
 IDENTITY = crypto.Identity.generate()
 
@@ -134,3 +134,18 @@ async def test_a_decision_logged_again_goes_alone_at_once(autojump_clock):
     batcher = DecisionBatcher(submit)
     tx = await batcher.log({"n": 4}, None)
     assert submit.batches == [[4]] and tx.time == 1 and trio.current_time() == 0
+
+
+async def test_after_a_batch_decisions_gather_until_the_gap_has_passed(autojump_clock):
+    submit, results = Submitted(), {}
+    batcher = DecisionBatcher(submit)
+    await pull(batcher, 0, results)  # nothing sent lately: at once
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(pull, batcher, 1, results, delay=GAP / 5))
+        nursery.start_soon(partial(pull, batcher, 2, results, delay=GAP / 2))
+    assert submit.batches == [[0], [1, 2]]
+    assert results[0][1] == 0 and results[1][1] == results[2][1] == pytest.approx(GAP)
+    await trio.sleep(GAP)  # a quiet gap: the next decision goes at once again
+    start = trio.current_time()
+    await pull(batcher, 3, results)
+    assert submit.batches[-1] == [3] and results[3][1] == start
