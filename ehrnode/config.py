@@ -67,6 +67,15 @@ class Member:
     address: Address
 
 
+#: The newest ledger rules this release applies. A consortium's genesis names the rules its chain
+#: follows from its first block (``rules``; 1 when absent: consortia founded before anchors and
+#: access decisions were batched). Version 2 adds ``record.anchors`` and ``access.logs``, and
+#: integrity alerts naming an access by its request; on a chain of rules 1 they stay what they were
+#: to the nodes that applied its first blocks (unknown kinds, unknown accesses), so every node
+#: applies every block of a chain by the same rules, whenever it applies it.
+LEDGER_RULES = 2
+
+
 @dataclass(frozen=True)
 class Genesis:
     chain_id: str
@@ -77,6 +86,8 @@ class Genesis:
     #: founded from its members' public halves (``consortium init --members``); empty when
     #: every member's files were made in one place.
     consortium_key: Mapping[str, bytes] = field(default_factory=dict)
+    #: The ledger rules of the chain (see ``LEDGER_RULES``).
+    rules: int = 1
 
     def to_toml_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -92,6 +103,8 @@ class Genesis:
                                 "sealed": {name: copy.hex() for name, copy in self.epoch_key.sealed.items()}}
         if self.consortium_key:
             doc["consortium_key"] = {"sealed": {name: copy.hex() for name, copy in self.consortium_key.items()}}
+        if self.rules != 1:  # a genesis from before rules were named keeps its hash
+            doc["rules"] = self.rules
         return doc
 
     @cached_property
@@ -291,8 +304,14 @@ def parse_genesis(doc: dict[str, Any], where: str) -> Genesis:
         raise ConfigError(f"{where}: no members")
     members = [parse_member(m, f"{where} members[{i}]") for i, m in enumerate(raw_members)]
     check_distinct(members, where)
+    rules = doc.get("rules", 1)
+    if not isinstance(rules, int) or isinstance(rules, bool) or rules < 1:
+        raise ConfigError(f"{where}: rules must be a positive whole number")
+    if rules > LEDGER_RULES:
+        raise ConfigError(f"{where}: the chain follows ledger rules {rules}; this release of ehrnode applies rules "
+                          f"up to {LEDGER_RULES}: upgrade it")
     return Genesis(chain_id, tuple(members), _epoch_key(doc, where, [m.name for m in members]),
-                   _consortium_key(doc, where, [m.name for m in members if m.role == "institution"]))
+                   _consortium_key(doc, where, [m.name for m in members if m.role == "institution"]), rules)
 
 
 def _consortium_key(doc: dict[str, Any], where: str, institutions: list[str]) -> dict[str, bytes]:

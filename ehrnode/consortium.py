@@ -56,6 +56,7 @@ import tomli_w
 from . import crypto
 from .config import (
     FHIR_FROM_API,
+    LEDGER_RULES,
     ROLES,
     Address,
     Genesis,
@@ -124,7 +125,7 @@ def init_consortium(
         ))
         configs.append(config)
     grant = EpochGrant.create(chain_id, 0, {m.name: m.sealing_key for m in members})
-    genesis = Genesis(chain_id, tuple(members), grant)
+    genesis = Genesis(chain_id, tuple(members), grant, rules=LEDGER_RULES)
     _write_toml(directory / GENESIS_FILE, genesis.to_toml_dict(),
                 "# Consortium genesis: public keys, addresses, and the first epoch key sealed to each member.\n"
                 "# Identical at every member.\n")
@@ -263,7 +264,8 @@ def found_consortium(directory: Path, member_files: Sequence[Path], *, tls: bool
     sealed = {m.name: crypto.seal_to(m.sealing_key, secret, CONSORTIUM_KEY_CONTEXT + chain_id.encode())
               for m in members if m.role == "institution"}
     genesis = Genesis(chain_id, tuple(members), EpochGrant.create(chain_id, 0, {m.name: m.sealing_key
-                                                                                 for m in members}), sealed)
+                                                                                 for m in members}), sealed,
+                      rules=LEDGER_RULES)
     _write_toml(directory / GENESIS_FILE, genesis.to_toml_dict(),
                 "# Consortium genesis: public keys, addresses, and the first epoch key and the EMPI key sealed to\n"
                 "# each member. Identical at every member.\n")

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import stat
 import subprocess
@@ -6,8 +7,8 @@ import sys
 import pytest
 import tomli_w
 
-from ehrnode import crypto
-from ehrnode.config import load_genesis, load_node_config
+from ehrnode import codec, crypto
+from ehrnode.config import LEDGER_RULES, load_genesis, load_node_config
 from ehrnode.consortium import init_consortium
 from ehrnode.errors import ConfigError
 
@@ -117,3 +118,22 @@ def test_cli_consortium_init(tmp_path):
          "--regulator", "R"], capture_output=True, text=True,
     )
     assert again.returncode == 2 and "refusing to overwrite" in again.stderr and again.stderr.count("\n") == 1
+
+
+def test_genesis_names_its_ledger_rules_and_one_from_before_keeps_its_hash(tmp_path):
+    genesis = init_consortium(tmp_path / "c", ["A", "B", "C"], "R", base_port=17300)
+    path = tmp_path / "c" / "genesis.toml"
+    assert genesis.rules == LEDGER_RULES == load_genesis(path).rules
+    assert f"rules = {LEDGER_RULES}" in path.read_text()
+    # A genesis written before rules were named: rules 1, and the hash it always had.
+    old = dataclasses.replace(genesis, rules=1)
+    assert "rules" not in old.to_toml_dict()
+    assert old.hash == crypto.sha256(codec.encode(
+        {k: v for k, v in genesis.to_toml_dict().items() if k != "rules"}))
+    text = path.read_text()
+    path.write_text(text.replace(f"rules = {LEDGER_RULES}\n", ""))
+    assert load_genesis(path).rules == 1 and load_genesis(path).hash == old.hash
+    for bad, message in ((LEDGER_RULES + 1, "upgrade it"), (0, "positive whole number"), ('"2"', "whole number")):
+        path.write_text(text.replace(f"rules = {LEDGER_RULES}", f"rules = {bad}"))
+        with pytest.raises(ConfigError, match=message):
+            load_genesis(path)

@@ -26,8 +26,9 @@ Subscriber = Callable[[Block, Sequence[Transaction]], None]
 
 #: Block notifications queued for one ``blocks.subscribe`` client before it misses some.
 BLOCK_QUEUE = 256
-#: Events queued for one ``events.subscribe`` client before it misses some (counted).
-EVENT_QUEUE = 1024
+#: Events queued for one ``events.subscribe`` client before it misses some (counted): more than
+#: one block can give (its 4 MiB hold at most about 21,000 anchors or access decisions).
+EVENT_QUEUE = 32_768
 
 
 class Commits:
@@ -149,6 +150,7 @@ class EventFeed:
         if not self._subscriptions:
             return
         self._prune()
+        dropped = 0
         for event in (e for tx in txs for e in events_of(self.state, tx, block.height)):
             # Once per event, not per subscriber: every EMPI that stands for this patient now.
             aliases = frozenset(self.state.empi.aliases(event.empi)) if event.empi else frozenset()
@@ -158,7 +160,9 @@ class EventFeed:
                 try:
                     channel.send_nowait(event.body)
                 except trio.WouldBlock:
-                    self.dropped += 1  # a subscriber that does not read loses events, counted
-                    self.log.warning("events.dropped", event=event.body["event"], height=block.height)
+                    dropped += 1  # a subscriber that does not read loses events, counted
                 except trio.BrokenResourceError:
                     self._subscriptions.remove((subscription, channel))
+        if dropped:
+            self.dropped += dropped
+            self.log.warning("events.dropped", dropped=dropped, height=block.height)  # one line a block

@@ -158,7 +158,7 @@ class Node:
                              detail="api.token was replaced by hand; it is now the admin's credential")
         self.block_store = SqliteBlockStore(data / "blocks.sqlite3", self.genesis.validators)
         self.state = LedgerState(data / "state.sqlite3", self.genesis.chain_id, Membership(0, 0, self.genesis.members),
-                                 keys=self.epoch_keys)
+                                 keys=self.epoch_keys, rules=self.genesis.rules)
         self.chain = Chain(self.block_store, self.state, self.log, on_stall=lambda: self.key_upkeep.wake())
         self.key_upkeep = KeyUpkeep(self.name, config, self.genesis.chain_id, self.chain, self.epoch_keys,
                                     self.submit, self.log)

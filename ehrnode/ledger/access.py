@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import crypto
+from ..config import LEDGER_RULES
 from ..storage import transaction
 from .requests import PullRequest
 
@@ -65,8 +66,10 @@ ACCESS_COLUMNS = ("record", "owner", "requester", "user", "user_role", "purpose"
 
 
 class AccessLog:
-    def __init__(self, db: sqlite3.Connection, chain_id: str, members: Mapping[str, bytes]) -> None:
+    def __init__(self, db: sqlite3.Connection, chain_id: str, members: Mapping[str, bytes],
+                 rules: int = LEDGER_RULES) -> None:
         self._db = db
+        self._rules = rules  # below 2, an alert names an access only by its access.log
         self._chain_id = chain_id
         self._members = members
         # State written before users existed has no user columns: add them (its requests named none).
@@ -157,7 +160,8 @@ class AccessLog:
                     tx_id: bytes) -> str:
         # The access by its request id, or by the id of an access.log that logged it alone.
         columns = "request, tx_id, record, owner, requester, decision"
-        found = db.execute(f"SELECT {columns} FROM accesses WHERE request = ?", (body["access"],)).fetchall() or \
+        found = (db.execute(f"SELECT {columns} FROM accesses WHERE request = ?", (body["access"],)).fetchall()
+                 if self._rules >= 2 else []) or \
             db.execute(f"SELECT {columns} FROM accesses WHERE tx_id = ?", (body["access"],)).fetchall()
         if len(found) != 1 or found[0][5] != "granted":
             return "invalid:unknown_access"

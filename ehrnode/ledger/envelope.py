@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .. import codec, crypto
 from ..codec import as_bytes, as_map, as_str, as_uint
+from ..config import LEDGER_RULES
 from ..epochs import ENVELOPE_DOMAIN, aead_key
 from ..errors import CodecError, CryptoError, SchemaError
 from .transactions import KINDS, MAX_TX_BYTES, Transaction
@@ -185,7 +186,7 @@ class Envelope:
         envelope.__dict__["encoded"] = data  # canonical: the decoder checked
         return envelope
 
-    def open(self, key: AESGCM, chain_id: str) -> Transaction:
+    def open(self, key: AESGCM, chain_id: str, rules: int = LEDGER_RULES) -> Transaction:
         """The transaction inside, checked against the clear fields.
 
         Raises CryptoError if it does not open under ``key`` (sealed under another key,
@@ -196,7 +197,7 @@ class Envelope:
             padded = key.decrypt(self.nonce, self.ciphertext, self._associated(chain_id))
         except InvalidTag as exc:
             raise CryptoError("envelope does not open under its epoch's key") from exc
-        tx = Transaction.decode(_unpad(padded))
+        tx = Transaction.decode(_unpad(padded), rules)
         if tx.submitter != self.signer or kind_class(tx.kind) != self.kind_class:
             raise SchemaError("envelope: the transaction inside does not match its signer or class",
                               reason="envelope_mismatch")

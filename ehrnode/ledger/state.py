@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .. import crypto
-from ..config import Address, Member
+from ..config import LEDGER_RULES, Address, Member
 from ..consensus.types import Block
 from ..epochs import EpochGrant, EpochKeys
 from ..errors import AdmissionError, CodecError, CryptoError, KeyUnavailable, StoreError
@@ -95,12 +95,15 @@ class LedgerState:
     """The tables of one member's ledger.
 
     ``members`` is the genesis membership (or, for tools and tests that never seal to a
-    member, a map of names to signing keys, with ``roles``).
+    member, a map of names to signing keys, with ``roles``); ``rules``, the ledger rules the
+    chain's genesis names.
     """
 
     def __init__(self, path: Path, chain_id: str, members: Membership | Mapping[str, bytes],
-                 roles: Mapping[str, str] | None = None, *, keys: EpochKeys | None = None) -> None:
+                 roles: Mapping[str, str] | None = None, *, keys: EpochKeys | None = None,
+                 rules: int = LEDGER_RULES) -> None:
         self.chain_id = chain_id
+        self.rules = rules
         genesis = members if isinstance(members, Membership) else _known_by_keys(members, roles or {})
         self.keys = keys or EpochKeys(chain_id, "", None)
         self._db = open_db(path, _SCHEMA + EMPI_SCHEMA + CONSENT_SCHEMA + ACCESS_SCHEMA + WHOIS_SCHEMA
@@ -130,7 +133,7 @@ class LedgerState:
         self._decoded: dict[int, list[Envelope | None]] = {}  # likewise: its envelopes, decoded
         self.empi = EmpiRegistry(self._db)
         self.consent = ConsentRegistry(self._db, self.empi)
-        self.access = AccessLog(self._db, chain_id, self.members)
+        self.access = AccessLog(self._db, chain_id, self.members, rules)
         self.whois = WhoisLog(self._db, self.roles)
         self._empi_kinds = {
             "empi.enrol": self.empi.enrol, "empi.link": self.empi.link, "empi.not_duplicate": self.empi.not_duplicate,
@@ -425,7 +428,7 @@ class LedgerState:
             return envelope, opened
         key = self._envelope_key(envelope.kind_class, envelope.epoch)
         try:
-            return envelope, envelope.open(key, self.chain_id)
+            return envelope, envelope.open(key, self.chain_id, self.rules)
         except CryptoError as exc:
             raise AdmissionError(str(exc), reason="undecryptable") from exc
         except CodecError as exc:
@@ -524,6 +527,11 @@ class LedgerState:
         """The user pseudonym a committed transaction carries (empty: the node acted on its own)."""
         row = self._db.execute("SELECT actor FROM actions WHERE tx_id = ?", (tx_id,)).fetchone()
         return row[0] if row else b""
+
+    def tx_kind(self, tx_id: bytes) -> str | None:
+        """The kind of a committed transaction (None: not committed, or unreadable)."""
+        row = self._db.execute("SELECT kind FROM txs WHERE id = ? AND status = 'ok'", (tx_id,)).fetchone()
+        return row[0] if row else None
 
     def tx_status(self, tx_id: bytes) -> str | None:
         """``ok`` or ``invalid:<reason>`` once committed in a block; None before."""

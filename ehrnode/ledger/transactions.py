@@ -23,6 +23,7 @@ from typing import Any
 
 from .. import codec, crypto
 from ..codec import as_bytes, as_list, as_map, as_str, as_uint
+from ..config import LEDGER_RULES
 from ..errors import AdmissionError, CodecError, SchemaError
 from .requests import PURPOSES, PullRequest
 
@@ -481,6 +482,11 @@ KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
 }
 
 
+#: The ledger rules that added each kind (kinds not listed: rules 1). On a chain of earlier rules
+#: the kind is unknown (see ``config.LEDGER_RULES``).
+SINCE_RULES = {"record.anchors": 2, "access.logs": 2}
+
+
 @dataclass(frozen=True)
 class Transaction:
     kind: str
@@ -530,14 +536,15 @@ class Transaction:
         return tx
 
     @classmethod
-    def decode(cls, data: bytes) -> Transaction:
-        """Strictly decode ``data`` (raises CodecError/SchemaError)."""
+    def decode(cls, data: bytes, rules: int = LEDGER_RULES) -> Transaction:
+        """Strictly decode ``data`` as a transaction of a chain of ledger ``rules`` (raises
+        CodecError/SchemaError)."""
         if len(data) > MAX_TX_BYTES:
             raise CodecError(f"transaction of {len(data)} bytes exceeds {MAX_TX_BYTES}", reason="too_large")
         m = as_map(codec.decode(data, max_size=MAX_TX_BYTES), "transaction",
                    ("kind", "chain", "submitter", "time", "nonce", "body", "sig"), optional=("actor",))
         kind = as_str(m["kind"], "transaction.kind", max_len=32)
-        if kind not in KINDS:
+        if kind not in KINDS or SINCE_RULES.get(kind, 1) > rules:
             raise SchemaError(f"transaction.kind: unknown kind {kind!r}")
         tx = cls(
             kind,

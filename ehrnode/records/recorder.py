@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import codec, crypto
+from ..config import LEDGER_RULES
 from ..empi.encoding import Encoder
 from ..empi.normalize import Demographics
 from ..errors import FhirError
-from ..ledger.transactions import ENROLMENT_SIZE, MAX_ANCHORS, Transaction, recorded_day
+from ..ledger.transactions import ENROLMENT_SIZE, MAX_ANCHORS, SINCE_RULES, Transaction, recorded_day
 from . import deid as deid_module
 from . import fhir
 from .canonical import canonical_json, commitment, new_salt
@@ -109,7 +110,7 @@ class _Patient:
 class Recorder:
     def __init__(self, *, vault: Vault, keys: RecordKeys, deidentifier: Deidentifier, institution: str,
                  chain_id: str, member: crypto.MemberKeys, epoch: int = 0, preparer: Preparer | None = None,
-                 encoder: Encoder | None = None) -> None:
+                 encoder: Encoder | None = None, rules: int = LEDGER_RULES) -> None:
         self.vault = vault
         self.keys = keys
         self.deid = deidentifier
@@ -120,6 +121,8 @@ class Recorder:
         self.chain_id = chain_id
         self.member = member
         self.epoch = epoch
+        # A chain of ledger rules 1 knows no record.anchors: one record.anchor a record there.
+        self.anchors_per_tx = MAX_ANCHORS if rules >= SINCE_RULES["record.anchors"] else 0
 
     # --- the pipeline -------------------------------------------------------------------
 
@@ -245,19 +248,25 @@ class Recorder:
 
         anchors: dict[bytes, Transaction] = {}  # record -> the transaction anchoring it
 
+        def anchor(entry: StoredEntry) -> dict[str, Any]:
+            h = entry.header
+            return {"record": h.record_id, "patient": h.patient, "recorded_at": h.recorded_at, "setting": h.setting,
+                    "resource_type": h.resource_type, "commitment": h.commitment, "position": h.position,
+                    "entry": entry.hash}
+
         def make_anchors(stored: list[StoredEntry]) -> list[tuple[bytes, bytes]]:
+            shared = {"epoch": self.epoch, "institution": self.institution}
+            if self.anchors_per_tx:
+                chunks = [stored[i:i + self.anchors_per_tx] for i in range(0, len(stored), self.anchors_per_tx)]
+                bodies = [("record.anchors", {**shared, "anchors": [anchor(e) for e in chunk]}, chunk)
+                          for chunk in chunks]
+            else:
+                bodies = [("record.anchor", {**shared, **anchor(e)}, [e]) for e in stored]
             made = []
-            for start in range(0, len(stored), MAX_ANCHORS):
-                chunk = [entry.header for entry in stored[start:start + MAX_ANCHORS]]
-                tx = Transaction.create("record.anchors", {
-                    "epoch": self.epoch, "institution": self.institution, "anchors": [{
-                        "record": h.record_id, "patient": h.patient, "recorded_at": h.recorded_at,
-                        "setting": h.setting, "resource_type": h.resource_type, "commitment": h.commitment,
-                        "position": h.position, "entry": entry.hash,
-                    } for h, entry in zip(chunk, stored[start:start + MAX_ANCHORS], strict=True)],
-                }, chain_id=self.chain_id, submitter=self.institution, identity=self.member.identity,
-                    time_ms=now_ms, actor=actor)
-                anchors.update((h.record_id, tx) for h in chunk)
+            for kind, body, chunk in bodies:
+                tx = Transaction.create(kind, body, chain_id=self.chain_id, submitter=self.institution,
+                                        identity=self.member.identity, time_ms=now_ms, actor=actor)
+                anchors.update((e.header.record_id, tx) for e in chunk)
                 made.append((tx.id, tx.encoded))
             return made
 

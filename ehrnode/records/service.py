@@ -64,7 +64,7 @@ class RecordsService:
         self.preparer = Preparer(deid, config.deid_profile_path, keys.deid, workers=workers)
         self.recorder = Recorder(
             vault=self.vault, keys=keys, deidentifier=deid, institution=config.name, chain_id=chain_id,
-            member=member, preparer=self.preparer,
+            member=member, preparer=self.preparer, rules=hooks.state.rules,
         )
         self._lock = trio.Lock()
 

@@ -170,9 +170,9 @@ class Vault:
         self._keys = keys
         self._member = member  # signs each entry with the member's current key
         self._db = open_db(self.path, _SCHEMA, "vault", durable=True, any_thread=True)
-        self._migrate_outbox()
         # Erasure deletes data keys: overwrite their bytes rather than leave them in free pages.
         self._db.execute("PRAGMA secure_delete=ON")
+        self._migrate_outbox()
 
     def close(self) -> None:
         self._db.close()

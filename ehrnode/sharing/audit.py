@@ -32,7 +32,7 @@ class AuditError(EhrnodeError):
     reason = "audit"
 
 
-def _access_event(a: dict[str, Any]) -> dict[str, Any]:
+def _access_event(state: LedgerState, a: dict[str, Any]) -> dict[str, Any]:
     return {
         "event": "access", "who": a["requester"], "user": actor_text(a["user"]), "user_role": a["user_role"],
         "owner": a["owner"], "record_id": a["record"].hex(),
@@ -40,23 +40,25 @@ def _access_event(a: dict[str, Any]) -> dict[str, Any]:
         "emergency": a["reason"] == "emergency_override" or a["purpose"] == "emergency",
         "consent_tx": a["consent"].hex() or None, "request": a["request"].hex(), "requested_at": a["requested_at"],
         "time": a["time"], "height": a["height"], "tx_id": a["tx_id"].hex(),
+        "shared_tx": state.tx_kind(a["tx_id"]) == "access.logs",
     }
 
 
-def _recorded_event(a: dict[str, Any], actor: bytes) -> dict[str, Any]:
+def _recorded_event(state: LedgerState, a: dict[str, Any], actor: bytes) -> dict[str, Any]:
     return {
         "event": "recorded", "who": a["institution"], "user": actor_text(actor), "owner": a["institution"],
         "record_id": a["record"].hex(), "resource_type": a["resource_type"], "setting": a["setting"],
         "empi": a["empi"], "time": a["recorded_at"], "height": a["height"], "tx_id": a["tx_id"].hex(),
+        "shared_tx": state.tx_kind(a["tx_id"]) == "record.anchors",
     }
 
 
 def _record_events(state: LedgerState, anchors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     records = [a["record"] for a in anchors]
     types = {a["record"]: a["resource_type"] for a in anchors}
-    events = [_recorded_event(a, state.actor_of(a["tx_id"])) for a in anchors]
+    events = [_recorded_event(state, a, state.actor_of(a["tx_id"])) for a in anchors]
     for access in state.access.accesses(records=records):
-        events.append({**_access_event(access), "resource_type": types.get(access["record"])})
+        events.append({**_access_event(state, access), "resource_type": types.get(access["record"])})
     for e in state.access.erasures(records=records):
         events.append({
             "event": "erased", "who": e["owner"], "user": actor_text(state.actor_of(e["tx_id"])), "owner": e["owner"],
@@ -124,7 +126,7 @@ def _user_events(state: LedgerState, user: bytes, institution: str | None) -> li
         if action["kind"] in ("record.anchor", "record.anchors"):
             anchors = state.anchors(tx_id=action["tx_id"])
             if anchors:
-                events.extend(_recorded_event(anchor, action["actor"]) for anchor in anchors)
+                events.extend(_recorded_event(state, anchor, action["actor"]) for anchor in anchors)
                 continue
         events.append({
             "event": "action", "kind": action["kind"], "who": action["submitter"], "user": actor_text(action["actor"]),
@@ -135,7 +137,7 @@ def _user_events(state: LedgerState, user: bytes, institution: str | None) -> li
     for record in {a["record"] for a in accesses}:
         found = state.anchors(record=record)
         types[record] = found[0]["resource_type"] if found else None
-    events.extend({**_access_event(a), "resource_type": types.get(a["record"])} for a in accesses)
+    events.extend({**_access_event(state, a), "resource_type": types.get(a["record"])} for a in accesses)
     for w in state.whois.requests(pseudonym=user, institution=institution):
         # Someone asked who this user is: the request, and the answer if there is one (not its content).
         events.append({
@@ -154,7 +156,7 @@ def disclosures(state: LedgerState, empi: str) -> list[dict[str, Any]]:
         raise AuditError(f"no EMPI {empi} on the chain", reason="not_found")
     anchors = state.anchors(empi=empi)
     types = {a["record"]: a["resource_type"] for a in anchors}
-    return [{**_access_event(a), "resource_type": types.get(a["record"])}
+    return [{**_access_event(state, a), "resource_type": types.get(a["record"])}
             for a in state.access.accesses(records=list(types), decision="granted")]
 
 
@@ -186,7 +188,7 @@ def trace_leak(state: LedgerState, leaked: dict[str, Any]) -> dict[str, Any]:
         "commitment": found.hex(), "empi": anchor["empi"], "recorded_height": anchor["height"],
         "recipients": sorted({a["requester"] for a in served}),
         "users": sorted({f"{a['requester']}/{actor_text(a['user'])}" for a in served}),
-        "served": [_access_event(a) for a in served],
+        "served": [_access_event(state, a) for a in served],
     }
 
 
@@ -217,11 +219,12 @@ def _member(name: str, requestor: bool, user: str | None = None) -> dict[str, An
 
 def _event_id(event: dict[str, Any]) -> str:
     """An AuditEvent's id: its transaction's id, unique in a trail but for records anchored and
-    accesses logged by one transaction: theirs are the transaction's first 32 hex digits and the
-    record id, or the first 32 of the request id (64 in all)."""
-    if event["event"] == "recorded":
+    accesses logged by one ``record.anchors`` or ``access.logs`` (``shared_tx``): theirs are the
+    transaction's first 32 hex digits and the record id, or the first 32 of the request id (64 in
+    all). Events of the single kinds keep the ids they always had."""
+    if event.get("shared_tx") and event["event"] == "recorded":
         return event["tx_id"][:32] + event["record_id"]
-    if event["event"] == "access":
+    if event.get("shared_tx") and event["event"] == "access":
         return event["tx_id"][:32] + event["request"][:32]
     return str(event["tx_id"][:64])
 

@@ -72,8 +72,9 @@ class DecisionBatcher:
     """One per owner, on the event loop. ``submit(kind, body)`` signs, admits and gossips a
     transaction, or raises AdmissionError."""
 
-    def __init__(self, submit: Callable[[str, dict[str, Any]], Transaction]) -> None:
+    def __init__(self, submit: Callable[[str, dict[str, Any]], Transaction], *, batched: bool = True) -> None:
         self._submit = submit
+        self._batched = batched  # False on a chain of ledger rules 1: one access.log a decision
         self._batch: list[_Slot] = []
         self._deciding = 0
         self._last = -GAP  # when the last batch went out
@@ -100,7 +101,9 @@ class DecisionBatcher:
         goes out on its own at once (logged again after its batch was refused).
         """
         slot = _Slot(decision)
-        if pull is None or not pull.open:
+        if not self._batched or pull is None or not pull.open:
+            if pull is not None:
+                pull.close()
             self._send([slot])
         else:
             self._batch.append(slot)
@@ -132,7 +135,10 @@ class DecisionBatcher:
 
     def _send(self, slots: list[_Slot]) -> None:
         try:
-            tx = self._submit("access.logs", {"epoch": 0, "decisions": [s.decision for s in slots]})
+            if self._batched:
+                tx = self._submit("access.logs", {"epoch": 0, "decisions": [s.decision for s in slots]})
+            else:
+                tx = self._submit("access.log", {"epoch": 0, **slots[0].decision})
         except Exception as exc:  # noqa: BLE001 - every waiter must hear of it, whatever it is
             error = exc if isinstance(exc, AdmissionError) else AdmissionError(
                 f"the access log cannot be submitted: {exc!r}", reason="internal")

@@ -50,7 +50,7 @@ from ..config import Genesis
 from ..errors import AdmissionError, CodecError, EhrnodeError
 from ..ledger.consent import Decision
 from ..ledger.state import LedgerState
-from ..ledger.transactions import Transaction, actor_text, decisions_of
+from ..ledger.transactions import SINCE_RULES, Transaction, actor_text, decisions_of
 from ..limits import Holdings, Quota, Refusals
 from ..logs import get_logger
 from ..records.service import RecordsService
@@ -96,7 +96,7 @@ class PullServer:
         self._refusal_logs = Quota(REFUSAL_LOGS_PER_MINUTE, REFUSAL_LOGS_BURST)
         # Requests seen recently, whether decided yet or not: id -> time seen (ms).
         self._seen: OrderedDict[bytes, int] = OrderedDict()
-        self.decisions = DecisionBatcher(hooks.submit)
+        self.decisions = DecisionBatcher(hooks.submit, batched=state.rules >= SINCE_RULES["access.logs"])
 
     def busy(self, peer: str) -> str | None:
         """The limit a pull from ``peer`` meets, if it finds no slot: all of its share taken

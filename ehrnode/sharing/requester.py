@@ -204,8 +204,10 @@ class Puller:
         alert_id = None
         try:
             tx = self.hooks.submit("integrity.alert", {
-                # The access by its request: the access log may have logged other decisions too.
-                "epoch": 0, "record": anchor["record"], "owner": anchor["institution"], "access": rid,
+                # The access by its request: the access log may have logged other decisions too (a
+                # chain of ledger rules 1 knows only access logs of one, by their own id).
+                "epoch": 0, "record": anchor["record"], "owner": anchor["institution"],
+                "access": rid if self.state.rules >= 2 else access_tx,
                 "received": received,
             }, user)
             alert_id = tx.id

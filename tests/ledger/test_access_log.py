@@ -234,3 +234,53 @@ def test_transactions_the_mempool_checked_apply_exactly_as_decoded_ones(tmp_path
     own.admit_own(txs[0], envelope)
     assert own.get(envelope.id) is None and pool.get(crypto.sha256(envelopes[0])) == txs[0]
     assert txs[0].id in own and txs[0].id in pool
+
+
+def test_a_chain_of_rules_1_applies_batches_and_alerts_by_request_as_it_always_did(tmp_path):
+    # What nodes from before batching recorded for these, a node of today records on such a chain,
+    # even re-applying its blocks later: kinds it did not know are malformed, and an alert naming
+    # an access by its request names nothing.
+    chain = Chain(tmp_path / "rules1.db", rules=1)
+    person = synthetic.people(1, seed=5)[0]
+    chain.apply(enrol(synthetic.patient_resources(person, "A")[0], "A", b"p" * 16))
+    record = b"r" * 16
+    batch = tx("record.anchors", {"epoch": 0, "institution": "A", "anchors": [
+        {k: v for k, v in anchor(b"b" * 16, 2).body.items() if k not in ("epoch", "institution")}]})
+    single = access(record)
+    chain.apply(anchor(record, 1), batch, accesses((record, "granted", "granted")), single)
+    # (Unreadable, they are known by their envelopes' ids, as they were.)
+    assert [status for _, status in chain.state.block_txs(chain.height)] == [
+        "ok", "invalid:malformed", "invalid:malformed", "ok"]
+    assert [a["record"] for a in chain.state.anchors()] == [record]
+
+    def alert(access_id):
+        return tx("integrity.alert", {"epoch": 0, "record": record, "owner": "A", "access": access_id,
+                                      "received": b"z" * 32}, "B")
+
+    assert chain.apply(alert(crypto.sha256(single.body["request"])), alert(single.id)) == [
+        "invalid:unknown_access", "ok"]
+
+
+def test_audit_event_ids_are_unique_and_those_of_single_transactions_unchanged(chain):
+    from ehrnode.sharing.audit import audit_bundle, trail
+
+    single, both = b"1" * 16, (b"2" * 16, b"3" * 16)
+    one = anchor(single, 1)
+    two = tx("record.anchors", {"epoch": 0, "institution": "A", "anchors": [
+        {k: v for k, v in anchor(r, p).body.items() if k not in ("epoch", "institution")}
+        for r, p in zip(both, (2, 3), strict=True)]})
+    alone = access(single)
+    batch = accesses((both[0], "granted", "granted"), (both[1], "granted", "granted"))
+    assert chain.apply(one, two, alone, batch) == ["ok"] * 4
+    events = [e for r in (single, *both) for e in trail(chain.state, record=r)]
+
+    def record_of(resource):
+        return next(x["what"]["identifier"]["value"] for x in resource["entity"]
+                    if x["what"]["identifier"]["system"] == "urn:ehrnode:record")
+
+    ids = {(e["resource"]["action"], record_of(e["resource"])): e["resource"]["id"]
+           for e in audit_bundle(events, "A")["entry"]}
+    assert ids[("C", single.hex())] == one.id.hex() and ids[("R", single.hex())] == alone.id.hex()
+    assert {ids[("C", r.hex())] for r in both} == {two.id.hex()[:32] + r.hex() for r in both}
+    assert len(set(ids.values())) == 6
+    assert all(len(i) == 64 for i in ids.values())

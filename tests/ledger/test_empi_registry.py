@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 from ehrnode import crypto, synthetic
+from ehrnode.config import LEDGER_RULES
 from ehrnode.consensus.types import Block
 from ehrnode.empi.encoding import Encoder
 from ehrnode.empi.normalize import Demographics
@@ -37,8 +38,8 @@ def enrol(patient, institution, enrolment):
 class Chain:
     """One node's ledger state, fed blocks of transactions."""
 
-    def __init__(self, path):
-        self.state = LedgerState(path, F.vset.chain_id, MEMBERS, roles=ROLES, keys=EPOCHS)
+    def __init__(self, path, rules=LEDGER_RULES):
+        self.state = LedgerState(path, F.vset.chain_id, MEMBERS, roles=ROLES, keys=EPOCHS, rules=rules)
         self.height = 0
 
     def apply(self, *txs):

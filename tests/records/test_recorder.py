@@ -5,6 +5,7 @@ import json
 import pytest
 
 from ehrnode import crypto, synthetic
+from ehrnode.config import LEDGER_RULES
 from ehrnode.empi.encoding import Encoder
 from ehrnode.errors import FhirError
 from ehrnode.ledger.transactions import anchors_of
@@ -20,12 +21,13 @@ IDENTITY = crypto.Identity.from_seed(b"r" * 32)
 MEMBER = crypto.MemberKeys(IDENTITY, crypto.SealingKey.generate())
 
 
-def recorder(tmp_path, name="A", profile=None):
+def recorder(tmp_path, name="A", profile=None, rules=LEDGER_RULES):
     keys = RecordKeys.derive(name.encode() * 32, CONSORTIUM)
     vault = Vault(tmp_path / f"{name}.sqlite3", keys, MEMBER)
     # The consortium's OPRF evaluated in-process, under a key of the test's own.
     return Recorder(vault=vault, keys=keys, deidentifier=Deidentifier(profile or load_profile(), keys.deid),
-                    institution=name, chain_id="chain", member=MEMBER, encoder=Encoder(CONSORTIUM, oprf_key=0x5EED))
+                    institution=name, chain_id="chain", member=MEMBER, encoder=Encoder(CONSORTIUM, oprf_key=0x5EED),
+                    rules=rules)
 
 
 def items(resources, name="input.ndjson"):
@@ -88,6 +90,15 @@ def test_a_large_input_is_anchored_in_transactions_of_at_most_max_anchors(tmp_pa
     assert anchored == {r.record_id: r.tx_id for r in outcome.records}
     assert [a["position"] for tx in batches for a in tx.body["anchors"]] == list(range(1, 9))
     assert rec.vault.verify(IDENTITY.public_key)["ok"]
+
+
+def test_on_a_chain_of_rules_1_each_record_has_its_own_record_anchor(tmp_path):
+    rec = recorder(tmp_path, rules=1)
+    outcome = rec.record(items(synthetic.patient_resources(PEOPLE[0], "A", visits=1)), now_ms=1)
+    assert [tx.kind for tx in outcome.transactions] == ["empi.enrol"] + ["record.anchor"] * 4
+    assert [r.tx_id for r in outcome.records] == [tx.id.hex() for tx in outcome.transactions[1:]]
+    assert [tx.body["position"] for tx in outcome.transactions[1:]] == [1, 2, 3, 4]
+    assert all(tx.body["institution"] == "A" for tx in outcome.transactions[1:])
 
 
 def test_enrolments_carry_keyed_encodings_and_nothing_in_clear(tmp_path):

@@ -149,3 +149,19 @@ async def test_after_a_batch_decisions_gather_until_the_gap_has_passed(autojump_
     start = trio.current_time()
     await pull(batcher, 3, results)
     assert submit.batches[-1] == [3] and results[3][1] == start
+
+
+async def test_on_a_chain_of_rules_1_each_decision_is_an_access_log_of_its_own(autojump_clock):
+    kinds = []
+
+    def submit(kind, body):
+        kinds.append((kind, body.get("n")))
+        return Transaction(kind, "chain", "A", len(kinds), bytes(16), body, bytes(64))
+
+    batcher = DecisionBatcher(submit, batched=False)
+    results = {}
+    async with trio.open_nursery() as nursery:
+        for n in range(3):
+            nursery.start_soon(pull, batcher, n, results)
+    assert sorted(kinds) == [("access.log", 0), ("access.log", 1), ("access.log", 2)]
+    assert all(t == 0 for _, t in results.values())  # nothing waited
