@@ -125,6 +125,8 @@ async def _forward(channel: trio.MemoryReceiveChannel[dict[str, Any]], ws: trio_
         try:
             async for note in channel:
                 await ws.send_message(json.dumps({"jsonrpc": "2.0", "method": method, "params": note}))
+            # The node closed the feed (a subscriber too far behind): say so rather than go quiet.
+            await ws.send_message(json.dumps({"jsonrpc": "2.0", "method": f"{method}.ended", "params": {}}))
         except ConnectionClosed:
             return
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..crypto import write_secret_file
-from ..errors import CryptoError
+from ..errors import CryptoError, EhrnodeError
 from ..ledger.transactions import CONSENT_PURPOSES
 from .common import (
     Commands,
@@ -122,6 +122,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
         async for note in client.notifications():
             if note.get("method") == "event":
                 print(json.dumps(note["params"]), flush=True)
+            elif note.get("method") == "event.ended":
+                raise EhrnodeError("the node closed this feed: it fell too far behind (catch up with `audit trail`)",
+                                   reason="too_far_behind")
 
     run_client(args, follow)
     return 0

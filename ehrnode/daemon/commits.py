@@ -29,6 +29,9 @@ BLOCK_QUEUE = 256
 #: Events queued for one ``events.subscribe`` client before it misses some (counted): more than
 #: one block can give (its 4 MiB hold at most about 21,000 anchors or access decisions).
 EVENT_QUEUE = 32_768
+#: Events queued for all subscribers together: past this, the subscriber furthest behind is
+#: closed (its client sees the feed end, and can catch up with ``audit trail``).
+EVENTS_QUEUED = 131_072
 
 
 class Commits:
@@ -74,11 +77,29 @@ class _Waiter:
 
 
 class TxWaiters:
-    """Callers waiting for a transaction to commit (``wait_committed``)."""
+    """Callers waiting for a transaction to commit (``wait_committed``), or to be in a committed
+    block whatever the ledger made of it (``wait_applied``)."""
 
-    def __init__(self, height_of: Callable[[bytes], int | None]) -> None:
+    def __init__(self, height_of: Callable[[bytes], int | None], status_of: Callable[[bytes], str | None],
+                 block_txs: Callable[[int], list[tuple[bytes, str]]]) -> None:
         self._height_of = height_of  # the committed height of a transaction, from the ledger
+        self._status_of = status_of  # its status (``ok`` or ``invalid:...``) once in a committed block
+        self._block_txs = block_txs  # (id, status) of every entry of a committed block
         self._waiters: dict[bytes, _Waiter] = {}
+        self._applied: dict[bytes, trio.Event] = {}
+
+    async def wait_applied(self, tx_id: bytes, timeout: float) -> str | None:
+        """``ok`` or ``invalid:<reason>`` once ``tx_id`` is in a committed block; None if not
+        within ``timeout`` seconds. Unlike :meth:`wait`, a transaction the ledger refused ends the
+        wait as soon as its block commits."""
+        status = self._status_of(tx_id)
+        if status is not None:
+            return status
+        event = self._applied.setdefault(tx_id, trio.Event())
+        with trio.move_on_after(timeout):
+            await event.wait()
+        self._applied.pop(tx_id, None)
+        return self._status_of(tx_id)
 
     async def wait(self, tx_id: bytes, timeout: float) -> int | None:
         """The height ``tx_id`` was committed at, or None if not within ``timeout`` seconds."""
@@ -97,6 +118,11 @@ class TxWaiters:
             if waiter is not None:
                 waiter.height = block.height
                 waiter.event.set()
+        if self._applied:
+            for tx_id, _ in self._block_txs(block.height):
+                event = self._applied.get(tx_id)
+                if event is not None:
+                    event.set()
 
 
 class BlockFeed:
@@ -142,6 +168,22 @@ class EventFeed:
         self._subscriptions.append((subscription, send))
         return receive
 
+    def _bound(self, height: int) -> None:
+        """Close the subscriptions furthest behind while all of them hold more than ``EVENTS_QUEUED``."""
+        queued = sorted(((c.statistics().current_buffer_used, i) for i, (_, c) in enumerate(self._subscriptions)),
+                        reverse=True)
+        total = sum(n for n, _ in queued)
+        closed = []
+        for n, i in queued:
+            if total <= EVENTS_QUEUED:
+                break
+            closed.append(i)
+            total -= n
+        for i in sorted(closed, reverse=True):
+            _, channel = self._subscriptions.pop(i)
+            channel.close()
+            self.log.warning("events.subscriber_closed", height=height, reason="too_far_behind")
+
     def _prune(self) -> None:
         # A client that went away closed its end: drop its subscription even if nothing matched.
         self._subscriptions = [(s, c) for s, c in self._subscriptions if c.statistics().open_receive_channels]
@@ -150,6 +192,7 @@ class EventFeed:
         if not self._subscriptions:
             return
         self._prune()
+        self._bound(block.height)
         dropped = 0
         for event in (e for tx in txs for e in events_of(self.state, tx, block.height)):
             # Once per event, not per subscriber: every EMPI that stands for this patient now.

@@ -210,7 +210,7 @@ class Node:
         self._gossip_wake = trio.Event()
         self._room = trio.Event()  # set (and replaced) whenever commits take transactions out of the mempool
         # What follows each commit besides the ledger, in this order (see daemon/commits.py).
-        self.waiters = TxWaiters(self.state.tx_height)
+        self.waiters = TxWaiters(self.state.tx_height, self.state.tx_status, self.state.block_txs)
         self.block_feed = BlockFeed()
         self.events = EventFeed(self.name, self.state, self.log, limit=MAX_EVENT_SUBSCRIBERS)
         self.commits = Commits(self.log)
@@ -265,7 +265,7 @@ class Node:
             ))
             self.pull_server = PullServer(
                 name=self.name, genesis=self.genesis, state=self.state, records=self.records, policy=policy,
-                hooks=OwnerHooks(submit=self.submit, wait_committed=self.wait_committed,
+                hooks=OwnerHooks(submit=self.submit, wait_applied=self.waiters.wait_applied,
                                  send=self._send_answer, counters=self._count_pull), refusals=self.refusals)
             if self.oprf is not None:
                 self.oprf.key_listeners.append(self.records.recorder.encoder.clear_caches)

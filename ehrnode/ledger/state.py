@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS txs (
 CREATE INDEX IF NOT EXISTS txs_height ON txs(height);
 CREATE TABLE IF NOT EXISTS applied (only INTEGER PRIMARY KEY CHECK (only = 0), height INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS public_applied (only INTEGER PRIMARY KEY CHECK (only = 0), height INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rules (only INTEGER PRIMARY KEY CHECK (only = 0), version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS anchors (
     record BLOB PRIMARY KEY, patient BLOB NOT NULL, institution TEXT NOT NULL, recorded_at INTEGER NOT NULL,
     setting TEXT NOT NULL, resource_type TEXT NOT NULL, commitment BLOB NOT NULL, position INTEGER NOT NULL,
@@ -109,6 +110,7 @@ class LedgerState:
         self._db = open_db(path, _SCHEMA + EMPI_SCHEMA + CONSENT_SCHEMA + ACCESS_SCHEMA + WHOIS_SCHEMA
                            + GOVERNANCE_SCHEMA + OPRF_SCHEMA + OPRF_USAGE_SCHEMA, "ledger state")
         self._read_heights()
+        self._check_rules()
         self.governance = Governance(self._db, genesis)
         self.oprf = OprfRounds(self._db)
         self.oprf_usage = OprfUsage(self._db)
@@ -143,6 +145,18 @@ class LedgerState:
 
     def close(self) -> None:
         self._db.close()
+
+    def _check_rules(self) -> None:
+        """The rules this state was applied under are the genesis's: a genesis edited to other
+        rules would have the chain's history read by other rules than it was applied by."""
+        row = self._db.execute("SELECT version FROM rules").fetchone()
+        # A state applied before rules were recorded was applied under rules 1.
+        applied = row[0] if row else (1 if self._applied or self._public else self.rules)
+        if applied != self.rules:
+            raise StoreError(f"this ledger state was applied under ledger rules {applied}, but genesis names rules "
+                             f"{self.rules}: a consortium's rules are fixed at its founding", reason="rules")
+        if row is None:
+            self._db.execute("INSERT INTO rules VALUES (0, ?)", (self.rules,))
 
     def _read_heights(self) -> None:
         # Kept in memory: every admitted transaction asks (the tables change only in apply).

@@ -18,7 +18,8 @@ An authentic request is then decided (:meth:`AccessPolicy.decide`): the record
 must be anchored by this node and still have its data keys, the policy must
 cover requester, purpose and resource type, and the patient's consent (or
 the default, or an emergency override) must allow it. The decision, granted
-or refused, goes on chain as an ``access.log`` transaction and the owner
+or refused, goes on chain in an ``access.logs`` transaction (with the other
+decisions made at about the same time: :mod:`.decisions`) and the owner
 **waits until it is committed** before answering: data never moves without
 its log entry, and a refusal is as visible as a grant. If the log does not
 commit in time the requester gets ``unavailable`` and nothing else.
@@ -74,7 +75,9 @@ MAX_HELD_BYTES = 256 * 1024 * 1024
 @dataclass(frozen=True)
 class OwnerHooks:
     submit: Callable[[str, dict[str, Any]], Transaction]  # sign, admit and gossip; raises AdmissionError
-    wait_committed: Callable[[bytes, float], Awaitable[int | None]]
+    #: The status of a transaction once in a committed block (``ok``, ``invalid:...``), or None
+    #: if not within the time given.
+    wait_applied: Callable[[bytes, float], Awaitable[str | None]]
     send: Callable[[str, bytes], bool]  # an answer frame to a peer (bulk queue)
     counters: Callable[[str], None]  # count one pull outcome (served, refused, rejected, unavailable)
 
@@ -226,35 +229,41 @@ class PullServer:
                     "consent": consent}
         try:
             tx = await self.decisions.log(decision, pull)
-            await self.hooks.wait_committed(tx.id, COMMIT_TIMEOUT)
-            status = self.state.tx_status(tx.id)
-            if status is not None and status != "ok" and len(decisions_of(tx)) > 1:
+            status = await self.hooks.wait_applied(tx.id, COMMIT_TIMEOUT)
+            if status is not None and status != "ok" and len(decisions_of(tx)) > 1 \
+                    and not self.state.access.accesses(request=rid):
                 # The chain refused the batch, so none of it: this decision may not be why.
                 self.log.warning("pull.relogged", request=rid.hex()[:16], tx_id=tx.id.hex(), status=status)
                 tx = await self.decisions.log(decision, None)
-                await self.hooks.wait_committed(tx.id, COMMIT_TIMEOUT)
-                status = self.state.tx_status(tx.id)
+                status = await self.hooks.wait_applied(tx.id, COMMIT_TIMEOUT)
         except AdmissionError as exc:
             self._seen.pop(rid, None)  # nothing decided: the same request may come again
             self.hooks.counters("unavailable")
             self.log.warning("pull.unavailable", peer=peer, request=rid.hex()[:16], reason=exc.reason)
             return [PullAnswer(rid, "unavailable", exc.reason, f"the access log cannot be submitted: {exc}")]
+        tx_id = tx.id
+        if status != "ok":
+            # A refused envelope can still be carried again by a later block and then apply: what
+            # the chain holds for this request is what counts.
+            logged = self.state.access.accesses(request=rid)
+            if logged and logged[0]["decision"] == decision["decision"] and logged[0]["reason"] == reason:
+                tx_id, status = logged[0]["tx_id"], "ok"
         if status != "ok":
             self.hooks.counters("unavailable")
-            self.log.error("pull.unavailable", peer=peer, request=rid.hex()[:16], tx_id=tx.id.hex(),
+            self.log.error("pull.unavailable", peer=peer, request=rid.hex()[:16], tx_id=tx_id.hex(),
                            reason="access_log_not_committed", status=status)
             return [PullAnswer(rid, "unavailable", "access_log_not_committed",
-                               f"the access log was not committed ({status or 'timeout'}); nothing served", tx.id)]
-        fields["tx_id"] = tx.id.hex()
+                               f"the access log was not committed ({status or 'timeout'}); nothing served", tx_id)]
+        fields["tx_id"] = tx_id.hex()
         if not granted:
             self.hooks.counters("refused")
             self.log.info("pull.refused", reason=reason, **fields)
-            return [PullAnswer(rid, "refused", reason, _REFUSALS[reason], tx.id)]
+            return [PullAnswer(rid, "refused", reason, _REFUSALS[reason], tx_id)]
         self.hooks.counters("served")
         (self.log.warning if reason == "emergency_override" else self.log.info)(
             "pull.served", emergency=reason == "emergency_override", bytes=size,
             seconds=round(time.monotonic() - started, 3), **fields)
-        return split_served(rid, sealed, tx.id)
+        return split_served(rid, sealed, tx_id)
 
     async def _decide(self, request: PullRequest, now: int) -> tuple[str, bytes, str]:
         """(access.log reason, consent entry cited, resource type) for an authentic request."""

@@ -41,7 +41,7 @@ def test_a_failing_disk_stops_the_node_rather_than_being_logged():
 
 async def test_a_waiter_gets_the_height_its_transaction_committed_at():
     heights = {b"old": 3}
-    waiters = TxWaiters(heights.get)
+    waiters = TxWaiters(heights.get, lambda tx_id: None, lambda height: [])
     assert await waiters.wait(b"old", 0) == 3  # committed before anyone waited
     assert await waiters.wait(b"never", 0.01) is None
 
@@ -53,6 +53,45 @@ async def test_a_waiter_gets_the_height_its_transaction_committed_at():
         await trio.sleep(0.01)
         waiters.committed(SimpleNamespace(height=9), [SimpleNamespace(id=b"other"), SimpleNamespace(id=b"new")])
     assert got == [9]
+
+
+async def test_a_refused_transaction_ends_wait_applied_as_soon_as_its_block_commits(autojump_clock):
+    statuses, blocks = {b"old": "invalid:erased"}, {}
+    waiters = TxWaiters(lambda tx_id: None, statuses.get, lambda height: blocks.get(height, []))
+    assert await waiters.wait_applied(b"old", 0) == "invalid:erased"
+    got = []
+    async with trio.open_nursery() as nursery:
+        async def wait():
+            got.append((await waiters.wait_applied(b"new", 30), trio.current_time()))
+        nursery.start_soon(wait)
+        await trio.sleep(1)
+        # The refused transaction is not among the block's valid ones, only among its entries.
+        statuses[b"new"] = "invalid:erased"
+        blocks[4] = [(b"other", "ok"), (b"new", "invalid:erased")]
+        waiters.committed(SimpleNamespace(height=4), [SimpleNamespace(id=b"other")])
+    assert got == [("invalid:erased", 1)]
+
+
+def test_the_subscribers_furthest_behind_are_closed_past_the_budget_of_all(monkeypatch):
+    from ehrnode.daemon import commits
+    from ehrnode.sharing.events import Subscription
+
+    monkeypatch.setattr(commits, "EVENTS_QUEUED", 10)
+    warnings = []
+    feed = commits.EventFeed("A", None, SimpleNamespace(warning=lambda event, **f: warnings.append(event)), limit=8)
+    receivers = [feed.subscribe(Subscription(frozenset(), True)) for _ in range(3)]
+    for (_, channel), backlog in zip(feed._subscriptions, (6, 2, 5), strict=True):
+        for n in range(backlog):
+            channel.send_nowait({"n": n})
+    feed._bound(height=1)  # 13 queued: the one 6 behind goes, 7 are left
+    assert [r.statistics().current_buffer_used for r in receivers] == [6, 2, 5]
+    assert [c.statistics().open_receive_channels for _, c in feed._subscriptions] == [1, 1]
+    assert [len(list(r.receive_nowait() for _ in range(r.statistics().current_buffer_used))) for r in receivers[1:]] \
+        == [2, 5]
+    with pytest.raises(trio.EndOfChannel):
+        for _ in range(7):
+            receivers[0].receive_nowait()
+    assert warnings == ["events.subscriber_closed"]
 
 
 def test_each_wanted_transaction_is_acted_on_and_fails_alone():

@@ -4,7 +4,7 @@ import pytest
 
 from ehrnode import crypto
 from ehrnode.consensus.types import Block
-from ehrnode.errors import SchemaError
+from ehrnode.errors import SchemaError, StoreError
 from ehrnode.ledger.empi_registry import scoped_enrolment
 from ehrnode.ledger.state import LedgerState
 from ehrnode.ledger.transactions import Transaction
@@ -163,3 +163,21 @@ def test_the_signed_bytes_cut_from_the_encoding_are_the_signing_bytes(actor, bod
     decoded.check_signature(identity.public_key)
     with pytest.raises(Exception, match="bad signature"):
         decoded.check_signature(crypto.Identity.generate().public_key)
+
+
+def test_a_ledger_state_keeps_the_rules_it_was_applied_under(tmp_path):
+    path = tmp_path / "n.db"
+    LedgerState(path, "chain", MEMBERS, roles=ROLES, keys=EPOCHS, rules=2).close()
+    LedgerState(path, "chain", MEMBERS, roles=ROLES, keys=EPOCHS, rules=2).close()  # same rules: fine
+    with pytest.raises(StoreError, match="applied under ledger rules 2, but genesis names rules 1"):
+        LedgerState(path, "chain", MEMBERS, roles=ROLES, keys=EPOCHS, rules=1)
+    # A state applied before rules were recorded was applied under rules 1.
+    old = tmp_path / "old.db"
+    state = LedgerState(old, "chain", MEMBERS, roles=ROLES, keys=EPOCHS, rules=1)
+    state.chain_id = "chain"
+    state.apply(block(1, anchor("A")))
+    state._db.execute("DROP TABLE rules")
+    state.close()
+    with pytest.raises(StoreError, match="applied under ledger rules 1"):
+        LedgerState(old, "chain", MEMBERS, roles=ROLES, keys=EPOCHS, rules=2)
+    LedgerState(old, "chain", MEMBERS, roles=ROLES, keys=EPOCHS, rules=1).close()

@@ -1,6 +1,6 @@
 """An owner's decisions batched: who waits for whom, and nothing left behind (on a mock clock)."""
 
-from functools import partial
+from functools import cache, partial
 
 import pytest
 import trio
@@ -165,3 +165,88 @@ async def test_on_a_chain_of_rules_1_each_decision_is_an_access_log_of_its_own(a
             nursery.start_soon(pull, batcher, n, results)
     assert sorted(kinds) == [("access.log", 0), ("access.log", 1), ("access.log", 2)]
     assert all(t == 0 for _, t in results.values())  # nothing waited
+
+
+class _Access:
+    def __init__(self):
+        self.logged = {}  # request id -> rows
+
+    def accesses(self, request=None):
+        return self.logged.get(request, [])
+
+
+class _State:
+    rules = 2
+
+    def __init__(self):
+        self.access = _Access()
+
+
+def _owner(statuses):
+    """A PullServer whose chain gives each submitted transaction the status ``statuses(tx)``."""
+    from ehrnode.sharing.owner import OwnerHooks, PullServer
+
+    sent = []
+
+    def submit(kind, body):
+        tx = Transaction.create(kind, body, chain_id="chain", submitter="A", identity=IDENTITY, time_ms=len(sent))
+        sent.append(tx)
+        return tx
+
+    async def wait_applied(tx_id, timeout):
+        await trio.sleep(0.05)  # a block later
+        return statuses(next(tx for tx in sent if tx.id == tx_id))
+
+    hooks = OwnerHooks(submit=submit, wait_applied=wait_applied, send=lambda peer, frame: True,
+                       counters=lambda outcome: None)
+    return PullServer(name="A", genesis=None, state=_State(), records=None, policy=None, hooks=hooks), sent
+
+
+@cache
+def _request(n):
+    """A signed request for record n (the same bytes every time: it carries a random nonce)."""
+    from ehrnode.ledger.requests import PullRequest
+
+    return PullRequest.create(chain_id="chain", requester="B", user=b"u" * 15, role="clinician", owner="A",
+                              record=bytes([n]) * 16, purpose="treatment", time_ms=1, identity=IDENTITY).encode()
+
+
+async def _answer_both(server, reasons):
+    answers = {}
+
+    async def one(n, reason):
+        with server.decisions.deciding() as deciding:
+            await trio.sleep(0)  # deciding, as the other is
+            answers[n] = await server._log_and_answer("B", crypto.sha256(_request(n)), _request(n), reason, b"",
+                                                      b"", 0, 0.0, {}, deciding)
+
+    async with trio.open_nursery() as nursery:
+        for n, reason in enumerate(reasons):
+            nursery.start_soon(one, n, reason)
+    return answers
+
+
+async def test_a_refused_batch_is_logged_again_decision_by_decision_at_once(autojump_clock):
+    # The chain refuses any transaction that carries decision 1 (its record was erased meanwhile).
+    bad = _request(1)
+    server, sent = _owner(lambda tx: "invalid:erased" if any(d["request"] == bad for d in tx.body.get(
+        "decisions", [tx.body])) else "ok")
+    answers = await _answer_both(server, ["policy", "policy"])
+    assert [len(tx.body["decisions"]) for tx in sent] == [2, 1, 1]
+    assert answers[0][0].status == "refused" and answers[0][0].access in (sent[1].id, sent[2].id)
+    assert answers[1][0].status == "unavailable" and answers[1][0].reason == "access_log_not_committed"
+    # Each waited one block for the batch and one for its own: not a commit timeout.
+    assert trio.current_time() == pytest.approx(0.1)
+
+
+async def test_a_decision_the_chain_holds_after_all_is_answered_with_its_log(autojump_clock):
+    server, sent = _owner(lambda tx: "invalid:erased" if len(tx.body["decisions"]) > 1 else "ok")
+    logged_by = b"\x07" * 32
+    server.state.access.logged[crypto.sha256(_request(0))] = [
+        {"decision": "refused", "reason": "policy", "tx_id": logged_by}]
+    answers = await _answer_both(server, ["policy", "policy"])
+    # Decision 0 is on chain (its refused envelope was carried again): answered with that log,
+    # not logged a second time; decision 1 is logged again on its own.
+    assert answers[0][0].status == "refused" and answers[0][0].access == logged_by
+    assert answers[1][0].status == "refused" and answers[1][0].access == sent[1].id
+    assert [len(tx.body["decisions"]) for tx in sent] == [2, 1]
