@@ -64,6 +64,10 @@ RECEIVE_BUFFER = 65536
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL = 1002
 CLOSE_POLICY = 1008
+#: How long a peer that broke the protocol is given to take the close frame: its frames queued
+#: before it go first, and a loaded peer may read them slowly; without the frame it never
+#: learns why it was dropped.
+VIOLATION_CLOSE_WAIT = 10.0
 #: Seconds a re-keyed member's link, proved with its old key, is kept after the change.
 REKEY_GRACE = 30.0
 
@@ -135,9 +139,11 @@ class Peer:
             await self.ws.send_message(data)
             self.sent += 1
 
-    async def close(self, code: int, reason: str) -> None:
+    async def close(self, code: int, reason: str, wait: float = 2.0) -> None:
+        """Close with ``code``, waiting up to ``wait`` seconds for the close handshake (past it the
+        connection is dropped, and the other side sees no code)."""
         self._closed = True
-        with trio.move_on_after(2):
+        with trio.move_on_after(wait):
             await self.ws.aclose(code, reason[:120])
 
 
@@ -488,17 +494,17 @@ class PeerNetwork:
                 frame = decode_frame(data)
             except ProtocolError as exc:
                 self.log.warning("peer.bad_frame", peer=peer.name, reason=exc.reason, error=str(exc))
-                await peer.close(CLOSE_PROTOCOL, exc.reason)
+                await peer.close(CLOSE_PROTOCOL, exc.reason, wait=VIOLATION_CLOSE_WAIT)
                 return
             if isinstance(frame, (Hello, Welcome, Auth)):
                 self.log.warning("peer.bad_frame", peer=peer.name, reason="handshake_after_auth")
-                await peer.close(CLOSE_PROTOCOL, "handshake frame after authentication")
+                await peer.close(CLOSE_PROTOCOL, "handshake frame after authentication", wait=VIOLATION_CLOSE_WAIT)
                 return
             try:
                 self.on_frame(peer, frame)
             except ProtocolError as exc:
                 self.log.warning("peer.invalid_message", peer=peer.name, reason=exc.reason, error=str(exc))
-                await peer.close(CLOSE_POLICY, exc.reason)
+                await peer.close(CLOSE_POLICY, exc.reason, wait=VIOLATION_CLOSE_WAIT)
                 return
 
 
