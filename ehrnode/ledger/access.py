@@ -42,11 +42,14 @@ _ACCESSES = """ (
     user BLOB NOT NULL, user_role TEXT NOT NULL, purpose TEXT NOT NULL, decision TEXT NOT NULL, reason TEXT NOT NULL,
     consent BLOB NOT NULL,
     requested_at INTEGER NOT NULL, time INTEGER NOT NULL, height INTEGER NOT NULL, tx_id BLOB NOT NULL)"""
+_ACCESS_INDEXES = tuple(f"CREATE INDEX IF NOT EXISTS accesses_{name} ON accesses({column})"
+                        for name, column in (("record", "record"), ("requester", "requester"), ("tx", "tx_id")))
+_INDEXES_SQL = ";\n".join(_ACCESS_INDEXES)
+#: Made once the user columns exist (state from before users gains them on open).
+_USER_INDEX = "CREATE INDEX IF NOT EXISTS accesses_user ON accesses(user)"
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS accesses{_ACCESSES};
-CREATE INDEX IF NOT EXISTS accesses_record ON accesses(record);
-CREATE INDEX IF NOT EXISTS accesses_requester ON accesses(requester);
-CREATE INDEX IF NOT EXISTS accesses_tx ON accesses(tx_id);
+{_INDEXES_SQL};
 CREATE TABLE IF NOT EXISTS erasures (
     record BLOB PRIMARY KEY, owner TEXT NOT NULL, reason BLOB NOT NULL, time INTEGER NOT NULL,
     height INTEGER NOT NULL, tx_id BLOB NOT NULL);
@@ -78,7 +81,7 @@ class AccessLog:
             db.execute("ALTER TABLE accesses ADD COLUMN user BLOB NOT NULL DEFAULT x''")
         if "user_role" not in columns:
             db.execute("ALTER TABLE accesses ADD COLUMN user_role TEXT NOT NULL DEFAULT ''")
-        db.execute("CREATE INDEX IF NOT EXISTS accesses_user ON accesses(user)")
+        db.execute(_USER_INDEX)
         self._migrate_unique_tx(db)
 
     @staticmethod
@@ -94,8 +97,8 @@ class AccessLog:
             db.execute(f"INSERT INTO accesses_batched ({columns}) SELECT {columns} FROM accesses ORDER BY rowid")
             db.execute("DROP TABLE accesses")
             db.execute("ALTER TABLE accesses_batched RENAME TO accesses")
-            for name, column in (("record", "record"), ("requester", "requester"), ("user", "user"), ("tx", "tx_id")):
-                db.execute(f"CREATE INDEX accesses_{name} ON accesses({column})")
+            for index in (*_ACCESS_INDEXES, _USER_INDEX):
+                db.execute(index)
 
     # --- applying (inside the block's transaction) ---------------------------------------
 
@@ -158,22 +161,18 @@ class AccessLog:
 
     def apply_alert(self, db: sqlite3.Connection, body: dict[str, Any], submitter: str, height: int, time_ms: int,
                     tx_id: bytes) -> str:
-        # The access by its request id, or by the id of an access.log that logged it alone.
-        columns = "request, tx_id, record, owner, requester, decision"
-        found = (db.execute(f"SELECT {columns} FROM accesses WHERE request = ?", (body["access"],)).fetchall()
-                 if self._rules >= 2 else []) or \
-            db.execute(f"SELECT {columns} FROM accesses WHERE tx_id = ?", (body["access"],)).fetchall()
-        if len(found) != 1 or found[0][5] != "granted":
+        access = self.named(body["access"])  # (``db`` is this log's own connection, in the block's transaction)
+        if access is None or access["decision"] != "granted":
             return "invalid:unknown_access"
-        request_id, access_tx, record, owner, requester, _ = found[0]
-        if requester != submitter:
+        if access["requester"] != submitter:
             return "invalid:not_requester"  # only the member that was served can say what it received
-        if record != body["record"] or owner != body["owner"]:
+        if access["record"] != body["record"] or access["owner"] != body["owner"]:
             return "invalid:mismatch"
-        if db.execute("SELECT 1 FROM alerts WHERE access IN (?, ?)", (request_id, access_tx)).fetchone():
+        if db.execute("SELECT 1 FROM alerts WHERE access IN (?, ?)", (access["request"], access["tx_id"])).fetchone():
             return "invalid:duplicate_alert"  # one alarm per access, whichever way it was named
         db.execute("INSERT INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                   (body["access"], record, owner, submitter, body["received"], time_ms, height, tx_id))
+                   (body["access"], access["record"], access["owner"], submitter, body["received"], time_ms, height,
+                    tx_id))
         return "ok"
 
     # --- reading -------------------------------------------------------------------------
@@ -203,9 +202,10 @@ class AccessLog:
                             owner=owner, user=user, decision=decision)
 
     def named(self, access: bytes) -> dict[str, Any] | None:
-        """The access an alert names: by its request id, or by the access.log that logged it alone."""
-        found = self.accesses(request=access) or self._select("accesses", ("request", *ACCESS_COLUMNS), None,
-                                                               tx_id=access)
+        """The access an alert names: by its request id (ledger rules 2 on), or by the id of an
+        access.log that logged it alone."""
+        found = (self.accesses(request=access) if self._rules >= 2 else []) or self._select(
+            "accesses", ("request", *ACCESS_COLUMNS), None, tx_id=access)
         return found[0] if len(found) == 1 else None
 
     def erasure(self, record: bytes) -> dict[str, Any] | None:
