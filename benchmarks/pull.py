@@ -128,6 +128,7 @@ async def throughput(cluster: LocalConsortium, owned: dict[str, list[str]], conc
 
     cpu_before = {n: cpu_seconds(p.pid) for n, p in cluster.procs.items()}
     cpu_before["bench"] = time.process_time()
+    height_before = await cluster.height("R")
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for k in range(concurrency):
@@ -135,6 +136,7 @@ async def throughput(cluster: LocalConsortium, owned: dict[str, list[str]], conc
     elapsed = time.perf_counter() - start
     cpu_after = {n: cpu_seconds(p.pid) for n, p in cluster.procs.items()}
     cpu_after["bench"] = time.process_time()
+    blocks = await cluster.height("R") - height_before
     latencies.sort()
     return {
         "concurrency": concurrency, "seconds": round(elapsed, 2), "verified": len(latencies),
@@ -143,6 +145,8 @@ async def throughput(cluster: LocalConsortium, owned: dict[str, list[str]], conc
         "p99_ms": percentile(latencies, 0.99), "max_ms": round(latencies[-1], 1) if latencies else None,
         "errors": dict(errors),
         "decisions_per_access_tx": round(len(latencies) / len(access_txs), 2) if access_txs else None,
+        "blocks_per_s": round(blocks / elapsed, 1),
+        "access_txs_per_block": round(len(access_txs) / blocks, 2) if blocks else None,
         "cpu_per_node": {n: round((cpu_after[n] - cpu_before[n]) / elapsed, 2) for n in cpu_after},
     }
 
@@ -234,7 +238,8 @@ def main() -> None:
     print(f"verified pulls  {t['pulls_per_s']:>8} pulls/s ({t['verified']} in {t['seconds']} s, "
           f"{t['concurrency']} requesters), latency p50 {t['p50_ms']} ms, p99 {t['p99_ms']} ms, max {t['max_ms']} ms")
     print(f"                errors {t['errors'] or 'none'}; CPU per node {t['cpu_per_node']}; "
-          f"{t['decisions_per_access_tx']} decisions per access log transaction")
+          f"{t['decisions_per_access_tx']} decisions per access log transaction, "
+          f"{t['blocks_per_s']} blocks/s, {t['access_txs_per_block']} access log transactions per block")
     if "large" in figures:
         g = figures["large"]
         released = f"{g['release_bytes'] / 1e6:.2f} MB" if g["release_bytes"] else "nothing"

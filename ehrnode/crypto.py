@@ -77,7 +77,12 @@ class Identity:
         return cls(Ed25519PrivateKey.from_private_bytes(seed))
 
     def sign(self, message: bytes) -> bytes:
-        return self._key.sign(message)
+        """Sign ``message``; the signature is remembered as valid, so this node verifying its own
+        signature later (its pull request in an owner's access log, its vote in a certificate)
+        costs a lookup."""
+        signature = self._key.sign(message)
+        remember_valid(self.public_key, message, signature)
+        return signature
 
     def save(self, path: Path) -> None:
         """Write the key as PKCS#8 PEM, mode 0600; refuses to overwrite an existing file."""
@@ -230,7 +235,8 @@ def set_verify_cache(capacity: int) -> None:
 
 
 def remember_valid(public_key: bytes, message: bytes, signature: bytes) -> None:
-    """Record a signature this process just made, so verifying it later costs a lookup."""
+    """Record a signature this process just made (:meth:`Identity.sign` does), so verifying it
+    later costs a lookup."""
     if _verified.capacity:
         _verified.add(hashlib.sha256(public_key + signature + message).digest())
 

@@ -1,14 +1,17 @@
+import os
 import stat
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ehrnode import crypto
 from ehrnode.errors import CryptoError
 
 
 def test_signature_verifies_only_for_its_key_and_message():
-    alice, bob = crypto.Identity.generate(), crypto.Identity.generate()
-    sig = alice.sign(b"message")
+    seed = os.urandom(32)
+    alice, bob = crypto.Identity.from_seed(seed), crypto.Identity.generate()
+    sig = Ed25519PrivateKey.from_private_bytes(seed).sign(b"message")  # made elsewhere: checked in full
     assert crypto.verify(alice.public_key, b"message", sig)
     assert crypto.verify(alice.public_key, b"message", sig)  # cached path
     assert not crypto.verify(bob.public_key, b"message", sig)
@@ -16,6 +19,24 @@ def test_signature_verifies_only_for_its_key_and_message():
     assert not crypto.verify(alice.public_key, b"message", bytes(64))
     assert not crypto.verify(alice.public_key[:31], b"message", sig)
     assert not crypto.verify(alice.public_key, b"message", sig[:63])
+
+
+def test_a_signature_this_process_made_verifies_by_lookup_and_nothing_else_does(monkeypatch):
+    alice = crypto.Identity.generate()
+    sig = alice.sign(b"message")
+    checked = []
+
+    class Key:
+        def verify(self, signature, message):
+            checked.append(message)
+            raise crypto.InvalidSignature
+
+    monkeypatch.setattr(crypto, "_public_key", lambda raw: Key())
+    assert crypto.verify(alice.public_key, b"message", sig)  # made here: no Ed25519 check
+    assert checked == []
+    assert not crypto.verify(alice.public_key, b"other", sig)  # anything else is checked in full
+    assert not crypto.verify(crypto.Identity.generate().public_key, b"message", sig)
+    assert checked == [b"other", b"message"]
 
 
 def test_domains_separate_signed_messages():

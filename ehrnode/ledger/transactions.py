@@ -528,7 +528,6 @@ class Transaction:
                        actor)
         message = crypto.signing_bytes(TX_DOMAIN, unsigned._unsigned())
         signature = identity.sign(message)
-        crypto.remember_valid(identity.public_key, message, signature)
         tx = cls(unsigned.kind, chain_id, submitter, time_ms, unsigned.nonce, unsigned.body, signature, actor)
         if len(tx.encoded) > MAX_TX_BYTES:
             # Every other node would refuse it as malformed.

@@ -206,6 +206,19 @@ def test_access_schema_refuses_malformed_bodies(field, value):
         tx("access.log", dict(body, **{field: value}))
 
 
+def test_a_request_decoded_again_is_the_same_and_a_tampered_one_still_fails_its_signature():
+    key = crypto.Identity.generate()
+    data = signed(b"r" * 16, identity=key)
+    request = PullRequest.decode(data)
+    assert PullRequest.decode(bytes(bytearray(data))) is request and request.signature_ok(key.public_key)
+    other = PullRequest.decode(signed(b"s" * 16, identity=key))
+    assert other is not request and other.record == b"s" * 16
+    forged = dataclasses.replace(request, record=b"s" * 16)  # another record under the first's signature
+    assert PullRequest.decode(forged.encode()).signature_ok(key.public_key) is False
+    with pytest.raises(CodecError):
+        PullRequest.decode(data[:-1])
+
+
 def test_a_decision_and_its_reason_must_agree():
     body = {"epoch": 0, "request": signed(b"r" * 16), "consent": b""}
     for decision, reason in (("granted", "consent"), ("refused", "granted"), ("refused", "emergency_override")):
