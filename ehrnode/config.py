@@ -162,6 +162,9 @@ class NodeConfig:
     #: Processes that validate and de-identify large inputs (0 or 1: none, in the node itself;
     #: None: one per core, at most 8).
     record_workers: int | None = None
+    #: Start those processes with the node (``[records] prestart``), so the first large input after
+    #: a start does not wait for them; False: on the first large input.
+    record_prestart: bool = True
     #: The access policy for pulls of this institution's records, replacing the packaged default.
     access_policy_path: Path | None = None
     #: The roles of the local API's users, replacing the packaged default.
@@ -207,7 +210,8 @@ class NodeConfig:
                 **({"profile": self.deid_profile_path if isinstance(self.deid_profile_path, str)
                     else rel(self.deid_profile_path)} if self.deid_profile_path else {}),
                 **({"workers": self.record_workers} if self.record_workers is not None else {}),
-            }} if self.deid_profile_path or self.record_workers is not None else {}),
+                **({"prestart": False} if not self.record_prestart else {}),
+            }} if self.deid_profile_path or self.record_workers is not None or not self.record_prestart else {}),
             **({"sharing": {"policy": rel(self.access_policy_path)}} if self.access_policy_path else {}),
             **({"users": {"roles": rel(self.roles_path)}} if self.roles_path else {}),
             **({"tls": {"ca": rel(self.tls.ca), "cert": rel(self.tls.cert), "key": rel(self.tls.key),
@@ -383,7 +387,7 @@ def load_node_config(path: Path) -> NodeConfig:
         fhir_base_url=_fhir_base_url(doc, where),
         master_key_path=_optional_path(keys, "master", f"{where} [keys]", resolve),
         consortium_key_path=_optional_path(keys, "consortium", f"{where} [keys]", resolve),
-        deid_profile_path=_profile(_table(doc, "records", where), f"{where} [records]", resolve),
+        deid_profile_path=_profile(_records(doc, where), f"{where} [records]", resolve),
         **_workers(_table(doc, "records", where), f"{where} [records]"),
         access_policy_path=_optional_path(_table(doc, "sharing", where), "policy", f"{where} [sharing]", resolve),
         roles_path=_optional_path(_table(doc, "users", where), "roles", f"{where} [users]", resolve),
@@ -421,13 +425,26 @@ def _tls(table: dict[str, Any], where: str, resolve: Any) -> TlsFiles:
                     resolve(_field(table, "key", str, where)), api)
 
 
-def _workers(table: dict[str, Any], where: str) -> dict[str, int]:
-    if "workers" not in table:
-        return {}
-    value = table["workers"]
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 64:
-        raise ConfigError(f"{where}: workers must be an integer from 0 to 64")
-    return {"record_workers": value}
+def _records(doc: dict[str, Any], where: str) -> dict[str, Any]:
+    table = _table(doc, "records", where)
+    unknown = set(table) - {"profile", "workers", "prestart"}
+    if unknown:
+        raise ConfigError(f"{where} [records]: unknown setting(s) {', '.join(sorted(unknown))}")
+    return table
+
+
+def _workers(table: dict[str, Any], where: str) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    if "workers" in table:
+        value = table["workers"]
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 64:
+            raise ConfigError(f"{where}: workers must be an integer from 0 to 64")
+        found["record_workers"] = value
+    if "prestart" in table:
+        if not isinstance(table["prestart"], bool):
+            raise ConfigError(f"{where}: prestart must be true or false")
+        found["record_prestart"] = table["prestart"]
+    return found
 
 
 def _table(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:

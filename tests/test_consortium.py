@@ -94,6 +94,22 @@ def test_the_fhir_interface_is_on_by_default_and_can_be_moved_or_turned_off(tmp_
             load_node_config(node)
 
 
+def test_record_workers_start_with_the_node_unless_told_and_records_settings_are_checked(tmp_path):
+    init_consortium(tmp_path, ["A"], "R", base_port=7100)
+    node = tmp_path / "A" / "node.toml"
+    written = node.read_text()
+    assert load_node_config(node).record_prestart is True
+    node.write_text(written + "\n[records]\nworkers = 3\nprestart = false\n")
+    config = load_node_config(node)
+    assert (config.record_workers, config.record_prestart) == (3, False)
+    assert "prestart = false" in tomli_w.dumps(config.to_toml_dict())
+    for bad, message in (("prestart = 1", "prestart must be true or false"), ("workers = -1", "workers must be"),
+                         ("prestrat = false", r"\[records\]: unknown setting\(s\) prestrat")):
+        node.write_text(written + f"\n[records]\n{bad}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_node_config(node)
+
+
 def test_genesis_refuses_a_key_listed_twice(tmp_path):
     init_consortium(tmp_path, ["A", "B"], "R")
     genesis = tmp_path / "genesis.toml"

@@ -616,6 +616,19 @@ class Node:
             # Listeners are bound: this is when systemd may consider the service started.
             self.notifier.notify("READY=1", f"STATUS=height {self.head.height}, listening on {peer}")
             task_status.started()
+            if self.records is not None and self.config.record_prestart:
+                nursery.start_soon(self._start_record_workers, self.records)
+
+    async def _start_record_workers(self, records: RecordsService) -> None:
+        """The record workers' processes, started now so the first large input does not wait."""
+        started = time.monotonic()
+        try:
+            count = await trio.to_thread.run_sync(records.preparer.start, abandon_on_cancel=True)
+        except Exception as exc:  # noqa: BLE001 - the node records without them (or says why it cannot)
+            self.log.warning("records.workers_not_started", error=repr(exc))
+            return
+        if count:
+            self.log.info("records.workers_started", workers=count, seconds=round(time.monotonic() - started, 3))
 
     async def _watchdog(self) -> None:
         # Pinged from the event loop itself: if the loop wedges, the pings stop and systemd

@@ -3,10 +3,12 @@
 Both are pure functions of one resource and cost most of an ingest's CPU time
 (model validation about 0.4 ms a resource, de-identification about 0.2 ms), so
 an input of thousands of resources is split over a pool of processes, one per
-core by default. The pool starts on the first large input (``spawn``, so a
-worker never inherits the node's threads or sockets) and lives as long as the
-node. Small inputs, and nodes configured with no workers, run in the calling
-thread: a process round-trip costs more than it saves there.
+core by default. The pool starts with the node (:meth:`Preparer.start`; about a
+third of a second of CPU a worker, for its imports), or, when a node is told
+not to, on the first large input, which then waits for it. Workers are started
+with ``spawn``, so one never inherits the node's threads or sockets, and live as
+long as the node. Small inputs, and nodes configured with no workers, run in
+the calling thread: a process round-trip costs more than it saves there.
 
 Results come back in input order; a worker never writes anything.
 """
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,10 @@ _worker_deid: Deidentifier | None = None
 def _init_worker(profile_path: Path | str | None, key: bytes) -> None:
     global _worker_deid
     _worker_deid = Deidentifier(load_profile(profile_path), key)
+
+
+def _started() -> None:
+    """Nothing: submitted once a worker, so that each is started (one that ran it is ready)."""
 
 
 def _validate_chunk(items: list[fhir.Item]) -> list[fhir.Problem | None]:
@@ -63,7 +71,7 @@ def default_workers() -> int:
 
 
 class Preparer:
-    """Blocking; one caller at a time."""
+    """Blocking: one input at a time; :meth:`start` and :meth:`close` may come from other threads."""
 
     def __init__(self, deid: Deidentifier, profile_path: Path | str | None, key: bytes, *, workers: int) -> None:
         self.deid = deid
@@ -71,16 +79,43 @@ class Preparer:
         self._key = key
         self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
+        self._pool_lock = threading.Lock()  # start() and inputs run in threads, close() on the loop
+        self._closed = False
+
+    def start(self) -> int:
+        """Start the worker processes now rather than on the first large input (blocking: call it
+        in a thread); returns once one is ready, with how many were started (0: no pool)."""
+        pool = self._pool_now() if self.workers >= 2 else None
+        if pool is None:
+            return 0
+        try:
+            # A spawning pool starts a process for each task that finds none idle.
+            for future in [pool.submit(_started) for _ in range(self.workers)]:
+                future.result()
+        except BrokenProcessPool:
+            with self._pool_lock:  # the first large input starts a new one
+                if self._pool is pool:
+                    self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        return self.workers
 
     def _use_pool(self, count: int) -> ProcessPoolExecutor | None:
         if self.workers < 2 or count < POOL_THRESHOLD:
             return None
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                initargs=(self._profile_path, self._key),
-            )
-        return self._pool
+        return self._pool_now()
+
+    def _pool_now(self) -> ProcessPoolExecutor | None:
+        """The pool, started if need be; None once closed (inputs then run in the calling thread)."""
+        with self._pool_lock:
+            if self._closed:
+                return None
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                    initargs=(self._profile_path, self._key),
+                )
+            return self._pool
 
     def _chunks(self, values: Sequence[Any]) -> list[list[Any]]:
         size = max(1, -(-len(values) // (self.workers * 4)))
@@ -100,6 +135,7 @@ class Preparer:
         return [r for chunk in pool.map(_deidentify_chunk, self._chunks(jobs)) for r in chunk]
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        with self._pool_lock:
+            pool, self._pool, self._closed = self._pool, None, True
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,50 @@
+import multiprocessing
+
+from ehrnode import synthetic
+from ehrnode.records import fhir
+from ehrnode.records.deid import Deidentifier, load_profile
+from ehrnode.records.workers import POOL_THRESHOLD, Preparer
+
+KEY = b"k" * 32
+
+
+def preparer(workers):
+    return Preparer(Deidentifier(load_profile(None), KEY), None, KEY, workers=workers)
+
+
+def items(count):
+    people = synthetic.people(count // 7 + 1, seed=3)
+    resources = [r for p in people for r in synthetic.patient_resources(p, "A", visits=2, seed=3)]
+    return [fhir.Item(f"input:{k}", r) for k, r in enumerate(resources[:count])]
+
+
+def workers_running():
+    return [p for p in multiprocessing.active_children() if "SpawnProcess" in p.name]
+
+
+def test_started_workers_are_the_ones_a_large_input_uses_and_close_stops_them():
+    before = len(workers_running())
+    p = preparer(2)
+    try:
+        assert p.start() == 2
+        started = {w.pid for w in workers_running()}
+        assert len(started) == before + 2
+        large = items(POOL_THRESHOLD + 10)
+        assert p.validate(large) == [fhir.validate(i) for i in large]  # in the workers, same answers
+        assert {w.pid for w in workers_running()} == started  # no second pool
+    finally:
+        p.close()
+    assert len(workers_running()) == before
+    assert p.start() == 0  # closed: nothing starts again, and inputs run in the calling thread
+    assert p.validate(large) == [None] * len(large)
+    assert len(workers_running()) == before
+
+
+def test_without_a_pool_nothing_starts_and_everything_runs_in_the_calling_thread():
+    before = len(workers_running())
+    p = preparer(1)
+    assert p.start() == 0
+    large = items(POOL_THRESHOLD)
+    assert p.validate(large) == [None] * len(large)
+    assert len(workers_running()) == before
+    p.close()
