@@ -76,12 +76,14 @@ class Identity:
             raise CryptoError("an Ed25519 seed is 32 bytes")
         return cls(Ed25519PrivateKey.from_private_bytes(seed))
 
-    def sign(self, message: bytes) -> bytes:
-        """Sign ``message``; the signature is remembered as valid, so this node verifying its own
-        signature later (its pull request in an owner's access log, its vote in a certificate)
-        costs a lookup."""
+    def sign(self, message: bytes, *, remember: bool = True) -> bytes:
+        """Sign ``message``. With ``remember``, the signature goes into the cache of verified
+        signatures, so this node checking its own signature later (its pull request in an owner's
+        access log, its vote in a certificate, its own transaction in a block) costs a lookup;
+        signatures it never checks itself (vault entries, handshakes) need not take the room."""
         signature = self._key.sign(message)
-        remember_valid(self.public_key, message, signature)
+        if remember:
+            remember_valid(self.public_key, message, signature)
         return signature
 
     def save(self, path: Path) -> None:

@@ -264,7 +264,7 @@ def transcript(genesis: Genesis, dialer: Hello, listener: Hello, role: str, chan
 
 def sign_transcript(identity: crypto.Identity, genesis: Genesis, dialer: Hello, listener: Hello, role: str,
                     channel: bytes = b"") -> bytes:
-    return identity.sign(transcript(genesis, dialer, listener, role, channel))
+    return identity.sign(transcript(genesis, dialer, listener, role, channel), remember=False)
 
 
 def check_transcript(genesis: Genesis, dialer: Hello, listener: Hello, role: str, signature: bytes,

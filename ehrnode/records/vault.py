@@ -217,7 +217,7 @@ class Vault:
                 entry_hash = crypto.sha256(signed)
                 db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)", (
                     position, entry.record_id, codec.encode(header.to_wire()), entry_hash,
-                    self._member.identity.sign(signed), raw_ct, deid_ct,
+                    self._member.identity.sign(signed, remember=False), raw_ct, deid_ct,
                 ))
                 db.execute("INSERT INTO data_keys VALUES (?, ?, ?)", (
                     entry.record_id, seal(self._keys.wrap, raw_key, entry.record_id + b"raw-key"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -32,12 +33,24 @@ from .deid.notes import PatientFacts
 #: Inputs smaller than this run in the calling thread.
 POOL_THRESHOLD = 500
 
+#: How often a worker checks that the node that started it is still there (seconds).
+PARENT_CHECK = 1.0
+
 _worker_deid: Deidentifier | None = None
 
 
-def _init_worker(profile_path: Path | str | None, key: bytes) -> None:
+def _init_worker(profile_path: Path | str | None, key: bytes, parent: int) -> None:
     global _worker_deid
     _worker_deid = Deidentifier(load_profile(profile_path), key)
+    threading.Thread(target=_exit_without, args=(parent,), name="parent-watch", daemon=True).start()
+
+
+def _exit_without(parent: int) -> None:
+    """End this worker once the node that started it is gone (killed, say, rather than stopped,
+    which shuts its workers down): a worker is never left behind."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK)
+    os._exit(0)
 
 
 def _started() -> None:
@@ -79,7 +92,7 @@ class Preparer:
         self._key = key
         self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
-        self._pool_lock = threading.Lock()  # start() and inputs run in threads, close() on the loop
+        self._pool_lock = threading.Lock()  # start() and inputs run in threads
         self._closed = False
 
     def start(self) -> int:
@@ -113,7 +126,7 @@ class Preparer:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
                     self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                    initargs=(self._profile_path, self._key),
+                    initargs=(self._profile_path, self._key, os.getpid()),
                 )
             return self._pool
 

@@ -2,6 +2,7 @@
 
 import json
 from itertools import pairwise
+from pathlib import Path
 
 import trio
 
@@ -137,9 +138,37 @@ async def test_two_of_four_down_stalls_without_crashing_and_resumes(cluster):
     await wait_all_committed(cluster, cluster.names, [result["tx_id"]], timeout=90)
 
 
-async def test_sigterm_stops_cleanly(cluster):
+def stat(pid):
+    """(state, parent pid) of a process, None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def alive(pid):
+    found = stat(pid)
+    return found is not None and found[0] != "Z"  # a zombie has ended, whoever is to reap it
+
+
+def children(pid):
+    """The live processes whose parent is ``pid``."""
+    return [int(p.name) for p in Path("/proc").glob("[0-9]*") if (found := stat(p.name)) is not None
+            and found[1] == pid and found[0] != "Z"]
+
+
+async def test_sigterm_stops_cleanly_and_takes_the_record_workers_with_it(cluster):
     cluster.start_all()
     await cluster.wait_ready()
+    institutions = [n for n in cluster.names if n != "R"]
+    with trio.fail_after(60):  # each institution starts its record workers once it listens; R records nothing
+        while not all("records.workers_started" in cluster.log(name) for name in institutions):
+            await trio.sleep(0.2)
+    assert "records.workers_started" not in cluster.log("R")
+    workers = {name: children(cluster.procs[name].pid) for name in cluster.names}
+    assert all(workers[name] for name in institutions) and not workers["R"]
     for name in list(cluster.names):
         assert cluster.stop(name) == 0
         assert '"node.stopped"' in cluster.log(name)
+        assert not [pid for pid in workers[name] if alive(pid)]

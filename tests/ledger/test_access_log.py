@@ -214,6 +214,7 @@ def test_a_request_decoded_again_is_the_same_and_a_tampered_one_still_fails_its_
     other = PullRequest.decode(signed(b"s" * 16, identity=key))
     assert other is not request and other.record == b"s" * 16
     forged = dataclasses.replace(request, record=b"s" * 16)  # another record under the first's signature
+    assert forged.signature_ok(key.public_key) is False
     assert PullRequest.decode(forged.encode()).signature_ok(key.public_key) is False
     with pytest.raises(CodecError):
         PullRequest.decode(data[:-1])

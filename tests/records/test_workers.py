@@ -1,4 +1,10 @@
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from ehrnode import synthetic
 from ehrnode.records import fhir
@@ -48,3 +54,41 @@ def test_without_a_pool_nothing_starts_and_everything_runs_in_the_calling_thread
     assert p.validate(large) == [None] * len(large)
     assert len(workers_running()) == before
     p.close()
+
+
+NODE = """
+import multiprocessing, sys, time
+from ehrnode.records.deid import Deidentifier, load_profile
+from ehrnode.records.workers import Preparer
+
+if __name__ == "__main__":
+    key = b"k" * 32
+    Preparer(Deidentifier(load_profile(None), key), None, key, workers=2).start()
+    print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+    time.sleep(600)
+"""
+
+
+def alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has ended, whoever is to reap it
+
+
+def test_workers_end_when_their_node_is_killed(tmp_path):
+    script = tmp_path / "node.py"
+    script.write_text(NODE)
+    node = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+    try:
+        workers = [int(pid) for pid in node.stdout.readline().split()]
+        assert len(workers) == 2 and all(alive(pid) for pid in workers)
+    finally:
+        node.send_signal(signal.SIGKILL)
+        node.wait(10)
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers)
