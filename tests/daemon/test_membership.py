@@ -154,18 +154,20 @@ async def test_a_validator_crashing_as_a_change_commits_comes_back_in_the_new_ep
     member = json.loads((config.path.parent / "member.json").read_text())
     proposed = await cluster.call("A", "consortium.propose", change="add", reason="joins", **member)
     await cluster.call("B", "consortium.vote", proposal=proposed["proposal"]["id"])
-    # C casts the deciding vote and is killed while it commits.
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: cluster.call("C", "consortium.vote", proposal=proposed["proposal"]["id"],
-                                                timeout=5))
-        await trio.sleep(0.05)
-        cluster.kill9("C")
-        nursery.cancel_scope.cancel()
 
     async def adopted():
         view = await cluster.call("A", "consortium.proposals", status="adopted")
         return view["proposals"]
-    [proposal] = await wait_for(adopted, timeout=30)
+
+    # C casts the deciding vote and is killed while it commits: as soon as A has committed the
+    # change (C's vote is out; C is applying that block, or has just applied it). Killing C at a
+    # fixed moment after its vote instead could land before the vote left it, on a busy machine.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: cluster.call("C", "consortium.vote", proposal=proposed["proposal"]["id"],
+                                                timeout=5))
+        [proposal] = await wait_for(adopted, timeout=30, step=0.005)
+        cluster.kill9("C")
+        nursery.cancel_scope.cancel()
     # Four of the five are needed now: A, B, R and D (started late, it catches up) go on while C is down.
     cluster.start("D")
     heights = await notes(cluster, "A", 2, "C down")
