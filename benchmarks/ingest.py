@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -36,6 +37,9 @@ from ehrnode.localnet import LocalConsortium
 from ehrnode.records import fhir
 from ehrnode.records.deid import Deidentifier, load_profile
 from ehrnode.records.submit import add_items
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cluster import verify_rate  # the cluster benchmark's, beside this one
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "synthea"
 #: The members that hold OPRF shares in the local consortium (the regulator holds none).
@@ -122,10 +126,12 @@ def main() -> None:
     figures: dict[str, Any] = {"pieces": pieces(first)}
     with tempfile.TemporaryDirectory(prefix="ehrnode-ingest-") as tmp:
         figures["end_to_end"] = trio.run(end_to_end, Path(tmp) / "consortium", first, then)
+    figures["verify_per_s"] = round(verify_rate())  # Ed25519, one core: how fast this machine was
     if args.json:
         print(json.dumps(figures))
         return
     p, e = figures["pieces"], figures["end_to_end"]
+    print(f"machine: {os.cpu_count()} cores, Ed25519 verify {figures['verify_per_s']:,}/s per core")
     print(f"validation alone        {p['validate_per_s']:>8} resources/s")
     print(f"de-identification alone {p['deidentify_per_s']:>8} resources/s")
     for label, run in (("first ingest", e["first"]), ("next ingest", e["next"])):
