@@ -193,6 +193,8 @@ def test_the_owners_policy_decides_on_the_requesting_users_role(cluster, users, 
 def test_a_leaked_copy_traces_to_the_user_who_pulled_it(cluster, users, recorded, tmp_path):
     record = recorded[2]
     pulled = users.run("B", "dr.ana", "records.pull", record_id=record["record_id"], purpose="treatment")
+    # Another pull of theirs, for their own trail below (the test stands alone).
+    users.run("B", "dr.ana", "records.pull", record_id=recorded[0]["record_id"], purpose="treatment")
     leaked = tmp_path / "leak.json"
     leaked.write_text(json.dumps({"resource": pulled["resource"], "salt": pulled["salt"]}))
     # The regulator finds the institution and its pseudonym for the user...
