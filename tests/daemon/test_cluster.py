@@ -171,4 +171,9 @@ async def test_sigterm_stops_cleanly_and_takes_the_record_workers_with_it(cluste
     for name in list(cluster.names):
         assert cluster.stop(name) == 0
         assert '"node.stopped"' in cluster.log(name)
-        assert not [pid for pid in workers[name] if alive(pid)]
+    # Its children (the workers, and the resource tracker their pool starts) end with it: at
+    # once, or (the tracker reads its parent's end) a moment later.
+    with trio.move_on_after(10):
+        while any(alive(pid) for pids in workers.values() for pid in pids):
+            await trio.sleep(0.1)
+    assert not [pid for pids in workers.values() for pid in pids if alive(pid)]
