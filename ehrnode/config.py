@@ -369,6 +369,7 @@ def load_node_config(path: Path) -> NodeConfig:
     keys = _field(doc, "keys", dict, where)
     peer = _field(doc, "peer", dict, where)
     api = _field(doc, "api", dict, where)
+    records = _records(doc, where)
     level = doc.get("log_level", "info")
     if level not in LOG_LEVELS:
         raise ConfigError(f"{where}: log_level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
@@ -387,8 +388,8 @@ def load_node_config(path: Path) -> NodeConfig:
         fhir_base_url=_fhir_base_url(doc, where),
         master_key_path=_optional_path(keys, "master", f"{where} [keys]", resolve),
         consortium_key_path=_optional_path(keys, "consortium", f"{where} [keys]", resolve),
-        deid_profile_path=_profile(_records(doc, where), f"{where} [records]", resolve),
-        **_workers(_table(doc, "records", where), f"{where} [records]"),
+        deid_profile_path=_profile(records, f"{where} [records]", resolve),
+        **_record_workers(records, f"{where} [records]"),
         access_policy_path=_optional_path(_table(doc, "sharing", where), "policy", f"{where} [sharing]", resolve),
         roles_path=_optional_path(_table(doc, "users", where), "roles", f"{where} [users]", resolve),
         tls=_tls(_table(doc, "tls", where), f"{where} [tls]", resolve) if "tls" in doc else None,
@@ -433,7 +434,8 @@ def _records(doc: dict[str, Any], where: str) -> dict[str, Any]:
     return table
 
 
-def _workers(table: dict[str, Any], where: str) -> dict[str, Any]:
+def _record_workers(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """``[records] workers`` and ``prestart``, as NodeConfig fields (those given)."""
     found: dict[str, Any] = {}
     if "workers" in table:
         value = table["workers"]

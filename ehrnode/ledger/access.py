@@ -36,6 +36,7 @@ from .. import crypto
 from ..config import LEDGER_RULES
 from ..storage import transaction
 from .requests import PullRequest
+from .transactions import ALERTS_BY_REQUEST_SINCE
 
 _ACCESSES = """ (
     request BLOB PRIMARY KEY, signed BLOB NOT NULL, record BLOB NOT NULL, owner TEXT NOT NULL, requester TEXT NOT NULL,
@@ -72,7 +73,7 @@ class AccessLog:
     def __init__(self, db: sqlite3.Connection, chain_id: str, members: Mapping[str, bytes],
                  rules: int = LEDGER_RULES) -> None:
         self._db = db
-        self._rules = rules  # below 2, an alert names an access only by its access.log
+        self._rules = rules  # before ALERTS_BY_REQUEST_SINCE, an alert names an access only by its access.log
         self._chain_id = chain_id
         self._members = members
         # State written before users existed has no user columns: add them (its requests named none).
@@ -204,7 +205,7 @@ class AccessLog:
     def named(self, access: bytes) -> dict[str, Any] | None:
         """The access an alert names: by its request id (ledger rules 2 on), or by the id of an
         access.log that logged it alone."""
-        found = (self.accesses(request=access) if self._rules >= 2 else []) or self._select(
+        found = (self.accesses(request=access) if self._rules >= ALERTS_BY_REQUEST_SINCE else []) or self._select(
             "accesses", ("request", *ACCESS_COLUMNS), None, tx_id=access)
         return found[0] if len(found) == 1 else None
 

@@ -485,6 +485,9 @@ KINDS: dict[str, Callable[[Any], dict[str, Any]]] = {
 #: The ledger rules that added each kind (kinds not listed: rules 1). On a chain of earlier rules
 #: the kind is unknown (see ``config.LEDGER_RULES``).
 SINCE_RULES = {"record.anchors": 2, "access.logs": 2}
+#: The ledger rules from which an ``integrity.alert`` names the access by its request (an
+#: ``access.logs`` logs several); before, by the ``access.log`` that logged it alone.
+ALERTS_BY_REQUEST_SINCE = SINCE_RULES["access.logs"]
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from .. import crypto
 from ..config import Genesis
 from ..errors import AdmissionError, CodecError, CryptoError, IntegrityError, PullError
 from ..ledger.state import LedgerState
-from ..ledger.transactions import Transaction, actor_text
+from ..ledger.transactions import ALERTS_BY_REQUEST_SINCE, Transaction, actor_text
 from ..logs import get_logger
 from ..records.canonical import commitment
 from .messages import PullAnswer, PullRequest, open_payload
@@ -207,7 +207,7 @@ class Puller:
                 # The access by its request: the access log may have logged other decisions too (a
                 # chain of ledger rules 1 knows only access logs of one, by their own id).
                 "epoch": 0, "record": anchor["record"], "owner": anchor["institution"],
-                "access": rid if self.state.rules >= 2 else access_tx,
+                "access": rid if self.state.rules >= ALERTS_BY_REQUEST_SINCE else access_tx,
                 "received": received,
             }, user)
             alert_id = tx.id
