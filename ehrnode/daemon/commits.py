@@ -10,7 +10,7 @@ subscribers after it; only a failing disk (StoreError) stops the node, as everyw
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -72,21 +72,32 @@ class Commits:
 
 @dataclass
 class _Waiter:
-    event: trio.Event
+    """Everyone waiting for one transaction: woken together, forgotten when the last one leaves."""
+
+    event: trio.Event = field(default_factory=trio.Event)
     height: int | None = None
+    waiting: int = 0
 
 
 class TxWaiters:
-    """Callers waiting for a transaction to commit (``wait_committed``), or to be in a committed
-    block whatever the ledger made of it (``wait_applied``)."""
+    """Callers waiting for a transaction to commit (``wait``), or to be in a committed block
+    whatever the ledger made of it (``wait_applied``)."""
 
     def __init__(self, height_of: Callable[[bytes], int | None], status_of: Callable[[bytes], str | None],
                  block_txs: Callable[[int], list[tuple[bytes, str]]]) -> None:
         self._height_of = height_of  # the committed height of a transaction, from the ledger
         self._status_of = status_of  # its status (``ok`` or ``invalid:...``) once in a committed block
         self._block_txs = block_txs  # (id, status) of every entry of a committed block
-        self._waiters: dict[bytes, _Waiter] = {}
-        self._applied: dict[bytes, trio.Event] = {}
+        self._committed: dict[bytes, _Waiter] = {}
+        self._applied: dict[bytes, _Waiter] = {}
+
+    async def wait(self, tx_id: bytes, timeout: float) -> int | None:
+        """The height ``tx_id`` was committed at, or None if not within ``timeout`` seconds."""
+        height = self._height_of(tx_id)
+        if height is not None:
+            return height
+        waiter = await _wait(self._committed, tx_id, timeout)
+        return waiter.height if waiter.height is not None else self._height_of(tx_id)
 
     async def wait_applied(self, tx_id: bytes, timeout: float) -> str | None:
         """``ok`` or ``invalid:<reason>`` once ``tx_id`` is in a committed block; None if not
@@ -95,34 +106,35 @@ class TxWaiters:
         status = self._status_of(tx_id)
         if status is not None:
             return status
-        event = self._applied.setdefault(tx_id, trio.Event())
-        with trio.move_on_after(timeout):
-            await event.wait()
-        self._applied.pop(tx_id, None)
+        await _wait(self._applied, tx_id, timeout)
         return self._status_of(tx_id)
-
-    async def wait(self, tx_id: bytes, timeout: float) -> int | None:
-        """The height ``tx_id`` was committed at, or None if not within ``timeout`` seconds."""
-        height = self._height_of(tx_id)
-        if height is not None:
-            return height
-        waiter = self._waiters.setdefault(tx_id, _Waiter(trio.Event()))
-        with trio.move_on_after(timeout):
-            await waiter.event.wait()
-        self._waiters.pop(tx_id, None)
-        return waiter.height if waiter.height is not None else self._height_of(tx_id)
 
     def committed(self, block: Block, txs: Sequence[Transaction]) -> None:
         for tx in txs:
-            waiter = self._waiters.get(tx.id)
+            waiter = self._committed.get(tx.id)
             if waiter is not None:
                 waiter.height = block.height
                 waiter.event.set()
         if self._applied:
             for tx_id, _ in self._block_txs(block.height):
-                event = self._applied.get(tx_id)
-                if event is not None:
-                    event.set()
+                waiter = self._applied.get(tx_id)
+                if waiter is not None:
+                    waiter.event.set()
+
+
+async def _wait(waiters: dict[bytes, _Waiter], tx_id: bytes, timeout: float) -> _Waiter:
+    """Wait with the others waiting for ``tx_id`` until woken or ``timeout``: one that gives up
+    first does not take the others' wake-up with it."""
+    waiter = waiters.setdefault(tx_id, _Waiter())
+    waiter.waiting += 1
+    try:
+        with trio.move_on_after(timeout):
+            await waiter.event.wait()
+    finally:
+        waiter.waiting -= 1
+        if not waiter.waiting and waiters.get(tx_id) is waiter:
+            del waiters[tx_id]
+    return waiter
 
 
 class BlockFeed:

@@ -19,16 +19,18 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import DeidentificationError
 from . import fhir
 from .deid import Deidentifier, load_profile
 from .deid.notes import PatientFacts
+
+_T = TypeVar("_T")
 
 #: Inputs smaller than this run in the calling thread.
 POOL_THRESHOLD = 500
@@ -101,16 +103,8 @@ class Preparer:
         pool = self._pool_now() if self.workers >= 2 else None
         if pool is None:
             return 0
-        try:
-            # A spawning pool starts a process for each task that finds none idle.
-            for future in [pool.submit(_started) for _ in range(self.workers)]:
-                future.result()
-        except BrokenProcessPool:
-            with self._pool_lock:  # the first large input starts a new one
-                if self._pool is pool:
-                    self._pool = None
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        # A spawning pool starts a process for each task that finds none idle.
+        self._in(pool, lambda: [f.result() for f in [pool.submit(_started) for _ in range(self.workers)]])
         return self.workers
 
     def _use_pool(self, count: int) -> ProcessPoolExecutor | None:
@@ -130,6 +124,18 @@ class Preparer:
                 )
             return self._pool
 
+    def _in(self, pool: ProcessPoolExecutor, work: Callable[[], _T]) -> _T:
+        """``work()`` on ``pool``; a pool that broke (a worker died) is dropped, so the next input
+        starts a new one instead of failing the same way."""
+        try:
+            return work()
+        except BrokenProcessPool:
+            with self._pool_lock:
+                if self._pool is pool:
+                    self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
     def _chunks(self, values: Sequence[Any]) -> list[list[Any]]:
         size = max(1, -(-len(values) // (self.workers * 4)))
         return [list(values[i:i + size]) for i in range(0, len(values), size)]
@@ -138,14 +144,14 @@ class Preparer:
         pool = self._use_pool(len(items))
         if pool is None:
             return [fhir.validate(item) for item in items]
-        return [p for chunk in pool.map(_validate_chunk, self._chunks(items)) for p in chunk]
+        return self._in(pool, lambda: [p for chunk in pool.map(_validate_chunk, self._chunks(items)) for p in chunk])
 
     def deidentify(self, jobs: Sequence[Job]) -> list[dict[str, Any] | str]:
         """Each job's release, or the reason it cannot be released (a string)."""
         pool = self._use_pool(len(jobs))
         if pool is None:
             return [_deidentify_one(self.deid, job) for job in jobs]
-        return [r for chunk in pool.map(_deidentify_chunk, self._chunks(jobs)) for r in chunk]
+        return self._in(pool, lambda: [r for chunk in pool.map(_deidentify_chunk, self._chunks(jobs)) for r in chunk])
 
     def close(self) -> None:
         with self._pool_lock:

@@ -72,6 +72,26 @@ async def test_a_refused_transaction_ends_wait_applied_as_soon_as_its_block_comm
     assert got == [("invalid:erased", 1)]
 
 
+async def test_a_waiter_that_gives_up_first_leaves_the_others_waiting(autojump_clock):
+    statuses = {}
+    waiters = TxWaiters({}.get, statuses.get, lambda height: [(b"tx", "ok")])
+    got = []
+    async with trio.open_nursery() as nursery:
+        async def wait(kind, timeout):
+            if kind == "committed":
+                got.append((kind, timeout, await waiters.wait(b"tx", timeout)))
+            else:
+                got.append((kind, timeout, await waiters.wait_applied(b"tx", timeout)))
+        for kind in ("committed", "applied"):
+            nursery.start_soon(wait, kind, 1)
+            nursery.start_soon(wait, kind, 30)
+        await trio.sleep(2)  # the first of each kind gave up
+        statuses[b"tx"] = "ok"
+        waiters.committed(SimpleNamespace(height=5), [SimpleNamespace(id=b"tx")])
+    assert sorted(got) == [("applied", 1, None), ("applied", 30, "ok"), ("committed", 1, None),
+                           ("committed", 30, 5)]
+
+
 def test_the_subscribers_furthest_behind_are_closed_past_the_budget_of_all(monkeypatch):
     from ehrnode.daemon import commits
     from ehrnode.sharing.events import Subscription

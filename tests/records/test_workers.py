@@ -4,7 +4,10 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+
+import pytest
 
 from ehrnode import synthetic
 from ehrnode.records import fhir
@@ -44,6 +47,20 @@ def test_started_workers_are_the_ones_a_large_input_uses_and_close_stops_them():
     assert p.start() == 0  # closed: nothing starts again, and inputs run in the calling thread
     assert p.validate(large) == [None] * len(large)
     assert len(workers_running()) == before
+
+
+def test_a_pool_whose_worker_died_fails_that_input_and_the_next_starts_a_new_one():
+    p = preparer(2)
+    large = items(POOL_THRESHOLD + 10)
+    try:
+        p.start()
+        for worker in workers_running():
+            os.kill(worker.pid, signal.SIGKILL)
+        with pytest.raises(BrokenProcessPool):
+            p.validate(large)
+        assert p.validate(large) == [None] * len(large)  # in a new pool
+    finally:
+        p.close()
 
 
 def test_without_a_pool_nothing_starts_and_everything_runs_in_the_calling_thread():
