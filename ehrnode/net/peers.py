@@ -22,6 +22,7 @@ closes the connection with a logged reason.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import ssl
 from collections import deque
@@ -126,7 +127,13 @@ class Peer:
         return True
 
     async def writer(self) -> None:
-        while True:
+        """Send the queued frames until the connection closes.
+
+        Ends quietly once this side starts closing or the connection is gone: a send failing
+        there must not cancel the reader, which may be in the middle of sending the close frame
+        (the other side would then see the connection drop with no code).
+        """
+        while not self._closed:
             if self._urgent:
                 data = self._urgent.popleft()
             elif self._bulk:
@@ -136,15 +143,17 @@ class Peer:
                 self._wake = trio.Event()
                 await self._wake.wait()
                 continue
-            await self.ws.send_message(data)
+            try:
+                await self.ws.send_message(data)
+            except ConnectionClosed:
+                return  # the reader sees the close too, and ends the connection
             self.sent += 1
 
     async def close(self, code: int, reason: str, wait: float = 2.0) -> None:
         """Close with ``code``, waiting up to ``wait`` seconds for the close handshake (past it the
         connection is dropped, and the other side sees no code)."""
         self._closed = True
-        with trio.move_on_after(wait):
-            await self.ws.aclose(code, reason[:120])
+        await _close(self.ws, code, reason, wait)
 
 
 class PeerNetwork:
@@ -546,8 +555,16 @@ async def _handshake_message(ws: trio_websocket.WebSocketConnection) -> bytes | 
         raise
 
 
-async def _close(ws: trio_websocket.WebSocketConnection, code: int, reason: str) -> None:
-    with trio.move_on_after(2):
+#: What closing a connection may raise when the connection is going anyway (the other side
+#: reset it, or a close from the other side is closing the same stream at that moment). The
+#: close is then unclean, and the stream is closed all the same: never an error of the node's,
+#: which must not stop a shutdown or a listener.
+_CLOSE_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError)
+
+
+async def _close(ws: trio_websocket.WebSocketConnection, code: int, reason: str, wait: float = 2.0) -> None:
+    """Close with ``code``, waiting up to ``wait`` seconds for the close handshake."""
+    with trio.move_on_after(wait), contextlib.suppress(*_CLOSE_ERRORS):
         await ws.aclose(code, reason[:120])
 
 

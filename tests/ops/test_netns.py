@@ -80,6 +80,9 @@ class NamespaceBed:
             time.sleep(0.5)
         raise AssertionError(f"timed out waiting for {what}")
 
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        return "\n".join((self.root / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+
     def stop(self) -> dict[int, int]:
         for proc in self.procs.values():
             proc.send_signal(signal.SIGTERM)
@@ -143,4 +146,7 @@ def test_split_heal_and_a_member_cut_off_alone(testbed):
     ours = testbed.cli(0, "block", "get", "--height", str(target))["id"]
     theirs = testbed.cli(3, "block", "get", "--height", str(target))["id"]
     assert ours == theirs
-    assert set(testbed.stop().values()) == {0}
+    codes = testbed.stop()
+    failed = {NAMES[i]: code for i, code in codes.items() if code != 0}
+    assert not failed, "\n".join(f"{name} exited {code}; its log ends:\n{testbed.log_tail(name)}"
+                                  for name, code in failed.items())
