@@ -366,6 +366,13 @@ def patient_data_types() -> list[str]:
     return ["Patient", *sorted(_PATIENT_LINK)]
 
 
+def load_models() -> int:
+    """Import the model of every type a record may be, as its first use would (about 0.9 s of
+    CPU and 25 MB the first time, in all); returns how many there are. A worker process does
+    it as it starts, so the first input it validates after a start runs as fast as the next."""
+    return sum(_model(rtype) is not None for rtype in patient_data_types())
+
+
 def is_patient_data(resource: dict[str, Any]) -> bool:
     """True for the types that hold one patient's records (Patient and its compartment)."""
     rtype = resource.get("resourceType")

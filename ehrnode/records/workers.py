@@ -4,8 +4,9 @@ Both are pure functions of one resource and cost most of an ingest's CPU time
 (model validation about 0.4 ms a resource, de-identification about 0.2 ms), so
 an input of thousands of resources is split over a pool of processes, one per
 core by default. The pool starts with the node (:meth:`Preparer.start`; about a
-third of a second of CPU a worker, for its imports), or, when a node is told
-not to, on the first large input, which then waits for it. Workers are started
+second of CPU a worker, for its imports, the FHIR model of every record type
+included), or, when a node is told not to, on the first large input, which then
+waits for it. Workers are started
 with ``spawn``, so one never inherits the node's threads or sockets, and live as
 long as the node. Small inputs, and nodes configured with no workers, run in
 the calling thread: a process round-trip costs more than it saves there.
@@ -45,6 +46,7 @@ def _init_worker(profile_path: Path | str | None, key: bytes, parent: int) -> No
     global _worker_deid
     _worker_deid = Deidentifier(load_profile(profile_path), key)
     threading.Thread(target=_exit_without, args=(parent,), name="parent-watch", daemon=True).start()
+    fhir.load_models()
 
 
 def _exit_without(parent: int) -> None:
