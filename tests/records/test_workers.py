@@ -49,6 +49,22 @@ def test_started_workers_are_the_ones_a_large_input_uses_and_close_stops_them():
     assert len(workers_running()) == before
 
 
+def _models_loaded() -> int:
+    return sum(f"fhir.resources.R4B.{rtype.lower()}" in sys.modules for rtype in fhir.patient_data_types())
+
+
+def test_a_worker_starts_with_the_model_of_every_record_type_loaded():
+    assert fhir.load_models() == len(fhir.patient_data_types())  # each type a record may be has a model
+    p = preparer(2)
+    try:
+        p.start()
+        pool = p._pool_now()
+        # Before any input: the first one does not wait for imports.
+        assert pool.submit(_models_loaded).result() == len(fhir.patient_data_types())
+    finally:
+        p.close()
+
+
 def test_a_pool_whose_worker_died_fails_that_input_and_the_next_starts_a_new_one():
     p = preparer(2)
     large = items(POOL_THRESHOLD + 10)
