@@ -189,6 +189,12 @@ class NodeConfig:
         def rel(p: Path) -> str:
             return os.path.relpath(p, self.path.parent)
 
+        records = {
+            **({"profile": self.deid_profile_path if isinstance(self.deid_profile_path, str)
+                else rel(self.deid_profile_path)} if self.deid_profile_path else {}),
+            **({"workers": self.record_workers} if self.record_workers is not None else {}),
+            **({"prestart": False} if not self.record_prestart else {}),
+        }
         return {
             "name": self.name,
             "genesis": rel(self.genesis_path),
@@ -206,12 +212,7 @@ class NodeConfig:
             "fhir": ({"listen": str(self.fhir_listen),
                       **({"base_url": self.fhir_base_url} if self.fhir_base_url else {})}
                      if self.fhir_listen else {"enabled": False}),
-            **({"records": {
-                **({"profile": self.deid_profile_path if isinstance(self.deid_profile_path, str)
-                    else rel(self.deid_profile_path)} if self.deid_profile_path else {}),
-                **({"workers": self.record_workers} if self.record_workers is not None else {}),
-                **({"prestart": False} if not self.record_prestart else {}),
-            }} if self.deid_profile_path or self.record_workers is not None or not self.record_prestart else {}),
+            **({"records": records} if records else {}),
             **({"sharing": {"policy": rel(self.access_policy_path)}} if self.access_policy_path else {}),
             **({"users": {"roles": rel(self.roles_path)}} if self.roles_path else {}),
             **({"tls": {"ca": rel(self.tls.ca), "cert": rel(self.tls.cert), "key": rel(self.tls.key),

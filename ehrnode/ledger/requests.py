@@ -65,7 +65,7 @@ class PullRequest:
             raise SchemaError("pull: a request names the user (pseudonym) and their role")
         unsigned = cls(chain_id, requester, user, role, owner, record, purpose, os.urandom(NONCE_SIZE), time_ms,
                        b"")
-        signature = identity.sign(crypto.signing_bytes(PULL_DOMAIN, unsigned._unsigned()))
+        signature = identity.sign(unsigned._signed_bytes)
         return cls(chain_id, requester, user, role, owner, record, purpose, unsigned.nonce, time_ms, signature)
 
     def encode(self) -> bytes:
