@@ -127,8 +127,9 @@ def test_split_heal_and_a_member_cut_off_alone(testbed):
     testbed.cli(0, "tx", "submit", "--note", "during the split")
     time.sleep(6.0)
     after = testbed.heights()
-    # At most a block already certified.
-    assert all(a <= s + 1 for a, s in zip(after, stalled, strict=False)), (stalled, after)
+    # Nothing new: at most a block certified before the split commits. A member behind when the
+    # heights were read may still catch up, from its own side, to what the others had committed.
+    assert max(after) <= max(stalled) + 1, (stalled, after)
     assert all(proc.poll() is None for proc in testbed.procs.values())
 
     # Healed: commits resume everywhere.
