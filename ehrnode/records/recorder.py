@@ -32,6 +32,7 @@ Blocking and CPU-bound: the node runs it in a worker thread, one at a time.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from ..errors import FhirError
 from ..ledger.transactions import ENROLMENT_SIZE, MAX_ANCHORS, SINCE_RULES, Transaction, recorded_day
 from . import deid as deid_module
 from . import fhir
-from .canonical import canonical_json, commitment, new_salt
+from .canonical import commitment, new_salt
 from .deid import Deidentifier
 from .deid.notes import PatientFacts
 from .keys import RecordKeys
@@ -87,9 +88,11 @@ class _Candidate:
 
     item: fhir.Item
     patient_id: str | None
-    release: dict[str, Any] | None = None
+    #: The resource's canonical JSON (what the vault keeps), from validation.
+    raw: bytes
+    #: The canonical JSON of its release (what the commitment is over), once de-identified.
+    release: bytes | None = None
     problem: fhir.Problem | None = None
-    raw: bytes = b""
     version_key: bytes = b""
     digest: bytes = b""
 
@@ -166,7 +169,8 @@ class Recorder:
         candidates: list[_Candidate] = []
         invalid_patients: set[str] = set()
         seen: set[tuple[str, str]] = set()
-        for item, problem in zip(items, self.preparer.validate(items), strict=True):
+        for item, checked in zip(items, self.preparer.validate(items), strict=True):
+            problem = None if isinstance(checked, bytes) else checked
             if problem is None:
                 key = (item.resource["resourceType"], item.resource["id"])
                 if key in seen:
@@ -179,7 +183,8 @@ class Recorder:
             elif not fhir.is_patient_data(item.resource):
                 outcome.skipped.append(_skip(item, "not patient data (not recorded)"))
             else:
-                candidates.append(_Candidate(item, fhir.patient_id(item.resource)))
+                assert isinstance(checked, bytes)
+                candidates.append(_Candidate(item, fhir.patient_id(item.resource), raw=checked))
         patients = self._resolve_patients(candidates, problems, invalid_patients)
         return [c for c in candidates if c.problem is None], patients
 
@@ -188,7 +193,6 @@ class Recorder:
         fresh = []
         for c in candidates:
             resource = c.item.resource
-            c.raw = canonical_json(resource)
             c.version_key = self.keys.lookup("version", resource["resourceType"], resource["id"])
             c.digest = self.keys.lookup("content", c.raw.decode("utf-8"))
             known = self.vault.version(c.version_key)
@@ -209,7 +213,7 @@ class Recorder:
                                          if c.item.resource["resourceType"] == "Patient"})
         facts = {pid: PatientFacts.of(patients[pid].resource) for pid in {c.pid for c in candidates}}
         releases = self.preparer.deidentify(
-            [(c.item.resource, c.pid, levels.get(c.pid, 0), facts[c.pid]) for c in candidates])
+            [(c.raw, c.pid, levels.get(c.pid, 0), facts[c.pid]) for c in candidates])
         for c, release in zip(candidates, releases, strict=True):
             if isinstance(release, str):
                 c.problem = _problem(c.item, f"cannot be released safely: {release}")
@@ -225,9 +229,8 @@ class Recorder:
         pending: list[tuple[fhir.Item, _Patient, bytes]] = []
         for c, setting in zip(candidates, settings, strict=True):
             item, resource, patient = c.item, c.item.resource, patients[c.pid]
-            released = c.release
-            assert released is not None
-            canonical = canonical_json(released)
+            canonical = c.release
+            assert canonical is not None
             salt = new_salt()
             record_id = os.urandom(RECORD_ID_SIZE)
             write.entries.append(NewEntry(
@@ -239,7 +242,8 @@ class Recorder:
                 write.encounters[self.keys.lookup("encounter", resource["id"])] = setting
             if resource["resourceType"] == "Patient":
                 write.patients.append(PatientRow(
-                    patient.lookup, patient.enrolment, resource, tuple(deid_module.released_quasi(released)),
+                    patient.lookup, patient.enrolment, resource,
+                    tuple(deid_module.released_quasi(json.loads(canonical))),
                 ))
                 enrol = self._enrolment(patient, now_ms, actor, evaluated)
                 write.before.append((enrol.id, enrol.encoded))

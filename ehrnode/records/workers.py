@@ -11,11 +11,19 @@ with ``spawn``, so one never inherits the node's threads or sockets, and live as
 long as the node. Small inputs, and nodes configured with no workers, run in
 the calling thread: a process round-trip costs more than it saves there.
 
+Resources cross to a worker and back as their canonical JSON (bytes), not as
+Python objects: pickling a resource's nested dicts both ways cost the node as
+much time as the work the pool took off it. Validation answers each valid
+resource's canonical JSON (what the vault stores), so de-identification
+receives bytes and returns the canonical JSON of the release (what the
+commitment is computed over and the vault seals).
+
 Results come back in input order; a worker never writes anything.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import threading
@@ -28,6 +36,7 @@ from typing import Any, TypeVar
 
 from ..errors import DeidentificationError
 from . import fhir
+from .canonical import canonical_json
 from .deid import Deidentifier, load_profile
 from .deid.notes import PatientFacts
 
@@ -61,24 +70,35 @@ def _started() -> None:
     """Nothing: submitted once a worker, so that each is started (one that ran it is ready)."""
 
 
-def _validate_chunk(items: list[fhir.Item]) -> list[fhir.Problem | None]:
-    return [fhir.validate(item) for item in items]
+#: What validating an item finds: the resource's canonical JSON if it is valid, else its problem.
+Checked = bytes | fhir.Problem
 
 
-#: One resource to release: it, its patient's id, that patient's k-anonymity level, and what
-#: the patient's own resource says (for scrubbing free text).
-Job = tuple[dict[str, Any], str, int, "PatientFacts | None"]
+def _check(item: fhir.Item) -> Checked:
+    return fhir.validate(item) or canonical_json(item.resource)
 
 
-def _deidentify_chunk(jobs: list[Job]) -> list[dict[str, Any] | str]:
+def _validate_chunk(items: list[fhir.Item]) -> list[Checked]:
+    return [_check(item) for item in items]
+
+
+#: One resource to release: its canonical JSON, its patient's id, that patient's k-anonymity
+#: level, and what the patient's own resource says (for scrubbing free text).
+Job = tuple[bytes, str, int, "PatientFacts | None"]
+
+#: A release: the canonical JSON of the de-identified resource, or why it cannot be released.
+Release = bytes | str
+
+
+def _deidentify_chunk(jobs: list[Job]) -> list[Release]:
     assert _worker_deid is not None
     return [_deidentify_one(_worker_deid, job) for job in jobs]
 
 
-def _deidentify_one(deid: Deidentifier, job: Job) -> dict[str, Any] | str:
-    resource, patient, level, facts = job
+def _deidentify_one(deid: Deidentifier, job: Job) -> Release:
+    raw, patient, level, facts = job
     try:
-        return deid.deidentify(resource, patient=patient, level=level, facts=facts)
+        return canonical_json(deid.deidentify(json.loads(raw), patient=patient, level=level, facts=facts))
     except DeidentificationError as exc:
         return str(exc)
 
@@ -142,14 +162,15 @@ class Preparer:
         size = max(1, -(-len(values) // (self.workers * 4)))
         return [list(values[i:i + size]) for i in range(0, len(values), size)]
 
-    def validate(self, items: Sequence[fhir.Item]) -> list[fhir.Problem | None]:
+    def validate(self, items: Sequence[fhir.Item]) -> list[Checked]:
+        """Each item's canonical JSON (bytes) if it is valid, else its problem."""
         pool = self._use_pool(len(items))
         if pool is None:
-            return [fhir.validate(item) for item in items]
+            return [_check(item) for item in items]
         return self._in(pool, lambda: [p for chunk in pool.map(_validate_chunk, self._chunks(items)) for p in chunk])
 
-    def deidentify(self, jobs: Sequence[Job]) -> list[dict[str, Any] | str]:
-        """Each job's release, or the reason it cannot be released (a string)."""
+    def deidentify(self, jobs: Sequence[Job]) -> list[Release]:
+        """Each job's release as canonical JSON (bytes), or the reason it cannot be released (a string)."""
         pool = self._use_pool(len(jobs))
         if pool is None:
             return [_deidentify_one(self.deid, job) for job in jobs]

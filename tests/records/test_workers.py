@@ -1,3 +1,4 @@
+import json
 import multiprocessing
 import os
 import signal
@@ -11,7 +12,9 @@ import pytest
 
 from ehrnode import synthetic
 from ehrnode.records import fhir
+from ehrnode.records.canonical import canonical_json
 from ehrnode.records.deid import Deidentifier, load_profile
+from ehrnode.records.deid.notes import PatientFacts
 from ehrnode.records.workers import POOL_THRESHOLD, Preparer
 
 KEY = b"k" * 32
@@ -27,6 +30,10 @@ def items(count):
     return [fhir.Item(f"input:{k}", r) for k, r in enumerate(resources[:count])]
 
 
+def canonical(items):
+    return [canonical_json(i.resource) for i in items]
+
+
 def workers_running():
     return [p for p in multiprocessing.active_children() if "SpawnProcess" in p.name]
 
@@ -39,14 +46,39 @@ def test_started_workers_are_the_ones_a_large_input_uses_and_close_stops_them():
         started = {w.pid for w in workers_running()}
         assert len(started) == before + 2
         large = items(POOL_THRESHOLD + 10)
-        assert p.validate(large) == [fhir.validate(i) for i in large]  # in the workers, same answers
+        assert p.validate(large) == canonical(large)  # in the workers, same answers
         assert {w.pid for w in workers_running()} == started  # no second pool
     finally:
         p.close()
     assert len(workers_running()) == before
     assert p.start() == 0  # closed: nothing starts again, and inputs run in the calling thread
-    assert p.validate(large) == [None] * len(large)
+    assert p.validate(large) == canonical(large)
     assert len(workers_running()) == before
+
+
+def test_workers_answer_what_the_calling_thread_would_problems_and_releases_included():
+    large = items(POOL_THRESHOLD + 10)
+    large[3] = fhir.Item("input:3", {**large[3].resource, "status": 5})
+    large[7] = fhir.Item("input:7", {**large[7].resource, "id": "x" * 70})
+    patients = {i.resource["id"]: i.resource for i in large if i.resource["resourceType"] == "Patient"}
+    pool, alone = preparer(2), preparer(1)
+    try:
+        pool.start()
+        checked = pool.validate(large)
+        assert checked == alone.validate(large)
+        assert [type(c) for c in checked].count(fhir.Problem) == 2
+        assert isinstance(checked[3], fhir.Problem) and isinstance(checked[7], fhir.Problem)
+        jobs = [(c, fhir.patient_id(i.resource), 0, PatientFacts.of(patients.get(fhir.patient_id(i.resource))))
+                for i, c in zip(large, checked, strict=True) if isinstance(c, bytes)]
+        jobs.append((canonical_json({"resourceType": "Observation", "id": "o", "status": "final"}), "p", 99, None))
+        released = pool.deidentify(jobs)
+        assert released == alone.deidentify(jobs)
+        assert isinstance(released[-1], str)  # no such k-anonymity level: a reason, not a release
+        deid = Deidentifier(load_profile(None), KEY)
+        for (raw, pid, level, facts), out in zip(jobs[:-1], released, strict=False):
+            assert out == canonical_json(deid.deidentify(json.loads(raw), patient=pid, level=level, facts=facts))
+    finally:
+        pool.close()
 
 
 def _models_loaded() -> int:
@@ -74,7 +106,7 @@ def test_a_pool_whose_worker_died_fails_that_input_and_the_next_starts_a_new_one
             os.kill(worker.pid, signal.SIGKILL)
         with pytest.raises(BrokenProcessPool):
             p.validate(large)
-        assert p.validate(large) == [None] * len(large)  # in a new pool
+        assert p.validate(large) == canonical(large)  # in a new pool
     finally:
         p.close()
 
@@ -84,7 +116,7 @@ def test_without_a_pool_nothing_starts_and_everything_runs_in_the_calling_thread
     p = preparer(1)
     assert p.start() == 0
     large = items(POOL_THRESHOLD)
-    assert p.validate(large) == [None] * len(large)
+    assert p.validate(large) == canonical(large)
     assert len(workers_running()) == before
     p.close()
 
