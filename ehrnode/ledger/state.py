@@ -90,6 +90,7 @@ _KIND_ROLES = {kind: _INSTITUTIONS for kind in (
 
 ANCHOR_COLUMNS = ("record", "patient", "institution", "recorded_at", "setting", "resource_type", "commitment",
                   "position", "entry", "epoch", "height", "tx_id")
+_INSERT_ANCHOR = f"INSERT INTO anchors ({', '.join(ANCHOR_COLUMNS)}) VALUES ({', '.join('?' * len(ANCHOR_COLUMNS))})"
 
 
 class LedgerState:
@@ -344,16 +345,21 @@ class LedgerState:
         (by any transaction) refuses the whole of it."""
         if tx.body["institution"] != tx.submitter:
             return "invalid:not_owner"  # an institution anchors only its own records
-        anchors = anchors_of(tx)
-        for anchor in anchors:
-            if db.execute("SELECT 1 FROM anchors WHERE record = ? OR (institution = ? AND position = ?)",
-                          (anchor["record"], tx.submitter, anchor["position"])).fetchone():
-                return "invalid:duplicate_record"
-        db.executemany(f"INSERT INTO anchors VALUES ({', '.join('?' * len(ANCHOR_COLUMNS))})", [(
+        rows = [(
             # An institution's records can only name its own enrolments.
             a["record"], scoped_enrolment(tx.submitter, a["patient"]), tx.submitter, a["recorded_at"], a["setting"],
             a["resource_type"], a["commitment"], a["position"], a["entry"], a["epoch"], height, tx.id,
-        ) for a in anchors])
+        ) for a in anchors_of(tx)]
+        # The table's keys are the rule (one anchor per record, one per vault position of an
+        # institution): the inserts find a duplicate themselves, and undo the ones before it.
+        db.execute("SAVEPOINT anchor")
+        try:
+            db.executemany(_INSERT_ANCHOR, rows)
+        except sqlite3.IntegrityError:
+            db.execute("ROLLBACK TO anchor")
+            return "invalid:duplicate_record"
+        finally:
+            db.execute("RELEASE anchor")
         return "ok"
 
     def _classify(self, data: bytes, height: int, admitted: Admitted | None,
