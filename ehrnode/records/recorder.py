@@ -110,6 +110,15 @@ class _Patient:
     resource: dict[str, Any]
 
 
+@dataclass
+class Prepared:
+    """An input validated and de-identified, ready to write (:meth:`Recorder.prepare`)."""
+
+    outcome: Outcome  # what is known already: content recorded before, what is skipped
+    candidates: list[_Candidate]
+    patients: dict[str, _Patient]
+
+
 class Recorder:
     def __init__(self, *, vault: Vault, keys: RecordKeys, deidentifier: Deidentifier, institution: str,
                  chain_id: str, member: crypto.MemberKeys, epoch: int = 0, preparer: Preparer | None = None,
@@ -136,11 +145,17 @@ class Recorder:
         ``evaluated``: the OPRF outputs the enrolments of the Patients among ``items`` need
         (:meth:`oprf_inputs`); MissingEvaluation if one is not there.
 
+        In two steps, :meth:`prepare` then :meth:`write`: a caller may get the OPRF outputs
+        while the first runs (the vault must not change between the two)."""
+        return self.write(self.prepare(items, skip_invalid=skip_invalid), now_ms=now_ms, actor=actor,
+                          evaluated=evaluated)
+
+    def prepare(self, items: Sequence[fhir.Item], *, skip_invalid: bool = False) -> Prepared:
+        """Everything of recording ``items`` but writing; raises FhirError on invalid input.
+
         In stages: validate the input and find each resource's patient; set aside content
         recorded before; de-identify what is left; refuse the whole input if anything failed
-        (unless ``skip_invalid``); write the vault entries and their anchors in one step.
-        What goes on chain carries only the day of ``now_ms`` (see ``recorded_day``)."""
-        now_ms = recorded_day(now_ms)
+        (unless ``skip_invalid``)."""
         outcome = Outcome()
         problems: list[fhir.Problem] = []
         candidates, patients = self._validate(items, outcome, problems)
@@ -159,7 +174,15 @@ class Recorder:
             if c.problem is None and c.patient_id in unreleased:
                 c.problem = _problem(c.item, f"belongs to Patient/{c.patient_id}, which was not recorded")
                 outcome.skipped.append(_skip_problem(c.problem))
-        self._write([c for c in candidates if c.problem is None], patients, outcome, now_ms, actor, evaluated)
+        return Prepared(outcome, [c for c in candidates if c.problem is None], patients)
+
+    def write(self, prepared: Prepared, *, now_ms: int, actor: bytes = b"",
+              evaluated: Mapping[bytes, bytes] | None = None) -> Outcome:
+        """Write what :meth:`prepare` made of an input: the vault entries and their anchors (and
+        the enrolments of its Patients) in one step. What goes on chain carries only the day of
+        ``now_ms`` (see ``recorded_day``)."""
+        outcome = prepared.outcome
+        self._write(prepared.candidates, prepared.patients, outcome, recorded_day(now_ms), actor, evaluated)
         return outcome
 
     def _validate(self, items: Sequence[fhir.Item], outcome: Outcome,

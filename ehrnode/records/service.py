@@ -30,7 +30,7 @@ from . import deid as deid_module
 from . import fhir
 from .deid import Deidentifier, load_profile
 from .keys import RecordKeys
-from .recorder import Outcome, Recorder
+from .recorder import Outcome, Prepared, Recorder
 from .vault import Vault
 from .workers import Preparer, default_workers
 
@@ -91,10 +91,10 @@ class RecordsService:
                                  "restore the latest vault backup before recording", reason="vault_behind")
         # Reading every Patient's demographics is CPU work a large input must not do on the loop.
         inputs = await trio.to_thread.run_sync(self.recorder.oprf_inputs, items)
-        evaluated = await self.hooks.evaluate(inputs, actor) if inputs else {}
-        outcome: Outcome = await self._blocking(
-            self.recorder.record, items, skip_invalid=skip_invalid, now_ms=int(time.time() * 1000), actor=actor,
-            evaluated=evaluated)
+        async with self._lock:  # nothing else writes the vault between preparing and writing
+            prepared, evaluated = await self._prepare_and_evaluate(items, skip_invalid, inputs, actor)
+            outcome: Outcome = await trio.to_thread.run_sync(lambda: self.recorder.write(
+                prepared, now_ms=int(time.time() * 1000), actor=actor, evaluated=evaluated))
         if any(r.status == "already_recorded" for r in outcome.records):
             pending = {anchor["record"].hex(): tx_id.hex() for tx_id, data in await self._blocking(self.vault.outbox)
                        for anchor in anchors_of(Transaction.decode(data))}
@@ -109,6 +109,32 @@ class RecordsService:
                       skipped=len(outcome.skipped), deferred=deferred,
                       seconds=round(time.monotonic() - started, 3))
         return outcome
+
+    async def _prepare_and_evaluate(self, items: Sequence[fhir.Item], skip_invalid: bool, inputs: list[bytes],
+                                    actor: bytes) -> tuple[Prepared, dict[bytes, bytes]]:
+        """Validate and de-identify ``items`` while the other members evaluate the OPRF ``inputs``
+        (a round trip, and their CPU): the first failure of the two is raised, input problems first."""
+        evaluated: dict[bytes, bytes] = {}
+        failed: list[Exception] = []
+
+        async def evaluate() -> None:
+            try:
+                evaluated.update(await self.hooks.evaluate(inputs, actor))
+            except Exception as exc:  # noqa: BLE001 - raised below, once preparing is done or failed
+                failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            if inputs:
+                nursery.start_soon(evaluate)
+            try:
+                prepared = await trio.to_thread.run_sync(
+                    lambda: self.recorder.prepare(items, skip_invalid=skip_invalid))
+            except Exception as exc:  # noqa: BLE001 - raised below, after the evaluation is stopped
+                nursery.cancel_scope.cancel()
+                failed.insert(0, exc)
+        if failed:
+            raise failed[0]
+        return prepared, evaluated
 
     def _offer(self, txs: Sequence[Transaction]) -> int:
         """Hand anchors to the mempool; returns how many must wait in the outbox."""

@@ -1,0 +1,93 @@
+"""Recording asks the other members for the OPRF outputs of its Patients while it validates and
+de-identifies the input, and a failure of either is reported as it would be alone."""
+
+import threading
+
+import pytest
+import trio
+
+from ehrnode.errors import FhirError, KeyUnavailable
+from ehrnode.records.service import Hooks, RecordsService
+
+PREPARED = object()
+
+
+class FakeRecorder:
+    def __init__(self, prepare):
+        self.prepare = prepare
+
+
+def service(prepare, evaluate):
+    svc = RecordsService.__new__(RecordsService)  # only what preparing and evaluating use
+    svc.recorder = FakeRecorder(prepare)
+    svc.hooks = Hooks(submit=None, pending=None, state=None, evaluate=evaluate)
+    return svc
+
+
+async def test_the_evaluation_runs_while_the_input_is_prepared():
+    asked = threading.Event()
+
+    def prepare(items, *, skip_invalid):
+        # Done in a thread: the evaluation must have been asked for before this finishes.
+        if not asked.wait(10):
+            raise AssertionError("the OPRF evaluation did not start while the input was prepared")
+        return PREPARED
+
+    async def evaluate(values, actor):
+        asked.set()
+        await trio.sleep(0.05)
+        return {v: b"out-" + v for v in values}
+
+    prepared, evaluated = await service(prepare, evaluate)._prepare_and_evaluate([], False, [b"a", b"b"], b"")
+    assert prepared is PREPARED and evaluated == {b"a": b"out-a", b"b": b"out-b"}
+
+
+async def test_no_patient_no_evaluation():
+    async def evaluate(values, actor):
+        raise AssertionError("nothing to evaluate")
+
+    assert await service(lambda items, skip_invalid: PREPARED, evaluate)._prepare_and_evaluate(
+        [], False, [], b"") == (PREPARED, {})
+
+
+async def test_invalid_input_is_reported_and_stops_the_evaluation():
+    stopped = []
+
+    def prepare(items, *, skip_invalid):
+        raise FhirError("1 invalid resource(s); nothing was recorded", reason="invalid_input")
+
+    async def evaluate(values, actor):
+        try:
+            await trio.sleep_forever()
+        finally:
+            stopped.append(True)
+
+    with pytest.raises(FhirError, match="invalid resource"):
+        await service(prepare, evaluate)._prepare_and_evaluate([], False, [b"a"], b"")
+    assert stopped == [True]
+
+
+async def test_input_problems_come_before_a_failed_evaluation():
+    def prepare(items, *, skip_invalid):
+        raise FhirError("1 invalid resource(s)", reason="invalid_input")
+
+    async def evaluate(values, actor):
+        raise KeyUnavailable("no OPRF key yet")
+
+    with pytest.raises(FhirError):
+        await service(prepare, evaluate)._prepare_and_evaluate([], False, [b"a"], b"")
+
+
+async def test_a_failed_evaluation_is_raised_once_the_input_is_prepared():
+    done = []
+
+    def prepare(items, *, skip_invalid):
+        done.append(True)
+        return PREPARED
+
+    async def evaluate(values, actor):
+        raise KeyUnavailable("the holders cannot be reached")
+
+    with pytest.raises(KeyUnavailable, match="holders"):
+        await service(prepare, evaluate)._prepare_and_evaluate([], False, [b"a"], b"")
+    assert done == [True]
