@@ -11,12 +11,12 @@ with ``spawn``, so one never inherits the node's threads or sockets, and live as
 long as the node. Small inputs, and nodes configured with no workers, run in
 the calling thread: a process round-trip costs more than it saves there.
 
-Resources cross to a worker and back as their canonical JSON (bytes), not as
-Python objects: pickling a resource's nested dicts both ways cost the node as
-much time as the work the pool took off it. Validation answers each valid
-resource's canonical JSON (what the vault stores), so de-identification
-receives bytes and returns the canonical JSON of the release (what the
-commitment is computed over and the vault seals).
+Validation answers each valid resource's canonical JSON (what the vault
+stores), and de-identification takes those bytes and answers the canonical JSON
+of the release (what the commitment is computed over and the vault seals):
+pickling a resource's nested dicts to a worker and back cost the node about as
+much time as the pool took off it. (The input itself goes to validation as it
+came: writing its JSON in the node before sending it was slower still.)
 
 Results come back in input order; a worker never writes anything.
 """
