@@ -50,7 +50,7 @@ from .canonical import commitment, new_salt
 from .deid import Deidentifier
 from .deid.notes import PatientFacts
 from .keys import RecordKeys
-from .vault import RECORD_ID_SIZE, NewEntry, PatientRow, StoredEntry, Vault, Write
+from .vault import RECORD_ID_SIZE, NewEntry, PatientRow, SealedEntry, StoredEntry, Vault, Write
 from .workers import Preparer
 
 #: Shown problems per failed ingest; the rest are counted.
@@ -92,6 +92,8 @@ class _Candidate:
     raw: bytes
     #: The canonical JSON of its release (what the commitment is over), once de-identified.
     release: bytes | None = None
+    #: Its vault entry, once released.
+    entry: NewEntry | None = None
     problem: fhir.Problem | None = None
     version_key: bytes = b""
     digest: bytes = b""
@@ -117,6 +119,10 @@ class Prepared:
     outcome: Outcome  # what is known already: content recorded before, what is skipped
     candidates: list[_Candidate]
     patients: dict[str, _Patient]
+    now_ms: int  # the day recorded
+    #: The candidates' vault entries sealed for the positions after the vault's head (none if
+    #: some of the input was left out).
+    sealed: list[SealedEntry]
 
 
 class Recorder:
@@ -147,20 +153,22 @@ class Recorder:
 
         In two steps, :meth:`prepare` then :meth:`write`: a caller may get the OPRF outputs
         while the first runs (the vault must not change between the two)."""
-        return self.write(self.prepare(items, skip_invalid=skip_invalid), now_ms=now_ms, actor=actor,
+        return self.write(self.prepare(items, skip_invalid=skip_invalid, now_ms=now_ms), actor=actor,
                           evaluated=evaluated)
 
-    def prepare(self, items: Sequence[fhir.Item], *, skip_invalid: bool = False) -> Prepared:
+    def prepare(self, items: Sequence[fhir.Item], *, skip_invalid: bool = False, now_ms: int) -> Prepared:
         """Everything of recording ``items`` but writing; raises FhirError on invalid input.
 
         In stages: validate the input and find each resource's patient; set aside content
-        recorded before; de-identify what is left; refuse the whole input if anything failed
-        (unless ``skip_invalid``)."""
+        recorded before; de-identify what is left, sealing each vault entry as its release comes
+        back; refuse the whole input if anything failed (unless ``skip_invalid``). What goes on
+        chain carries only the day of ``now_ms`` (see ``recorded_day``)."""
+        now_ms = recorded_day(now_ms)
         outcome = Outcome()
         problems: list[fhir.Problem] = []
         candidates, patients = self._validate(items, outcome, problems)
         candidates = self._fresh(candidates, patients, outcome)
-        self._release(candidates, patients, problems)
+        sealed = self._release(candidates, patients, problems, now_ms)
         if problems and not skip_invalid:
             shown = "\n".join(f"  {p}" for p in problems[:MAX_PROBLEMS_SHOWN])
             extra = len(problems) - MAX_PROBLEMS_SHOWN
@@ -174,15 +182,22 @@ class Recorder:
             if c.problem is None and c.patient_id in unreleased:
                 c.problem = _problem(c.item, f"belongs to Patient/{c.patient_id}, which was not recorded")
                 outcome.skipped.append(_skip_problem(c.problem))
-        return Prepared(outcome, [c for c in candidates if c.problem is None], patients)
+        return Prepared(outcome, [c for c in candidates if c.problem is None], patients, now_ms,
+                        [] if problems else sealed)
 
-    def write(self, prepared: Prepared, *, now_ms: int, actor: bytes = b"",
-              evaluated: Mapping[bytes, bytes] | None = None) -> Outcome:
+    def write(self, prepared: Prepared, *, actor: bytes = b"", evaluated: Mapping[bytes, bytes] | None = None,
+              ) -> Outcome:
         """Write what :meth:`prepare` made of an input: the vault entries and their anchors (and
-        the enrolments of its Patients) in one step. What goes on chain carries only the day of
-        ``now_ms`` (see ``recorded_day``)."""
+        the enrolments of its Patients) in one step."""
         outcome = prepared.outcome
-        self._write(prepared.candidates, prepared.patients, outcome, recorded_day(now_ms), actor, evaluated)
+        candidates = prepared.candidates
+        if not prepared.sealed:
+            # Some of the input was left out: what is recorded is made again without it (the
+            # setting of a resource may have come from an encounter left out).
+            settings = self._settings([c.item for c in candidates])
+            for c, setting in zip(candidates, settings, strict=True):
+                c.entry = self._new_entry(c, prepared.patients[c.pid], setting, prepared.now_ms)
+        self._write(candidates, prepared.patients, outcome, prepared.now_ms, actor, evaluated, prepared.sealed)
         return outcome
 
     def _validate(self, items: Sequence[fhir.Item], outcome: Outcome,
@@ -230,48 +245,63 @@ class Recorder:
         return fresh
 
     def _release(self, candidates: list[_Candidate], patients: dict[str, _Patient],
-                 problems: list[fhir.Problem]) -> None:
-        """De-identify each candidate (``c.release``), or note why it cannot be released (``c.problem``)."""
+                 problems: list[fhir.Problem], now_ms: int) -> list[SealedEntry]:
+        """De-identify each candidate (``c.release``, and its vault entry ``c.entry``), or note why
+        it cannot be released (``c.problem``). While the workers release the rest, the entries are
+        sealed for the positions after the vault's head, in order, until one candidate fails."""
         levels = self._levels(patients, {c.item.resource["id"] for c in candidates
                                          if c.item.resource["resourceType"] == "Patient"})
         facts = {pid: PatientFacts.of(patients[pid].resource) for pid in {c.pid for c in candidates}}
+        settings = self._settings([c.item for c in candidates])
+        position, prev = self.vault.head()
+        sealed: list[SealedEntry] = []
         releases = self.preparer.deidentify(
             [(c.raw, c.pid, levels.get(c.pid, 0), facts[c.pid]) for c in candidates])
-        for c, release in zip(candidates, releases, strict=True):
+        for c, setting, release in zip(candidates, settings, releases, strict=True):
             if isinstance(release, str):
                 c.problem = _problem(c.item, f"cannot be released safely: {release}")
                 problems.append(c.problem)
-            else:
-                c.release = release
+                continue
+            c.release = release
+            c.entry = self._new_entry(c, patients[c.pid], setting, now_ms)
+            if not problems:
+                position += 1
+                sealed.append(self.vault.seal(c.entry, position, prev))
+                prev = sealed[-1].stored.hash
+        return sealed
+
+    @staticmethod
+    def _new_entry(c: _Candidate, patient: _Patient, setting: str, now_ms: int) -> NewEntry:
+        """The vault entry of a released candidate: a new record id, and its salted commitment."""
+        canonical = c.release
+        assert canonical is not None
+        salt = new_salt()
+        return NewEntry(
+            os.urandom(RECORD_ID_SIZE), c.item.resource["resourceType"], patient.enrolment, setting, now_ms,
+            commitment(salt, canonical), c.raw, codec.encode({"salt": salt, "resource": canonical}),
+        )
 
     def _write(self, candidates: list[_Candidate], patients: dict[str, _Patient], outcome: Outcome, now_ms: int,
-               actor: bytes, evaluated: Mapping[bytes, bytes] | None) -> None:
+               actor: bytes, evaluated: Mapping[bytes, bytes] | None, sealed: list[SealedEntry]) -> None:
         """Append the released candidates to the vault with their anchors (and enrolments), in one write."""
-        settings = self._settings([c.item for c in candidates])
-        write = Write()
+        write = Write(sealed=sealed)
         pending: list[tuple[fhir.Item, _Patient, bytes]] = []
-        for c, setting in zip(candidates, settings, strict=True):
-            item, resource, patient = c.item, c.item.resource, patients[c.pid]
-            canonical = c.release
-            assert canonical is not None
-            salt = new_salt()
-            record_id = os.urandom(RECORD_ID_SIZE)
-            write.entries.append(NewEntry(
-                record_id, resource["resourceType"], patient.enrolment, setting, now_ms,
-                commitment(salt, canonical), c.raw, codec.encode({"salt": salt, "resource": canonical}),
-            ))
-            write.versions[c.version_key] = (c.digest, record_id)
+        for c in candidates:
+            item, resource, patient, entry = c.item, c.item.resource, patients[c.pid], c.entry
+            assert entry is not None and c.release is not None
+            write.entries.append(entry)
+            write.versions[c.version_key] = (c.digest, entry.record_id)
             if resource["resourceType"] == "Encounter":
-                write.encounters[self.keys.lookup("encounter", resource["id"])] = setting
+                write.encounters[self.keys.lookup("encounter", resource["id"])] = entry.setting
             if resource["resourceType"] == "Patient":
                 write.patients.append(PatientRow(
                     patient.lookup, patient.enrolment, resource,
-                    tuple(deid_module.released_quasi(json.loads(canonical))),
+                    tuple(deid_module.released_quasi(json.loads(c.release))),
                 ))
                 enrol = self._enrolment(patient, now_ms, actor, evaluated)
                 write.before.append((enrol.id, enrol.encoded))
                 outcome.transactions.append(enrol)
-            pending.append((item, patient, record_id))
+            pending.append((item, patient, entry.record_id))
 
         anchors: dict[bytes, Transaction] = {}  # record -> the transaction anchoring it
 
@@ -298,11 +328,11 @@ class Recorder:
             return made
 
         stored = self.vault.append(write, make_anchors) if write.entries else []
-        for (item, patient, record_id), entry in zip(pending, stored, strict=True):
+        for (item, patient, record_id), done in zip(pending, stored, strict=True):
             tx = anchors[record_id]
             outcome.records.append(Recorded(
                 record_id.hex(), patient.enrolment.hex(), item.resource["resourceType"], item.source,
-                entry.header.position, tx.id.hex(), "recorded",
+                done.header.position, tx.id.hex(), "recorded",
             ))
         outcome.transactions.extend({tx.id: tx for tx in anchors.values()}.values())
 

@@ -94,7 +94,7 @@ class RecordsService:
         async with self._lock:  # nothing else writes the vault between preparing and writing
             prepared, evaluated = await self._prepare_and_evaluate(items, skip_invalid, inputs, actor)
             outcome: Outcome = await trio.to_thread.run_sync(lambda: self.recorder.write(
-                prepared, now_ms=int(time.time() * 1000), actor=actor, evaluated=evaluated))
+                prepared, actor=actor, evaluated=evaluated))
         if any(r.status == "already_recorded" for r in outcome.records):
             pending = {anchor["record"].hex(): tx_id.hex() for tx_id, data in await self._blocking(self.vault.outbox)
                        for anchor in anchors_of(Transaction.decode(data))}
@@ -127,8 +127,8 @@ class RecordsService:
             if inputs:
                 nursery.start_soon(evaluate)
             try:
-                prepared = await trio.to_thread.run_sync(
-                    lambda: self.recorder.prepare(items, skip_invalid=skip_invalid))
+                prepared = await trio.to_thread.run_sync(lambda: self.recorder.prepare(
+                    items, skip_invalid=skip_invalid, now_ms=int(time.time() * 1000)))
             except Exception as exc:  # noqa: BLE001 - raised below, after the evaluation is stopped
                 nursery.cancel_scope.cancel()
                 failed.insert(0, exc)

@@ -154,12 +154,25 @@ class Write:
     versions: dict[bytes, tuple[bytes, bytes]] = field(default_factory=dict)  # lookup -> (digest, record)
     #: Transactions that must reach the chain before the anchors (EMPI enrolments): (tx_id, tx).
     before: list[tuple[bytes, bytes]] = field(default_factory=list)
+    #: ``entries`` already sealed (:meth:`Vault.seal`) for the positions after the vault's head,
+    #: while the input was still being de-identified; sealed again if the head is not that one.
+    sealed: list[SealedEntry] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class StoredEntry:
     header: EntryHeader
     hash: bytes
+
+
+@dataclass(frozen=True)
+class SealedEntry:
+    """A new entry made ready for its position (:meth:`Vault.seal`): encrypted, linked, signed."""
+
+    entry: NewEntry
+    stored: StoredEntry
+    row: tuple[Any, ...]  # of the entries table
+    keys: tuple[bytes, bytes, bytes]  # of the data_keys table
 
 
 class Vault:
@@ -200,31 +213,18 @@ class Vault:
         the entries once their positions are known; they go to the outbox in the same
         transaction, so a record is never written without the anchor that announces it.
         """
-        stored = []
         with transaction(self._db, "append to the vault") as db:
             db.executemany("INSERT OR IGNORE INTO outbox_txs VALUES (?, ?)", write.before)
-            position, prev = self.head()
-            for entry in write.entries:
-                position += 1
-                raw_key, deid_key = new_data_key(), new_data_key()
-                raw_ct = seal(raw_key, entry.raw, entry.record_id + b"raw")
-                deid_ct = seal(deid_key, entry.release, entry.record_id + b"deid")
-                header = EntryHeader(
-                    position, prev, entry.record_id, entry.resource_type, entry.patient, entry.setting,
-                    entry.recorded_at, entry.commitment, crypto.sha256(raw_ct), crypto.sha256(deid_ct),
-                )
-                signed = header.signed_bytes
-                entry_hash = crypto.sha256(signed)
-                db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)", (
-                    position, entry.record_id, codec.encode(header.to_wire()), entry_hash,
-                    self._member.identity.sign(signed, remember=False), raw_ct, deid_ct,
-                ))
-                db.execute("INSERT INTO data_keys VALUES (?, ?, ?)", (
-                    entry.record_id, seal(self._keys.wrap, raw_key, entry.record_id + b"raw-key"),
-                    seal(self._keys.wrap, deid_key, entry.record_id + b"deid-key"),
-                ))
-                stored.append(StoredEntry(header, entry_hash))
-                prev = entry_hash
+            sealed = write.sealed
+            if not self._follows_head(sealed, write.entries):
+                sealed = []
+                position, prev = self.head()
+                for entry in write.entries:
+                    sealed.append(self.seal(entry, position + 1, prev))
+                    position, prev = position + 1, sealed[-1].stored.hash
+            db.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)", [s.row for s in sealed])
+            db.executemany("INSERT INTO data_keys VALUES (?, ?, ?)", [s.keys for s in sealed])
+            stored = [s.stored for s in sealed]
             db.executemany("INSERT INTO outbox_txs VALUES (?, ?)", make_anchors(stored))
             for patient in write.patients:
                 db.execute("INSERT OR REPLACE INTO patients VALUES (?, ?, ?)",
@@ -233,6 +233,35 @@ class Vault:
             db.executemany("INSERT OR REPLACE INTO versions VALUES (?, ?, ?)",
                            [(k, d, r) for k, (d, r) in write.versions.items()])
         return stored
+
+    def seal(self, entry: NewEntry, position: int, prev: bytes) -> SealedEntry:
+        """``entry`` encrypted under fresh data keys (wrapped), with its header at ``position``
+        after the entry hashed ``prev``, signed. Touches no table: any thread may call it."""
+        raw_key, deid_key = new_data_key(), new_data_key()
+        raw_ct = seal(raw_key, entry.raw, entry.record_id + b"raw")
+        deid_ct = seal(deid_key, entry.release, entry.record_id + b"deid")
+        header = EntryHeader(
+            position, prev, entry.record_id, entry.resource_type, entry.patient, entry.setting,
+            entry.recorded_at, entry.commitment, crypto.sha256(raw_ct), crypto.sha256(deid_ct),
+        )
+        signed = header.signed_bytes
+        entry_hash = crypto.sha256(signed)
+        row = (position, entry.record_id, codec.encode(header.to_wire()), entry_hash,
+               self._member.identity.sign(signed, remember=False), raw_ct, deid_ct)
+        keys = (entry.record_id, seal(self._keys.wrap, raw_key, entry.record_id + b"raw-key"),
+                seal(self._keys.wrap, deid_key, entry.record_id + b"deid-key"))
+        return SealedEntry(entry, StoredEntry(header, entry_hash), row, keys)
+
+    def _follows_head(self, sealed: list[SealedEntry], entries: list[NewEntry]) -> bool:
+        """Whether ``sealed`` are ``entries``, sealed in order for the positions after the head."""
+        if len(sealed) != len(entries) or any(s.entry is not e for s, e in zip(sealed, entries, strict=True)):
+            return False
+        position, prev = self.head()
+        for s in sealed:
+            if (s.stored.header.position, s.stored.header.prev) != (position + 1, prev):
+                return False
+            position, prev = position + 1, s.stored.hash
+        return True
 
     def _seal_patient(self, patient: PatientRow) -> bytes:
         body = codec.encode({"resource": canonical_json(patient.resource), "released": list(patient.released)})

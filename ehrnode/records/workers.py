@@ -28,7 +28,7 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -152,11 +152,14 @@ class Preparer:
         try:
             return work()
         except BrokenProcessPool:
-            with self._pool_lock:
-                if self._pool is pool:
-                    self._pool = None
-            pool.shutdown(wait=False, cancel_futures=True)
+            self._drop(pool)
             raise
+
+    def _drop(self, pool: ProcessPoolExecutor) -> None:
+        with self._pool_lock:
+            if self._pool is pool:
+                self._pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
 
     def _chunks(self, values: Sequence[Any]) -> list[list[Any]]:
         size = max(1, -(-len(values) // (self.workers * 4)))
@@ -169,12 +172,22 @@ class Preparer:
             return [_check(item) for item in items]
         return self._in(pool, lambda: [p for chunk in pool.map(_validate_chunk, self._chunks(items)) for p in chunk])
 
-    def deidentify(self, jobs: Sequence[Job]) -> list[Release]:
-        """Each job's release as canonical JSON (bytes), or the reason it cannot be released (a string)."""
+    def deidentify(self, jobs: Sequence[Job]) -> Iterator[Release]:
+        """Each job's release as canonical JSON (bytes), or the reason it cannot be released (a
+        string), in order, each as soon as it is ready: the caller may work on the first ones
+        while the workers release the rest."""
         pool = self._use_pool(len(jobs))
         if pool is None:
-            return [_deidentify_one(self.deid, job) for job in jobs]
-        return self._in(pool, lambda: [r for chunk in pool.map(_deidentify_chunk, self._chunks(jobs)) for r in chunk])
+            for job in jobs:
+                yield _deidentify_one(self.deid, job)
+            return
+        chunks = self._in(pool, lambda: pool.map(_deidentify_chunk, self._chunks(jobs)))
+        try:
+            for chunk in chunks:
+                yield from chunk
+        except BrokenProcessPool:
+            self._drop(pool)
+            raise
 
     def close(self) -> None:
         with self._pool_lock:

@@ -7,7 +7,7 @@ import pytest
 from ehrnode import crypto, synthetic
 from ehrnode.config import LEDGER_RULES
 from ehrnode.empi.encoding import Encoder
-from ehrnode.errors import FhirError
+from ehrnode.errors import DeidentificationError, FhirError
 from ehrnode.ledger.transactions import anchors_of
 from ehrnode.records import fhir
 from ehrnode.records.deid import Deidentifier, load_profile
@@ -58,6 +58,42 @@ def test_skip_invalid_drops_a_bad_patient_with_everything_that_belongs_to_it(tmp
     assert [r.resource_type for r in outcome.records] == ["Patient", "Encounter", "Condition", "Observation"]
     assert len(outcome.skipped) == 4
     assert all(s["source"].startswith("input.ndjson:") for s in outcome.skipped)
+    assert rec.vault.verify(IDENTITY.public_key)["ok"]
+
+
+def test_entries_sealed_while_the_input_is_released_are_the_ones_written(tmp_path):
+    rec = recorder(tmp_path)
+    rec.record(items(synthetic.patient_resources(PEOPLE[2], "A", visits=1)), now_ms=1)
+    prepared = rec.prepare(items(synthetic.patient_resources(PEOPLE[3], "A", visits=2)), now_ms=2)
+    assert len(prepared.sealed) == len(prepared.candidates) == 7
+    assert [s.stored.header.position for s in prepared.sealed] == list(range(5, 12))  # after the first input
+    outcome = rec.write(prepared)
+    assert [rec.vault.entry(bytes.fromhex(r.record_id)).hash for r in outcome.records] == \
+        [s.stored.hash for s in prepared.sealed]
+    assert rec.vault.verify(IDENTITY.public_key)["ok"]
+
+
+def test_a_resource_left_out_in_release_has_the_rest_made_again_without_it(tmp_path, monkeypatch):
+    """The Encounter cannot be released: the records after it take the next positions, and no
+    setting comes from the encounter that is not recorded."""
+    rec = recorder(tmp_path)
+    resources = synthetic.patient_resources(PEOPLE[4], "A", visits=1)
+    assert [r["resourceType"] for r in resources] == ["Patient", "Encounter", "Condition", "Observation"]
+    deidentify = rec.preparer.deid.deidentify
+
+    def failing(resource, **kwargs):
+        if resource["resourceType"] == "Encounter":
+            raise DeidentificationError("cannot release this one", reason="test")
+        return deidentify(resource, **kwargs)
+
+    monkeypatch.setattr(rec.preparer.deid, "deidentify", failing)
+    prepared = rec.prepare(items(resources), skip_invalid=True, now_ms=1)
+    assert prepared.sealed == []
+    outcome = rec.write(prepared)
+    assert [r.resource_type for r in outcome.records] == ["Patient", "Condition", "Observation"]
+    assert [r.position for r in outcome.records] == [1, 2, 3]
+    anchors = [a for tx in outcome.transactions for a in anchors_of(tx)]
+    assert [a["setting"] for a in anchors] == ["unknown"] * 3
     assert rec.vault.verify(IDENTITY.public_key)["ok"]
 
 

@@ -216,3 +216,26 @@ def test_swapped_patient_enrolments_do_not_decrypt(vault):
                (rows[0].enrolment, rows[1].enrolment, rows[0].enrolment))
     with pytest.raises(IntegrityError):
         vault.patient(rows[0].lookup)
+
+
+def test_entries_sealed_for_a_head_that_moved_are_sealed_again(vault):
+    position, prev = vault.head()
+    new = [_entry(n) for n in range(20, 23)]
+    sealed = []
+    for entry in new:
+        position += 1
+        sealed.append(vault.seal(entry, position, prev))
+        prev = sealed[-1].stored.hash
+    vault.append(Write(entries=[_entry(30)]), _no_anchor)  # the head moves on meanwhile
+    stored = vault.append(Write(entries=new, sealed=sealed), _no_anchor)
+    assert [s.header.position for s in stored] == [8, 9, 10]
+    assert [s.hash for s in stored] != [s.stored.hash for s in sealed]
+    assert vault.verify(IDENTITY.public_key)["ok"]
+
+
+def test_sealed_entries_for_other_entries_are_not_used(vault):
+    position, prev = vault.head()
+    sealed = [vault.seal(_entry(40), position + 1, prev)]
+    stored = vault.append(Write(entries=[_entry(41)], sealed=sealed), _no_anchor)
+    assert stored[0].header.record_id == (41).to_bytes(16, "big")
+    assert vault.verify(IDENTITY.public_key)["ok"]

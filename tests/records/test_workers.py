@@ -71,8 +71,8 @@ def test_workers_answer_what_the_calling_thread_would_problems_and_releases_incl
         jobs = [(c, fhir.patient_id(i.resource), 0, PatientFacts.of(patients.get(fhir.patient_id(i.resource))))
                 for i, c in zip(large, checked, strict=True) if isinstance(c, bytes)]
         jobs.append((canonical_json({"resourceType": "Observation", "id": "o", "status": "final"}), "p", 99, None))
-        released = pool.deidentify(jobs)
-        assert released == alone.deidentify(jobs)
+        released = list(pool.deidentify(jobs))
+        assert released == list(alone.deidentify(jobs))
         assert isinstance(released[-1], str)  # no such k-anonymity level: a reason, not a release
         deid = Deidentifier(load_profile(None), KEY)
         for (raw, pid, level, facts), out in zip(jobs[:-1], released, strict=False):
