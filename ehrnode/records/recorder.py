@@ -17,10 +17,15 @@ user named) and either records all of it or nothing:
    encodings: the chain decides the EMPI (``ledger/empi_registry.py``); choose
    the k-anonymity level of each patient's quasi-identifiers when the profile asks;
 5. de-identify each resource, salt it and commit to it (validation and
-   de-identification of a large input run in worker processes: workers.py);
+   de-identification of a large input run in worker processes: workers.py),
+   and seal its vault entry for the next position as its release comes back,
+   while the workers release the rest;
 6. append everything to the vault in one transaction, with the enrolments and
    signed ``record.anchors`` transactions in the vault's outbox, each anchoring up
    to ``MAX_ANCHORS`` entries.
+
+Steps 1-5 are :meth:`Recorder.prepare` and step 6 :meth:`Recorder.write`: the
+node asks for the OPRF outputs the enrolments need while the first runs.
 
 A resource recorded before with identical content is not recorded again (so
 re-running an ingest after a failure is harmless); changed content is a new
