@@ -266,6 +266,10 @@ def main() -> None:
         try:
             trio.run(cluster.wait_ready)
             from_start = args.from_start and args.down
+            if not from_start:
+                # Measured from steady state: not while the members make their first OPRF key and
+                # start their record workers (seconds of CPU on every core, once after a start).
+                trio.run(cluster.wait_settled)
             results = trio.run(measure_young if from_start else measure, cluster, rates, args.duration, args.down,
                                args.waits)
         finally:

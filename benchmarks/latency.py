@@ -114,6 +114,7 @@ def main() -> None:
         cluster.start_all()
         try:
             trio.run(cluster.wait_ready)
+            trio.run(cluster.wait_settled)  # not while the members do their once-after-a-start work
             samples = trio.run(trace, cluster, args.count, args.gap)
         finally:
             cluster.stop_all()

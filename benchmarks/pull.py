@@ -185,6 +185,7 @@ async def large(cluster: LocalConsortium, patient_id: str, count: int, megabytes
 
 async def measure(cluster: LocalConsortium, args: argparse.Namespace) -> dict:
     await cluster.wait_ready(timeout=60)
+    await cluster.wait_settled()  # not while the members do their once-after-a-start work
     people = synthetic.people(args.patients, seed=1)
     owned: dict[str, list[str]] = {}
     height, patient_c = 0, ""

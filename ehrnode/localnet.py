@@ -184,6 +184,30 @@ class LocalConsortium:
             await trio.sleep(0.1)
         raise EhrnodeError(f"members {names} hold no OPRF key share after {timeout:.0f} s", reason="timeout")
 
+    async def wait_settled(self, timeout: float = 120.0) -> float:
+        """Wait for the work a consortium does once after it starts, so that what is measured next
+        is its steady state: the first OPRF key held by the members that record, and their record
+        worker processes started (a second or more of CPU each, for their imports). Returns the
+        seconds waited."""
+        started = time.monotonic()
+        recording = [n for n in self.procs if self.genesis.member(n).role == "institution"
+                     and self.configs[n].master_key_path is not None]
+        if recording:
+            await self.wait_oprf_key(recording, timeout)
+
+        def workers(name: str) -> int:
+            configured = self.configs[name].record_workers
+            return (os.cpu_count() or 1) if configured is None else configured
+
+        prestarting = [n for n in recording if self.configs[n].record_prestart and workers(n) >= 2]
+        while prestarting:
+            prestarting = [n for n in prestarting if "records.workers_" not in self.log(n)]
+            if time.monotonic() - started > timeout:
+                raise EhrnodeError(f"record workers of {prestarting} not started after {timeout:.0f} s",
+                                   reason="timeout")
+            await trio.sleep(0.2)
+        return time.monotonic() - started
+
     async def wait_height(self, names: list[str], height: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -162,9 +162,10 @@ async def test_sigterm_stops_cleanly_and_takes_the_record_workers_with_it(cluste
     cluster.start_all()
     await cluster.wait_ready()
     institutions = [n for n in cluster.names if n != "R"]
-    with trio.fail_after(60):  # each institution starts its record workers once it listens; R records nothing
-        while not all("records.workers_started" in cluster.log(name) for name in institutions):
-            await trio.sleep(0.2)
+    # Each institution starts its record workers once it listens; R records nothing.
+    await cluster.wait_settled()
+    assert all("records.workers_started" in cluster.log(name) for name in institutions)
+    assert [(await cluster.call(name, "status"))["oprf"]["held"] for name in institutions] == [0, 0, 0]
     assert "records.workers_started" not in cluster.log("R")
     workers = {name: children(cluster.procs[name].pid) for name in cluster.names}
     assert all(workers[name] for name in institutions) and not workers["R"]
