@@ -125,8 +125,8 @@ class Prepared:
     candidates: list[_Candidate]
     patients: dict[str, _Patient]
     now_ms: int  # the day recorded
-    #: The candidates' vault entries sealed for the positions after the vault's head (none if
-    #: some of the input was left out).
+    #: The candidates' vault entries sealed for the positions after the vault's head (none if a
+    #: release failed: what is recorded is then made again without it).
     sealed: list[SealedEntry]
 
 
@@ -187,8 +187,7 @@ class Recorder:
             if c.problem is None and c.patient_id in unreleased:
                 c.problem = _problem(c.item, f"belongs to Patient/{c.patient_id}, which was not recorded")
                 outcome.skipped.append(_skip_problem(c.problem))
-        return Prepared(outcome, [c for c in candidates if c.problem is None], patients, now_ms,
-                        [] if problems else sealed)
+        return Prepared(outcome, [c for c in candidates if c.problem is None], patients, now_ms, sealed)
 
     def write(self, prepared: Prepared, *, actor: bytes = b"", evaluated: Mapping[bytes, bytes] | None = None,
               ) -> Outcome:
@@ -197,8 +196,8 @@ class Recorder:
         outcome = prepared.outcome
         candidates = prepared.candidates
         if not prepared.sealed:
-            # Some of the input was left out: what is recorded is made again without it (the
-            # setting of a resource may have come from an encounter left out).
+            # A release failed: what is recorded is made again without it (the setting of a
+            # resource may have come from an encounter left out).
             settings = self._settings([c.item for c in candidates])
             for c, setting in zip(candidates, settings, strict=True):
                 c.entry = self._new_entry(c, prepared.patients[c.pid], setting, prepared.now_ms)
@@ -253,7 +252,8 @@ class Recorder:
                  problems: list[fhir.Problem], now_ms: int) -> list[SealedEntry]:
         """De-identify each candidate (``c.release``, and its vault entry ``c.entry``), or note why
         it cannot be released (``c.problem``). While the workers release the rest, the entries are
-        sealed for the positions after the vault's head, in order, until one candidate fails."""
+        sealed for the positions after the vault's head, in order; returns them, or none if a
+        release failed (the candidates after it would take other positions)."""
         levels = self._levels(patients, {c.item.resource["id"] for c in candidates
                                          if c.item.resource["resourceType"] == "Patient"})
         facts = {pid: PatientFacts.of(patients[pid].resource) for pid in {c.pid for c in candidates}}
@@ -262,18 +262,20 @@ class Recorder:
         sealed: list[SealedEntry] = []
         releases = self.preparer.deidentify(
             [(c.raw, c.pid, levels.get(c.pid, 0), facts[c.pid]) for c in candidates])
+        failed = False
         for c, setting, release in zip(candidates, settings, releases, strict=True):
             if isinstance(release, str):
                 c.problem = _problem(c.item, f"cannot be released safely: {release}")
                 problems.append(c.problem)
+                failed = True
                 continue
             c.release = release
             c.entry = self._new_entry(c, patients[c.pid], setting, now_ms)
-            if not problems:
+            if not failed:
                 position += 1
                 sealed.append(self.vault.seal(c.entry, position, prev))
                 prev = sealed[-1].stored.hash
-        return sealed
+        return [] if failed else sealed
 
     @staticmethod
     def _new_entry(c: _Candidate, patient: _Patient, setting: str, now_ms: int) -> NewEntry:

@@ -181,9 +181,8 @@ class Preparer:
             for job in jobs:
                 yield _deidentify_one(self.deid, job)
             return
-        chunks = self._in(pool, lambda: pool.map(_deidentify_chunk, self._chunks(jobs)))
         try:
-            for chunk in chunks:
+            for chunk in pool.map(_deidentify_chunk, self._chunks(jobs)):
                 yield from chunk
         except BrokenProcessPool:
             self._drop(pool)
