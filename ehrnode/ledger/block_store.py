@@ -132,9 +132,13 @@ class SqliteBlockStore:
                 )
                 db.execute("INSERT INTO committed VALUES (?, ?)", (block.height, block.id))
             db.execute("INSERT OR REPLACE INTO commit_proof VALUES (0, ?)", (codec.encode(proof.to_wire()),))
-            # Forks that can no longer commit are dead weight.
+            # Forks that can no longer commit are dead weight. Only the heights committed now can
+            # hold any: a block is stored only above the committed root (its parent known), and
+            # the commits before dropped the rest. Scanning every height would make each commit's
+            # work grow with the chain (half a second at 300,000 blocks).
             db.execute(
-                "DELETE FROM blocks WHERE height <= ? AND id NOT IN (SELECT id FROM committed)", (blocks[-1].height,)
+                "DELETE FROM blocks WHERE height BETWEEN ? AND ? AND id NOT IN (SELECT id FROM committed)",
+                (blocks[0].height, blocks[-1].height),
             )
 
     def _decode_block(self, block_id: bytes, body: bytes) -> Block:

@@ -1,3 +1,4 @@
+import functools
 import sqlite3
 
 import pytest
@@ -87,6 +88,39 @@ def test_forks_below_a_commit_are_dropped(tmp_path):
     store.commit((b1,), F.qc(b2))
     assert store.get_block(twin.id) is None
     assert store.get_block(b2.id) == b2
+
+
+def test_forks_at_several_heights_committed_at_once_are_dropped(tmp_path):
+    b1, b2, b3 = F.chain([1, 2, 3])
+    twins = [F.block(1, F.genesis_qc, payload=(b"fork",)), F.block(2, F.qc(b1), payload=(b"fork",))]
+    store = SqliteBlockStore(tmp_path / "b.db", F.vset)
+    for b in (b1, *twins, b2, b3):
+        store.put_block(b)
+    store.commit((b1, b2), F.qc(b3))
+    assert [store.get_block(t.id) for t in twins] == [None, None]
+    assert store.get_block(b3.id) == b3
+
+
+def test_a_commits_work_does_not_grow_with_the_chain(tmp_path):
+    """SQLite's own count of the steps one commit takes, on a short chain and on a long one."""
+    store = SqliteBlockStore(tmp_path / "b.db", F.vset)
+    steps: dict[int, int] = {}
+
+    def count(height: int) -> None:
+        steps[height] = steps.get(height, 0) + 1
+
+    qc, previous = F.genesis_qc, None
+    for r in range(1, 1_202):
+        block = F.block(r, qc)
+        store.put_block(block)
+        qc = F.qc(block)
+        if previous is not None:
+            if previous.height in (100, 1_200):
+                store._db.set_progress_handler(functools.partial(count, previous.height), 10)
+            store.commit((previous,), qc)
+            store._db.set_progress_handler(None, 0)
+        previous = block
+    assert 0 < steps[1_200] < 1.5 * steps[100], steps
 
 
 WRITER = """
