@@ -74,6 +74,8 @@ class Load:
         self.submitted: dict[str, float] = {}
         self.committed: dict[str, float] = {}
         self.refused = 0
+        #: Blocks committed (as member A sees them), each with the time of its notification.
+        self.blocks: list[float] = []
 
     async def watch(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Record when each transaction's block is committed, as seen by member A."""
@@ -83,6 +85,7 @@ class Load:
             task_status.started()
             async for note in sub.notifications():
                 now = time.perf_counter()
+                self.blocks.append(now)
                 if note["params"]["txs"]:
                     block = await fetch.call("block.get", height=note["params"]["height"], ids=True)
                     for tx in block["txs"]:
@@ -143,9 +146,14 @@ async def phase(cluster: Cluster, load: Load, rates: list[float], seconds: float
     if saturation_first:
         results["saturation"] = await saturation(cluster, load, seconds)
     results["sequential"] = await sequential(load, waits)
+    procs = {n: p for n, p in cluster.procs.items() if n in load.names}
     for rate in rates:
         load.submitted.clear()
+        cpu_before = {n: cpu_seconds(p.pid) for n, p in procs.items()}
+        first = time.perf_counter()
         elapsed = await load.offer(rate, seconds, workers=8)
+        cpu = {n: round((cpu_seconds(p.pid) - cpu_before[n]) / elapsed, 2) for n, p in procs.items()}
+        blocks = sum(1 for t in load.blocks if first <= t <= first + elapsed)
         await trio.sleep(3.0)  # let the tail commit
         ids = list(load.submitted)
         latencies = sorted(1000 * (load.committed[i] - load.submitted[i]) for i in ids if i in load.committed)
@@ -154,6 +162,7 @@ async def phase(cluster: Cluster, load: Load, rates: list[float], seconds: float
             "achieved_tps": round(len(ids) / elapsed, 1),
             "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
             "p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))], 1) if latencies else None,
+            "blocks_per_s": round(blocks / elapsed, 1), "cpu_per_node": cpu,
         })
     if not saturation_first:
         results["saturation"] = await saturation(cluster, load, seconds)
@@ -239,7 +248,8 @@ def report(title: str, results: dict, summary: dict) -> None:
     print(f"  sequential --wait: median {seq['median_ms']} ms, p90 {seq['p90_ms']} ms ({seq['count']} transactions)")
     for r in results["fixed"]:
         print(f"  offered {r['offered_tps']:>6.0f} tx/s: achieved {r['achieved_tps']} tx/s, committed "
-              f"{r['committed']}/{r['submitted']}, latency p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms")
+              f"{r['committed']}/{r['submitted']}, latency p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms; "
+              f"{r['blocks_per_s']} blocks/s, CPU per node {r['cpu_per_node']}")
     sat = results["saturation"]
     print(f"  saturation: {sat['committed_tps']} committed tx/s (p50 {sat['p50_ms']} ms, p99 {sat['p99_ms']} ms, "
           f"{sat['refused']} refused), CPU per node {sat['cpu_per_node']}; {summary['fraction_of_bound']:.1%} of the "
