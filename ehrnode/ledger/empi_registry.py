@@ -72,6 +72,7 @@ CREATE INDEX IF NOT EXISTS enrolments_empi ON enrolments(empi);
 CREATE INDEX IF NOT EXISTS enrolments_national ON enrolments(national);
 CREATE TABLE IF NOT EXISTS blocking (key BLOB NOT NULL, enrolment BLOB NOT NULL, PRIMARY KEY (key, enrolment));
 CREATE TABLE IF NOT EXISTS empis (empi TEXT PRIMARY KEY, height INTEGER NOT NULL, merged_into TEXT);
+CREATE INDEX IF NOT EXISTS empis_merged ON empis(merged_into) WHERE merged_into IS NOT NULL;
 CREATE TABLE IF NOT EXISTS review (
     a BLOB NOT NULL, b BLOB NOT NULL, score INTEGER NOT NULL, status TEXT NOT NULL, height INTEGER NOT NULL,
     PRIMARY KEY (a, b));

@@ -245,3 +245,25 @@ def test_a_certain_match_links_at_once_and_a_merge_needs_every_other_holder(tmp_
     assert [r["waiting"] for r in registry.requests()] == [["B"]]
     assert chain.apply(tx("empi.accept", {"request": merge.id}, "B")) == ["ok"]
     assert registry.resolve(None, e0) == e1
+
+
+def test_the_aliases_of_an_empi_are_found_without_reading_every_empi(tmp_path):
+    """Every pull's consent check asks for a patient's aliases: SQLite's own count of the steps
+    that takes does not grow with the number of patients in the registry."""
+    chain = Chain(tmp_path / "state.db")
+    registry, db = chain.state.empi, chain.state._db
+    db.executemany("INSERT INTO empis VALUES (?, 1, NULL)", [(f"E{n}",) for n in range(3)])
+    db.execute("UPDATE empis SET merged_into = 'E0' WHERE empi = 'E1'")
+    steps = []
+
+    def count() -> None:
+        steps[-1] += 1
+
+    for more in (10, 5_000):
+        db.executemany("INSERT OR IGNORE INTO empis VALUES (?, 1, NULL)", [(f"X{n}",) for n in range(more)])
+        steps.append(0)
+        db.set_progress_handler(count, 10)
+        assert registry.aliases("E1") == ["E0", "E1"]
+        db.set_progress_handler(None, 0)
+    assert 0 < steps[1] < 1.5 * steps[0], steps
+
