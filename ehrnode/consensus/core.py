@@ -40,11 +40,12 @@ and syncs, and signs nothing. See ``docs/consensus.md``, "Epochs".
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import crypto
 from ..errors import InvalidMessage, SafetyViolation
@@ -167,6 +168,18 @@ class CoreConfig:
     #: ``leader_window`` blocks of that chain (None: twice the validators, 0: plain round robin).
     #: Every validator of a consortium must use the same value.
     leader_window: int | None = None
+
+
+_Input = TypeVar("_Input", bound=Callable[..., list[Action]])
+
+
+def _input(method: _Input) -> _Input:
+    """One input to the core: the safety data it changes is written once, before its messages go."""
+    @functools.wraps(method)
+    def handle(self: ConsensusCore, *args: Any, **kwargs: Any) -> list[Action]:
+        with self.safety.deferred():
+            return method(self, *args, **kwargs)
+    return handle  # type: ignore[return-value]
 
 
 class ConsensusCore:
@@ -363,6 +376,7 @@ class ConsensusCore:
 
     # --- inputs -----------------------------------------------------------------------
 
+    @_input
     def start(self, now: float) -> list[Action]:
         actions: list[Action] = []
         saved = self.safety.data
@@ -380,6 +394,7 @@ class ConsensusCore:
         self._end(now, actions)
         return actions
 
+    @_input
     def submit(self, txs: Iterable[bytes], now: float) -> list[Action]:
         """Queue new transactions (already admitted by the mempool) for proposal."""
         for tx in txs:
@@ -396,6 +411,7 @@ class ConsensusCore:
         self._end(now, actions)
         return actions
 
+    @_input
     def tick(self, now: float) -> list[Action]:
         actions: list[Action] = []
         if self.pacemaker.expired(now):
@@ -413,6 +429,7 @@ class ConsensusCore:
         self._end(now, actions)
         return actions
 
+    @_input
     def learn_certificates(self, qc: QuorumCert, tc: TimeoutCert | None, now: float) -> list[Action]:
         """Verified certificates learned outside a message (the survey after a restore)."""
         actions: list[Action] = []
@@ -422,6 +439,7 @@ class ConsensusCore:
         self._end(now, actions)
         return actions
 
+    @_input
     def set_unreachable(self, validators: Iterable[int], now: float) -> list[Action]:
         """The validators this node has no link to now (its connections to them are down).
 
@@ -436,6 +454,7 @@ class ConsensusCore:
         self._end(now, actions)
         return actions
 
+    @_input
     def on_peer_connected(self, peer: int, now: float) -> list[Action]:
         """A validator (re)connected: send it what it may have missed of the current round.
 
@@ -458,6 +477,7 @@ class ConsensusCore:
         self._end(now, actions)
         return actions
 
+    @_input
     def on_message(self, sender: int, message: Message, now: float) -> list[Action]:
         """Handle one message from validator ``sender``; raises InvalidMessage if it must be refused."""
         self.vset.key(sender)

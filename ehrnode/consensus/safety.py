@@ -16,13 +16,21 @@ promises each honest validator keeps, across crashes:
 
 :class:`SafetyData` records what those promises depend on. It is written to the
 :class:`SafetyStore` (durably, for the daemon) *before* the signed vote or
-timeout is returned, so no message can leave that the store does not know of.
+timeout can leave, so no message can leave that the store does not know of.
 Asked again in the same round, the rules return the stored vote or timeout
 instead of signing anew.
+
+The core handles each input (a message, a tick, new transactions) inside
+:meth:`SafetyRules.deferred`: what the input changes is written once, when the
+input has been handled and before any of the messages it produced is sent. A
+leader that proposes and votes for its own proposal then waits for one write
+instead of two before its proposal goes out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -153,6 +161,8 @@ class SafetyRules:
             data = SafetyData(epoch=vset.epoch, restored=data is not None and data.restored)
             store.save(data)
         self._data = data
+        self._deferring = False
+        self._unsaved = False
 
     @property
     def data(self) -> SafetyData:
@@ -189,9 +199,31 @@ class SafetyRules:
         return floor
 
     def _persist(self, data: SafetyData) -> None:
-        # Durable first; only then does the caller get something to send.
-        self._store.save(data)
+        # Durable before the caller can send what it signed: now, or when deferred() ends.
+        if self._deferring:
+            self._unsaved = True
+        else:
+            self._store.save(data)
         self._data = data
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Writes to the store made inside are made once, on leaving (also on an error).
+
+        Whatever is signed inside must not leave before then: the core's caller gets the
+        messages an input produced only once this has returned.
+        """
+        if self._deferring:
+            yield
+            return
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+            if self._unsaved:
+                self._unsaved = False
+                self._store.save(self._data)
 
     def vote(self, block: Block, tc: TimeoutCert | None) -> Vote:
         """Sign a vote for ``block`` (already verified by the caller) or raise SafetyViolation."""

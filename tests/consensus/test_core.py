@@ -92,6 +92,43 @@ class Cluster:
                     self.apply(i, self.cores[i].tick(self.now))
 
 
+class CheckedCluster(Cluster):
+    """Fails as soon as a core hands over a signed message its safety store does not know of."""
+
+    def apply(self, i, actions):
+        stored = self.stores[i].data
+        for a in actions:
+            message = a.message if isinstance(a, (Send, Broadcast)) else None
+            if isinstance(message, VoteMsg) and message.vote.author == i:
+                assert stored.last_voted_round >= message.vote.round, (i, message)
+            elif isinstance(message, Proposal) and message.block.author == i:
+                assert stored.last_proposed_round >= message.block.round, (i, message)
+            elif isinstance(message, TimeoutMsg) and message.timeout.author == i:
+                assert stored.last_voted_round >= message.timeout.round, (i, message)
+        super().apply(i, actions)
+
+
+def test_nothing_signed_leaves_a_core_before_its_safety_store_holds_it():
+    c = CheckedCluster(down={3})  # timeouts too: validator 3 leads round 3
+    c.start()
+    for i, core in enumerate(c.cores[:3]):
+        c.apply(i, core.submit([b"tx-%d" % k for k in range(12)], c.now))
+    c.run(until=6.0, max_steps=5000)
+    assert min(core.committed_height for core in c.cores[:3]) >= 3
+    assert any(core.pacemaker.round > 3 for core in c.cores[:3])
+
+
+def test_a_leader_writes_its_proposal_and_its_own_vote_for_it_in_one_save():
+    c = Cluster()
+    leader = c.f.vset.leader(1)
+    before = c.stores[leader].saves
+    actions = c.cores[leader].start(c.now)
+    assert any(isinstance(a, Broadcast) and isinstance(a.message, Proposal) for a in actions)
+    data = c.stores[leader].data
+    assert (data.last_proposed_round, data.last_voted_round) == (1, 1)
+    assert c.stores[leader].saves == before + 1
+
+
 def test_all_validators_commit_the_same_blocks_with_every_transaction_once():
     c = Cluster()
     c.start()

@@ -139,3 +139,20 @@ def test_safety_data_decoding_fails_only_with_schema_errors(value):
         SafetyData.from_wire(value)
     except SchemaError:
         pass
+
+
+def test_deferred_writes_once_on_leaving_even_when_an_error_ends_it():
+    rules, store = rules_for()
+    b1, b2 = F.chain([1, 2])
+    saves = store.saves
+    with pytest.raises(RuntimeError), rules.deferred():
+        rules.vote(b1, None)
+        with rules.deferred():  # nested: still one write, at the outer end
+            rules.vote(b2, None)
+        assert store.saves == saves
+        raise RuntimeError("the input failed after signing")
+    assert store.saves == saves + 1
+    assert store.data.last_vote.round == 2  # what was signed is known, whatever became of it
+    with rules.deferred():
+        pass
+    assert store.saves == saves + 1  # nothing changed: nothing written
