@@ -44,6 +44,9 @@ AHEAD_KEPT = 256
 TX_INBOX = 100_000
 #: Consensus messages handled per turn of the driver before it lets other tasks run.
 MESSAGES_PER_TURN = 512
+#: How long a commit waits for the messages sent before it to reach the kernel (a peer that
+#: reads slowly holds it up no longer).
+SEND_FIRST_WAIT = 0.002
 #: Gossiped transactions admitted per turn of the driver, and the time a turn may take: each
 #: costs opening and a signature check (~0.3 ms). A turn stays short, so the peer readers (which
 #: take one TLS record per turn) and consensus messages never wait long behind a backlog of gossip.
@@ -89,6 +92,9 @@ class Driver:
         self._links_due = float("inf")  # when a peer's grace runs out and the core must hear of it
         self._wake = trio.Event()
         self._deadline = float("inf")
+        #: Commits, and the actions that came after them, held until the messages of the same
+        #: input are sent (with the core that asked for each).
+        self._later: list[tuple[ConsensusCore, Action]] = []
 
     # --- inputs (never block; called from peer readers and API handlers) --------------
 
@@ -164,7 +170,10 @@ class Driver:
         for member in self.membership.members:  # not connected yet: reachable for START_GRACE
             self._down_since.setdefault(member.name, begun + START_GRACE - LINK_GRACE)
         while True:
-            if not self._consensus_in and not self._txs_in and not self._connected and not self._links_changed:
+            if self._later:
+                await self._apply_later()
+            if (not self._consensus_in and not self._txs_in and not self._connected and not self._links_changed
+                    and not self._later):
                 with trio.move_on_at(min(self._deadline, self._links_due)):
                     await self._wake.wait()
                 self._wake = trio.Event()
@@ -180,6 +189,8 @@ class Driver:
             for _ in range(min(len(self._consensus_in), MESSAGES_PER_TURN)):
                 peer, data = self._consensus_in.popleft()
                 self._message(peer, data)
+                if self._later:
+                    await self._apply_later()
             if self._links_changed:
                 # After the messages already queued: a leader's proposal that came before its
                 # connection closed is voted on, not given up.
@@ -232,28 +243,50 @@ class Driver:
             self.apply(self.core.submit(accepted, time.time()))
 
     def apply(self, actions: Iterable[Action]) -> None:
-        """Carry out the core's actions."""
+        """Carry out the core's actions: messages at once; a commit, and what follows it, once
+        the messages are sent (the run loop does that next).
+
+        Applying committed blocks to the ledger takes a while (SQLite, every transaction's
+        rules), and the messages would otherwise leave only after it: a vote, or the proposal
+        whose certificate committed the block, would wait for a commit the others do not
+        need. The actions held keep their order, and everything after the first one held is
+        held too.
+        """
         core, membership = self.core, self.membership  # the core's own validators, even once its epoch ends
         for action in actions:
-            if self.core is not core and not isinstance(action, (Send, Broadcast)):
-                # An earlier action ended the epoch. The old core's messages still go out (a
-                # proposal carrying the certificate that committed the epoch's last block is how
-                # the others learn of it at once); its timers and the rest are void.
-                continue
             if isinstance(action, Send):
                 name = membership.members[action.to].name
                 self._network.send(name, encode_frame(ConsensusFrame(encode_message(action.message))))
             elif isinstance(action, Broadcast):
                 self._network.broadcast(encode_frame(ConsensusFrame(encode_message(action.message))))
-            elif isinstance(action, SetTimer):
-                delay = action.at - time.time()
-                self._deadline = trio.current_time() + max(delay, 0.0) if action.at != float("inf") else float("inf")
-            elif isinstance(action, PersistBlock):
-                self._persist(action.block)
-            elif isinstance(action, CommitBlocks):
-                self._commit(action)
-            elif isinstance(action, Log):
-                self._log_core(action)
+            elif self._later or isinstance(action, CommitBlocks):
+                self._later.append((core, action))
+                self._wake.set()
+            else:
+                self._carry_out(core, action)
+
+    async def _apply_later(self) -> None:
+        """The actions held by ``apply``, once this input's messages are sent (or a moment passed)."""
+        await self._network.urgent_sent(SEND_FIRST_WAIT)
+        later, self._later = self._later, []
+        for core, action in later:
+            self._carry_out(core, action)
+
+    def _carry_out(self, core: ConsensusCore, action: Action) -> None:
+        if self.core is not core:
+            # An earlier action ended the epoch. The old core's messages still went out (a
+            # proposal carrying the certificate that committed the epoch's last block is how
+            # the others learn of it at once); its timers and the rest are void.
+            return
+        if isinstance(action, SetTimer):
+            delay = action.at - time.time()
+            self._deadline = trio.current_time() + max(delay, 0.0) if action.at != float("inf") else float("inf")
+        elif isinstance(action, PersistBlock):
+            self._persist(action.block)
+        elif isinstance(action, CommitBlocks):
+            self._commit(action)
+        elif isinstance(action, Log):
+            self._log_core(action)
 
     def _log_core(self, action: Log) -> None:
         if action.event in ("round.timeout", "round.skipped"):

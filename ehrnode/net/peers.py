@@ -102,6 +102,9 @@ class Peer:
         self._bulk: deque[bytes] = deque()
         self._bulk_bytes = 0
         self._wake = trio.Event()
+        #: Set while no consensus frame waits in this connection's queue or is being sent.
+        self._urgent_idle = trio.Event()
+        self._urgent_idle.set()
         self._closed = False
 
     def kick(self, reason: str) -> None:
@@ -123,8 +126,15 @@ class Peer:
         queue.append(data)
         if bulk:
             self._bulk_bytes += len(data)
+        elif self._urgent_idle.is_set():
+            self._urgent_idle = trio.Event()
         self._wake.set()
         return True
+
+    async def urgent_sent(self) -> None:
+        """Wait until the consensus frames queued so far have been handed to the kernel (or the
+        connection is gone)."""
+        await self._urgent_idle.wait()
 
     async def writer(self) -> None:
         """Send the queued frames until the connection closes.
@@ -133,21 +143,26 @@ class Peer:
         there must not cancel the reader, which may be in the middle of sending the close frame
         (the other side would then see the connection drop with no code).
         """
-        while not self._closed:
-            if self._urgent:
-                data = self._urgent.popleft()
-            elif self._bulk:
-                data = self._bulk.popleft()
-                self._bulk_bytes -= len(data)
-            else:
-                self._wake = trio.Event()
-                await self._wake.wait()
-                continue
-            try:
-                await self.ws.send_message(data)
-            except ConnectionClosed:
-                return  # the reader sees the close too, and ends the connection
-            self.sent += 1
+        try:
+            while not self._closed:
+                if self._urgent:
+                    data = self._urgent.popleft()
+                elif self._bulk:
+                    data = self._bulk.popleft()
+                    self._bulk_bytes -= len(data)
+                else:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                    continue
+                try:
+                    await self.ws.send_message(data)
+                except ConnectionClosed:
+                    return  # the reader sees the close too, and ends the connection
+                self.sent += 1
+                if not self._urgent:
+                    self._urgent_idle.set()
+        finally:
+            self._urgent_idle.set()  # nothing more will be sent: nobody waits for it
 
     async def close(self, code: int, reason: str, wait: float = 2.0) -> None:
         """Close with ``code``, waiting up to ``wait`` seconds for the close handshake (past it the
@@ -198,6 +213,13 @@ class PeerNetwork:
     def broadcast(self, data: bytes, *, bulk: bool = False) -> None:
         for peer in list(self.peers.values()):
             peer.send(data, bulk=bulk)
+
+    async def urgent_sent(self, timeout: float) -> None:
+        """Wait, at most ``timeout`` seconds, until every consensus frame queued so far has been
+        handed to the kernel: a peer that reads slowly holds nobody up for longer."""
+        with trio.move_on_after(timeout):
+            for peer in list(self.peers.values()):
+                await peer.urgent_sent()
 
     def connected(self) -> list[str]:
         return sorted(self.peers)
