@@ -178,6 +178,7 @@ async def saturation(cluster: Cluster, load: Load, seconds: float) -> dict:
     elapsed = await load.offer(None, seconds, workers=4, batch=100)
     end = first + elapsed
     cpu_after = {n: cpu_seconds(p.pid) for n, p in procs.items()}
+    blocks = sum(1 for t in load.blocks if first <= t <= end)
     await trio.sleep(3.0)
     # Steady-state throughput: what was committed while the load was on, over that window
     # (the backlog left when the load stops does not count).
@@ -189,6 +190,7 @@ async def saturation(cluster: Cluster, load: Load, seconds: float) -> dict:
         "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
         "p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))], 1) if latencies else None,
         "cpu_per_node": {n: round((cpu_after[n] - cpu_before[n]) / elapsed, 2) for n in cpu_after},
+        "blocks_per_s": round(blocks / elapsed, 1),
     }
 
 
@@ -252,7 +254,8 @@ def report(title: str, results: dict, summary: dict) -> None:
               f"{r['blocks_per_s']} blocks/s, CPU per node {r['cpu_per_node']}")
     sat = results["saturation"]
     print(f"  saturation: {sat['committed_tps']} committed tx/s (p50 {sat['p50_ms']} ms, p99 {sat['p99_ms']} ms, "
-          f"{sat['refused']} refused), CPU per node {sat['cpu_per_node']}; {summary['fraction_of_bound']:.1%} of the "
+          f"{sat['refused']} refused), {sat['blocks_per_s']} blocks/s, CPU per node {sat['cpu_per_node']}; "
+          f"{summary['fraction_of_bound']:.1%} of the "
           f"verification bound")
 
 
