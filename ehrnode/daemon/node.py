@@ -422,7 +422,7 @@ class Node:
             self._count_pull("rejected")
             self._send_answer(peer.name, PullAnswer(request_id(data), "rejected", "not_owner",
                                                     f"{self.name} holds no records").encode())
-        elif limit := server.busy(peer.name):
+        elif limit := server.take_slot(peer.name):
             server.reject_busy(peer.name, data, limit)
         else:
             self._nursery.start_soon(server.handle, peer.name, data)

@@ -101,18 +101,26 @@ class PullServer:
         self._seen: OrderedDict[bytes, int] = OrderedDict()
         self.decisions = DecisionBatcher(hooks.submit, batched=state.rules >= SINCE_RULES["access.logs"])
 
-    def busy(self, peer: str) -> str | None:
-        """The limit a pull from ``peer`` meets, if it finds no slot: all of its share taken
-        (``pull_slots_member``), or all of them (``pull_slots``)."""
+    def take_slot(self, peer: str) -> str | None:
+        """Take a slot for a pull from ``peer`` as it arrives, for :meth:`handle` to give back; or
+        the limit it meets: all of its share taken (``pull_slots_member``), or all of them
+        (``pull_slots``).
+
+        Taken when the frame is read, not when its task starts: frames read in one go would
+        otherwise all find the slots their tasks had not taken yet.
+        """
         if self._in_flight_by.of(peer) >= MAX_IN_FLIGHT_PER_MEMBER:
             return "pull_slots_member"
-        return "pull_slots" if self.in_flight >= MAX_IN_FLIGHT else None
-
-    async def handle(self, peer: str, data: bytes) -> None:
-        """Answer one pull request from ``peer`` (never raises for anything the request does)."""
-        rid = request_id(data)
+        if self.in_flight >= MAX_IN_FLIGHT:
+            return "pull_slots"
         self.in_flight += 1
         self._in_flight_by.take(peer)
+        return None
+
+    async def handle(self, peer: str, data: bytes) -> None:
+        """Answer one pull request from ``peer``, in the slot :meth:`take_slot` gave it (never
+        raises for anything the request does)."""
+        rid = request_id(data)
         try:
             answers = await self._answer(peer, rid, data)
             for answer in answers:
@@ -131,7 +139,7 @@ class PullServer:
             self._in_flight_by.release(peer)
 
     def reject_busy(self, peer: str, data: bytes, limit: str) -> None:
-        """Refuse a pull that met ``limit`` (what :meth:`busy` said)."""
+        """Refuse a pull that met ``limit`` (what :meth:`take_slot` said)."""
         self.hooks.counters("rejected")
         if limit == "pull_slots_member":
             message = f"{peer} has {self._in_flight_by.of(peer)} pulls in flight at {self.name}; try again"

@@ -250,3 +250,16 @@ async def test_a_decision_the_chain_holds_after_all_is_answered_with_its_log(aut
     assert answers[0][0].status == "refused" and answers[0][0].access == logged_by
     assert answers[1][0].status == "refused" and answers[1][0].access == sent[1].id
     assert [len(tx.body["decisions"]) for tx in sent] == [2, 1]
+
+
+async def test_pull_slots_are_taken_as_requests_arrive_so_a_burst_meets_the_member_limit():
+    from ehrnode.sharing.owner import MAX_IN_FLIGHT, MAX_IN_FLIGHT_PER_MEMBER
+
+    server, _ = _owner(lambda tx: "ok")
+    # A burst read in one go: no request's task has run yet.
+    limits = [server.take_slot("B") for _ in range(MAX_IN_FLIGHT_PER_MEMBER + 5)]
+    assert limits == [None] * MAX_IN_FLIGHT_PER_MEMBER + ["pull_slots_member"] * 5
+    others = [server.take_slot(f"M{k % 8}") for k in range(MAX_IN_FLIGHT)]
+    assert others.count(None) == MAX_IN_FLIGHT - MAX_IN_FLIGHT_PER_MEMBER
+    assert set(others[MAX_IN_FLIGHT - MAX_IN_FLIGHT_PER_MEMBER:]) == {"pull_slots"}
+    assert server.in_flight == MAX_IN_FLIGHT
