@@ -412,6 +412,8 @@ class Scenario:
         for action in actions:
             if node.core is not core and isinstance(action, (SetTimer, CommitBlocks)):
                 continue  # from a core whose epoch ended while its actions were being carried out
+            if isinstance(action, (Send, Broadcast)) and node.behaviour is None:
+                self._sent(node.node_id, core.index, action.message)
             if isinstance(action, Send):
                 if members[action.to] == node.node_id:
                     if node.core is core:
@@ -469,6 +471,20 @@ class Scenario:
                 continue
             epoch = item.data.epoch if isinstance(item, Vote) else item.epoch
             self._record_signature(index, kind, epoch, item.round, crypto.sha256(codec.encode(item.to_wire())))
+
+    def _sent(self, node_id: int, index: int | None, message: Message) -> None:
+        """Every vote and timeout an honest validator sends is checked too: a core writes its
+        safety data once per input, and what it signed and replaced within one input (two
+        rounds' votes after a sync, say) reaches the store only as the last of them."""
+        item: Vote | Timeout
+        if isinstance(message, VoteMsg):
+            item, kind, epoch = message.vote, "vote", message.vote.data.epoch
+        elif isinstance(message, TimeoutMsg):
+            item, kind, epoch = message.timeout, "timeout", message.timeout.epoch
+        else:
+            return
+        if item.author == index:
+            self._record_signature(node_id, kind, epoch, item.round, crypto.sha256(codec.encode(item.to_wire())))
 
     def _record_signature(self, index: int, kind: str, epoch: int, round_: int, digest: bytes) -> None:
         seen = self.signatures.setdefault((index, kind, epoch, round_), digest)

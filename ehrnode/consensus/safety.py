@@ -161,6 +161,7 @@ class SafetyRules:
             data = SafetyData(epoch=vset.epoch, restored=data is not None and data.restored)
             store.save(data)
         self._data = data
+        self._saved = data  # what the store holds
         self._deferring = False
         self._unsaved = False
 
@@ -204,6 +205,7 @@ class SafetyRules:
             self._unsaved = True
         else:
             self._store.save(data)
+            self._saved = data
         self._data = data
 
     @contextmanager
@@ -211,7 +213,8 @@ class SafetyRules:
         """Writes to the store made inside are made once, on leaving (also on an error).
 
         Whatever is signed inside must not leave before then: the core's caller gets the
-        messages an input produced only once this has returned.
+        messages an input produced only once this has returned. If that write fails, the
+        rules forget what was signed inside (it never left), as if it had not been signed.
         """
         if self._deferring:
             yield
@@ -223,7 +226,12 @@ class SafetyRules:
             self._deferring = False
             if self._unsaved:
                 self._unsaved = False
-                self._store.save(self._data)
+                try:
+                    self._store.save(self._data)
+                except BaseException:
+                    self._data = self._saved
+                    raise
+                self._saved = self._data
 
     def vote(self, block: Block, tc: TimeoutCert | None) -> Vote:
         """Sign a vote for ``block`` (already verified by the caller) or raise SafetyViolation."""

@@ -170,33 +170,38 @@ class Driver:
         for member in self.membership.members:  # not connected yet: reachable for START_GRACE
             self._down_since.setdefault(member.name, begun + START_GRACE - LINK_GRACE)
         while True:
-            if self._later:
-                await self._apply_later()
+            await self._apply_later()  # held by an input from another task
             if (not self._consensus_in and not self._txs_in and not self._connected and not self._links_changed
                     and not self._later):
                 with trio.move_on_at(min(self._deadline, self._links_due)):
                     await self._wake.wait()
                 self._wake = trio.Event()
+            # After each input the core's held actions are carried out before the next input
+            # reaches it: a commit that ends the epoch replaces the core before anything else
+            # is handed to the old one.
             if trio.current_time() >= self._deadline:
                 self.apply(self.core.tick(time.time()))
+                await self._apply_later()
             if trio.current_time() >= self._links_due:
                 self._links_changed = True
             while self._connected:
                 index = self.membership.index_of(self._connected.pop())
                 if index is not None:
                     self.apply(self.core.on_peer_connected(index, time.time()))
+                    await self._apply_later()
             # Consensus first, then one batch of transactions, then let other tasks run.
             for _ in range(min(len(self._consensus_in), MESSAGES_PER_TURN)):
                 peer, data = self._consensus_in.popleft()
                 self._message(peer, data)
-                if self._later:
-                    await self._apply_later()
+                await self._apply_later()
             if self._links_changed:
                 # After the messages already queued: a leader's proposal that came before its
                 # connection closed is voted on, not given up.
                 self._report_links()
+                await self._apply_later()
             if self._txs_in:
                 self._transactions()
+                await self._apply_later()
             await trio.sleep(0)
 
     def _message(self, peer: Peer, data: bytes) -> None:
@@ -267,6 +272,8 @@ class Driver:
 
     async def _apply_later(self) -> None:
         """The actions held by ``apply``, once this input's messages are sent (or a moment passed)."""
+        if not self._later:
+            return
         await self._network.urgent_sent(SEND_FIRST_WAIT)
         later, self._later = self._later, []
         for core, action in later:

@@ -156,3 +156,26 @@ def test_deferred_writes_once_on_leaving_even_when_an_error_ends_it():
     with rules.deferred():
         pass
     assert store.saves == saves + 1  # nothing changed: nothing written
+
+
+def test_a_deferred_write_that_fails_forgets_what_was_signed_inside():
+    class FailingStore(MemorySafetyStore):
+        fail = False
+
+        def save(self, data):
+            if self.fail:
+                raise StoreError("disk full")
+            super().save(data)
+
+    store = FailingStore()
+    rules, _ = rules_for(store=store)
+    (b1,) = F.chain([1])
+    store.fail = True
+    with pytest.raises(StoreError), rules.deferred():
+        rules.vote(b1, None)
+    assert rules.data.last_voted_round == 0 and rules.data.last_vote is None  # as on disk
+    store.fail = False
+    with rules.deferred():
+        vote = rules.vote(b1, None)  # signed anew, and written this time
+    assert store.data.last_vote == vote
+

@@ -100,3 +100,28 @@ async def test_actions_after_a_held_commit_keep_their_order_across_inputs():
     assert commits == [("commit", 1), ("commit", 2)]
     assert events.index(("queued", "C")) < events.index(("commit", 1))
     assert events.index(("queued", "D")) < events.index(("commit", 2))
+
+
+async def test_a_held_commit_that_ends_the_epoch_replaces_the_core_before_its_next_input():
+    events: list = []
+    old, new = Core([]), Core([[]])
+    old.tick = lambda now: [CommitBlocks((B1,), F.qc(B2))]
+    old.start = lambda now: [SetTimer(0.0)]  # the tick is due at once
+    old.on_message = lambda sender, message, now: events.append("old core") or []
+    new.on_message = lambda sender, message, now: events.append("new core") or []
+    driver: Driver
+
+    def commit(action):
+        events.append("commit")
+        driver.succeed(new, MEMBERSHIP)  # the epoch ended with this block
+
+    log = SimpleNamespace(debug=lambda *a, **k: None, info=lambda *a, **k: None, warning=lambda *a, **k: None,
+                          error=lambda *a, **k: None)
+    driver = Driver(old, MEMBERSHIP, network=Network([]), persist=lambda block: None, commit=commit,
+                    admit=lambda peer, data: True, log=log)
+    driver.consensus(SimpleNamespace(name="B"), encode_message(VOTE))  # waiting when the tick comes
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(driver.run)
+        await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert events == ["commit", "new core"]
