@@ -15,6 +15,17 @@ def rules_for(index=1, store=None):
     return SafetyRules(F.vset, index, F.identities[index], store), store
 
 
+class FailingStore(MemorySafetyStore):
+    """A store whose writes fail while ``fail`` is set (a full disk)."""
+
+    fail = False
+
+    def save(self, data):
+        if self.fail:
+            raise StoreError("disk full")
+        super().save(data)
+
+
 def refused(fn):
     with pytest.raises(SafetyViolation) as err:
         fn()
@@ -81,14 +92,6 @@ def test_after_timing_out_a_round_a_vote_in_it_is_refused():
 
 
 def test_state_is_saved_before_the_vote_is_returned():
-    class FailingStore(MemorySafetyStore):
-        fail = False
-
-        def save(self, data):
-            if self.fail:
-                raise StoreError("disk full")
-            super().save(data)
-
     store = FailingStore()
     rules, _ = rules_for(store=store)
     store.fail = True
@@ -159,14 +162,6 @@ def test_deferred_writes_once_on_leaving_even_when_an_error_ends_it():
 
 
 def test_a_deferred_write_that_fails_forgets_what_was_signed_inside():
-    class FailingStore(MemorySafetyStore):
-        fail = False
-
-        def save(self, data):
-            if self.fail:
-                raise StoreError("disk full")
-            super().save(data)
-
     store = FailingStore()
     rules, _ = rules_for(store=store)
     (b1,) = F.chain([1])
