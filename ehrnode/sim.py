@@ -465,26 +465,22 @@ class Scenario:
         """An honest validator signs at most one vote, one timeout and one proposal per round."""
         if index in self.byzantine:
             return
-        signed = [("vote", data.last_vote), ("timeout", data.last_timeout)]
-        for kind, item in signed:
-            if item is None:
-                continue
-            epoch = item.data.epoch if isinstance(item, Vote) else item.epoch
-            self._record_signature(index, kind, epoch, item.round, crypto.sha256(codec.encode(item.to_wire())))
+        for item in (data.last_vote, data.last_timeout):
+            if item is not None:
+                self._record_signed(index, item)
 
     def _sent(self, node_id: int, index: int | None, message: Message) -> None:
         """Every vote and timeout an honest validator sends is checked too: a core writes its
         safety data once per input, and what it signed and replaced within one input (two
         rounds' votes after a sync, say) reaches the store only as the last of them."""
-        item: Vote | Timeout
-        if isinstance(message, VoteMsg):
-            item, kind, epoch = message.vote, "vote", message.vote.data.epoch
-        elif isinstance(message, TimeoutMsg):
-            item, kind, epoch = message.timeout, "timeout", message.timeout.epoch
-        else:
-            return
-        if item.author == index:
-            self._record_signature(node_id, kind, epoch, item.round, crypto.sha256(codec.encode(item.to_wire())))
+        item = message.vote if isinstance(message, VoteMsg) else (
+            message.timeout if isinstance(message, TimeoutMsg) else None)
+        if item is not None and item.author == index:
+            self._record_signed(node_id, item)
+
+    def _record_signed(self, node_id: int, item: Vote | Timeout) -> None:
+        kind, epoch = ("vote", item.data.epoch) if isinstance(item, Vote) else ("timeout", item.epoch)
+        self._record_signature(node_id, kind, epoch, item.round, crypto.sha256(codec.encode(item.to_wire())))
 
     def _record_signature(self, index: int, kind: str, epoch: int, round_: int, digest: bytes) -> None:
         seen = self.signatures.setdefault((index, kind, epoch, round_), digest)

@@ -270,11 +270,12 @@ class Recorder:
                 failed = True
                 continue
             c.release = release
+            if failed:
+                continue  # the entries are made again without the failed release (write)
             c.entry = self._new_entry(c, patients[c.pid], setting, now_ms)
-            if not failed:
-                position += 1
-                sealed.append(self.vault.seal(c.entry, position, prev))
-                prev = sealed[-1].stored.hash
+            position += 1
+            sealed.append(self.vault.seal(c.entry, position, prev))
+            prev = sealed[-1].stored.hash
         return [] if failed else sealed
 
     @staticmethod
