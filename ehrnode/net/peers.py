@@ -16,7 +16,9 @@ handler closes that connection only, never the listener.
 Every connection has a bounded send queue drained by its own writer task. When
 a peer is slow or gone the queue fills and further frames to it are dropped
 (and counted): consensus re-sends what matters (timeouts, sync requests), and
-no peer can stall the node. Received frames are decoded strictly; a bad frame
+no peer can stall the node. The writer sends what has queued up meanwhile as one
+batch (to a peer that speaks version 3): under load a message per frame cost both
+ends more than the frames did. Received frames are decoded strictly; a bad frame
 closes the connection with a logged reason.
 """
 
@@ -42,9 +44,15 @@ from ..limits import Holdings, Refusals
 from ..logs import get_logger
 from ..membership import Membership
 from .protocol import (
+    BATCH_BYTES,
+    BATCH_VERSION,
+    MAX_BATCH_FRAMES,
     MAX_FRAME_BYTES,
     MAX_HANDSHAKE_FRAME,
+    OLDEST_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
     Auth,
+    BatchFrame,
     Frame,
     Hello,
     Welcome,
@@ -52,6 +60,7 @@ from .protocol import (
     decode_frame,
     encode_frame,
     sign_transcript,
+    unbatch,
 )
 from .tls import TlsContexts, Watched, require_name
 
@@ -87,15 +96,19 @@ class Peer:
     """One authenticated connection to member ``name``.
 
     Two bounded send queues: consensus frames go first, gossip (transaction batches)
-    after, so a burst of transactions never delays a vote.
+    after, so a burst of transactions never delays a vote. ``batches``: the peer takes
+    several frames in one message (it speaks version 3).
     """
 
-    def __init__(self, name: str, ws: trio_websocket.WebSocketConnection, dialed: bool) -> None:
+    def __init__(self, name: str, ws: trio_websocket.WebSocketConnection, dialed: bool, *,
+                 batches: bool = True) -> None:
         self.name = name
         self.ws = ws
         self.dialed = dialed
+        self.batches = batches
         self.dropped = 0
-        self.sent = 0
+        self.sent = 0  # frames
+        self.messages = 0  # websocket messages they went in
         self.kicked: str | None = None
         self.scope: trio.CancelScope | None = None
         self._urgent: deque[bytes] = deque()
@@ -145,24 +158,37 @@ class Peer:
         """
         try:
             while not self._closed:
-                if self._urgent:
-                    data = self._urgent.popleft()
-                elif self._bulk:
-                    data = self._bulk.popleft()
-                    self._bulk_bytes -= len(data)
-                else:
+                if not self._urgent and not self._bulk:
                     self._wake = trio.Event()
                     await self._wake.wait()
                     continue
+                frames = self._take()
+                data = frames[0] if len(frames) == 1 else encode_frame(BatchFrame(tuple(frames)))
                 try:
                     await self.ws.send_message(data)
                 except ConnectionClosed:
                     return  # the reader sees the close too, and ends the connection
-                self.sent += 1
+                self.sent += len(frames)
+                self.messages += 1
                 if not self._urgent:
                     self._urgent_idle.set()
         finally:
             self._urgent_idle.set()  # nothing more will be sent: nobody waits for it
+
+    def _take(self) -> list[bytes]:
+        """What goes in the next message: the first queued frame, consensus before gossip, and
+        (to a peer that takes batches) the frames queued behind it in the same queue, up to
+        BATCH_BYTES. A consensus frame never waits behind gossip bytes in the same message."""
+        queue = self._urgent or self._bulk
+        frames = [queue.popleft()]
+        size = len(frames[0])
+        if self.batches:
+            while queue and len(frames) < MAX_BATCH_FRAMES and size + len(queue[0]) <= BATCH_BYTES:
+                frames.append(queue.popleft())
+                size += len(frames[-1])
+        if queue is self._bulk:
+            self._bulk_bytes -= size
+        return frames
 
     async def close(self, code: int, reason: str, wait: float = 2.0) -> None:
         """Close with ``code``, waiting up to ``wait`` seconds for the close handshake (past it the
@@ -178,8 +204,12 @@ class PeerNetwork:
         on_disconnect: Callable[[str], None] = lambda _n: None, tls: TlsContexts | None = None,
         membership: Membership | None = None, refusals: Refusals | None = None,
         fallback: crypto.Identity | None = None,
+        versions: tuple[int, int] = (OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION),
     ) -> None:
         self.genesis = genesis
+        #: The protocol versions this node speaks (oldest, newest).
+        self.versions = versions
+        self._speak_oldest: set[str] = set()  # peers that refused the newest version when dialed
         #: Who may connect, and whom to dial: the members as this node last learnt them.
         self.membership = membership or Membership(0, 0, genesis.members)
         self._dialing: dict[str, tuple[Member, trio.CancelScope]] = {}
@@ -312,11 +342,11 @@ class PeerNetwork:
                             )
                         else:
                             ws, channel = await self._dial_tls(nursery, name, host, port)
-                        await self._dialer_handshake(ws, name, channel)
+                        version = await self._dialer_handshake(ws, name, channel)
                     _authenticated(ws)
                     connected = True
                     backoff = 0.1
-                    await self._run(Peer(name, ws, dialed=True))
+                    await self._run(Peer(name, ws, dialed=True, batches=version >= BATCH_VERSION))
                     nursery.cancel_scope.cancel()
             except Exception as group:  # noqa: BLE001 - one peer's failure must not stop the others
                 exc = innermost(group)
@@ -327,10 +357,13 @@ class PeerNetwork:
                     self.log.warning("peer.rejected", peer=name, reason=exc.reason, error=str(exc))
                     if exc.reason == "refused:bad_signature" and self.fallback is not None:
                         self._use_fallback ^= {name}  # it may know our next key (or, again, the current)
+                    if exc.reason == "refused:version":
+                        self._speak_oldest ^= {name}  # not upgraded yet (or, again, upgraded since)
                 else:
                     self.log.warning("peer.error", peer=name, error=repr(exc))
             if connected:
                 self.log.info("peer.disconnected", peer=name)
+                self._speak_oldest.discard(name)  # it may come back upgraded
             # Jittered exponential backoff: peers restarting together do not dial in lockstep.
             await trio.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, 10.0)
@@ -409,7 +442,7 @@ class PeerNetwork:
                         )
                         ws = await request.accept()
                         try:
-                            name = await self._listener_handshake(
+                            name, version = await self._listener_handshake(
                                 ws, conn if isinstance(conn, trio.SSLStream) else None)
                         except ProtocolError as exc:
                             self.rejected += 1
@@ -419,7 +452,7 @@ class PeerNetwork:
                             return
                 _authenticated(ws)
                 authenticated()
-                await self._run(Peer(name, ws, dialed=False))
+                await self._run(Peer(name, ws, dialed=False, batches=version >= BATCH_VERSION))
                 nursery.cancel_scope.cancel()
         except Exception as group:  # noqa: BLE001 - never let one connection take the listener down
             cause = innermost(group)
@@ -435,13 +468,18 @@ class PeerNetwork:
     # --- handshake ------------------------------------------------------------------
 
     async def _dialer_handshake(self, ws: trio_websocket.WebSocketConnection, expected: str,
-                                channel: bytes = b"") -> None:
-        hello = Hello.fresh(self.genesis, self.name)
+                                channel: bytes = b"") -> int:
+        """Prove who this node is to ``expected``; returns the protocol version both speak."""
+        oldest, newest = self.versions
+        hello = Hello.fresh(self.genesis, self.name, oldest if expected in self._speak_oldest else newest)
         await ws.send_message(encode_frame(hello))
         welcome = decode_frame(await _handshake_message(ws), max_size=MAX_HANDSHAKE_FRAME)
         if not isinstance(welcome, Welcome):
             raise ProtocolError("expected a welcome frame", reason="unexpected_frame")
-        welcome.hello.check_against(self.genesis, self.membership.signing_keys)
+        welcome.hello.check_against(self.genesis, self.membership.signing_keys, self.versions)
+        if welcome.hello.version != hello.version:
+            raise ProtocolError(f"dialed in protocol version {hello.version}, answered in {welcome.hello.version}",
+                                reason="version_mismatch")
         if welcome.hello.name != expected:
             raise ProtocolError(f"dialed {expected!r} but {welcome.hello.name!r} answered", reason="wrong_peer")
         check_transcript(self.genesis, hello, welcome.hello, "listener", welcome.signature, channel,
@@ -449,13 +487,15 @@ class PeerNetwork:
         identity = self._identity_for(expected)
         await ws.send_message(encode_frame(Auth(sign_transcript(identity, self.genesis, hello, welcome.hello,
                                                                 "dialer", channel))))
+        return hello.version
 
     async def _listener_handshake(self, ws: trio_websocket.WebSocketConnection,
-                                  tls: trio.SSLStream | None = None) -> str:
+                                  tls: trio.SSLStream | None = None) -> tuple[str, int]:
+        """Check who dialed; returns its name and the protocol version it speaks (answered in)."""
         hello = decode_frame(await _handshake_message(ws), max_size=MAX_HANDSHAKE_FRAME)
         if not isinstance(hello, Hello):
             raise ProtocolError("expected a hello frame", reason="unexpected_frame")
-        hello.check_against(self.genesis, self.membership.signing_keys)
+        hello.check_against(self.genesis, self.membership.signing_keys, self.versions)
         channel = b""
         if tls is not None:
             require_name(tls, hello.name)  # the member about to prove itself must be the one certified
@@ -466,14 +506,14 @@ class PeerNetwork:
         if hello.name > self.name:
             # Each pair has one connection, dialed by the name that sorts first.
             raise ProtocolError(f"{hello.name!r} must wait for {self.name!r} to dial it", reason="wrong_direction")
-        mine = Hello.fresh(self.genesis, self.name)
+        mine = Hello.fresh(self.genesis, self.name, hello.version)
         signature = sign_transcript(self._identity_for(hello.name), self.genesis, hello, mine, "listener", channel)
         await ws.send_message(encode_frame(Welcome(mine, signature)))
         auth = decode_frame(await _handshake_message(ws), max_size=MAX_HANDSHAKE_FRAME)
         if not isinstance(auth, Auth):
             raise ProtocolError("expected an auth frame", reason="unexpected_frame")
         check_transcript(self.genesis, hello, mine, "dialer", auth.signature, channel, self.membership.signing_keys)
-        return hello.name
+        return hello.name, hello.version
 
     # --- one connection -----------------------------------------------------------------
 
@@ -523,6 +563,9 @@ class PeerNetwork:
                 return
             try:
                 frame = decode_frame(data)
+                if isinstance(frame, BatchFrame) and not peer.batches:
+                    raise ProtocolError("a batch from a peer that speaks version 2", reason="unexpected_batch")
+                frames = unbatch(frame)
             except ProtocolError as exc:
                 self.log.warning("peer.bad_frame", peer=peer.name, reason=exc.reason, error=str(exc))
                 await peer.close(CLOSE_PROTOCOL, exc.reason, wait=VIOLATION_CLOSE_WAIT)
@@ -531,12 +574,15 @@ class PeerNetwork:
                 self.log.warning("peer.bad_frame", peer=peer.name, reason="handshake_after_auth")
                 await peer.close(CLOSE_PROTOCOL, "handshake frame after authentication", wait=VIOLATION_CLOSE_WAIT)
                 return
-            try:
-                self.on_frame(peer, frame)
-            except ProtocolError as exc:
-                self.log.warning("peer.invalid_message", peer=peer.name, reason=exc.reason, error=str(exc))
-                await peer.close(CLOSE_POLICY, exc.reason, wait=VIOLATION_CLOSE_WAIT)
-                return
+            for each in frames:
+                if peer.kicked is not None:
+                    return  # dropped by what an earlier frame of the batch said
+                try:
+                    self.on_frame(peer, each)
+                except ProtocolError as exc:
+                    self.log.warning("peer.invalid_message", peer=peer.name, reason=exc.reason, error=str(exc))
+                    await peer.close(CLOSE_POLICY, exc.reason, wait=VIOLATION_CLOSE_WAIT)
+                    return
 
 
 def _authenticated(ws: trio_websocket.WebSocketConnection) -> None:

@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 from ehrnode import crypto
 from ehrnode.consortium import init_consortium
 from ehrnode.errors import ProtocolError
-from ehrnode.net.peers import PeerNetwork
+from ehrnode.net.peers import CLOSE_POLICY, PeerNetwork
 from ehrnode.net.protocol import (
+    OLDEST_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     Auth,
+    BatchFrame,
     ConsensusFrame,
     Hello,
     TxFrame,
@@ -23,6 +25,7 @@ from ehrnode.net.protocol import (
     decode_frame,
     encode_frame,
     sign_transcript,
+    unbatch,
 )
 
 
@@ -36,8 +39,24 @@ def consortium(tmp_path_factory):
 
 def sample_frames(genesis):
     hello = Hello.fresh(genesis, "A")
+    inner = (encode_frame(ConsensusFrame(b"\x01\x02")), encode_frame(TxFrame((os.urandom(40),))))
     return [hello, Welcome(hello, os.urandom(64)), Auth(os.urandom(64)), ConsensusFrame(b"\x01\x02"),
-            TxFrame((os.urandom(100), os.urandom(50)))]
+            TxFrame((os.urandom(100), os.urandom(50))), BatchFrame(inner)]
+
+
+def test_a_batch_carries_its_frames_in_order_and_nothing_that_may_not_be_batched(consortium):
+    genesis, _ = consortium
+    frames = [ConsensusFrame(b"vote"), TxFrame((b"tx",)), ConsensusFrame(b"proposal")]
+    batch = decode_frame(encode_frame(BatchFrame(tuple(encode_frame(f) for f in frames))))
+    assert unbatch(batch) == frames
+    assert unbatch(frames[0]) == [frames[0]]
+    for forbidden in (Hello.fresh(genesis, "A"), Auth(os.urandom(64)), batch):
+        with pytest.raises(ProtocolError) as refused:
+            unbatch(BatchFrame((encode_frame(frames[0]), encode_frame(forbidden))))
+        assert refused.value.reason == "bad_batch"
+    with pytest.raises(ProtocolError) as bad:  # an inner frame that does not decode
+        unbatch(BatchFrame((encode_frame(frames[0]), b"\xff\x00")))
+    assert bad.value.reason.startswith("bad_frame")
 
 
 def test_frames_round_trip(consortium):
@@ -75,19 +94,24 @@ def test_mutated_frames_fail_only_with_protocol_errors(consortium, data):
 
 @given(
     st.sampled_from(["A", "B", "C", "R", "Mallory", ""]),
-    st.booleans(), st.booleans(), st.integers(0, 3),
+    st.booleans(), st.booleans(), st.integers(0, PROTOCOL_VERSION + 1),
 )
 @settings(max_examples=200)
 def test_hello_checks_chain_genesis_version_and_membership(consortium, name, same_chain, same_genesis, version):
     genesis, _ = consortium
     hello = Hello(version, genesis.chain_id if same_chain else "other", genesis.hash if same_genesis else bytes(32),
                   name, os.urandom(32))
-    valid = version == PROTOCOL_VERSION and same_chain and same_genesis and name in {"A", "B", "C", "R"}
+    valid = (OLDEST_PROTOCOL_VERSION <= version <= PROTOCOL_VERSION and same_chain and same_genesis
+             and name in {"A", "B", "C", "R"})
     if valid:
         hello.check_against(genesis)
     else:
         with pytest.raises(ProtocolError):
             hello.check_against(genesis)
+    if version == PROTOCOL_VERSION and valid:  # a node that speaks only the oldest version refuses it
+        with pytest.raises(ProtocolError) as old:
+            hello.check_against(genesis, versions=(OLDEST_PROTOCOL_VERSION, OLDEST_PROTOCOL_VERSION))
+        assert old.value.reason == "version"
 
 
 def test_transcript_signature_binds_both_nonces_names_and_roles(consortium):
@@ -116,11 +140,16 @@ def test_transcript_signature_binds_both_nonces_names_and_roles(consortium):
                          sign_transcript(keys["B"], genesis, dialer, listener, "dialer"))
 
 
-async def _handshake_pair(consortium, dialer_name, dialer_key, listener_name="B"):
+async def _handshake_pair(consortium, dialer_name, dialer_key, listener_name="B", *, dialer_versions=None,
+                          listener_versions=None, speak_oldest=False):
     """Run a real handshake over an in-memory stream; returns (dialer error, listener result)."""
     genesis, keys = consortium
-    listener = PeerNetwork(genesis, listener_name, keys[listener_name], lambda *_: None)
-    dialer = PeerNetwork(genesis, dialer_name, dialer_key, lambda *_: None)
+    listener = PeerNetwork(genesis, listener_name, keys[listener_name], lambda *_: None,
+                           **({"versions": listener_versions} if listener_versions else {}))
+    dialer = PeerNetwork(genesis, dialer_name, dialer_key, lambda *_: None,
+                         **({"versions": dialer_versions} if dialer_versions else {}))
+    if speak_oldest:
+        dialer._speak_oldest.add(listener_name)
     client_stream, server_stream = trio.testing.memory_stream_pair()
     results = {}
     async with trio.open_nursery() as nursery:
@@ -131,12 +160,12 @@ async def _handshake_pair(consortium, dialer_name, dialer_key, listener_name="B"
                 results["listener"] = await listener._listener_handshake(ws)
             except ProtocolError as exc:
                 results["listener"] = exc
+                await ws.aclose(CLOSE_POLICY, exc.reason)  # as a node does: the dialer learns why
 
         async def client():
             ws = await trio_websocket.wrap_client_stream(nursery, client_stream, "localhost", "/peer")
             try:
-                await dialer._dialer_handshake(ws, listener_name)
-                results["dialer"] = "ok"
+                results["dialer"] = await dialer._dialer_handshake(ws, listener_name)
             except ProtocolError as exc:
                 results["dialer"] = exc
 
@@ -152,7 +181,22 @@ async def _handshake_pair(consortium, dialer_name, dialer_key, listener_name="B"
 async def test_members_complete_the_handshake_over_memory_streams(consortium):
     _, keys = consortium
     results = await _handshake_pair(consortium, "A", keys["A"])
-    assert results == {"dialer": "ok", "listener": "A"}
+    assert results == {"dialer": PROTOCOL_VERSION, "listener": ("A", PROTOCOL_VERSION)}
+
+
+async def test_members_of_the_two_versions_agree_on_the_oldest(consortium):
+    _, keys = consortium
+    old = (OLDEST_PROTOCOL_VERSION, OLDEST_PROTOCOL_VERSION)
+    # A node not upgraded yet dials an upgraded one: answered in its own version.
+    results = await _handshake_pair(consortium, "A", keys["A"], dialer_versions=old)
+    assert results == {"dialer": OLDEST_PROTOCOL_VERSION, "listener": ("A", OLDEST_PROTOCOL_VERSION)}
+    # An upgraded node dials one not upgraded yet: refused for its version, which the dialer
+    # sees (and dials again in the oldest, which is accepted).
+    refused = await _handshake_pair(consortium, "A", keys["A"], listener_versions=old)
+    assert isinstance(refused["listener"], ProtocolError) and refused["listener"].reason == "version"
+    assert isinstance(refused["dialer"], ProtocolError) and refused["dialer"].reason == "refused:version"
+    again = await _handshake_pair(consortium, "A", keys["A"], listener_versions=old, speak_oldest=True)
+    assert again == {"dialer": OLDEST_PROTOCOL_VERSION, "listener": ("A", OLDEST_PROTOCOL_VERSION)}
 
 
 async def test_a_dialer_without_its_genesis_key_is_refused(consortium):

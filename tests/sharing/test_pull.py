@@ -13,7 +13,7 @@ import trio
 from ehrnode import codec, crypto, synthetic
 from ehrnode.client import ApiClient, ApiError
 from ehrnode.localnet import LocalConsortium
-from ehrnode.net.protocol import AnswerFrame, PullFrame, decode_frame, encode_frame
+from ehrnode.net.protocol import AnswerFrame, PullFrame, decode_frame, encode_frame, unbatch
 from ehrnode.records.fhir import Item
 from ehrnode.records.keys import RecordKeys, open_sealed, seal
 from ehrnode.records.submit import add_items
@@ -189,9 +189,9 @@ async def _ask(ws, data):
     await ws.send_message(encode_frame(PullFrame(data)))
     with trio.fail_after(30):
         while True:
-            frame = decode_frame(await ws.get_message())
-            if isinstance(frame, AnswerFrame):
-                return PullAnswer.decode(frame.data)
+            for frame in unbatch(decode_frame(await ws.get_message())):
+                if isinstance(frame, AnswerFrame):
+                    return PullAnswer.decode(frame.data)
 
 
 def test_hostile_requests_are_each_refused_and_logged(cluster, recorded):

@@ -1,0 +1,110 @@
+"""Two members' peer networks on loopback: what queues up for a connection goes in one message
+(to a peer that speaks version 3), in order, and a peer not upgraded yet gets a message per frame."""
+
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from ehrnode import crypto
+from ehrnode.consortium import init_consortium
+from ehrnode.net.peers import PeerNetwork
+from ehrnode.net.protocol import (
+    BATCH_BYTES,
+    OLDEST_PROTOCOL_VERSION,
+    BatchFrame,
+    ConsensusFrame,
+    Hello,
+    TxFrame,
+    encode_frame,
+)
+
+OLD = (OLDEST_PROTOCOL_VERSION, OLDEST_PROTOCOL_VERSION)
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory):
+    root = tmp_path_factory.mktemp("consortium")
+    genesis = init_consortium(root, ["A", "B", "C"], "R", base_port=30000)
+    keys = {m.name: crypto.Identity.load(root / m.name / "keys" / "signing.pem") for m in genesis.members}
+    return genesis, keys
+
+
+@asynccontextmanager
+async def linked(consortium, a_versions=None, b_versions=None):
+    """A dialing B over loopback; yields (a, b, frames B received from A)."""
+    genesis, keys = consortium
+    received: list = []
+    a = PeerNetwork(genesis, "A", keys["A"], lambda *_: None, **({"versions": a_versions} if a_versions else {}))
+    b = PeerNetwork(genesis, "B", keys["B"], lambda _peer, frame: received.append(frame),
+                    **({"versions": b_versions} if b_versions else {}))
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(b.serve, "127.0.0.1", 0)
+        port = listeners[0].socket.getsockname()[1]
+        nursery.start_soon(a._dial_forever, "B", "127.0.0.1", port)
+        with trio.fail_after(10):
+            while "B" not in a.peers or "A" not in b.peers:
+                await trio.sleep(0.01)
+        yield a, b, received
+        await a.close_all()
+        await b.close_all()
+        nursery.cancel_scope.cancel()
+
+
+async def until(condition, timeout=10):
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+async def test_frames_queued_together_go_in_one_message_each_in_order_consensus_first(consortium):
+    async with linked(consortium) as (a, _b, received):
+        peer = a.peers["B"]
+        assert peer.batches
+        votes = [ConsensusFrame(f"vote {i}".encode()) for i in range(300)]
+        gossip = [TxFrame((f"tx {i}".encode(),)) for i in range(200)]
+        large = TxFrame(tuple(bytes([i]) * 60_000 for i in range(5)))  # more than a batch holds: alone
+        for i in range(200):  # queued without a checkpoint: the writer wakes to all of it
+            a.send("B", encode_frame(gossip[i]), bulk=True)
+            if i == 100:
+                a.send("B", encode_frame(large), bulk=True)
+        for vote in votes:
+            a.send("B", encode_frame(vote))
+        await until(lambda: len(received) == 501)
+        assert received == [*votes, *gossip[:101], large, *gossip[101:]]
+        assert not any(isinstance(frame, BatchFrame) for frame in received)  # unpacked before handling
+        assert (peer.sent, peer.messages) == (501, 4)  # the votes; gossip before, the large frame, after
+        assert len(encode_frame(large)) > BATCH_BYTES
+
+
+async def test_a_peer_that_speaks_version_2_gets_a_message_per_frame(consortium):
+    # The listener is not upgraded yet: the dialer is refused for its version and dials again in 2.
+    async with linked(consortium, b_versions=OLD) as (a, b, received):
+        assert not a.peers["B"].batches and not b.peers["A"].batches
+        frames = [ConsensusFrame(f"vote {i}".encode()) for i in range(50)]
+        for frame in frames:
+            a.send("B", encode_frame(frame))
+        await until(lambda: len(received) == 50)
+        assert received == frames
+        assert (a.peers["B"].sent, a.peers["B"].messages) == (50, 50)
+    # The dialer is not upgraded yet: answered in its version, and sent no batch either.
+    async with linked(consortium, a_versions=OLD) as (a, b, received):
+        assert not a.peers["B"].batches and not b.peers["A"].batches
+        for frame in frames:
+            b.send("A", encode_frame(frame))
+        await until(lambda: b.peers["A"].sent == 50)
+        assert b.peers["A"].messages == 50
+
+
+@pytest.mark.parametrize("versions, inner", [
+    (None, encode_frame(Hello(OLDEST_PROTOCOL_VERSION, "x", bytes(32), "A", bytes(32)))),  # a handshake inside
+    (None, encode_frame(BatchFrame((encode_frame(ConsensusFrame(b"x")),)))),  # a batch inside a batch
+    (None, b"\xff\x00"),  # a frame that does not decode
+    (OLD, encode_frame(ConsensusFrame(b"fine"))),  # any batch from a peer that speaks version 2
+])
+async def test_a_bad_batch_closes_the_connection_and_nothing_in_it_is_handled(consortium, versions, inner):
+    async with linked(consortium, a_versions=versions, b_versions=versions) as (a, b, received):
+        first = b.peers["A"]
+        a.send("B", encode_frame(BatchFrame((encode_frame(ConsensusFrame(b"before")), inner))))
+        await until(lambda: b.peers.get("A") is not first)  # closed (and A dials again)
+        assert received == []
