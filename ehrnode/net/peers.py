@@ -101,7 +101,7 @@ class Peer:
     """
 
     def __init__(self, name: str, ws: trio_websocket.WebSocketConnection, dialed: bool, *,
-                 batches: bool = True) -> None:
+                 batches: bool = False) -> None:
         self.name = name
         self.ws = ws
         self.dialed = dialed
@@ -209,7 +209,8 @@ class PeerNetwork:
         self.genesis = genesis
         #: The protocol versions this node speaks (oldest, newest).
         self.versions = versions
-        self._speak_oldest: set[str] = set()  # peers that refused the newest version when dialed
+        #: Peers that refused the newest version when last dialed: dialed once in the oldest.
+        self._speak_oldest: set[str] = set()
         #: Who may connect, and whom to dial: the members as this node last learnt them.
         self.membership = membership or Membership(0, 0, genesis.members)
         self._dialing: dict[str, tuple[Member, trio.CancelScope]] = {}
@@ -331,6 +332,10 @@ class PeerNetwork:
         backoff = 0.1
         while not self._closing:
             connected = False
+            # One dial in the oldest version after a refusal of the newest, then the newest again:
+            # a peer upgraded meanwhile is not left speaking the oldest.
+            version = self.versions[0] if name in self._speak_oldest else self.versions[1]
+            self._speak_oldest.discard(name)
             try:
                 async with trio.open_nursery() as nursery:
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
@@ -342,7 +347,7 @@ class PeerNetwork:
                             )
                         else:
                             ws, channel = await self._dial_tls(nursery, name, host, port)
-                        version = await self._dialer_handshake(ws, name, channel)
+                        await self._dialer_handshake(ws, name, channel, version)
                     _authenticated(ws)
                     connected = True
                     backoff = 0.1
@@ -352,18 +357,20 @@ class PeerNetwork:
                 exc = innermost(group)
                 if isinstance(exc, _DISCONNECTS):
                     self.log.debug("peer.dial_failed", peer=name, error=str(exc) or type(exc).__name__)
+                elif isinstance(exc, ProtocolError) and exc.reason == "refused:version" and version > self.versions[0]:
+                    # Not upgraded yet (expected while members upgrade one at a time): the next dial
+                    # speaks the oldest version.
+                    self._speak_oldest.add(name)
+                    self.log.info("peer.older_version", peer=name, error=str(exc))
                 elif isinstance(exc, ProtocolError):
                     self.rejected += 1
                     self.log.warning("peer.rejected", peer=name, reason=exc.reason, error=str(exc))
                     if exc.reason == "refused:bad_signature" and self.fallback is not None:
                         self._use_fallback ^= {name}  # it may know our next key (or, again, the current)
-                    if exc.reason == "refused:version":
-                        self._speak_oldest ^= {name}  # not upgraded yet (or, again, upgraded since)
                 else:
                     self.log.warning("peer.error", peer=name, error=repr(exc))
             if connected:
                 self.log.info("peer.disconnected", peer=name)
-                self._speak_oldest.discard(name)  # it may come back upgraded
             # Jittered exponential backoff: peers restarting together do not dial in lockstep.
             await trio.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, 10.0)
@@ -468,10 +475,10 @@ class PeerNetwork:
     # --- handshake ------------------------------------------------------------------
 
     async def _dialer_handshake(self, ws: trio_websocket.WebSocketConnection, expected: str,
-                                channel: bytes = b"") -> int:
-        """Prove who this node is to ``expected``; returns the protocol version both speak."""
-        oldest, newest = self.versions
-        hello = Hello.fresh(self.genesis, self.name, oldest if expected in self._speak_oldest else newest)
+                                channel: bytes = b"", version: int | None = None) -> int:
+        """Prove who this node is to ``expected``, speaking ``version`` (default the newest);
+        returns it, once the listener has answered in it."""
+        hello = Hello.fresh(self.genesis, self.name, self.versions[1] if version is None else version)
         await ws.send_message(encode_frame(hello))
         welcome = decode_frame(await _handshake_message(ws), max_size=MAX_HANDSHAKE_FRAME)
         if not isinstance(welcome, Welcome):
@@ -531,7 +538,7 @@ class PeerNetwork:
         if old is not None:
             self.log.info("peer.replaced", peer=peer.name)
             await old.close(CLOSE_POLICY, "replaced by a newer connection")
-        self.log.info("peer.connected", peer=peer.name, dialed=peer.dialed)
+        self.log.info("peer.connected", peer=peer.name, dialed=peer.dialed, batches=peer.batches)
         self.on_connect(peer.name)
         try:
             with trio.CancelScope() as peer.scope:
@@ -575,8 +582,6 @@ class PeerNetwork:
                 await peer.close(CLOSE_PROTOCOL, "handshake frame after authentication", wait=VIOLATION_CLOSE_WAIT)
                 return
             for each in frames:
-                if peer.kicked is not None:
-                    return  # dropped by what an earlier frame of the batch said
                 try:
                     self.on_frame(peer, each)
                 except ProtocolError as exc:

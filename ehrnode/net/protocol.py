@@ -18,8 +18,9 @@ strictly. Frame types:
 ``batch``      several of the frames above (never a handshake frame or another batch), each
                its own encoded bytes, in the order they were queued
 
-Batches (protocol version 3): a connection's writer sends everything queued for
-it, up to :data:`BATCH_BYTES`, as one message. Each websocket message costs both
+Batches (protocol version 3): a connection's writer sends the frames queued for
+it in one of its queues (consensus first, then gossip), up to :data:`BATCH_BYTES`,
+as one message. Each websocket message costs both
 ends a fixed amount (framing, a TLS record, a system call, a task switch on the
 reader's side) that is larger than decoding a small frame, and under load dozens
 of frames wait for one connection at a time. A batch is unpacked before any of its
@@ -29,12 +30,13 @@ Versions: a node speaks :data:`PROTOCOL_VERSION` and still accepts
 :data:`OLDEST_PROTOCOL_VERSION`, whose ledger rules are the same (version 3 adds only
 batches), so members can upgrade one at a time. The dialer says which version it
 speaks and the listener answers in that version, or refuses it; a dialer refused
-for its version dials again in the oldest. Nothing is batched to a peer that
-speaks version 2.
+for its version dials once in the oldest, then in its own again (the peer may
+have been upgraded meanwhile). Nothing is batched to a peer that speaks version 2.
 
 Handshake: the transcript is (genesis hash, dialer name, listener name,
-dialer nonce, listener nonce). Each side signs it under its own role tag with
-the Ed25519 key genesis lists for its name, so only genesis members get in,
+dialer nonce, listener nonce), and from version 3 on both hellos' versions.
+Each side signs it under its own role tag with the Ed25519 key genesis lists
+for its name, so only genesis members get in,
 each side proves it holds its key, and nothing recorded from an earlier
 handshake verifies again (the other side's nonce is fresh).
 """
@@ -318,6 +320,10 @@ def transcript(genesis: Genesis, dialer: Hello, listener: Hello, role: str, chan
     fields: list[object] = [role, genesis.hash, dialer.name, listener.name, dialer.nonce, listener.nonce]
     if channel:
         fields.append(channel)
+    if max(dialer.version, listener.version) >= BATCH_VERSION:
+        # Bound in from version 3 on (version 2's transcript is unchanged): nobody between two
+        # members can make one believe the other speaks another version than it does.
+        fields.append([dialer.version, listener.version])
     return crypto.signing_bytes(HANDSHAKE_DOMAIN, fields)
 
 

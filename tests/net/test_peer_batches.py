@@ -1,9 +1,12 @@
 """Two members' peer networks on loopback: what queues up for a connection goes in one message
 (to a peer that speaks version 3), in order, and a peer not upgraded yet gets a message per frame."""
 
+import socket
 from contextlib import asynccontextmanager
+from functools import partial
 
 import pytest
+import structlog
 import trio
 
 from ehrnode import crypto
@@ -75,6 +78,7 @@ async def test_frames_queued_together_go_in_one_message_each_in_order_consensus_
         assert not any(isinstance(frame, BatchFrame) for frame in received)  # unpacked before handling
         assert (peer.sent, peer.messages) == (501, 4)  # the votes; gossip before, the large frame, after
         assert len(encode_frame(large)) > BATCH_BYTES
+        assert peer._bulk_bytes == 0  # what a batch took is no longer counted against the queue
 
 
 async def test_a_peer_that_speaks_version_2_gets_a_message_per_frame(consortium):
@@ -96,15 +100,39 @@ async def test_a_peer_that_speaks_version_2_gets_a_message_per_frame(consortium)
         assert b.peers["A"].messages == 50
 
 
-@pytest.mark.parametrize("versions, inner", [
-    (None, encode_frame(Hello(OLDEST_PROTOCOL_VERSION, "x", bytes(32), "A", bytes(32)))),  # a handshake inside
-    (None, encode_frame(BatchFrame((encode_frame(ConsensusFrame(b"x")),)))),  # a batch inside a batch
-    (None, b"\xff\x00"),  # a frame that does not decode
-    (OLD, encode_frame(ConsensusFrame(b"fine"))),  # any batch from a peer that speaks version 2
+async def test_after_one_dial_in_the_oldest_version_a_member_dials_in_the_newest_again(consortium):
+    """A peer that refused the newest version may be upgraded before the next dial succeeds: the
+    dial in the oldest version is tried once, not kept until a connection is made."""
+    genesis, keys = consortium
+    a = PeerNetwork(genesis, "A", keys["A"], lambda *_: None)
+    with socket.socket() as probe:  # a port nobody listens on yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        a._speak_oldest.add("B")  # as after B refused version 3
+        nursery.start_soon(a._dial_forever, "B", "127.0.0.1", port)
+        await until(lambda: "B" not in a._speak_oldest)  # that dial was tried (and found nobody)
+        upgraded = PeerNetwork(genesis, "B", keys["B"], lambda *_: None)
+        await nursery.start(partial(upgraded.serve, "127.0.0.1", port))
+        await until(lambda: "B" in a.peers)
+        assert a.peers["B"].batches and upgraded.peers["A"].batches
+        await a.close_all()
+        await upgraded.close_all()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("versions, inner, reason", [
+    (None, encode_frame(Hello(OLDEST_PROTOCOL_VERSION, "x", bytes(32), "A", bytes(32))), "bad_batch"),  # handshake
+    (None, encode_frame(BatchFrame((encode_frame(ConsensusFrame(b"x")),))), "bad_batch"),  # a batch in a batch
+    (None, b"\xff\x00", "bad_frame:"),  # a frame that does not decode
+    (OLD, encode_frame(ConsensusFrame(b"fine")), "unexpected_batch"),  # any batch from a version-2 peer
 ])
-async def test_a_bad_batch_closes_the_connection_and_nothing_in_it_is_handled(consortium, versions, inner):
+async def test_a_bad_batch_closes_the_connection_and_nothing_in_it_is_handled(consortium, versions, inner, reason):
     async with linked(consortium, a_versions=versions, b_versions=versions) as (a, b, received):
         first = b.peers["A"]
-        a.send("B", encode_frame(BatchFrame((encode_frame(ConsensusFrame(b"before")), inner))))
-        await until(lambda: b.peers.get("A") is not first)  # closed (and A dials again)
+        with structlog.testing.capture_logs() as logs:
+            a.send("B", encode_frame(BatchFrame((encode_frame(ConsensusFrame(b"before")), inner))))
+            await until(lambda: b.peers.get("A") is not first)  # closed (and A dials again)
         assert received == []
+        bad = [e for e in logs if e["event"] == "peer.bad_frame"]
+        assert len(bad) == 1 and bad[0]["reason"].startswith(reason)

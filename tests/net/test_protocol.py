@@ -13,6 +13,7 @@ from ehrnode.consortium import init_consortium
 from ehrnode.errors import ProtocolError
 from ehrnode.net.peers import CLOSE_POLICY, PeerNetwork
 from ehrnode.net.protocol import (
+    HANDSHAKE_DOMAIN,
     OLDEST_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     Auth,
@@ -25,6 +26,7 @@ from ehrnode.net.protocol import (
     decode_frame,
     encode_frame,
     sign_transcript,
+    transcript,
     unbatch,
 )
 
@@ -140,16 +142,28 @@ def test_transcript_signature_binds_both_nonces_names_and_roles(consortium):
                          sign_transcript(keys["B"], genesis, dialer, listener, "dialer"))
 
 
+def test_the_transcript_binds_versions_from_version_3_and_is_unchanged_for_version_2(consortium):
+    genesis, keys = consortium
+    dialer, listener = Hello.fresh(genesis, "A"), Hello.fresh(genesis, "B")
+    sig = sign_transcript(keys["A"], genesis, dialer, listener, "dialer")
+    old = OLDEST_PROTOCOL_VERSION
+    for rewritten in ((replace(dialer, version=old), listener), (dialer, replace(listener, version=old)),
+                      (replace(dialer, version=old), replace(listener, version=old))):
+        with pytest.raises(ProtocolError):  # someone between them rewrote a version
+            check_transcript(genesis, *rewritten, "dialer", sig)
+    d2, l2 = replace(dialer, version=old), replace(listener, version=old)
+    assert transcript(genesis, d2, l2, "dialer") == crypto.signing_bytes(
+        HANDSHAKE_DOMAIN, ["dialer", genesis.hash, "A", "B", dialer.nonce, listener.nonce])  # what version 2 signs
+
+
 async def _handshake_pair(consortium, dialer_name, dialer_key, listener_name="B", *, dialer_versions=None,
-                          listener_versions=None, speak_oldest=False):
+                          listener_versions=None, version=None):
     """Run a real handshake over an in-memory stream; returns (dialer error, listener result)."""
     genesis, keys = consortium
     listener = PeerNetwork(genesis, listener_name, keys[listener_name], lambda *_: None,
                            **({"versions": listener_versions} if listener_versions else {}))
     dialer = PeerNetwork(genesis, dialer_name, dialer_key, lambda *_: None,
                          **({"versions": dialer_versions} if dialer_versions else {}))
-    if speak_oldest:
-        dialer._speak_oldest.add(listener_name)
     client_stream, server_stream = trio.testing.memory_stream_pair()
     results = {}
     async with trio.open_nursery() as nursery:
@@ -165,7 +179,7 @@ async def _handshake_pair(consortium, dialer_name, dialer_key, listener_name="B"
         async def client():
             ws = await trio_websocket.wrap_client_stream(nursery, client_stream, "localhost", "/peer")
             try:
-                results["dialer"] = await dialer._dialer_handshake(ws, listener_name)
+                results["dialer"] = await dialer._dialer_handshake(ws, listener_name, version=version)
             except ProtocolError as exc:
                 results["dialer"] = exc
 
@@ -195,8 +209,29 @@ async def test_members_of_the_two_versions_agree_on_the_oldest(consortium):
     refused = await _handshake_pair(consortium, "A", keys["A"], listener_versions=old)
     assert isinstance(refused["listener"], ProtocolError) and refused["listener"].reason == "version"
     assert isinstance(refused["dialer"], ProtocolError) and refused["dialer"].reason == "refused:version"
-    again = await _handshake_pair(consortium, "A", keys["A"], listener_versions=old, speak_oldest=True)
+    again = await _handshake_pair(consortium, "A", keys["A"], listener_versions=old, version=OLDEST_PROTOCOL_VERSION)
     assert again == {"dialer": OLDEST_PROTOCOL_VERSION, "listener": ("A", OLDEST_PROTOCOL_VERSION)}
+
+
+async def test_a_dialer_answered_in_another_version_than_it_spoke_refuses(consortium):
+    genesis, keys = consortium
+    dialer = PeerNetwork(genesis, "A", keys["A"], lambda *_: None)
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        async def listener():  # signs a welcome in version 2 to a hello in 3
+            ws = await (await trio_websocket.wrap_server_stream(nursery, server_stream)).accept()
+            hello = decode_frame(await ws.get_message())
+            mine = Hello.fresh(genesis, "B", OLDEST_PROTOCOL_VERSION)
+            await ws.send_message(encode_frame(Welcome(mine, sign_transcript(keys["B"], genesis, hello, mine,
+                                                                             "listener"))))
+            await trio.sleep_forever()
+
+        nursery.start_soon(listener)
+        ws = await trio_websocket.wrap_client_stream(nursery, client_stream, "localhost", "/peer")
+        with pytest.raises(ProtocolError) as refused, trio.fail_after(5):
+            await dialer._dialer_handshake(ws, "B")
+        assert refused.value.reason == "version_mismatch"
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_dialer_without_its_genesis_key_is_refused(consortium):
