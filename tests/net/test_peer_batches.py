@@ -9,8 +9,6 @@ import pytest
 import structlog
 import trio
 
-from ehrnode import crypto
-from ehrnode.consortium import init_consortium
 from ehrnode.net.peers import PeerNetwork
 from ehrnode.net.protocol import (
     BATCH_BYTES,
@@ -23,14 +21,6 @@ from ehrnode.net.protocol import (
 )
 
 OLD = (OLDEST_PROTOCOL_VERSION, OLDEST_PROTOCOL_VERSION)
-
-
-@pytest.fixture(scope="module")
-def consortium(tmp_path_factory):
-    root = tmp_path_factory.mktemp("consortium")
-    genesis = init_consortium(root, ["A", "B", "C"], "R", base_port=30000)
-    keys = {m.name: crypto.Identity.load(root / m.name / "keys" / "signing.pem") for m in genesis.members}
-    return genesis, keys
 
 
 @asynccontextmanager

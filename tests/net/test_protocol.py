@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ehrnode import crypto
-from ehrnode.consortium import init_consortium
 from ehrnode.errors import ProtocolError
 from ehrnode.net.peers import CLOSE_POLICY, PeerNetwork
 from ehrnode.net.protocol import (
@@ -29,14 +28,6 @@ from ehrnode.net.protocol import (
     transcript,
     unbatch,
 )
-
-
-@pytest.fixture(scope="module")
-def consortium(tmp_path_factory):
-    root = tmp_path_factory.mktemp("consortium")
-    genesis = init_consortium(root, ["A", "B", "C"], "R", base_port=30000)
-    keys = {m.name: crypto.Identity.load(root / m.name / "keys" / "signing.pem") for m in genesis.members}
-    return genesis, keys
 
 
 def sample_frames(genesis):
