@@ -110,6 +110,9 @@ def recorded(members) -> dict:
     assert statuses == ["201 Created"] * len(resources)
     locations = [e["response"]["location"] for e in body["entry"]]
     assert [loc.split("/")[0] for loc in locations] == [r["resourceType"] for r in resources]
+    # B answered once it had committed them: every member has once it has committed as far.
+    cluster = members["B"].cluster
+    trio.run(cluster.wait_height, ["A", "B", "C", "R"], trio.run(cluster.height, "B"))
     return {"resources": resources, "locations": locations}
 
 
@@ -187,6 +190,7 @@ def test_match_list_pull_and_audit_across_the_consortium(members, recorded):
 
     assert [access_tx(e) for e in reads] == [access]
     assert reads[0]["purposeOfEvent"][0]["coding"][0]["code"] == "TREAT"
+    trio.run(a.cluster.wait_height, ["R"], trio.run(a.cluster.height, "A"))  # R has the access A verified
     by_patient = valid(members["R"].get("AuditEvent", params={"patient.identifier": f"{EMPI}|{empi}"}).json())
     assert access in {access_tx(e["resource"]) for e in by_patient["entry"]}
     ids = [e["resource"]["id"] for e in by_patient["entry"]]
@@ -240,6 +244,8 @@ def test_consent_round_trip_and_a_refused_pull_names_its_access_log(members, rec
     assert created.headers["x-transaction"] == stored["id"]
     assert stored["provision"]["type"] == "deny"
 
+    # B answered once it had committed the withdrawal; A lists it once it has committed that block.
+    trio.run(a.cluster.wait_height, ["A"], trio.run(b.cluster.height, "B"))
     listed = valid(a.get("Consent", params={"patient.identifier": f"{EMPI}|{empi}"}).json())
     shown = [e["resource"] for e in listed["entry"] if e["resource"]["provision"]["type"] == "deny"]
     assert [(c["id"], c["provision"]["type"], c["provision"]["actor"][0]["reference"]["reference"],
