@@ -461,13 +461,13 @@ class Scenario:
         assert node.index is not None
         self._apply(node, node.core.on_message(node.index, message, self.now))
 
-    def _signed(self, index: int, data: SafetyData) -> None:
+    def _signed(self, node_id: int, data: SafetyData) -> None:
         """An honest validator signs at most one vote, one timeout and one proposal per round."""
-        if index in self.byzantine:
+        if node_id in self.byzantine:
             return
         for item in (data.last_vote, data.last_timeout):
             if item is not None:
-                self._record_signed(index, item)
+                self._record_signed(node_id, item)
 
     def _sent(self, node_id: int, index: int | None, message: Message) -> None:
         """Every vote and timeout an honest validator sends is checked too: a core writes its

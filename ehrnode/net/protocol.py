@@ -20,10 +20,10 @@ strictly. Frame types:
 
 Batches (protocol version 3): a connection's writer sends the frames queued for
 it in one of its queues (consensus first, then gossip), up to :data:`BATCH_BYTES`,
-as one message. Each websocket message costs both
-ends a fixed amount (framing, a TLS record, a system call, a task switch on the
-reader's side) that is larger than decoding a small frame, and under load dozens
-of frames wait for one connection at a time. A batch is unpacked before any of its
+as one message. Each websocket message costs both ends a fixed amount (framing,
+a TLS record, a system call, a task switch on the reader's side) that is larger
+than decoding a small frame, and under load dozens of frames wait for one
+connection at a time. A batch is unpacked before any of its
 frames is handled, and one bad frame inside breaks the connection as it would alone.
 
 Versions: a node speaks :data:`PROTOCOL_VERSION` and still accepts
@@ -36,9 +36,9 @@ have been upgraded meanwhile). Nothing is batched to a peer that speaks version 
 Handshake: the transcript is (genesis hash, dialer name, listener name,
 dialer nonce, listener nonce), and from version 3 on both hellos' versions.
 Each side signs it under its own role tag with the Ed25519 key genesis lists
-for its name, so only genesis members get in,
-each side proves it holds its key, and nothing recorded from an earlier
-handshake verifies again (the other side's nonce is fresh).
+for its name, so only genesis members get in, each side proves it holds its
+key, and nothing recorded from an earlier handshake verifies again (the other
+side's nonce is fresh).
 """
 
 from __future__ import annotations
