@@ -14,6 +14,7 @@ from trio_websocket import ConnectionClosed
 from ..logs import get_logger
 from ..records import fhir
 from ..records.service import RecordsService
+from ..records.workers import Checked
 from ..users.roles import Roles
 from ..users.store import User
 from .facade import NodeFacade
@@ -27,6 +28,18 @@ MAX_STAGED_BYTES = 512 * 1024 * 1024
 MAX_STAGED_TOTAL = 1024 * 1024 * 1024
 
 
+@dataclass(eq=False)
+class StagedCheck:
+    """The validation of one staged part, started as it was staged; ``records.add`` waits for it."""
+
+    start: int  # where the part begins in the staged input
+    count: int
+    done: trio.Event = field(default_factory=trio.Event)
+    #: Each item's canonical JSON or problem; None until done, and if it failed (``records.add``
+    #: then validates those items itself).
+    results: list[Checked] | None = None
+
+
 @dataclass
 class Staged:
     """One connection's FHIR input waiting for ``records.add``."""
@@ -34,6 +47,7 @@ class Staged:
     items: list[fhir.Item] = field(default_factory=list)
     bytes: int = 0
     message_bytes: int = 0  # of the request being handled (its parsed size)
+    checks: list[StagedCheck] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -66,6 +80,7 @@ class ApiState:
     def release(self, staged: Staged) -> None:
         self.staged_total -= staged.bytes
         staged.items.clear()
+        staged.checks.clear()
         staged.bytes = 0
 
     def drop_sessions(self, name: str, why: str, keep: Session) -> None:

@@ -10,7 +10,8 @@ import trio
 from ..errors import AdmissionError, EhrnodeError, FhirError, IntegrityError
 from ..ledger.empi_registry import scoped_enrolment
 from ..records import fhir
-from .call import MAX_STAGED, MAX_STAGED_BYTES, MAX_STAGED_TOTAL, Call
+from ..records.workers import Checked
+from .call import MAX_STAGED, MAX_STAGED_BYTES, MAX_STAGED_TOTAL, Call, StagedCheck
 from .rpc import MAX_WAIT, RpcError, hex_param, refused
 
 
@@ -22,8 +23,45 @@ async def records_list(call: Call) -> Any:
 
 
 async def records_stage(call: Call) -> Any:
+    staged = call.session.staged
+    start = len(staged.items)
     _stage(call)
-    return {"staged": len(call.session.staged.items)}
+    if len(staged.items) > start:
+        _check_ahead(call, start)
+    return {"staged": len(staged.items)}
+
+
+def _check_ahead(call: Call, start: int) -> None:
+    """Validate the part just staged (from ``start``) while the caller sends the next one:
+    ``records.add`` then validates only what no staged part covered."""
+    staged, records = call.session.staged, call.recording()
+    items = staged.items[start:]
+    check = StagedCheck(start, len(items))
+    staged.checks.append(check)
+
+    async def run() -> None:
+        try:
+            check.results = await records.check(items)
+        except Exception as exc:  # noqa: BLE001 - records.add validates these items itself, and says why
+            call.api.log.warning("records.check_failed", resources=len(items), error=repr(exc))
+        finally:
+            check.done.set()
+
+    call.session.nursery.start_soon(run)
+
+
+async def _checked_ahead(checks: list[StagedCheck]) -> list[Checked]:
+    """What the staged parts validated ahead found, from the first item on, up to the first part
+    that was not (each waited for)."""
+    checked: list[Checked] = []
+    for check in checks:
+        if check.start != len(checked):
+            break
+        await check.done.wait()
+        if check.results is None or len(check.results) != check.count:
+            break
+        checked.extend(check.results)
+    return checked
 
 
 async def records_add(call: Call) -> Any:
@@ -35,13 +73,13 @@ async def records_add(call: Call) -> Any:
         raise refused(exc) from exc
     _stage(call)
     staged = call.session.staged
-    batch = list(staged.items)
+    batch, checks = list(staged.items), list(staged.checks)
     call.api.release(staged)
     if not batch:
         raise RpcError(-32602, "nothing to record: no items given or staged")
     try:
         outcome = await records.record(batch, skip_invalid=call.params.get("skip_invalid") is True,
-                                       actor=call.user.pseudonym)
+                                       actor=call.user.pseudonym, checked=await _checked_ahead(checks))
     except FhirError as exc:
         call.api.log.info("records.refused", reason=exc.reason, resources=len(batch))
         raise refused(exc) from exc

@@ -56,7 +56,7 @@ from .deid import Deidentifier
 from .deid.notes import PatientFacts
 from .keys import RecordKeys
 from .vault import RECORD_ID_SIZE, NewEntry, PatientRow, SealedEntry, StoredEntry, Vault, Write
-from .workers import Preparer
+from .workers import Checked, Preparer
 
 #: Shown problems per failed ingest; the rest are counted.
 MAX_PROBLEMS_SHOWN = 50
@@ -161,8 +161,13 @@ class Recorder:
         return self.write(self.prepare(items, skip_invalid=skip_invalid, now_ms=now_ms), actor=actor,
                           evaluated=evaluated)
 
-    def prepare(self, items: Sequence[fhir.Item], *, skip_invalid: bool = False, now_ms: int) -> Prepared:
+    def prepare(self, items: Sequence[fhir.Item], *, skip_invalid: bool = False, now_ms: int,
+                checked: Sequence[Checked] = ()) -> Prepared:
         """Everything of recording ``items`` but writing; raises FhirError on invalid input.
+
+        ``checked``: what :meth:`check` found of the first ``len(checked)`` items, when they were
+        validated already (while the rest of the input was still arriving); the rest are
+        validated here.
 
         In stages: validate the input and find each resource's patient; set aside content
         recorded before; de-identify what is left, sealing each vault entry as its release comes
@@ -171,7 +176,7 @@ class Recorder:
         now_ms = recorded_day(now_ms)
         outcome = Outcome()
         problems: list[fhir.Problem] = []
-        candidates, patients = self._validate(items, outcome, problems)
+        candidates, patients = self._validate(items, outcome, problems, checked)
         candidates = self._fresh(candidates, patients, outcome)
         sealed = self._release(candidates, patients, problems, now_ms)
         if problems and not skip_invalid:
@@ -204,14 +209,22 @@ class Recorder:
         self._write(candidates, prepared.patients, outcome, prepared.now_ms, actor, evaluated, prepared.sealed)
         return outcome
 
-    def _validate(self, items: Sequence[fhir.Item], outcome: Outcome,
-                  problems: list[fhir.Problem]) -> tuple[list[_Candidate], dict[str, _Patient]]:
+    def check(self, items: Sequence[fhir.Item]) -> list[Checked]:
+        """Validate ``items`` alone (nothing else is read or written: any thread, any time), for
+        :meth:`prepare` to be given later as ``checked``."""
+        return self.preparer.validate(items)
+
+    def _validate(self, items: Sequence[fhir.Item], outcome: Outcome, problems: list[fhir.Problem],
+                  checked_before: Sequence[Checked] = ()) -> tuple[list[_Candidate], dict[str, _Patient]]:
         """The valid patient data of ``items``, each with its patient resolved; problems and
         skipped items noted."""
+        if len(checked_before) > len(items):
+            raise ValueError("more validation results than items")
+        results = [*checked_before, *self.preparer.validate(items[len(checked_before):])]
         candidates: list[_Candidate] = []
         invalid_patients: set[str] = set()
         seen: set[tuple[str, str]] = set()
-        for item, checked in zip(items, self.preparer.validate(items), strict=True):
+        for item, checked in zip(items, results, strict=True):
             problem = None if isinstance(checked, bytes) else checked
             if problem is None:
                 key = (item.resource["resourceType"], item.resource["id"])

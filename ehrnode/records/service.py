@@ -32,7 +32,7 @@ from .deid import Deidentifier, load_profile
 from .keys import RecordKeys
 from .recorder import Outcome, Prepared, Recorder
 from .vault import Vault
-from .workers import Preparer, default_workers
+from .workers import Checked, Preparer, default_workers
 
 OUTBOX_INTERVAL = 2.0
 
@@ -78,8 +78,15 @@ class RecordsService:
 
     # --- recording ----------------------------------------------------------------------
 
-    async def record(self, items: Sequence[fhir.Item], *, skip_invalid: bool, actor: bytes = b"") -> Outcome:
-        """Record ``items`` (all or nothing) as user ``actor``; raises FhirError for invalid input."""
+    async def check(self, items: Sequence[fhir.Item]) -> list[Checked]:
+        """Validate ``items`` ahead of recording them (:meth:`record`'s ``checked``): an input that
+        comes in several messages is validated part by part while the rest arrives."""
+        return await trio.to_thread.run_sync(self.recorder.check, items)
+
+    async def record(self, items: Sequence[fhir.Item], *, skip_invalid: bool, actor: bytes = b"",
+                     checked: Sequence[Checked] = ()) -> Outcome:
+        """Record ``items`` (all or nothing) as user ``actor``; raises FhirError for invalid input.
+        ``checked``: what :meth:`check` found of the first ``len(checked)`` items."""
         started = time.monotonic()
         anchored = self.hooks.state.highest_position(self.name)
         head = (await self._blocking(self.vault.head))[0]
@@ -92,7 +99,7 @@ class RecordsService:
         # Reading every Patient's demographics is CPU work a large input must not do on the loop.
         inputs = await trio.to_thread.run_sync(self.recorder.oprf_inputs, items)
         async with self._lock:  # nothing else writes the vault between preparing and writing
-            prepared, evaluated = await self._prepare_and_evaluate(items, skip_invalid, inputs, actor)
+            prepared, evaluated = await self._prepare_and_evaluate(items, skip_invalid, inputs, actor, checked)
             outcome: Outcome = await trio.to_thread.run_sync(lambda: self.recorder.write(
                 prepared, actor=actor, evaluated=evaluated))
         if any(r.status == "already_recorded" for r in outcome.records):
@@ -111,7 +118,8 @@ class RecordsService:
         return outcome
 
     async def _prepare_and_evaluate(self, items: Sequence[fhir.Item], skip_invalid: bool, inputs: list[bytes],
-                                    actor: bytes) -> tuple[Prepared, dict[bytes, bytes]]:
+                                    actor: bytes, checked: Sequence[Checked] = (),
+                                    ) -> tuple[Prepared, dict[bytes, bytes]]:
         """Validate and de-identify ``items`` while the other members evaluate the OPRF ``inputs``
         (a round trip, and their CPU): the first failure of the two is raised, input problems first."""
         evaluated: dict[bytes, bytes] = {}
@@ -128,7 +136,7 @@ class RecordsService:
                 nursery.start_soon(evaluate)
             try:
                 prepared = await trio.to_thread.run_sync(lambda: self.recorder.prepare(
-                    items, skip_invalid=skip_invalid, now_ms=int(time.time() * 1000)))
+                    items, skip_invalid=skip_invalid, now_ms=int(time.time() * 1000), checked=checked))
             except Exception as exc:  # noqa: BLE001 - raised below, after the evaluation is stopped
                 nursery.cancel_scope.cancel()
                 failed.insert(0, exc)

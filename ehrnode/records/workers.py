@@ -108,7 +108,9 @@ def default_workers() -> int:
 
 
 class Preparer:
-    """Blocking: one input at a time; :meth:`start` and :meth:`close` may come from other threads."""
+    """Blocking: one input at a time, but :meth:`validate` may also run for another input (staged
+    input validated ahead, :mod:`ehrnode.api.records`) in another thread, sharing the pool;
+    :meth:`start` and :meth:`close` may come from other threads."""
 
     def __init__(self, deid: Deidentifier, profile_path: Path | str | None, key: bytes, *, workers: int) -> None:
         self.deid = deid

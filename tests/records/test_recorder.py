@@ -128,6 +128,30 @@ def test_a_large_input_is_anchored_in_transactions_of_at_most_max_anchors(tmp_pa
     assert rec.vault.verify(IDENTITY.public_key)["ok"]
 
 
+def test_items_validated_ahead_are_not_validated_again_and_their_problems_count(tmp_path, monkeypatch):
+    """``checked`` covers the first items (validated while the rest of the input arrived): only the
+    rest is validated now, and a problem found ahead refuses the input as one found now would."""
+    rec = recorder(tmp_path)
+    resources = synthetic.patient_resources(PEOPLE[5], "A", visits=1)
+    given = items(resources)
+    ahead = rec.check(given[:2])
+    assert all(isinstance(c, bytes) for c in ahead)
+    validated = []
+    real = rec.preparer.validate
+    monkeypatch.setattr(rec.preparer, "validate", lambda part: validated.append(len(part)) or real(part))
+    outcome = rec.write(rec.prepare(given, now_ms=1, checked=ahead))
+    assert validated == [len(given) - 2]
+    assert len(outcome.records) == len(given)
+    assert rec.vault.verify(IDENTITY.public_key)["ok"]
+
+    again = items(synthetic.patient_resources(PEOPLE[6], "A", visits=1))
+    found = fhir.Problem("input.ndjson:2", "Encounter", "e", None, "status: field required")
+    with pytest.raises(FhirError, match="input.ndjson:2.*status: field required"):
+        rec.prepare(again, now_ms=1, checked=[*rec.check(again[:1]), found])
+    with pytest.raises(ValueError, match="more validation results than items"):
+        rec.prepare(again[:1], now_ms=1, checked=rec.check(again[:2]))
+
+
 def test_on_a_chain_of_rules_1_each_record_has_its_own_record_anchor(tmp_path):
     rec = recorder(tmp_path, rules=1)
     outcome = rec.record(items(synthetic.patient_resources(PEOPLE[0], "A", visits=1)), now_ms=1)

@@ -333,6 +333,39 @@ def test_the_node_itself_refuses_invalid_input_sent_past_the_cli(cluster):
     assert [r["setting"] for r in records] == ["unknown", encounter["class"]["code"], "other"]
 
 
+def test_staged_parts_are_validated_as_they_come_and_recorded_all_at_once(cluster):
+    """Each staged part is validated while the next one is sent; ``records.add`` still records the
+    whole input or none of it, and names a problem found in any part."""
+    from ehrnode import synthetic
+    from ehrnode.client import ApiClient, ApiError
+
+    first, second = (synthetic.patient_resources(p, "B", visits=1) for p in synthetic.people(2, seed=77))
+    broken = {k: v for k, v in second[1].items() if k != "status"}  # an Encounter needs its status
+
+    def part(label, resources):
+        return [{"source": f"{label}:{i}", "resource": r} for i, r in enumerate(resources)]
+
+    before = _vault_count(cluster)
+
+    async def go():
+        async with ApiClient.connect(cluster.configs["B"]) as client:
+            await client.call("records.stage", items=part("one", first))
+            await client.call("records.stage", items=part("two", [second[0], broken]))
+            with pytest.raises(ApiError) as err:
+                await client.call("records.add", items=part("three", second[2:]))
+            assert err.value.reason == "invalid_input" and "two:1" in str(err.value), str(err.value)
+            assert "one:" not in str(err.value) and "three:" not in str(err.value)
+            # Nothing stays staged after a refusal: the same parts, mended, are recorded at once.
+            await client.call("records.stage", items=part("one", first))
+            await client.call("records.stage", items=part("two", second[:2]))
+            return await client.call("records.add", items=part("three", second[2:]))
+
+    done = trio.run(go)
+    assert [r["source"] for r in done["records"]] == [f"one:{i}" for i in range(len(first))] + \
+        ["two:0", "two:1", "three:0", "three:1"]
+    assert _vault_count(cluster) == before + len(first) + len(second)
+
+
 def test_empi_across_institutions_and_its_curation_commands(cluster, ingest, tmp_path):
     rows, _ = ingest
     a_empi = {}

@@ -27,7 +27,7 @@ def service(prepare, evaluate):
 async def test_the_evaluation_runs_while_the_input_is_prepared():
     asked = threading.Event()
 
-    def prepare(items, *, skip_invalid, now_ms):
+    def prepare(items, *, skip_invalid, now_ms, checked):
         # Done in a thread: the evaluation must have been asked for before this finishes.
         if not asked.wait(10):
             raise AssertionError("the OPRF evaluation did not start while the input was prepared")
@@ -46,14 +46,14 @@ async def test_no_patient_no_evaluation():
     async def evaluate(values, actor):
         raise AssertionError("nothing to evaluate")
 
-    assert await service(lambda items, skip_invalid, now_ms: PREPARED, evaluate)._prepare_and_evaluate(
+    assert await service(lambda items, skip_invalid, now_ms, checked: PREPARED, evaluate)._prepare_and_evaluate(
         [], False, [], b"") == (PREPARED, {})
 
 
 async def test_invalid_input_is_reported_and_stops_the_evaluation():
     stopped = []
 
-    def prepare(items, *, skip_invalid, now_ms):
+    def prepare(items, *, skip_invalid, now_ms, checked):
         raise FhirError("1 invalid resource(s); nothing was recorded", reason="invalid_input")
 
     async def evaluate(values, actor):
@@ -68,7 +68,7 @@ async def test_invalid_input_is_reported_and_stops_the_evaluation():
 
 
 async def test_input_problems_come_before_a_failed_evaluation():
-    def prepare(items, *, skip_invalid, now_ms):
+    def prepare(items, *, skip_invalid, now_ms, checked):
         raise FhirError("1 invalid resource(s)", reason="invalid_input")
 
     async def evaluate(values, actor):
@@ -81,7 +81,7 @@ async def test_input_problems_come_before_a_failed_evaluation():
 async def test_a_failed_evaluation_is_raised_once_the_input_is_prepared():
     done = []
 
-    def prepare(items, *, skip_invalid, now_ms):
+    def prepare(items, *, skip_invalid, now_ms, checked):
         done.append(True)
         return PREPARED
 
