@@ -26,6 +26,11 @@ from .rpc import RpcError, timeout_param
 MAX_STAGED = 200_000
 MAX_STAGED_BYTES = 512 * 1024 * 1024
 MAX_STAGED_TOTAL = 1024 * 1024 * 1024
+#: Staged resources being validated ahead at once, over all connections. A part staged past it is
+#: left to ``records.add`` (as is every later part of that input): a client staging faster than
+#: the workers validate, or dropping its input and staging again, cannot pile up work and the
+#: memory it holds.
+MAX_CHECKING_AHEAD = 50_000
 
 
 @dataclass(eq=False)
@@ -75,6 +80,7 @@ class ApiState:
         self.roles = roles
         self.log = get_logger(node=node.name)
         self.staged_total = 0  # parsed size of the FHIR input staged over all connections
+        self.checking_ahead = 0  # staged resources being validated ahead, over all connections
         self.sessions: set[Session] = set()
 
     def release(self, staged: Staged) -> None:

@@ -11,7 +11,7 @@ from ..errors import AdmissionError, EhrnodeError, FhirError, IntegrityError
 from ..ledger.empi_registry import scoped_enrolment
 from ..records import fhir
 from ..records.workers import Checked
-from .call import MAX_STAGED, MAX_STAGED_BYTES, MAX_STAGED_TOTAL, Call, StagedCheck
+from .call import MAX_CHECKING_AHEAD, MAX_STAGED, MAX_STAGED_BYTES, MAX_STAGED_TOTAL, Call, StagedCheck
 from .rpc import MAX_WAIT, RpcError, hex_param, refused
 
 
@@ -33,18 +33,24 @@ async def records_stage(call: Call) -> Any:
 
 def _check_ahead(call: Call, start: int) -> None:
     """Validate the part just staged (from ``start``) while the caller sends the next one:
-    ``records.add`` then validates only what no staged part covered."""
-    staged, records = call.session.staged, call.recording()
+    ``records.add`` then validates only what no staged part covered. Only parts that follow on
+    from the first item are (``records.add`` uses the results up to the first gap), and no more
+    than ``MAX_CHECKING_AHEAD`` resources at once."""
+    staged, api, records = call.session.staged, call.api, call.recording()
     items = staged.items[start:]
+    if sum(c.count for c in staged.checks) != start or api.checking_ahead + len(items) > MAX_CHECKING_AHEAD:
+        return
     check = StagedCheck(start, len(items))
     staged.checks.append(check)
+    api.checking_ahead += len(items)
 
     async def run() -> None:
         try:
             check.results = await records.check(items)
         except Exception as exc:  # noqa: BLE001 - records.add validates these items itself, and says why
-            call.api.log.warning("records.check_failed", resources=len(items), error=repr(exc))
+            api.log.warning("records.check_failed", resources=len(items), error=repr(exc))
         finally:
+            api.checking_ahead -= len(items)
             check.done.set()
 
     call.session.nursery.start_soon(run)
