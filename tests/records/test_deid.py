@@ -19,6 +19,8 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ehrnode.errors import DeidentificationError
 from ehrnode.records.deid import (
@@ -35,7 +37,9 @@ from ehrnode.records.deid import (
     shift_date,
     valid_resident_id,
 )
+from ehrnode.records.deid import text as text_module
 from ehrnode.records.deid.notes import PatientFacts
+from ehrnode.records.deid.text import has_pattern
 from ehrnode.records.kanon import RESTRICTED_ZIP3, choose_levels, zip3
 
 from ..datasets import SYNTHEA as DATA
@@ -492,6 +496,25 @@ def test_scrub_replaces_identifying_patterns_and_keeps_clinical_words():
     for kept in ("hypertension", "lisinopril 10 mg daily", "BP 120/80", "Assessment", "woman"):
         assert kept in scrubbed
     assert scrubbed.count("[REDACTED]") >= 18
+
+
+_PATTERN_TEXT = st.one_of(
+    *(st.from_regex(re.compile(p, re.IGNORECASE)) for p in text_module._SCRUB_PATTERNS.values()),
+    st.text(), st.sampled_from(["Body Mass Index", "WWW.x", "wWw.example", "\u212a", "\u0130 \u0131", "a@b",
+                                "\uff11\uff12\uff13\uff14\uff15\uff16", "::1", "Sept 2020"]),
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_PATTERN_TEXT)
+def test_text_without_a_candidate_character_is_passed_over_exactly_when_no_pattern_matches(value):
+    """The quick check before the patterns (a digit, "@", ":" or "www.") never changes an answer:
+    every string a pattern matches has one, so scrubbing and detection agree with the patterns."""
+    matched = text_module._SCRUB.search(value) is not None
+    if matched:
+        assert text_module._CANDIDATE.search(value) is not None, value
+    assert has_pattern(value) is matched
+    assert scrub_text(value) == text_module._SCRUB.sub(text_module.REDACTED, value)
 
 
 def test_a_profile_can_scrub_notes_narratives_and_text_attachments_instead_of_dropping_them(tmp_path):

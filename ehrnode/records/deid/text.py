@@ -38,6 +38,12 @@ _SCRUB_PATTERNS = {
                    + _NOT_ALNUM_AFTER,
 }
 _SCRUB = re.compile("|".join(f"(?:{p})" for p in _SCRUB_PATTERNS.values()), re.IGNORECASE)
+#: What every pattern above needs somewhere in the text: a digit (every number, date, identifier
+#: and labelled record number), "@" (e-mail), ":" (a URL's scheme, an IPv6 address) or "www."
+#: (under the same flags, so it matches exactly the characters they match). Text without any is
+#: left as it is at once: most coded text (display names, units) holds none, and the patterns
+#: together cost some 20 microseconds a search where this costs one.
+_CANDIDATE = re.compile(r"[\d@:]|www\.", re.IGNORECASE)
 # Shared with the notes scrubber.
 NOT_ALNUM_BEFORE, NOT_ALNUM_AFTER = _NOT_ALNUM_BEFORE, _NOT_ALNUM_AFTER
 IP_PATTERN = _SCRUB_PATTERNS["ip"]  # IPv4 and IPv6 addresses
@@ -57,12 +63,12 @@ def scrub_text(text: str) -> str:
     Chinese labels), ages of 90 and over, and any token holding six or more digits in a
     row. Names are not patterns: free text holding names must be redacted, not scrubbed.
     """
-    return _SCRUB.sub(REDACTED, text)
+    return _SCRUB.sub(REDACTED, text) if _CANDIDATE.search(text) else text
 
 
 def has_pattern(text: str) -> bool:
     """Whether :func:`scrub_text` would change ``text``."""
-    return _SCRUB.search(text) is not None
+    return _CANDIDATE.search(text) is not None and _SCRUB.search(text) is not None
 
 
 def scrub_markup(text: str, scrub: Callable[[str], str]) -> str:
