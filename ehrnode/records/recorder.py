@@ -420,8 +420,7 @@ class Recorder:
         if self.deid.profile.k <= 1 or not releasing:
             return {}
         population = {pid: deid_module.quasi_identifiers(patients[pid].resource) for pid in releasing}
-        released = {row.resource["id"]: row.released for row in self.vault.patients()
-                    if row.resource["id"] not in releasing}
+        released = {pid: value for pid, value in self.vault.released().items() if pid not in releasing}
         return self.deid.choose_levels(population, released=released)
 
     def _settings(self, items: list[fhir.Item]) -> list[str]:

@@ -239,7 +239,7 @@ class RecordsService:
 
     async def kanon_report(self) -> dict[str, Any]:
         def released() -> list[tuple[Any, ...]]:
-            return [row.released for row in self.vault.patients()]
+            return list(self.vault.released().values())
 
         return deid_module.kanon_report(await self._blocking(released), self.profile.k)
 

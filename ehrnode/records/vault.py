@@ -186,6 +186,9 @@ class Vault:
         # Erasure deletes data keys: overwrite their bytes rather than leave them in free pages.
         self._db.execute("PRAGMA secure_delete=ON")
         self._migrate_outbox()
+        #: Each recorded Patient's released quasi-identifiers by resource id: opened from the
+        #: patient table the first time they are needed, then kept as patients are written.
+        self._released: dict[str, tuple[Any, ...]] | None = None
 
     def close(self) -> None:
         self._db.close()
@@ -232,6 +235,8 @@ class Vault:
             db.executemany("INSERT OR REPLACE INTO encounters VALUES (?, ?)", write.encounters.items())
             db.executemany("INSERT OR REPLACE INTO versions VALUES (?, ?, ?)",
                            [(k, d, r) for k, (d, r) in write.versions.items()])
+        if self._released is not None:
+            self._released.update((p.resource["id"], tuple(p.released)) for p in write.patients)
         return stored
 
     def seal(self, entry: NewEntry, position: int, prev: bytes) -> SealedEntry:
@@ -273,6 +278,14 @@ class Vault:
     def patient(self, lookup: bytes) -> PatientRow | None:
         row = self._db.execute("SELECT lookup, enrolment, sealed FROM patients WHERE lookup = ?", (lookup,)).fetchone()
         return self._open_patient(row) if row else None
+
+    def released(self) -> Mapping[str, tuple[Any, ...]]:
+        """What each recorded Patient released of its quasi-identifiers, by resource id. The
+        patient table is opened once (every row decrypted) and the answer kept up to date by
+        :meth:`append`, so k-anonymity does not decrypt every patient at each ingest."""
+        if self._released is None:
+            self._released = {row.resource["id"]: tuple(row.released) for row in self.patients()}
+        return self._released
 
     def patients(self) -> Iterator[PatientRow]:
         for row in self._db.execute("SELECT lookup, enrolment, sealed FROM patients").fetchall():

@@ -187,6 +187,30 @@ def test_k_anonymity_holds_over_everything_released_across_ingests(tmp_path):
     assert report["below_k"] == 0 and report["classes"] >= 2
 
 
+def test_released_values_are_read_from_the_patient_table_once_then_kept_as_patients_are_written(
+        tmp_path, monkeypatch):
+    """k-anonymity needs what every recorded Patient released: the patient table is decrypted the
+    first time, not at every ingest, and what later ingests write is counted all the same."""
+    profile_path = tmp_path / "k3.toml"
+    profile_path.write_text('[profile]\nname = "k3"\nextends = "default"\n\n[kanonymity]\nk = 3\n')
+    rec = recorder(tmp_path, profile=load_profile(profile_path))
+    population = synthetic.people(30, seed=12)
+
+    def table(vault):
+        return {row.resource["id"]: tuple(row.released) for row in vault.patients()}
+
+    rec.record(items([synthetic.patient_resources(p, "A", visits=0)[0] for p in population[:20]]), now_ms=1)
+    assert rec.vault.released() == table(rec.vault) and len(table(rec.vault)) == 20
+    with monkeypatch.context() as m:
+        m.setattr(rec.vault, "patients", lambda: pytest.fail("the patient table was decrypted again"))
+        rec.record(items([synthetic.patient_resources(p, "A", visits=0)[0] for p in population[20:]]), now_ms=1)
+        kept = dict(rec.vault.released())
+    assert kept == table(rec.vault) and len(kept) == 30
+    assert kanon_report(kept.values(), 3)["below_k"] == 0
+    keys = RecordKeys.derive(b"A" * 32, CONSORTIUM)
+    assert Vault(tmp_path / "A.sqlite3", keys, MEMBER).released() == kept  # as a restarted node reads it
+
+
 def test_the_notes_profile_releases_notes_scrubbed_with_the_patient_known_from_an_earlier_ingest(tmp_path):
     import base64
 
