@@ -26,22 +26,30 @@ from .rpc import RpcError, timeout_param
 MAX_STAGED = 200_000
 MAX_STAGED_BYTES = 512 * 1024 * 1024
 MAX_STAGED_TOTAL = 1024 * 1024 * 1024
-#: Staged resources being validated ahead at once, over all connections. A part staged past it is
-#: left to ``records.add`` (as is every later part of that input): a client staging faster than
-#: the workers validate, or dropping its input and staging again, cannot pile up work and the
-#: memory it holds.
-MAX_CHECKING_AHEAD = 50_000
+#: Staged input being validated ahead at once, over all connections (its parsed size, counted
+#: until its validation ends, even once the input is dropped). A part past it is left to
+#: ``records.add``, as is every later part of that input: a client staging faster than the
+#: workers validate, or dropping its input and staging again, cannot pile up work or memory.
+MAX_CHECKING_AHEAD = 256 * 1024 * 1024
 
 
 @dataclass(eq=False)
 class StagedCheck:
-    """The validation of one staged part, started as it was staged; ``records.add`` waits for it."""
+    """The validation of one staged part, started as it was staged; ``records.add`` waits for it
+    if it has begun, and cancels it if it is still waiting for its turn."""
 
     start: int  # where the part begins in the staged input
-    count: int
+    items: list[fhir.Item]
+    size: int  # parsed size
+    #: The part staged before it (in the same input): its turn comes first.
+    previous: StagedCheck | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    started: bool = False
+    #: Set once its validation has begun, or ended without beginning.
+    began: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
-    #: Each item's canonical JSON or problem; None until done, and if it failed (``records.add``
-    #: then validates those items itself).
+    #: Each item's canonical JSON or problem; None until done, and if it failed or was cancelled
+    #: (``records.add`` then validates those items itself).
     results: list[Checked] | None = None
 
 
@@ -53,6 +61,15 @@ class Staged:
     bytes: int = 0
     message_bytes: int = 0  # of the request being handled (its parsed size)
     checks: list[StagedCheck] = field(default_factory=list)
+    #: How far checks cover the input, in order from its first item; -1 once a part was left out.
+    checked_to: int = 0
+
+    def cancel_checks(self, *, started: bool) -> None:
+        """Cancel the validations ahead still waiting for their turn, and with ``started`` the
+        running ones too (their results are then never used)."""
+        for check in self.checks:
+            if started or not check.started:
+                check.scope.cancel()
 
 
 @dataclass(eq=False)
@@ -80,13 +97,18 @@ class ApiState:
         self.roles = roles
         self.log = get_logger(node=node.name)
         self.staged_total = 0  # parsed size of the FHIR input staged over all connections
-        self.checking_ahead = 0  # staged resources being validated ahead, over all connections
+        self.checking_ahead = 0  # parsed size of staged input being validated ahead, over all connections
         self.sessions: set[Session] = set()
 
-    def release(self, staged: Staged) -> None:
+    def release(self, staged: Staged, *, cancel_checks: bool = True) -> None:
+        """Forget the staged input; its validations ahead are cancelled, unless ``records.add``
+        is taking their results."""
+        if cancel_checks:
+            staged.cancel_checks(started=True)
         self.staged_total -= staged.bytes
         staged.items.clear()
         staged.checks.clear()
+        staged.checked_to = 0
         staged.bytes = 0
 
     def drop_sessions(self, name: str, why: str, keep: Session) -> None:

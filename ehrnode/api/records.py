@@ -25,48 +25,64 @@ async def records_list(call: Call) -> Any:
 async def records_stage(call: Call) -> Any:
     staged = call.session.staged
     start = len(staged.items)
-    _stage(call)
+    size = _stage(call)
     if len(staged.items) > start:
-        _check_ahead(call, start)
+        _check_ahead(call, start, size)
     return {"staged": len(staged.items)}
 
 
-def _check_ahead(call: Call, start: int) -> None:
-    """Validate the part just staged (from ``start``) while the caller sends the next one:
-    ``records.add`` then validates only what no staged part covered. Only parts that follow on
-    from the first item are (``records.add`` uses the results up to the first gap), and no more
-    than ``MAX_CHECKING_AHEAD`` resources at once."""
+def _check_ahead(call: Call, start: int, size: int) -> None:
+    """Validate the part just staged (from ``start``; ``size``, parsed) in the worker processes
+    while the caller sends the next one: ``records.add`` then validates only what no staged part
+    covered. Only parts that follow on from the first item are, and only while the parts being
+    validated ahead over all connections stay within ``MAX_CHECKING_AHEAD``. A part too small
+    for the workers is not: validating it here would only compete with the event loop."""
     staged, api, records = call.session.staged, call.api, call.recording()
     items = staged.items[start:]
-    if sum(c.count for c in staged.checks) != start or api.checking_ahead + len(items) > MAX_CHECKING_AHEAD:
+    if (staged.checked_to != start or not records.checks_ahead(len(items))
+            or api.checking_ahead + size > MAX_CHECKING_AHEAD):
+        staged.checked_to = -1
         return
-    check = StagedCheck(start, len(items))
+    check = StagedCheck(start, items, size, previous=staged.checks[-1] if staged.checks else None)
     staged.checks.append(check)
-    api.checking_ahead += len(items)
+    staged.checked_to = start + len(items)
+    api.checking_ahead += size
+
+    def started() -> None:
+        check.started = True
+        check.began.set()
 
     async def run() -> None:
         try:
-            check.results = await records.check(items)
+            with check.scope:
+                if check.previous is not None:
+                    await check.previous.began.wait()  # the parts of one input in the order staged
+                check.results = await records.check(items, started)
         except Exception as exc:  # noqa: BLE001 - records.add validates these items itself, and says why
             api.log.warning("records.check_failed", resources=len(items), error=repr(exc))
         finally:
-            api.checking_ahead -= len(items)
+            api.checking_ahead -= size
+            check.previous = None
+            check.began.set()
             check.done.set()
 
     call.session.nursery.start_soon(run)
 
 
-async def _checked_ahead(checks: list[StagedCheck]) -> list[Checked]:
-    """What the staged parts validated ahead found, from the first item on, up to the first part
-    that was not (each waited for)."""
+async def _checked_ahead(checks: list[StagedCheck], batch: list[fhir.Item]) -> list[Checked]:
+    """What the staged parts validated ahead found for the first items of ``batch``, up to the
+    first part that was not (each waited for). A part's results count only for the very items it
+    validated, at the places they hold in ``batch``."""
     checked: list[Checked] = []
     for check in checks:
         if check.start != len(checked):
             break
         await check.done.wait()
-        if check.results is None or len(check.results) != check.count:
+        results, items = check.results, check.items
+        if (results is None or len(results) != len(items) or check.start + len(items) > len(batch)
+                or any(batch[check.start + i] is not item for i, item in enumerate(items))):
             break
-        checked.extend(check.results)
+        checked.extend(results)
     return checked
 
 
@@ -79,13 +95,15 @@ async def records_add(call: Call) -> Any:
         raise refused(exc) from exc
     _stage(call)
     staged = call.session.staged
+    # Parts still waiting for their turn are validated with the rest rather than waited for.
+    staged.cancel_checks(started=False)
     batch, checks = list(staged.items), list(staged.checks)
-    call.api.release(staged)
+    call.api.release(staged, cancel_checks=False)
     if not batch:
         raise RpcError(-32602, "nothing to record: no items given or staged")
     try:
         outcome = await records.record(batch, skip_invalid=call.params.get("skip_invalid") is True,
-                                       actor=call.user.pseudonym, checked=await _checked_ahead(checks))
+                                       actor=call.user.pseudonym, checked=await _checked_ahead(checks, batch))
     except FhirError as exc:
         call.api.log.info("records.refused", reason=exc.reason, resources=len(batch))
         raise refused(exc) from exc
@@ -109,8 +127,9 @@ async def records_add(call: Call) -> Any:
     return {"records": rows, "skipped": outcome.skipped}
 
 
-def _stage(call: Call) -> None:
-    """Hold the call's items on the connection, within the limits on staged input."""
+def _stage(call: Call) -> int:
+    """Hold the call's items on the connection, within the limits on staged input; returns their
+    parsed size."""
     items = call.params.get("items", [])
     if not isinstance(items, list):
         raise RpcError(-32602, "items must be a list of {source, resource}")
@@ -132,6 +151,7 @@ def _stage(call: Call) -> None:
     staged.items.extend(fhir.Item(entry["source"], entry["resource"]) for entry in items)
     staged.bytes += size
     api.staged_total += size
+    return size
 
 
 async def records_show(call: Call) -> Any:

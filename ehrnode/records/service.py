@@ -48,6 +48,10 @@ class Hooks:
     evaluate: Callable[[Sequence[bytes], bytes], Awaitable[dict[bytes, bytes]]]
 
 
+#: Staged parts validated ahead at once (the workers take their chunks in turn).
+CHECKS_AT_ONCE = 4
+
+
 class RecordsService:
     def __init__(self, config: NodeConfig, *, chain_id: str, member: crypto.MemberKeys, hooks: Hooks) -> None:
         if config.master_key_path is None or config.consortium_key_path is None:
@@ -67,6 +71,9 @@ class RecordsService:
             member=member, preparer=self.preparer, rules=hooks.state.rules,
         )
         self._lock = trio.Lock()
+        # Validation ahead of staged input: a few parts at a time, in threads of their own.
+        self._check_turns = trio.CapacityLimiter(CHECKS_AT_ONCE)
+        self._check_threads = trio.CapacityLimiter(CHECKS_AT_ONCE)
 
     def close(self) -> None:
         self.preparer.close()
@@ -78,10 +85,19 @@ class RecordsService:
 
     # --- recording ----------------------------------------------------------------------
 
-    async def check(self, items: Sequence[fhir.Item]) -> list[Checked]:
+    def checks_ahead(self, count: int) -> bool:
+        """Whether :meth:`check` of ``count`` items would run in the worker processes."""
+        return self.recorder.preparer.pooled(count)
+
+    async def check(self, items: Sequence[fhir.Item], started: Callable[[], None] = lambda: None) -> list[Checked]:
         """Validate ``items`` ahead of recording them (:meth:`record`'s ``checked``): an input that
-        comes in several messages is validated part by part while the rest arrives."""
-        return await trio.to_thread.run_sync(self.recorder.check, items)
+        comes in several messages is validated part by part while the rest arrives. At most
+        ``CHECKS_AT_ONCE`` parts at a time over all connections (each spread over the workers), in
+        threads of their own, so parts waiting never hold up the threads recording and reading
+        the vault use; ``started`` is called when this part's turn comes."""
+        async with self._check_turns:
+            started()
+            return await trio.to_thread.run_sync(self.recorder.check, items, limiter=self._check_threads)
 
     async def record(self, items: Sequence[fhir.Item], *, skip_invalid: bool, actor: bytes = b"",
                      checked: Sequence[Checked] = ()) -> Outcome:
@@ -113,7 +129,7 @@ class RecordsService:
         deferred = self._offer(outcome.transactions)
         self.log.info("records.recorded", records=sum(r.status == "recorded" for r in outcome.records),
                       unchanged=sum(r.status == "already_recorded" for r in outcome.records),
-                      skipped=len(outcome.skipped), deferred=deferred,
+                      skipped=len(outcome.skipped), deferred=deferred, checked_ahead=len(checked),
                       seconds=round(time.monotonic() - started, 3))
         return outcome
 

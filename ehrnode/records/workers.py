@@ -131,10 +131,12 @@ class Preparer:
         self._in(pool, lambda: [f.result() for f in [pool.submit(_started) for _ in range(self.workers)]])
         return self.workers
 
+    def pooled(self, count: int) -> bool:
+        """Whether an input of ``count`` items is spread over the worker processes."""
+        return self.workers >= 2 and count >= POOL_THRESHOLD
+
     def _use_pool(self, count: int) -> ProcessPoolExecutor | None:
-        if self.workers < 2 or count < POOL_THRESHOLD:
-            return None
-        return self._pool_now()
+        return self._pool_now() if self.pooled(count) else None
 
     def _pool_now(self) -> ProcessPoolExecutor | None:
         """The pool, started if need be; None once closed (inputs then run in the calling thread)."""

@@ -1,34 +1,44 @@
-"""Staged input validated ahead: what ``records.add`` takes of it."""
+"""Staged input validated ahead: which parts are, and what ``records.add`` takes of it."""
 
 import trio
 import trio.testing
 
-from ehrnode.api.call import StagedCheck
+from ehrnode.api.call import Staged, StagedCheck
 from ehrnode.api.records import _check_ahead, _checked_ahead
 
 
-def _check(start, results, *, done=True):
-    check = StagedCheck(start, len(results) if results is not None else 1, results=results)
+def _check(start, results, *, items=None, done=True):
+    items = items if items is not None else [f"item{start + i}" for i in range(len(results or [1]))]
+    check = StagedCheck(start, items, 1, results=results)
     if done:
         check.done.set()
     return check
 
 
+def _batch(n):
+    return [f"item{i}" for i in range(n)]
+
+
 def test_parts_validated_ahead_count_from_the_first_item_up_to_the_first_that_failed():
-    parts = [_check(0, [b"a", b"b"]), _check(2, [b"c"]), _check(3, None), _check(4, [b"e"])]
-    assert trio.run(_checked_ahead, parts) == [b"a", b"b", b"c"]
-    # A part not starting where the results so far end (one staged before a refusal, say) ends them.
-    assert trio.run(_checked_ahead, [_check(0, [b"a"]), _check(5, [b"f"])]) == [b"a"]
-    assert trio.run(_checked_ahead, [_check(1, [b"b"])]) == []
-    # A part with fewer results than items is not trusted either.
-    short = StagedCheck(0, 3, results=[b"a"])
-    short.done.set()
-    assert trio.run(_checked_ahead, [short]) == []
+    batch = _batch(6)
+    parts = [_check(0, [b"a", b"b"], items=batch[0:2]), _check(2, [b"c"], items=batch[2:3]),
+             _check(3, None, items=batch[3:4]), _check(4, [b"e"], items=batch[4:5])]
+    assert trio.run(_checked_ahead, parts, batch) == [b"a", b"b", b"c"]
+    # A part not starting where the results so far end ends them.
+    assert trio.run(_checked_ahead, [_check(0, [b"a"], items=batch[:1]), _check(5, [b"f"], items=batch[5:])],
+                    batch) == [b"a"]
+    assert trio.run(_checked_ahead, [_check(1, [b"b"], items=batch[1:2])], batch) == []
+    # Results count only for the very items validated, where they stand in the input.
+    assert trio.run(_checked_ahead, [_check(0, [b"a"], items=["another item"])], batch) == []
+    assert trio.run(_checked_ahead, [_check(0, [b"a", b"b"], items=batch[:2])], batch[:1]) == []
+    assert trio.run(_checked_ahead, [_check(0, [b"a"], items=batch[:2])], batch) == []  # fewer results than items
 
 
 def test_records_add_waits_for_a_part_still_being_validated():
+    batch = _batch(2)
+
     async def main():
-        late = _check(1, None, done=False)
+        late = _check(1, None, items=batch[1:], done=False)
 
         async def finish():
             await trio.sleep(0.05)
@@ -37,7 +47,7 @@ def test_records_add_waits_for_a_part_still_being_validated():
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(finish)
-            return await _checked_ahead([_check(0, [b"a"]), late])
+            return await _checked_ahead([_check(0, [b"a"], items=batch[:1]), late], batch)
 
     assert trio.run(main) == [b"a", b"b"]
 
@@ -53,31 +63,38 @@ class _Api:
 
 
 class _Records:
-    def __init__(self, fail=False):
-        self.fail, self.asked, self.gate = fail, [], trio.Event()
+    """Validates one part at a time, as the records service does, once ``gate`` is set."""
 
-    async def check(self, items):
-        self.asked.append(list(items))
-        await self.gate.wait()
-        if self.fail:
-            raise RuntimeError("the worker pool broke")
-        return [b"ok-" + item.encode() for item in items]
+    def __init__(self, fail=False, pooled_from=1):
+        self.fail, self.pooled_from, self.asked, self.gate = fail, pooled_from, [], trio.Event()
+        self._turn = trio.Lock()
+
+    def checks_ahead(self, count):
+        return count >= self.pooled_from
+
+    async def check(self, items, started=lambda: None):
+        async with self._turn:
+            started()
+            self.asked.append(list(items))
+            with trio.CancelScope(shield=True):  # a worker thread runs to its end, cancelled or not
+                await self.gate.wait()
+            if self.fail:
+                raise RuntimeError("the worker pool broke")
+            return [b"ok-" + item.encode() for item in items]
 
 
 class _Call:
     def __init__(self, nursery, records, api):
-        from ehrnode.api.call import Staged
-
         self.session = type("S", (), {"staged": Staged(), "nursery": nursery})()
         self.api, self._records = api, records
 
     def recording(self):
         return self._records
 
-    def stage(self, items):
+    def stage(self, items, size=None):
         start = len(self.session.staged.items)
         self.session.staged.items.extend(items)
-        _check_ahead(self, start)
+        _check_ahead(self, start, len(items) if size is None else size)
 
 
 def test_parts_are_validated_ahead_in_order_within_the_node_wide_bound(monkeypatch):
@@ -92,16 +109,28 @@ def test_parts_are_validated_ahead_in_order_within_the_node_wide_bound(monkeypat
             second.stage(["w"])                    # and so is every part after it
             first.stage(["d", "e"])                # 3 + 2 <= 5: validated ahead
             await trio.testing.wait_all_tasks_blocked()
-            # (started in either order: trio runs tasks that are ready at once in no fixed order)
-            assert sorted(records.asked) == [["a", "b", "c"], ["d", "e"]] and api.checking_ahead == 5
-            assert second.session.staged.checks == []
+            assert records.asked == [["a", "b", "c"]]  # one part at a time
+            assert api.checking_ahead == 5 and second.session.staged.checks == []
             records.gate.set()
-            got = await _checked_ahead(first.session.staged.checks)
+            got = await _checked_ahead(first.session.staged.checks, first.session.staged.items)
             await trio.testing.wait_all_tasks_blocked()
-            assert api.checking_ahead == 0
+            assert records.asked == [["a", "b", "c"], ["d", "e"]] and api.checking_ahead == 0
             return got
 
     assert trio.run(main) == [b"ok-a", b"ok-b", b"ok-c", b"ok-d", b"ok-e"]
+
+
+def test_a_part_too_small_for_the_workers_is_left_to_records_add_and_so_is_the_rest():
+    async def main():
+        api, records = _Api(), _Records(pooled_from=3)
+        async with trio.open_nursery() as nursery:
+            call = _Call(nursery, records, api)
+            call.stage(["a"])
+            call.stage(["b", "c", "d"])
+            await trio.testing.wait_all_tasks_blocked()
+            return records.asked, call.session.staged.checks
+
+    assert trio.run(main) == ([], [])
 
 
 def test_a_part_that_could_not_be_validated_ahead_is_left_to_records_add():
@@ -111,9 +140,48 @@ def test_a_part_that_could_not_be_validated_ahead_is_left_to_records_add():
             call = _Call(nursery, records, api)
             call.stage(["a", "b"])
             records.gate.set()
-            got = await _checked_ahead(call.session.staged.checks)
+            got = await _checked_ahead(call.session.staged.checks, call.session.staged.items)
         assert api.checking_ahead == 0
         assert [event for event, _ in api.warnings] == ["records.check_failed"]
         return got
 
     assert trio.run(main) == []
+
+
+def test_parts_waiting_for_their_turn_are_cancelled_and_their_memory_counted_until_they_end():
+    """``records.add`` cancels the parts not begun (it validates them itself) and waits for the
+    one running; dropping the input cancels them all. Either way the bound counts a part until
+    its validation has ended."""
+
+    async def main():
+        api, records = _Api(), _Records()
+        async with trio.open_nursery() as nursery:
+            call = _Call(nursery, records, api)
+            call.stage(["a"], size=10)
+            call.stage(["b"], size=20)
+            call.stage(["c"], size=30)
+            await trio.testing.wait_all_tasks_blocked()
+            staged = call.session.staged
+            assert [c.started for c in staged.checks] == [True, False, False] and api.checking_ahead == 60
+            staged.cancel_checks(started=False)     # as records.add does
+            await trio.testing.wait_all_tasks_blocked()
+            assert api.checking_ahead == 10 and records.asked == [["a"]]
+            records.gate.set()
+            got = await _checked_ahead(staged.checks, staged.items)
+            await trio.testing.wait_all_tasks_blocked()
+            assert api.checking_ahead == 0
+
+            dropped = _Call(nursery, _Records(), api)
+            dropped.stage(["x"], size=7)
+            dropped.stage(["y"], size=8)
+            await trio.testing.wait_all_tasks_blocked()
+            assert api.checking_ahead == 15
+            dropped.session.staged.cancel_checks(started=True)  # as dropping the input does
+            await trio.testing.wait_all_tasks_blocked()
+            assert api.checking_ahead == 7  # the running one ends when its validation does
+            dropped._records.gate.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert api.checking_ahead == 0
+            return got
+
+    assert trio.run(main) == [b"ok-a"]

@@ -334,13 +334,21 @@ def test_the_node_itself_refuses_invalid_input_sent_past_the_cli(cluster):
 
 
 def test_staged_parts_are_validated_as_they_come_and_recorded_all_at_once(cluster):
-    """Each staged part is validated while the next one is sent; ``records.add`` still records the
-    whole input or none of it, and names a problem found in any part."""
+    """Each staged part large enough for the worker processes is validated while the next one is
+    sent; ``records.add`` still records the whole input or none of it, and names a problem found
+    in any part. Input dropped by a refusal and staged again is validated afresh."""
     from ehrnode import synthetic
     from ehrnode.client import ApiClient, ApiError
+    from ehrnode.records.workers import POOL_THRESHOLD
 
-    first, second = (synthetic.patient_resources(p, "B", visits=1) for p in synthetic.people(2, seed=77))
-    broken = {k: v for k, v in second[1].items() if k != "status"}  # an Encounter needs its status
+    people = synthetic.people(2 * (POOL_THRESHOLD // 4 + 1) + 1, seed=77)
+    half = len(people) // 2
+    first = [r for p in people[:half] for r in synthetic.patient_resources(p, "B", visits=1)]
+    second = [r for p in people[half:-1] for r in synthetic.patient_resources(p, "B", visits=1)]
+    last = synthetic.patient_resources(people[-1], "B", visits=1)
+    assert len(first) >= POOL_THRESHOLD and len(second) >= POOL_THRESHOLD
+    broken = {k: v for k, v in second[-3].items() if k != "status"}  # an Encounter needs its status
+    assert second[-3]["resourceType"] == "Encounter"
 
     def part(label, resources):
         return [{"source": f"{label}:{i}", "resource": r} for i, r in enumerate(resources)]
@@ -350,20 +358,25 @@ def test_staged_parts_are_validated_as_they_come_and_recorded_all_at_once(cluste
     async def go():
         async with ApiClient.connect(cluster.configs["B"]) as client:
             await client.call("records.stage", items=part("one", first))
-            await client.call("records.stage", items=part("two", [second[0], broken]))
+            await client.call("records.stage", items=part("two", [*second[:-3], broken, *second[-2:]]))
             with pytest.raises(ApiError) as err:
-                await client.call("records.add", items=part("three", second[2:]))
-            assert err.value.reason == "invalid_input" and "two:1" in str(err.value), str(err.value)
-            assert "one:" not in str(err.value) and "three:" not in str(err.value)
+                await client.call("records.add", items=part("three", last))
+            assert err.value.reason == "invalid_input", str(err.value)
+            assert f"two:{len(second) - 3}" in str(err.value) and "one:" not in str(err.value)
             # Nothing stays staged after a refusal: the same parts, mended, are recorded at once.
             await client.call("records.stage", items=part("one", first))
-            await client.call("records.stage", items=part("two", second[:2]))
-            return await client.call("records.add", items=part("three", second[2:]))
+            await client.call("records.stage", items=part("two", second))
+            return await client.call("records.add", items=part("three", last))
 
     done = trio.run(go)
-    assert [r["source"] for r in done["records"]] == [f"one:{i}" for i in range(len(first))] + \
-        ["two:0", "two:1", "three:0", "three:1"]
-    assert _vault_count(cluster) == before + len(first) + len(second)
+    assert [r["source"] for r in done["records"]] == \
+        [f"one:{i}" for i in range(len(first))] + [f"two:{i}" for i in range(len(second))] + \
+        [f"three:{i}" for i in range(len(last))]
+    assert _vault_count(cluster) == before + len(first) + len(second) + len(last)
+    recorded = [json.loads(line) for line in cluster.log_path("B").read_text().splitlines()
+                if '"records.recorded"' in line]
+    assert recorded[-1]["records"] == len(done["records"])
+    assert recorded[-1]["checked_ahead"] == len(first) + len(second)  # both parts, validated ahead
 
 
 def test_empi_across_institutions_and_its_curation_commands(cluster, ingest, tmp_path):
