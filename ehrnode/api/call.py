@@ -26,8 +26,9 @@ from .rpc import RpcError, timeout_param
 MAX_STAGED = 200_000
 MAX_STAGED_BYTES = 512 * 1024 * 1024
 MAX_STAGED_TOTAL = 1024 * 1024 * 1024
-#: Staged input being validated ahead at once, over all connections (its parsed size, counted
-#: until its validation ends, even once the input is dropped). A part past it is left to
+#: What validation ahead of staged input may hold at once, over all connections: the parsed size
+#: of the parts being validated (counted until each validation ends, even once its input is
+#: dropped) and the size of the results kept for ``records.add``. A part past it is left to
 #: ``records.add``, as is every later part of that input: a client staging faster than the
 #: workers validate, or dropping its input and staging again, cannot pile up work or memory.
 MAX_CHECKING_AHEAD = 256 * 1024 * 1024
@@ -41,10 +42,16 @@ class StagedCheck:
     start: int  # where the part begins in the staged input
     items: list[fhir.Item]
     size: int  # parsed size
-    #: The part staged before it (in the same input): its turn comes first.
+    #: The part staged before it (in the same input), which begins first, and the one before
+    #: that, which ends first.
     previous: StagedCheck | None = None
+    after: StagedCheck | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     started: bool = False
+    #: Its input was dropped or taken by ``records.add`` (``ApiState.release``).
+    dropped: bool = False
+    #: The size of its results, counted in ``ApiState.checking_ahead`` while they are held.
+    held: int = 0
     #: Set once its validation has begun, or ended without beginning.
     began: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
@@ -97,7 +104,9 @@ class ApiState:
         self.roles = roles
         self.log = get_logger(node=node.name)
         self.staged_total = 0  # parsed size of the FHIR input staged over all connections
-        self.checking_ahead = 0  # parsed size of staged input being validated ahead, over all connections
+        #: What validation ahead holds over all connections: the parsed size of the parts being
+        #: validated, and the size of the results kept for ``records.add``.
+        self.checking_ahead = 0
         self.sessions: set[Session] = set()
 
     def release(self, staged: Staged, *, cancel_checks: bool = True) -> None:
@@ -105,6 +114,10 @@ class ApiState:
         is taking their results."""
         if cancel_checks:
             staged.cancel_checks(started=True)
+        for check in staged.checks:
+            check.dropped = True
+            self.checking_ahead -= check.held
+            check.held = 0
         self.staged_total -= staged.bytes
         staged.items.clear()
         staged.checks.clear()

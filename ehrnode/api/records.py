@@ -34,19 +34,21 @@ async def records_stage(call: Call) -> Any:
 def _check_ahead(call: Call, start: int, size: int) -> None:
     """Validate the part just staged (from ``start``; ``size``, parsed) in the worker processes
     while the caller sends the next one: ``records.add`` then validates only what no staged part
-    covered. Only parts that follow on from the first item are, and only while the parts being
-    validated ahead over all connections stay within ``MAX_CHECKING_AHEAD``. A part too small
-    for the workers is not: validating it here would only compete with the event loop."""
+    covered. Only parts that follow on from the first item are, and only while what validation
+    ahead holds over all connections (the parts being validated, then their results until they
+    are taken or dropped) stays within ``MAX_CHECKING_AHEAD``. A part too small for the workers
+    is not: validating it here would only compete with the event loop. The parts of one input
+    begin in the order staged, two at most at once (the others' inputs get their turns too),
+    and none after one that failed."""
     staged, api, records = call.session.staged, call.api, call.recording()
     items = staged.items[start:]
     if (staged.checked_to != start or not records.checks_ahead(len(items))
             or api.checking_ahead + size > MAX_CHECKING_AHEAD):
         staged.checked_to = -1
         return
-    check = StagedCheck(start, items, size, previous=staged.checks[-1] if staged.checks else None)
-    staged.checks.append(check)
-    staged.checked_to = start + len(items)
-    api.checking_ahead += size
+    before = staged.checks[-2:]
+    check = StagedCheck(start, items, size, previous=before[-1] if before else None,
+                        after=before[0] if len(before) == 2 else None)
 
     def started() -> None:
         check.started = True
@@ -56,17 +58,32 @@ def _check_ahead(call: Call, start: int, size: int) -> None:
         try:
             with check.scope:
                 if check.previous is not None:
-                    await check.previous.began.wait()  # the parts of one input in the order staged
+                    await check.previous.began.wait()
+                    if check.previous.done.is_set() and check.previous.results is None:
+                        return  # it failed (or was cancelled): records.add validates from there on
+                if check.after is not None:
+                    await check.after.done.wait()
+                    if check.after.results is None:
+                        return  # it failed (or was cancelled): records.add validates from there on
                 check.results = await records.check(items, started)
         except Exception as exc:  # noqa: BLE001 - records.add validates these items itself, and says why
             api.log.warning("records.check_failed", resources=len(items), error=repr(exc))
+            if not check.dropped:
+                staged.checked_to = -1  # no later part of this input is validated ahead
         finally:
             api.checking_ahead -= size
-            check.previous = None
+            if check.results is not None and not check.dropped:
+                # Held until records.add takes them or the input is dropped (ApiState.release).
+                check.held = sum(len(r) for r in check.results if isinstance(r, bytes))
+                api.checking_ahead += check.held
+            check.previous = check.after = None
             check.began.set()
             check.done.set()
 
     call.session.nursery.start_soon(run)
+    staged.checks.append(check)
+    staged.checked_to = start + len(items)
+    api.checking_ahead += size
 
 
 async def _checked_ahead(checks: list[StagedCheck], batch: list[fhir.Item]) -> list[Checked]:
@@ -102,8 +119,10 @@ async def records_add(call: Call) -> Any:
     if not batch:
         raise RpcError(-32602, "nothing to record: no items given or staged")
     try:
+        checked = await _checked_ahead(checks, batch)
+        del checks  # the results not taken, and the items, are not held through the recording
         outcome = await records.record(batch, skip_invalid=call.params.get("skip_invalid") is True,
-                                       actor=call.user.pseudonym, checked=await _checked_ahead(checks, batch))
+                                       actor=call.user.pseudonym, checked=checked)
     except FhirError as exc:
         call.api.log.info("records.refused", reason=exc.reason, resources=len(batch))
         raise refused(exc) from exc

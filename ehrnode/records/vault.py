@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,11 +188,9 @@ class Vault:
         self._db.execute("PRAGMA secure_delete=ON")
         self._migrate_outbox()
         #: Each recorded Patient's released quasi-identifiers by resource id: opened from the
-        #: patient table the first time they are needed, then kept as patients are written. Equal
-        #: values are kept once (under k-anonymity many patients share each): about 200 bytes a
-        #: patient in all, 200 MB for a million.
+        #: patient table the first time they are needed, then kept as patients are written (their
+        #: text shared: many patients release the same birth period, gender and region).
         self._released: dict[str, tuple[Any, ...]] | None = None
-        self._values: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 
     def close(self) -> None:
         self._db.close()
@@ -290,9 +289,9 @@ class Vault:
             self._released = {row.resource["id"]: self._value(row.released) for row in self.patients()}
         return self._released
 
-    def _value(self, released: Iterable[Any]) -> tuple[Any, ...]:
-        value = tuple(released)
-        return self._values.setdefault(value, value)
+    @staticmethod
+    def _value(released: Iterable[Any]) -> tuple[Any, ...]:
+        return tuple(sys.intern(v) if isinstance(v, str) else v for v in released)
 
     def patients(self) -> Iterator[PatientRow]:
         for row in self._db.execute("SELECT lookup, enrolment, sealed FROM patients").fetchall():

@@ -3,7 +3,7 @@
 import trio
 import trio.testing
 
-from ehrnode.api.call import Staged, StagedCheck
+from ehrnode.api.call import ApiState, Staged, StagedCheck
 from ehrnode.api.records import _check_ahead, _checked_ahead
 
 
@@ -52,14 +52,19 @@ def test_records_add_waits_for_a_part_still_being_validated():
     assert trio.run(main) == [b"a", b"b"]
 
 
-class _Api:
+class _Log:
     def __init__(self):
-        self.checking_ahead = 0
         self.warnings = []
-        self.log = self
 
     def warning(self, event, **fields):
         self.warnings.append((event, fields))
+
+
+def _Api():
+    """The API's shared state, with what staging uses of it."""
+    api = ApiState.__new__(ApiState)
+    api.checking_ahead, api.staged_total, api.log = 0, 0, _Log()
+    return api
 
 
 class _Records:
@@ -114,7 +119,10 @@ def test_parts_are_validated_ahead_in_order_within_the_node_wide_bound(monkeypat
             records.gate.set()
             got = await _checked_ahead(first.session.staged.checks, first.session.staged.items)
             await trio.testing.wait_all_tasks_blocked()
-            assert records.asked == [["a", "b", "c"], ["d", "e"]] and api.checking_ahead == 0
+            assert records.asked == [["a", "b", "c"], ["d", "e"]]
+            assert api.checking_ahead == len(b"".join(got))  # the results, held until taken
+            api.release(first.session.staged, cancel_checks=False)  # as records.add does
+            assert api.checking_ahead == 0
             return got
 
     assert trio.run(main) == [b"ok-a", b"ok-b", b"ok-c", b"ok-d", b"ok-e"]
@@ -139,10 +147,20 @@ def test_a_part_that_could_not_be_validated_ahead_is_left_to_records_add():
         async with trio.open_nursery() as nursery:
             call = _Call(nursery, records, api)
             call.stage(["a", "b"])
+            call.stage(["c", "d"])
+            call.stage(["e", "f"])
+            await trio.testing.wait_all_tasks_blocked()
             records.gate.set()
             got = await _checked_ahead(call.session.staged.checks, call.session.staged.items)
+            await trio.testing.wait_all_tasks_blocked()
+            call.stage(["g", "h"])
+            await trio.testing.wait_all_tasks_blocked()
+        # The part begun beside the one that failed runs (its results are not taken); none
+        # begins after it.
+        assert records.asked == [["a", "b"], ["c", "d"]]
+        api.release(call.session.staged)
         assert api.checking_ahead == 0
-        assert [event for event, _ in api.warnings] == ["records.check_failed"]
+        assert [event for event, _ in api.log.warnings] == ["records.check_failed"] * 2
         return got
 
     assert trio.run(main) == []
@@ -169,6 +187,7 @@ def test_parts_waiting_for_their_turn_are_cancelled_and_their_memory_counted_unt
             records.gate.set()
             got = await _checked_ahead(staged.checks, staged.items)
             await trio.testing.wait_all_tasks_blocked()
+            api.release(staged, cancel_checks=False)
             assert api.checking_ahead == 0
 
             dropped = _Call(nursery, _Records(), api)
@@ -176,7 +195,7 @@ def test_parts_waiting_for_their_turn_are_cancelled_and_their_memory_counted_unt
             dropped.stage(["y"], size=8)
             await trio.testing.wait_all_tasks_blocked()
             assert api.checking_ahead == 15
-            dropped.session.staged.cancel_checks(started=True)  # as dropping the input does
+            api.release(dropped.session.staged)  # dropping the input cancels its parts
             await trio.testing.wait_all_tasks_blocked()
             assert api.checking_ahead == 7  # the running one ends when its validation does
             dropped._records.gate.set()
