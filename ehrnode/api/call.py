@@ -47,7 +47,6 @@ class StagedCheck:
     previous: StagedCheck | None = None
     after: StagedCheck | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    started: bool = False
     #: Its input was dropped or taken by ``records.add`` (``ApiState.release``).
     dropped: bool = False
     #: The size of its results, counted in ``ApiState.checking_ahead`` while they are held.
@@ -75,7 +74,7 @@ class Staged:
         """Cancel the validations ahead still waiting for their turn, and with ``started`` the
         running ones too (their results are then never used)."""
         for check in self.checks:
-            if started or not check.started:
+            if started or not check.began.is_set():
                 check.scope.cancel()
 
 

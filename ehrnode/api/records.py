@@ -50,10 +50,6 @@ def _check_ahead(call: Call, start: int, size: int) -> None:
     check = StagedCheck(start, items, size, previous=before[-1] if before else None,
                         after=before[0] if len(before) == 2 else None)
 
-    def started() -> None:
-        check.started = True
-        check.began.set()
-
     async def run() -> None:
         try:
             with check.scope:
@@ -65,7 +61,7 @@ def _check_ahead(call: Call, start: int, size: int) -> None:
                     await check.after.done.wait()
                     if check.after.results is None:
                         return  # it failed (or was cancelled): records.add validates from there on
-                check.results = await records.check(items, started)
+                check.results = await records.check(items, check.began.set)
         except Exception as exc:  # noqa: BLE001 - records.add validates these items itself, and says why
             api.log.warning("records.check_failed", resources=len(items), error=repr(exc))
             if not check.dropped:

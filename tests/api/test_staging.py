@@ -60,7 +60,7 @@ class _Log:
         self.warnings.append((event, fields))
 
 
-def _Api():
+def _api():
     """The API's shared state, with what staging uses of it."""
     api = ApiState.__new__(ApiState)
     api.checking_ahead, api.staged_total, api.log = 0, 0, _Log()
@@ -106,7 +106,7 @@ def test_parts_are_validated_ahead_in_order_within_the_node_wide_bound(monkeypat
     monkeypatch.setattr("ehrnode.api.records.MAX_CHECKING_AHEAD", 5)
 
     async def main():
-        api, records = _Api(), _Records()
+        api, records = _api(), _Records()
         async with trio.open_nursery() as nursery:
             first, second = _Call(nursery, records, api), _Call(nursery, records, api)
             first.stage(["a", "b", "c"])
@@ -130,7 +130,7 @@ def test_parts_are_validated_ahead_in_order_within_the_node_wide_bound(monkeypat
 
 def test_a_part_too_small_for_the_workers_is_left_to_records_add_and_so_is_the_rest():
     async def main():
-        api, records = _Api(), _Records(pooled_from=3)
+        api, records = _api(), _Records(pooled_from=3)
         async with trio.open_nursery() as nursery:
             call = _Call(nursery, records, api)
             call.stage(["a"])
@@ -143,7 +143,7 @@ def test_a_part_too_small_for_the_workers_is_left_to_records_add_and_so_is_the_r
 
 def test_a_part_that_could_not_be_validated_ahead_is_left_to_records_add():
     async def main():
-        api, records = _Api(), _Records(fail=True)
+        api, records = _api(), _Records(fail=True)
         async with trio.open_nursery() as nursery:
             call = _Call(nursery, records, api)
             call.stage(["a", "b"])
@@ -172,7 +172,7 @@ def test_parts_waiting_for_their_turn_are_cancelled_and_their_memory_counted_unt
     its validation has ended."""
 
     async def main():
-        api, records = _Api(), _Records()
+        api, records = _api(), _Records()
         async with trio.open_nursery() as nursery:
             call = _Call(nursery, records, api)
             call.stage(["a"], size=10)
@@ -180,7 +180,7 @@ def test_parts_waiting_for_their_turn_are_cancelled_and_their_memory_counted_unt
             call.stage(["c"], size=30)
             await trio.testing.wait_all_tasks_blocked()
             staged = call.session.staged
-            assert [c.started for c in staged.checks] == [True, False, False] and api.checking_ahead == 60
+            assert [c.began.is_set() for c in staged.checks] == [True, False, False] and api.checking_ahead == 60
             staged.cancel_checks(started=False)     # as records.add does
             await trio.testing.wait_all_tasks_blocked()
             assert api.checking_ahead == 10 and records.asked == [["a"]]
