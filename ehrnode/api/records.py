@@ -114,11 +114,16 @@ async def records_add(call: Call) -> Any:
     call.api.release(staged, cancel_checks=False)
     if not batch:
         raise RpcError(-32602, "nothing to record: no items given or staged")
+
+    async def ahead() -> list[Checked]:
+        nonlocal checks
+        found = await _checked_ahead(checks, batch)
+        checks = []  # the results not taken, and the items, are not held through the recording
+        return found
+
     try:
-        checked = await _checked_ahead(checks, batch)
-        del checks  # the results not taken, and the items, are not held through the recording
         outcome = await records.record(batch, skip_invalid=call.params.get("skip_invalid") is True,
-                                       actor=call.user.pseudonym, checked=checked)
+                                       actor=call.user.pseudonym, ahead=ahead)
     except FhirError as exc:
         call.api.log.info("records.refused", reason=exc.reason, resources=len(batch))
         raise refused(exc) from exc

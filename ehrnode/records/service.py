@@ -100,9 +100,12 @@ class RecordsService:
             return await trio.to_thread.run_sync(self.recorder.check, items, limiter=self._check_threads)
 
     async def record(self, items: Sequence[fhir.Item], *, skip_invalid: bool, actor: bytes = b"",
-                     checked: Sequence[Checked] = ()) -> Outcome:
+                     ahead: Callable[[], Awaitable[Sequence[Checked]]] | None = None) -> Outcome:
         """Record ``items`` (all or nothing) as user ``actor``; raises FhirError for invalid input.
-        ``checked``: what :meth:`check` found of the first ``len(checked)`` items."""
+
+        ``ahead``: waits for what :meth:`check` found of the first items, when parts of the input
+        were validated ahead; the OPRF evaluation the input's Patients need is under way
+        meanwhile (a round trip to the other holders, and CPU work that the wait leaves room for)."""
         started = time.monotonic()
         anchored = self.hooks.state.highest_position(self.name)
         head = (await self._blocking(self.vault.head))[0]
@@ -115,7 +118,7 @@ class RecordsService:
         # Reading every Patient's demographics is CPU work a large input must not do on the loop.
         inputs = await trio.to_thread.run_sync(self.recorder.oprf_inputs, items)
         async with self._lock:  # nothing else writes the vault between preparing and writing
-            prepared, evaluated = await self._prepare_and_evaluate(items, skip_invalid, inputs, actor, checked)
+            prepared, evaluated, checked = await self._prepare_and_evaluate(items, skip_invalid, inputs, actor, ahead)
             outcome: Outcome = await trio.to_thread.run_sync(lambda: self.recorder.write(
                 prepared, actor=actor, evaluated=evaluated))
         if any(r.status == "already_recorded" for r in outcome.records):
@@ -129,17 +132,20 @@ class RecordsService:
         deferred = self._offer(outcome.transactions)
         self.log.info("records.recorded", records=sum(r.status == "recorded" for r in outcome.records),
                       unchanged=sum(r.status == "already_recorded" for r in outcome.records),
-                      skipped=len(outcome.skipped), deferred=deferred, checked_ahead=len(checked),
+                      skipped=len(outcome.skipped), deferred=deferred, checked_ahead=checked,
                       seconds=round(time.monotonic() - started, 3))
         return outcome
 
     async def _prepare_and_evaluate(self, items: Sequence[fhir.Item], skip_invalid: bool, inputs: list[bytes],
-                                    actor: bytes, checked: Sequence[Checked] = (),
-                                    ) -> tuple[Prepared, dict[bytes, bytes]]:
-        """Validate and de-identify ``items`` while the other members evaluate the OPRF ``inputs``
-        (a round trip, and their CPU): the first failure of the two is raised, input problems first."""
+                                    actor: bytes, ahead: Callable[[], Awaitable[Sequence[Checked]]] | None,
+                                    ) -> tuple[Prepared, dict[bytes, bytes], int]:
+        """Wait for the validation ahead, then validate the rest and de-identify ``items``, while
+        the other members evaluate the OPRF ``inputs`` (a round trip, and their CPU): the first
+        failure of the two is raised, input problems first. Also answers how many items were
+        validated ahead."""
         evaluated: dict[bytes, bytes] = {}
         failed: list[Exception] = []
+        checked: Sequence[Checked] = ()
 
         async def evaluate() -> None:
             try:
@@ -151,6 +157,8 @@ class RecordsService:
             if inputs:
                 nursery.start_soon(evaluate)
             try:
+                if ahead is not None:
+                    checked = await ahead()
                 prepared = await trio.to_thread.run_sync(lambda: self.recorder.prepare(
                     items, skip_invalid=skip_invalid, now_ms=int(time.time() * 1000), checked=checked))
             except Exception as exc:  # noqa: BLE001 - raised below, after the evaluation is stopped
@@ -158,7 +166,7 @@ class RecordsService:
                 failed.insert(0, exc)
         if failed:
             raise failed[0]
-        return prepared, evaluated
+        return prepared, evaluated, len(checked)
 
     def _offer(self, txs: Sequence[Transaction]) -> int:
         """Hand anchors to the mempool; returns how many must wait in the outbox."""

@@ -1,5 +1,6 @@
-"""Recording asks the other members for the OPRF outputs of its Patients while it validates and
-de-identifies the input, and a failure of either is reported as it would be alone."""
+"""Recording asks the other members for the OPRF outputs of its Patients while it waits for the
+validation ahead of its staged parts and while it validates and de-identifies the input, and a
+failure of either is reported as it would be alone."""
 
 import threading
 
@@ -38,8 +39,33 @@ async def test_the_evaluation_runs_while_the_input_is_prepared():
         await trio.sleep(0.05)
         return {v: b"out-" + v for v in values}
 
-    prepared, evaluated = await service(prepare, evaluate)._prepare_and_evaluate([], False, [b"a", b"b"], b"")
-    assert prepared is PREPARED and evaluated == {b"a": b"out-a", b"b": b"out-b"}
+    prepared, evaluated, ahead = await service(prepare, evaluate)._prepare_and_evaluate(
+        [], False, [b"a", b"b"], b"", None)
+    assert prepared is PREPARED and evaluated == {b"a": b"out-a", b"b": b"out-b"} and ahead == 0
+
+
+async def test_the_evaluation_runs_while_the_validation_ahead_is_awaited():
+    asked = trio.Event()
+    given = []
+
+    async def ahead():
+        # The staged parts still being validated: the evaluation must not wait for them.
+        with trio.fail_after(10):
+            await asked.wait()
+        return [b"{}", b"{}"]
+
+    def prepare(items, *, skip_invalid, now_ms, checked):
+        given.append(checked)
+        return PREPARED
+
+    async def evaluate(values, actor):
+        asked.set()
+        return {v: b"out-" + v for v in values}
+
+    prepared, evaluated, count = await service(prepare, evaluate)._prepare_and_evaluate(
+        [], False, [b"a"], b"", ahead)
+    assert prepared is PREPARED and evaluated == {b"a": b"out-a"}
+    assert given == [[b"{}", b"{}"]] and count == 2
 
 
 async def test_no_patient_no_evaluation():
@@ -47,7 +73,7 @@ async def test_no_patient_no_evaluation():
         raise AssertionError("nothing to evaluate")
 
     assert await service(lambda items, skip_invalid, now_ms, checked: PREPARED, evaluate)._prepare_and_evaluate(
-        [], False, [], b"") == (PREPARED, {})
+        [], False, [], b"", None) == (PREPARED, {}, 0)
 
 
 async def test_invalid_input_is_reported_and_stops_the_evaluation():
@@ -63,7 +89,7 @@ async def test_invalid_input_is_reported_and_stops_the_evaluation():
             stopped.append(True)
 
     with pytest.raises(FhirError, match="invalid resource"):
-        await service(prepare, evaluate)._prepare_and_evaluate([], False, [b"a"], b"")
+        await service(prepare, evaluate)._prepare_and_evaluate([], False, [b"a"], b"", None)
     assert stopped == [True]
 
 
@@ -75,7 +101,7 @@ async def test_input_problems_come_before_a_failed_evaluation():
         raise KeyUnavailable("no OPRF key yet")
 
     with pytest.raises(FhirError):
-        await service(prepare, evaluate)._prepare_and_evaluate([], False, [b"a"], b"")
+        await service(prepare, evaluate)._prepare_and_evaluate([], False, [b"a"], b"", None)
 
 
 async def test_a_failed_evaluation_is_raised_once_the_input_is_prepared():
@@ -89,5 +115,5 @@ async def test_a_failed_evaluation_is_raised_once_the_input_is_prepared():
         raise KeyUnavailable("the holders cannot be reached")
 
     with pytest.raises(KeyUnavailable, match="holders"):
-        await service(prepare, evaluate)._prepare_and_evaluate([], False, [b"a"], b"")
+        await service(prepare, evaluate)._prepare_and_evaluate([], False, [b"a"], b"", None)
     assert done == [True]
