@@ -69,6 +69,8 @@ class Staged:
     checks: list[StagedCheck] = field(default_factory=list)
     #: How far checks cover the input, in order from its first item; -1 once a part was left out.
     checked_to: int = 0
+    #: Taken by the OPRF evaluation ahead of a staged part: one at a time on a connection.
+    evaluating: trio.Lock = field(default_factory=trio.Lock)
 
     def cancel_checks(self, *, started: bool) -> None:
         """Cancel the validations ahead still waiting for their turn, and with ``started`` the

@@ -71,7 +71,8 @@ TABLE: tuple[Method, ...] = (
     Method("records.stage", records.records_stage,
            '`{"items": [{"source", "resource"}]}` -> `{"staged"}`: holds FHIR resources on this connection, so '
            'an input larger than one message is still recorded at once by the next `records.add` (each part is '
-           'validated while the next is sent; problems are reported by `records.add`)',
+           'validated while the next is sent, and the OPRF evaluations its Patients\' EMPI enrolments need are '
+           'asked for, as the caller; problems are reported by `records.add`)',
            institution=True),
     Method("records.add", records.records_add,
            '`{"items" (optional), "skip_invalid", "wait", "timeout"}` -> `{"records": [{"record_id", "patient", '

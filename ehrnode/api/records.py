@@ -28,7 +28,24 @@ async def records_stage(call: Call) -> Any:
     size = _stage(call)
     if len(staged.items) > start:
         _check_ahead(call, start, size)
+        _evaluate_ahead(call, start)
     return {"staged": len(staged.items)}
+
+
+def _evaluate_ahead(call: Call, start: int) -> None:
+    """Ask for the OPRF outputs the Patients of the part just staged need, while the caller sends
+    the rest (``records.add`` then finds them cached, or waits for them rather than asking again).
+    It runs as the caller (the batch is logged on chain as theirs), one part at a time on a
+    connection, and ends with the connection."""
+    staged, records, actor = call.session.staged, call.recording(), call.user.pseudonym
+    patients = [item for item in staged.items[start:] if item.resource.get("resourceType") == "Patient"]
+
+    async def run() -> None:
+        async with staged.evaluating:
+            await records.evaluate_ahead(patients, actor)
+
+    if patients:
+        call.session.nursery.start_soon(run)
 
 
 def _check_ahead(call: Call, start: int, size: int) -> None:

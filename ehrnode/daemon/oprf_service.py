@@ -5,7 +5,8 @@ As a **requester**, an institution blinds the values, commits an ``empi.oprf_bat
 to the other holders of the current round, checks each answer's proof against the
 answering member's public share, and combines the first ``t - 1`` good answers with its
 own share's evaluation. Outputs are cached: q-grams and blocking codes recur across
-patients, and every value evaluated once costs nothing again.
+patients, and every value evaluated once costs nothing again; a value another request is
+evaluating now is waited for, not asked again.
 
 As an **evaluator**, it answers a batch only if the batch is committed, was committed by
 the peer asking, carries exactly the points sent, is for the round this member holds a
@@ -73,6 +74,8 @@ class OprfService:
         self.daily_quota = daily_quota
         self._log, self._count = log, count
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        #: Values being evaluated now, each with the event set when its request ends.
+        self._evaluating: dict[bytes, trio.Event] = {}
         self._pending: dict[bytes, _Pending] = {}
         self._answered: OrderedDict[bytes, int] = OrderedDict()
         self._cpu = trio.CapacityLimiter(1)         # this member's own requests
@@ -98,23 +101,48 @@ class OprfService:
             self._cache_key = current.public_key
         key = self._cache_key
         out: dict[bytes, bytes] = {}
-        missing = []
+        missing: list[bytes] = []
+        others: dict[bytes, trio.Event] = {}  # values another request is evaluating now
         for value in dict.fromkeys(values):
             cached = self._cache.get(value)
-            if cached is None:
-                missing.append(value)
-            else:
+            if cached is not None:
                 self._cache.move_to_end(value)
                 out[value] = cached
-        for start in range(0, len(missing), MAX_OPRF_BATCH):
-            chunk = missing[start:start + MAX_OPRF_BATCH]
-            outputs = await self._batch(chunk, actor)
-            for value, output in zip(chunk, outputs, strict=True):
-                out[value] = output
-                if self._cache_key == key:      # not if the key changed while this was asked
-                    self._cache[value] = output
+            elif value in self._evaluating:
+                others[value] = self._evaluating[value]
+            else:
+                missing.append(value)
+        done = trio.Event()
+        self._evaluating.update(dict.fromkeys(missing, done))
+        try:
+            for start in range(0, len(missing), MAX_OPRF_BATCH):
+                chunk = missing[start:start + MAX_OPRF_BATCH]
+                outputs = await self._batch(chunk, actor)
+                for value, output in zip(chunk, outputs, strict=True):
+                    out[value] = output
+                    if self._cache_key == key:      # not if the key changed while this was asked
+                        self._cache[value] = output
+        finally:
+            for value in missing:
+                if self._evaluating.get(value) is done:
+                    del self._evaluating[value]
+            done.set()
         while len(self._cache) > CACHE_ENTRIES:
             self._cache.popitem(last=False)
+        if others:
+            # Asked for already (say, while the input was still arriving): those answers are
+            # waited for, not asked again; what they did not bring (they failed) is asked now.
+            for event in set(others.values()):
+                await event.wait()
+            again = []
+            for value in others:
+                cached = self._cache.get(value)
+                if cached is None:
+                    again.append(value)
+                else:
+                    out[value] = cached
+            if again:
+                out.update(await self.evaluate(again, actor))
         return out
 
     async def _holders(self) -> tuple[Round, int | None, dict[str, bytes], int]:

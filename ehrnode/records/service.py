@@ -21,7 +21,7 @@ import trio
 from .. import crypto
 from ..config import NodeConfig
 from ..empi.normalize import Demographics
-from ..errors import AdmissionError, ConfigError, IntegrityError
+from ..errors import AdmissionError, ConfigError, EhrnodeError, IntegrityError
 from ..ledger.empi_registry import scoped_enrolment
 from ..ledger.state import LedgerState
 from ..ledger.transactions import Transaction, anchors_of
@@ -98,6 +98,23 @@ class RecordsService:
         async with self._check_turns:
             started()
             return await trio.to_thread.run_sync(self.recorder.check, items, limiter=self._check_threads)
+
+    async def evaluate_ahead(self, items: Sequence[fhir.Item], actor: bytes) -> None:
+        """Ask for the OPRF outputs the Patients among ``items`` need, ahead of recording them
+        (staged input: the evaluation runs while the rest arrives, and :meth:`record` then finds
+        them cached, or waits for them). A failure is logged; :meth:`record` asks again and says
+        why if it fails there too."""
+        started = time.monotonic()
+        try:
+            inputs = await trio.to_thread.run_sync(self.recorder.oprf_inputs, items)
+            if inputs:
+                await self.hooks.evaluate(inputs, actor)
+                self.log.info("records.evaluated_ahead", patients=len(items), inputs=len(inputs),
+                              seconds=round(time.monotonic() - started, 3))
+        except EhrnodeError as exc:
+            self.log.warning("records.evaluate_ahead_failed", patients=len(items), reason=exc.reason, error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - ahead of time only: the connection must not end for it
+            self.log.error("records.evaluate_ahead_failed", patients=len(items), error=repr(exc))
 
     async def record(self, items: Sequence[fhir.Item], *, skip_invalid: bool, actor: bytes = b"",
                      ahead: Callable[[], Awaitable[Sequence[Checked]]] | None = None) -> Outcome:

@@ -57,6 +57,10 @@ def read_inputs(paths: Iterable[Path], *, skip_invalid: bool) -> fhir.Intake:
     return fhir.Intake([i for i in items if i.source not in bad_sources], problems, empty)
 
 
+def _is_patient(item: fhir.Item) -> bool:
+    return isinstance(item.resource, dict) and item.resource.get("resourceType") == "Patient"
+
+
 def chunks(items: list[fhir.Item]) -> Iterable[list[dict[str, Any]]]:
     chunk: list[dict[str, Any]] = []
     size = 0
@@ -74,8 +78,11 @@ def chunks(items: list[fhir.Item]) -> Iterable[list[dict[str, Any]]]:
 
 async def add_items(client: Any, items: list[fhir.Item], *, skip_invalid: bool = False, wait: bool = True,
                     timeout: float = 120.0, progress: Callable[[str], None] = lambda _: None) -> AddResult:
-    """Record ``items`` at the client's node; with ``wait``, also the height of each anchor."""
-    parts = list(chunks(items))
+    """Record ``items`` at the client's node; with ``wait``, also the height of each anchor.
+
+    The Patients are sent first: the node asks for the OPRF evaluations their EMPI enrolments
+    need as soon as their part is staged, while the rest of the input arrives."""
+    parts = list(chunks([i for i in items if _is_patient(i)] + [i for i in items if not _is_patient(i)]))
     for n, part in enumerate(parts[:-1], 1):
         await client.call("records.stage", items=part)
         progress(f"staged {n}/{len(parts)} parts")

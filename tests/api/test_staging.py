@@ -1,10 +1,11 @@
-"""Staged input validated ahead: which parts are, and what ``records.add`` takes of it."""
+"""Staged input validated, and its Patients evaluated, ahead: which parts are, and what
+``records.add`` takes of it."""
 
 import trio
 import trio.testing
 
 from ehrnode.api.call import ApiState, Staged, StagedCheck
-from ehrnode.api.records import _check_ahead, _checked_ahead
+from ehrnode.api.records import _check_ahead, _checked_ahead, _evaluate_ahead
 
 
 def _check(start, results, *, items=None, done=True):
@@ -204,3 +205,44 @@ def test_parts_waiting_for_their_turn_are_cancelled_and_their_memory_counted_unt
             return got
 
     assert trio.run(main) == [b"ok-a"]
+
+
+class _Evaluations:
+    """Records what is asked for ahead; each evaluation ends once ``gate`` is set."""
+
+    def __init__(self):
+        self.asked, self.running, self.gate = [], 0, trio.Event()
+
+    async def evaluate_ahead(self, items, actor):
+        self.running += 1
+        assert self.running == 1, "one part at a time on a connection"
+        self.asked.append(([item.resource["id"] for item in items], actor))
+        await self.gate.wait()
+        self.running -= 1
+
+
+def test_the_patients_of_each_staged_part_are_evaluated_ahead_one_part_at_a_time():
+    from ehrnode.records.fhir import Item
+
+    def part(*ids):
+        return [Item(f"s:{i}", {"resourceType": "Patient" if i.startswith("p") else "Encounter", "id": i})
+                for i in ids]
+
+    async def main():
+        records = _Evaluations()
+        async with trio.open_nursery() as nursery:
+            call = type("C", (), {})()
+            call.session = type("S", (), {"staged": Staged(), "nursery": nursery})()
+            call.user = type("U", (), {"pseudonym": b"clerk"})()
+            call.recording = lambda: records
+            for ids in (("p1", "e1", "p2"), ("e2", "e3"), ("p3",)):
+                start = len(call.session.staged.items)
+                call.session.staged.items.extend(part(*ids))
+                _evaluate_ahead(call, start)
+            await trio.testing.wait_all_tasks_blocked()
+            assert records.asked == [(["p1", "p2"], b"clerk")]  # the next waits its turn
+            records.gate.set()
+        # A part with no Patient asks for nothing.
+        return records.asked
+
+    assert trio.run(main) == [(["p1", "p2"], b"clerk"), (["p3"], b"clerk")]

@@ -335,8 +335,9 @@ def test_the_node_itself_refuses_invalid_input_sent_past_the_cli(cluster):
 
 def test_staged_parts_are_validated_as_they_come_and_recorded_all_at_once(cluster):
     """Each staged part large enough for the worker processes is validated while the next one is
-    sent; ``records.add`` still records the whole input or none of it, and names a problem found
-    in any part. Input dropped by a refusal and staged again is validated afresh."""
+    sent, and its Patients' OPRF evaluations are asked for; ``records.add`` still records the
+    whole input or none of it, and names a problem found in any part. Input dropped by a refusal
+    and staged again is validated afresh."""
     from ehrnode import synthetic
     from ehrnode.client import ApiClient, ApiError
     from ehrnode.records.workers import POOL_THRESHOLD
@@ -377,6 +378,12 @@ def test_staged_parts_are_validated_as_they_come_and_recorded_all_at_once(cluste
                 if '"records.recorded"' in line]
     assert recorded[-1]["records"] == len(done["records"])
     assert recorded[-1]["checked_ahead"] == len(first) + len(second)  # both parts, validated ahead
+    # The Patients of each staged part were evaluated as it came, before records.add asked.
+    ahead = [json.loads(line) for line in cluster.log_path("B").read_text().splitlines()
+             if '"records.evaluated_ahead"' in line]
+    assert [a["patients"] for a in ahead[-2:]] == [sum(r["resourceType"] == "Patient" for r in part)
+                                                   for part in (first, second)]
+    assert all(a["inputs"] > 0 for a in ahead[-2:])
 
 
 def test_empi_across_institutions_and_its_curation_commands(cluster, ingest, tmp_path):
