@@ -1,6 +1,7 @@
 """Recording asks the other members for the OPRF outputs of its Patients while it waits for the
 validation ahead of its staged parts and while it validates and de-identifies the input, and a
-failure of either is reported as it would be alone."""
+failure of either is reported as it would be alone. Content recorded before is answered with the
+transaction anchoring it."""
 
 import threading
 
@@ -117,3 +118,69 @@ async def test_a_failed_evaluation_is_raised_once_the_input_is_prepared():
     with pytest.raises(KeyUnavailable, match="holders"):
         await service(prepare, evaluate)._prepare_and_evaluate([], False, [b"a"], b"", None)
     assert done == [True]
+
+
+class _Chain:
+    """What recording reads of the ledger state: anchors committed so far (none, unless given)."""
+
+    rules = 0
+
+    def __init__(self):
+        self.committed = {}  # record id -> the transaction id that anchored it
+
+    def highest_position(self, institution):
+        return 0
+
+    def anchors(self, *, record):
+        return [{"tx_id": self.committed[record]}] if record in self.committed else []
+
+
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, event, **fields):
+        self.lines.append((event, fields))
+
+
+def _recording(tmp_path):
+    from ehrnode.records.service import RecordsService
+    from tests.records.test_recorder import recorder
+
+    svc = RecordsService.__new__(RecordsService)  # a real recorder and vault; the node's side faked
+    svc.name, svc.log, svc._lock = "A", _Log(), trio.Lock()
+    svc.recorder = recorder(tmp_path)
+    svc.vault = svc.recorder.vault
+    chain, submitted = _Chain(), []
+
+    async def evaluate(values, actor):
+        return {}  # the test's encoder evaluates the OPRF in-process
+
+    svc.hooks = Hooks(submit=submitted.append, pending=lambda tx_id: True, state=chain, evaluate=evaluate)
+    return svc, chain, submitted
+
+
+def test_content_recorded_before_answers_the_transaction_anchoring_it_committed_or_still_in_the_outbox(tmp_path):
+    """Recording the same input again records nothing: each row says ``already_recorded`` with the
+    transaction anchoring it, committed or still waiting in the outbox."""
+    from ehrnode import synthetic
+    from tests.records.test_recorder import items
+
+    resources = synthetic.patient_resources(synthetic.people(1, seed=5)[0], "A", visits=2)
+    svc, chain, submitted = _recording(tmp_path)
+
+    async def main():
+        first = await svc.record(items(resources), skip_invalid=False)
+        assert {r.status for r in first.records} == {"recorded"}
+        assert len(submitted) == len(first.transactions) > 0
+        # One record's anchor committed; the others' still wait in the outbox.
+        chain.committed[bytes.fromhex(first.records[0].record_id)] = bytes.fromhex(first.records[0].tx_id)
+        again = await svc.record(items(resources), skip_invalid=False)
+        return first, again
+
+    first, again = trio.run(main)
+    assert [(r.record_id, r.status, r.tx_id) for r in again.records] == \
+        [(r.record_id, "already_recorded", r.tx_id) for r in first.records]
+    assert again.transactions == [] and svc.vault.count() == len(first.records)
+    recorded = [fields for event, fields in svc.log.lines if event == "records.recorded"]
+    assert [(r["records"], r["unchanged"]) for r in recorded] == [(len(first.records), 0), (0, len(first.records))]
