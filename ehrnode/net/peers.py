@@ -13,6 +13,10 @@ each handler wraps its stream in a websocket itself and catches everything but
 cancellation: a peer that sends garbage, fails the handshake or crashes its
 handler closes that connection only, never the listener.
 
+Each side pings the other every ``PING_INTERVAL``; a connection that brings neither a message
+nor an answer to a ping for ``SILENT_TIMEOUT`` is closed (``peer.unresponsive``), so a member
+that hangs while its sockets stay open is treated like one that stopped.
+
 Every connection has a bounded send queue drained by its own writer task. When
 a peer is slow or gone the queue fills and further frames to it are dropped
 (and counted): consensus re-sends what matters (timeouts, sync requests), and
@@ -90,6 +94,12 @@ MAX_PENDING_HANDSHAKES = 32
 MAX_UNAUTHENTICATED_PER_SOURCE = 8
 #: Seconds a new connection may stay silent before it is closed.
 FIRST_BYTES_TIMEOUT = 5.0
+#: Seconds between the pings each side sends on an authenticated connection.
+PING_INTERVAL = 2.0
+#: Seconds without a message or an answered ping from a peer before its connection is closed: a
+#: hung member (a stopped process, a stalled machine) then counts as unreachable, as a crashed one
+#: does. Far longer than a large message takes on a slow link (its pings still come meanwhile).
+SILENT_TIMEOUT = 15.0
 
 
 class Peer:
@@ -119,6 +129,8 @@ class Peer:
         self._urgent_idle = trio.Event()
         self._urgent_idle.set()
         self._closed = False
+        #: When a message or the answer to a ping last came from the peer (trio's clock).
+        self.heard = trio.current_time()
 
     def kick(self, reason: str) -> None:
         """Drop this connection (from any task): the peer sent something it must not.
@@ -546,6 +558,7 @@ class PeerNetwork:
                     return  # kicked while the connection it replaced was closing
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(peer.writer)
+                    nursery.start_soon(self._keepalive, peer)
                     await self._read(peer)
                     nursery.cancel_scope.cancel()
         finally:
@@ -559,6 +572,29 @@ class PeerNetwork:
                 else:
                     await peer.close(CLOSE_GOING_AWAY if self._closing else 1000, "closed")
 
+    async def _keepalive(self, peer: Peer) -> None:
+        """Ping ``peer`` every ``PING_INTERVAL``, and close the connection once it has been silent
+        (no message, no answered ping) for ``SILENT_TIMEOUT``."""
+
+        async def ping() -> None:
+            while True:
+                try:
+                    await peer.ws.ping()
+                except ConnectionClosed:
+                    return  # the reader sees the close too
+                peer.heard = trio.current_time()
+                await trio.sleep(PING_INTERVAL)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ping)
+            while True:
+                await trio.sleep(PING_INTERVAL)
+                silent = trio.current_time() - peer.heard
+                if silent >= SILENT_TIMEOUT:
+                    self.log.warning("peer.unresponsive", peer=peer.name, silent=round(silent, 1))
+                    peer.kick("unresponsive")
+                    return
+
     async def _read(self, peer: Peer) -> None:
         while True:
             try:
@@ -568,6 +604,7 @@ class PeerNetwork:
                 if reason is not None and reason.code == 1009:
                     self.log.warning("peer.frame_too_large", peer=peer.name)
                 return
+            peer.heard = trio.current_time()
             try:
                 frame = decode_frame(data)
                 if isinstance(frame, BatchFrame) and not peer.batches:

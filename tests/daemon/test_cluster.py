@@ -138,6 +138,38 @@ async def test_two_of_four_down_stalls_without_crashing_and_resumes(cluster):
     await wait_all_committed(cluster, cluster.names, [result["tx_id"]], timeout=90)
 
 
+async def test_a_member_that_hangs_is_closed_out_and_welcomed_back_when_it_runs_again(cluster):
+    """A stopped process keeps its sockets open and answers nothing: once it has been silent for
+    SILENT_TIMEOUT (no message, no answered ping), the others close its connections, as they would
+    a crashed member's, and commit without it; running again, it reconnects and catches up."""
+    import signal
+
+    from ehrnode.net.peers import SILENT_TIMEOUT
+
+    cluster.start_all()
+    await cluster.wait_ready()
+    live = ["A", "B", "R"]
+    hung = cluster.procs["C"]
+    hung.send_signal(signal.SIGSTOP)
+    try:
+        with trio.fail_after(SILENT_TIMEOUT + 30):
+            while True:
+                peers = [(await cluster.status(name))["peers"] for name in live]
+                if all("C" not in p for p in peers):
+                    break
+                await trio.sleep(0.5)
+        ids = await submit_many(cluster, live, 12, "while-C-hangs")
+        await wait_all_committed(cluster, live, ids, timeout=60)
+    finally:
+        hung.send_signal(signal.SIGCONT)
+    closed = [json.loads(line) for name in live for line in cluster.log(name).splitlines()
+              if '"peer.unresponsive"' in line]
+    assert {event["peer"] for event in closed} == {"C"}
+    assert all(event["silent"] >= SILENT_TIMEOUT for event in closed)
+    await cluster.wait_ready(timeout=60)
+    await wait_all_committed(cluster, ["C"], ids, timeout=60)
+
+
 def stat(pid):
     """(state, parent pid) of a process, None once it is gone."""
     try:
