@@ -13,7 +13,11 @@ started with the node by then, the worker processes themselves; reported), the n
 
 It also measures the pieces alone, in this process: FHIR validation and de-identification.
 
-    python benchmarks/ingest.py [--copies 1] [--json]
+With ``--hung``, member C (an OPRF key holder) is stopped (SIGSTOP: its sockets stay open, it
+answers nothing) once the key is ready, and recording is measured after the others have closed it
+out (or after 20 s, when they do not): A then needs B's evaluations for every OPRF batch.
+
+    python benchmarks/ingest.py [--copies 1] [--hung] [--json]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -100,38 +105,57 @@ async def ingest(client: ApiClient, items: list[fhir.Item]) -> dict[str, float]:
     }
 
 
-async def end_to_end(root: Path, first: list[fhir.Item], then: list[fhir.Item]) -> dict[str, Any]:
-    """``first`` recorded on a consortium just started, then ``then`` on the same one."""
+async def end_to_end(root: Path, first: list[fhir.Item], then: list[fhir.Item], hung: bool = False) -> dict[str, Any]:
+    """``first`` recorded on a consortium just started, then ``then`` on the same one (with
+    ``hung``, while member C is stopped)."""
     cluster = LocalConsortium(root)
     cluster.start_all()
+    stopped = None
     try:
         await cluster.wait_ready()
         key_wait = await cluster.wait_oprf_key(list(INSTITUTIONS))
+        closed_out = None
+        if hung:
+            stopped = cluster.procs["C"]
+            stopped.send_signal(signal.SIGSTOP)
+            start = time.perf_counter()
+            with trio.move_on_after(20):
+                while "C" in (await cluster.call("A", "status"))["peers"]:
+                    await trio.sleep(0.5)
+                closed_out = round(time.perf_counter() - start, 1)
         async with ApiClient.connect(cluster.configs["A"]) as client:
             workers_ready = "records.workers_started" in cluster.log_path("A").read_text()
             cold = await ingest(client, first)
             warm = await ingest(client, then)
         return {"first": cold, "next": warm, "oprf_key_seconds": round(key_wait, 2),
-                "workers_started_before": workers_ready}
+                "workers_started_before": workers_ready,
+                **({"hung": "C", "closed_out_after_s": closed_out} if hung else {})}
     finally:
+        if stopped is not None:
+            stopped.send_signal(signal.SIGCONT)
         cluster.stop_all()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--copies", type=int, default=1)
+    parser.add_argument("--hung", action="store_true", help="record while member C is stopped (SIGSTOP)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     first, then = load_items(args.copies), load_items(args.copies, first=args.copies)
     figures: dict[str, Any] = {"pieces": pieces(first)}
     with tempfile.TemporaryDirectory(prefix="ehrnode-ingest-") as tmp:
-        figures["end_to_end"] = trio.run(end_to_end, Path(tmp) / "consortium", first, then)
+        figures["end_to_end"] = trio.run(end_to_end, Path(tmp) / "consortium", first, then, args.hung)
     figures["verify_per_s"] = round(verify_rate())  # Ed25519, one core: how fast this machine was
     if args.json:
         print(json.dumps(figures))
         return
     p, e = figures["pieces"], figures["end_to_end"]
     print(f"machine: {os.cpu_count()} cores, Ed25519 verify {figures['verify_per_s']:,}/s per core")
+    if args.hung:
+        closed = e["closed_out_after_s"]
+        print("member C stopped (SIGSTOP); " + (f"closed out by A after {closed} s" if closed is not None
+                                                 else "still listed as connected at A after 20 s"))
     print(f"validation alone        {p['validate_per_s']:>8} resources/s")
     print(f"de-identification alone {p['deidentify_per_s']:>8} resources/s")
     for label, run in (("first ingest", e["first"]), ("next ingest", e["next"])):

@@ -69,8 +69,10 @@ class Staged:
     checks: list[StagedCheck] = field(default_factory=list)
     #: How far checks cover the input, in order from its first item; -1 once a part was left out.
     checked_to: int = 0
-    #: Taken by the OPRF evaluation ahead of a staged part: one at a time on a connection.
-    evaluating: trio.Lock = field(default_factory=trio.Lock)
+    #: Staged Patients whose OPRF evaluations are still to be asked for ahead, and the scope of the
+    #: one task that asks for them (None when it is not running).
+    to_evaluate: list[fhir.Item] = field(default_factory=list)
+    evaluation: trio.CancelScope | None = None
 
     def cancel_checks(self, *, started: bool) -> None:
         """Cancel the validations ahead still waiting for their turn, and with ``started`` the
@@ -111,10 +113,14 @@ class ApiState:
         self.sessions: set[Session] = set()
 
     def release(self, staged: Staged, *, cancel_checks: bool = True) -> None:
-        """Forget the staged input; its validations ahead are cancelled, unless ``records.add``
-        is taking their results."""
+        """Forget the staged input; its validations and OPRF evaluation ahead are cancelled,
+        unless ``records.add`` is taking the input (the evaluation already asked for then goes on:
+        ``records.add`` waits for it rather than asking again)."""
         if cancel_checks:
             staged.cancel_checks(started=True)
+            if staged.evaluation is not None:
+                staged.evaluation.cancel()  # dropped: evaluating its Patients would serve nobody
+        staged.to_evaluate.clear()  # taken by records.add: it asks for the rest itself
         for check in staged.checks:
             check.dropped = True
             self.checking_ahead -= check.held

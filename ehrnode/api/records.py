@@ -35,17 +35,26 @@ async def records_stage(call: Call) -> Any:
 def _evaluate_ahead(call: Call, start: int) -> None:
     """Ask for the OPRF outputs the Patients of the part just staged need, while the caller sends
     the rest (``records.add`` then finds them cached, or waits for them rather than asking again).
-    It runs as the caller (the batch is logged on chain as theirs), one part at a time on a
-    connection, and ends with the connection."""
+    One task a connection asks, as the caller (the batch is logged on chain as theirs), for the
+    Patients staged so far, then for those staged meanwhile; dropping the input cancels it, and
+    ``records.add`` taking it leaves the rest to ``records.add``."""
     staged, records, actor = call.session.staged, call.recording(), call.user.pseudonym
-    patients = [item for item in staged.items[start:] if item.resource.get("resourceType") == "Patient"]
+    staged.to_evaluate.extend(item for item in staged.items[start:] if item.resource.get("resourceType") == "Patient")
+    if not staged.to_evaluate or staged.evaluation is not None:
+        return
+    scope = staged.evaluation = trio.CancelScope()
 
     async def run() -> None:
-        async with staged.evaluating:
-            await records.evaluate_ahead(patients, actor)
+        try:
+            with scope:
+                while staged.to_evaluate:
+                    patients, staged.to_evaluate = staged.to_evaluate, []
+                    await records.evaluate_ahead(patients, actor)
+        finally:
+            if staged.evaluation is scope:
+                staged.evaluation = None
 
-    if patients:
-        call.session.nursery.start_soon(run)
+    call.session.nursery.start_soon(run)
 
 
 def _check_ahead(call: Call, start: int, size: int) -> None:

@@ -55,6 +55,16 @@ ANSWERS_PER_BATCH = 3
 
 
 @dataclass
+class _Evaluation:
+    """One batch of values a request is evaluating: done once it has its outputs or has failed."""
+
+    values: list[bytes]
+    key: bytes | None  # the group key it was asked under
+    outputs: dict[bytes, bytes] = field(default_factory=dict)
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass
 class _Pending:
     holders: dict[str, bytes]          # who may be asked -> their public share
     channel: trio.MemorySendChannel[tuple[str, EvaluationAnswer]]
@@ -74,8 +84,8 @@ class OprfService:
         self.daily_quota = daily_quota
         self._log, self._count = log, count
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
-        #: Values being evaluated now, each with the event set when its request ends.
-        self._evaluating: dict[bytes, trio.Event] = {}
+        #: Values being evaluated now, each with the batch that asks for it.
+        self._evaluating: dict[bytes, _Evaluation] = {}
         self._pending: dict[bytes, _Pending] = {}
         self._answered: OrderedDict[bytes, int] = OrderedDict()
         self._cpu = trio.CapacityLimiter(1)         # this member's own requests
@@ -102,7 +112,7 @@ class OprfService:
         key = self._cache_key
         out: dict[bytes, bytes] = {}
         missing: list[bytes] = []
-        others: dict[bytes, trio.Event] = {}  # values another request is evaluating now
+        others: dict[bytes, _Evaluation] = {}  # values another request is evaluating now
         for value in dict.fromkeys(values):
             cached = self._cache.get(value)
             if cached is not None:
@@ -112,35 +122,42 @@ class OprfService:
                 others[value] = self._evaluating[value]
             else:
                 missing.append(value)
-        done = trio.Event()
-        self._evaluating.update(dict.fromkeys(missing, done))
+        chunks = [_Evaluation(missing[i:i + MAX_OPRF_BATCH], key) for i in range(0, len(missing), MAX_OPRF_BATCH)]
+        for chunk in chunks:
+            self._evaluating.update(dict.fromkeys(chunk.values, chunk))
         try:
-            for start in range(0, len(missing), MAX_OPRF_BATCH):
-                chunk = missing[start:start + MAX_OPRF_BATCH]
-                outputs = await self._batch(chunk, actor)
-                for value, output in zip(chunk, outputs, strict=True):
-                    out[value] = output
-                    if self._cache_key == key:      # not if the key changed while this was asked
-                        self._cache[value] = output
+            for chunk in chunks:
+                try:
+                    outputs = await self._batch(chunk.values, actor)
+                    chunk.outputs = dict(zip(chunk.values, outputs, strict=True))
+                finally:
+                    for value in chunk.values:
+                        if self._evaluating.get(value) is chunk:
+                            del self._evaluating[value]
+                    chunk.done.set()  # whoever waits for one of its values goes on (or asks again)
+                out.update(chunk.outputs)
+                if self._cache_key == key:      # not if the key changed while this was asked
+                    self._cache.update(chunk.outputs)
         finally:
-            for value in missing:
-                if self._evaluating.get(value) is done:
-                    del self._evaluating[value]
-            done.set()
+            for chunk in chunks:  # those not reached (an earlier one failed, or this was cancelled)
+                if not chunk.done.is_set():
+                    for value in chunk.values:
+                        if self._evaluating.get(value) is chunk:
+                            del self._evaluating[value]
+                    chunk.done.set()
         while len(self._cache) > CACHE_ENTRIES:
             self._cache.popitem(last=False)
         if others:
             # Asked for already (say, while the input was still arriving): those answers are
-            # waited for, not asked again; what they did not bring (they failed) is asked now.
-            for event in set(others.values()):
-                await event.wait()
+            # waited for, not asked again; what they did not bring (their request failed, or the
+            # key changed meanwhile) is asked now.
             again = []
-            for value in others:
-                cached = self._cache.get(value)
-                if cached is None:
-                    again.append(value)
+            for value, evaluation in others.items():
+                await evaluation.done.wait()
+                if value in evaluation.outputs and evaluation.key == self._cache_key == key:
+                    out[value] = evaluation.outputs[value]
                 else:
-                    out[value] = cached
+                    again.append(value)
             if again:
                 out.update(await self.evaluate(again, actor))
         return out

@@ -13,9 +13,10 @@ each handler wraps its stream in a websocket itself and catches everything but
 cancellation: a peer that sends garbage, fails the handshake or crashes its
 handler closes that connection only, never the listener.
 
-Each side pings the other every ``PING_INTERVAL``; a connection that brings neither a message
-nor an answer to a ping for ``SILENT_TIMEOUT`` is closed (``peer.unresponsive``), so a member
-that hangs while its sockets stay open is treated like one that stopped.
+Each side pings the other, ``PING_INTERVAL`` after the last answer; a connection that brings
+neither a message nor an answer to a ping for ``SILENT_TIMEOUT`` is closed
+(``peer.unresponsive``), so a member that hangs while its sockets stay open is treated like one
+that stopped.
 
 Every connection has a bounded send queue drained by its own writer task. When
 a peer is slow or gone the queue fills and further frames to it are dropped
@@ -40,6 +41,7 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed
 from trio_websocket import HandshakeError as WsHandshakeError
+from wsproto.utilities import LocalProtocolError
 
 from .. import crypto
 from ..config import Genesis, Member
@@ -94,12 +96,13 @@ MAX_PENDING_HANDSHAKES = 32
 MAX_UNAUTHENTICATED_PER_SOURCE = 8
 #: Seconds a new connection may stay silent before it is closed.
 FIRST_BYTES_TIMEOUT = 5.0
-#: Seconds between the pings each side sends on an authenticated connection.
+#: Seconds from one answered ping to the next, on each authenticated connection.
 PING_INTERVAL = 2.0
-#: Seconds without a message or an answered ping from a peer before its connection is closed: a
-#: hung member (a stopped process, a stalled machine) then counts as unreachable, as a crashed one
-#: does. Far longer than a large message takes on a slow link (its pings still come meanwhile).
-SILENT_TIMEOUT = 15.0
+#: Seconds without a whole message or an answered ping from a peer before its connection is
+#: closed: a hung member (a stopped process, a stalled machine) then counts as unreachable, as a
+#: crashed one does. A message is heard only once it has all arrived, and a pong cannot pass a
+#: message being sent: this leaves the largest frame (8 MiB) a minute, a link of 1.2 Mbit/s.
+SILENT_TIMEOUT = 60.0
 
 
 class Peer:
@@ -580,16 +583,23 @@ class PeerNetwork:
             while True:
                 try:
                     await peer.ws.ping()
-                except ConnectionClosed:
-                    return  # the reader sees the close too
+                except (ConnectionClosed, LocalProtocolError):
+                    return  # closing (a ping racing the close is refused by wsproto): the reader ends it
                 peer.heard = trio.current_time()
                 await trio.sleep(PING_INTERVAL)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ping)
+            awake = trio.current_time()
             while True:
                 await trio.sleep(PING_INTERVAL)
-                silent = trio.current_time() - peer.heard
+                now = trio.current_time()
+                if now - awake > 2 * PING_INTERVAL:
+                    # This node itself stalled (a paused machine, a stopped process): what the peer
+                    # sent meanwhile may still be waiting to be read. Silence counts from now on.
+                    peer.heard = max(peer.heard, now)
+                awake = now
+                silent = now - peer.heard
                 if silent >= SILENT_TIMEOUT:
                     self.log.warning("peer.unresponsive", peer=peer.name, silent=round(silent, 1))
                     peer.kick("unresponsive")

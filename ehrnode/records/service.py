@@ -30,7 +30,7 @@ from . import deid as deid_module
 from . import fhir
 from .deid import Deidentifier, load_profile
 from .keys import RecordKeys
-from .recorder import Outcome, Prepared, Recorder
+from .recorder import Outcome, Recorder
 from .vault import Vault
 from .workers import Checked, Preparer, default_workers
 
@@ -134,10 +134,7 @@ class RecordsService:
                                  "restore the latest vault backup before recording", reason="vault_behind")
         # Reading every Patient's demographics is CPU work a large input must not do on the loop.
         inputs = await trio.to_thread.run_sync(self.recorder.oprf_inputs, items)
-        async with self._lock:  # nothing else writes the vault between preparing and writing
-            prepared, evaluated, checked = await self._prepare_and_evaluate(items, skip_invalid, inputs, actor, ahead)
-            outcome: Outcome = await trio.to_thread.run_sync(lambda: self.recorder.write(
-                prepared, actor=actor, evaluated=evaluated))
+        outcome, checked = await self._prepare_and_write(items, skip_invalid, inputs, actor, ahead)
         if any(r.status == "already_recorded" for r in outcome.records):
             pending = {anchor["record"].hex(): tx_id.hex() for tx_id, data in await self._blocking(self.vault.outbox)
                        for anchor in anchors_of(Transaction.decode(data))}
@@ -153,37 +150,49 @@ class RecordsService:
                       seconds=round(time.monotonic() - started, 3))
         return outcome
 
-    async def _prepare_and_evaluate(self, items: Sequence[fhir.Item], skip_invalid: bool, inputs: list[bytes],
-                                    actor: bytes, ahead: Callable[[], Awaitable[Sequence[Checked]]] | None,
-                                    ) -> tuple[Prepared, dict[bytes, bytes], int]:
-        """Wait for the validation ahead, then validate the rest and de-identify ``items``, while
-        the other members evaluate the OPRF ``inputs`` (a round trip, and their CPU): the first
-        failure of the two is raised, input problems first. Also answers how many items were
-        validated ahead."""
+    async def _prepare_and_write(self, items: Sequence[fhir.Item], skip_invalid: bool, inputs: list[bytes],
+                                 actor: bytes, ahead: Callable[[], Awaitable[Sequence[Checked]]] | None,
+                                 ) -> tuple[Outcome, int]:
+        """Wait for the validation ahead, then validate the rest of ``items``, de-identify them and
+        write them, while the other members evaluate the OPRF ``inputs`` (a round trip, and their
+        CPU): the first failure of the two is raised, input problems first. Also answers how many
+        items were validated ahead. Only preparing and writing hold the vault's lock."""
         evaluated: dict[bytes, bytes] = {}
         failed: list[Exception] = []
         checked: Sequence[Checked] = ()
+        evaluation_done = trio.Event()
+        outcome: Outcome | None = None
 
         async def evaluate() -> None:
             try:
                 evaluated.update(await self.hooks.evaluate(inputs, actor))
             except Exception as exc:  # noqa: BLE001 - raised below, once preparing is done or failed
                 failed.append(exc)
+            finally:
+                evaluation_done.set()
 
         async with trio.open_nursery() as nursery:
             if inputs:
                 nursery.start_soon(evaluate)
+            else:
+                evaluation_done.set()
             try:
                 if ahead is not None:
                     checked = await ahead()
-                prepared = await trio.to_thread.run_sync(lambda: self.recorder.prepare(
-                    items, skip_invalid=skip_invalid, now_ms=int(time.time() * 1000), checked=checked))
+                async with self._lock:  # nothing else writes the vault between preparing and writing
+                    prepared = await trio.to_thread.run_sync(lambda: self.recorder.prepare(
+                        items, skip_invalid=skip_invalid, now_ms=int(time.time() * 1000), checked=checked))
+                    await evaluation_done.wait()
+                    if not failed:
+                        outcome = await trio.to_thread.run_sync(lambda: self.recorder.write(
+                            prepared, actor=actor, evaluated=evaluated))
             except Exception as exc:  # noqa: BLE001 - raised below, after the evaluation is stopped
                 nursery.cancel_scope.cancel()
                 failed.insert(0, exc)
         if failed:
             raise failed[0]
-        return prepared, evaluated, len(checked)
+        assert outcome is not None
+        return outcome, len(checked)
 
     def _offer(self, txs: Sequence[Transaction]) -> int:
         """Hand anchors to the mempool; returns how many must wait in the outbox."""

@@ -6,6 +6,7 @@ import trio.testing
 
 from ehrnode.api.call import ApiState, Staged, StagedCheck
 from ehrnode.api.records import _check_ahead, _checked_ahead, _evaluate_ahead
+from ehrnode.records.fhir import Item
 
 
 def _check(start, results, *, items=None, done=True):
@@ -215,34 +216,74 @@ class _Evaluations:
 
     async def evaluate_ahead(self, items, actor):
         self.running += 1
-        assert self.running == 1, "one part at a time on a connection"
-        self.asked.append(([item.resource["id"] for item in items], actor))
-        await self.gate.wait()
-        self.running -= 1
+        try:
+            assert self.running == 1, "one task a connection"
+            self.asked.append(([item.resource["id"] for item in items], actor))
+            await self.gate.wait()
+        finally:
+            self.running -= 1
 
 
-def test_the_patients_of_each_staged_part_are_evaluated_ahead_one_part_at_a_time():
-    from ehrnode.records.fhir import Item
+def _evaluating_call(nursery, records):
+    call = type("C", (), {})()
+    call.session = type("S", (), {"staged": Staged(), "nursery": nursery})()
+    call.user = type("U", (), {"pseudonym": b"clerk"})()
+    call.recording = lambda: records
 
-    def part(*ids):
-        return [Item(f"s:{i}", {"resourceType": "Patient" if i.startswith("p") else "Encounter", "id": i})
-                for i in ids]
+    def stage(*ids):
+        start = len(call.session.staged.items)
+        call.session.staged.items.extend(
+            Item(f"s:{i}", {"resourceType": "Patient" if i.startswith("p") else "Encounter", "id": i}) for i in ids)
+        _evaluate_ahead(call, start)
 
+    return call, stage
+
+
+def test_the_patients_of_staged_parts_are_evaluated_ahead_by_one_task_a_connection():
     async def main():
         records = _Evaluations()
         async with trio.open_nursery() as nursery:
-            call = type("C", (), {})()
-            call.session = type("S", (), {"staged": Staged(), "nursery": nursery})()
-            call.user = type("U", (), {"pseudonym": b"clerk"})()
-            call.recording = lambda: records
-            for ids in (("p1", "e1", "p2"), ("e2", "e3"), ("p3",)):
-                start = len(call.session.staged.items)
-                call.session.staged.items.extend(part(*ids))
-                _evaluate_ahead(call, start)
+            call, stage = _evaluating_call(nursery, records)
+            stage("p1", "e1", "p2")
             await trio.testing.wait_all_tasks_blocked()
-            assert records.asked == [(["p1", "p2"], b"clerk")]  # the next waits its turn
+            stage("e2", "e3")  # no Patient: nothing to ask for
+            stage("p3")
+            stage("p4", "e4")
+            await trio.testing.wait_all_tasks_blocked()
+            assert records.asked == [(["p1", "p2"], b"clerk")]  # the others wait for it to end
             records.gate.set()
-        # A part with no Patient asks for nothing.
+            await trio.testing.wait_all_tasks_blocked()
+            assert call.session.staged.evaluation is None
         return records.asked
 
-    assert trio.run(main) == [(["p1", "p2"], b"clerk"), (["p3"], b"clerk")]
+    assert trio.run(main) == [(["p1", "p2"], b"clerk"), (["p3", "p4"], b"clerk")]
+
+
+def test_dropping_staged_input_cancels_its_evaluation_ahead_and_records_add_takes_over_the_rest():
+    async def main():
+        api = _api()
+        async with trio.open_nursery() as nursery:
+            records = _Evaluations()
+            dropped, stage = _evaluating_call(nursery, records)
+            stage("p1")
+            await trio.testing.wait_all_tasks_blocked()
+            stage("p2")
+            api.release(dropped.session.staged)  # dropped (too large, refused): nothing goes on
+            await trio.testing.wait_all_tasks_blocked()
+            assert records.asked == [(["p1"], b"clerk")] and records.running == 0
+            assert dropped.session.staged.evaluation is None and dropped.session.staged.to_evaluate == []
+
+            taken_records = _Evaluations()
+            taken, stage = _evaluating_call(nursery, taken_records)
+            stage("p5")
+            await trio.testing.wait_all_tasks_blocked()
+            stage("p6")
+            api.release(taken.session.staged, cancel_checks=False)  # as records.add takes it
+            await trio.testing.wait_all_tasks_blocked()
+            assert taken_records.running == 1  # what was asked for goes on: records.add waits for it
+            taken_records.gate.set()
+            await trio.testing.wait_all_tasks_blocked()
+            # p6 was left to records.add, which asks for it itself.
+            assert taken_records.asked == [(["p5"], b"clerk")]
+
+    trio.run(main)

@@ -118,3 +118,66 @@ def test_a_cancelled_request_leaves_its_values_to_the_next():
         assert asked == [[b"a"], [b"a"]]
 
     trio.run(main)
+
+
+def test_a_waiter_goes_on_once_the_batch_holding_its_value_is_done(monkeypatch):
+    monkeypatch.setattr("ehrnode.daemon.oprf_service.MAX_OPRF_BATCH", 1)
+    asked, later = [], trio.Event()
+
+    async def batch(values, actor):
+        asked.append(list(values))
+        if values == [b"b"]:
+            await later.wait()
+        return [b"out-" + v for v in values]
+
+    async def main():
+        service = _service(batch)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.evaluate, [b"x", b"a", b"b"])  # three batches of one
+            await trio.testing.wait_all_tasks_blocked()
+            # "b" is still being asked for; "a" is done: not asked again, and not waited for beyond.
+            assert await service.evaluate([b"a"]) == {b"a": b"out-a"}
+            assert not later.is_set()
+            later.set()
+        assert asked == [[b"x"], [b"a"], [b"b"]]
+
+    trio.run(main)
+
+
+def test_a_value_asked_for_under_a_key_since_replaced_is_asked_again():
+    asked, gate = [], trio.Event()
+    current = _Round()
+
+    class State:
+        class oprf:  # what the service reads of the ledger state
+            @staticmethod
+            def current():
+                return current
+
+    async def batch(values, actor):
+        asked.append((list(values), current.public_key))
+        if len(asked) == 1:
+            await gate.wait()
+        return [b"out-" + current.public_key + v for v in values]
+
+    async def main():
+        service = OprfService("A", "chain", State(), keys=None, submit=None, wait_committed=None,
+                              send_request=None, send_answer=None, connected=lambda: [], daily_quota=100, log=_Log())
+        service._batch = batch
+        got = {}
+
+        async def waiting():
+            got["recording"] = await service.evaluate([b"a"])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.evaluate, [b"a"])
+            await trio.testing.wait_all_tasks_blocked()
+            current.public_key = b"a fresh key"  # a new round's key, while "a" is asked for
+            nursery.start_soon(waiting)  # under the new key: the old key's answer will not do
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(asked) == 1
+            gate.set()
+        assert asked == [([b"a"], b"group key"), ([b"a"], b"a fresh key")]
+        assert got == {"recording": {b"a": b"out-a fresh keya"}}
+
+    trio.run(main)

@@ -18,11 +18,15 @@ class FakeRecorder:
     def __init__(self, prepare):
         self.prepare = prepare
 
+    def write(self, prepared, *, actor, evaluated):
+        return prepared, evaluated  # what it was given, as the outcome
+
 
 def service(prepare, evaluate):
     svc = RecordsService.__new__(RecordsService)  # only what preparing and evaluating use
     svc.recorder = FakeRecorder(prepare)
     svc.hooks = Hooks(submit=None, pending=None, state=None, evaluate=evaluate)
+    svc._lock = trio.Lock()
     return svc
 
 
@@ -40,7 +44,7 @@ async def test_the_evaluation_runs_while_the_input_is_prepared():
         await trio.sleep(0.05)
         return {v: b"out-" + v for v in values}
 
-    prepared, evaluated, ahead = await service(prepare, evaluate)._prepare_and_evaluate(
+    (prepared, evaluated), ahead = await service(prepare, evaluate)._prepare_and_write(
         [], False, [b"a", b"b"], b"", None)
     assert prepared is PREPARED and evaluated == {b"a": b"out-a", b"b": b"out-b"} and ahead == 0
 
@@ -50,7 +54,9 @@ async def test_the_evaluation_runs_while_the_validation_ahead_is_awaited():
     given = []
 
     async def ahead():
-        # The staged parts still being validated: the evaluation must not wait for them.
+        # The staged parts still being validated: the evaluation must not wait for them, and
+        # nothing else needing the vault waits for them either.
+        assert not svc._lock.locked()
         with trio.fail_after(10):
             await asked.wait()
         return [b"{}", b"{}"]
@@ -63,8 +69,8 @@ async def test_the_evaluation_runs_while_the_validation_ahead_is_awaited():
         asked.set()
         return {v: b"out-" + v for v in values}
 
-    prepared, evaluated, count = await service(prepare, evaluate)._prepare_and_evaluate(
-        [], False, [b"a"], b"", ahead)
+    svc = service(prepare, evaluate)
+    (prepared, evaluated), count = await svc._prepare_and_write([], False, [b"a"], b"", ahead)
     assert prepared is PREPARED and evaluated == {b"a": b"out-a"}
     assert given == [[b"{}", b"{}"]] and count == 2
 
@@ -73,8 +79,8 @@ async def test_no_patient_no_evaluation():
     async def evaluate(values, actor):
         raise AssertionError("nothing to evaluate")
 
-    assert await service(lambda items, skip_invalid, now_ms, checked: PREPARED, evaluate)._prepare_and_evaluate(
-        [], False, [], b"", None) == (PREPARED, {}, 0)
+    assert await service(lambda items, skip_invalid, now_ms, checked: PREPARED, evaluate)._prepare_and_write(
+        [], False, [], b"", None) == ((PREPARED, {}), 0)
 
 
 async def test_invalid_input_is_reported_and_stops_the_evaluation():
@@ -90,7 +96,7 @@ async def test_invalid_input_is_reported_and_stops_the_evaluation():
             stopped.append(True)
 
     with pytest.raises(FhirError, match="invalid resource"):
-        await service(prepare, evaluate)._prepare_and_evaluate([], False, [b"a"], b"", None)
+        await service(prepare, evaluate)._prepare_and_write([], False, [b"a"], b"", None)
     assert stopped == [True]
 
 
@@ -102,7 +108,7 @@ async def test_input_problems_come_before_a_failed_evaluation():
         raise KeyUnavailable("no OPRF key yet")
 
     with pytest.raises(FhirError):
-        await service(prepare, evaluate)._prepare_and_evaluate([], False, [b"a"], b"", None)
+        await service(prepare, evaluate)._prepare_and_write([], False, [b"a"], b"", None)
 
 
 async def test_a_failed_evaluation_is_raised_once_the_input_is_prepared():
@@ -116,7 +122,7 @@ async def test_a_failed_evaluation_is_raised_once_the_input_is_prepared():
         raise KeyUnavailable("the holders cannot be reached")
 
     with pytest.raises(KeyUnavailable, match="holders"):
-        await service(prepare, evaluate)._prepare_and_evaluate([], False, [b"a"], b"", None)
+        await service(prepare, evaluate)._prepare_and_write([], False, [b"a"], b"", None)
     assert done == [True]
 
 
