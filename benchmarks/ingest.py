@@ -14,8 +14,9 @@ started with the node by then, the worker processes themselves; reported), the n
 It also measures the pieces alone, in this process: FHIR validation and de-identification.
 
 With ``--hung``, member C (an OPRF key holder) is stopped (SIGSTOP: its sockets stay open, it
-answers nothing) once the key is ready, and recording is measured after the others have closed it
-out (or after 20 s, when they do not): A then needs B's evaluations for every OPRF batch.
+answers nothing) once the key is ready, and recording is measured after A has closed it out (or
+after ``SILENT_TIMEOUT`` and 15 s more, when it does not): A then needs B's evaluations for every
+OPRF batch.
 
     python benchmarks/ingest.py [--copies 1] [--hung] [--json]
 """
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ehrnode.client import ApiClient
 from ehrnode.localnet import LocalConsortium
+from ehrnode.net.peers import SILENT_TIMEOUT
 from ehrnode.records import fhir
 from ehrnode.records.deid import Deidentifier, load_profile
 from ehrnode.records.submit import add_items
@@ -119,7 +121,7 @@ async def end_to_end(root: Path, first: list[fhir.Item], then: list[fhir.Item], 
             stopped = cluster.procs["C"]
             stopped.send_signal(signal.SIGSTOP)
             start = time.perf_counter()
-            with trio.move_on_after(20):
+            with trio.move_on_after(SILENT_TIMEOUT + 15):
                 while "C" in (await cluster.call("A", "status"))["peers"]:
                     await trio.sleep(0.5)
                 closed_out = round(time.perf_counter() - start, 1)
@@ -153,9 +155,9 @@ def main() -> None:
     p, e = figures["pieces"], figures["end_to_end"]
     print(f"machine: {os.cpu_count()} cores, Ed25519 verify {figures['verify_per_s']:,}/s per core")
     if args.hung:
-        closed = e["closed_out_after_s"]
+        closed, waited = e["closed_out_after_s"], SILENT_TIMEOUT + 15
         print("member C stopped (SIGSTOP); " + (f"closed out by A after {closed} s" if closed is not None
-                                                 else "still listed as connected at A after 20 s"))
+                                                 else f"still listed as connected at A after {waited:g} s"))
     print(f"validation alone        {p['validate_per_s']:>8} resources/s")
     print(f"de-identification alone {p['deidentify_per_s']:>8} resources/s")
     for label, run in (("first ingest", e["first"]), ("next ingest", e["next"])):
