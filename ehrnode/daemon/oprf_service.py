@@ -131,20 +131,13 @@ class OprfService:
                     outputs = await self._batch(chunk.values, actor)
                     chunk.outputs = dict(zip(chunk.values, outputs, strict=True))
                 finally:
-                    for value in chunk.values:
-                        if self._evaluating.get(value) is chunk:
-                            del self._evaluating[value]
-                    chunk.done.set()  # whoever waits for one of its values goes on (or asks again)
+                    self._finish(chunk)
                 out.update(chunk.outputs)
                 if self._cache_key == key:      # not if the key changed while this was asked
                     self._cache.update(chunk.outputs)
         finally:
             for chunk in chunks:  # those not reached (an earlier one failed, or this was cancelled)
-                if not chunk.done.is_set():
-                    for value in chunk.values:
-                        if self._evaluating.get(value) is chunk:
-                            del self._evaluating[value]
-                    chunk.done.set()
+                self._finish(chunk)
         while len(self._cache) > CACHE_ENTRIES:
             self._cache.popitem(last=False)
         if others:
@@ -161,6 +154,16 @@ class OprfService:
             if again:
                 out.update(await self.evaluate(again, actor))
         return out
+
+    def _finish(self, chunk: _Evaluation) -> None:
+        """A batch is over (answered, failed, or never asked): whoever waits for one of its values
+        goes on, and takes its output or asks again."""
+        if chunk.done.is_set():
+            return
+        for value in chunk.values:
+            if self._evaluating.get(value) is chunk:
+                del self._evaluating[value]
+        chunk.done.set()
 
     async def _holders(self) -> tuple[Round, int | None, dict[str, bytes], int]:
         """The current round, this member's share of it, the reachable other holders (their public

@@ -87,7 +87,7 @@ class RecordsService:
 
     def checks_ahead(self, count: int) -> bool:
         """Whether :meth:`check` of ``count`` items would run in the worker processes."""
-        return self.recorder.preparer.pooled(count)
+        return self.preparer.pooled(count)
 
     async def check(self, items: Sequence[fhir.Item], started: Callable[[], None] = lambda: None) -> list[Checked]:
         """Validate ``items`` ahead of recording them (:meth:`record`'s ``checked``): an input that
