@@ -168,8 +168,12 @@ async def records_add(call: Call) -> Any:
         for row in rows:
             if row["tx_id"]:
                 row["height"] = heights.get(row["tx_id"]) or call.node.state.tx_height(bytes.fromhex(row["tx_id"]))
+    empis: dict[str, str | None] = {}  # one lookup a patient, not one a record
     for row in rows:
-        row["empi"] = call.node.state.empi.empi_of(scoped_enrolment(call.node.name, bytes.fromhex(row["patient"])))
+        patient = row["patient"]
+        if patient not in empis:
+            empis[patient] = call.node.state.empi.empi_of(scoped_enrolment(call.node.name, bytes.fromhex(patient)))
+        row["empi"] = empis[patient]
     return {"records": rows, "skipped": outcome.skipped}
 
 
