@@ -16,10 +16,10 @@ user named) and either records all of it or nothing:
    for each Patient recorded, an ``empi.enrol`` transaction with its keyed
    encodings: the chain decides the EMPI (``ledger/empi_registry.py``); choose
    the k-anonymity level of each patient's quasi-identifiers when the profile asks;
-5. de-identify each resource, salt it and commit to it (validation and
-   de-identification of a large input run in worker processes: workers.py),
-   and seal its vault entry for the next position as its release comes back,
-   while the workers release the rest;
+5. de-identify each resource, salt it, commit to it and encrypt it (for a
+   large input, in worker processes: workers.py, with its validation), and
+   seal its vault entry for the next position (link, sign, wrap its keys) as
+   its release comes back, while the workers release the rest;
 6. append everything to the vault in one transaction, with the enrolments and
    signed ``record.anchors`` transactions in the vault's outbox, each anchoring up
    to ``MAX_ANCHORS`` entries.
@@ -38,12 +38,11 @@ Blocking and CPU-bound: the node runs it in a worker thread, one at a time.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import codec, crypto
+from .. import crypto
 from ..config import LEDGER_RULES
 from ..empi.encoding import Encoder
 from ..empi.normalize import Demographics
@@ -51,12 +50,11 @@ from ..errors import FhirError
 from ..ledger.transactions import ENROLMENT_SIZE, MAX_ANCHORS, SINCE_RULES, Transaction, recorded_day
 from . import deid as deid_module
 from . import fhir
-from .canonical import commitment, new_salt
 from .deid import Deidentifier
 from .deid.notes import PatientFacts
 from .keys import RecordKeys
-from .vault import RECORD_ID_SIZE, NewEntry, PatientRow, SealedEntry, StoredEntry, Vault, Write
-from .workers import Checked, Preparer
+from .vault import NewEntry, PatientRow, SealedEntry, StoredEntry, Vault, Write
+from .workers import Checked, Preparer, Released, released
 
 #: Shown problems per failed ingest; the rest are counted.
 MAX_PROBLEMS_SHOWN = 50
@@ -282,25 +280,25 @@ class Recorder:
                 problems.append(c.problem)
                 failed = True
                 continue
-            c.release = release
+            c.release = release.release
             if failed:
                 continue  # the entries are made again without the failed release (write)
-            c.entry = self._new_entry(c, patients[c.pid], setting, now_ms)
+            c.entry = self._new_entry(c, patients[c.pid], setting, now_ms, release)
             position += 1
             sealed.append(self.vault.seal(c.entry, position, prev))
             prev = sealed[-1].stored.hash
         return [] if failed else sealed
 
     @staticmethod
-    def _new_entry(c: _Candidate, patient: _Patient, setting: str, now_ms: int) -> NewEntry:
-        """The vault entry of a released candidate: a new record id, and its salted commitment."""
-        canonical = c.release
-        assert canonical is not None
-        salt = new_salt()
-        return NewEntry(
-            os.urandom(RECORD_ID_SIZE), c.item.resource["resourceType"], patient.enrolment, setting, now_ms,
-            commitment(salt, canonical), c.raw, codec.encode({"salt": salt, "resource": canonical}),
-        )
+    def _new_entry(c: _Candidate, patient: _Patient, setting: str, now_ms: int,
+                   made: Released | None = None) -> NewEntry:
+        """The vault entry of a released candidate, from what the workers ``made`` of it (else
+        made here): a new record id, its salted commitment, both encrypted."""
+        if made is None:
+            assert c.release is not None
+            made = released(c.raw, c.release)
+        return NewEntry(made.record_id, c.item.resource["resourceType"], patient.enrolment, setting, now_ms,
+                        made.commitment, c.raw, made.payload, made.encrypted)
 
     def _write(self, candidates: list[_Candidate], patients: dict[str, _Patient], outcome: Outcome, now_ms: int,
                actor: bytes, evaluated: Mapping[bytes, bytes] | None, sealed: list[SealedEntry]) -> None:

@@ -21,7 +21,7 @@ import trio
 from .. import crypto
 from ..config import NodeConfig
 from ..empi.normalize import Demographics
-from ..errors import AdmissionError, ConfigError, EhrnodeError, IntegrityError
+from ..errors import AdmissionError, ConfigError, EhrnodeError, IntegrityError, StoreError
 from ..ledger.empi_registry import scoped_enrolment
 from ..ledger.state import LedgerState
 from ..ledger.transactions import Transaction, anchors_of
@@ -206,9 +206,16 @@ class RecordsService:
         return deferred
 
     async def run_outbox(self) -> None:
-        """Offer outbox transactions again until each is committed; runs for the node's lifetime."""
+        """Offer outbox transactions again until each is committed, and copy the vault's
+        write-ahead log into its file after the writes since (:meth:`Vault.checkpoint`); runs for
+        the node's lifetime."""
         while True:
             await trio.sleep(OUTBOX_INTERVAL)
+            try:
+                await self._blocking(self.vault.checkpoint)
+            except StoreError as exc:
+                # A full disk, say: the log keeps every commit meanwhile; the next round tries again.
+                self.log.warning("vault.checkpoint_failed", error=str(exc))
             rows = await self._blocking(self.vault.outbox)
             done, again = [], []
             for tx_id, data in rows:

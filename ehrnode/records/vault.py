@@ -33,7 +33,10 @@ transactions this node wrote with its records (enrolments, anchors, erasures) no
 yet seen committed.
 
 The vault is written with ``synchronous=FULL``: unlike blocks, which peers can
-send again, a record exists nowhere else.
+send again, a record exists nowhere else. A commit leaves its write-ahead log
+for :meth:`Vault.checkpoint` to copy into the file (the records upkeep calls it
+every few seconds) rather than copying it itself, unless the log grows past
+``WAL_AUTOCHECKPOINT`` pages.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import codec, crypto
 from ..codec import as_bytes, as_map, as_str, as_uint
@@ -54,11 +57,20 @@ from .canonical import canonical_json, commitment
 from .keys import RecordKeys, new_data_key, open_sealed, seal
 
 ENTRY_DOMAIN = "ehrnode/vault-entry/v1"
+#: What :func:`crypto.signing_bytes` puts before a header's CBOR under ``ENTRY_DOMAIN`` (the
+#: array of two and the domain): a header encoded once gives both its stored and signed bytes.
+_SIGNED_PREFIX = crypto.signing_bytes(ENTRY_DOMAIN, None)[:-1]
 GENESIS_PREV = bytes(32)
 RECORD_ID_SIZE = 16
 #: The vault's own ciphertexts are authenticated: they decode up to the largest input intake takes.
 MAX_STORED = 64 * 1024 * 1024
 ENROLMENT_SIZE = 16
+#: Write-ahead-log pages past which a commit also copies the log into the database file. A large
+#: ingest writes thousands of pages; the node copies them once the ingest is done
+#: (:meth:`Vault.checkpoint`, from the records service's upkeep) rather than within its commit,
+#: where the ingest would wait for it. This bound (64 MiB of 4 KiB pages) only keeps the log from
+#: growing without end should that upkeep not run.
+WAL_AUTOCHECKPOINT = 16384
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -123,6 +135,28 @@ class EntryHeader:
         return crypto.sha256(self.signed_bytes)
 
 
+class Encrypted(NamedTuple):
+    """A new entry's two ciphertexts for record ``record_id``, each under a fresh data key not yet
+    wrapped: the part of sealing an entry that does not depend on its position, so it can be made
+    apart from the vault (the record workers make it beside the release)."""
+
+    record_id: bytes
+    raw: bytes
+    deid: bytes
+    raw_key: bytes
+    deid_key: bytes
+
+    def __repr__(self) -> str:
+        return f"Encrypted(record_id={self.record_id.hex()}, raw={len(self.raw)} bytes, deid={len(self.deid)} bytes)"
+
+
+def encrypt(record_id: bytes, raw: bytes, release: bytes) -> Encrypted:
+    """The ciphertexts of a new entry's ``raw`` resource and ``release``, bound to its record id."""
+    raw_key, deid_key = new_data_key(), new_data_key()
+    return Encrypted(record_id, seal(raw_key, raw, record_id + b"raw"), seal(deid_key, release, record_id + b"deid"),
+                     raw_key, deid_key)
+
+
 @dataclass(frozen=True)
 class NewEntry:
     """A record ready to append: everything but its position and chain link."""
@@ -135,6 +169,8 @@ class NewEntry:
     commitment: bytes
     raw: bytes  # canonical JSON of the resource as received
     release: bytes  # canonical CBOR {"salt", "resource"}: the de-identified release
+    #: ``raw`` and ``release`` encrypted already (:func:`encrypt`), or None: sealing does it.
+    encrypted: Encrypted | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -186,6 +222,7 @@ class Vault:
         self._db = open_db(self.path, _SCHEMA, "vault", durable=True, any_thread=True)
         # Erasure deletes data keys: overwrite their bytes rather than leave them in free pages.
         self._db.execute("PRAGMA secure_delete=ON")
+        self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT}")
         self._migrate_outbox()
         #: Each recorded Patient's released quasi-identifiers by resource id: opened from the
         #: patient table the first time they are needed, then kept as patients are written (their
@@ -242,22 +279,38 @@ class Vault:
         return stored
 
     def seal(self, entry: NewEntry, position: int, prev: bytes) -> SealedEntry:
-        """``entry`` encrypted under fresh data keys (wrapped), with its header at ``position``
-        after the entry hashed ``prev``, signed. Touches no table: any thread may call it."""
-        raw_key, deid_key = new_data_key(), new_data_key()
-        raw_ct = seal(raw_key, entry.raw, entry.record_id + b"raw")
-        deid_ct = seal(deid_key, entry.release, entry.record_id + b"deid")
+        """``entry`` encrypted under fresh data keys (wrapped), or as it was encrypted already
+        (``entry.encrypted``), with its header at ``position`` after the entry hashed ``prev``,
+        signed. Touches no table: any thread may call it.
+
+        What was encrypted elsewhere (in a record worker) is checked for what the entry's header
+        and rows need before it is signed, and the ciphertexts' digests are taken here: nothing
+        a worker made is written unless it fits the entry."""
+        if len(entry.record_id) != RECORD_ID_SIZE or len(entry.commitment) != 32:
+            raise IntegrityError("a new entry needs a 16-byte record id and a 32-byte commitment", reason="malformed")
+        encrypted = entry.encrypted or encrypt(entry.record_id, entry.raw, entry.release)
+        if encrypted.record_id != entry.record_id:
+            raise IntegrityError("an entry's ciphertexts were made for another record", reason="malformed")
         header = EntryHeader(
             position, prev, entry.record_id, entry.resource_type, entry.patient, entry.setting,
-            entry.recorded_at, entry.commitment, crypto.sha256(raw_ct), crypto.sha256(deid_ct),
+            entry.recorded_at, entry.commitment, crypto.sha256(encrypted.raw), crypto.sha256(encrypted.deid),
         )
-        signed = header.signed_bytes
+        encoded = codec.encode(header.to_wire())
+        signed = _SIGNED_PREFIX + encoded  # header.signed_bytes, without encoding the header again
         entry_hash = crypto.sha256(signed)
-        row = (position, entry.record_id, codec.encode(header.to_wire()), entry_hash,
-               self._member.identity.sign(signed, remember=False), raw_ct, deid_ct)
-        keys = (entry.record_id, seal(self._keys.wrap, raw_key, entry.record_id + b"raw-key"),
-                seal(self._keys.wrap, deid_key, entry.record_id + b"deid-key"))
+        row = (position, entry.record_id, encoded, entry_hash, self._member.identity.sign(signed, remember=False),
+               encrypted.raw, encrypted.deid)
+        keys = (entry.record_id, seal(self._keys.wrap, encrypted.raw_key, entry.record_id + b"raw-key"),
+                seal(self._keys.wrap, encrypted.deid_key, entry.record_id + b"deid-key"))
         return SealedEntry(entry, StoredEntry(header, entry_hash), row, keys)
+
+    def checkpoint(self) -> None:
+        """Copy what the write-ahead log holds into the database file, as a commit past
+        ``WAL_AUTOCHECKPOINT`` pages would (nothing to do if it was copied already)."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot checkpoint the vault: {exc}") from exc
 
     def _follows_head(self, sealed: list[SealedEntry], entries: list[NewEntry]) -> bool:
         """Whether ``sealed`` are ``entries``, sealed in order for the positions after the head."""

@@ -18,6 +18,13 @@ pickling a resource's nested dicts to a worker and back cost the node about as
 much time as the pool took off it. (The input itself goes to validation as it
 came: writing its JSON in the node before sending it was slower still.)
 
+With each release, a worker also makes what the resource's vault entry needs
+that does not depend on the entry's position (:class:`Released`): its record
+id, salted commitment, and both ciphertexts under fresh data keys. The node
+then only links each entry to the one before, signs it and wraps its keys, in
+order. Sealing a whole entry in the node took longer than the workers took to
+release it, so the node's sealing, not the workers, set the pace of an ingest.
+
 Results come back in input order; a worker never writes anything.
 """
 
@@ -32,13 +39,15 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
+from .. import codec
 from ..errors import DeidentificationError
 from . import fhir
-from .canonical import canonical_json
+from .canonical import canonical_json, commitment, new_salt
 from .deid import Deidentifier, load_profile
 from .deid.notes import PatientFacts
+from .vault import RECORD_ID_SIZE, Encrypted, encrypt
 
 _T = TypeVar("_T")
 
@@ -86,8 +95,27 @@ def _validate_chunk(items: list[fhir.Item]) -> list[Checked]:
 #: level, and what the patient's own resource says (for scrubbing free text).
 Job = tuple[bytes, str, int, "PatientFacts | None"]
 
-#: A release: the canonical JSON of the de-identified resource, or why it cannot be released.
-Release = bytes | str
+class Released(NamedTuple):
+    """One resource released, with what its vault entry needs that does not depend on the
+    entry's position (the node adds its header, chain link and signature, in order)."""
+
+    release: bytes  # canonical JSON of the de-identified resource
+    record_id: bytes
+    commitment: bytes  # over a fresh salt and ``release``
+    payload: bytes  # canonical CBOR {"salt", "resource"}: what the vault keeps of the release
+    encrypted: Encrypted  # the resource as received and ``payload``
+
+
+def released(raw: bytes, release: bytes) -> Released:
+    """The entry material of a resource whose canonical JSON is ``raw`` and release ``release``:
+    a new record id, a salted commitment, both encrypted."""
+    record_id, salt = os.urandom(RECORD_ID_SIZE), new_salt()
+    payload = codec.encode({"salt": salt, "resource": release})
+    return Released(release, record_id, commitment(salt, release), payload, encrypt(record_id, raw, payload))
+
+
+#: What de-identifying one resource gives: its release, or why it cannot be released.
+Release = Released | str
 
 
 def _deidentify_chunk(jobs: list[Job]) -> list[Release]:
@@ -98,9 +126,10 @@ def _deidentify_chunk(jobs: list[Job]) -> list[Release]:
 def _deidentify_one(deid: Deidentifier, job: Job) -> Release:
     raw, patient, level, facts = job
     try:
-        return canonical_json(deid.deidentify(json.loads(raw), patient=patient, level=level, facts=facts))
+        release = canonical_json(deid.deidentify(json.loads(raw), patient=patient, level=level, facts=facts))
     except DeidentificationError as exc:
         return str(exc)
+    return released(raw, release)
 
 
 def default_workers() -> int:
@@ -177,7 +206,7 @@ class Preparer:
         return self._in(pool, lambda: [p for chunk in pool.map(_validate_chunk, self._chunks(items)) for p in chunk])
 
     def deidentify(self, jobs: Sequence[Job]) -> Iterator[Release]:
-        """Each job's release as canonical JSON (bytes), or the reason it cannot be released (a
+        """Each job's release (:class:`Released`), or the reason it cannot be released (a
         string), in order, each as soon as it is ready: the caller may work on the first ones
         while the workers release the rest."""
         pool = self._use_pool(len(jobs))

@@ -10,11 +10,13 @@ from ehrnode.empi.encoding import Encoder
 from ehrnode.errors import DeidentificationError, FhirError
 from ehrnode.ledger.transactions import anchors_of
 from ehrnode.records import fhir
+from ehrnode.records.canonical import canonical_json, commitment
 from ehrnode.records.deid import Deidentifier, load_profile
 from ehrnode.records.kanon import kanon_report
 from ehrnode.records.keys import RecordKeys
 from ehrnode.records.recorder import Recorder
 from ehrnode.records.vault import Vault
+from ehrnode.records.workers import POOL_THRESHOLD, Preparer
 
 CONSORTIUM = b"c" * 32
 IDENTITY = crypto.Identity.from_seed(b"r" * 32)
@@ -71,6 +73,39 @@ def test_entries_sealed_while_the_input_is_released_are_the_ones_written(tmp_pat
     assert [rec.vault.entry(bytes.fromhex(r.record_id)).hash for r in outcome.records] == \
         [s.stored.hash for s in prepared.sealed]
     assert rec.vault.verify(IDENTITY.public_key)["ok"]
+
+
+def test_entries_encrypted_in_the_worker_processes_are_stored_as_made_and_read_back(tmp_path):
+    """A large input goes through the worker processes, which encrypt each entry (the node links,
+    signs and wraps its keys): the vault keeps exactly what they made, verifies, and each record
+    reads back as it came in, its release under the commitment on its anchor."""
+    keys = RecordKeys.derive(b"W" * 32, CONSORTIUM)
+    deid = Deidentifier(load_profile(), keys.deid)
+    preparer = Preparer(deid, None, keys.deid, workers=2)
+    rec = Recorder(vault=Vault(tmp_path / "W.sqlite3", keys, MEMBER), keys=keys, deidentifier=deid, institution="W",
+                   chain_id="chain", member=MEMBER, encoder=Encoder(CONSORTIUM, oprf_key=0x5EED), preparer=preparer)
+    try:
+        resources = [r for p in synthetic.people(60, seed=8) for r in synthetic.patient_resources(p, "W", visits=3)]
+        assert len(resources) >= POOL_THRESHOLD
+        given = items(resources)
+        prepared = rec.prepare(given, now_ms=1)
+        assert preparer._pool is not None  # the workers made the entries
+        made = {s.entry.record_id: s.entry.encrypted for s in prepared.sealed}
+        assert all(e is not None for e in made.values())
+        outcome = rec.write(prepared)
+        assert rec.vault.verify(IDENTITY.public_key)["ok"]
+        rows = dict(rec.vault._db.execute("SELECT record, raw FROM entries").fetchall())
+        assert {r: made[r].raw for r in rows} == rows
+        anchors = {a["record"]: a for tx in outcome.transactions for a in anchors_of(tx)}
+        by_id = {(i.resource["resourceType"], i.resource["id"]): i.resource for i in given}
+        for r in outcome.records[:: max(1, len(outcome.records) // 25)]:
+            header, raw, released, salt = rec.vault.read(bytes.fromhex(r.record_id))
+            assert raw == by_id[(raw["resourceType"], raw["id"])]
+            assert commitment(salt, canonical_json(released)) == header.commitment == \
+                anchors[bytes.fromhex(r.record_id)]["commitment"]
+    finally:
+        preparer.close()
+        rec.vault.close()
 
 
 def test_a_resource_left_out_in_release_has_the_rest_made_again_without_it(tmp_path, monkeypatch):

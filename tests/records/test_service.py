@@ -8,7 +8,8 @@ import threading
 import pytest
 import trio
 
-from ehrnode.errors import FhirError, KeyUnavailable
+from ehrnode.errors import FhirError, KeyUnavailable, StoreError
+from ehrnode.records import service as service_module
 from ehrnode.records.service import Hooks, RecordsService
 
 PREPARED = object()
@@ -190,3 +191,47 @@ def test_content_recorded_before_answers_the_transaction_anchoring_it_committed_
     assert again.transactions == [] and svc.vault.count() == len(first.records)
     recorded = [fields for event, fields in svc.log.lines if event == "records.recorded"]
     assert [(r["records"], r["unchanged"]) for r in recorded] == [(len(first.records), 0), (0, len(first.records))]
+
+
+class UpkeepVault:
+    """The vault as the upkeep sees it: an empty outbox, and a checkpoint that fails once (a full
+    disk) and then works."""
+
+    def __init__(self):
+        self.checkpoints = 0
+
+    def outbox(self):
+        return []
+
+    def checkpoint(self):
+        self.checkpoints += 1
+        if self.checkpoints == 1:
+            raise StoreError("cannot checkpoint the vault: database or disk is full")
+
+
+class Logged:
+    def __init__(self):
+        self.lines = []
+
+    def warning(self, event, **fields):
+        self.lines.append((event, fields))
+
+    info = error = warning
+
+
+async def test_the_upkeep_checkpoints_the_vault_and_a_failure_does_not_stop_it(monkeypatch):
+    """A large ingest leaves its write-ahead log for the upkeep to copy into the vault's file
+    (not its own commit): the upkeep does so every round, and a round that cannot (a full disk)
+    is logged and tried again, the node staying up."""
+    monkeypatch.setattr(service_module, "OUTBOX_INTERVAL", 0.01)
+    svc = service(None, None)
+    svc.vault, svc.log = UpkeepVault(), Logged()
+    with trio.move_on_after(1):
+        while svc.vault.checkpoints < 3:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(svc.run_outbox)
+                await trio.sleep(0.1)
+                nursery.cancel_scope.cancel()
+    assert svc.vault.checkpoints >= 3
+    assert [event for event, _ in svc.log.lines] == ["vault.checkpoint_failed"]
+    assert "disk is full" in svc.log.lines[0][1]["error"]

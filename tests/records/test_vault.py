@@ -1,6 +1,7 @@
 """The vault: append-only, hash-linked, signed, encrypted; every kind of tampering is found."""
 
 import sqlite3
+from dataclasses import replace
 
 import pytest
 
@@ -8,7 +9,7 @@ from ehrnode import codec, crypto
 from ehrnode.errors import IntegrityError, StoreError
 from ehrnode.records.canonical import canonical_json, commitment, new_salt
 from ehrnode.records.keys import RecordKeys
-from ehrnode.records.vault import NewEntry, PatientRow, Vault, Write
+from ehrnode.records.vault import NewEntry, PatientRow, Vault, Write, encrypt
 
 KEYS = RecordKeys.derive(bytes(range(32)), bytes(32))
 IDENTITY = crypto.Identity.from_seed(b"v" * 32)
@@ -233,9 +234,79 @@ def test_entries_sealed_for_a_head_that_moved_are_sealed_again(vault):
     assert vault.verify(IDENTITY.public_key)["ok"]
 
 
+def test_an_entry_encrypted_apart_is_stored_as_it_was_encrypted_and_reads_back(vault):
+    """The record workers encrypt an entry before it has a position (:func:`encrypt`): the vault
+    keeps those very ciphertexts, under its header's digests, signed like any other entry (also
+    when the head moved and the entry is sealed again for the next position)."""
+    plain = _entry(50)
+    encrypted = encrypt(plain.record_id, plain.raw, plain.release)
+    entries = [replace(plain, encrypted=encrypted), replace(_entry(51), encrypted=None)]
+    position, prev = vault.head()
+    sealed = vault.seal(entries[0], position + 1, prev)
+    assert sealed.row[5:] == (encrypted.raw, encrypted.deid)
+    header = sealed.stored.header
+    assert (header.raw_digest, header.deid_digest) == (crypto.sha256(encrypted.raw), crypto.sha256(encrypted.deid))
+    assert sealed.row[2] == codec.encode(header.to_wire())
+    assert sealed.stored.hash == crypto.sha256(header.signed_bytes)
+    assert crypto.verify(IDENTITY.public_key, header.signed_bytes, sealed.row[4])
+    vault.append(Write(entries=[_entry(52)]), _no_anchor)  # the head moves on meanwhile
+    stored = vault.append(Write(entries=entries, sealed=[sealed]), _no_anchor)
+    assert [s.header.position for s in stored] == [8, 9]
+    assert vault.verify(IDENTITY.public_key)["ok"]
+    row = sqlite3.connect(vault.path).execute("SELECT raw, deid FROM entries WHERE position = 8").fetchone()
+    assert row == (encrypted.raw, encrypted.deid)
+    header, raw, released, salt = vault.read(plain.record_id)
+    assert raw["id"] == "c50" and released["id"] == "p50"
+    assert commitment(salt, canonical_json(released)) == header.commitment == plain.commitment
+
+
+def test_what_was_encrypted_apart_is_checked_before_it_is_signed(vault):
+    """A worker's mistake is refused, not written for good: ciphertexts made for another record
+    (their AAD names it: they could never be opened), or a record id or commitment of the wrong
+    size (the header could not be read back)."""
+    position, prev = vault.head()
+    entry = _entry(60)
+    other = encrypt((61).to_bytes(16, "big"), entry.raw, entry.release)
+    for bad in (replace(entry, encrypted=other), replace(entry, record_id=bytes(15)),
+                replace(entry, commitment=bytes(31))):
+        with pytest.raises(IntegrityError):
+            vault.seal(bad, position + 1, prev)
+    assert vault.head() == (position, prev)
+
+
 def test_sealed_entries_for_other_entries_are_not_used(vault):
     position, prev = vault.head()
     sealed = [vault.seal(_entry(40), position + 1, prev)]
     stored = vault.append(Write(entries=[_entry(41)], sealed=sealed), _no_anchor)
     assert stored[0].header.record_id == (41).to_bytes(16, "big")
     assert vault.verify(IDENTITY.public_key)["ok"]
+
+
+def test_a_large_write_leaves_its_log_for_the_checkpoint_not_its_commit(tmp_path):
+    """An ingest's commit does not wait for the write-ahead log to be copied into the database
+    file (thousands of pages, past SQLite's default of 1000); :meth:`Vault.checkpoint` copies it
+    afterwards, once, and the vault reads back the same from either."""
+    path = tmp_path / "vault.sqlite3"
+    v = Vault(path, KEYS, MEMBER)
+    try:
+        before = path.stat().st_size
+        big = [replace(_entry(n), raw=canonical_json({"resourceType": "Condition", "id": f"c{n}",
+                                                     "note": [{"text": "x" * 6000}]})) for n in range(1, 801)]
+        v.append(Write(entries=big), _no_anchor)
+        wal = path.with_name(path.name + "-wal")
+        assert wal.stat().st_size > 1000 * 4096  # more pages than a commit would have copied by default
+        assert path.stat().st_size == before  # none copied at commit
+        v.checkpoint()
+        copied = path.stat().st_size
+        assert copied > before + 800 * 6000
+        v.checkpoint()  # nothing left to copy
+        assert path.stat().st_size == copied
+        assert v.verify(IDENTITY.public_key)["ok"]
+    finally:
+        v.close()
+    reopened = Vault(path, KEYS, MEMBER)
+    try:
+        assert reopened.head()[0] == 800
+        assert reopened.read((800).to_bytes(16, "big"))[1]["note"][0]["text"] == "x" * 6000
+    finally:
+        reopened.close()

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import multiprocessing
 import os
@@ -10,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from ehrnode import synthetic
+from ehrnode import codec, synthetic
+from ehrnode.errors import IntegrityError
 from ehrnode.records import fhir
 from ehrnode.records.canonical import canonical_json
 from ehrnode.records.deid import Deidentifier, load_profile
 from ehrnode.records.deid.notes import PatientFacts
+from ehrnode.records.keys import open_sealed
 from ehrnode.records.workers import POOL_THRESHOLD, Preparer
 
 KEY = b"k" * 32
@@ -72,13 +75,38 @@ def test_workers_answer_what_the_calling_thread_would_problems_and_releases_incl
                 for i, c in zip(large, checked, strict=True) if isinstance(c, bytes)]
         jobs.append((canonical_json({"resourceType": "Observation", "id": "o", "status": "final"}), "p", 99, None))
         released = list(pool.deidentify(jobs))
-        assert released == list(alone.deidentify(jobs))
+        in_thread = list(alone.deidentify(jobs))
+        assert [r if isinstance(r, str) else r.release for r in released] == \
+            [r if isinstance(r, str) else r.release for r in in_thread]
         assert isinstance(released[-1], str)  # no such k-anonymity level: a reason, not a release
         deid = Deidentifier(load_profile(None), KEY)
         for (raw, pid, level, facts), out in zip(jobs[:-1], released, strict=False):
-            assert out == canonical_json(deid.deidentify(json.loads(raw), patient=pid, level=level, facts=facts))
+            assert not isinstance(out, str)
+            assert out.release == canonical_json(deid.deidentify(json.loads(raw), patient=pid, level=level,
+                                                                 facts=facts))
+            assert_entry_material(raw, out)
+        # Each release gets its own record id, salt and data keys, in the workers as in the thread.
+        made = [r for r in released + in_thread if not isinstance(r, str)]
+        for part in ("record_id", "commitment", "payload"):
+            assert len({getattr(r, part) for r in made}) == len(made)
+        assert len({r.encrypted.raw_key for r in made} | {r.encrypted.deid_key for r in made}) == 2 * len(made)
     finally:
         pool.close()
+
+
+def assert_entry_material(raw, made):
+    """What a worker made for a vault entry opens to the resource and its release, bound to its
+    record id, and the commitment is over the salt it carries."""
+    enc = made.encrypted
+    assert open_sealed(enc.raw_key, enc.raw, made.record_id + b"raw", "raw") == raw
+    assert open_sealed(enc.deid_key, enc.deid, made.record_id + b"deid", "deid") == made.payload
+    with pytest.raises(IntegrityError):
+        open_sealed(enc.raw_key, enc.raw, bytes(16) + b"raw", "raw")  # another record's id
+    assert enc.record_id == made.record_id
+    assert enc.raw_key.hex() not in repr(made) and enc.deid_key.hex() not in repr(made)  # logs show no key
+    payload = codec.decode(made.payload)
+    assert payload["resource"] == made.release
+    assert made.commitment == hashlib.sha256(payload["salt"] + made.release).digest()
 
 
 def _models_loaded() -> int:
