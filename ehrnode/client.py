@@ -86,6 +86,8 @@ class ApiClient:
         self._ws = ws
         self._ids = itertools.count(1)
         self._notifications: deque[dict[str, Any]] = deque()
+        self._awaiting: set[int] = set()  # requests sent whose reply was not taken yet
+        self._early: dict[int, dict[str, Any]] = {}  # their replies, come while another was awaited
 
     @classmethod
     @asynccontextmanager
@@ -119,21 +121,46 @@ class ApiClient:
             raise ApiError(f"cannot reach the node's API at {address}: {exc}", reason="unreachable") from exc
 
     async def call(self, method: str, /, **params: Any) -> Any:
+        return await self.reply(await self.send(method, params))
+
+    async def send(self, method: str, params: dict[str, Any] | str) -> int:
+        """Send a request and answer its id, without waiting for its reply (:meth:`reply`): the
+        caller may prepare its next request meanwhile. ``params`` may come encoded already, as the
+        JSON text of an object (a large input, encoded once as its parts were sized): its caller
+        encodes every value in it with ``json.dumps``, so nothing in it is taken as JSON unescaped."""
+        if isinstance(params, str):
+            if not (params.startswith("{") and params.endswith("}")):
+                raise ValueError("encoded params must be the JSON text of an object")
+            encoded = params
+        else:
+            encoded = json.dumps(params)
         request_id = next(self._ids)
         try:
-            await self._ws.send_message(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method,
-                                                    "params": params}))
-            return await self._reply(request_id)
+            await self._ws.send_message(f'{{"jsonrpc": "2.0", "id": {request_id}, "method": {json.dumps(method)}, '
+                                        f'"params": {encoded}}}')
         except trio_websocket.ConnectionClosed as exc:
             raise _closed(exc) from exc
+        self._awaiting.add(request_id)
+        return request_id
 
-    async def _reply(self, request_id: int) -> Any:
-        while True:
-            reply = json.loads(await self._ws.get_message())
-            if reply.get("id") == request_id:
-                break
-            if "method" in reply:
-                self._notifications.append(reply)  # kept for notifications()
+    async def reply(self, request_id: int) -> Any:
+        """The result of request ``request_id`` (:meth:`send`); raises ApiError for an error reply.
+        Replies are matched by id: those of other requests still awaited are kept for them."""
+        try:
+            reply = self._early.pop(request_id, None)
+            while reply is None:
+                try:
+                    message = json.loads(await self._ws.get_message())
+                except trio_websocket.ConnectionClosed as exc:
+                    raise _closed(exc) from exc
+                if message.get("id") == request_id:
+                    reply = message
+                elif message.get("id") in self._awaiting:
+                    self._early[message["id"]] = message
+                elif "method" in message:
+                    self._notifications.append(message)  # kept for notifications()
+        finally:
+            self._awaiting.discard(request_id)  # taken, or given up: a late reply is dropped
         if "error" in reply:
             error = reply["error"]
             reason = (error.get("data") or {}).get("reason") or "api"

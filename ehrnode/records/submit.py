@@ -10,7 +10,7 @@ input at once, or nothing of it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,32 +61,49 @@ def _is_patient(item: fhir.Item) -> bool:
     return isinstance(item.resource, dict) and item.resource.get("resourceType") == "Patient"
 
 
-def chunks(items: list[fhir.Item]) -> Iterable[list[dict[str, Any]]]:
-    chunk: list[dict[str, Any]] = []
+def chunks(items: list[fhir.Item]) -> Iterator[tuple[int, str]]:
+    """The items in parts of at most ``CHUNK_ITEMS`` resources and about ``CHUNK_BYTES`` of JSON,
+    each as (resources, their JSON array). Each resource is encoded once, to size its part and to
+    send it, and only as its part is taken: the node reads one part while the next is encoded."""
+    chunk: list[str] = []
     size = 0
     for item in items:
-        entry = {"source": item.source, "resource": item.resource}
-        entry_size = len(json.dumps(entry))
-        if chunk and (len(chunk) >= CHUNK_ITEMS or size + entry_size > CHUNK_BYTES):
-            yield chunk
+        entry = json.dumps({"source": item.source, "resource": item.resource})
+        if chunk and (len(chunk) >= CHUNK_ITEMS or size + len(entry) > CHUNK_BYTES):
+            yield len(chunk), "[" + ", ".join(chunk) + "]"
             chunk, size = [], 0
         chunk.append(entry)
-        size += entry_size
+        size += len(entry)
     if chunk:
-        yield chunk
+        yield len(chunk), "[" + ", ".join(chunk) + "]"
+
+
+def _params(items: str, **more: Any) -> str:
+    """The JSON text of a call's params: ``items`` (a JSON array from :func:`chunks`) and ``more``,
+    each value encoded by ``json.dumps``."""
+    return "{" + ", ".join([f'"items": {items}', *(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in more.items())]) + "}"
 
 
 async def add_items(client: Any, items: list[fhir.Item], *, skip_invalid: bool = False, wait: bool = True,
                     timeout: float = 120.0, progress: Callable[[str], None] = lambda _: None) -> AddResult:
     """Record ``items`` at the client's node; with ``wait``, also the height of each anchor.
 
-    The Patients are sent first: the node asks for the OPRF evaluations their EMPI enrolments
-    need as soon as their part is staged, while the rest of the input arrives."""
-    parts = list(chunks([i for i in items if _is_patient(i)] + [i for i in items if not _is_patient(i)]))
-    for n, part in enumerate(parts[:-1], 1):
-        await client.call("records.stage", items=part)
-        progress(f"staged {n}/{len(parts)} parts")
-    reply = await client.call("records.add", items=parts[-1] if parts else [], skip_invalid=skip_invalid)
+    The input is staged part by part (``records.stage``), each part encoded while the node reads
+    the one before, and recorded by one ``records.add``. The Patients are sent first: the node
+    asks for the OPRF evaluations their EMPI enrolments need as soon as their part is staged,
+    while the rest of the input arrives."""
+    add = _params("[]", skip_invalid=skip_invalid)  # an empty input: the node says there is nothing to record
+    staged, sent = 0, None
+    for count, part in chunks([i for i in items if _is_patient(i)] + [i for i in items if not _is_patient(i)]):
+        if sent is not None:
+            await client.reply(sent)  # a refused part stops the input here: nothing more is sent
+            progress(f"staged {staged}/{len(items)} resources")
+        if staged + count == len(items):  # the last part comes with records.add
+            add = _params(part, skip_invalid=skip_invalid)
+            break
+        sent = await client.send("records.stage", _params(part))
+        staged += count
+    reply = await client.reply(await client.send("records.add", add))
     result = AddResult(reply["records"], reply["skipped"])
     tx_ids = [r["tx_id"] for r in result.records if r["tx_id"]]
     progress(f"recorded {len(tx_ids)} new records; waiting for their anchors" if wait else "recorded")
