@@ -21,9 +21,10 @@ came: writing its JSON in the node before sending it was slower still.)
 With each release, a worker also makes what the resource's vault entry needs
 that does not depend on the entry's position (:class:`Released`): its record
 id, salted commitment, and both ciphertexts under fresh data keys. The node
-then only links each entry to the one before, signs it and wraps its keys, in
-order. Sealing a whole entry in the node took longer than the workers took to
-release it, so the node's sealing, not the workers, set the pace of an ingest.
+then checks that these fit the entry, takes the ciphertexts' digests, links
+each entry to the one before, signs it and wraps its keys, in order: sealing
+whole entries in the node took longer than the workers took to release them,
+so the node's sealing, not the workers, had set the pace of an ingest.
 
 Results come back in input order; a worker never writes anything.
 """
@@ -94,6 +95,7 @@ def _validate_chunk(items: list[fhir.Item]) -> list[Checked]:
 #: One resource to release: its canonical JSON, its patient's id, that patient's k-anonymity
 #: level, and what the patient's own resource says (for scrubbing free text).
 Job = tuple[bytes, str, int, "PatientFacts | None"]
+
 
 class Released(NamedTuple):
     """One resource released, with what its vault entry needs that does not depend on the
