@@ -102,10 +102,13 @@ class Released(NamedTuple):
     entry's position (the node adds its header, chain link and signature, in order)."""
 
     release: bytes  # canonical JSON of the de-identified resource
-    record_id: bytes
     commitment: bytes  # over a fresh salt and ``release``
     payload: bytes  # canonical CBOR {"salt", "resource"}: what the vault keeps of the release
-    encrypted: Encrypted  # the resource as received and ``payload``
+    encrypted: Encrypted  # the resource as received and ``payload``, for a new record id
+
+    @property
+    def record_id(self) -> bytes:
+        return self.encrypted.record_id
 
 
 def released(raw: bytes, release: bytes) -> Released:
@@ -113,7 +116,7 @@ def released(raw: bytes, release: bytes) -> Released:
     a new record id, a salted commitment, both encrypted."""
     record_id, salt = os.urandom(RECORD_ID_SIZE), new_salt()
     payload = codec.encode({"salt": salt, "resource": release})
-    return Released(release, record_id, commitment(salt, release), payload, encrypt(record_id, raw, payload))
+    return Released(release, commitment(salt, release), payload, encrypt(record_id, raw, payload))
 
 
 #: What de-identifying one resource gives: its release, or why it cannot be released.
