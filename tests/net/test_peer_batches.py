@@ -104,7 +104,7 @@ async def test_after_one_dial_in_the_oldest_version_a_member_dials_in_the_newest
         await until(lambda: "B" not in a._speak_oldest)  # that dial was tried (and found nobody)
         upgraded = PeerNetwork(genesis, "B", keys["B"], lambda *_: None)
         await nursery.start(partial(upgraded.serve, "127.0.0.1", port))
-        await until(lambda: "B" in a.peers)
+        await until(lambda: "B" in a.peers and "A" in upgraded.peers)  # each side registers on its own
         assert a.peers["B"].batches and upgraded.peers["A"].batches
         await a.close_all()
         await upgraded.close_all()
