@@ -217,6 +217,12 @@ class LocalConsortium:
             await trio.sleep(0.2)
         raise EhrnodeError(f"members {names} did not reach height {height} within {timeout:.0f} s", reason="timeout")
 
+    async def wait_caught_up(self, names: list[str], timeout: float = 60.0) -> None:
+        """Wait until ``names`` have committed every block that any answering member had when asked:
+        what one member has committed (and answered for) is then also what ``names`` read."""
+        heights = [s["height"] for n in self.procs if (s := await self.status(n)) is not None]
+        await self.wait_height(names, max(heights, default=0), timeout)
+
     async def height(self, name: str) -> int:
         status = await self.status(name)
         if status is None:

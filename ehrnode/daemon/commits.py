@@ -180,6 +180,12 @@ class EventFeed:
         self._subscriptions.append((subscription, send))
         return receive
 
+    @property
+    def open(self) -> int:
+        """Subscriptions whose client is still reading (``ehrnode_event_subscriptions``)."""
+        self._prune()
+        return len(self._subscriptions)
+
     def _bound(self, height: int) -> None:
         """Close the subscriptions furthest behind while all of them hold more than ``EVENTS_QUEUED``."""
         queued = sorted(((c.statistics().current_buffer_used, i) for i, (_, c) in enumerate(self._subscriptions)),

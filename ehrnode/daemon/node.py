@@ -321,6 +321,8 @@ class Node:
                 lambda: len(self.mempool))
         r.gauge("ehrnode_sync_behind_blocks", "How far the commit this node is catching up to is above its head.",
                 lambda: self.driver.core.sync_gap)
+        r.gauge("ehrnode_event_subscriptions", "events.subscribe clients (ehrnode watch) connected.",
+                lambda: self.events.open)
         self.m_commits = r.counter("ehrnode_blocks_committed_total", "Blocks committed by this node.")
         self.m_txs = r.counter("ehrnode_transactions_committed_total", "Valid transactions committed.")
         self.m_invalid_txs = r.counter("ehrnode_transactions_invalid_total",

@@ -125,8 +125,13 @@ async def test_two_of_four_down_stalls_without_crashing_and_resumes(cluster):
     await cluster.wait_ready()
     cluster.stop("C")
     cluster.stop("R")
-    await trio.sleep(1.0)
     stalled = await cluster.height("A")
+    with trio.fail_after(30):  # until what was certified before the stop has committed
+        while True:
+            await trio.sleep(1.0)
+            if (now := await cluster.height("A")) == stalled:
+                break
+            stalled = now
     async with ApiClient.connect(cluster.configs["A"]) as client:
         result = await client.call("tx.submit", note="while-stalled")
     await trio.sleep(4.0)

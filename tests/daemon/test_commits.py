@@ -114,6 +114,18 @@ def test_the_subscribers_furthest_behind_are_closed_past_the_budget_of_all(monke
     assert warnings == ["events.subscriber_closed"]
 
 
+def test_the_subscriptions_counted_open_are_those_a_client_still_reads():
+    from ehrnode.daemon import commits
+    from ehrnode.sharing.events import Subscription
+
+    feed = commits.EventFeed("A", None, SimpleNamespace(), limit=8)
+    assert feed.open == 0
+    receivers = [feed.subscribe(Subscription(frozenset(), True)) for _ in range(3)]
+    assert feed.open == 3
+    receivers[1].close()  # that client went away
+    assert feed.open == 2
+
+
 def test_each_wanted_transaction_is_acted_on_and_fails_alone():
     log, acted = Log(), []
     commits = Commits(log)

@@ -116,7 +116,8 @@ def test_keys_rotate_under_load_loses_no_transaction(cluster):
         assert [e["held"] for e in view["epochs"]][-3:] == [True] * 3
     # Later blocks are sealed under the newest epoch.
     async def sealed_epochs():
-        await cluster.call("A", "tx.submit", note="after", wait=True)
+        after = await cluster.call("A", "tx.submit", note="after", wait=True)
+        await cluster.wait_height(["B"], after["height"])
         async with ApiClient.connect(cluster.configs["B"]) as client:
             head = await client.call("block.get")
             while not head["txs"]:

@@ -69,7 +69,14 @@ class Core:
         return []
 
 
-async def drive(answers: list[list]) -> list:
+async def until(condition, timeout=10):
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+async def drive(answers: list[list], done) -> list:
+    """The events of a driver given a vote for each of ``answers``, once ``done(events)`` holds."""
     events: list = []
     log = SimpleNamespace(debug=lambda *a, **k: None, info=lambda *a, **k: None,
                           warning=lambda *a, **k: events.append(("warning", a)), error=lambda *a, **k: None)
@@ -81,21 +88,22 @@ async def drive(answers: list[list]) -> list:
         nursery.start_soon(driver.run)
         for _ in range(len(answers)):
             driver.consensus(SimpleNamespace(name="B"), encode_message(VOTE))
-        await trio.sleep(0.05)
+        await until(lambda: done(events))
+        await trio.sleep(0.05)  # anything that would come after
         nursery.cancel_scope.cancel()
     return events
 
 
 async def test_a_vote_leaves_before_the_commit_that_came_with_it_is_applied():
     # As the core answers a proposal: a commit of the grandparent, then the vote.
-    events = await drive([[CommitBlocks((B1,), F.qc(B2)), Send(2, VOTE)]])
+    events = await drive([[CommitBlocks((B1,), F.qc(B2)), Send(2, VOTE)]], lambda e: ("commit", 1) in e)
     assert events == [("queued", "C"), ("sent",), ("commit", 1)]
 
 
 async def test_actions_after_a_held_commit_keep_their_order_across_inputs():
     first = [CommitBlocks((B1,), F.qc(B2)), SetTimer(0.0), Send(2, VOTE)]
     second = [Send(3, VOTE), CommitBlocks((B2,), F.qc(B3))]
-    events = await drive([first, second])
+    events = await drive([first, second], lambda e: ("commit", 2) in e)
     commits = [e for e in events if e[0] == "commit"]
     assert commits == [("commit", 1), ("commit", 2)]
     assert events.index(("queued", "C")) < events.index(("commit", 1))
@@ -122,6 +130,7 @@ async def test_a_held_commit_that_ends_the_epoch_replaces_the_core_before_its_ne
     driver.consensus(SimpleNamespace(name="B"), encode_message(VOTE))  # waiting when the tick comes
     async with trio.open_nursery() as nursery:
         nursery.start_soon(driver.run)
-        await trio.sleep(0.05)
+        await until(lambda: "new core" in events or "old core" in events)
+        await trio.sleep(0.05)  # anything that would come after
         nursery.cancel_scope.cancel()
     assert events == ["commit", "new core"]

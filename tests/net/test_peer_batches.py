@@ -100,8 +100,11 @@ async def test_after_one_dial_in_the_oldest_version_a_member_dials_in_the_newest
         port = probe.getsockname()[1]
     async with trio.open_nursery() as nursery:
         a._speak_oldest.add("B")  # as after B refused version 3
-        nursery.start_soon(a._dial_forever, "B", "127.0.0.1", port)
-        await until(lambda: "B" not in a._speak_oldest)  # that dial was tried (and found nobody)
+        with structlog.testing.capture_logs() as logs:
+            nursery.start_soon(a._dial_forever, "B", "127.0.0.1", port)
+            # That dial was tried, and found nobody.
+            await until(lambda: any(e["event"] == "peer.dial_failed" for e in logs))
+        assert "B" not in a._speak_oldest
         upgraded = PeerNetwork(genesis, "B", keys["B"], lambda *_: None)
         await nursery.start(partial(upgraded.serve, "127.0.0.1", port))
         await until(lambda: "B" in a.peers and "A" in upgraded.peers)  # each side registers on its own

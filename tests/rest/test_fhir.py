@@ -255,6 +255,7 @@ def test_consent_round_trip_and_a_refused_pull_names_its_access_log(members, rec
     refused = a.get(encounter_location)
     issue = outcome(refused, 403)
     assert issue["code"] == "forbidden" and issue["details"]["text"] == "consent"
+    trio.run(a.cluster.wait_caught_up, ["R"])  # the owner committed the refusal before it answered
     logged = trio.run(lambda: a.cluster.call("R", "audit.trail", record_id=encounter_location.split("/")[1]))
     assert [(e["decision"], e["tx_id"]) for e in logged if e["event"] == "access"] == [("refused",
                                                                                         issue["diagnostics"])]

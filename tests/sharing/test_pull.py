@@ -3,9 +3,12 @@ a tampered vault, leak tracing, the audit trail and the event feed."""
 
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 
 import pytest
 import trio
@@ -99,7 +102,8 @@ def test_pull_across_institutions_is_verified_logged_and_deidentified(cluster, r
         assert pulled["resource"]["resourceType"] == row["resource_type"]
         assert oct(out.stat().st_mode & 0o777) == "0o600"
         out.unlink()
-    # The access is on every node's chain, before the answer came back.
+    # The access was committed before the answer came back; every member's chain has it.
+    trio.run(cluster.wait_caught_up, ["R"])
     trail = call(cluster, "R", "audit.trail", record_id=rows[0]["record_id"])
     accesses = [e for e in trail if e["event"] == "access"]
     assert [(a["who"], a["owner"], a["decision"], a["purpose"]) for a in accesses] == [("B", "C", "granted",
@@ -107,9 +111,11 @@ def test_pull_across_institutions_is_verified_logged_and_deidentified(cluster, r
     # The pull answered with the access log it was served under, committed at that height.
     first = json.loads(cli("records", "pull", rows[0]["record_id"], "--purpose", "operations", "--config",
                            cluster.configs["B"].path, "--json").stdout)
+    trio.run(lambda: cluster.wait_height(["R"], first["height"]))
     logged = [e for e in call(cluster, "R", "audit.trail", record_id=rows[0]["record_id"])
               if e["event"] == "access" and e["tx_id"] == first["access_tx"]]
     assert [(e["purpose"], e["height"]) for e in logged] == [("operations", first["height"])]
+    trio.run(cluster.wait_caught_up, ["A", "B", "C", "R"])
     trail = call(cluster, "R", "audit.trail", record_id=rows[0]["record_id"])
     for name in ("A", "B", "C"):
         assert call(cluster, name, "audit.trail", record_id=rows[0]["record_id"]) == trail
@@ -132,6 +138,7 @@ def test_concurrent_pulls_are_each_logged_once_under_the_access_log_they_were_se
 
     trio.run(all_at_once)
     assert all(p["verified"] for p in pulled.values()) and len(pulled) == len(wanted)
+    trio.run(lambda: cluster.wait_height(["R"], max(p["height"] for p in pulled.values())))
     for (name, record_id), p in pulled.items():
         # Decisions made together may share a transaction; each is on chain once, under the one it was served by.
         logged = [e for e in call(cluster, "R", "audit.trail", record_id=record_id)
@@ -158,6 +165,7 @@ def test_revoked_consent_is_refused_on_chain_and_emergency_overrides_missing_con
     call(cluster, "C", "consent.grant", empi=empi, to="A", purposes=["research"], scope=["*"], until=0)
     assert call(cluster, "A", "records.pull", record_id=research_row["record_id"], purpose="research")["verified"]
 
+    trio.run(cluster.wait_caught_up, ["R"])
     trail = call(cluster, "R", "audit.trail", empi=empi)
     decisions = [(e["who"], e["purpose"], e["decision"], e["reason"]) for e in trail if e["event"] == "access"]
     assert ("A", "treatment", "refused", "consent") in decisions
@@ -249,6 +257,7 @@ def test_hostile_requests_are_each_refused_and_logged(cluster, recorded):
     # A signed request for a record that does not exist is decided: refused, on chain.
     missing = answers["no_such_record"]
     assert (missing.status, missing.reason) == ("refused", "not_found") and len(missing.access) == 32
+    trio.run(cluster.wait_caught_up, ["A"])  # C committed the refusal before it answered
     status = call(cluster, "A", "tx.get", tx_id=missing.access.hex())
     assert status["height"] is not None
     trio.run(lambda: cluster.wait_ready())
@@ -272,6 +281,7 @@ def test_erased_record_answers_erased_and_the_vault_still_verifies(cluster, reco
     assert not_owner.value.reason == "not_found"
     report = call(cluster, "C", "vault.verify")
     assert report["ok"] and report["erased"] >= 1, report["problems"]
+    trio.run(cluster.wait_caught_up, ["R"])
     trail = call(cluster, "R", "audit.trail", record_id=row["record_id"])
     assert [e["event"] for e in trail][-2:] == ["erased", "access"]
     # The reason's text stays at the owner; the chain holds its digest.
@@ -310,6 +320,7 @@ def test_tampered_vault_raises_integrity_error_and_alarm_on_chain(cluster, recor
         call(cluster, "B", "records.pull", record_id=row["record_id"], purpose="treatment")
     assert broken.value.reason == "commitment_mismatch" and "alert" in str(broken.value)
     assert '"event": "integrity.mismatch"' in cluster.log("B")
+    trio.run(cluster.wait_caught_up, ["R"])
     trail = call(cluster, "R", "audit.trail", record_id=row["record_id"])
     alarms = [e for e in trail if e["event"] == "integrity_alarm"]
     assert [(a["who"], a["owner"]) for a in alarms] == [("B", "C")]
@@ -359,18 +370,48 @@ def test_audit_trail_as_fhir_audit_events(cluster, recorded):
     assert text.returncode == 0 and "refused" in text.stdout and "EMERGENCY" in text.stdout
 
 
+def _metric(cluster, name, metric):
+    address = cluster.configs[name].metrics_listen
+    with urllib.request.urlopen(f"http://{address.host}:{address.port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return float(re.search(rf"^{metric} (\S+)$", text, re.M).group(1))
+
+
+def _follow(proc):
+    """The events a running ``ehrnode watch`` prints, read as they come (a list that grows)."""
+    seen: list = []
+
+    def read():
+        for line in proc.stdout:
+            seen.append(json.loads(line))
+
+    threading.Thread(target=read, daemon=True).start()
+    return seen
+
+
+def _wait_for(condition, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not seen in time"
+        time.sleep(0.05)
+
+
 def test_watch_receives_every_kind_of_event(cluster, recorded):
     rows, patients, _ = recorded
     row = next(r for r in rows if r["empi"] == _records_of(recorded, 2)["empi"] and r != _records_of(recorded, 2))
     empi = row["empi"]
+    kinds = {"record.new", "consent.changed", "record.accessed", "record.erased", "integrity.alarm"}
     watch = subprocess.Popen([sys.executable, "-m", "ehrnode.cli", "watch", "--empi", empi, "--config",
                               str(cluster.configs["R"].path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     own = subprocess.Popen([sys.executable, "-m", "ehrnode.cli", "watch", "--config",
                             str(cluster.configs["C"].path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
+    seen, own_seen = _follow(watch), _follow(own)
     try:
-        time.sleep(2.0)  # both subscribed
+        # A watch sees only what commits after it subscribed.
+        _wait_for(lambda: _metric(cluster, "R", "ehrnode_event_subscriptions") >= 1
+                  and _metric(cluster, "C", "ehrnode_event_subscriptions") >= 1)
         index = [r["empi"] for r in patients.values()].index(empi)
         person = synthetic.people(6, seed=3)[index]
         more = synthetic.patient_resources(person, "A", visits=1, seed=11)
@@ -391,18 +432,15 @@ def test_watch_receives_every_kind_of_event(cluster, recorded):
             call(cluster, "A", "records.pull", record_id=next(
                 r for r in rows if r["empi"] == empi and r["record_id"] != row["record_id"])["record_id"],
                 purpose="treatment")
-        time.sleep(1.5)
+        # The alarm commits last; each watch prints it once its node has applied it. C's own feed:
+        # A recorded one of C's patients; accesses, erasures and alarms of C's records.
+        _wait_for(lambda: {e["event"] for e in seen} >= kinds and {e["event"] for e in own_seen} >= kinds)
     finally:
         for proc in (watch, own):
             proc.terminate()
-    seen = [json.loads(line) for line in watch.communicate(timeout=10)[0].splitlines()]
-    own_seen = [json.loads(line) for line in own.communicate(timeout=10)[0].splitlines()]
-    kinds = {e["event"] for e in seen}
-    assert kinds >= {"record.new", "consent.changed", "record.accessed", "record.erased", "integrity.alarm"}, kinds
+        for proc in (watch, own):
+            proc.wait(timeout=10)
     # One event per record, though one transaction anchored them all.
     assert sorted(e["record_id"] for e in seen if e["event"] == "record.new" and e["institution"] == "A") == sorted(
         r["record_id"] for r in at_a.records)
     assert all(e["empi"] == empi for e in seen)
-    own_kinds = {e["event"] for e in own_seen}
-    # C's own feed: A recorded one of C's patients; accesses, erasures and alarms of C's records.
-    assert own_kinds >= {"record.new", "consent.changed", "record.accessed", "record.erased", "integrity.alarm"}

@@ -185,6 +185,7 @@ def test_the_owners_policy_decides_on_the_requesting_users_role(cluster, users, 
     with pytest.raises(ApiError) as refused:
         users.run("A", "nurse.ed", "records.pull", record_id=recorded[0]["record_id"], purpose="treatment")
     assert refused.value.reason == "policy"
+    trio.run(cluster.wait_caught_up, ["R"])  # the owner committed the refusal before it answered
     trail = trio.run(lambda: cluster.call("R", "audit.trail", record_id=recorded[0]["record_id"]))
     nurse = [e for e in trail if e["event"] == "access" and e["user_role"] == "nurse"]
     assert [(e["who"], e["decision"], e["reason"]) for e in nurse] == [("A", "refused", "policy")]
@@ -222,6 +223,7 @@ def test_a_leaked_copy_traces_to_the_user_who_pulled_it(cluster, users, recorded
     with pytest.raises(ApiError) as not_told:
         trio.run(lambda: cluster.call("C", "audit.whois", pseudonym=ana, at="B", case="curious"))
     assert not_told.value.reason == "policy"
+    trio.run(cluster.wait_caught_up, ["A"])  # B committed its refusal before it answered
     asks = [e for e in trio.run(lambda: cluster.call("A", "audit.trail", user=ana)) if e["event"] == "whois"]
     assert [(e["who"], e["case"], e["reason"]) for e in asks] == [("R", "inspection 42", "granted"),
                                                                   ("C", "curious", "policy")]
@@ -254,6 +256,7 @@ def test_a_patient_sees_their_own_disclosures_and_nobody_elses(cluster, users, r
     # The patient manages their own consent through their hospital; the chain shows them by pseudonym.
     granted = users.run("C", "pat.fay", "consent.grant", empi=mine["empi"], to="A", purposes=["research"],
                         scope=["*"], until=0)
+    trio.run(lambda: cluster.wait_height(["R"], granted["height"]))
     block = trio.run(lambda: cluster.call("R", "block.get", height=granted["height"]))
     tx = next(t for t in block["txs"] if t["id"] == granted["tx_id"])
     assert tx["actor"] == users.pseudonym("C", "pat.fay")
