@@ -183,8 +183,7 @@ class EventFeed:
     @property
     def open(self) -> int:
         """Subscriptions whose client is still reading (``ehrnode_event_subscriptions``)."""
-        self._prune()
-        return len(self._subscriptions)
+        return sum(1 for _, c in self._subscriptions if c.statistics().open_receive_channels)
 
     def _bound(self, height: int) -> None:
         """Close the subscriptions furthest behind while all of them hold more than ``EVENTS_QUEUED``."""

@@ -9,6 +9,7 @@ from ehrnode.consensus.messages import VoteMsg, encode_message
 from ehrnode.daemon.driver import Driver
 
 from ..consensus.factory import Factory
+from ..waiting import until
 
 F = Factory()
 B1, B2, B3 = F.chain([1, 2, 3])
@@ -67,12 +68,6 @@ class Core:
 
     def submit(self, txs, now):
         return []
-
-
-async def until(condition, timeout=10):
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(0.01)
 
 
 async def drive(answers: list[list], done) -> list:

@@ -19,6 +19,7 @@ from ehrnode.net.protocol import (
     TxFrame,
     encode_frame,
 )
+from tests.waiting import until
 
 OLD = (OLDEST_PROTOCOL_VERSION, OLDEST_PROTOCOL_VERSION)
 
@@ -42,12 +43,6 @@ async def linked(consortium, a_versions=None, b_versions=None):
         await a.close_all()
         await b.close_all()
         nursery.cancel_scope.cancel()
-
-
-async def until(condition, timeout=10):
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(0.01)
 
 
 async def test_frames_queued_together_go_in_one_message_each_in_order_consensus_first(consortium):

@@ -23,6 +23,7 @@ from ehrnode.records.submit import add_items
 from ehrnode.sharing.messages import PullAnswer, PullRequest
 from tests.commands import cli
 from tests.daemon.test_bad_peers import handshake_as, open_peer
+from tests.waiting import eventually
 
 
 @pytest.fixture(scope="module")
@@ -389,13 +390,6 @@ def _follow(proc):
     return seen
 
 
-def _wait_for(condition, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "not seen in time"
-        time.sleep(0.05)
-
-
 def test_watch_receives_every_kind_of_event(cluster, recorded):
     rows, patients, _ = recorded
     row = next(r for r in rows if r["empi"] == _records_of(recorded, 2)["empi"] and r != _records_of(recorded, 2))
@@ -410,7 +404,7 @@ def test_watch_receives_every_kind_of_event(cluster, recorded):
     seen, own_seen = _follow(watch), _follow(own)
     try:
         # A watch sees only what commits after it subscribed.
-        _wait_for(lambda: _metric(cluster, "R", "ehrnode_event_subscriptions") >= 1
+        eventually(lambda: _metric(cluster, "R", "ehrnode_event_subscriptions") >= 1
                   and _metric(cluster, "C", "ehrnode_event_subscriptions") >= 1)
         index = [r["empi"] for r in patients.values()].index(empi)
         person = synthetic.people(6, seed=3)[index]
@@ -434,7 +428,7 @@ def test_watch_receives_every_kind_of_event(cluster, recorded):
                 purpose="treatment")
         # The alarm commits last; each watch prints it once its node has applied it. C's own feed:
         # A recorded one of C's patients; accesses, erasures and alarms of C's records.
-        _wait_for(lambda: {e["event"] for e in seen} >= kinds and {e["event"] for e in own_seen} >= kinds)
+        eventually(lambda: {e["event"] for e in seen} >= kinds and {e["event"] for e in own_seen} >= kinds)
     finally:
         for proc in (watch, own):
             proc.terminate()
